@@ -1,1 +1,509 @@
+//! The cluster file (docs/PROTOCOL.md, "The cluster file"): one TOML file per node,
+//! with `PADDOCK__SECTION__KEY` environment overrides, turned into a validated
+//! [`ClusterConfig`].
+//!
+//! Architecture invariant: this crate reads and writes the file and validates it; it
+//! knows nothing of sockets or databases. A load error names the file and the key.
 
+use std::collections::BTreeMap;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use paddock_wire::keyring::KeyError;
+use paddock_wire::{Keyring, Limits};
+use serde::{Deserialize, Serialize};
+
+/// Where the cluster file is when neither `--config` nor `PADDOCK_CONFIG` says.
+pub const DEFAULT_PATH: &str = "/etc/paddock/paddock.toml";
+pub const ENV_PATH: &str = "PADDOCK_CONFIG";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read cluster file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cluster file {path}: {source}")]
+    Parse {
+        path: PathBuf,
+        source: config::ConfigError,
+    },
+    #[error("cluster file {path}: `{key}` {why}")]
+    Invalid {
+        path: PathBuf,
+        key: String,
+        why: String,
+    },
+}
+
+/// The file as written (serde's view). Every section but `node`, `signing_key` and
+/// `keys` has defaults.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+pub struct ClusterFile {
+    pub node: String,
+    pub signing_key: String,
+    pub keys: BTreeMap<String, String>,
+    #[serde(default)]
+    pub state_dir: Option<PathBuf>,
+    #[serde(default)]
+    pub cluster: ClusterSection,
+    #[serde(default)]
+    pub daemons: BTreeMap<String, DaemonSection>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub database: Option<DatabaseSection>,
+    #[serde(default)]
+    pub log: LogSection,
+    #[serde(default)]
+    pub wire: WireSection,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+pub struct ClusterSection {
+    /// Every heartbeat's pull endpoint: the bootstrap list every daemon beats to.
+    #[serde(default)]
+    pub heartbeats: Vec<String>,
+    /// Heartbeat rpc endpoints to ask for `registry.list` (the CLI's way in). When
+    /// empty, this node's own `[daemons.heartbeat].rpc` is used.
+    #[serde(default)]
+    pub registries: Vec<String>,
+    /// How often every daemon beats, in milliseconds.
+    #[serde(default = "default_beat_ms")]
+    pub beat_interval_ms: u64,
+}
+
+fn default_beat_ms() -> u64 {
+    1000
+}
+
+/// One daemon on this node: its rpc endpoint, any others (`pub`, `pull`, …) and
+/// daemon-specific settings, all as plain TOML values.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+pub struct DaemonSection {
+    pub rpc: String,
+    #[serde(flatten)]
+    pub other: BTreeMap<String, toml::Value>,
+}
+
+impl DaemonSection {
+    pub fn endpoint(&self, name: &str) -> Option<&str> {
+        if name == "rpc" {
+            return Some(&self.rpc);
+        }
+        self.other.get(name).and_then(|v| v.as_str())
+    }
+
+    /// Every string-valued entry that looks like an endpoint, `rpc` included.
+    pub fn endpoints(&self) -> BTreeMap<String, String> {
+        let mut m: BTreeMap<String, String> = self
+            .other
+            .iter()
+            .filter_map(|(k, v)| v.as_str().filter(|s| is_endpoint(s)).map(|s| (k.clone(), s.to_string())))
+            .collect();
+        m.insert("rpc".into(), self.rpc.clone());
+        m
+    }
+
+    /// An integer setting; values from the environment arrive as strings.
+    pub fn get_u64(&self, key: &str) -> Result<Option<u64>, String> {
+        match self.other.get(key) {
+            None => Ok(None),
+            Some(toml::Value::Integer(i)) if *i >= 0 => Ok(Some(*i as u64)),
+            Some(toml::Value::String(s)) => s
+                .parse()
+                .map(Some)
+                .map_err(|_| format!("must be a non-negative integer, not `{s}`")),
+            Some(v) => Err(format!("must be a non-negative integer, not `{v}`")),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DatabaseSection {
+    /// libpq-style connection string; may list several hosts.
+    pub url: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+pub struct LogSection {
+    #[serde(default)]
+    pub json: bool,
+    #[serde(default)]
+    pub syslog: bool,
+    /// A tracing filter such as `info` or `paddock_locker=debug,info`.
+    #[serde(default)]
+    pub level: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WireSection {
+    #[serde(default = "default_max_payload")]
+    pub max_payload: usize,
+    #[serde(default = "default_skew")]
+    pub skew_ms: i64,
+    #[serde(default = "default_cache")]
+    pub replay_cache: usize,
+}
+
+fn default_max_payload() -> usize {
+    1 << 20
+}
+fn default_skew() -> i64 {
+    30_000
+}
+fn default_cache() -> usize {
+    100_000
+}
+
+impl Default for WireSection {
+    fn default() -> Self {
+        WireSection {
+            max_payload: default_max_payload(),
+            skew_ms: default_skew(),
+            replay_cache: default_cache(),
+        }
+    }
+}
+
+/// `tcp://host:port` or `ipc://path`.
+pub fn is_endpoint(s: &str) -> bool {
+    if let Some(rest) = s.strip_prefix("tcp://") {
+        match rest.rsplit_once(':') {
+            Some((host, port)) => !host.is_empty() && (port == "*" || port.parse::<u16>().is_ok()),
+            None => false,
+        }
+    } else if let Some(path) = s.strip_prefix("ipc://") {
+        !path.is_empty()
+    } else {
+        false
+    }
+}
+
+/// The validated cluster file.
+#[derive(Debug, Clone)]
+pub struct ClusterConfig {
+    pub path: PathBuf,
+    pub file: ClusterFile,
+    pub keyring: Keyring,
+    pub state_dir: PathBuf,
+    pub limits: Limits,
+    pub beat_interval: Duration,
+}
+
+impl ClusterConfig {
+    /// The cluster file's path: `--config`, else `PADDOCK_CONFIG`, else the default.
+    pub fn locate(flag: Option<&Path>) -> PathBuf {
+        if let Some(p) = flag {
+            return p.to_path_buf();
+        }
+        match std::env::var_os(ENV_PATH) {
+            Some(p) if !p.is_empty() => PathBuf::from(p),
+            _ => PathBuf::from(DEFAULT_PATH),
+        }
+    }
+
+    /// Reads, merges the environment overrides, and validates.
+    pub fn load(path: &Path) -> Result<ClusterConfig, ConfigError> {
+        let meta = std::fs::metadata(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let mode = meta.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            return Err(ConfigError::Invalid {
+                path: path.to_path_buf(),
+                key: "(file mode)".into(),
+                why: format!(
+                    "is mode {mode:04o}; it holds the cluster key, so it must not be readable by group or others (chmod 600 {})",
+                    path.display()
+                ),
+            });
+        }
+        let built = config::Config::builder()
+            .add_source(config::File::from(path).format(config::FileFormat::Toml))
+            .add_source(
+                config::Environment::with_prefix("PADDOCK")
+                    .prefix_separator("__")
+                    .separator("__")
+                    .try_parsing(true),
+            )
+            .build()
+            .and_then(|c| c.try_deserialize::<ClusterFile>())
+            .map_err(|source| ConfigError::Parse {
+                path: path.to_path_buf(),
+                source,
+            })?;
+        Self::validate(path, built)
+    }
+
+    /// Validates an in-memory file (tests, and `load`).
+    pub fn validate(path: &Path, file: ClusterFile) -> Result<ClusterConfig, ConfigError> {
+        let bad = |key: &str, why: String| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            key: key.to_string(),
+            why,
+        };
+        if file.node.is_empty()
+            || !file
+                .node
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+        {
+            return Err(bad("node", "must be a non-empty name of [A-Za-z0-9._-]".into()));
+        }
+        let keyring = Keyring::from_hex(
+            file.keys.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+            &file.signing_key,
+        )
+        .map_err(|e| match e {
+            KeyError::NoSigningKey(_) => bad("signing_key", e.to_string()),
+            other => bad("keys", other.to_string()),
+        })?;
+        for (i, hb) in file.cluster.heartbeats.iter().enumerate() {
+            if !is_endpoint(hb) {
+                return Err(bad(
+                    &format!("cluster.heartbeats[{i}]"),
+                    format!("`{hb}` is not an endpoint (tcp://host:port or ipc://path)"),
+                ));
+            }
+        }
+        for (name, d) in &file.daemons {
+            if !is_endpoint(&d.rpc) {
+                return Err(bad(
+                    &format!("daemons.{name}.rpc"),
+                    format!("`{}` is not an endpoint (tcp://host:port or ipc://path)", d.rpc),
+                ));
+            }
+        }
+        if file.cluster.beat_interval_ms < 10 {
+            return Err(bad("cluster.beat_interval_ms", "must be at least 10".into()));
+        }
+        if file.wire.max_payload < 1024 {
+            return Err(bad("wire.max_payload", "must be at least 1024 bytes".into()));
+        }
+        if file.wire.skew_ms < 1000 {
+            return Err(bad("wire.skew_ms", "must be at least 1000".into()));
+        }
+        if file.wire.replay_cache < 1000 {
+            return Err(bad("wire.replay_cache", "must be at least 1000".into()));
+        }
+        let state_dir = file
+            .state_dir
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("/var/lib/paddock"));
+        let limits = Limits {
+            max_payload: file.wire.max_payload,
+            skew_ms: file.wire.skew_ms,
+            cache_entries: file.wire.replay_cache,
+            ..Limits::default()
+        };
+        Ok(ClusterConfig {
+            path: path.to_path_buf(),
+            beat_interval: Duration::from_millis(file.cluster.beat_interval_ms),
+            keyring,
+            state_dir,
+            limits,
+            file,
+        })
+    }
+
+    pub fn node(&self) -> &str {
+        &self.file.node
+    }
+
+    /// This node's section for `daemon`, or an error naming the missing table.
+    pub fn daemon(&self, daemon: &str) -> Result<&DaemonSection, ConfigError> {
+        self.file.daemons.get(daemon).ok_or_else(|| ConfigError::Invalid {
+            path: self.path.clone(),
+            key: format!("daemons.{daemon}"),
+            why: "is missing: this node has no such daemon configured".into(),
+        })
+    }
+
+    /// A required endpoint of `daemon` other than rpc.
+    pub fn daemon_endpoint(&self, daemon: &str, name: &str) -> Result<String, ConfigError> {
+        let d = self.daemon(daemon)?;
+        match d.endpoint(name) {
+            Some(ep) if is_endpoint(ep) => Ok(ep.to_string()),
+            Some(ep) => Err(self.invalid(
+                &format!("daemons.{daemon}.{name}"),
+                format!("`{ep}` is not an endpoint"),
+            )),
+            None => Err(self.invalid(&format!("daemons.{daemon}.{name}"), "is missing".into())),
+        }
+    }
+
+    /// An optional integer setting of `daemon` with a default.
+    pub fn daemon_u64(&self, daemon: &str, key: &str, default: u64) -> Result<u64, ConfigError> {
+        match self.file.daemons.get(daemon) {
+            None => Ok(default),
+            Some(d) => d
+                .get_u64(key)
+                .map(|v| v.unwrap_or(default))
+                .map_err(|why| self.invalid(&format!("daemons.{daemon}.{key}"), why)),
+        }
+    }
+
+    pub fn database_url(&self) -> Result<&str, ConfigError> {
+        match &self.file.database {
+            Some(d) if !d.url.trim().is_empty() => Ok(&d.url),
+            _ => Err(self.invalid("database.url", "is missing; this daemon needs PostgreSQL".into())),
+        }
+    }
+
+    /// Heartbeat rpc endpoints to ask for the registry.
+    pub fn registries(&self) -> Vec<String> {
+        if !self.file.cluster.registries.is_empty() {
+            return self.file.cluster.registries.clone();
+        }
+        self.file
+            .daemons
+            .get("heartbeat")
+            .map(|d| vec![d.rpc.clone()])
+            .unwrap_or_default()
+    }
+
+    pub fn invalid(&self, key: &str, why: String) -> ConfigError {
+        ConfigError::Invalid {
+            path: self.path.clone(),
+            key: key.to_string(),
+            why,
+        }
+    }
+}
+
+impl ClusterFile {
+    /// TOML text of the file.
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).expect("cluster file serializes")
+    }
+
+    /// Writes the file with mode 0600 (it holds the cluster key), atomically.
+    pub fn write(&self, path: &Path) -> std::io::Result<()> {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let tmp = path.with_extension("toml.tmp");
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        f.write_all(self.to_toml().as_bytes())?;
+        f.sync_all()?;
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600))?;
+        std::fs::rename(tmp, path)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(crate) fn sample() -> ClusterFile {
+        let mut f = ClusterFile {
+            node: "node-a".into(),
+            signing_key: "cluster-1".into(),
+            ..Default::default()
+        };
+        f.keys.insert("cluster-1".into(), paddock_wire::keyring::generate_secret_hex());
+        f.cluster.heartbeats = vec!["tcp://127.0.0.1:7111".into()];
+        f.cluster.beat_interval_ms = 1000;
+        f.daemons.insert(
+            "heartbeat".into(),
+            DaemonSection {
+                rpc: "tcp://127.0.0.1:7101".into(),
+                other: [
+                    ("pull".to_string(), toml::Value::String("tcp://127.0.0.1:7111".into())),
+                    ("suspect_after".to_string(), toml::Value::Integer(2)),
+                ]
+                .into_iter()
+                .collect(),
+            },
+        );
+        f
+    }
+
+    #[test]
+    fn round_trip_through_a_0600_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("paddock.toml");
+        sample().write(&p).unwrap();
+        let mode = std::fs::metadata(&p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let c = ClusterConfig::load(&p).unwrap();
+        assert_eq!(c.node(), "node-a");
+        assert_eq!(c.daemon_endpoint("heartbeat", "pull").unwrap(), "tcp://127.0.0.1:7111");
+        assert_eq!(c.daemon_u64("heartbeat", "suspect_after", 9).unwrap(), 2);
+        assert_eq!(c.daemon_u64("heartbeat", "dead_after", 3).unwrap(), 3);
+        assert_eq!(c.registries(), vec!["tcp://127.0.0.1:7101".to_string()]);
+        assert!(c.daemon_endpoint("locker", "rpc").is_err());
+    }
+
+    #[test]
+    fn readable_by_others_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("paddock.toml");
+        sample().write(&p).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let e = ClusterConfig::load(&p).unwrap_err().to_string();
+        assert!(e.contains("chmod 600"), "{e}");
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let p = Path::new("/x/paddock.toml");
+        let mut f = sample();
+        f.signing_key = "nope".into();
+        let e = ClusterConfig::validate(p, f).unwrap_err().to_string();
+        assert!(e.contains("`signing_key`") && e.contains("/x/paddock.toml"), "{e}");
+
+        let mut f = sample();
+        f.keys.insert("cluster-1".into(), "abcd".into());
+        let e = ClusterConfig::validate(p, f).unwrap_err().to_string();
+        assert!(e.contains("`keys`") && e.contains("at least 32"), "{e}");
+
+        let mut f = sample();
+        f.cluster.heartbeats = vec!["127.0.0.1:7111".into()];
+        let e = ClusterConfig::validate(p, f).unwrap_err().to_string();
+        assert!(e.contains("cluster.heartbeats[0]"), "{e}");
+    }
+
+    #[test]
+    fn missing_field_names_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("paddock.toml");
+        std::fs::write(&p, "signing_key = \"k\"\n").unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let e = ClusterConfig::load(&p).unwrap_err().to_string();
+        assert!(e.contains("paddock.toml") && e.contains("node"), "{e}");
+    }
+
+    #[test]
+    fn endpoints_are_checked() {
+        assert!(is_endpoint("tcp://127.0.0.1:7101"));
+        assert!(is_endpoint("tcp://*:7101"));
+        assert!(is_endpoint("ipc:///tmp/x.sock"));
+        assert!(!is_endpoint("tcp://127.0.0.1"));
+        assert!(!is_endpoint("http://x:1"));
+    }
+
+    #[test]
+    fn shipped_example_configs_load() {
+        let ops = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../ops/config");
+        let mut n = 0;
+        for entry in std::fs::read_dir(&ops).unwrap() {
+            let p = entry.unwrap().path();
+            if p.extension().and_then(|e| e.to_str()) != Some("toml") {
+                continue;
+            }
+            let text = std::fs::read_to_string(&p).unwrap();
+            let file: ClusterFile = toml::from_str(&text)
+                .unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+            ClusterConfig::validate(&p, file).unwrap_or_else(|e| panic!("{e}"));
+            n += 1;
+        }
+        assert!(n > 0, "no example configs found in {}", ops.display());
+    }
+}

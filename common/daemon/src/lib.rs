@@ -1,1 +1,536 @@
+//! BaseDaemon: what every Paddock daemon shares, in ep.io's shape.
+//!
+//! Start order: flags, logging, panic hook, validated config (exit 78 before any
+//! socket), pid lock on the state dir, sockets, the daemon's own setup, `READY=1`.
+//! Then named main loops run under an actix System; resilient loops restart with
+//! backoff, a critical loop that ends ends the process (non-zero), and so does any
+//! panic: a daemon is never left half-alive. SIGTERM/SIGINT drain and exit 0;
+//! SIGHUP reloads the cluster file and keyring.
+//!
+//! Architecture invariant: this crate knows the daemon lifecycle and nothing of any
+//! one daemon's domain; it reaches the wire only through `paddock-wire`'s API.
 
+pub mod log;
+
+use std::cell::RefCell;
+use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use paddock_backoff::Backoff;
+use paddock_config::ClusterConfig;
+use paddock_wire::kinds::{self, Beat, Pong};
+use paddock_wire::{Code, Envelope, Inbound, ServerHandle, ServerSpec, SharedKeyring, WireError};
+use serde_json::{json, Value};
+use tokio::sync::watch;
+
+/// sysexits.h codes the daemons use.
+pub mod exit {
+    pub const CONFIG: i32 = 78;
+    pub const OSERR: i32 = 71;
+    pub const UNAVAILABLE: i32 = 69;
+    pub const SOFTWARE: i32 = 70;
+}
+
+/// Command-line flags every daemon takes.
+#[derive(Debug, Parser)]
+pub struct DaemonArgs {
+    /// The cluster file (else $PADDOCK_CONFIG, else /etc/paddock/paddock.toml).
+    #[arg(long, short = 'c')]
+    pub config: Option<PathBuf>,
+    /// Log JSON lines instead of human ones.
+    #[arg(long)]
+    pub log_json: bool,
+    /// Also log to the local syslog (/dev/log).
+    #[arg(long)]
+    pub syslog: bool,
+}
+
+/// Which daemon this is.
+#[derive(Debug, Clone)]
+pub struct Spec {
+    pub name: &'static str,
+    pub version: &'static str,
+    /// Bind `[daemons.NAME].pull`.
+    pub pull: bool,
+    /// Bind `[daemons.NAME].pub`.
+    pub publish: bool,
+}
+
+pub type HandlerFuture = Pin<Box<dyn Future<Output = Result<Value, WireError>>>>;
+type Handler = Rc<dyn Fn(Envelope) -> HandlerFuture>;
+type PullHandler = Rc<dyn Fn(Envelope)>;
+
+/// The kinds a daemon answers, beyond the built-in `ping` and `stats`.
+#[derive(Default, Clone)]
+pub struct Routes {
+    handlers: HashMap<String, Handler>,
+    pull: Option<PullHandler>,
+}
+
+impl Routes {
+    pub fn new() -> Routes {
+        Routes::default()
+    }
+
+    /// Answers `kind` with `f`; its `Ok` value gets `ok: true` added.
+    pub fn on<F, Fut>(mut self, kind: &str, f: F) -> Routes
+    where
+        F: Fn(Envelope) -> Fut + 'static,
+        Fut: Future<Output = Result<Value, WireError>> + 'static,
+    {
+        self.handlers
+            .insert(kind.to_string(), Rc::new(move |e| Box::pin(f(e)) as HandlerFuture));
+        self
+    }
+
+    /// Takes every authentic message from the PULL socket.
+    pub fn on_pull(mut self, f: impl Fn(Envelope) + 'static) -> Routes {
+        self.pull = Some(Rc::new(f));
+        self
+    }
+}
+
+/// Whether a loop may restart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LoopKind {
+    /// Errors are logged, counted, and the loop restarts with backoff.
+    Resilient,
+    /// The loop ending at all (other than at shutdown) ends the process non-zero.
+    Critical,
+}
+
+/// What a daemon's setup and loops get.
+#[derive(Clone)]
+pub struct Ctx {
+    pub spec: Spec,
+    pub instance: String,
+    pub started: Instant,
+    config: watch::Receiver<Arc<ClusterConfig>>,
+    server: ServerHandle,
+    shutdown: watch::Receiver<bool>,
+    loop_restarts: Arc<Mutex<BTreeMap<String, u64>>>,
+}
+
+impl Ctx {
+    /// The current cluster file (replaced on SIGHUP).
+    pub fn config(&self) -> Arc<ClusterConfig> {
+        self.config.borrow().clone()
+    }
+
+    /// A receiver that sees each reload.
+    pub fn config_updates(&self) -> watch::Receiver<Arc<ClusterConfig>> {
+        self.config.clone()
+    }
+
+    pub fn server(&self) -> &ServerHandle {
+        &self.server
+    }
+
+    /// `role@node`.
+    pub fn identity(&self) -> String {
+        format!("{}@{}", self.spec.name, self.config().node())
+    }
+
+    pub fn is_shutting_down(&self) -> bool {
+        *self.shutdown.borrow()
+    }
+
+    /// Resolves when shutdown starts.
+    pub async fn shutdown_started(&self) {
+        let mut rx = self.shutdown.clone();
+        while !*rx.borrow() {
+            if rx.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// Runs a named main loop (ep.io's BaseDaemon loops) on the actix arbiter.
+    pub fn spawn_loop<F, Fut>(&self, name: &'static str, kind: LoopKind, mut f: F)
+    where
+        F: FnMut() -> Fut + 'static,
+        Fut: Future<Output = anyhow::Result<()>> + 'static,
+    {
+        let ctx = self.clone();
+        actix_rt::spawn(async move {
+            let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(30));
+            loop {
+                let began = Instant::now();
+                let result = tokio::select! {
+                    r = f() => Some(r),
+                    _ = ctx.shutdown_started() => None,
+                };
+                let Some(result) = result else { return };
+                if ctx.is_shutting_down() {
+                    return;
+                }
+                match kind {
+                    LoopKind::Critical => {
+                        match result {
+                            Ok(()) => tracing::error!(r#loop = name, "critical loop ended; exiting"),
+                            Err(e) => tracing::error!(r#loop = name, "critical loop failed: {e:#}; exiting"),
+                        }
+                        std::process::exit(1);
+                    }
+                    LoopKind::Resilient => {
+                        if began.elapsed() > Duration::from_secs(60) {
+                            backoff.reset();
+                        }
+                        *ctx.loop_restarts
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .entry(name.to_string())
+                            .or_insert(0) += 1;
+                        let delay = backoff.next_delay();
+                        match result {
+                            Ok(()) => tracing::warn!(r#loop = name, "loop ended; restarting in {delay:?}"),
+                            Err(e) => tracing::warn!(r#loop = name, "loop failed: {e:#}; restarting in {delay:?}"),
+                        }
+                        tokio::select! {
+                            _ = tokio::time::sleep(delay) => {}
+                            _ = ctx.shutdown_started() => return,
+                        }
+                    }
+                }
+            }
+        });
+    }
+}
+
+/// Runs a daemon to completion and exits the process. `setup` registers the daemon's
+/// actors, loops and routes; it runs inside the actix System after sockets are bound.
+pub fn main<S, Fut>(spec: Spec, setup: S) -> !
+where
+    S: FnOnce(Ctx) -> Fut + 'static,
+    Fut: Future<Output = anyhow::Result<Routes>> + 'static,
+{
+    let args = DaemonArgs::parse();
+    let path = ClusterConfig::locate(args.config.as_deref());
+    let loaded = ClusterConfig::load(&path);
+    let mut opts = log::LogOptions {
+        json: args.log_json,
+        syslog: args.syslog,
+        level: None,
+    };
+    if let Ok(c) = &loaded {
+        opts.json |= c.file.log.json;
+        opts.syslog |= c.file.log.syslog;
+        opts.level = c.file.log.level.clone();
+    }
+    log::init(&format!("paddock-{}", spec.name), &opts);
+    install_panic_hook();
+    let config = match loaded {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!("{e}");
+            std::process::exit(exit::CONFIG);
+        }
+    };
+    let code = run(spec, config, setup);
+    std::process::exit(code)
+}
+
+/// A panic anywhere (an actor's handler included, which actix would otherwise swallow
+/// into a closed mailbox) ends the process, so the supervisor restarts it whole.
+pub fn install_panic_hook() {
+    std::panic::set_hook(Box::new(|info| {
+        let thread = std::thread::current();
+        let bt = std::backtrace::Backtrace::force_capture();
+        tracing::error!(
+            thread = thread.name().unwrap_or("?"),
+            "panic: {info}; exiting so the supervisor restarts this daemon\n{bt}"
+        );
+        eprintln!("panic: {info}");
+        std::process::exit(exit::SOFTWARE);
+    }));
+}
+
+/// Holds an exclusive flock on `<state_dir>/<name>.pid` for the process's life.
+fn lock_pidfile(config: &ClusterConfig, name: &str) -> Result<std::fs::File, String> {
+    use std::io::Write;
+    use std::os::unix::fs::DirBuilderExt;
+    use std::os::unix::io::AsRawFd;
+    let dir = &config.state_dir;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|e| format!("cannot create state dir {}: {e}", dir.display()))?;
+    let path = dir.join(format!("{name}.pid"));
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+    // SAFETY: flock on a file descriptor we own; no memory is involved.
+    let rc = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc != 0 {
+        return Err(format!(
+            "another paddock-{name} holds {} (one per node and state dir)",
+            path.display()
+        ));
+    }
+    f.set_len(0).map_err(|e| e.to_string())?;
+    writeln!(f, "{}", std::process::id()).map_err(|e| e.to_string())?;
+    Ok(f)
+}
+
+/// The body of `main` after config is valid; returns the exit code.
+pub fn run<S, Fut>(spec: Spec, config: ClusterConfig, setup: S) -> i32
+where
+    S: FnOnce(Ctx) -> Fut + 'static,
+    Fut: Future<Output = anyhow::Result<Routes>> + 'static,
+{
+    let section = match config.daemon(spec.name) {
+        Ok(s) => s.clone(),
+        Err(e) => {
+            tracing::error!("{e}");
+            return exit::CONFIG;
+        }
+    };
+    let endpoint = |want: bool, name: &str| -> Result<Option<String>, i32> {
+        if !want {
+            return Ok(None);
+        }
+        config.daemon_endpoint(spec.name, name).map(Some).map_err(|e| {
+            tracing::error!("{e}");
+            exit::CONFIG
+        })
+    };
+    let (pull, publish) = match (endpoint(spec.pull, "pull"), endpoint(spec.publish, "pub")) {
+        (Ok(a), Ok(b)) => (a, b),
+        (Err(c), _) | (_, Err(c)) => return c,
+    };
+    let _pidfile = match lock_pidfile(&config, spec.name) {
+        Ok(f) => f,
+        Err(e) => {
+            tracing::error!("{e}");
+            return exit::UNAVAILABLE;
+        }
+    };
+    let keys = SharedKeyring::new(config.keyring.clone());
+    let identity = format!("{}@{}", spec.name, config.node());
+    let server = match paddock_wire::server::start(
+        ServerSpec {
+            identity,
+            rpc: section.rpc.clone(),
+            pull,
+            publish,
+            push: config.file.cluster.heartbeats.clone(),
+            limits: config.limits.clone(),
+        },
+        keys.clone(),
+        4096,
+    ) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!("{e}");
+            return exit::OSERR;
+        }
+    };
+    let instance = ulid::Ulid::new().to_string().to_lowercase();
+    let system = actix_rt::System::new();
+    let handle = server.handle.clone();
+    let code = system.block_on(async move {
+        let (config_tx, config_rx) = watch::channel(Arc::new(config));
+        let (shutdown_tx, shutdown_rx) = watch::channel(false);
+        let ctx = Ctx {
+            spec: spec.clone(),
+            instance,
+            started: Instant::now(),
+            config: config_rx,
+            server: server.handle.clone(),
+            shutdown: shutdown_rx,
+            loop_restarts: Arc::new(Mutex::new(BTreeMap::new())),
+        };
+        let routes = match setup(ctx.clone()).await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!("{} setup failed: {e:#}", spec.name);
+                return exit::SOFTWARE;
+            }
+        };
+        let inflight = Rc::new(RefCell::new(0usize));
+        actix_rt::spawn(dispatch(ctx.clone(), routes, server.inbound, inflight.clone()));
+        spawn_beats(&ctx);
+        let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+        tracing::info!(
+            daemon = spec.name,
+            instance = %ctx.instance,
+            rpc = %section.rpc,
+            "paddock-{} {} ready",
+            spec.name,
+            spec.version
+        );
+        wait_for_signals(&ctx, &config_tx, &keys).await;
+        let _ = shutdown_tx.send(true);
+        let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
+        // Drain: let requests already taken finish, within a grace period.
+        let grace = Instant::now() + Duration::from_secs(5);
+        while *inflight.borrow() > 0 && Instant::now() < grace {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        tracing::info!(daemon = spec.name, "stopped");
+        0
+    });
+    handle.stop();
+    let _ = server.thread.join();
+    code
+}
+
+async fn wait_for_signals(ctx: &Ctx, config_tx: &watch::Sender<Arc<ClusterConfig>>, keys: &SharedKeyring) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::hangup()),
+    ) else {
+        tracing::error!("cannot install signal handlers");
+        std::process::exit(exit::OSERR);
+    };
+    loop {
+        tokio::select! {
+            _ = term.recv() => { tracing::info!("SIGTERM: draining"); return; }
+            _ = int.recv() => { tracing::info!("SIGINT: draining"); return; }
+            _ = hup.recv() => reload(ctx, config_tx, keys),
+        }
+    }
+}
+
+/// SIGHUP: re-read the cluster file; on success swap keys, limits and heartbeat list.
+fn reload(ctx: &Ctx, config_tx: &watch::Sender<Arc<ClusterConfig>>, keys: &SharedKeyring) {
+    let old = ctx.config();
+    match ClusterConfig::load(&old.path) {
+        Ok(new) => {
+            if new.daemon(ctx.spec.name).map(|d| d.rpc.clone()).ok()
+                != old.daemon(ctx.spec.name).map(|d| d.rpc.clone()).ok()
+            {
+                tracing::warn!("the rpc endpoint changed; that takes a restart");
+            }
+            keys.replace(new.keyring.clone());
+            ctx.server.set_limits(new.limits.clone());
+            ctx.server
+                .set_push_endpoints(new.file.cluster.heartbeats.clone());
+            let ids: Vec<String> = new.keyring.key_ids().map(str::to_string).collect();
+            tracing::info!(keys = ?ids, signing = new.keyring.signing_key_id(), "SIGHUP: configuration reloaded");
+            let _ = config_tx.send(Arc::new(new));
+        }
+        Err(e) => tracing::warn!("SIGHUP: keeping the old configuration: {e}"),
+    }
+}
+
+fn spawn_beats(ctx: &Ctx) {
+    let c = ctx.clone();
+    ctx.spawn_loop("heartbeat-sender", LoopKind::Critical, move || {
+        let c = c.clone();
+        async move {
+            loop {
+                let cfg = c.config();
+                let endpoints = cfg
+                    .daemon(c.spec.name)
+                    .map(|d| d.endpoints())
+                    .unwrap_or_default();
+                let interval = cfg.beat_interval;
+                let beat = Beat {
+                    daemon: c.spec.name.to_string(),
+                    node: cfg.node().to_string(),
+                    instance: c.instance.clone(),
+                    endpoints,
+                    interval_ms: interval.as_millis() as u64,
+                };
+                c.server.push(kinds::HEARTBEAT_BEAT, kinds::to_body(&beat));
+                tokio::time::sleep(interval).await;
+            }
+        }
+    });
+}
+
+struct InflightGuard(Rc<RefCell<usize>>);
+
+impl Drop for InflightGuard {
+    fn drop(&mut self) {
+        *self.0.borrow_mut() -= 1;
+    }
+}
+
+async fn dispatch(
+    ctx: Ctx,
+    routes: Routes,
+    mut inbound: tokio::sync::mpsc::Receiver<Inbound>,
+    inflight: Rc<RefCell<usize>>,
+) {
+    while let Some(msg) = inbound.recv().await {
+        match msg {
+            Inbound::Pulled(env) => {
+                if let Some(p) = &routes.pull {
+                    p(env);
+                }
+            }
+            Inbound::Request(req) => {
+                if ctx.is_shutting_down() {
+                    ctx.server.answer(
+                        req,
+                        Err(WireError::unavailable("the daemon is shutting down; retry shortly")),
+                    );
+                    continue;
+                }
+                let kind = req.env.kind.clone();
+                match kind.as_str() {
+                    kinds::PING => {
+                        let pong = Pong {
+                            daemon: ctx.spec.name.to_string(),
+                            node: ctx.config().node().to_string(),
+                            instance: ctx.instance.clone(),
+                            version: ctx.spec.version.to_string(),
+                            uptime_ms: ctx.started.elapsed().as_millis() as u64,
+                        };
+                        ctx.server.answer(req, Ok(kinds::to_body(&pong)));
+                    }
+                    kinds::STATS => {
+                        let mut s = ctx.server.stats().snapshot();
+                        let loops = ctx
+                            .loop_restarts
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .clone();
+                        s["loop_restarts"] = json!(loops);
+                        s["daemon"] = json!(ctx.spec.name);
+                        ctx.server.answer(req, Ok(s));
+                    }
+                    _ => match routes.handlers.get(&kind) {
+                        Some(h) => {
+                            let fut = h(req.env.clone());
+                            *inflight.borrow_mut() += 1;
+                            let guard = InflightGuard(inflight.clone());
+                            let server = ctx.server.clone();
+                            actix_rt::spawn(async move {
+                                let result = fut.await;
+                                server.answer(req, result);
+                                drop(guard);
+                            });
+                        }
+                        None => {
+                            let err = WireError::new(
+                                Code::UnknownKind,
+                                format!("paddock-{} does not handle `{kind}`", ctx.spec.name),
+                            );
+                            ctx.server.answer(req, Err(err));
+                        }
+                    },
+                }
+            }
+        }
+    }
+}
+
+/// Handy for handlers: a request's body as `T`, or `invalid` naming the field.
+pub fn body<T: serde::de::DeserializeOwned>(env: &Envelope) -> Result<T, WireError> {
+    kinds::parse_body(&env.kind, &env.body)
+}
