@@ -1,1 +1,92 @@
-fn main() {}
+//! `paddock`: the operator's command line.
+
+mod cluster;
+mod dev;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "paddock", version, about = "Drive a Paddock cluster")]
+struct Cli {
+    /// The cluster file (else $PADDOCK_CONFIG, else /etc/paddock/paddock.toml).
+    #[arg(long, short = 'c', global = true)]
+    config: Option<PathBuf>,
+    /// Print JSON instead of tables and sentences.
+    #[arg(long, global = true)]
+    json: bool,
+    /// How long to wait for a daemon's reply, in milliseconds.
+    #[arg(long, global = true, default_value_t = 5000)]
+    timeout_ms: u64,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// A local cluster on this machine, for development.
+    Dev {
+        #[command(subcommand)]
+        cmd: dev::DevCmd,
+    },
+    /// Every daemon the heartbeat registry knows, with its state.
+    Status,
+    /// Ping a daemon (by name; this node's, else the first alive in the registry).
+    Ping {
+        daemon: String,
+        /// Ping the daemon on this node.
+        #[arg(long)]
+        node: Option<String>,
+    },
+    /// Named leases held by the locker.
+    Lock {
+        #[command(subcommand)]
+        cmd: cluster::LockCmd,
+    },
+    /// Key material.
+    Key {
+        #[command(subcommand)]
+        cmd: KeyCmd,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum KeyCmd {
+    /// Print a new random 32-byte secret, hex encoded, for the cluster file's [keys].
+    Generate,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let quiet = matches!(cli.cmd, Cmd::Dev { .. });
+    let _ = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_env_filter(std::env::var("PADDOCK_LOG").unwrap_or_else(|_| if quiet { "info".into() } else { "warn".into() }))
+        .try_init();
+    let result = match cli.cmd {
+        Cmd::Dev { cmd } => dev::run(cmd),
+        Cmd::Key { cmd: KeyCmd::Generate } => {
+            println!("{}", paddock_wire::keyring::generate_secret_hex());
+            Ok(())
+        }
+        other => {
+            let opts = cluster::Opts {
+                config: cli.config,
+                json: cli.json,
+                timeout: std::time::Duration::from_millis(cli.timeout_ms),
+            };
+            match other {
+                Cmd::Status => cluster::status(&opts),
+                Cmd::Ping { daemon, node } => cluster::ping(&opts, &daemon, node.as_deref()),
+                Cmd::Lock { cmd } => cluster::lock(&opts, cmd),
+                Cmd::Dev { .. } | Cmd::Key { .. } => unreachable!(),
+            }
+        }
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}

@@ -431,6 +431,9 @@ fn spawn_beats(ctx: &Ctx) {
     ctx.spawn_loop("heartbeat-sender", LoopKind::Critical, move || {
         let c = c.clone();
         async move {
+            // A PUSH to a heartbeat drops what it cannot deliver yet (ZMQ_IMMEDIATE),
+            // so the first beats come in a quick burst while connections complete.
+            let mut startup = [20u64, 50, 100, 200, 400].into_iter();
             loop {
                 let cfg = c.config();
                 let endpoints = cfg
@@ -446,7 +449,12 @@ fn spawn_beats(ctx: &Ctx) {
                     interval_ms: interval.as_millis() as u64,
                 };
                 c.server.push(kinds::HEARTBEAT_BEAT, kinds::to_body(&beat));
-                tokio::time::sleep(interval).await;
+                let next = startup
+                    .next()
+                    .map(Duration::from_millis)
+                    .unwrap_or(interval)
+                    .min(interval);
+                tokio::time::sleep(next).await;
             }
         }
     });

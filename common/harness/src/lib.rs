@@ -1,1 +1,423 @@
+//! Real components, really started: a throwaway PostgreSQL made with the installed
+//! server binaries, cluster files with free ports, and daemons as child processes.
+//! `paddock dev up` and the integration tests both stand on this.
+//!
+//! Architecture invariant: the harness starts and stops processes and writes files;
+//! it never speaks to a daemon except through `paddock-wire`'s client.
 
+use std::fs;
+use std::io;
+use std::net::TcpListener;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use paddock_config::{ClusterFile, DaemonSection, DatabaseSection};
+use paddock_wire::{Client, Keyring};
+
+/// The daemons that exist, in start order. Later issues add theirs here.
+pub const DAEMONS: &[&str] = &["heartbeat", "locker"];
+
+/// A port the OS says is free right now on 127.0.0.1.
+pub fn free_port() -> Result<u16> {
+    let l = TcpListener::bind("127.0.0.1:0").context("cannot bind a free port")?;
+    Ok(l.local_addr()?.port())
+}
+
+pub fn tcp(port: u16) -> String {
+    format!("tcp://127.0.0.1:{port}")
+}
+
+/// The directory holding the paddock binaries: `$PADDOCK_BIN_DIR`, else next to the
+/// running executable (or its parent, for test binaries under `target/*/deps`).
+pub fn bin_dir() -> Result<PathBuf> {
+    if let Some(d) = std::env::var_os("PADDOCK_BIN_DIR") {
+        return Ok(PathBuf::from(d));
+    }
+    let exe = std::env::current_exe()?;
+    let mut dir = exe.parent().map(Path::to_path_buf).unwrap_or_default();
+    for _ in 0..2 {
+        if dir.join("paddock-heartbeat").exists() {
+            return Ok(dir);
+        }
+        dir = match dir.parent() {
+            Some(p) => p.to_path_buf(),
+            None => break,
+        };
+    }
+    bail!(
+        "cannot find the paddock daemon binaries near {}: run `cargo build --workspace --bins` first, or set PADDOCK_BIN_DIR",
+        exe.display()
+    )
+}
+
+pub fn bin(name: &str) -> Result<PathBuf> {
+    let p = bin_dir()?.join(name);
+    if !p.exists() {
+        bail!("{} is missing: run `cargo build --workspace --bins`", p.display());
+    }
+    Ok(p)
+}
+
+/// The PostgreSQL server binaries: `pg_config --bindir`, else the newest
+/// /usr/lib/postgresql/*/bin that has `initdb`.
+pub fn pg_bindir() -> Result<PathBuf> {
+    if let Ok(out) = Command::new("pg_config").arg("--bindir").output() {
+        if out.status.success() {
+            let p = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+            if p.join("initdb").exists() {
+                return Ok(p);
+            }
+        }
+    }
+    let mut found: Vec<(u32, PathBuf)> = fs::read_dir("/usr/lib/postgresql")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let v = e.file_name().to_string_lossy().parse::<u32>().ok()?;
+            let b = e.path().join("bin");
+            b.join("initdb").exists().then_some((v, b))
+        })
+        .collect();
+    found.sort();
+    found
+        .pop()
+        .map(|(_, p)| p)
+        .ok_or_else(|| anyhow!("PostgreSQL server binaries not found (install the `postgresql` package)"))
+}
+
+/// The unprivileged account PostgreSQL runs as when we are root (it refuses root):
+/// `postgres` if the package made it, else `paddock-pg`, created on first use.
+fn pg_account() -> Result<Option<(u32, u32)>> {
+    if !nix::unistd::Uid::effective().is_root() {
+        return Ok(None);
+    }
+    for name in ["postgres", "paddock-pg"] {
+        if let Some(u) = nix::unistd::User::from_name(name)? {
+            return Ok(Some((u.uid.as_raw(), u.gid.as_raw())));
+        }
+    }
+    let st = Command::new("useradd")
+        .args(["--system", "--no-create-home", "--shell", "/usr/sbin/nologin", "paddock-pg"])
+        .status()
+        .context("useradd paddock-pg")?;
+    if !st.success() {
+        bail!("useradd paddock-pg failed ({st})");
+    }
+    let u = nix::unistd::User::from_name("paddock-pg")?.ok_or_else(|| anyhow!("paddock-pg missing after useradd"))?;
+    Ok(Some((u.uid.as_raw(), u.gid.as_raw())))
+}
+
+fn chown(path: &Path, owner: Option<(u32, u32)>) -> Result<()> {
+    if let Some((uid, gid)) = owner {
+        std::os::unix::fs::chown(path, Some(uid), Some(gid))
+            .with_context(|| format!("chown {}", path.display()))?;
+    }
+    Ok(())
+}
+
+/// Makes `dir` and its parents traversable by the PostgreSQL account.
+fn allow_traverse(dir: &Path) -> Result<()> {
+    let mut p = Some(dir);
+    while let Some(d) = p {
+        if let Ok(m) = fs::metadata(d) {
+            let mode = m.permissions().mode();
+            if mode & 0o001 == 0 {
+                fs::set_permissions(d, fs::Permissions::from_mode(mode | 0o711))
+                    .with_context(|| format!("chmod o+x {}", d.display()))?;
+            }
+        }
+        p = d.parent();
+    }
+    Ok(())
+}
+
+/// Settings for a PostgreSQL made under a directory.
+#[derive(Debug, Clone)]
+pub struct PgOptions {
+    /// Trade durability for speed (tests only): fsync and synchronous_commit off.
+    pub fast: bool,
+    pub port: Option<u16>,
+}
+
+/// A PostgreSQL data directory under `<dir>/pg`, made with initdb on first use.
+#[derive(Debug, Clone)]
+pub struct PgCluster {
+    pub dir: PathBuf,
+    pub bindir: PathBuf,
+    pub port: u16,
+    pub password: String,
+    owner: Option<(u32, u32)>,
+    fast: bool,
+}
+
+impl PgCluster {
+    fn data(&self) -> PathBuf {
+        self.dir.join("data")
+    }
+
+    fn sockdir(&self) -> PathBuf {
+        self.dir.join("run")
+    }
+
+    /// initdb into `<dir>/pg` (once), as a non-root account when we are root.
+    pub fn init(base: &Path, opts: &PgOptions) -> Result<PgCluster> {
+        let bindir = pg_bindir()?;
+        let owner = pg_account()?;
+        let dir = base.join("pg");
+        fs::DirBuilder::new().recursive(true).mode(0o700).create(&dir)?;
+        allow_traverse(base)?;
+        chown(&dir, owner)?;
+        let pwfile = dir.join("password");
+        let password = match fs::read_to_string(&pwfile) {
+            Ok(p) => p.trim().to_string(),
+            Err(_) => {
+                let p = paddock_wire::keyring::generate_secret_hex()[..32].to_string();
+                fs::write(&pwfile, &p)?;
+                fs::set_permissions(&pwfile, fs::Permissions::from_mode(0o600))?;
+                chown(&pwfile, owner)?;
+                p
+            }
+        };
+        let port = match opts.port {
+            Some(p) => p,
+            None => free_port()?,
+        };
+        let pg = PgCluster {
+            dir,
+            bindir,
+            port,
+            password,
+            owner,
+            fast: opts.fast,
+        };
+        if !pg.data().join("PG_VERSION").exists() {
+            let out = pg
+                .command("initdb")
+                .arg("-D")
+                .arg(pg.data())
+                .args(["-U", "paddock", "-E", "UTF8", "--no-locale", "--auth-local=scram-sha-256", "--auth-host=scram-sha-256"])
+                .arg(format!("--pwfile={}", pwfile.display()))
+                .output()
+                .context("running initdb")?;
+            if !out.status.success() {
+                bail!(
+                    "initdb failed ({}): {}{}",
+                    out.status,
+                    String::from_utf8_lossy(&out.stdout),
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+        }
+        fs::DirBuilder::new().recursive(true).mode(0o700).create(pg.sockdir())?;
+        chown(&pg.sockdir(), owner)?;
+        Ok(pg)
+    }
+
+    fn command(&self, bin: &str) -> Command {
+        let mut c = Command::new(self.bindir.join(bin));
+        if let Some((uid, gid)) = self.owner {
+            // std drops root's supplementary groups when it sets the uid.
+            c.uid(uid).gid(gid);
+        }
+        c.env("LC_ALL", "C").current_dir(&self.dir);
+        c
+    }
+
+    /// Starts `postgres` as a child in its own process group, logging to `log`, and
+    /// waits until it accepts connections.
+    pub fn start(&self, log: &Path) -> Result<Child> {
+        let logf = fs::OpenOptions::new().create(true).append(true).open(log)?;
+        let mut cmd = self.command("postgres");
+        cmd.arg("-D")
+            .arg(self.data())
+            .arg("-c")
+            .arg(format!("port={}", self.port))
+            .args(["-c", "listen_addresses=127.0.0.1"])
+            .arg("-c")
+            .arg(format!("unix_socket_directories={}", self.sockdir().display()))
+            .args(["-c", "max_connections=200"]);
+        if self.fast {
+            cmd.args(["-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off"]);
+        }
+        cmd.stdin(Stdio::null())
+            .stdout(logf.try_clone()?)
+            .stderr(logf)
+            .process_group(0);
+        let mut child = cmd.spawn().context("starting postgres")?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(st) = child.try_wait()? {
+                bail!(
+                    "postgres exited during start ({st}); see {}",
+                    log.display()
+                );
+            }
+            if self.is_ready() {
+                return Ok(child);
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                bail!("postgres did not accept connections within 30 s; see {}", log.display());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.command("pg_isready")
+            .args(["-q", "-h", "127.0.0.1", "-U", "paddock", "-d", "postgres"])
+            .arg("-p")
+            .arg(self.port.to_string())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false)
+    }
+
+    /// Creates database `name` if it does not exist.
+    pub fn create_db(&self, name: &str) -> Result<()> {
+        let out = self
+            .command("createdb")
+            .args(["-h", "127.0.0.1", "-U", "paddock"])
+            .arg("-p")
+            .arg(self.port.to_string())
+            .arg(name)
+            .env("PGPASSWORD", &self.password)
+            .output()?;
+        let err = String::from_utf8_lossy(&out.stderr);
+        if !out.status.success() && !err.contains("already exists") {
+            bail!("createdb {name} failed: {err}");
+        }
+        Ok(())
+    }
+
+    /// The libpq-style URL daemons use.
+    pub fn url(&self, db: &str) -> String {
+        format!(
+            "host=127.0.0.1 port={} user=paddock password={} dbname={db} target_session_attrs=read-write",
+            self.port, self.password
+        )
+    }
+}
+
+/// Stops a child: `sig`, then SIGKILL after `grace`. Returns once it is reaped.
+pub fn stop_child(child: &mut Child, sig: nix::sys::signal::Signal, grace: Duration) {
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    if child.try_wait().ok().flatten().is_some() {
+        return;
+    }
+    let _ = nix::sys::signal::kill(pid, sig);
+    let deadline = Instant::now() + grace;
+    while Instant::now() < deadline {
+        if child.try_wait().ok().flatten().is_some() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// Endpoints of one node's daemons, chosen from free ports.
+pub fn node_file(node: &str, state_dir: &Path, key: (&str, &str), heartbeats: &[String], database_url: Option<String>) -> Result<(ClusterFile, NodePorts)> {
+    let ports = NodePorts::pick()?;
+    let mut f = ClusterFile {
+        node: node.to_string(),
+        signing_key: key.0.to_string(),
+        state_dir: Some(state_dir.to_path_buf()),
+        ..Default::default()
+    };
+    f.keys.insert(key.0.to_string(), key.1.to_string());
+    f.cluster.beat_interval_ms = 1000;
+    f.cluster.heartbeats = if heartbeats.is_empty() {
+        vec![tcp(ports.heartbeat_pull)]
+    } else {
+        heartbeats.to_vec()
+    };
+    let mut hb = DaemonSection {
+        rpc: tcp(ports.heartbeat_rpc),
+        ..Default::default()
+    };
+    hb.other.insert("pull".into(), toml::Value::String(tcp(ports.heartbeat_pull)));
+    hb.other.insert("pub".into(), toml::Value::String(tcp(ports.heartbeat_pub)));
+    f.daemons.insert("heartbeat".into(), hb);
+    f.daemons.insert(
+        "locker".into(),
+        DaemonSection {
+            rpc: tcp(ports.locker_rpc),
+            ..Default::default()
+        },
+    );
+    f.database = database_url.map(|url| DatabaseSection { url });
+    Ok((f, ports))
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct NodePorts {
+    pub heartbeat_rpc: u16,
+    pub heartbeat_pull: u16,
+    pub heartbeat_pub: u16,
+    pub locker_rpc: u16,
+}
+
+impl NodePorts {
+    pub fn pick() -> Result<NodePorts> {
+        // Hold all listeners until every port is chosen, so none repeats.
+        let ls: Vec<TcpListener> = (0..4)
+            .map(|_| TcpListener::bind("127.0.0.1:0"))
+            .collect::<io::Result<_>>()?;
+        let p = |i: usize| ls[i].local_addr().map(|a| a.port());
+        Ok(NodePorts {
+            heartbeat_rpc: p(0)?,
+            heartbeat_pull: p(1)?,
+            heartbeat_pub: p(2)?,
+            locker_rpc: p(3)?,
+        })
+    }
+}
+
+/// Starts `paddock-<daemon> --config <config>` with its output appended to `log`.
+pub fn spawn_daemon(daemon: &str, config: &Path, log: &Path) -> Result<Child> {
+    let logf = fs::OpenOptions::new().create(true).append(true).open(log)?;
+    Command::new(bin(&format!("paddock-{daemon}"))?)
+        .arg("--config")
+        .arg(config)
+        .stdin(Stdio::null())
+        .stdout(logf.try_clone()?)
+        .stderr(logf)
+        .process_group(0)
+        .spawn()
+        .with_context(|| format!("starting paddock-{daemon}"))
+}
+
+/// Polls `ping` on `endpoint` until it answers or `timeout` passes.
+pub fn wait_ping(endpoint: &str, keys: Arc<Keyring>, timeout: Duration) -> Result<serde_json::Value> {
+    let mut c = Client::connect(endpoint, "user:harness", keys)?
+        .with_timeout(Duration::from_millis(500))
+        .with_resend_every(Duration::from_millis(250));
+    let deadline = Instant::now() + timeout;
+    loop {
+        match c.call("ping", serde_json::json!({})) {
+            Ok(v) => return Ok(v),
+            Err(e) if Instant::now() > deadline => {
+                return Err(anyhow!("{endpoint} did not answer ping within {timeout:?}: {e}"))
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(20)),
+        }
+    }
+}
+
+/// The keyring a cluster file describes.
+pub fn keyring(f: &ClusterFile) -> Result<Arc<Keyring>> {
+    Ok(Arc::new(Keyring::from_hex(
+        f.keys.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+        &f.signing_key,
+    )?))
+}

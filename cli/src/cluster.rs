@@ -1,0 +1,240 @@
+//! Verbs that talk to a running cluster: status, ping, lock.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::Subcommand;
+use comfy_table::{presets::UTF8_FULL_CONDENSED, Table};
+use paddock_config::ClusterConfig;
+use paddock_wire::kinds::{self, LockGrant, LockList, Pong, ServiceList, ServiceState};
+use paddock_wire::{now_ms, Client};
+use serde_json::{json, Value};
+
+pub struct Opts {
+    pub config: Option<PathBuf>,
+    pub json: bool,
+    pub timeout: Duration,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum LockCmd {
+    /// Take lock NAME; prints its fencing token.
+    Acquire {
+        name: String,
+        /// Who holds it (default: user:$USER).
+        #[arg(long)]
+        owner: Option<String>,
+        /// Lease length in milliseconds.
+        #[arg(long, default_value_t = 30_000)]
+        ttl_ms: u64,
+        /// Wait up to this long for a held lock, in milliseconds.
+        #[arg(long, default_value_t = 0)]
+        wait_ms: u64,
+    },
+    /// Extend the lease of lock NAME held with TOKEN.
+    Renew {
+        name: String,
+        token: i64,
+        #[arg(long, default_value_t = 30_000)]
+        ttl_ms: u64,
+    },
+    /// Give lock NAME back.
+    Release { name: String, token: i64 },
+    /// Whether TOKEN is still lock NAME's current grant.
+    Check { name: String, token: i64 },
+    /// Every lock currently held.
+    List,
+}
+
+fn user() -> String {
+    format!("user:{}", std::env::var("USER").unwrap_or_else(|_| "operator".into()))
+}
+
+fn load(opts: &Opts) -> Result<ClusterConfig> {
+    let path = ClusterConfig::locate(opts.config.as_deref());
+    ClusterConfig::load(&path).map_err(|e| {
+        anyhow!("{e}\n(pass --config FILE or set PADDOCK_CONFIG; `paddock dev up --dir DIR` writes DIR/paddock.toml)")
+    })
+}
+
+fn client(cfg: &ClusterConfig, endpoint: &str, timeout: Duration) -> Result<Client> {
+    Ok(Client::connect(endpoint, &user(), Arc::new(cfg.keyring.clone()))?
+        .with_timeout(timeout)
+        .with_resend_every(Duration::from_millis(500).min(timeout)))
+}
+
+/// The registry from the first heartbeat that answers.
+fn registry(cfg: &ClusterConfig, timeout: Duration) -> Result<ServiceList> {
+    let eps = cfg.registries();
+    if eps.is_empty() {
+        bail!(
+            "{} lists no heartbeat: add [cluster] registries = [\"tcp://…\"] or a [daemons.heartbeat] table",
+            cfg.path.display()
+        );
+    }
+    let mut errors = Vec::new();
+    for ep in &eps {
+        match client(cfg, ep, timeout).and_then(|mut c| Ok(c.call(kinds::REGISTRY_LIST, json!({}))?)) {
+            Ok(v) => return Ok(serde_json::from_value(v).context("registry.list reply")?),
+            Err(e) => errors.push(format!("{ep}: {e}")),
+        }
+    }
+    bail!("no heartbeat answered:\n  {}", errors.join("\n  "))
+}
+
+/// `daemon`'s rpc endpoint: this node's from the cluster file, else the registry's
+/// newest alive one (on `node`, when given).
+fn find(cfg: &ClusterConfig, daemon: &str, node: Option<&str>, timeout: Duration) -> Result<String> {
+    if node.is_none() || node == Some(cfg.node()) {
+        if let Some(d) = cfg.file.daemons.get(daemon) {
+            return Ok(d.rpc.clone());
+        }
+    }
+    let list = registry(cfg, timeout)?;
+    list.services
+        .iter()
+        .rev()
+        .find(|s| s.daemon == daemon && s.state == ServiceState::Alive && node.is_none_or(|n| s.node == n))
+        .and_then(|s| s.endpoints.get("rpc").cloned())
+        .ok_or_else(|| anyhow!("no alive {daemon}{} in the registry", node.map(|n| format!(" on {n}")).unwrap_or_default()))
+}
+
+fn ago(ms: i64) -> String {
+    let d = (now_ms() - ms).max(0);
+    if d < 1000 {
+        format!("{d} ms ago")
+    } else {
+        format!("{:.1} s ago", d as f64 / 1000.0)
+    }
+}
+
+fn table(header: &[&str]) -> Table {
+    let mut t = Table::new();
+    t.load_preset(UTF8_FULL_CONDENSED);
+    if !std::io::IsTerminal::is_terminal(&std::io::stdout()) {
+        t.force_no_tty();
+    }
+    t.set_header(header.to_vec());
+    t
+}
+
+pub fn status(opts: &Opts) -> Result<()> {
+    let cfg = load(opts)?;
+    let list = registry(&cfg, opts.timeout)?;
+    if opts.json {
+        println!("{}", serde_json::to_string_pretty(&list.services)?);
+        return Ok(());
+    }
+    let mut t = table(&["DAEMON", "NODE", "STATE", "LAST SEEN", "INSTANCE", "RPC"]);
+    for s in &list.services {
+        t.add_row(vec![
+            s.daemon.clone(),
+            s.node.clone(),
+            s.state.as_str().to_string(),
+            ago(s.last_seen),
+            s.instance.clone(),
+            s.endpoints.get("rpc").cloned().unwrap_or_default(),
+        ]);
+    }
+    println!("{t}");
+    let alive = list.services.iter().filter(|s| s.state == ServiceState::Alive).count();
+    println!("{alive} of {} alive", list.services.len());
+    Ok(())
+}
+
+pub fn ping(opts: &Opts, daemon: &str, node: Option<&str>) -> Result<()> {
+    let cfg = load(opts)?;
+    let ep = find(&cfg, daemon, node, opts.timeout)?;
+    let mut c = client(&cfg, &ep, opts.timeout)?;
+    let t = Instant::now();
+    let v = c.call(kinds::PING, json!({}))?;
+    let rtt = t.elapsed();
+    if opts.json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    let p: Pong = serde_json::from_value(v)?;
+    println!(
+        "{}@{} answered in {:.2} ms (instance {}, version {}, up {:.1} s, {ep})",
+        p.daemon,
+        p.node,
+        rtt.as_secs_f64() * 1000.0,
+        p.instance,
+        p.version,
+        p.uptime_ms as f64 / 1000.0
+    );
+    Ok(())
+}
+
+pub fn lock(opts: &Opts, cmd: LockCmd) -> Result<()> {
+    let cfg = load(opts)?;
+    let ep = find(&cfg, "locker", None, opts.timeout)?;
+    let mut c = client(&cfg, &ep, opts.timeout)?;
+    let out: Value = match cmd {
+        LockCmd::Acquire {
+            name,
+            owner,
+            ttl_ms,
+            wait_ms,
+        } => {
+            // The reply can take up to wait_ms; the timeout must exceed it.
+            c.set_timeout(opts.timeout + Duration::from_millis(wait_ms));
+            let owner = owner.unwrap_or_else(user);
+            let v = c.call(kinds::LOCK_ACQUIRE, json!({"name": name, "owner": owner, "ttl_ms": ttl_ms, "wait_ms": wait_ms}))?;
+            if !opts.json {
+                let g: LockGrant = serde_json::from_value(v)?;
+                println!("acquired {name} for {owner}: token {} (expires in {} ms)", g.token, g.expires - now_ms());
+                return Ok(());
+            }
+            v
+        }
+        LockCmd::Renew { name, token, ttl_ms } => {
+            let v = c.call(kinds::LOCK_RENEW, json!({"name": name, "token": token, "ttl_ms": ttl_ms}))?;
+            if !opts.json {
+                let g: LockGrant = serde_json::from_value(v)?;
+                println!("renewed {name} (token {token}): expires in {} ms", g.expires - now_ms());
+                return Ok(());
+            }
+            v
+        }
+        LockCmd::Release { name, token } => {
+            let v = c.call(kinds::LOCK_RELEASE, json!({"name": name, "token": token}))?;
+            if !opts.json {
+                println!("released {name} (token {token})");
+                return Ok(());
+            }
+            v
+        }
+        LockCmd::Check { name, token } => {
+            let v = c.call(kinds::LOCK_CHECK, json!({"name": name, "token": token}))?;
+            if !opts.json {
+                let valid = v.get("valid").and_then(Value::as_bool).unwrap_or(false);
+                println!("token {token} of {name} is {}", if valid { "valid" } else { "not valid" });
+                return Ok(());
+            }
+            v
+        }
+        LockCmd::List => {
+            let v = c.call(kinds::LOCK_LIST, json!({}))?;
+            if !opts.json {
+                let l: LockList = serde_json::from_value(v)?;
+                let mut t = table(&["NAME", "OWNER", "TOKEN", "EXPIRES IN"]);
+                for lk in &l.locks {
+                    t.add_row(vec![
+                        lk.name.clone(),
+                        lk.owner.clone(),
+                        lk.token.to_string(),
+                        format!("{} ms", lk.expires - now_ms()),
+                    ]);
+                }
+                println!("{t}");
+                return Ok(());
+            }
+            v
+        }
+    };
+    println!("{}", serde_json::to_string_pretty(&out)?);
+    Ok(())
+}

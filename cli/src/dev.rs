@@ -1,0 +1,504 @@
+//! `paddock dev`: a whole local cluster under one directory — PostgreSQL made with
+//! the installed server binaries, a cluster file, and every daemon supervised.
+//!
+//! Layout of DIR:
+//!   paddock.toml   the cluster file (0600)
+//!   pg/            PostgreSQL data, socket and password
+//!   state/         daemons' state dir (pid locks)
+//!   logs/NAME.log  each process's output; supervisor.log for the detached supervisor
+//!   run/NAME.pid   each child's pid, for `dev down` to clean up after a killed supervisor
+//!   dev.pid        the supervisor's pid; dev.ready once every daemon answered ping
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::{Read, Seek, SeekFrom};
+use std::os::unix::fs::DirBuilderExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::Subcommand;
+use nix::sys::signal::{self, Signal};
+use nix::unistd::Pid;
+use paddock_config::{ClusterConfig, ClusterFile};
+use paddock_harness::{self as harness, PgCluster, PgOptions, DAEMONS};
+
+#[derive(Debug, Subcommand)]
+pub enum DevCmd {
+    /// Start PostgreSQL and every daemon under DIR, supervised.
+    Up {
+        #[arg(long, default_value = ".paddock-dev")]
+        dir: PathBuf,
+        /// Return once everything is healthy, leaving the supervisor running.
+        #[arg(long)]
+        detach: bool,
+    },
+    /// Stop everything `dev up` started under DIR, PostgreSQL included.
+    Down {
+        #[arg(long, default_value = ".paddock-dev")]
+        dir: PathBuf,
+    },
+    /// Show the daemons' logs (all, or one daemon's).
+    Logs {
+        #[arg(long, default_value = ".paddock-dev")]
+        dir: PathBuf,
+        daemon: Option<String>,
+        /// Keep printing new lines.
+        #[arg(short, long)]
+        follow: bool,
+        /// Lines of history to show per log.
+        #[arg(short = 'n', long, default_value_t = 50)]
+        lines: usize,
+    },
+    /// (internal) the supervisor process behind `dev up --detach`.
+    #[command(hide = true)]
+    Supervise {
+        #[arg(long)]
+        dir: PathBuf,
+    },
+}
+
+pub fn run(cmd: DevCmd) -> Result<()> {
+    match cmd {
+        DevCmd::Up { dir, detach } => up(&absolute(&dir)?, detach),
+        DevCmd::Down { dir } => down(&absolute(&dir)?),
+        DevCmd::Logs {
+            dir,
+            daemon,
+            follow,
+            lines,
+        } => logs(&absolute(&dir)?, daemon.as_deref(), follow, lines),
+        DevCmd::Supervise { dir } => supervise(&absolute(&dir)?, None),
+    }
+}
+
+fn absolute(dir: &Path) -> Result<PathBuf> {
+    Ok(if dir.is_absolute() {
+        dir.to_path_buf()
+    } else {
+        std::env::current_dir()?.join(dir)
+    })
+}
+
+fn pid_alive(pid: i32) -> bool {
+    pid > 0 && signal::kill(Pid::from_raw(pid), None).is_ok()
+}
+
+fn read_pid(path: &Path) -> Option<i32> {
+    fs::read_to_string(path).ok()?.trim().parse().ok()
+}
+
+/// The supervisor's pid, when one is running for DIR.
+fn running_supervisor(dir: &Path) -> Option<i32> {
+    read_pid(&dir.join("dev.pid")).filter(|p| pid_alive(*p))
+}
+
+fn prepare(dir: &Path) -> Result<()> {
+    for d in [dir.to_path_buf(), dir.join("logs"), dir.join("run"), dir.join("state")] {
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&d)
+            .with_context(|| format!("cannot create {}", d.display()))?;
+    }
+    Ok(())
+}
+
+fn up(dir: &Path, detach: bool) -> Result<()> {
+    if let Some(pid) = running_supervisor(dir) {
+        bail!(
+            "a dev cluster is already running in {} (supervisor pid {pid}); run `paddock dev down --dir {}` first",
+            dir.display(),
+            dir.display()
+        );
+    }
+    prepare(dir)?;
+    let _ = fs::remove_file(dir.join("dev.ready"));
+    if !detach {
+        return supervise(dir, Some(print_summary));
+    }
+    let log = dir.join("logs/supervisor.log");
+    let logf = fs::OpenOptions::new().create(true).append(true).open(&log)?;
+    let mut child = Command::new(std::env::current_exe()?)
+        .args(["dev", "supervise", "--dir"])
+        .arg(dir)
+        .stdin(Stdio::null())
+        .stdout(logf.try_clone()?)
+        .stderr(logf)
+        .process_group(0)
+        .spawn()
+        .context("starting the dev supervisor")?;
+    eprintln!("starting a dev cluster in {} …", dir.display());
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        if dir.join("dev.ready").exists() {
+            print_summary(dir);
+            return Ok(());
+        }
+        if let Some(st) = child.try_wait()? {
+            bail!(
+                "the dev supervisor exited ({st}) before the cluster was ready:\n{}",
+                tail(&log, 20)
+            );
+        }
+        if Instant::now() > deadline {
+            let _ = signal::kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM);
+            bail!("the dev cluster was not ready within 120 s:\n{}", tail(&log, 20));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn print_summary(dir: &Path) {
+    let cfg_path = dir.join("paddock.toml");
+    let Ok(cfg) = ClusterConfig::load(&cfg_path) else {
+        println!("dev cluster up in {}", dir.display());
+        return;
+    };
+    println!("Paddock dev cluster is up in {}", dir.display());
+    println!("  node       {}", cfg.node());
+    if let Some(db) = &cfg.file.database {
+        let safe = db
+            .url
+            .split_whitespace()
+            .filter(|kv| !kv.starts_with("password="))
+            .collect::<Vec<_>>()
+            .join(" ");
+        println!("  postgres   {safe}");
+    }
+    for (name, d) in &cfg.file.daemons {
+        let eps: Vec<String> = d.endpoints().iter().map(|(k, v)| format!("{k}={v}")).collect();
+        println!("  {name:<10} {}", eps.join(" "));
+    }
+    println!("  logs       {}", dir.join("logs").display());
+    println!();
+    println!("export PADDOCK_CONFIG={}", cfg_path.display());
+    println!("paddock status");
+}
+
+/// The cluster file for DIR: the existing one (its key and ports kept), or a new one.
+fn cluster_file(dir: &Path, pg: &PgCluster) -> Result<ClusterFile> {
+    let path = dir.join("paddock.toml");
+    if path.exists() {
+        let cfg = ClusterConfig::load(&path)?;
+        let mut f = cfg.file;
+        f.database = Some(paddock_config::DatabaseSection { url: pg.url("paddock") });
+        return Ok(f);
+    }
+    let secret = paddock_wire::keyring::generate_secret_hex();
+    let (f, _) = harness::node_file(
+        "dev",
+        &dir.join("state"),
+        ("cluster-1", &secret),
+        &[],
+        Some(pg.url("paddock")),
+    )?;
+    Ok(f)
+}
+
+static STOP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_stop(_: i32) {
+    STOP.store(true, Ordering::SeqCst);
+}
+
+struct Supervised {
+    name: String,
+    child: Option<Child>,
+    restarts: u32,
+    started: Instant,
+    next_start: Option<Instant>,
+}
+
+/// Runs the cluster in this process until SIGTERM/SIGINT, restarting what dies.
+fn supervise(dir: &Path, on_ready: Option<fn(&Path)>) -> Result<()> {
+    prepare(dir)?;
+    let lock = fs::OpenOptions::new().create(true).truncate(false).write(true).open(dir.join("dev.lock"))?;
+    {
+        use std::os::unix::io::AsRawFd;
+        // SAFETY: flock on a descriptor we own.
+        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            bail!("another supervisor holds {}", dir.join("dev.lock").display());
+        }
+    }
+    let action = signal::SigAction::new(
+        signal::SigHandler::Handler(on_stop),
+        signal::SaFlags::empty(),
+        signal::SigSet::empty(),
+    );
+    // SAFETY: the handler only stores to an atomic.
+    unsafe {
+        signal::sigaction(Signal::SIGTERM, &action)?;
+        signal::sigaction(Signal::SIGINT, &action)?;
+    }
+    fs::write(dir.join("dev.pid"), format!("{}\n", std::process::id()))?;
+    let result = supervise_inner(dir, on_ready);
+    let _ = fs::remove_file(dir.join("dev.pid"));
+    let _ = fs::remove_file(dir.join("dev.ready"));
+    result
+}
+
+fn supervise_inner(dir: &Path, on_ready: Option<fn(&Path)>) -> Result<()> {
+    let logs = dir.join("logs");
+    let prev_port = fs::read_to_string(dir.join("pg/port")).ok().and_then(|p| p.trim().parse().ok());
+    let pg = PgCluster::init(
+        dir,
+        &PgOptions {
+            fast: false,
+            port: prev_port.filter(|p| std::net::TcpListener::bind(("127.0.0.1", *p)).is_ok()),
+        },
+    )?;
+    fs::write(dir.join("pg/port"), pg.port.to_string())?;
+    eprintln!("starting postgres on 127.0.0.1:{}", pg.port);
+    let pg_child = pg.start(&logs.join("postgres.log"))?;
+    fs::write(dir.join("run/postgres.pid"), pg_child.id().to_string())?;
+    let mut procs: Vec<Supervised> = vec![Supervised {
+        name: "postgres".into(),
+        child: Some(pg_child),
+        restarts: 0,
+        started: Instant::now(),
+        next_start: None,
+    }];
+    let setup = (|| -> Result<PathBuf> {
+        pg.create_db("paddock")?;
+        let file = cluster_file(dir, &pg)?;
+        let cfg_path = dir.join("paddock.toml");
+        file.write(&cfg_path)?;
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        let report = rt.block_on(paddock_db::migrate(&pg.url("paddock")))?;
+        eprintln!("migrations: {} applied, {} known", report.applied.len(), paddock_db::embedded_migrations().len());
+        Ok(cfg_path)
+    })();
+    let cfg_path = match setup {
+        Ok(p) => p,
+        Err(e) => {
+            stop_all(dir, &mut procs);
+            return Err(e);
+        }
+    };
+    for d in DAEMONS {
+        procs.push(Supervised {
+            name: d.to_string(),
+            child: None,
+            restarts: 0,
+            started: Instant::now(),
+            next_start: Some(Instant::now()),
+        });
+    }
+    let cfg = ClusterConfig::load(&cfg_path)?;
+    let keys = harness::keyring(&cfg.file)?;
+    let mut ready = false;
+    let mut last_ready_check = Instant::now() - Duration::from_secs(1);
+    while !STOP.load(Ordering::SeqCst) {
+        for p in procs.iter_mut() {
+            tend(dir, &pg, &cfg_path, p);
+        }
+        if !ready && last_ready_check.elapsed() > Duration::from_millis(200) {
+            last_ready_check = Instant::now();
+            ready = DAEMONS.iter().all(|d| {
+                cfg.file
+                    .daemons
+                    .get(*d)
+                    .map(|s| harness::wait_ping(&s.rpc, keys.clone(), Duration::from_millis(100)).is_ok())
+                    .unwrap_or(false)
+            });
+            if ready {
+                fs::write(dir.join("dev.ready"), "")?;
+                eprintln!("all daemons answer ping");
+                if let Some(f) = on_ready {
+                    f(dir);
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    eprintln!("stopping the dev cluster");
+    stop_all(dir, &mut procs);
+    eprintln!("stopped");
+    Ok(())
+}
+
+/// Restarts `p` if it died, with backoff (immediate first, then doubling to 5 s).
+fn tend(dir: &Path, pg: &PgCluster, cfg_path: &Path, p: &mut Supervised) {
+    if let Some(child) = &mut p.child {
+        match child.try_wait() {
+            Ok(None) => return,
+            Ok(Some(st)) => {
+                let up = p.started.elapsed();
+                if up > Duration::from_secs(30) {
+                    p.restarts = 0;
+                }
+                let delay = if p.restarts == 0 {
+                    Duration::ZERO
+                } else {
+                    Duration::from_millis(250 * (1u64 << p.restarts.min(5))).min(Duration::from_secs(5))
+                };
+                eprintln!("{} exited ({st}) after {:.1} s; restarting in {delay:?}", p.name, up.as_secs_f64());
+                p.restarts += 1;
+                p.child = None;
+                p.next_start = Some(Instant::now() + delay);
+            }
+            Err(e) => {
+                eprintln!("cannot wait for {}: {e}", p.name);
+                return;
+            }
+        }
+    }
+    let Some(at) = p.next_start else { return };
+    if Instant::now() < at {
+        return;
+    }
+    let log = dir.join("logs").join(format!("{}.log", p.name));
+    let spawned = if p.name == "postgres" {
+        pg.start(&log)
+    } else {
+        harness::spawn_daemon(&p.name, cfg_path, &log)
+    };
+    match spawned {
+        Ok(c) => {
+            let _ = fs::write(dir.join("run").join(format!("{}.pid", p.name)), c.id().to_string());
+            p.child = Some(c);
+            p.started = Instant::now();
+            p.next_start = None;
+        }
+        Err(e) => {
+            eprintln!("cannot start {}: {e:#}", p.name);
+            p.next_start = Some(Instant::now() + Duration::from_secs(2));
+        }
+    }
+}
+
+/// Daemons first (SIGTERM, 5 s grace), PostgreSQL last (fast shutdown, 15 s grace).
+fn stop_all(dir: &Path, procs: &mut [Supervised]) {
+    for p in procs.iter_mut().rev() {
+        if let Some(mut c) = p.child.take() {
+            let (sig, grace) = if p.name == "postgres" {
+                (Signal::SIGINT, Duration::from_secs(15))
+            } else {
+                (Signal::SIGTERM, Duration::from_secs(5))
+            };
+            harness::stop_child(&mut c, sig, grace);
+            if p.name == "postgres" {
+                // Its backends share its process group; none may outlive it.
+                let _ = signal::killpg(Pid::from_raw(c.id() as i32), Signal::SIGKILL);
+            }
+        }
+        let _ = fs::remove_file(dir.join("run").join(format!("{}.pid", p.name)));
+    }
+}
+
+fn down(dir: &Path) -> Result<()> {
+    if !dir.join("paddock.toml").exists() && !dir.join("run").exists() {
+        bail!("{} is not a dev cluster directory (no paddock.toml)", dir.display());
+    }
+    if let Some(pid) = running_supervisor(dir) {
+        signal::kill(Pid::from_raw(pid), Signal::SIGTERM)?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while pid_alive(pid) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        if pid_alive(pid) {
+            eprintln!("the supervisor (pid {pid}) did not stop in 30 s; killing it");
+            let _ = signal::kill(Pid::from_raw(pid), Signal::SIGKILL);
+        }
+    }
+    // Whatever a killed supervisor left behind.
+    let mut leftovers = BTreeMap::new();
+    if let Ok(rd) = fs::read_dir(dir.join("run")) {
+        for e in rd.flatten() {
+            if let Some(pid) = read_pid(&e.path()).filter(|p| pid_alive(*p)) {
+                leftovers.insert(e.file_name().to_string_lossy().trim_end_matches(".pid").to_string(), pid);
+            }
+            let _ = fs::remove_file(e.path());
+        }
+    }
+    for (name, pid) in &leftovers {
+        eprintln!("stopping leftover {name} (pid {pid})");
+        let sig = if name == "postgres" { Signal::SIGINT } else { Signal::SIGTERM };
+        let _ = signal::kill(Pid::from_raw(*pid), sig);
+    }
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while leftovers.values().any(|p| pid_alive(*p)) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    for pid in leftovers.values() {
+        let _ = signal::killpg(Pid::from_raw(*pid), Signal::SIGKILL);
+    }
+    let _ = fs::remove_file(dir.join("dev.pid"));
+    let _ = fs::remove_file(dir.join("dev.ready"));
+    println!("dev cluster in {} stopped", dir.display());
+    Ok(())
+}
+
+fn tail(path: &Path, lines: usize) -> String {
+    let text = fs::read_to_string(path).unwrap_or_default();
+    let v: Vec<&str> = text.lines().collect();
+    v[v.len().saturating_sub(lines)..].join("\n")
+}
+
+fn logs(dir: &Path, daemon: Option<&str>, follow: bool, lines: usize) -> Result<()> {
+    let logdir = dir.join("logs");
+    let files: Vec<(String, PathBuf)> = match daemon {
+        Some(d) => {
+            let p = logdir.join(format!("{d}.log"));
+            if !p.exists() {
+                let known: Vec<String> = fs::read_dir(&logdir)
+                    .map(|rd| rd.flatten().map(|e| e.file_name().to_string_lossy().trim_end_matches(".log").to_string()).collect())
+                    .unwrap_or_default();
+                bail!("no log for `{d}` in {} (have: {})", logdir.display(), known.join(", "));
+            }
+            vec![(d.to_string(), p)]
+        }
+        None => {
+            let mut v: Vec<(String, PathBuf)> = fs::read_dir(&logdir)
+                .map_err(|e| anyhow!("cannot read {}: {e}", logdir.display()))?
+                .flatten()
+                .map(|e| (e.file_name().to_string_lossy().trim_end_matches(".log").to_string(), e.path()))
+                .collect();
+            v.sort();
+            v
+        }
+    };
+    let prefix = files.len() > 1;
+    let mut offsets = Vec::new();
+    for (name, p) in &files {
+        let text = fs::read_to_string(p).unwrap_or_default();
+        let all: Vec<&str> = text.lines().collect();
+        for l in &all[all.len().saturating_sub(lines)..] {
+            if prefix {
+                println!("{name:>10} | {l}");
+            } else {
+                println!("{l}");
+            }
+        }
+        offsets.push(text.len() as u64);
+    }
+    while follow {
+        std::thread::sleep(Duration::from_millis(200));
+        for ((name, p), off) in files.iter().zip(offsets.iter_mut()) {
+            let Ok(mut f) = fs::File::open(p) else { continue };
+            let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+            if len < *off {
+                *off = 0; // truncated
+            }
+            if len == *off {
+                continue;
+            }
+            f.seek(SeekFrom::Start(*off))?;
+            let mut s = String::new();
+            f.read_to_string(&mut s)?;
+            *off = len;
+            for l in s.lines() {
+                if prefix {
+                    println!("{name:>10} | {l}");
+                } else {
+                    println!("{l}");
+                }
+            }
+        }
+    }
+    Ok(())
+}
