@@ -49,7 +49,10 @@ pub enum LockCmd {
 }
 
 fn user() -> String {
-    format!("user:{}", std::env::var("USER").unwrap_or_else(|_| "operator".into()))
+    format!(
+        "user:{}",
+        std::env::var("USER").unwrap_or_else(|_| "operator".into())
+    )
 }
 
 fn load(opts: &Opts) -> Result<ClusterConfig> {
@@ -60,9 +63,11 @@ fn load(opts: &Opts) -> Result<ClusterConfig> {
 }
 
 fn client(cfg: &ClusterConfig, endpoint: &str, timeout: Duration) -> Result<Client> {
-    Ok(Client::connect(endpoint, &user(), Arc::new(cfg.keyring.clone()))?
-        .with_timeout(timeout)
-        .with_resend_every(Duration::from_millis(500).min(timeout)))
+    Ok(
+        Client::connect(endpoint, &user(), Arc::new(cfg.keyring.clone()))?
+            .with_timeout(timeout)
+            .with_resend_every(Duration::from_millis(500).min(timeout)),
+    )
 }
 
 /// The registry from the first heartbeat that answers.
@@ -76,8 +81,10 @@ fn registry(cfg: &ClusterConfig, timeout: Duration) -> Result<ServiceList> {
     }
     let mut errors = Vec::new();
     for ep in &eps {
-        match client(cfg, ep, timeout).and_then(|mut c| Ok(c.call(kinds::REGISTRY_LIST, json!({}))?)) {
-            Ok(v) => return Ok(serde_json::from_value(v).context("registry.list reply")?),
+        match client(cfg, ep, timeout)
+            .and_then(|mut c| Ok(c.call(kinds::REGISTRY_LIST, json!({}))?))
+        {
+            Ok(v) => return serde_json::from_value(v).context("registry.list reply"),
             Err(e) => errors.push(format!("{ep}: {e}")),
         }
     }
@@ -86,7 +93,12 @@ fn registry(cfg: &ClusterConfig, timeout: Duration) -> Result<ServiceList> {
 
 /// `daemon`'s rpc endpoint: this node's from the cluster file, else the registry's
 /// newest alive one (on `node`, when given).
-fn find(cfg: &ClusterConfig, daemon: &str, node: Option<&str>, timeout: Duration) -> Result<String> {
+fn find(
+    cfg: &ClusterConfig,
+    daemon: &str,
+    node: Option<&str>,
+    timeout: Duration,
+) -> Result<String> {
     if node.is_none() || node == Some(cfg.node()) {
         if let Some(d) = cfg.file.daemons.get(daemon) {
             return Ok(d.rpc.clone());
@@ -96,9 +108,16 @@ fn find(cfg: &ClusterConfig, daemon: &str, node: Option<&str>, timeout: Duration
     list.services
         .iter()
         .rev()
-        .find(|s| s.daemon == daemon && s.state == ServiceState::Alive && node.is_none_or(|n| s.node == n))
+        .find(|s| {
+            s.daemon == daemon && s.state == ServiceState::Alive && node.is_none_or(|n| s.node == n)
+        })
         .and_then(|s| s.endpoints.get("rpc").cloned())
-        .ok_or_else(|| anyhow!("no alive {daemon}{} in the registry", node.map(|n| format!(" on {n}")).unwrap_or_default()))
+        .ok_or_else(|| {
+            anyhow!(
+                "no alive {daemon}{} in the registry",
+                node.map(|n| format!(" on {n}")).unwrap_or_default()
+            )
+        })
 }
 
 fn ago(ms: i64) -> String {
@@ -139,7 +158,11 @@ pub fn status(opts: &Opts) -> Result<()> {
         ]);
     }
     println!("{t}");
-    let alive = list.services.iter().filter(|s| s.state == ServiceState::Alive).count();
+    let alive = list
+        .services
+        .iter()
+        .filter(|s| s.state == ServiceState::Alive)
+        .count();
     println!("{alive} of {} alive", list.services.len());
     Ok(())
 }
@@ -182,19 +205,36 @@ pub fn lock(opts: &Opts, cmd: LockCmd) -> Result<()> {
             // The reply can take up to wait_ms; the timeout must exceed it.
             c.set_timeout(opts.timeout + Duration::from_millis(wait_ms));
             let owner = owner.unwrap_or_else(user);
-            let v = c.call(kinds::LOCK_ACQUIRE, json!({"name": name, "owner": owner, "ttl_ms": ttl_ms, "wait_ms": wait_ms}))?;
+            let v = c.call(
+                kinds::LOCK_ACQUIRE,
+                json!({"name": name, "owner": owner, "ttl_ms": ttl_ms, "wait_ms": wait_ms}),
+            )?;
             if !opts.json {
                 let g: LockGrant = serde_json::from_value(v)?;
-                println!("acquired {name} for {owner}: token {} (expires in {} ms)", g.token, g.expires - now_ms());
+                println!(
+                    "acquired {name} for {owner}: token {} (expires in {} ms)",
+                    g.token,
+                    g.expires - now_ms()
+                );
                 return Ok(());
             }
             v
         }
-        LockCmd::Renew { name, token, ttl_ms } => {
-            let v = c.call(kinds::LOCK_RENEW, json!({"name": name, "token": token, "ttl_ms": ttl_ms}))?;
+        LockCmd::Renew {
+            name,
+            token,
+            ttl_ms,
+        } => {
+            let v = c.call(
+                kinds::LOCK_RENEW,
+                json!({"name": name, "token": token, "ttl_ms": ttl_ms}),
+            )?;
             if !opts.json {
                 let g: LockGrant = serde_json::from_value(v)?;
-                println!("renewed {name} (token {token}): expires in {} ms", g.expires - now_ms());
+                println!(
+                    "renewed {name} (token {token}): expires in {} ms",
+                    g.expires - now_ms()
+                );
                 return Ok(());
             }
             v
@@ -211,7 +251,10 @@ pub fn lock(opts: &Opts, cmd: LockCmd) -> Result<()> {
             let v = c.call(kinds::LOCK_CHECK, json!({"name": name, "token": token}))?;
             if !opts.json {
                 let valid = v.get("valid").and_then(Value::as_bool).unwrap_or(false);
-                println!("token {token} of {name} is {}", if valid { "valid" } else { "not valid" });
+                println!(
+                    "token {token} of {name} is {}",
+                    if valid { "valid" } else { "not valid" }
+                );
                 return Ok(());
             }
             v

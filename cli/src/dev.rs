@@ -97,7 +97,12 @@ fn running_supervisor(dir: &Path) -> Option<i32> {
 }
 
 fn prepare(dir: &Path) -> Result<()> {
-    for d in [dir.to_path_buf(), dir.join("logs"), dir.join("run"), dir.join("state")] {
+    for d in [
+        dir.to_path_buf(),
+        dir.join("logs"),
+        dir.join("run"),
+        dir.join("state"),
+    ] {
         fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
@@ -121,7 +126,10 @@ fn up(dir: &Path, detach: bool) -> Result<()> {
         return supervise(dir, Some(print_summary));
     }
     let log = dir.join("logs/supervisor.log");
-    let logf = fs::OpenOptions::new().create(true).append(true).open(&log)?;
+    let logf = fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log)?;
     let mut child = Command::new(std::env::current_exe()?)
         .args(["dev", "supervise", "--dir"])
         .arg(dir)
@@ -146,7 +154,10 @@ fn up(dir: &Path, detach: bool) -> Result<()> {
         }
         if Instant::now() > deadline {
             let _ = signal::kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM);
-            bail!("the dev cluster was not ready within 120 s:\n{}", tail(&log, 20));
+            bail!(
+                "the dev cluster was not ready within 120 s:\n{}",
+                tail(&log, 20)
+            );
         }
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -170,7 +181,11 @@ fn print_summary(dir: &Path) {
         println!("  postgres   {safe}");
     }
     for (name, d) in &cfg.file.daemons {
-        let eps: Vec<String> = d.endpoints().iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let eps: Vec<String> = d
+            .endpoints()
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
         println!("  {name:<10} {}", eps.join(" "));
     }
     println!("  logs       {}", dir.join("logs").display());
@@ -185,7 +200,9 @@ fn cluster_file(dir: &Path, pg: &PgCluster) -> Result<ClusterFile> {
     if path.exists() {
         let cfg = ClusterConfig::load(&path)?;
         let mut f = cfg.file;
-        f.database = Some(paddock_config::DatabaseSection { url: pg.url("paddock") });
+        f.database = Some(paddock_config::DatabaseSection {
+            url: pg.url("paddock"),
+        });
         return Ok(f);
     }
     let secret = paddock_wire::keyring::generate_secret_hex();
@@ -216,12 +233,19 @@ struct Supervised {
 /// Runs the cluster in this process until SIGTERM/SIGINT, restarting what dies.
 fn supervise(dir: &Path, on_ready: Option<fn(&Path)>) -> Result<()> {
     prepare(dir)?;
-    let lock = fs::OpenOptions::new().create(true).truncate(false).write(true).open(dir.join("dev.lock"))?;
+    let lock = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(dir.join("dev.lock"))?;
     {
         use std::os::unix::io::AsRawFd;
         // SAFETY: flock on a descriptor we own.
         if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-            bail!("another supervisor holds {}", dir.join("dev.lock").display());
+            bail!(
+                "another supervisor holds {}",
+                dir.join("dev.lock").display()
+            );
         }
     }
     let action = signal::SigAction::new(
@@ -243,7 +267,9 @@ fn supervise(dir: &Path, on_ready: Option<fn(&Path)>) -> Result<()> {
 
 fn supervise_inner(dir: &Path, on_ready: Option<fn(&Path)>) -> Result<()> {
     let logs = dir.join("logs");
-    let prev_port = fs::read_to_string(dir.join("pg/port")).ok().and_then(|p| p.trim().parse().ok());
+    let prev_port = fs::read_to_string(dir.join("pg/port"))
+        .ok()
+        .and_then(|p| p.trim().parse().ok());
     let pg = PgCluster::init(
         dir,
         &PgOptions {
@@ -267,9 +293,15 @@ fn supervise_inner(dir: &Path, on_ready: Option<fn(&Path)>) -> Result<()> {
         let file = cluster_file(dir, &pg)?;
         let cfg_path = dir.join("paddock.toml");
         file.write(&cfg_path)?;
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
         let report = rt.block_on(paddock_db::migrate(&pg.url("paddock")))?;
-        eprintln!("migrations: {} applied, {} known", report.applied.len(), paddock_db::embedded_migrations().len());
+        eprintln!(
+            "migrations: {} applied, {} known",
+            report.applied.len(),
+            paddock_db::embedded_migrations().len()
+        );
         Ok(cfg_path)
     })();
     let cfg_path = match setup {
@@ -302,7 +334,9 @@ fn supervise_inner(dir: &Path, on_ready: Option<fn(&Path)>) -> Result<()> {
                 cfg.file
                     .daemons
                     .get(*d)
-                    .map(|s| harness::wait_ping(&s.rpc, keys.clone(), Duration::from_millis(100)).is_ok())
+                    .map(|s| {
+                        harness::wait_ping(&s.rpc, keys.clone(), Duration::from_millis(100)).is_ok()
+                    })
                     .unwrap_or(false)
             });
             if ready {
@@ -334,9 +368,14 @@ fn tend(dir: &Path, pg: &PgCluster, cfg_path: &Path, p: &mut Supervised) {
                 let delay = if p.restarts == 0 {
                     Duration::ZERO
                 } else {
-                    Duration::from_millis(250 * (1u64 << p.restarts.min(5))).min(Duration::from_secs(5))
+                    Duration::from_millis(250 * (1u64 << p.restarts.min(5)))
+                        .min(Duration::from_secs(5))
                 };
-                eprintln!("{} exited ({st}) after {:.1} s; restarting in {delay:?}", p.name, up.as_secs_f64());
+                eprintln!(
+                    "{} exited ({st}) after {:.1} s; restarting in {delay:?}",
+                    p.name,
+                    up.as_secs_f64()
+                );
                 p.restarts += 1;
                 p.child = None;
                 p.next_start = Some(Instant::now() + delay);
@@ -359,7 +398,10 @@ fn tend(dir: &Path, pg: &PgCluster, cfg_path: &Path, p: &mut Supervised) {
     };
     match spawned {
         Ok(c) => {
-            let _ = fs::write(dir.join("run").join(format!("{}.pid", p.name)), c.id().to_string());
+            let _ = fs::write(
+                dir.join("run").join(format!("{}.pid", p.name)),
+                c.id().to_string(),
+            );
             p.child = Some(c);
             p.started = Instant::now();
             p.next_start = None;
@@ -392,7 +434,10 @@ fn stop_all(dir: &Path, procs: &mut [Supervised]) {
 
 fn down(dir: &Path) -> Result<()> {
     if !dir.join("paddock.toml").exists() && !dir.join("run").exists() {
-        bail!("{} is not a dev cluster directory (no paddock.toml)", dir.display());
+        bail!(
+            "{} is not a dev cluster directory (no paddock.toml)",
+            dir.display()
+        );
     }
     if let Some(pid) = running_supervisor(dir) {
         signal::kill(Pid::from_raw(pid), Signal::SIGTERM)?;
@@ -410,14 +455,24 @@ fn down(dir: &Path) -> Result<()> {
     if let Ok(rd) = fs::read_dir(dir.join("run")) {
         for e in rd.flatten() {
             if let Some(pid) = read_pid(&e.path()).filter(|p| pid_alive(*p)) {
-                leftovers.insert(e.file_name().to_string_lossy().trim_end_matches(".pid").to_string(), pid);
+                leftovers.insert(
+                    e.file_name()
+                        .to_string_lossy()
+                        .trim_end_matches(".pid")
+                        .to_string(),
+                    pid,
+                );
             }
             let _ = fs::remove_file(e.path());
         }
     }
     for (name, pid) in &leftovers {
         eprintln!("stopping leftover {name} (pid {pid})");
-        let sig = if name == "postgres" { Signal::SIGINT } else { Signal::SIGTERM };
+        let sig = if name == "postgres" {
+            Signal::SIGINT
+        } else {
+            Signal::SIGTERM
+        };
         let _ = signal::kill(Pid::from_raw(*pid), sig);
     }
     let deadline = Instant::now() + Duration::from_secs(15);
@@ -446,9 +501,22 @@ fn logs(dir: &Path, daemon: Option<&str>, follow: bool, lines: usize) -> Result<
             let p = logdir.join(format!("{d}.log"));
             if !p.exists() {
                 let known: Vec<String> = fs::read_dir(&logdir)
-                    .map(|rd| rd.flatten().map(|e| e.file_name().to_string_lossy().trim_end_matches(".log").to_string()).collect())
+                    .map(|rd| {
+                        rd.flatten()
+                            .map(|e| {
+                                e.file_name()
+                                    .to_string_lossy()
+                                    .trim_end_matches(".log")
+                                    .to_string()
+                            })
+                            .collect()
+                    })
                     .unwrap_or_default();
-                bail!("no log for `{d}` in {} (have: {})", logdir.display(), known.join(", "));
+                bail!(
+                    "no log for `{d}` in {} (have: {})",
+                    logdir.display(),
+                    known.join(", ")
+                );
             }
             vec![(d.to_string(), p)]
         }
@@ -456,7 +524,15 @@ fn logs(dir: &Path, daemon: Option<&str>, follow: bool, lines: usize) -> Result<
             let mut v: Vec<(String, PathBuf)> = fs::read_dir(&logdir)
                 .map_err(|e| anyhow!("cannot read {}: {e}", logdir.display()))?
                 .flatten()
-                .map(|e| (e.file_name().to_string_lossy().trim_end_matches(".log").to_string(), e.path()))
+                .map(|e| {
+                    (
+                        e.file_name()
+                            .to_string_lossy()
+                            .trim_end_matches(".log")
+                            .to_string(),
+                        e.path(),
+                    )
+                })
                 .collect();
             v.sort();
             v
@@ -476,10 +552,15 @@ fn logs(dir: &Path, daemon: Option<&str>, follow: bool, lines: usize) -> Result<
         }
         offsets.push(text.len() as u64);
     }
-    while follow {
+    if !follow {
+        return Ok(());
+    }
+    loop {
         std::thread::sleep(Duration::from_millis(200));
         for ((name, p), off) in files.iter().zip(offsets.iter_mut()) {
-            let Ok(mut f) = fs::File::open(p) else { continue };
+            let Ok(mut f) = fs::File::open(p) else {
+                continue;
+            };
             let len = f.metadata().map(|m| m.len()).unwrap_or(0);
             if len < *off {
                 *off = 0; // truncated
@@ -500,5 +581,4 @@ fn logs(dir: &Path, daemon: Option<&str>, follow: bool, lines: usize) -> Result<
             }
         }
     }
-    Ok(())
 }

@@ -63,11 +63,19 @@ fn main() {
     let _ = tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_env_filter(std::env::var("PADDOCK_LOG").unwrap_or_else(|_| if quiet { "info".into() } else { "warn".into() }))
+        .with_env_filter(std::env::var("PADDOCK_LOG").unwrap_or_else(|_| {
+            if quiet {
+                "info".into()
+            } else {
+                "warn".into()
+            }
+        }))
         .try_init();
     let result = match cli.cmd {
         Cmd::Dev { cmd } => dev::run(cmd),
-        Cmd::Key { cmd: KeyCmd::Generate } => {
+        Cmd::Key {
+            cmd: KeyCmd::Generate,
+        } => {
             println!("{}", paddock_wire::keyring::generate_secret_hex());
             Ok(())
         }

@@ -1,1 +1,266 @@
+//! Test harness for cross-daemon tests: a temp dir that is kept (and printed) when a
+//! test fails, a real PostgreSQL, real daemon processes on free ports, and clients.
 
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Child;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+use nix::sys::signal::Signal;
+use paddock_config::ClusterFile;
+use paddock_harness::{self as harness, NodePorts, PgCluster, PgOptions};
+use paddock_wire::{Client, Keyring};
+
+pub use paddock_harness::{free_port, tcp};
+
+/// A directory for one test's files and logs; removed on success, kept and printed
+/// when the test panics.
+pub struct TestDir {
+    dir: Option<tempfile::TempDir>,
+}
+
+impl TestDir {
+    pub fn new(name: &str) -> TestDir {
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("paddock-{name}-"))
+            .tempdir()
+            .expect("temp dir");
+        TestDir { dir: Some(dir) }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.as_ref().expect("dir").path()
+    }
+}
+
+impl Drop for TestDir {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            if let Some(d) = self.dir.take() {
+                let p = d.keep();
+                eprintln!(
+                    "test failed; its files and logs are kept in {}",
+                    p.display()
+                );
+                for e in fs::read_dir(p.join("logs")).into_iter().flatten().flatten() {
+                    let text = fs::read_to_string(e.path()).unwrap_or_default();
+                    let lines: Vec<&str> = text.lines().collect();
+                    eprintln!("--- {} (last 30 lines)", e.path().display());
+                    for l in &lines[lines.len().saturating_sub(30)..] {
+                        eprintln!("{l}");
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A running PostgreSQL for one test.
+pub struct Postgres {
+    pub cluster: PgCluster,
+    child: Child,
+}
+
+impl Postgres {
+    pub fn start(dir: &Path) -> Postgres {
+        fs::create_dir_all(dir.join("logs")).unwrap();
+        let cluster = PgCluster::init(
+            dir,
+            &PgOptions {
+                fast: true,
+                port: None,
+            },
+        )
+        .expect("initdb");
+        let child = cluster
+            .start(&dir.join("logs/postgres.log"))
+            .expect("postgres starts");
+        cluster.create_db("paddock").expect("createdb");
+        Postgres { cluster, child }
+    }
+
+    pub fn url(&self) -> String {
+        self.cluster.url("paddock")
+    }
+
+    /// A fresh empty database on the same server.
+    pub fn fresh_db(&self, name: &str) -> String {
+        self.cluster.create_db(name).expect("createdb");
+        self.cluster.url(name)
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        harness::stop_child(&mut self.child, Signal::SIGINT, Duration::from_secs(10));
+        let _ = nix::sys::signal::killpg(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            Signal::SIGKILL,
+        );
+    }
+}
+
+/// One node's cluster file and the daemons started from it.
+pub struct Node {
+    pub name: String,
+    pub dir: PathBuf,
+    pub config: PathBuf,
+    pub file: ClusterFile,
+    pub ports: NodePorts,
+    pub keys: Arc<Keyring>,
+    procs: Vec<(String, Child)>,
+}
+
+/// A fixed cluster key for tests that build several nodes.
+pub fn test_key() -> (String, String) {
+    (
+        "cluster-1".into(),
+        paddock_wire::keyring::generate_secret_hex(),
+    )
+}
+
+impl Node {
+    /// Writes `<base>/<name>/paddock.toml` with free ports. `heartbeats` empty means
+    /// "this node's own heartbeat".
+    pub fn new(
+        base: &Path,
+        name: &str,
+        key: &(String, String),
+        heartbeats: &[String],
+        db: Option<String>,
+    ) -> Node {
+        let dir = base.join(name);
+        fs::create_dir_all(base.join("logs")).unwrap();
+        fs::create_dir_all(&dir).unwrap();
+        let (mut file, ports) =
+            harness::node_file(name, &dir.join("state"), (&key.0, &key.1), heartbeats, db).unwrap();
+        // Fast beats keep liveness tests short.
+        file.cluster.beat_interval_ms = 200;
+        let config = dir.join("paddock.toml");
+        file.write(&config).unwrap();
+        let keys = harness::keyring(&file).unwrap();
+        Node {
+            name: name.into(),
+            dir,
+            config,
+            file,
+            ports,
+            keys,
+            procs: Vec::new(),
+        }
+    }
+
+    /// Rewrites the cluster file after changing `file`.
+    pub fn save(&mut self) {
+        self.file.write(&self.config).unwrap();
+        self.keys = harness::keyring(&self.file).unwrap();
+    }
+
+    pub fn log(&self, daemon: &str) -> PathBuf {
+        self.dir
+            .parent()
+            .unwrap()
+            .join("logs")
+            .join(format!("{}-{daemon}.log", self.name))
+    }
+
+    pub fn rpc(&self, daemon: &str) -> String {
+        self.file.daemons[daemon].rpc.clone()
+    }
+
+    /// Starts `daemon` and waits until it answers ping.
+    pub fn start(&mut self, daemon: &str) {
+        self.spawn(daemon);
+        harness::wait_ping(
+            &self.rpc(daemon),
+            self.keys.clone(),
+            Duration::from_secs(20),
+        )
+        .unwrap_or_else(|e| panic!("{daemon} on {} did not come up: {e}", self.name));
+    }
+
+    /// Starts `daemon` without waiting.
+    pub fn spawn(&mut self, daemon: &str) {
+        let child = harness::spawn_daemon(daemon, &self.config, &self.log(daemon)).unwrap();
+        self.procs.retain(|(d, _)| d != daemon);
+        self.procs.push((daemon.to_string(), child));
+    }
+
+    pub fn pid(&self, daemon: &str) -> i32 {
+        self.procs
+            .iter()
+            .find(|(d, _)| d == daemon)
+            .map(|(_, c)| c.id() as i32)
+            .unwrap_or_else(|| panic!("{daemon} not started"))
+    }
+
+    pub fn signal(&self, daemon: &str, sig: Signal) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid(daemon)), sig).unwrap();
+    }
+
+    /// `kill -9`, and reap.
+    pub fn kill9(&mut self, daemon: &str) {
+        if let Some(i) = self.procs.iter().position(|(d, _)| d == daemon) {
+            let (_, mut c) = self.procs.remove(i);
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Waits for `daemon` to exit by itself; returns its exit code.
+    pub fn wait_exit(&mut self, daemon: &str, timeout: Duration) -> Option<i32> {
+        let i = self.procs.iter().position(|(d, _)| d == daemon)?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(st) = self.procs[i].1.try_wait().unwrap() {
+                self.procs.remove(i);
+                return st.code();
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn client(&self, daemon: &str) -> Client {
+        Client::connect(&self.rpc(daemon), "user:test", self.keys.clone())
+            .unwrap()
+            .with_timeout(Duration::from_secs(5))
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        for (_, c) in self.procs.iter_mut() {
+            harness::stop_child(c, Signal::SIGTERM, Duration::from_secs(3));
+        }
+    }
+}
+
+/// Polls `f` until it returns `Some`, or panics with `what` after `timeout`.
+pub fn eventually<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        if Instant::now() > deadline {
+            panic!("timed out after {timeout:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Runs an async block on a fresh runtime (for direct SQL checks).
+pub fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(f)
+}
+
+pub type TestResult = Result<()>;

@@ -104,7 +104,13 @@ mod tests {
             || {
                 calls += 1;
                 let c = calls;
-                async move { if c < 3 { Err("transient") } else { Err("permanent") } }
+                async move {
+                    if c < 3 {
+                        Err("transient")
+                    } else {
+                        Err("permanent")
+                    }
+                }
             },
         )
         .await;
@@ -119,7 +125,13 @@ mod tests {
             || {
                 calls += 1;
                 let c = calls;
-                async move { if c < 4 { Err("transient") } else { Ok(c) } }
+                async move {
+                    if c < 4 {
+                        Err("transient")
+                    } else {
+                        Ok(c)
+                    }
+                }
             },
         )
         .await;

@@ -28,7 +28,7 @@ pub enum ConfigError {
     #[error("cluster file {path}: {source}")]
     Parse {
         path: PathBuf,
-        source: config::ConfigError,
+        source: Box<config::ConfigError>,
     },
     #[error("cluster file {path}: `{key}` {why}")]
     Invalid {
@@ -99,7 +99,11 @@ impl DaemonSection {
         let mut m: BTreeMap<String, String> = self
             .other
             .iter()
-            .filter_map(|(k, v)| v.as_str().filter(|s| is_endpoint(s)).map(|s| (k.clone(), s.to_string())))
+            .filter_map(|(k, v)| {
+                v.as_str()
+                    .filter(|s| is_endpoint(s))
+                    .map(|s| (k.clone(), s.to_string()))
+            })
             .collect();
         m.insert("rpc".into(), self.rpc.clone());
         m
@@ -232,7 +236,7 @@ impl ClusterConfig {
             .and_then(|c| c.try_deserialize::<ClusterFile>())
             .map_err(|source| ConfigError::Parse {
                 path: path.to_path_buf(),
-                source,
+                source: Box::new(source),
             })?;
         Self::validate(path, built)
     }
@@ -250,7 +254,10 @@ impl ClusterConfig {
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
         {
-            return Err(bad("node", "must be a non-empty name of [A-Za-z0-9._-]".into()));
+            return Err(bad(
+                "node",
+                "must be a non-empty name of [A-Za-z0-9._-]".into(),
+            ));
         }
         let keyring = Keyring::from_hex(
             file.keys.iter().map(|(k, v)| (k.as_str(), v.as_str())),
@@ -272,15 +279,24 @@ impl ClusterConfig {
             if !is_endpoint(&d.rpc) {
                 return Err(bad(
                     &format!("daemons.{name}.rpc"),
-                    format!("`{}` is not an endpoint (tcp://host:port or ipc://path)", d.rpc),
+                    format!(
+                        "`{}` is not an endpoint (tcp://host:port or ipc://path)",
+                        d.rpc
+                    ),
                 ));
             }
         }
         if file.cluster.beat_interval_ms < 10 {
-            return Err(bad("cluster.beat_interval_ms", "must be at least 10".into()));
+            return Err(bad(
+                "cluster.beat_interval_ms",
+                "must be at least 10".into(),
+            ));
         }
         if file.wire.max_payload < 1024 {
-            return Err(bad("wire.max_payload", "must be at least 1024 bytes".into()));
+            return Err(bad(
+                "wire.max_payload",
+                "must be at least 1024 bytes".into(),
+            ));
         }
         if file.wire.skew_ms < 1000 {
             return Err(bad("wire.skew_ms", "must be at least 1000".into()));
@@ -314,11 +330,14 @@ impl ClusterConfig {
 
     /// This node's section for `daemon`, or an error naming the missing table.
     pub fn daemon(&self, daemon: &str) -> Result<&DaemonSection, ConfigError> {
-        self.file.daemons.get(daemon).ok_or_else(|| ConfigError::Invalid {
-            path: self.path.clone(),
-            key: format!("daemons.{daemon}"),
-            why: "is missing: this node has no such daemon configured".into(),
-        })
+        self.file
+            .daemons
+            .get(daemon)
+            .ok_or_else(|| ConfigError::Invalid {
+                path: self.path.clone(),
+                key: format!("daemons.{daemon}"),
+                why: "is missing: this node has no such daemon configured".into(),
+            })
     }
 
     /// A required endpoint of `daemon` other than rpc.
@@ -348,7 +367,10 @@ impl ClusterConfig {
     pub fn database_url(&self) -> Result<&str, ConfigError> {
         match &self.file.database {
             Some(d) if !d.url.trim().is_empty() => Ok(&d.url),
-            _ => Err(self.invalid("database.url", "is missing; this daemon needs PostgreSQL".into())),
+            _ => Err(self.invalid(
+                "database.url",
+                "is missing; this daemon needs PostgreSQL".into(),
+            )),
         }
     }
 
@@ -407,7 +429,10 @@ mod tests {
             signing_key: "cluster-1".into(),
             ..Default::default()
         };
-        f.keys.insert("cluster-1".into(), paddock_wire::keyring::generate_secret_hex());
+        f.keys.insert(
+            "cluster-1".into(),
+            paddock_wire::keyring::generate_secret_hex(),
+        );
         f.cluster.heartbeats = vec!["tcp://127.0.0.1:7111".into()];
         f.cluster.beat_interval_ms = 1000;
         f.daemons.insert(
@@ -415,7 +440,10 @@ mod tests {
             DaemonSection {
                 rpc: "tcp://127.0.0.1:7101".into(),
                 other: [
-                    ("pull".to_string(), toml::Value::String("tcp://127.0.0.1:7111".into())),
+                    (
+                        "pull".to_string(),
+                        toml::Value::String("tcp://127.0.0.1:7111".into()),
+                    ),
                     ("suspect_after".to_string(), toml::Value::Integer(2)),
                 ]
                 .into_iter()
@@ -434,7 +462,10 @@ mod tests {
         assert_eq!(mode, 0o600);
         let c = ClusterConfig::load(&p).unwrap();
         assert_eq!(c.node(), "node-a");
-        assert_eq!(c.daemon_endpoint("heartbeat", "pull").unwrap(), "tcp://127.0.0.1:7111");
+        assert_eq!(
+            c.daemon_endpoint("heartbeat", "pull").unwrap(),
+            "tcp://127.0.0.1:7111"
+        );
         assert_eq!(c.daemon_u64("heartbeat", "suspect_after", 9).unwrap(), 2);
         assert_eq!(c.daemon_u64("heartbeat", "dead_after", 3).unwrap(), 3);
         assert_eq!(c.registries(), vec!["tcp://127.0.0.1:7101".to_string()]);
@@ -457,7 +488,10 @@ mod tests {
         let mut f = sample();
         f.signing_key = "nope".into();
         let e = ClusterConfig::validate(p, f).unwrap_err().to_string();
-        assert!(e.contains("`signing_key`") && e.contains("/x/paddock.toml"), "{e}");
+        assert!(
+            e.contains("`signing_key`") && e.contains("/x/paddock.toml"),
+            "{e}"
+        );
 
         let mut f = sample();
         f.keys.insert("cluster-1".into(), "abcd".into());
@@ -499,8 +533,8 @@ mod tests {
                 continue;
             }
             let text = std::fs::read_to_string(&p).unwrap();
-            let file: ClusterFile = toml::from_str(&text)
-                .unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+            let file: ClusterFile =
+                toml::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
             ClusterConfig::validate(&p, file).unwrap_or_else(|e| panic!("{e}"));
             n += 1;
         }

@@ -60,6 +60,13 @@ pub struct Spec {
     pub pull: bool,
     /// Bind `[daemons.NAME].pub`.
     pub publish: bool,
+    /// The daemon's own config checks, run before any socket is bound (exit 78).
+    pub check: fn(&ClusterConfig) -> Result<(), paddock_config::ConfigError>,
+}
+
+/// A `Spec::check` for daemons with nothing of their own to check.
+pub fn no_check(_: &ClusterConfig) -> Result<(), paddock_config::ConfigError> {
+    Ok(())
 }
 
 pub type HandlerFuture = Pin<Box<dyn Future<Output = Result<Value, WireError>>>>;
@@ -84,8 +91,10 @@ impl Routes {
         F: Fn(Envelope) -> Fut + 'static,
         Fut: Future<Output = Result<Value, WireError>> + 'static,
     {
-        self.handlers
-            .insert(kind.to_string(), Rc::new(move |e| Box::pin(f(e)) as HandlerFuture));
+        self.handlers.insert(
+            kind.to_string(),
+            Rc::new(move |e| Box::pin(f(e)) as HandlerFuture),
+        );
         self
     }
 
@@ -173,8 +182,13 @@ impl Ctx {
                 match kind {
                     LoopKind::Critical => {
                         match result {
-                            Ok(()) => tracing::error!(r#loop = name, "critical loop ended; exiting"),
-                            Err(e) => tracing::error!(r#loop = name, "critical loop failed: {e:#}; exiting"),
+                            Ok(()) => {
+                                tracing::error!(r#loop = name, "critical loop ended; exiting")
+                            }
+                            Err(e) => tracing::error!(
+                                r#loop = name,
+                                "critical loop failed: {e:#}; exiting"
+                            ),
                         }
                         std::process::exit(1);
                     }
@@ -189,8 +203,13 @@ impl Ctx {
                             .or_insert(0) += 1;
                         let delay = backoff.next_delay();
                         match result {
-                            Ok(()) => tracing::warn!(r#loop = name, "loop ended; restarting in {delay:?}"),
-                            Err(e) => tracing::warn!(r#loop = name, "loop failed: {e:#}; restarting in {delay:?}"),
+                            Ok(()) => {
+                                tracing::warn!(r#loop = name, "loop ended; restarting in {delay:?}")
+                            }
+                            Err(e) => tracing::warn!(
+                                r#loop = name,
+                                "loop failed: {e:#}; restarting in {delay:?}"
+                            ),
                         }
                         tokio::select! {
                             _ = tokio::time::sleep(delay) => {}
@@ -288,7 +307,10 @@ where
     S: FnOnce(Ctx) -> Fut + 'static,
     Fut: Future<Output = anyhow::Result<Routes>> + 'static,
 {
-    let section = match config.daemon(spec.name) {
+    let section = match config
+        .daemon(spec.name)
+        .and_then(|s| (spec.check)(&config).map(|()| s))
+    {
         Ok(s) => s.clone(),
         Err(e) => {
             tracing::error!("{e}");
@@ -299,10 +321,13 @@ where
         if !want {
             return Ok(None);
         }
-        config.daemon_endpoint(spec.name, name).map(Some).map_err(|e| {
-            tracing::error!("{e}");
-            exit::CONFIG
-        })
+        config
+            .daemon_endpoint(spec.name, name)
+            .map(Some)
+            .map_err(|e| {
+                tracing::error!("{e}");
+                exit::CONFIG
+            })
     };
     let (pull, publish) = match (endpoint(spec.pull, "pull"), endpoint(spec.publish, "pub")) {
         (Ok(a), Ok(b)) => (a, b),
@@ -358,7 +383,12 @@ where
             }
         };
         let inflight = Rc::new(RefCell::new(0usize));
-        actix_rt::spawn(dispatch(ctx.clone(), routes, server.inbound, inflight.clone()));
+        actix_rt::spawn(dispatch(
+            ctx.clone(),
+            routes,
+            server.inbound,
+            inflight.clone(),
+        ));
         spawn_beats(&ctx);
         let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
         tracing::info!(
@@ -385,7 +415,11 @@ where
     code
 }
 
-async fn wait_for_signals(ctx: &Ctx, config_tx: &watch::Sender<Arc<ClusterConfig>>, keys: &SharedKeyring) {
+async fn wait_for_signals(
+    ctx: &Ctx,
+    config_tx: &watch::Sender<Arc<ClusterConfig>>,
+    keys: &SharedKeyring,
+) {
     use tokio::signal::unix::{signal, SignalKind};
     let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
         signal(SignalKind::terminate()),
@@ -485,7 +519,9 @@ async fn dispatch(
                 if ctx.is_shutting_down() {
                     ctx.server.answer(
                         req,
-                        Err(WireError::unavailable("the daemon is shutting down; retry shortly")),
+                        Err(WireError::unavailable(
+                            "the daemon is shutting down; retry shortly",
+                        )),
                     );
                     continue;
                 }

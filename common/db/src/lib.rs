@@ -8,10 +8,10 @@
 
 use std::time::Duration;
 
-pub use deadpool_postgres::{Object, Transaction};
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
-pub use tokio_postgres::{Client, Error as PgError, Row};
+pub use deadpool_postgres::{Object, Transaction};
 use tokio_postgres::NoTls;
+pub use tokio_postgres::{Client, Error as PgError, Row};
 
 mod embedded {
     refinery::embed_migrations!("../../migrations");
@@ -127,7 +127,10 @@ impl Db {
     }
 
     pub async fn get(&self) -> Result<Object, DbError> {
-        self.pool.get().await.map_err(|e| DbError::Pool(e.to_string()))
+        self.pool
+            .get()
+            .await
+            .map_err(|e| DbError::Pool(e.to_string()))
     }
 
     /// Call after a query error on `conn`: a read-only server's connection is taken

@@ -58,7 +58,10 @@ pub fn bin_dir() -> Result<PathBuf> {
 pub fn bin(name: &str) -> Result<PathBuf> {
     let p = bin_dir()?.join(name);
     if !p.exists() {
-        bail!("{} is missing: run `cargo build --workspace --bins`", p.display());
+        bail!(
+            "{} is missing: run `cargo build --workspace --bins`",
+            p.display()
+        );
     }
     Ok(p)
 }
@@ -85,10 +88,9 @@ pub fn pg_bindir() -> Result<PathBuf> {
         })
         .collect();
     found.sort();
-    found
-        .pop()
-        .map(|(_, p)| p)
-        .ok_or_else(|| anyhow!("PostgreSQL server binaries not found (install the `postgresql` package)"))
+    found.pop().map(|(_, p)| p).ok_or_else(|| {
+        anyhow!("PostgreSQL server binaries not found (install the `postgresql` package)")
+    })
 }
 
 /// The unprivileged account PostgreSQL runs as when we are root (it refuses root):
@@ -103,13 +105,20 @@ fn pg_account() -> Result<Option<(u32, u32)>> {
         }
     }
     let st = Command::new("useradd")
-        .args(["--system", "--no-create-home", "--shell", "/usr/sbin/nologin", "paddock-pg"])
+        .args([
+            "--system",
+            "--no-create-home",
+            "--shell",
+            "/usr/sbin/nologin",
+            "paddock-pg",
+        ])
         .status()
         .context("useradd paddock-pg")?;
     if !st.success() {
         bail!("useradd paddock-pg failed ({st})");
     }
-    let u = nix::unistd::User::from_name("paddock-pg")?.ok_or_else(|| anyhow!("paddock-pg missing after useradd"))?;
+    let u = nix::unistd::User::from_name("paddock-pg")?
+        .ok_or_else(|| anyhow!("paddock-pg missing after useradd"))?;
     Ok(Some((u.uid.as_raw(), u.gid.as_raw())))
 }
 
@@ -170,7 +179,10 @@ impl PgCluster {
         let bindir = pg_bindir()?;
         let owner = pg_account()?;
         let dir = base.join("pg");
-        fs::DirBuilder::new().recursive(true).mode(0o700).create(&dir)?;
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&dir)?;
         allow_traverse(base)?;
         chown(&dir, owner)?;
         let pwfile = dir.join("password");
@@ -201,7 +213,15 @@ impl PgCluster {
                 .command("initdb")
                 .arg("-D")
                 .arg(pg.data())
-                .args(["-U", "paddock", "-E", "UTF8", "--no-locale", "--auth-local=scram-sha-256", "--auth-host=scram-sha-256"])
+                .args([
+                    "-U",
+                    "paddock",
+                    "-E",
+                    "UTF8",
+                    "--no-locale",
+                    "--auth-local=scram-sha-256",
+                    "--auth-host=scram-sha-256",
+                ])
                 .arg(format!("--pwfile={}", pwfile.display()))
                 .output()
                 .context("running initdb")?;
@@ -214,7 +234,10 @@ impl PgCluster {
                 );
             }
         }
-        fs::DirBuilder::new().recursive(true).mode(0o700).create(pg.sockdir())?;
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(pg.sockdir())?;
         chown(&pg.sockdir(), owner)?;
         Ok(pg)
     }
@@ -240,10 +263,20 @@ impl PgCluster {
             .arg(format!("port={}", self.port))
             .args(["-c", "listen_addresses=127.0.0.1"])
             .arg("-c")
-            .arg(format!("unix_socket_directories={}", self.sockdir().display()))
+            .arg(format!(
+                "unix_socket_directories={}",
+                self.sockdir().display()
+            ))
             .args(["-c", "max_connections=200"]);
         if self.fast {
-            cmd.args(["-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off"]);
+            cmd.args([
+                "-c",
+                "fsync=off",
+                "-c",
+                "synchronous_commit=off",
+                "-c",
+                "full_page_writes=off",
+            ]);
         }
         cmd.stdin(Stdio::null())
             .stdout(logf.try_clone()?)
@@ -253,17 +286,17 @@ impl PgCluster {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Some(st) = child.try_wait()? {
-                bail!(
-                    "postgres exited during start ({st}); see {}",
-                    log.display()
-                );
+                bail!("postgres exited during start ({st}); see {}", log.display());
             }
             if self.is_ready() {
                 return Ok(child);
             }
             if Instant::now() > deadline {
                 let _ = child.kill();
-                bail!("postgres did not accept connections within 30 s; see {}", log.display());
+                bail!(
+                    "postgres did not accept connections within 30 s; see {}",
+                    log.display()
+                );
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -326,7 +359,13 @@ pub fn stop_child(child: &mut Child, sig: nix::sys::signal::Signal, grace: Durat
 }
 
 /// Endpoints of one node's daemons, chosen from free ports.
-pub fn node_file(node: &str, state_dir: &Path, key: (&str, &str), heartbeats: &[String], database_url: Option<String>) -> Result<(ClusterFile, NodePorts)> {
+pub fn node_file(
+    node: &str,
+    state_dir: &Path,
+    key: (&str, &str),
+    heartbeats: &[String],
+    database_url: Option<String>,
+) -> Result<(ClusterFile, NodePorts)> {
     let ports = NodePorts::pick()?;
     let mut f = ClusterFile {
         node: node.to_string(),
@@ -345,8 +384,12 @@ pub fn node_file(node: &str, state_dir: &Path, key: (&str, &str), heartbeats: &[
         rpc: tcp(ports.heartbeat_rpc),
         ..Default::default()
     };
-    hb.other.insert("pull".into(), toml::Value::String(tcp(ports.heartbeat_pull)));
-    hb.other.insert("pub".into(), toml::Value::String(tcp(ports.heartbeat_pub)));
+    hb.other.insert(
+        "pull".into(),
+        toml::Value::String(tcp(ports.heartbeat_pull)),
+    );
+    hb.other
+        .insert("pub".into(), toml::Value::String(tcp(ports.heartbeat_pub)));
     f.daemons.insert("heartbeat".into(), hb);
     f.daemons.insert(
         "locker".into(),
@@ -398,7 +441,11 @@ pub fn spawn_daemon(daemon: &str, config: &Path, log: &Path) -> Result<Child> {
 }
 
 /// Polls `ping` on `endpoint` until it answers or `timeout` passes.
-pub fn wait_ping(endpoint: &str, keys: Arc<Keyring>, timeout: Duration) -> Result<serde_json::Value> {
+pub fn wait_ping(
+    endpoint: &str,
+    keys: Arc<Keyring>,
+    timeout: Duration,
+) -> Result<serde_json::Value> {
     let mut c = Client::connect(endpoint, "user:harness", keys)?
         .with_timeout(Duration::from_millis(500))
         .with_resend_every(Duration::from_millis(250));
@@ -407,7 +454,9 @@ pub fn wait_ping(endpoint: &str, keys: Arc<Keyring>, timeout: Duration) -> Resul
         match c.call("ping", serde_json::json!({})) {
             Ok(v) => return Ok(v),
             Err(e) if Instant::now() > deadline => {
-                return Err(anyhow!("{endpoint} did not answer ping within {timeout:?}: {e}"))
+                return Err(anyhow!(
+                    "{endpoint} did not answer ping within {timeout:?}: {e}"
+                ))
             }
             Err(_) => std::thread::sleep(Duration::from_millis(20)),
         }

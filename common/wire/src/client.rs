@@ -110,30 +110,46 @@ impl Client {
         if reply.is_ok() {
             Ok(reply.body)
         } else {
-            Err(ClientError::Remote(WireError::from_body(&reply.body).unwrap_or_else(
-                || WireError::new(Code::Internal, "reply had neither ok:true nor an error"),
-            )))
+            Err(ClientError::Remote(
+                WireError::from_body(&reply.body).unwrap_or_else(|| {
+                    WireError::new(Code::Internal, "reply had neither ok:true nor an error")
+                }),
+            ))
         }
     }
 
     /// Sends already-built frames (`payload`, `sig`) and waits for the reply to `id`.
     /// Unsigned replies come back only as `Remote` errors, never as data.
-    pub fn call_signed(&mut self, id: &str, payload: &[u8], sig: &[u8]) -> Result<Envelope, ClientError> {
+    pub fn call_signed(
+        &mut self,
+        id: &str,
+        payload: &[u8],
+        sig: &[u8],
+    ) -> Result<Envelope, ClientError> {
         self.call_frames(Some(id), &[payload, sig])
     }
 
     /// Sends arbitrary frames (tests use this to send malformed messages). With `id`
     /// `None`, the first reply is taken whatever its `re`.
-    pub fn call_frames(&mut self, id: Option<&str>, frames: &[&[u8]]) -> Result<Envelope, ClientError> {
+    pub fn call_frames(
+        &mut self,
+        id: Option<&str>,
+        frames: &[&[u8]],
+    ) -> Result<Envelope, ClientError> {
         let start = Instant::now();
         let deadline = start + self.timeout;
         let mut attempts = 0u32;
         let mut sent_once = false;
         let mut next_send = start;
+        let mut transient_pause = Duration::from_millis(25);
+        let mut last_transient = None;
         loop {
             let now = Instant::now();
             if now >= next_send {
-                match self.socket.send_multipart(frames.iter().copied(), zmq::DONTWAIT) {
+                match self
+                    .socket
+                    .send_multipart(frames.iter().copied(), zmq::DONTWAIT)
+                {
                     Ok(()) => {
                         attempts += 1;
                         sent_once = true;
@@ -151,6 +167,9 @@ impl Client {
             }
             let now = Instant::now();
             if now >= deadline {
+                if let Some(env) = last_transient {
+                    return Ok(env);
+                }
                 return Err(if sent_once {
                     ClientError::Timeout {
                         endpoint: self.endpoint.clone(),
@@ -176,11 +195,28 @@ impl Client {
                 continue;
             }
             while let Ok(reply) = self.socket.recv_multipart(zmq::DONTWAIT) {
-                if let Some(result) = self.accept(id, attempts, reply) {
-                    return result;
+                match self.accept(id, attempts, reply) {
+                    None => {}
+                    // `unavailable`/`timeout`: nothing was done (the server forgot the
+                    // id), so the same message is sent again after a short, growing
+                    // pause, until the deadline.
+                    Some(Ok(env))
+                        if id.is_some()
+                            && Self::transient(&env)
+                            && Instant::now() + transient_pause < deadline =>
+                    {
+                        next_send = Instant::now() + transient_pause;
+                        transient_pause = (transient_pause * 2).min(self.resend_every);
+                        last_transient = Some(env);
+                    }
+                    Some(result) => return result,
                 }
             }
         }
+    }
+
+    fn transient(env: &Envelope) -> bool {
+        WireError::from_body(&env.body).is_some_and(|e| e.code.is_transient())
     }
 
     /// Decides whether `frames` answers request `id`: `None` means "not ours, keep waiting".
@@ -250,7 +286,11 @@ pub struct Subscriber {
 }
 
 impl Subscriber {
-    pub fn connect(endpoints: &[String], prefixes: &[&str], keys: Arc<Keyring>) -> Result<Subscriber, zmq::Error> {
+    pub fn connect(
+        endpoints: &[String],
+        prefixes: &[&str],
+        keys: Arc<Keyring>,
+    ) -> Result<Subscriber, zmq::Error> {
         let socket = zmq_context().socket(zmq::SUB)?;
         socket.set_linger(0)?;
         socket.set_reconnect_ivl(100)?;
@@ -313,7 +353,8 @@ impl Pusher {
     /// Signs and queues one message (blocks when the high-water mark is reached).
     pub fn push(&self, kind: &str, body: Value) -> Result<(), zmq::Error> {
         let (payload, sig) = Envelope::new(&self.from, kind, body).sign(&self.keys);
-        self.socket.send_multipart([&payload[..], sig.as_bytes()], 0)
+        self.socket
+            .send_multipart([&payload[..], sig.as_bytes()], 0)
     }
 
     /// Sends raw frames (for tests of rejection).

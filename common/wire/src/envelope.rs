@@ -105,7 +105,9 @@ pub fn parse_payload(payload: &[u8]) -> Result<Envelope, WireError> {
         Some(Value::Number(n)) => {
             return Err(WireError::new(
                 Code::UnsupportedVersion,
-                format!("protocol version {n} is not supported; this daemon speaks version {VERSION}"),
+                format!(
+                    "protocol version {n} is not supported; this daemon speaks version {VERSION}"
+                ),
             ))
         }
         _ => {
@@ -156,7 +158,12 @@ pub fn peek_id_kind(payload: &[u8]) -> (Option<String>, Option<String>) {
 }
 
 /// An unsigned error reply (for requests that could not be authenticated).
-pub fn unsigned_error(from: &str, re: Option<&str>, kind: Option<&str>, err: &WireError) -> (Vec<u8>, String) {
+pub fn unsigned_error(
+    from: &str,
+    re: Option<&str>,
+    kind: Option<&str>,
+    err: &WireError,
+) -> (Vec<u8>, String) {
     let env = Envelope::reply_to(from, re, kind.unwrap_or("error"), err.to_body());
     (env.to_bytes(), UNSIGNED.to_string())
 }

@@ -251,8 +251,14 @@ mod tests {
         let env = Envelope::new("t@n", "ping", json!({}));
         let (p, s) = env.sign(&k);
         let now = now_ms();
-        assert!(matches!(g.admit(&k, &p, s.as_bytes(), now), Admit::Fresh { .. }));
-        assert_eq!(code(g.admit(&k, &p, s.as_bytes(), now)), (Code::Replay, true));
+        assert!(matches!(
+            g.admit(&k, &p, s.as_bytes(), now),
+            Admit::Fresh { .. }
+        ));
+        assert_eq!(
+            code(g.admit(&k, &p, s.as_bytes(), now)),
+            (Code::Replay, true)
+        );
         g.answered(&env.id, b"reply", "k:00");
         match g.admit(&k, &p, s.as_bytes(), now) {
             Admit::Resend(r) => assert_eq!(r.0, b"reply"),
@@ -271,12 +277,18 @@ mod tests {
         let now = now_ms();
         let big = Envelope::new("t@n", "ping", json!({"pad": "x".repeat(300)}));
         let (p, s) = big.sign(&k);
-        assert_eq!(code(g.admit(&k, &p, s.as_bytes(), now)), (Code::TooLarge, false));
+        assert_eq!(
+            code(g.admit(&k, &p, s.as_bytes(), now)),
+            (Code::TooLarge, false)
+        );
 
         let env = Envelope::new("t@n", "ping", json!({}));
         let (p, s) = env.sign(&k);
         let bad = s.replace("k:", "zz:");
-        assert_eq!(code(g.admit(&k, &p, bad.as_bytes(), now)), (Code::UnknownKey, false));
+        assert_eq!(
+            code(g.admit(&k, &p, bad.as_bytes(), now)),
+            (Code::UnknownKey, false)
+        );
         let mut tampered = p.clone();
         tampered[10] ^= 1;
         assert_eq!(
@@ -285,12 +297,18 @@ mod tests {
         );
         let junk = b"{not json";
         let sig = k.sign(junk);
-        assert_eq!(code(g.admit(&k, junk, sig.as_bytes(), now)), (Code::Malformed, true));
+        assert_eq!(
+            code(g.admit(&k, junk, sig.as_bytes(), now)),
+            (Code::Malformed, true)
+        );
 
         let mut old = Envelope::new("t@n", "ping", json!({}));
         old.ts -= 31_000;
         let (p, s) = old.sign(&k);
-        assert_eq!(code(g.admit(&k, &p, s.as_bytes(), now)), (Code::Stale, true));
+        assert_eq!(
+            code(g.admit(&k, &p, s.as_bytes(), now)),
+            (Code::Stale, true)
+        );
     }
 
     #[test]
@@ -303,7 +321,10 @@ mod tests {
         let now = now_ms();
         for _ in 0..50 {
             let (p, s) = Envelope::new("t@n", "ping", json!({})).sign(&k);
-            assert!(matches!(g.admit(&k, &p, s.as_bytes(), now), Admit::Fresh { .. }));
+            assert!(matches!(
+                g.admit(&k, &p, s.as_bytes(), now),
+                Admit::Fresh { .. }
+            ));
         }
         assert!(g.cached() <= 10);
         let (p, s) = Envelope::new("t@n", "ping", json!({})).sign(&k);

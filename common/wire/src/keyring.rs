@@ -148,7 +148,10 @@ mod tests {
         let k = Keyring::from_hex([("k1", VECTOR_SECRET)], "k1").unwrap();
         let sig = k.sign(VECTOR_PAYLOAD.as_bytes());
         assert_eq!(sig, format!("k1:{VECTOR_HMAC}"));
-        assert_eq!(k.verify(VECTOR_PAYLOAD.as_bytes(), sig.as_bytes()), Ok("k1"));
+        assert_eq!(
+            k.verify(VECTOR_PAYLOAD.as_bytes(), sig.as_bytes()),
+            Ok("k1")
+        );
     }
 
     #[test]
@@ -174,7 +177,10 @@ mod tests {
         let sig_new = during.sign(b"x");
         assert!(sig_new.starts_with("new:"));
         assert_eq!(during.verify(b"x", sig_old.as_bytes()), Ok("old"));
-        assert_eq!(before.verify(b"x", sig_new.as_bytes()), Err(Code::UnknownKey));
+        assert_eq!(
+            before.verify(b"x", sig_new.as_bytes()),
+            Err(Code::UnknownKey)
+        );
     }
 
     #[test]

@@ -83,7 +83,11 @@ impl Stats {
     }
 
     pub fn snapshot(&self) -> Value {
-        let rejected = self.rejected.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let rejected = self
+            .rejected
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
         serde_json::json!({
             "requests": self.requests.load(Ordering::Relaxed),
             "pulled": self.pulled.load(Ordering::Relaxed),
@@ -394,7 +398,11 @@ impl Io {
     fn on_request(&mut self, mut frames: Vec<Vec<u8>>) {
         // Routing frames: the peer identity, then the empty delimiter a REQ (or a
         // REQ-style DEALER) sends. We answer with exactly these.
-        let routing_len = if frames.len() >= 2 && frames[1].is_empty() { 2 } else { 1 };
+        let routing_len = if frames.len() >= 2 && frames[1].is_empty() {
+            2
+        } else {
+            1
+        };
         let rest = frames.split_off(routing_len.min(frames.len()));
         let routing = frames;
         if rest.len() != 2 {
@@ -411,10 +419,7 @@ impl Io {
             return;
         }
         let keys = self.keys.get();
-        match self
-            .rpc_gate
-            .admit(&keys, &rest[0], &rest[1], now_ms())
-        {
+        match self.rpc_gate.admit(&keys, &rest[0], &rest[1], now_ms()) {
             Admit::Fresh { env, key_id } => {
                 self.stats.requests.fetch_add(1, Ordering::Relaxed);
                 let req = Request {
@@ -456,7 +461,8 @@ impl Io {
                     let (p, s) = env.sign(&keys);
                     self.send_router(routing, p, s);
                 } else {
-                    let (p, s) = unsigned_error(&self.identity, re.as_deref(), kind.as_deref(), &err);
+                    let (p, s) =
+                        unsigned_error(&self.identity, re.as_deref(), kind.as_deref(), &err);
                     self.send_router(routing, p, s);
                 }
             }
@@ -488,13 +494,19 @@ impl Io {
                 continue;
             }
             let keys = self.keys.get();
-            match self.pull_gate.admit(&keys, &frames[0], &frames[1], now_ms()) {
+            match self
+                .pull_gate
+                .admit(&keys, &frames[0], &frames[1], now_ms())
+            {
                 Admit::Fresh { env, .. } => {
                     self.stats.pulled.fetch_add(1, Ordering::Relaxed);
                     // Pipeline messages are fire-and-forget: when async code is behind,
                     // dropping is the documented behaviour (beats come again).
                     if self.inbound.try_send(Inbound::Pulled(env)).is_err() {
-                        let err = WireError::new(Code::Unavailable, "inbound queue full; message dropped");
+                        let err = WireError::new(
+                            Code::Unavailable,
+                            "inbound queue full; message dropped",
+                        );
                         self.reject("pipeline message", &err);
                     }
                 }

@@ -13,6 +13,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use actix::prelude::*;
+use paddock_config::{ClusterConfig, ConfigError};
 use paddock_daemon::{Ctx, Routes, Spec};
 use paddock_wire::kinds::{self, Beat, Service, ServiceList, ServiceState};
 use paddock_wire::{now_ms, ServerHandle, WireError};
@@ -23,6 +24,7 @@ pub fn spec() -> Spec {
         version: env!("CARGO_PKG_VERSION"),
         pull: true,
         publish: true,
+        check: |cfg| thresholds(cfg).map(|_| ()),
     }
 }
 
@@ -125,21 +127,24 @@ impl Registry {
             .map(|(k, s)| (k.clone(), self.state_for(s, now)))
             .collect();
         for (k, st) in states {
-            let Some(s) = self.services.get_mut(&k) else { continue };
+            let Some(s) = self.services.get_mut(&k) else {
+                continue;
+            };
             // Only ever worsen here: a beat is what makes a service alive again.
             let worse = matches!(
                 (s.state, st),
-                (ServiceState::Alive, ServiceState::Suspect | ServiceState::Dead)
-                    | (ServiceState::Suspect, ServiceState::Dead)
+                (
+                    ServiceState::Alive,
+                    ServiceState::Suspect | ServiceState::Dead
+                ) | (ServiceState::Suspect, ServiceState::Dead)
             );
             if worse {
                 s.state = st;
                 changes.push(Change::Down(s.clone()));
             }
         }
-        self.services.retain(|_, s| {
-            !(s.state == ServiceState::Dead && now - s.last_seen > forget)
-        });
+        self.services
+            .retain(|_, s| !(s.state == ServiceState::Dead && now - s.last_seen > forget));
         changes
     }
 
@@ -147,7 +152,12 @@ impl Registry {
     pub fn list(&self) -> Vec<Service> {
         let mut v: Vec<Service> = self.services.values().cloned().collect();
         v.sort_by(|a, b| {
-            (&a.daemon, &a.node, a.last_seen, &a.instance).cmp(&(&b.daemon, &b.node, b.last_seen, &b.instance))
+            (&a.daemon, &a.node, a.last_seen, &a.instance).cmp(&(
+                &b.daemon,
+                &b.node,
+                b.last_seen,
+                &b.instance,
+            ))
         });
         v
     }
@@ -170,7 +180,8 @@ impl RegistryActor {
                 }
                 Change::Down(s) => {
                     tracing::info!(daemon = %s.daemon, node = %s.node, instance = %s.instance, state = s.state.as_str(), "down");
-                    self.server.publish(kinds::REGISTRY_DOWN, kinds::to_body(&s));
+                    self.server
+                        .publish(kinds::REGISTRY_DOWN, kinds::to_body(&s));
                 }
             }
         }
@@ -222,20 +233,22 @@ impl Handler<SetThresholds> for RegistryActor {
     }
 }
 
-fn thresholds(ctx: &Ctx) -> anyhow::Result<Thresholds> {
-    let cfg = ctx.config();
+fn thresholds(cfg: &ClusterConfig) -> Result<Thresholds, ConfigError> {
     let d = Thresholds::default();
     let t = Thresholds {
         suspect_after: cfg.daemon_u64("heartbeat", "suspect_after", d.suspect_after)?,
         dead_after: cfg.daemon_u64("heartbeat", "dead_after", d.dead_after)?,
-        forget_after_ms: cfg.daemon_u64("heartbeat", "forget_after_ms", d.forget_after_ms as u64)? as i64,
+        forget_after_ms: cfg.daemon_u64("heartbeat", "forget_after_ms", d.forget_after_ms as u64)?
+            as i64,
     };
     if t.suspect_after == 0 || t.dead_after <= t.suspect_after {
-        anyhow::bail!(
-            "daemons.heartbeat: need 0 < suspect_after < dead_after, got {} and {}",
-            t.suspect_after,
-            t.dead_after
-        );
+        return Err(cfg.invalid(
+            "daemons.heartbeat.dead_after",
+            format!(
+                "must exceed suspect_after, and suspect_after must be at least 1 (got {} and {})",
+                t.dead_after, t.suspect_after
+            ),
+        ));
     }
     Ok(t)
 }
@@ -243,7 +256,7 @@ fn thresholds(ctx: &Ctx) -> anyhow::Result<Thresholds> {
 /// Registers the registry actor and the heartbeat's kinds.
 pub async fn setup(ctx: Ctx) -> anyhow::Result<Routes> {
     let registry = RegistryActor {
-        registry: Registry::new(thresholds(&ctx)?),
+        registry: Registry::new(thresholds(&ctx.config())?),
         server: ctx.server().clone(),
     }
     .start();
@@ -253,7 +266,7 @@ pub async fn setup(ctx: Ctx) -> anyhow::Result<Routes> {
     let (c2, r2) = (ctx.clone(), registry.clone());
     actix_rt::spawn(async move {
         while updates.changed().await.is_ok() {
-            match thresholds(&c2) {
+            match thresholds(&c2.config()) {
                 Ok(t) => r2.do_send(SetThresholds(t)),
                 Err(e) => tracing::warn!("keeping the old thresholds: {e}"),
             }
@@ -327,7 +340,9 @@ mod tests {
         r.observe(beat("locker", "a", "i1"), 0);
         let ch = r.observe(beat("locker", "a", "i2"), 10);
         assert_eq!(ch.len(), 2);
-        assert!(matches!(&ch[0], Change::Down(s) if s.instance == "i1" && s.state == ServiceState::Dead));
+        assert!(
+            matches!(&ch[0], Change::Down(s) if s.instance == "i1" && s.state == ServiceState::Dead)
+        );
         assert!(matches!(&ch[1], Change::Up(s) if s.instance == "i2"));
         r.observe(beat("locker", "a", "i2"), 1500);
         r.sweep(1500);

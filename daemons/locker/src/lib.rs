@@ -12,9 +12,12 @@ use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
+use paddock_config::{ClusterConfig, ConfigError};
 use paddock_daemon::{body, Ctx, LoopKind, Routes, Spec};
 use paddock_db::{Db, DbError};
-use paddock_wire::kinds::{self, LockAcquire, LockGrant, LockInfo, LockList, LockRenew, LockToken, LockValid};
+use paddock_wire::kinds::{
+    self, LockAcquire, LockGrant, LockInfo, LockList, LockRenew, LockToken, LockValid,
+};
 use paddock_wire::{Code, Envelope, WireError};
 use serde_json::Value;
 use tokio::sync::Notify;
@@ -25,6 +28,20 @@ pub fn spec() -> Spec {
         version: env!("CARGO_PKG_VERSION"),
         pull: false,
         publish: false,
+        check,
+    }
+}
+
+/// The locker needs a database URL that parses and a sane pool size.
+fn check(cfg: &ClusterConfig) -> Result<(), ConfigError> {
+    let url = cfg.database_url()?;
+    paddock_db::parse_url(url).map_err(|e| cfg.invalid("database.url", e.to_string()))?;
+    match cfg.daemon_u64("locker", "pool_size", 8)? {
+        1..=256 => Ok(()),
+        n => Err(cfg.invalid(
+            "daemons.locker.pool_size",
+            format!("must be 1-256, not {n}"),
+        )),
     }
 }
 
@@ -34,7 +51,9 @@ pub const MAX_WAIT_MS: u64 = 5 * 60 * 1000;
 
 fn db_error(e: DbError) -> WireError {
     if e.is_transient() {
-        WireError::unavailable(format!("the lock database is unavailable ({e}); retry shortly"))
+        WireError::unavailable(format!(
+            "the lock database is unavailable ({e}); retry shortly"
+        ))
     } else {
         WireError::internal(format!("lock database error: {e}"))
     }
@@ -133,12 +152,18 @@ impl Store {
             return Err(WireError::invalid("`owner` must be 1-200 characters"));
         }
         if req.wait_ms > MAX_WAIT_MS {
-            return Err(WireError::invalid(format!("`wait_ms` must be at most {MAX_WAIT_MS}")));
+            return Err(WireError::invalid(format!(
+                "`wait_ms` must be at most {MAX_WAIT_MS}"
+            )));
         }
         let deadline = Instant::now() + Duration::from_millis(req.wait_ms);
         let mut poll = Duration::from_millis(10);
         loop {
-            match self.try_acquire(&req.name, &req.owner, req.ttl_ms).await.map_err(db_error)? {
+            match self
+                .try_acquire(&req.name, &req.owner, req.ttl_ms)
+                .await
+                .map_err(db_error)?
+            {
                 Attempt::Granted(g) => {
                     tracing::debug!(name = %req.name, owner = %req.owner, token = g.token, "granted");
                     return Ok(kinds::to_body(&g));
@@ -164,7 +189,11 @@ impl Store {
         }
     }
 
-    async fn exec(&self, sql: &str, params: &[&(dyn tokio_postgres::types::ToSql + Sync)]) -> Result<Vec<paddock_db::Row>, WireError> {
+    async fn exec(
+        &self,
+        sql: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> Result<Vec<paddock_db::Row>, WireError> {
         let conn = self.db.get().await.map_err(db_error)?;
         match conn.query(sql, params).await {
             Ok(rows) => Ok(rows),
@@ -227,7 +256,9 @@ impl Store {
                 &[&req.name, &req.token],
             )
             .await?;
-        Ok(kinds::to_body(&LockValid { valid: !rows.is_empty() }))
+        Ok(kinds::to_body(&LockValid {
+            valid: !rows.is_empty(),
+        }))
     }
 
     pub async fn list(&self) -> Result<Value, WireError> {
@@ -296,7 +327,10 @@ impl Handler<Call> for Locker {
                 kinds::LOCK_RELEASE => store.release(body(&env)?).await,
                 kinds::LOCK_CHECK => store.check(body(&env)?).await,
                 kinds::LOCK_LIST => store.list().await,
-                other => Err(WireError::new(Code::UnknownKind, format!("locker does not handle `{other}`"))),
+                other => Err(WireError::new(
+                    Code::UnknownKind,
+                    format!("locker does not handle `{other}`"),
+                )),
             }
         })
     }

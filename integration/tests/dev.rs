@@ -1,0 +1,183 @@
+//! `paddock dev up --detach`, the CLI against it, a daemon killed and restarted by
+//! the supervisor, and `paddock dev down` leaving no process behind.
+
+use std::path::Path;
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use paddock_integration::*;
+use paddock_wire::kinds::{Service, ServiceState};
+
+fn paddock(dir: &Path, args: &[&str]) -> Output {
+    Command::new(paddock_harness::bin("paddock").unwrap())
+        .args(args)
+        .env("PADDOCK_CONFIG", dir.join("paddock.toml"))
+        .output()
+        .unwrap()
+}
+
+fn ok(o: Output) -> String {
+    assert!(
+        o.status.success(),
+        "paddock failed ({}):\n{}\n{}",
+        o.status,
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8(o.stdout).unwrap()
+}
+
+fn alive(pid: i32) -> bool {
+    // A zombie is not a leftover process for our purpose, but dev down reaps anyway.
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| !s.contains(") Z "))
+        .unwrap_or(false)
+}
+
+fn pid_of(dir: &Path, name: &str) -> i32 {
+    std::fs::read_to_string(dir.join("run").join(format!("{name}.pid")))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+#[test]
+fn dev_up_status_lock_restart_and_down() {
+    let t = TestDir::new("dev");
+    let dir = t.path().join("cluster");
+    let d = dir.to_str().unwrap();
+    let out = ok(paddock(&dir, &["dev", "up", "--dir", d, "--detach"]));
+    assert!(out.contains("PADDOCK_CONFIG="), "{out}");
+    let mode = std::fs::metadata(dir.join("paddock.toml")).unwrap();
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&mode.permissions()) & 0o777,
+        0o600
+    );
+
+    let services: Vec<Service> = eventually(
+        Duration::from_secs(10),
+        "both daemons alive in status",
+        || {
+            let s: Vec<Service> =
+                serde_json::from_str(&ok(paddock(&dir, &["status", "--json"]))).ok()?;
+            (s.iter().filter(|s| s.state == ServiceState::Alive).count()
+                == paddock_harness::DAEMONS.len())
+            .then_some(s)
+        },
+    );
+    let table = ok(paddock(&dir, &["status"]));
+    assert!(
+        table.contains("heartbeat") && table.contains("locker") && table.contains("alive"),
+        "{table}"
+    );
+
+    // Every daemon was started with --config DIR/paddock.toml on its command line.
+    for name in paddock_harness::DAEMONS {
+        let cmdline = std::fs::read(format!("/proc/{}/cmdline", pid_of(&dir, name))).unwrap();
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        assert!(
+            cmdline.contains(&format!("--config {}", dir.join("paddock.toml").display())),
+            "{cmdline}"
+        );
+    }
+
+    let pong = ok(paddock(&dir, &["ping", "locker"]));
+    assert!(pong.contains("locker@dev answered"), "{pong}");
+    let got = ok(paddock(
+        &dir,
+        &[
+            "lock", "acquire", "deploy", "--owner", "me", "--ttl-ms", "60000",
+        ],
+    ));
+    assert!(got.contains("token"), "{got}");
+    let held = paddock(&dir, &["lock", "acquire", "deploy", "--owner", "you"]);
+    assert!(!held.status.success());
+    assert!(String::from_utf8_lossy(&held.stderr).contains("held by `me`"));
+    let list = ok(paddock(&dir, &["lock", "list"]));
+    assert!(list.contains("deploy") && list.contains("me"), "{list}");
+
+    // kill -9 a daemon: the supervisor restarts it and the registry shows it alive.
+    let old = services
+        .iter()
+        .find(|s| s.daemon == "locker")
+        .unwrap()
+        .instance
+        .clone();
+    let locker_pid = pid_of(&dir, "locker");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(locker_pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    eventually(Duration::from_secs(10), "a new locker alive", || {
+        let s: Vec<Service> =
+            serde_json::from_str(&ok(paddock(&dir, &["status", "--json"]))).ok()?;
+        s.iter()
+            .any(|s| s.daemon == "locker" && s.state == ServiceState::Alive && s.instance != old)
+            .then_some(())
+    });
+    // The lease survived the locker's death (it lives in PostgreSQL).
+    let list = ok(paddock(&dir, &["lock", "list"]));
+    assert!(list.contains("deploy"), "{list}");
+
+    let logs = ok(paddock(&dir, &["dev", "logs", "--dir", d, "locker"]));
+    assert!(logs.contains("paddock-locker"), "{logs}");
+
+    // Everything started, postgres and its backends included.
+    let mut pids: Vec<i32> = paddock_harness::DAEMONS
+        .iter()
+        .map(|n| pid_of(&dir, n))
+        .collect();
+    pids.push(pid_of(&dir, "postgres"));
+    let supervisor: i32 = std::fs::read_to_string(dir.join("dev.pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    pids.push(supervisor);
+    let pg_pid = pid_of(&dir, "postgres");
+    let pg_children: Vec<i32> = std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|p| {
+            std::fs::read_to_string(format!("/proc/{p}/stat"))
+                .ok()
+                .and_then(|s| {
+                    s.rsplit(") ")
+                        .next()
+                        .map(|r| r.split(' ').nth(1) == Some(&pg_pid.to_string()))
+                })
+                .unwrap_or(false)
+        })
+        .collect();
+    assert!(
+        !pg_children.is_empty(),
+        "postgres has its background processes"
+    );
+    pids.extend(pg_children);
+
+    let down = ok(paddock(&dir, &["dev", "down", "--dir", d]));
+    assert!(down.contains("stopped"), "{down}");
+    let left: Vec<i32> = pids.iter().copied().filter(|p| alive(*p)).collect();
+    assert!(left.is_empty(), "processes left behind: {left:?}");
+    assert!(!dir.join("dev.pid").exists());
+
+    // A second `up` on the same dir keeps its key and data.
+    let key_before = std::fs::read_to_string(dir.join("paddock.toml")).unwrap();
+    ok(paddock(&dir, &["dev", "up", "--dir", d, "--detach"]));
+    let key_after = std::fs::read_to_string(dir.join("paddock.toml")).unwrap();
+    let key_line = |s: &str| {
+        s.lines()
+            .find(|l| l.starts_with("cluster-1"))
+            .map(str::to_string)
+    };
+    assert_eq!(key_line(&key_before), key_line(&key_after));
+    let again = paddock(&dir, &["dev", "up", "--dir", d, "--detach"]);
+    assert!(
+        !again.status.success(),
+        "a second up on a running dir is refused"
+    );
+    ok(paddock(&dir, &["dev", "down", "--dir", d]));
+}
