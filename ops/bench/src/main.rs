@@ -1,1 +1,339 @@
-fn main() {}
+//! Paddock's spine benchmarks, against real daemons started from the release build:
+//!
+//! - `rpc`:  signed `ping` round trip to paddock-heartbeat, side by side with an
+//!   unsigned libzmq REQ/ROUTER echo in the same run; p50/p99 and their ratio.
+//! - `push`: signed PUSH messages per second into paddock-heartbeat's PULL socket,
+//!   counted as verified by the daemon itself (`stats.pulled`).
+//! - `lock`: `lock.acquire` + `lock.release` cycles per second against
+//!   paddock-locker on a real PostgreSQL; acquire latency p50/p99.
+//!
+//! Run with `ops/bench/run.sh` (builds release first). Figures go to stdout.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use paddock_harness::{self as harness, PgCluster, PgOptions};
+use paddock_wire::envelope::now_ms;
+use paddock_wire::gate::{Admit, Gate};
+use paddock_wire::{Client, Envelope, Keyring, Limits, Pusher};
+use serde_json::json;
+
+struct Summary {
+    p50: Duration,
+    p99: Duration,
+    mean: Duration,
+}
+
+fn summarize(mut v: Vec<Duration>) -> Summary {
+    v.sort();
+    let pick = |q: f64| v[((v.len() as f64 * q) as usize).min(v.len() - 1)];
+    let mean = v.iter().sum::<Duration>() / v.len() as u32;
+    Summary {
+        p50: pick(0.50),
+        p99: pick(0.99),
+        mean,
+    }
+}
+
+fn us(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e6
+}
+
+struct Daemons {
+    _dir: tempfile::TempDir,
+    procs: Vec<std::process::Child>,
+    pg: Option<std::process::Child>,
+    file: paddock_config::ClusterFile,
+}
+
+impl Daemons {
+    fn start(with_db: bool, daemons: &[&str]) -> Result<Daemons> {
+        let dir = tempfile::Builder::new()
+            .prefix("paddock-bench-")
+            .tempdir()?;
+        std::fs::create_dir_all(dir.path().join("logs"))?;
+        let (pg, url) = if with_db {
+            // Durable settings (fsync on): the lock figures include real commits.
+            let cluster = PgCluster::init(
+                dir.path(),
+                &PgOptions {
+                    fast: false,
+                    port: None,
+                },
+            )?;
+            let child = cluster.start(&dir.path().join("logs/postgres.log"))?;
+            cluster.create_db("paddock")?;
+            (Some(child), Some(cluster.url("paddock")))
+        } else {
+            (None, None)
+        };
+        let secret = paddock_wire::keyring::generate_secret_hex();
+        let (mut file, _) = harness::node_file(
+            "bench",
+            &dir.path().join("state"),
+            ("cluster-1", &secret),
+            &[],
+            url,
+        )?;
+        file.log.level = Some("warn".into());
+        let cfg = dir.path().join("paddock.toml");
+        file.write(&cfg)?;
+        let keys = harness::keyring(&file)?;
+        let mut procs = Vec::new();
+        for d in daemons {
+            procs.push(harness::spawn_daemon(
+                d,
+                &cfg,
+                &dir.path().join(format!("logs/{d}.log")),
+            )?);
+            harness::wait_ping(&file.daemons[*d].rpc, keys.clone(), Duration::from_secs(20))?;
+        }
+        Ok(Daemons {
+            _dir: dir,
+            procs,
+            pg,
+            file,
+        })
+    }
+
+    fn keys(&self) -> Arc<paddock_wire::Keyring> {
+        harness::keyring(&self.file).expect("keys")
+    }
+}
+
+impl Drop for Daemons {
+    fn drop(&mut self) {
+        for c in &mut self.procs {
+            harness::stop_child(c, nix::sys::signal::Signal::SIGTERM, Duration::from_secs(3));
+        }
+        if let Some(pg) = &mut self.pg {
+            harness::stop_child(
+                pg,
+                nix::sys::signal::Signal::SIGINT,
+                Duration::from_secs(10),
+            );
+        }
+    }
+}
+
+/// An unsigned REQ/ROUTER echo on loopback: the floor a signed round trip is compared to.
+fn raw_echo(n: usize) -> Result<Summary> {
+    let ctx = zmq::Context::new();
+    let port = harness::free_port()?;
+    let ep = harness::tcp(port);
+    let router = ctx.socket(zmq::ROUTER)?;
+    router.bind(&ep)?;
+    let server = std::thread::spawn(move || -> Result<()> {
+        for _ in 0..n {
+            let msg = router.recv_multipart(0)?;
+            router.send_multipart(msg, 0)?;
+        }
+        Ok(())
+    });
+    let req = ctx.socket(zmq::REQ)?;
+    req.connect(&ep)?;
+    let payload = br#"{"v":1,"id":"01JCT6S3W4F8D9X2QZ7N5K0BVA","ts":1763900000123,"from":"user:bench","kind":"ping","body":{}}"#;
+    let mut lat = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t = Instant::now();
+        req.send(&payload[..], 0)?;
+        let _ = req.recv_bytes(0)?;
+        lat.push(t.elapsed());
+    }
+    server.join().expect("echo thread")?;
+    Ok(summarize(lat))
+}
+
+fn bench_rpc(n: usize) -> Result<()> {
+    let d = Daemons::start(false, &["heartbeat"])?;
+    let rpc = d.file.daemons["heartbeat"].rpc.clone();
+    let mut c = Client::connect(&rpc, "user:bench", d.keys())?;
+    for _ in 0..1000 {
+        c.call("ping", json!({}))?; // warm-up
+    }
+    // Interleave rounds of each so machine noise hits both alike.
+    let rounds = 5;
+    let mut signed = Vec::with_capacity(n);
+    let mut raw_all = Vec::new();
+    for _ in 0..rounds {
+        for _ in 0..n / rounds {
+            let t = Instant::now();
+            c.call("ping", json!({}))?;
+            signed.push(t.elapsed());
+        }
+        let r = raw_echo(n / rounds)?;
+        raw_all.push(r);
+    }
+    let s = summarize(signed);
+    let raw_p50 = summarize(raw_all.iter().map(|r| r.p50).collect()).p50;
+    let raw_p99 = summarize(raw_all.iter().map(|r| r.p99).collect()).p50;
+    println!("rpc: {n} round trips each, tcp loopback");
+    println!(
+        "  signed ping  (paddock-heartbeat): p50 {:7.1} us  p99 {:7.1} us  mean {:7.1} us",
+        us(s.p50),
+        us(s.p99),
+        us(s.mean)
+    );
+    println!(
+        "  raw echo     (libzmq REQ/ROUTER): p50 {:7.1} us  p99 {:7.1} us  (median of {rounds} rounds)",
+        us(raw_p50),
+        us(raw_p99)
+    );
+    println!(
+        "  ratio signed/raw: p50 {:.2}x  p99 {:.2}x   (goal: p50 < 150 us and within 2x)",
+        us(s.p50) / us(raw_p50),
+        us(s.p99) / us(raw_p99)
+    );
+    Ok(())
+}
+
+/// CPU cost of one request's wire work, in-process: build + sign on the client,
+/// gate (HMAC verify, JSON parse, skew, replay) on the server, and the signed reply.
+fn bench_codec(n: usize) -> Result<()> {
+    let keys = Keyring::from_hex(
+        [("k", paddock_wire::keyring::generate_secret_hex().as_str())],
+        "k",
+    )?;
+    let mut gate = Gate::new(Limits::default());
+    let t = Instant::now();
+    for _ in 0..n {
+        let env = Envelope::new("user:bench", "ping", json!({}));
+        let (payload, sig) = env.sign(&keys);
+        match gate.admit(&keys, &payload, sig.as_bytes(), now_ms()) {
+            Admit::Fresh { env, .. } => {
+                let reply = Envelope::reply_to(
+                    "heartbeat@bench",
+                    Some(&env.id),
+                    &env.kind,
+                    json!({"ok": true, "daemon": "heartbeat"}),
+                );
+                let (p, s) = reply.sign(&keys);
+                keys.verify(&p, s.as_bytes())
+                    .map_err(|c| anyhow::anyhow!("{c}"))?;
+                paddock_wire::envelope::parse_payload(&p)?;
+            }
+            other => bail!("unexpected {other:?}"),
+        }
+    }
+    let per = t.elapsed() / n as u32;
+    println!("codec: {n} request+reply encodes, signs, verifies and parses in-process: {:.1} us each (one core)", us(per));
+    Ok(())
+}
+
+fn bench_push(n: u64) -> Result<()> {
+    let d = Daemons::start(false, &["heartbeat"])?;
+    let pull = d.file.daemons["heartbeat"]
+        .endpoint("pull")
+        .context("pull")?
+        .to_string();
+    let rpc = d.file.daemons["heartbeat"].rpc.clone();
+    let mut c = Client::connect(&rpc, "user:bench", d.keys())?;
+    let pulled = |c: &mut Client| -> Result<u64> {
+        Ok(c.call("stats", json!({}))?["pulled"].as_u64().unwrap_or(0))
+    };
+    let base = pulled(&mut c)?;
+    let p = Pusher::connect(&pull, "bench@bench", d.keys())?;
+    let beat = json!({"daemon": "bench", "node": "bench", "instance": "0123456789abcdefghij", "endpoints": {}, "interval_ms": 60000});
+    let t = Instant::now();
+    for _ in 0..n {
+        p.push("heartbeat.beat", beat.clone())?;
+    }
+    let sent = t.elapsed();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut got = 0;
+    while Instant::now() < deadline {
+        got = pulled(&mut c)? - base;
+        if got >= n {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let total = t.elapsed();
+    let stats = c.call("stats", json!({}))?;
+    println!("push: {n} signed heartbeat.beat messages, one PUSH socket -> paddock-heartbeat PULL");
+    println!(
+        "  sender signed+sent {:.0} msg/s; daemon verified {got} of {n} in {:.3} s = {:.0} msg/s   (goal: >= 50000/s)",
+        n as f64 / sent.as_secs_f64(),
+        total.as_secs_f64(),
+        got as f64 / total.as_secs_f64()
+    );
+    println!("  daemon rejected: {}", stats["rejected"]);
+    if got < n {
+        bail!("only {got} of {n} messages were verified by the daemon");
+    }
+    Ok(())
+}
+
+fn bench_lock(n: usize, clients: usize) -> Result<()> {
+    let d = Daemons::start(true, &["locker"])?;
+    let rpc = d.file.daemons["locker"].rpc.clone();
+    let keys = d.keys();
+    {
+        let mut c = Client::connect(&rpc, "user:bench", keys.clone())?
+            .with_timeout(Duration::from_secs(20));
+        // The locker migrates on start; wait until it serves locks.
+        c.call("lock.list", json!({}))?;
+    }
+    let per = n / clients;
+    let t = Instant::now();
+    let threads: Vec<_> = (0..clients)
+        .map(|i| {
+            let (rpc, keys) = (rpc.clone(), keys.clone());
+            std::thread::spawn(move || -> Result<Vec<Duration>> {
+                let mut c = Client::connect(&rpc, "user:bench", keys)?;
+                let mut lat = Vec::with_capacity(per);
+                for j in 0..per {
+                    let name = format!("bench-{i}-{}", j % 16);
+                    let t = Instant::now();
+                    let g = c.call(
+                        "lock.acquire",
+                        json!({"name": name, "owner": "bench", "ttl_ms": 10000}),
+                    )?;
+                    lat.push(t.elapsed());
+                    c.call("lock.release", json!({"name": name, "token": g["token"]}))?;
+                }
+                Ok(lat)
+            })
+        })
+        .collect();
+    let mut all = Vec::new();
+    for th in threads {
+        all.extend(th.join().expect("bench thread")?);
+    }
+    let el = t.elapsed();
+    let s = summarize(all);
+    println!(
+        "lock: {n} acquire+release cycles, {clients} concurrent clients, PostgreSQL with fsync on"
+    );
+    println!(
+        "  {:.0} cycles/s; acquire p50 {:.2} ms  p99 {:.2} ms  mean {:.2} ms   (goal: p99 < 5 ms)",
+        n as f64 / el.as_secs_f64(),
+        s.p50.as_secs_f64() * 1e3,
+        s.p99.as_secs_f64() * 1e3,
+        s.mean.as_secs_f64() * 1e3
+    );
+    Ok(())
+}
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let which: Vec<&str> = if args.is_empty() {
+        vec!["codec", "rpc", "push", "lock"]
+    } else {
+        args.iter().map(String::as_str).collect()
+    };
+    for w in which {
+        match w {
+            "codec" => bench_codec(100_000)?,
+            "rpc" => bench_rpc(20_000)?,
+            "push" => bench_push(200_000)?,
+            "lock" => {
+                bench_lock(4_000, 1)?;
+                bench_lock(4_000, 4)?;
+            }
+            other => bail!("unknown benchmark `{other}` (codec, rpc, push, lock)"),
+        }
+    }
+    Ok(())
+}
