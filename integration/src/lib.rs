@@ -166,6 +166,16 @@ impl Node {
             .join(format!("{}-{daemon}.log", self.name))
     }
 
+    /// Adds `[daemons.NAME]` with a free rpc port to the cluster file.
+    pub fn add_daemon(&mut self, daemon: &str) {
+        let section = paddock_config::DaemonSection {
+            rpc: tcp(free_port().unwrap()),
+            ..Default::default()
+        };
+        self.file.daemons.insert(daemon.to_string(), section);
+        self.save();
+    }
+
     pub fn rpc(&self, daemon: &str) -> String {
         self.file.daemons[daemon].rpc.clone()
     }
@@ -183,7 +193,13 @@ impl Node {
 
     /// Starts `daemon` without waiting.
     pub fn spawn(&mut self, daemon: &str) {
-        let child = harness::spawn_daemon(daemon, &self.config, &self.log(daemon)).unwrap();
+        self.spawn_env(daemon, &[]);
+    }
+
+    /// Starts `daemon` with extra environment variables, without waiting.
+    pub fn spawn_env(&mut self, daemon: &str, env: &[(&str, &str)]) {
+        let child =
+            harness::spawn_daemon_env(daemon, &self.config, &self.log(daemon), env).unwrap();
         self.procs.retain(|(d, _)| d != daemon);
         self.procs.push((daemon.to_string(), child));
     }

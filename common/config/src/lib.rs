@@ -135,6 +135,9 @@ pub struct LogSection {
     pub json: bool,
     #[serde(default)]
     pub syslog: bool,
+    /// The syslog datagram socket (default /dev/log).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub syslog_socket: Option<PathBuf>,
     /// A tracing filter such as `info` or `paddock_locker=debug,info`.
     #[serde(default)]
     pub level: Option<String>,

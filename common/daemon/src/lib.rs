@@ -235,12 +235,14 @@ where
     let mut opts = log::LogOptions {
         json: args.log_json,
         syslog: args.syslog,
+        syslog_socket: None,
         level: None,
     };
     if let Ok(c) = &loaded {
         opts.json |= c.file.log.json;
         opts.syslog |= c.file.log.syslog;
         opts.level = c.file.log.level.clone();
+        opts.syslog_socket = c.file.log.syslog_socket.clone();
     }
     log::init(&format!("paddock-{}", spec.name), &opts);
     install_panic_hook();

@@ -15,6 +15,8 @@ use tracing_subscriber::{EnvFilter, Layer};
 pub struct LogOptions {
     pub json: bool,
     pub syslog: bool,
+    /// Where syslog listens (default /dev/log).
+    pub syslog_socket: Option<std::path::PathBuf>,
     /// A filter (`info`, `paddock_locker=debug,info`); `PADDOCK_LOG` overrides it.
     pub level: Option<String>,
 }
@@ -38,7 +40,11 @@ pub fn init(ident: &str, opts: &LogOptions) {
             .boxed()
     };
     let syslog_layer = if opts.syslog {
-        match Syslog::connect(ident) {
+        let path = opts
+            .syslog_socket
+            .clone()
+            .unwrap_or_else(|| "/dev/log".into());
+        match Syslog::connect(ident, &path) {
             Ok(s) => Some(
                 tracing_subscriber::fmt::layer()
                     .with_writer(s)
@@ -48,7 +54,10 @@ pub fn init(ident: &str, opts: &LogOptions) {
                     .boxed(),
             ),
             Err(e) => {
-                eprintln!("warning: syslog requested but /dev/log is not usable: {e}");
+                eprintln!(
+                    "warning: syslog requested but {} is not usable: {e}",
+                    path.display()
+                );
                 None
             }
         }
@@ -70,9 +79,9 @@ struct Syslog {
 }
 
 impl Syslog {
-    fn connect(ident: &str) -> std::io::Result<Syslog> {
+    fn connect(ident: &str, path: &std::path::Path) -> std::io::Result<Syslog> {
         let sock = UnixDatagram::unbound()?;
-        sock.connect("/dev/log")?;
+        sock.connect(path)?;
         Ok(Syslog {
             sock: Arc::new(sock),
             ident: ident.into(),

@@ -428,8 +428,19 @@ impl NodePorts {
 
 /// Starts `paddock-<daemon> --config <config>` with its output appended to `log`.
 pub fn spawn_daemon(daemon: &str, config: &Path, log: &Path) -> Result<Child> {
+    spawn_daemon_env(daemon, config, log, &[])
+}
+
+/// `spawn_daemon` with extra environment variables.
+pub fn spawn_daemon_env(
+    daemon: &str,
+    config: &Path,
+    log: &Path,
+    env: &[(&str, &str)],
+) -> Result<Child> {
     let logf = fs::OpenOptions::new().create(true).append(true).open(log)?;
     Command::new(bin(&format!("paddock-{daemon}"))?)
+        .envs(env.iter().copied())
         .arg("--config")
         .arg(config)
         .stdin(Stdio::null())
