@@ -29,11 +29,11 @@ const RECYCLE_CHECK: &str =
 pub enum DbError {
     #[error("database url: {0}")]
     Url(String),
-    #[error("cannot connect to PostgreSQL: {0}")]
+    #[error("cannot connect to PostgreSQL: {}", chain(.0))]
     Connect(#[source] PgError),
     #[error("no PostgreSQL connection available: {0}")]
     Pool(String),
-    #[error("query failed: {0}")]
+    #[error("query failed: {}", chain(.0))]
     Query(#[from] PgError),
     #[error("migration failed: {0}")]
     Migrate(String),
@@ -49,6 +49,22 @@ impl DbError {
             DbError::Query(e) => is_transient(e),
         }
     }
+}
+
+/// An error with its causes, `a: b: c` (tokio-postgres keeps the reason, such as
+/// "database does not allow writes", in the source chain).
+fn chain(e: &PgError) -> String {
+    let mut s = e.to_string();
+    let mut cur = std::error::Error::source(e);
+    while let Some(c) = cur {
+        let part = c.to_string();
+        if !s.contains(&part) {
+            s.push_str(": ");
+            s.push_str(&part);
+        }
+        cur = c.source();
+    }
+    s
 }
 
 /// SQLSTATE 25006: a write reached a read-only (standby or demoted) server.
@@ -140,6 +156,13 @@ impl Db {
             drop(Object::take(conn));
         }
     }
+}
+
+/// Fails when `client`'s server is in recovery (a standby or a demoted primary):
+/// the same check the pool runs before reusing a connection.
+pub async fn check_writable(client: &Client) -> Result<(), DbError> {
+    client.batch_execute(RECYCLE_CHECK).await?;
+    Ok(())
 }
 
 /// What a migration run did.

@@ -176,6 +176,66 @@ impl PgCluster {
 
     /// initdb into `<dir>/pg` (once), as a non-root account when we are root.
     pub fn init(base: &Path, opts: &PgOptions) -> Result<PgCluster> {
+        let pg = Self::prepare(base, opts, None)?;
+        if !pg.data().join("PG_VERSION").exists() {
+            let pwfile = pg.dir.join("password");
+            let out = pg
+                .command("initdb")
+                .arg("-D")
+                .arg(pg.data())
+                .args(["-U", "paddock", "-E", "UTF8", "--no-locale"])
+                .args(["--auth-local=scram-sha-256", "--auth-host=scram-sha-256"])
+                .arg(format!("--pwfile={}", pwfile.display()))
+                .output()
+                .context("running initdb")?;
+            check_output("initdb", &out)?;
+        }
+        Ok(pg)
+    }
+
+    /// A streaming standby of `primary` in `<base>/pg`, cloned with pg_basebackup
+    /// (`-R` writes standby.signal and primary_conninfo).
+    pub fn init_standby(base: &Path, primary: &PgCluster, opts: &PgOptions) -> Result<PgCluster> {
+        let pg = Self::prepare(base, opts, Some(&primary.password))?;
+        if !pg.data().join("PG_VERSION").exists() {
+            let out = pg
+                .command("pg_basebackup")
+                .arg("-D")
+                .arg(pg.data())
+                .args([
+                    "-h",
+                    "127.0.0.1",
+                    "-U",
+                    "paddock",
+                    "-R",
+                    "-X",
+                    "stream",
+                    "--checkpoint=fast",
+                ])
+                .arg("-p")
+                .arg(primary.port.to_string())
+                .env("PGPASSWORD", &primary.password)
+                .output()
+                .context("running pg_basebackup")?;
+            check_output("pg_basebackup", &out)?;
+        }
+        Ok(pg)
+    }
+
+    /// Promotes a standby to primary (`pg_ctl promote`, waits until done).
+    pub fn promote(&self) -> Result<()> {
+        let out = self
+            .command("pg_ctl")
+            .args(["promote", "-w", "-D"])
+            .arg(self.data())
+            .output()
+            .context("running pg_ctl promote")?;
+        check_output("pg_ctl promote", &out)
+    }
+
+    /// The directory, password file, port and socket dir, owned by the account
+    /// PostgreSQL runs as; no data yet.
+    fn prepare(base: &Path, opts: &PgOptions, password: Option<&str>) -> Result<PgCluster> {
         let bindir = pg_bindir()?;
         let owner = pg_account()?;
         let dir = base.join("pg");
@@ -189,7 +249,9 @@ impl PgCluster {
         let password = match fs::read_to_string(&pwfile) {
             Ok(p) => p.trim().to_string(),
             Err(_) => {
-                let p = paddock_wire::keyring::generate_secret_hex()[..32].to_string();
+                let p = password.map(str::to_string).unwrap_or_else(|| {
+                    paddock_wire::keyring::generate_secret_hex()[..32].to_string()
+                });
                 fs::write(&pwfile, &p)?;
                 fs::set_permissions(&pwfile, fs::Permissions::from_mode(0o600))?;
                 chown(&pwfile, owner)?;
@@ -208,32 +270,6 @@ impl PgCluster {
             owner,
             fast: opts.fast,
         };
-        if !pg.data().join("PG_VERSION").exists() {
-            let out = pg
-                .command("initdb")
-                .arg("-D")
-                .arg(pg.data())
-                .args([
-                    "-U",
-                    "paddock",
-                    "-E",
-                    "UTF8",
-                    "--no-locale",
-                    "--auth-local=scram-sha-256",
-                    "--auth-host=scram-sha-256",
-                ])
-                .arg(format!("--pwfile={}", pwfile.display()))
-                .output()
-                .context("running initdb")?;
-            if !out.status.success() {
-                bail!(
-                    "initdb failed ({}): {}{}",
-                    out.status,
-                    String::from_utf8_lossy(&out.stdout),
-                    String::from_utf8_lossy(&out.stderr)
-                );
-            }
-        }
         fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
@@ -338,6 +374,18 @@ impl PgCluster {
             self.port, self.password
         )
     }
+}
+
+fn check_output(what: &str, out: &std::process::Output) -> Result<()> {
+    if !out.status.success() {
+        bail!(
+            "{what} failed ({}): {}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
 }
 
 /// Stops a child: `sig`, then SIGKILL after `grace`. Returns once it is reaped.
