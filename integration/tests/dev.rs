@@ -181,3 +181,40 @@ fn dev_up_status_lock_restart_and_down() {
     );
     ok(paddock(&dir, &["dev", "down", "--dir", d]));
 }
+
+#[test]
+fn dev_up_in_the_foreground_stops_everything_on_ctrl_c() {
+    let t = TestDir::new("devfg");
+    let dir = t.path().join("cluster");
+    let mut child = Command::new(paddock_harness::bin("paddock").unwrap())
+        .args(["dev", "up", "--dir", dir.to_str().unwrap()])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    eventually(
+        Duration::from_secs(60),
+        "the foreground cluster to be ready",
+        || dir.join("dev.ready").exists().then_some(()),
+    );
+    let mut pids: Vec<i32> = paddock_harness::DAEMONS
+        .iter()
+        .map(|n| pid_of(&dir, n))
+        .collect();
+    pids.push(pid_of(&dir, "postgres"));
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .unwrap();
+    let out = {
+        let st = child.wait().unwrap();
+        assert!(st.success(), "{st}");
+        let mut s = String::new();
+        std::io::Read::read_to_string(child.stdout.as_mut().unwrap(), &mut s).unwrap();
+        s
+    };
+    assert!(out.contains("Paddock dev cluster is up"), "{out}");
+    let left: Vec<i32> = pids.into_iter().filter(|p| alive(*p)).collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+}
