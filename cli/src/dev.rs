@@ -413,9 +413,16 @@ fn tend(dir: &Path, pg: &PgCluster, cfg_path: &Path, p: &mut Supervised) {
     }
 }
 
-/// Daemons first (SIGTERM, 5 s grace), PostgreSQL last (fast shutdown, 15 s grace).
+/// Daemons first (SIGTERM, 5 s grace), then the app instances' shims (each takes
+/// its app and everything it started), PostgreSQL last (fast shutdown, 15 s grace).
 fn stop_all(dir: &Path, procs: &mut [Supervised]) {
     for p in procs.iter_mut().rev() {
+        if p.name == "postgres" {
+            let n = harness::stop_shims(&dir.join("state"));
+            if n > 0 {
+                eprintln!("stopped {n} app instance(s)");
+            }
+        }
         if let Some(mut c) = p.child.take() {
             let (sig, grace) = if p.name == "postgres" {
                 (Signal::SIGINT, Duration::from_secs(15))
@@ -451,6 +458,7 @@ fn down(dir: &Path) -> Result<()> {
         }
     }
     // Whatever a killed supervisor left behind.
+    harness::stop_shims(&dir.join("state"));
     let mut leftovers = BTreeMap::new();
     if let Ok(rd) = fs::read_dir(dir.join("run")) {
         for e in rd.flatten() {

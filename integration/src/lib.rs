@@ -253,6 +253,7 @@ impl Drop for Node {
         for (_, c) in self.procs.iter_mut() {
             harness::stop_child(c, Signal::SIGTERM, Duration::from_secs(3));
         }
+        harness::stop_shims(&self.dir.join("state"));
     }
 }
 

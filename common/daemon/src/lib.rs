@@ -62,6 +62,13 @@ pub struct Spec {
     pub publish: bool,
     /// The daemon's own config checks, run before any socket is bound (exit 78).
     pub check: fn(&ClusterConfig) -> Result<(), paddock_config::ConfigError>,
+    /// Named PUSH targets (name, endpoint) from the config, e.g. a log sink.
+    pub push_to: fn(&ClusterConfig) -> Vec<(String, String)>,
+}
+
+/// A `Spec::push_to` for daemons that push nothing but beats.
+pub fn no_push_to(_: &ClusterConfig) -> Vec<(String, String)> {
+    Vec::new()
 }
 
 /// A `Spec::check` for daemons with nothing of their own to check.
@@ -351,6 +358,7 @@ where
             pull,
             publish,
             push: config.file.cluster.heartbeats.clone(),
+            push_to: (spec.push_to)(&config),
             limits: config.limits.clone(),
         },
         keys.clone(),

@@ -20,7 +20,7 @@ use paddock_config::{ClusterFile, DaemonSection, DatabaseSection};
 use paddock_wire::{Client, Keyring};
 
 /// The daemons that exist, in start order. Later issues add theirs here.
-pub const DAEMONS: &[&str] = &["heartbeat", "locker"];
+pub const DAEMONS: &[&str] = &["heartbeat", "locker", "runner"];
 
 /// A port the OS says is free right now on 127.0.0.1.
 pub fn free_port() -> Result<u16> {
@@ -130,8 +130,8 @@ fn chown(path: &Path, owner: Option<(u32, u32)>) -> Result<()> {
     Ok(())
 }
 
-/// Makes `dir` and its parents traversable by the PostgreSQL account.
-fn allow_traverse(dir: &Path) -> Result<()> {
+/// Makes `dir` and its parents traversable by other accounts (PostgreSQL's, apps').
+pub fn allow_traverse(dir: &Path) -> Result<()> {
     let mut p = Some(dir);
     while let Some(d) = p {
         if let Ok(m) = fs::metadata(d) {
@@ -446,6 +446,14 @@ pub fn node_file(
             ..Default::default()
         },
     );
+    let mut runner = DaemonSection {
+        rpc: tcp(ports.runner_rpc),
+        ..Default::default()
+    };
+    runner.other.insert("pub".into(), toml::Value::String(tcp(ports.runner_pub)));
+    let apps = state_dir.with_file_name("apps");
+    runner.other.insert("apps_dir".into(), toml::Value::String(apps.display().to_string()));
+    f.daemons.insert("runner".into(), runner);
     f.database = database_url.map(|url| DatabaseSection { url });
     Ok((f, ports))
 }
@@ -456,12 +464,14 @@ pub struct NodePorts {
     pub heartbeat_pull: u16,
     pub heartbeat_pub: u16,
     pub locker_rpc: u16,
+    pub runner_rpc: u16,
+    pub runner_pub: u16,
 }
 
 impl NodePorts {
     pub fn pick() -> Result<NodePorts> {
         // Hold all listeners until every port is chosen, so none repeats.
-        let ls: Vec<TcpListener> = (0..4)
+        let ls: Vec<TcpListener> = (0..6)
             .map(|_| TcpListener::bind("127.0.0.1:0"))
             .collect::<io::Result<_>>()?;
         let p = |i: usize| ls[i].local_addr().map(|a| a.port());
@@ -470,8 +480,41 @@ impl NodePorts {
             heartbeat_pull: p(1)?,
             heartbeat_pub: p(2)?,
             locker_rpc: p(3)?,
+            runner_rpc: p(4)?,
+            runner_pub: p(5)?,
         })
     }
+}
+
+/// Stops every instance shim under a runner's state (`<state_dir>/runner`): each
+/// SIGTERM'd shim kills its app and everything the app started, then exits.
+/// Returns how many were running.
+pub fn stop_shims(state_dir: &Path) -> usize {
+    let pids: Vec<i32> = fs::read_dir(state_dir.join("runner/instances"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| fs::read_to_string(e.path().join("shim.pid")).ok()?.trim().parse().ok())
+        .filter(|p: &i32| nix::sys::signal::kill(nix::unistd::Pid::from_raw(*p), None).is_ok())
+        .collect();
+    for p in &pids {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(*p), nix::sys::signal::Signal::SIGTERM);
+    }
+    let alive = |p: i32| {
+        fs::read_to_string(format!("/proc/{p}/stat"))
+            .map(|s| !s.contains(") Z "))
+            .unwrap_or(false)
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while pids.iter().any(|p| alive(*p)) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for p in &pids {
+        if alive(*p) {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(*p), nix::sys::signal::Signal::SIGKILL);
+        }
+    }
+    pids.len()
 }
 
 /// Starts `paddock-<daemon> --config <config>` with its output appended to `log`.

@@ -137,3 +137,221 @@ pub struct LockInfo {
 pub struct LockList {
     pub locks: Vec<LockInfo>,
 }
+
+pub const INSTANCE_START: &str = "instance.start";
+pub const INSTANCE_STOP: &str = "instance.stop";
+pub const INSTANCE_RESTART: &str = "instance.restart";
+pub const INSTANCE_RELOAD: &str = "instance.reload";
+pub const INSTANCE_LOGS: &str = "instance.logs";
+pub const INSTANCE_LIST: &str = "instance.list";
+pub const INSTANCE_UP: &str = "instance.up";
+pub const INSTANCE_DOWN: &str = "instance.down";
+pub const INSTANCE_CRASHED: &str = "instance.crashed";
+pub const LOG_LINE: &str = "log.line";
+
+/// `instance.start` body. Optional fields take the runner's configured defaults.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct InstanceStart {
+    pub app: String,
+    pub proc: String,
+    pub dir: String,
+    pub command: String,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    #[serde(default)]
+    pub health: Health,
+    #[serde(default)]
+    pub limits: InstanceLimits,
+    #[serde(default)]
+    pub restart: RestartPolicy,
+    /// Signal names without "SIG": stop (default TERM) and reload (default HUP).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop_signal: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reload_signal: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop_grace_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_timeout_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health_interval_ms: Option<u64>,
+}
+
+/// `{"http": "/path"}`, `{"tcp": true}` or `{"none": true}`; default tcp.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+pub struct Health {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tcp: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub none: Option<bool>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+pub struct InstanceLimits {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_mb: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pids: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nofile: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_weight: Option<u64>,
+}
+
+/// Restart policy; every field optional (the runner's defaults apply).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Default)]
+pub struct RestartPolicy {
+    /// Respawn limit: at most `limit` restarts within `window_ms`, else `crashed`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window_ms: Option<u64>,
+    /// Exponential backoff after the first (immediate) restart.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backoff_base_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backoff_cap_ms: Option<u64>,
+    /// Backoff resets after the instance stays up this long.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reset_after_ms: Option<u64>,
+    /// Exit codes that are a normal end, not a crash (upstart's `normal exit`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub normal_exit: Option<Vec<i32>>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct InstanceStarted {
+    pub id: String,
+    pub port: u16,
+}
+
+/// Body of `instance.stop`, `instance.restart`, `instance.reload`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct InstanceId {
+    pub id: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct InstanceLogs {
+    pub id: String,
+    #[serde(default = "default_lines")]
+    pub lines: usize,
+}
+
+fn default_lines() -> usize {
+    100
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct LogLine {
+    pub ts: i64,
+    pub stream: String,
+    pub line: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct LogLines {
+    pub lines: Vec<LogLine>,
+}
+
+/// How an instance last ended.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct LastExit {
+    pub code: Option<i32>,
+    pub signal: Option<i32>,
+    pub oom: bool,
+    pub at: i64,
+    pub reason: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct InstanceInfo {
+    pub id: String,
+    pub app: String,
+    pub proc: String,
+    pub pid: Option<i32>,
+    pub port: u16,
+    /// starting, up, backoff, crashed, stopping, stopped
+    pub state: String,
+    pub restarts: u32,
+    pub uptime_ms: u64,
+    pub last_exit: Option<LastExit>,
+    #[serde(default)]
+    pub node: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct InstanceList {
+    pub instances: Vec<InstanceInfo>,
+}
+
+pub const RUN_START: &str = "run.start";
+pub const RUN_INPUT: &str = "run.input";
+pub const RUN_RESIZE: &str = "run.resize";
+pub const RUN_OUTPUT: &str = "run.output";
+pub const RUN_KILL: &str = "run.kill";
+
+/// `run.start`: a one-off command in an app's environment, as its user, on a PTY.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RunStart {
+    pub app: String,
+    pub dir: String,
+    pub command: String,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    #[serde(default = "default_cols")]
+    pub cols: u16,
+    #[serde(default = "default_rows")]
+    pub rows: u16,
+}
+
+fn default_cols() -> u16 {
+    80
+}
+fn default_rows() -> u16 {
+    24
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RunStarted {
+    pub id: String,
+    pub pid: i32,
+}
+
+/// `run.input`: bytes for the terminal, base64.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RunInput {
+    pub id: String,
+    pub data: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RunResize {
+    pub id: String,
+    pub cols: u16,
+    pub rows: u16,
+}
+
+/// `run.output`: output after byte offset `offset`, waiting up to `wait_ms` for some.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RunOutputReq {
+    pub id: String,
+    #[serde(default)]
+    pub offset: u64,
+    #[serde(default)]
+    pub wait_ms: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RunOutput {
+    /// base64 of the bytes from `offset` to `next_offset`.
+    pub data: String,
+    pub next_offset: u64,
+    /// Set once the command ended and every byte was returned.
+    pub exit_code: Option<i32>,
+    pub done: bool,
+}

@@ -35,6 +35,8 @@ pub struct ServerSpec {
     pub publish: Option<String>,
     /// Endpoints to connect one PUSH socket each to (every heartbeat's pull).
     pub push: Vec<String>,
+    /// Named PUSH targets for other pipelines (a log sink), sent to by name.
+    pub push_to: Vec<(String, String)>,
     pub limits: Limits,
 }
 
@@ -63,6 +65,7 @@ enum Outbound {
     },
     Publish(String, Value),
     Push(String, Value),
+    PushTo(String, String, Value),
     SetPush(Vec<String>),
     SetLimits(Limits),
     Stop,
@@ -145,6 +148,12 @@ impl ServerHandle {
     /// Sends one signed message on every PUSH socket.
     pub fn push(&self, kind: &str, body: Value) {
         self.send(Outbound::Push(kind.to_string(), body));
+    }
+
+    /// Sends one signed message on the named PUSH target (`ServerSpec::push_to`);
+    /// dropped when that target is not connected or is behind.
+    pub fn push_to(&self, target: &str, kind: &str, body: Value) {
+        self.send(Outbound::PushTo(target.to_string(), kind.to_string(), body));
     }
 
     /// Replaces the PUSH sockets (after a config reload).
@@ -244,6 +253,16 @@ pub fn start(spec: ServerSpec, keys: SharedKeyring, queue: usize) -> Result<Serv
     for ep in &spec.push {
         pushes.push(push_socket(ep)?);
     }
+    let mut named = HashMap::new();
+    for (name, ep) in &spec.push_to {
+        let s = ctx.socket(zmq::PUSH)?;
+        s.set_linger(0)?;
+        s.set_sndhwm(10_000)?;
+        s.set_reconnect_ivl(100)?;
+        s.set_reconnect_ivl_max(2000)?;
+        s.connect(ep)?;
+        named.insert(name.clone(), s);
+    }
     let wake = Arc::new(EventFd::from_value_and_flags(
         0,
         EfdFlags::EFD_NONBLOCK | EfdFlags::EFD_CLOEXEC,
@@ -258,6 +277,7 @@ pub fn start(spec: ServerSpec, keys: SharedKeyring, queue: usize) -> Result<Serv
         pull,
         publ,
         pushes,
+        named,
         rpc_gate: Gate::new(spec.limits.clone()),
         pull_gate: Gate::new(spec.limits.clone()),
         inbound: in_tx,
@@ -329,6 +349,7 @@ struct Io {
     pull: Option<zmq::Socket>,
     publ: Option<zmq::Socket>,
     pushes: Vec<zmq::Socket>,
+    named: HashMap<String, zmq::Socket>,
     rpc_gate: Gate,
     pull_gate: Gate,
     inbound: mpsc::Sender<Inbound>,
@@ -564,6 +585,13 @@ impl Io {
                     for s in &self.pushes {
                         // EAGAIN: that peer is not connected or is behind; a later
                         // message supersedes this one.
+                        let _ = s.send_multipart([&payload[..], sig.as_bytes()], zmq::DONTWAIT);
+                    }
+                }
+                Ok(Outbound::PushTo(target, kind, body)) => {
+                    if let Some(s) = self.named.get(&target) {
+                        let env = Envelope::new(&self.identity, &kind, body);
+                        let (payload, sig) = env.sign(&self.keys.get());
                         let _ = s.send_multipart([&payload[..], sig.as_bytes()], zmq::DONTWAIT);
                     }
                 }

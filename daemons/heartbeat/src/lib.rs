@@ -25,6 +25,7 @@ pub fn spec() -> Spec {
         pull: true,
         publish: true,
         check: |cfg| thresholds(cfg).map(|_| ()),
+        push_to: paddock_daemon::no_push_to,
     }
 }
 

@@ -29,6 +29,7 @@ pub fn spec() -> Spec {
         pull: false,
         publish: false,
         check,
+        push_to: paddock_daemon::no_push_to,
     }
 }
 

@@ -78,6 +78,7 @@ fn main() {
             pull: false,
             publish: false,
             check: paddock_daemon::no_check,
+            push_to: paddock_daemon::no_push_to,
         },
         setup,
     )

@@ -1,0 +1,982 @@
+//! paddock-runner: the node agent. It runs app instances as supervised processes,
+//! each under its own `paddock-shim` (the app's parent, holder of its pipes and exit
+//! status), as the app's own unprivileged user, with rlimits and cgroup limits;
+//! restarts what dies (first at once, then with backoff, up to a respawn limit);
+//! checks health; captures logs; and runs one-off commands on a PTY.
+//!
+//! Architecture invariant: the runner's memory is never the only record of an
+//! instance. Each instance has a directory (spec, record, log, the shim's socket);
+//! a restarted runner re-adopts running instances from there, and the shims keep
+//! the apps alive while no runner exists.
+
+pub mod cgroup;
+pub mod health;
+pub mod pty;
+pub mod shim;
+pub mod shim_proto;
+pub mod users;
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+use paddock_config::{ClusterConfig, ConfigError};
+use paddock_daemon::{body, Ctx, Routes, Spec};
+use paddock_wire::kinds::{self, InstanceId, InstanceInfo, InstanceList, InstanceLogs, InstanceStart, InstanceStarted, LastExit, LogLine, LogLines};
+use paddock_wire::{now_ms, Code, ServerHandle, WireError};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::sync::mpsc;
+
+use crate::shim_proto::{ExitInfo, ShimCommand, ShimEvent, ShimSpec};
+
+pub fn spec() -> Spec {
+    Spec {
+        name: "runner",
+        version: env!("CARGO_PKG_VERSION"),
+        pull: false,
+        publish: true,
+        check: |cfg| Settings::from_config(cfg).map(|_| ()),
+        push_to: |cfg| {
+            cfg.file
+                .daemons
+                .get("runner")
+                .and_then(|d| d.endpoint("log_sink").map(|e| vec![("logs".to_string(), e.to_string())]))
+                .unwrap_or_default()
+        },
+    }
+}
+
+/// The runner's settings from `[daemons.runner]`, with defaults.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub port_min: u16,
+    pub port_max: u16,
+    /// Root of the per-instance home and tmp directories (must be searchable by
+    /// app users).
+    pub apps_dir: PathBuf,
+    pub instances_dir: PathBuf,
+    pub cgroup_root: PathBuf,
+    pub stop_grace: Duration,
+    pub start_timeout: Duration,
+    pub health_interval: Duration,
+    pub health_failures: u32,
+    pub none_up_after: Duration,
+    pub restart_limit: u32,
+    pub restart_window: Duration,
+    pub backoff_base: Duration,
+    pub backoff_cap: Duration,
+    pub backoff_reset: Duration,
+    pub log_max_bytes: u64,
+    pub nofile: u64,
+    pub pids: u64,
+    pub memory_mb: Option<u64>,
+}
+
+impl Settings {
+    pub fn from_config(cfg: &ClusterConfig) -> Result<Settings, ConfigError> {
+        let get = |k: &str, d: u64| cfg.daemon_u64("runner", k, d);
+        let ms = |k: &str, d: u64| get(k, d).map(Duration::from_millis);
+        let port_min = get("port_min", 20_000)?;
+        let port_max = get("port_max", 29_999)?;
+        if port_min == 0 || port_max > 65_535 || port_min > port_max {
+            return Err(cfg.invalid("daemons.runner.port_min", format!("port range {port_min}-{port_max} is not valid")));
+        }
+        let section = cfg.file.daemons.get("runner");
+        let path = |k: &str, d: PathBuf| {
+            section
+                .and_then(|s| s.other.get(k))
+                .and_then(|v| v.as_str())
+                .map(PathBuf::from)
+                .unwrap_or(d)
+        };
+        let mem = get("memory_mb", 0)?;
+        Ok(Settings {
+            port_min: port_min as u16,
+            port_max: port_max as u16,
+            apps_dir: path("apps_dir", cfg.state_dir.join("apps")),
+            instances_dir: path("instances_dir", cfg.state_dir.join("runner")),
+            cgroup_root: path("cgroup_root", PathBuf::from("/sys/fs/cgroup")),
+            stop_grace: ms("stop_grace_ms", 10_000)?,
+            start_timeout: ms("start_timeout_ms", 30_000)?,
+            health_interval: ms("health_interval_ms", 5_000)?,
+            health_failures: get("health_failures", 3)? as u32,
+            none_up_after: ms("none_up_after_ms", 2_000)?,
+            restart_limit: get("restart_limit", 10)? as u32,
+            restart_window: ms("restart_window_ms", 60_000)?,
+            backoff_base: ms("backoff_base_ms", 100)?,
+            backoff_cap: ms("backoff_cap_ms", 30_000)?,
+            backoff_reset: ms("backoff_reset_ms", 30_000)?,
+            log_max_bytes: get("log_max_bytes", 1 << 20)?,
+            nofile: get("nofile", 4096)?,
+            pids: get("pids", 512)?,
+            memory_mb: (mem > 0).then_some(mem),
+        })
+    }
+}
+
+/// What the runner keeps on disk for each instance (`instance.json`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Record {
+    id: String,
+    req: InstanceStart,
+    port: u16,
+    uid: u32,
+    gid: u32,
+    created: i64,
+    /// False once stopped on request: a restarted runner leaves it stopped.
+    running: bool,
+    restarts: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Starting,
+    Up,
+    Backoff,
+    Crashed,
+    Stopping,
+    Stopped,
+}
+
+impl State {
+    fn as_str(self) -> &'static str {
+        match self {
+            State::Starting => "starting",
+            State::Up => "up",
+            State::Backoff => "backoff",
+            State::Crashed => "crashed",
+            State::Stopping => "stopping",
+            State::Stopped => "stopped",
+        }
+    }
+}
+
+/// What to do once the shim reports `Stopped`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum AfterStop {
+    /// `instance.stop`: stay stopped, shim exits.
+    Remove,
+    /// `instance.restart` or a failed health check: start again.
+    Start,
+}
+
+struct Inst {
+    rec: Record,
+    dir: PathBuf,
+    state: State,
+    pid: Option<i32>,
+    started_ms: Option<i64>,
+    /// Restart times inside the respawn window.
+    recent: VecDeque<Instant>,
+    next_delay: Duration,
+    last_exit: Option<ExitInfo>,
+    reason: Option<String>,
+    /// Bumped at every app start; health results of older starts are ignored.
+    generation: u64,
+    shim: Option<mpsc::UnboundedSender<ShimCommand>>,
+    after_stop: Option<AfterStop>,
+    cgroup: cgroup::InstanceCgroup,
+}
+
+impl Inst {
+    fn info(&self, node: &str) -> InstanceInfo {
+        InstanceInfo {
+            id: self.rec.id.clone(),
+            app: self.rec.req.app.clone(),
+            proc: self.rec.req.proc.clone(),
+            pid: self.pid,
+            port: self.rec.port,
+            state: self.state.as_str().into(),
+            restarts: self.rec.restarts,
+            uptime_ms: match (self.state, self.started_ms) {
+                (State::Starting | State::Up, Some(s)) => (now_ms() - s).max(0) as u64,
+                _ => 0,
+            },
+            last_exit: self.last_exit.as_ref().map(|e| LastExit {
+                code: e.code,
+                signal: e.signal,
+                oom: e.oom,
+                at: e.at,
+                reason: e.describe(),
+            }),
+            node: node.to_string(),
+            reason: self.reason.clone(),
+        }
+    }
+
+    fn send(&self, c: ShimCommand) {
+        if let Some(s) = &self.shim {
+            let _ = s.send(c);
+        }
+    }
+
+    fn save(&self) {
+        let _ = write_json(&self.dir.join("instance.json"), &self.rec);
+    }
+}
+
+fn write_json<T: Serialize>(path: &Path, v: &T) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::OpenOptions::new().create(true).write(true).truncate(true).mode(0o600).open(&tmp)?;
+    std::io::Write::write_all(&mut f, &serde_json::to_vec_pretty(v).expect("serializes"))?;
+    std::fs::rename(tmp, path)
+}
+
+fn signal_named(name: &str) -> Result<i32, WireError> {
+    let n = name.trim().to_ascii_uppercase();
+    let full = if n.starts_with("SIG") { n } else { format!("SIG{n}") };
+    full.parse::<nix::sys::signal::Signal>()
+        .map(|s| s as i32)
+        .map_err(|_| WireError::invalid(format!("`{name}` is not a signal name")))
+}
+
+/// The runner actor: every instance's state; shim events, health results and
+/// requests are its messages.
+pub struct Runner {
+    settings: Settings,
+    node: String,
+    server: ServerHandle,
+    hierarchy: cgroup::Hierarchy,
+    shim_bin: PathBuf,
+    instances: HashMap<String, Inst>,
+    log_sink: bool,
+}
+
+impl Actor for Runner {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        self.adopt(ctx);
+    }
+}
+
+/// Runs `fut` for the actor, so `ctx` can schedule follow-ups.
+fn tell<M>(addr: &Addr<Runner>, m: M)
+where
+    M: Message + Send + 'static,
+    M::Result: Send,
+    Runner: Handler<M>,
+{
+    addr.do_send(m);
+}
+
+#[derive(Message)]
+#[rtype(result = "()")]
+struct FromShim {
+    id: String,
+    ev: ShimEvent,
+}
+
+#[derive(Message)]
+#[rtype(result = "()")]
+struct ShimGone {
+    id: String,
+}
+
+#[derive(Message)]
+#[rtype(result = "()")]
+struct HealthResult {
+    id: String,
+    generation: u64,
+    ok: Result<(), String>,
+}
+
+#[derive(Message)]
+#[rtype(result = "Result<Value, WireError>")]
+pub struct Call(pub paddock_wire::Envelope);
+
+impl Runner {
+    fn instance_dir(&self, id: &str) -> PathBuf {
+        self.settings.instances_dir.join("instances").join(id)
+    }
+
+    /// Re-reads every instance directory: running shims are reconnected, dead
+    /// shims of instances that should run are started again.
+    fn adopt(&mut self, ctx: &mut Context<Self>) {
+        let root = self.settings.instances_dir.join("instances");
+        let Ok(rd) = std::fs::read_dir(&root) else { return };
+        for e in rd.flatten() {
+            let dir = e.path();
+            let Ok(rec) = std::fs::read(dir.join("instance.json"))
+                .map_err(|e| e.to_string())
+                .and_then(|b| serde_json::from_slice::<Record>(&b).map_err(|e| e.to_string()))
+            else {
+                continue;
+            };
+            let cg = self
+                .hierarchy
+                .create(&rec.id, &limits_of(&self.settings, &rec.req))
+                .unwrap_or(cgroup::InstanceCgroup {
+                    dirs: vec![],
+                    procs: vec![],
+                    kill: None,
+                    oom_counter: None,
+                });
+            let shim_alive = std::fs::read_to_string(dir.join("shim.pid"))
+                .ok()
+                .and_then(|p| p.trim().parse::<i32>().ok())
+                .is_some_and(|p| nix::sys::signal::kill(nix::unistd::Pid::from_raw(p), None).is_ok());
+            let id = rec.id.clone();
+            let running = rec.running;
+            let mut inst = new_inst(rec, dir, cg, &self.settings);
+            if !running {
+                inst.state = State::Stopped;
+                self.instances.insert(id, inst);
+                continue;
+            }
+            tracing::info!(instance = %id, shim_alive, "re-adopting instance");
+            self.instances.insert(id.clone(), inst);
+            if shim_alive {
+                self.connect(ctx, &id);
+            } else {
+                self.spawn_shim(ctx, &id);
+            }
+        }
+    }
+
+    fn spawn_shim(&mut self, ctx: &mut Context<Self>, id: &str) {
+        let Some(inst) = self.instances.get(id) else { return };
+        let dir = inst.dir.clone();
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("shim.log"));
+        let mut cmd = tokio::process::Command::new(&self.shim_bin);
+        cmd.arg(&dir).stdin(std::process::Stdio::null());
+        if let Ok(l) = log {
+            if let Ok(l2) = l.try_clone() {
+                cmd.stdout(l).stderr(l2);
+            }
+        }
+        // Its own session: no signal to the runner's group (Ctrl-C, a supervisor's
+        // stop) reaches the shim or the app.
+        // SAFETY: setsid is async-signal-safe.
+        unsafe {
+            cmd.pre_exec(|| {
+                nix::unistd::setsid()?;
+                Ok(())
+            });
+        }
+        let _ = std::fs::remove_file(dir.join("shim.sock"));
+        match cmd.spawn() {
+            Ok(mut child) => {
+                // Reap it whenever it ends (a re-adopting runner is not its parent).
+                actix_rt::spawn(async move {
+                    let _ = child.wait().await;
+                });
+                self.connect(ctx, id);
+            }
+            Err(e) => {
+                let reason = format!("cannot start paddock-shim: {e}");
+                tracing::error!(instance = %id, "{reason}");
+                if let Some(i) = self.instances.get_mut(id) {
+                    i.state = State::Crashed;
+                    i.reason = Some(reason);
+                }
+            }
+        }
+    }
+
+    /// Connects to the instance's shim socket (retrying while the shim starts)
+    /// and relays its events to the actor until the socket closes.
+    fn connect(&mut self, ctx: &mut Context<Self>, id: &str) {
+        let Some(inst) = self.instances.get_mut(id) else { return };
+        let (tx, mut rx) = mpsc::unbounded_channel::<ShimCommand>();
+        inst.shim = Some(tx);
+        let sock = inst.dir.join("shim.sock");
+        let addr = ctx.address();
+        let id = id.to_string();
+        actix_rt::spawn(async move {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            let stream = loop {
+                match tokio::net::UnixStream::connect(&sock).await {
+                    Ok(s) => break Some(s),
+                    Err(_) if Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(5)).await,
+                    Err(_) => break None,
+                }
+            };
+            let Some(stream) = stream else {
+                tell(&addr, ShimGone { id });
+                return;
+            };
+            let (r, mut w) = stream.into_split();
+            let writer = actix_rt::spawn(async move {
+                while let Some(cmd) = rx.recv().await {
+                    let mut line = serde_json::to_vec(&cmd).expect("commands serialize");
+                    line.push(b'\n');
+                    if w.write_all(&line).await.is_err() {
+                        return;
+                    }
+                }
+            });
+            let mut lines = BufReader::new(r).lines();
+            while let Ok(Some(l)) = lines.next_line().await {
+                match serde_json::from_str::<ShimEvent>(&l) {
+                    Ok(ev) => tell(&addr, FromShim { id: id.clone(), ev }),
+                    Err(e) => tracing::warn!(instance = %id, "bad line from shim: {e}"),
+                }
+            }
+            writer.abort();
+            tell(&addr, ShimGone { id });
+        });
+    }
+
+    fn check_for(req: &InstanceStart) -> health::Check {
+        if let Some(p) = &req.health.http {
+            health::Check::Http(p.clone())
+        } else if req.health.none == Some(true) {
+            health::Check::None
+        } else {
+            health::Check::Tcp
+        }
+    }
+
+    /// Watches one start of the app: `starting` → `up` when healthy within the
+    /// start timeout, then periodic liveness checks.
+    fn watch_health(&self, ctx: &mut Context<Self>, id: &str) {
+        let Some(inst) = self.instances.get(id) else { return };
+        let check = Self::check_for(&inst.rec.req);
+        let port = inst.rec.port;
+        let generation = inst.generation;
+        let s = &self.settings;
+        let start_timeout = inst.rec.req.start_timeout_ms.map(Duration::from_millis).unwrap_or(s.start_timeout);
+        let interval = inst.rec.req.health_interval_ms.map(Duration::from_millis).unwrap_or(s.health_interval);
+        let (failures, none_after) = (s.health_failures.max(1), s.none_up_after);
+        let addr = ctx.address();
+        let id = id.to_string();
+        actix_rt::spawn(async move {
+            let deadline = Instant::now() + start_timeout;
+            let report = |ok| tell(&addr, HealthResult { id: id.clone(), generation, ok });
+            if check == health::Check::None {
+                tokio::time::sleep(none_after).await;
+                report(Ok(()));
+                return; // a worker without a port: its exits are its health
+            }
+            let mut last = String::new();
+            let mut up = false;
+            while Instant::now() < deadline {
+                match health::probe(&check, port, Duration::from_secs(2)).await {
+                    Ok(()) => {
+                        up = true;
+                        break;
+                    }
+                    Err(e) => last = e,
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            if !up {
+                report(Err(format!("not healthy within {start_timeout:?}: {last}")));
+                return;
+            }
+            report(Ok(()));
+            let mut failed = 0;
+            loop {
+                tokio::time::sleep(interval).await;
+                match health::probe(&check, port, Duration::from_secs(2)).await {
+                    Ok(()) => failed = 0,
+                    Err(e) => {
+                        failed += 1;
+                        if failed >= failures {
+                            report(Err(format!("{failed} liveness checks failed: {e}")));
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+    }
+
+    fn on_event(&mut self, ctx: &mut Context<Self>, id: &str, ev: ShimEvent) {
+        match ev {
+            ShimEvent::Hello { pid, started_ns, last_exit } => {
+                let Some(inst) = self.instances.get_mut(id) else { return };
+                match pid {
+                    Some(p) => {
+                        inst.pid = Some(p);
+                        inst.started_ms = started_ns.map(|n| n / 1_000_000);
+                        if inst.state != State::Stopping {
+                            inst.state = State::Starting;
+                            inst.generation += 1;
+                            self.watch_health(ctx, id);
+                        }
+                    }
+                    None => {
+                        if let Some(e) = last_exit {
+                            if inst.state != State::Stopping && inst.state != State::Stopped {
+                                self.on_exit(ctx, id, e);
+                            }
+                        }
+                    }
+                }
+            }
+            ShimEvent::Started { pid, started_ns } => {
+                let Some(inst) = self.instances.get_mut(id) else { return };
+                inst.pid = Some(pid);
+                inst.started_ms = Some(started_ns / 1_000_000);
+                inst.state = State::Starting;
+                inst.generation += 1;
+                tracing::info!(instance = %id, pid, "started");
+                self.watch_health(ctx, id);
+            }
+            ShimEvent::Exited(e) => self.on_exit(ctx, id, e),
+            ShimEvent::Log { ts, stream, line } => {
+                if self.log_sink {
+                    if let Some(inst) = self.instances.get(id) {
+                        self.server.push_to(
+                            "logs",
+                            kinds::LOG_LINE,
+                            json!({"app": inst.rec.req.app, "proc": inst.rec.req.proc, "instance": id,
+                                   "node": self.node, "ts": ts, "stream": stream, "line": line}),
+                        );
+                    }
+                }
+            }
+            ShimEvent::Stopped => {
+                let Some(inst) = self.instances.get_mut(id) else { return };
+                inst.pid = None;
+                match inst.after_stop.take() {
+                    Some(AfterStop::Start) => {
+                        inst.rec.restarts += 1;
+                        inst.save();
+                        inst.send(ShimCommand::Start);
+                    }
+                    _ => {
+                        inst.state = State::Stopped;
+                        inst.rec.running = false;
+                        inst.save();
+                        inst.send(ShimCommand::Exit);
+                        inst.cgroup.remove();
+                        tracing::info!(instance = %id, "stopped");
+                    }
+                }
+            }
+            ShimEvent::Error { message } => tracing::warn!(instance = %id, "shim: {message}"),
+        }
+    }
+
+    fn on_exit(&mut self, ctx: &mut Context<Self>, id: &str, e: ExitInfo) {
+        let s = self.settings.clone();
+        let Some(inst) = self.instances.get_mut(id) else { return };
+        let uptime = inst.started_ms.map(|st| (e.at - st).max(0) as u64).unwrap_or(0);
+        inst.pid = None;
+        inst.generation += 1; // stop health checks of the dead process
+        inst.last_exit = Some(e.clone());
+        tracing::info!(instance = %id, "exited: {}", e.describe());
+        if matches!(inst.state, State::Stopping | State::Stopped) || inst.after_stop.is_some() {
+            return; // asked for; `Stopped` follows
+        }
+        let down = inst.info(&self.node);
+        self.server.publish(kinds::INSTANCE_DOWN, kinds::to_body(&down));
+        let Some(inst) = self.instances.get_mut(id) else { return };
+        let policy = &inst.rec.req.restart;
+        let normal = policy.normal_exit.clone().unwrap_or_default();
+        if let Some(code) = e.code {
+            if normal.contains(&code) {
+                inst.state = State::Stopped;
+                inst.reason = Some(format!("exited normally ({})", e.describe()));
+                inst.rec.running = false;
+                inst.save();
+                inst.send(ShimCommand::Exit);
+                return;
+            }
+        }
+        let limit = policy.limit.unwrap_or(s.restart_limit);
+        let window = policy.window_ms.map(Duration::from_millis).unwrap_or(s.restart_window);
+        let base = policy.backoff_base_ms.map(Duration::from_millis).unwrap_or(s.backoff_base);
+        let cap = policy.backoff_cap_ms.map(Duration::from_millis).unwrap_or(s.backoff_cap);
+        let reset = policy.reset_after_ms.map(Duration::from_millis).unwrap_or(s.backoff_reset);
+        if Duration::from_millis(uptime) >= reset {
+            inst.next_delay = Duration::ZERO;
+        }
+        let now = Instant::now();
+        while inst.recent.front().is_some_and(|t| now.duration_since(*t) > window) {
+            inst.recent.pop_front();
+        }
+        if inst.recent.len() as u32 >= limit {
+            let reason = format!(
+                "{} restarts within {:?}; last: {}",
+                inst.recent.len(),
+                window,
+                e.describe()
+            );
+            tracing::warn!(instance = %id, "crashed: {reason}");
+            inst.state = State::Crashed;
+            inst.reason = Some(reason);
+            let info = inst.info(&self.node);
+            self.server.publish(kinds::INSTANCE_CRASHED, kinds::to_body(&info));
+            return;
+        }
+        let delay = inst.next_delay;
+        inst.next_delay = (delay * 2).max(base).min(cap);
+        inst.recent.push_back(now);
+        inst.rec.restarts += 1;
+        inst.save();
+        if delay.is_zero() {
+            inst.state = State::Starting;
+            inst.send(ShimCommand::Start);
+        } else {
+            inst.state = State::Backoff;
+            inst.reason = Some(format!("restarting in {delay:?} after {}", e.describe()));
+            let id = id.to_string();
+            let generation = inst.generation;
+            ctx.run_later(delay, move |act, _| {
+                if let Some(i) = act.instances.get_mut(&id) {
+                    if i.state == State::Backoff && i.generation == generation {
+                        i.state = State::Starting;
+                        i.send(ShimCommand::Start);
+                    }
+                }
+            });
+        }
+    }
+
+    fn start_instance(&mut self, ctx: &mut Context<Self>, req: InstanceStart) -> Result<Value, WireError> {
+        if !users::valid_app(&req.app) {
+            return Err(WireError::invalid("`app` must be 1-28 characters of [a-z0-9-], starting with a letter"));
+        }
+        if !users::valid_proc(&req.proc) {
+            return Err(WireError::invalid("`proc` must be 1-30 characters of [a-z0-9_-]"));
+        }
+        if req.command.trim().is_empty() {
+            return Err(WireError::invalid("`command` is empty"));
+        }
+        let stop_sig = signal_named(req.stop_signal.as_deref().unwrap_or("TERM"))?;
+        signal_named(req.reload_signal.as_deref().unwrap_or("HUP"))?;
+        let _ = stop_sig;
+        let dir = PathBuf::from(&req.dir);
+        if !dir.is_absolute() {
+            return Err(WireError::invalid("`dir` must be an absolute path"));
+        }
+        let (uid, gid) = users::ensure_user(&req.app).map_err(WireError::internal)?;
+        users::check_readable_dir(&dir, uid, gid).map_err(WireError::invalid)?;
+        let port = self.free_port().ok_or_else(|| WireError::unavailable("no free port left in the runner's range"))?;
+        let id = format!("{}-{}-{}", req.app, req.proc, &ulid::Ulid::new().to_string().to_lowercase()[16..]);
+        let idir = self.instance_dir(&id);
+        let home = self.settings.apps_dir.join(&id).join("home");
+        let tmp = self.settings.apps_dir.join(&id).join("tmp");
+        let mk = |d: &Path, owner: Option<(u32, u32)>| -> Result<(), WireError> {
+            use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(d)
+                .map_err(|e| WireError::internal(format!("cannot create {}: {e}", d.display())))?;
+            if let Some((u, g)) = owner {
+                std::os::unix::fs::chown(d, Some(u), Some(g)).map_err(|e| WireError::internal(format!("chown {}: {e}", d.display())))?;
+            } else {
+                let _ = std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o700));
+            }
+            Ok(())
+        };
+        mk(&idir, None)?;
+        {
+            // Root-owned, searchable: the app's user reaches only its own home and tmp.
+            use std::os::unix::fs::PermissionsExt;
+            let base = self.settings.apps_dir.join(&id);
+            std::fs::create_dir_all(&base).map_err(|e| WireError::internal(format!("cannot create {}: {e}", base.display())))?;
+            let _ = std::fs::set_permissions(&base, std::fs::Permissions::from_mode(0o711));
+        }
+        mk(&home, Some((uid, gid)))?;
+        mk(&tmp, Some((uid, gid)))?;
+        // The app's user must reach its home through apps_dir.
+        users::check_readable_dir(&home, uid, gid).map_err(|e| {
+            WireError::internal(format!("apps_dir {} is not usable: {e}", self.settings.apps_dir.display()))
+        })?;
+        let cg = self
+            .hierarchy
+            .create(&id, &limits_of(&self.settings, &req))
+            .map_err(|e| WireError::internal(format!("cannot create cgroups: {e}")))?;
+        let mut env: BTreeMap<String, String> = BTreeMap::new();
+        env.insert("PATH".into(), "/usr/local/bin:/usr/bin:/bin".into());
+        env.insert("LANG".into(), "C.UTF-8".into());
+        env.extend(req.env.clone());
+        env.insert("HOME".into(), home.display().to_string());
+        env.insert("TMPDIR".into(), tmp.display().to_string());
+        env.insert("PORT".into(), port.to_string());
+        env.insert("PADDOCK_APP".into(), req.app.clone());
+        env.insert("PADDOCK_PROC".into(), req.proc.clone());
+        env.insert("PADDOCK_INSTANCE".into(), id.clone());
+        let shim_spec = ShimSpec {
+            id: id.clone(),
+            command: req.command.clone(),
+            dir: dir.clone(),
+            env,
+            uid,
+            gid,
+            nofile: req.limits.nofile.unwrap_or(self.settings.nofile),
+            nproc: None,
+            cgroup_procs: cg.procs.clone(),
+            cgroup_kill: cg.kill.clone(),
+            oom_counter: cg.oom_counter.clone(),
+            log_file: idir.join("app.log"),
+            log_max_bytes: self.settings.log_max_bytes,
+        };
+        write_json(&idir.join("spec.json"), &shim_spec).map_err(|e| WireError::internal(format!("cannot write spec: {e}")))?;
+        let rec = Record {
+            id: id.clone(),
+            req,
+            port,
+            uid,
+            gid,
+            created: now_ms(),
+            running: true,
+            restarts: 0,
+        };
+        let inst = new_inst(rec, idir, cg, &self.settings);
+        inst.save();
+        self.instances.insert(id.clone(), inst);
+        self.spawn_shim(ctx, &id);
+        tracing::info!(instance = %id, port, "instance started");
+        Ok(kinds::to_body(&InstanceStarted { id, port }))
+    }
+
+    fn free_port(&self) -> Option<u16> {
+        let used: Vec<u16> = self
+            .instances
+            .values()
+            .filter(|i| i.state != State::Stopped)
+            .map(|i| i.rec.port)
+            .collect();
+        let span = (self.settings.port_max - self.settings.port_min) as u32 + 1;
+        let offset = rand_u32() % span;
+        (0..span)
+            .map(|i| self.settings.port_min + ((offset + i) % span) as u16)
+            .find(|p| !used.contains(p) && std::net::TcpListener::bind(("0.0.0.0", *p)).is_ok())
+    }
+
+    fn get(&mut self, id: &str) -> Result<&mut Inst, WireError> {
+        self.instances
+            .get_mut(id)
+            .ok_or_else(|| WireError::new(Code::NotFound, format!("no instance `{id}` on this runner")))
+    }
+
+    fn stop_signal(inst: &Inst, s: &Settings) -> (i32, u64) {
+        let sig = signal_named(inst.rec.req.stop_signal.as_deref().unwrap_or("TERM")).unwrap_or(15);
+        let grace = inst.rec.req.stop_grace_ms.unwrap_or(s.stop_grace.as_millis() as u64);
+        (sig, grace)
+    }
+
+    fn handle_call(&mut self, ctx: &mut Context<Self>, env: paddock_wire::Envelope) -> Result<Value, WireError> {
+        let s = self.settings.clone();
+        match env.kind.as_str() {
+            kinds::INSTANCE_START => self.start_instance(ctx, body(&env)?),
+            kinds::INSTANCE_STOP => {
+                let req: InstanceId = body(&env)?;
+                let inst = self.get(&req.id)?;
+                if inst.state == State::Stopped {
+                    return Ok(json!({"state": "stopped"}));
+                }
+                let (sig, grace) = Self::stop_signal(inst, &s);
+                inst.state = State::Stopping;
+                inst.after_stop = Some(AfterStop::Remove);
+                inst.generation += 1;
+                inst.send(ShimCommand::Stop { sig, grace_ms: grace });
+                Ok(json!({"state": "stopping"}))
+            }
+            kinds::INSTANCE_RESTART => {
+                let req: InstanceId = body(&env)?;
+                let inst = self.get(&req.id)?;
+                if inst.state == State::Stopped {
+                    return Err(WireError::new(Code::Conflict, format!("instance `{}` is stopped; start a new one", req.id)));
+                }
+                let (sig, grace) = Self::stop_signal(inst, &s);
+                inst.after_stop = Some(AfterStop::Start);
+                inst.state = State::Stopping;
+                inst.generation += 1;
+                inst.recent.clear();
+                inst.next_delay = Duration::ZERO;
+                inst.send(ShimCommand::Stop { sig, grace_ms: grace });
+                Ok(json!({"state": "restarting"}))
+            }
+            kinds::INSTANCE_RELOAD => {
+                let req: InstanceId = body(&env)?;
+                let inst = self.get(&req.id)?;
+                let sig = signal_named(inst.rec.req.reload_signal.as_deref().unwrap_or("HUP"))?;
+                if inst.pid.is_none() {
+                    return Err(WireError::new(Code::Conflict, format!("instance `{}` is not running", req.id)));
+                }
+                inst.send(ShimCommand::Signal { sig });
+                Ok(json!({"signal": sig}))
+            }
+            kinds::INSTANCE_LIST => {
+                let mut v: Vec<InstanceInfo> = self.instances.values().map(|i| i.info(&self.node)).collect();
+                v.sort_by(|a, b| a.id.cmp(&b.id));
+                Ok(kinds::to_body(&InstanceList { instances: v }))
+            }
+            kinds::INSTANCE_LOGS => {
+                let req: InstanceLogs = body(&env)?;
+                let inst = self.get(&req.id)?;
+                Ok(kinds::to_body(&LogLines {
+                    lines: tail_log(&inst.dir.join("app.log"), req.lines.min(10_000)),
+                }))
+            }
+            other => Err(WireError::new(Code::UnknownKind, format!("runner does not handle `{other}`"))),
+        }
+    }
+}
+
+fn rand_u32() -> u32 {
+    let mut b = [0u8; 4];
+    let _ = getrandom(&mut b);
+    u32::from_le_bytes(b)
+}
+
+fn getrandom(b: &mut [u8]) -> std::io::Result<()> {
+    use std::io::Read;
+    std::fs::File::open("/dev/urandom")?.read_exact(b)
+}
+
+fn limits_of(s: &Settings, req: &InstanceStart) -> cgroup::Limits {
+    cgroup::Limits {
+        memory_mb: req.limits.memory_mb.or(s.memory_mb),
+        pids: Some(req.limits.pids.unwrap_or(s.pids)),
+        cpu_weight: req.limits.cpu_weight,
+    }
+}
+
+fn new_inst(rec: Record, dir: PathBuf, cg: cgroup::InstanceCgroup, s: &Settings) -> Inst {
+    let _ = s;
+    Inst {
+        rec,
+        dir,
+        state: State::Starting,
+        pid: None,
+        started_ms: None,
+        recent: VecDeque::new(),
+        next_delay: Duration::ZERO,
+        last_exit: None,
+        reason: None,
+        generation: 0,
+        shim: None,
+        after_stop: None,
+        cgroup: cg,
+    }
+}
+
+/// The last `n` lines of an instance's log (the rotated file first when needed).
+fn tail_log(path: &Path, n: usize) -> Vec<LogLine> {
+    let mut lines: Vec<LogLine> = Vec::new();
+    for p in [path.with_extension("log.1"), path.to_path_buf()] {
+        if let Ok(text) = std::fs::read_to_string(&p) {
+            lines.extend(text.lines().filter_map(|l| serde_json::from_str(l).ok()));
+        }
+    }
+    let skip = lines.len().saturating_sub(n);
+    lines.split_off(skip)
+}
+
+impl Handler<FromShim> for Runner {
+    type Result = ();
+    fn handle(&mut self, m: FromShim, ctx: &mut Context<Self>) {
+        let before = self.instances.get(&m.id).map(|i| i.state);
+        self.on_event(ctx, &m.id, m.ev);
+        let _ = before;
+    }
+}
+
+impl Handler<ShimGone> for Runner {
+    type Result = ();
+    fn handle(&mut self, m: ShimGone, _: &mut Context<Self>) {
+        let Some(inst) = self.instances.get_mut(&m.id) else { return };
+        inst.shim = None;
+        if inst.state != State::Stopped {
+            // The shim died (or was killed): what it held is gone with it.
+            shim::kill_everything(inst.cgroup.kill.as_ref());
+            inst.state = State::Crashed;
+            inst.pid = None;
+            inst.reason = Some("its paddock-shim ended unexpectedly".into());
+            tracing::warn!(instance = %m.id, "shim gone; instance crashed");
+            let info = inst.info(&self.node);
+            self.server.publish(kinds::INSTANCE_CRASHED, kinds::to_body(&info));
+        }
+    }
+}
+
+impl Handler<HealthResult> for Runner {
+    type Result = ();
+    fn handle(&mut self, m: HealthResult, ctx: &mut Context<Self>) {
+        let s = self.settings.clone();
+        let Some(inst) = self.instances.get_mut(&m.id) else { return };
+        if inst.generation != m.generation {
+            return;
+        }
+        match m.ok {
+            Ok(()) => {
+                if inst.state == State::Starting {
+                    inst.state = State::Up;
+                    inst.reason = None;
+                    tracing::info!(instance = %m.id, "up");
+                    let info = inst.info(&self.node);
+                    self.server.publish(kinds::INSTANCE_UP, kinds::to_body(&info));
+                }
+            }
+            Err(reason) => {
+                tracing::warn!(instance = %m.id, "health: {reason}; restarting");
+                let (sig, grace) = Runner::stop_signal(inst, &s);
+                inst.reason = Some(reason);
+                inst.state = State::Stopping;
+                inst.after_stop = Some(AfterStop::Start);
+                inst.generation += 1;
+                inst.send(ShimCommand::Stop { sig, grace_ms: grace });
+                let _ = ctx;
+            }
+        }
+    }
+}
+
+impl Handler<Call> for Runner {
+    type Result = Result<Value, WireError>;
+    fn handle(&mut self, m: Call, ctx: &mut Context<Self>) -> Self::Result {
+        if m.0.kind.starts_with("run.") {
+            return Err(WireError::internal("run.* is handled by the PTY relay"));
+        }
+        self.handle_call(ctx, m.0)
+    }
+}
+
+pub async fn setup(ctx: Ctx) -> anyhow::Result<Routes> {
+    let cfg = ctx.config();
+    let settings = Settings::from_config(&cfg)?;
+    for d in [&settings.instances_dir, &settings.apps_dir] {
+        use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+        std::fs::DirBuilder::new().recursive(true).mode(0o711).create(d)?;
+        std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o711))?;
+    }
+    std::fs::create_dir_all(settings.instances_dir.join("instances"))?;
+    let hierarchy = cgroup::Hierarchy::detect(&settings.cgroup_root);
+    tracing::info!(cgroups = hierarchy.name(), "runner ready to place instances");
+    let shim_bin = std::env::current_exe()?
+        .parent()
+        .map(|p| p.join("paddock-shim"))
+        .filter(|p| p.exists())
+        .ok_or_else(|| anyhow::anyhow!("paddock-shim not found next to paddock-runner"))?;
+    let log_sink = cfg.file.daemons.get("runner").and_then(|d| d.endpoint("log_sink")).is_some();
+    let pty = pty::Runs::new(settings.apps_dir.clone());
+    let runner = Runner {
+        settings,
+        node: cfg.node().to_string(),
+        server: ctx.server().clone(),
+        hierarchy,
+        shim_bin,
+        instances: HashMap::new(),
+        log_sink,
+    }
+    .start();
+    let mut routes = Routes::new();
+    for kind in [
+        kinds::INSTANCE_START,
+        kinds::INSTANCE_STOP,
+        kinds::INSTANCE_RESTART,
+        kinds::INSTANCE_RELOAD,
+        kinds::INSTANCE_LOGS,
+        kinds::INSTANCE_LIST,
+    ] {
+        let r = runner.clone();
+        routes = routes.on(kind, move |env| {
+            let r = r.clone();
+            async move { r.send(Call(env)).await.map_err(|e| WireError::internal(format!("runner actor: {e}")))? }
+        });
+    }
+    pty::routes(routes, pty)
+}

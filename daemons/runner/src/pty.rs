@@ -1,0 +1,283 @@
+//! One-off commands on a pseudo-terminal (`run.*`): started in an app's
+//! environment as the app's user, with input, output and window size relayed over
+//! ZeroMQ requests (output by long polling), and the exit status returned.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::path::PathBuf;
+use std::rc::Rc;
+use std::time::Duration;
+
+use base64::Engine;
+use paddock_daemon::{body, Routes};
+use paddock_wire::kinds::{self, RunInput, RunOutput, RunOutputReq, RunResize, RunStart, RunStarted};
+use paddock_wire::{Code, WireError};
+use serde_json::{json, Value};
+use tokio::io::unix::AsyncFd;
+use tokio::sync::Notify;
+
+use crate::users;
+
+/// Output kept per run; beyond it the oldest bytes are dropped (offsets stay true).
+const MAX_BUFFER: usize = 8 << 20;
+
+struct Run {
+    master: Rc<AsyncFd<OwnedFd>>,
+    pid: i32,
+    /// Output bytes `[base, base + buf.len())`.
+    buf: Vec<u8>,
+    base: u64,
+    eof: bool,
+    exit: Option<i32>,
+    changed: Rc<Notify>,
+}
+
+#[derive(Clone)]
+pub struct Runs {
+    runs: Rc<RefCell<HashMap<String, Run>>>,
+    apps_dir: PathBuf,
+}
+
+impl Runs {
+    pub fn new(apps_dir: PathBuf) -> Runs {
+        Runs {
+            runs: Rc::new(RefCell::new(HashMap::new())),
+            apps_dir,
+        }
+    }
+
+    fn start(&self, req: RunStart) -> Result<Value, WireError> {
+        if !users::valid_app(&req.app) {
+            return Err(WireError::invalid("`app` must be 1-28 characters of [a-z0-9-]"));
+        }
+        let dir = PathBuf::from(&req.dir);
+        let (uid, gid) = users::ensure_user(&req.app).map_err(WireError::internal)?;
+        users::check_readable_dir(&dir, uid, gid).map_err(WireError::invalid)?;
+        let id = format!("run-{}", ulid::Ulid::new().to_string().to_lowercase());
+        let home = self.apps_dir.join(&id);
+        {
+            use std::os::unix::fs::DirBuilderExt;
+            std::fs::DirBuilder::new()
+                .mode(0o700)
+                .create(&home)
+                .map_err(|e| WireError::internal(format!("cannot create {}: {e}", home.display())))?;
+            std::os::unix::fs::chown(&home, Some(uid), Some(gid)).map_err(|e| WireError::internal(e.to_string()))?;
+        }
+        let ws = nix::pty::Winsize {
+            ws_row: req.rows,
+            ws_col: req.cols,
+            ws_xpixel: 0,
+            ws_ypixel: 0,
+        };
+        let pty = nix::pty::openpty(Some(&ws), None).map_err(|e| WireError::internal(format!("openpty: {e}")))?;
+        let slave = pty.slave;
+        let mut cmd = tokio::process::Command::new("/bin/sh");
+        cmd.arg("-c")
+            .arg(format!("exec {}", req.command))
+            .env_clear()
+            .env("PATH", "/usr/local/bin:/usr/bin:/bin")
+            .env("LANG", "C.UTF-8")
+            .env("TERM", req.env.get("TERM").map(String::as_str).unwrap_or("xterm-256color"))
+            .envs(&req.env)
+            .env("HOME", &home)
+            .env("TMPDIR", &home)
+            .env("PADDOCK_APP", &req.app)
+            .current_dir(&dir)
+            .stdin(std::process::Stdio::from(slave.try_clone().map_err(|e| WireError::internal(e.to_string()))?))
+            .stdout(std::process::Stdio::from(slave.try_clone().map_err(|e| WireError::internal(e.to_string()))?))
+            .stderr(std::process::Stdio::from(slave));
+        // SAFETY: only async-signal-safe syscalls between fork and exec (the runner
+        // has other threads, so nothing here allocates).
+        unsafe {
+            cmd.pre_exec(move || {
+                nix::unistd::setsid()?;
+                if libc::ioctl(0, libc::TIOCSCTTY as _, 0) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                libc::umask(0o077);
+                let g = nix::unistd::Gid::from_raw(gid);
+                nix::unistd::setgroups(&[g])?;
+                nix::unistd::setgid(g)?;
+                nix::unistd::setuid(nix::unistd::Uid::from_raw(uid))?;
+                Ok(())
+            });
+        }
+        let mut child = cmd.spawn().map_err(|e| WireError::invalid(format!("cannot start `{}`: {e}", req.command)))?;
+        let pid = child.id().unwrap_or(0) as i32;
+        let master = pty.master;
+        nix::fcntl::fcntl(master.as_raw_fd(), nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK))
+            .map_err(|e| WireError::internal(e.to_string()))?;
+        // SAFETY: the AsyncFd owns the master fd and is the only thing that closes it.
+        let master = Rc::new(unsafe { AsyncFd::register(master) }.map_err(|e| WireError::internal(e.to_string()))?);
+        let changed = Rc::new(Notify::new());
+        self.runs.borrow_mut().insert(
+            id.clone(),
+            Run {
+                master: master.clone(),
+                pid,
+                buf: Vec::new(),
+                base: 0,
+                eof: false,
+                exit: None,
+                changed: changed.clone(),
+            },
+        );
+        // Reader: until EIO (every slave fd closed).
+        let (runs, rid) = (self.runs.clone(), id.clone());
+        actix_rt::spawn(async move {
+            let mut chunk = vec![0u8; 16384];
+            loop {
+                let Ok(mut guard) = master.readable().await else { break };
+                match guard.try_io(|fd| nix::unistd::read(fd.as_raw_fd(), &mut chunk).map_err(std::io::Error::from)) {
+                    Ok(Ok(0)) | Ok(Err(_)) => break,
+                    Ok(Ok(n)) => {
+                        if let Some(r) = runs.borrow_mut().get_mut(&rid) {
+                            r.buf.extend_from_slice(&chunk[..n]);
+                            if r.buf.len() > MAX_BUFFER {
+                                let drop = r.buf.len() - MAX_BUFFER;
+                                r.buf.drain(..drop);
+                                r.base += drop as u64;
+                            }
+                            r.changed.notify_waiters();
+                        }
+                    }
+                    Err(_would_block) => continue,
+                }
+            }
+            if let Some(r) = runs.borrow_mut().get_mut(&rid) {
+                r.eof = true;
+                r.changed.notify_waiters();
+            }
+        });
+        let (runs, rid) = (self.runs.clone(), id.clone());
+        actix_rt::spawn(async move {
+            let code = match child.wait().await {
+                Ok(st) => st
+                    .code()
+                    .unwrap_or_else(|| 128 + std::os::unix::process::ExitStatusExt::signal(&st).unwrap_or(0)),
+                Err(_) => 255,
+            };
+            let notify = runs.borrow_mut().get_mut(&rid).map(|r| {
+                r.exit = Some(code);
+                r.changed.clone()
+            });
+            if let Some(n) = notify {
+                n.notify_waiters();
+            }
+            // Forget the run a while after it ended (its output was fetched by then).
+            tokio::time::sleep(Duration::from_secs(300)).await;
+            runs.borrow_mut().remove(&rid);
+            let _ = std::fs::remove_dir_all(home);
+        });
+        tracing::info!(run = %id, pid, app = %req.app, "one-off command started");
+        Ok(kinds::to_body(&RunStarted { id, pid }))
+    }
+
+    fn with<T>(&self, id: &str, f: impl FnOnce(&mut Run) -> T) -> Result<T, WireError> {
+        let mut runs = self.runs.borrow_mut();
+        let r = runs
+            .get_mut(id)
+            .ok_or_else(|| WireError::new(Code::NotFound, format!("no run `{id}` on this runner")))?;
+        Ok(f(r))
+    }
+
+    fn input(&self, req: RunInput) -> Result<Value, WireError> {
+        let data = base64::engine::general_purpose::STANDARD
+            .decode(&req.data)
+            .map_err(|e| WireError::invalid(format!("`data` is not base64: {e}")))?;
+        let fd: RawFd = self.with(&req.id, |r| r.master.get_ref().as_raw_fd())?;
+        let mut off = 0;
+        let mut tries = 0;
+        while off < data.len() {
+            // SAFETY: fd is the run's open master; data outlives the call.
+            let n = unsafe { libc::write(fd, data[off..].as_ptr().cast(), data.len() - off) };
+            if n > 0 {
+                off += n as usize;
+            } else {
+                tries += 1;
+                if tries > 200 {
+                    return Err(WireError::unavailable("the terminal is not taking input"));
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+        Ok(json!({"written": off}))
+    }
+
+    fn resize(&self, req: RunResize) -> Result<Value, WireError> {
+        let fd = self.with(&req.id, |r| r.master.get_ref().as_raw_fd())?;
+        let ws = libc::winsize {
+            ws_row: req.rows,
+            ws_col: req.cols,
+            ws_xpixel: 0,
+            ws_ypixel: 0,
+        };
+        // SAFETY: TIOCSWINSZ with a valid winsize on an open pty master.
+        if unsafe { libc::ioctl(fd, libc::TIOCSWINSZ, &ws) } != 0 {
+            return Err(WireError::internal(format!("resize: {}", std::io::Error::last_os_error())));
+        }
+        Ok(json!({}))
+    }
+
+    async fn output(&self, req: RunOutputReq) -> Result<Value, WireError> {
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(req.wait_ms.min(30_000));
+        loop {
+            let (ready, notify) = self.with(&req.id, |r| {
+                let end = r.base + r.buf.len() as u64;
+                let has = req.offset < end || (r.eof && r.exit.is_some());
+                (has, r.changed.clone())
+            })?;
+            if ready || tokio::time::Instant::now() >= deadline {
+                return self.with(&req.id, |r| {
+                    let end = r.base + r.buf.len() as u64;
+                    let from = req.offset.clamp(r.base, end);
+                    let bytes = &r.buf[(from - r.base) as usize..];
+                    let done = r.eof && r.exit.is_some();
+                    kinds::to_body(&RunOutput {
+                        data: base64::engine::general_purpose::STANDARD.encode(bytes),
+                        next_offset: end,
+                        exit_code: if done { r.exit } else { None },
+                        done,
+                    })
+                });
+            }
+            let _ = tokio::time::timeout_at(deadline, notify.notified()).await;
+        }
+    }
+
+    fn kill(&self, id: &str) -> Result<Value, WireError> {
+        let pid = self.with(id, |r| r.pid)?;
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(-pid), nix::sys::signal::Signal::SIGKILL);
+        Ok(json!({}))
+    }
+}
+
+/// Adds the `run.*` kinds.
+pub fn routes(routes: Routes, runs: Runs) -> anyhow::Result<Routes> {
+    let (a, b, c, d, e) = (runs.clone(), runs.clone(), runs.clone(), runs.clone(), runs);
+    Ok(routes
+        .on(kinds::RUN_START, move |env| {
+            let r = a.clone();
+            async move { r.start(body(&env)?) }
+        })
+        .on(kinds::RUN_INPUT, move |env| {
+            let r = b.clone();
+            async move { r.input(body(&env)?) }
+        })
+        .on(kinds::RUN_RESIZE, move |env| {
+            let r = c.clone();
+            async move { r.resize(body(&env)?) }
+        })
+        .on(kinds::RUN_OUTPUT, move |env| {
+            let r = d.clone();
+            async move { r.output(body(&env)?).await }
+        })
+        .on(kinds::RUN_KILL, move |env| {
+            let r = e.clone();
+            async move {
+                let req: kinds::InstanceId = body(&env)?;
+                r.kill(&req.id)
+            }
+        }))
+}

@@ -1,0 +1,109 @@
+//! What the runner and a per-instance shim say to each other over the shim's unix
+//! socket: one JSON object per line. Both ends are built from this crate, and the
+//! socket lives in a root-only directory, so this is a private local protocol, not
+//! part of the wire protocol (docs/ARCHITECTURE.md, runner).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+/// Everything the shim needs to start the app, written by the runner to
+/// `<instance dir>/spec.json` before the shim starts.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ShimSpec {
+    pub id: String,
+    /// The Procfile-style command; run as `sh -c 'exec COMMAND'` so the tracked
+    /// pid is the app's own.
+    pub command: String,
+    pub dir: PathBuf,
+    /// The complete environment (nothing is inherited).
+    pub env: BTreeMap<String, String>,
+    pub uid: u32,
+    pub gid: u32,
+    pub nofile: u64,
+    pub nproc: Option<u64>,
+    /// `cgroup.procs` (or v1 `tasks`-equivalent) files the app joins before exec.
+    pub cgroup_procs: Vec<PathBuf>,
+    /// How to kill everything in the instance's cgroup.
+    pub cgroup_kill: Option<CgroupKill>,
+    /// A file whose `oom_kill N` line counts OOM kills in the instance's cgroup.
+    pub oom_counter: Option<PathBuf>,
+    pub log_file: PathBuf,
+    pub log_max_bytes: u64,
+}
+
+/// The exact way to kill every process of an instance.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "snake_case")]
+pub enum CgroupKill {
+    /// cgroup v2: write `1` to `cgroup.kill`.
+    V2 { kill_file: PathBuf },
+    /// cgroup v1: freeze, SIGKILL every pid in `procs`, thaw.
+    V1 { freezer_state: PathBuf, procs: PathBuf },
+}
+
+/// How the app ended.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ExitInfo {
+    pub pid: i32,
+    pub code: Option<i32>,
+    pub signal: Option<i32>,
+    /// The kernel's OOM killer ended it (the cgroup's oom_kill counter rose).
+    pub oom: bool,
+    /// Epoch ms.
+    pub at: i64,
+}
+
+impl ExitInfo {
+    pub fn describe(&self) -> String {
+        match (self.code, self.signal, self.oom) {
+            (_, _, true) => "killed by the OOM killer (memory limit)".to_string(),
+            (Some(c), _, _) => format!("exit code {c}"),
+            (None, Some(s), _) => format!(
+                "killed by signal {s} ({})",
+                nix::sys::signal::Signal::try_from(s)
+                    .map(|s| s.as_str())
+                    .unwrap_or("?")
+            ),
+            _ => "ended".to_string(),
+        }
+    }
+}
+
+/// Shim → runner.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "ev", rename_all = "snake_case")]
+pub enum ShimEvent {
+    /// First line after connecting: the app's current pid (if running) and the
+    /// last exit (if any).
+    Hello {
+        pid: Option<i32>,
+        started_ns: Option<i64>,
+        last_exit: Option<ExitInfo>,
+    },
+    /// The app was exec'd (`exec_ns`: CLOCK_REALTIME ns right after fork).
+    Started { pid: i32, started_ns: i64 },
+    Exited(ExitInfo),
+    /// One line of output.
+    Log { ts: i64, stream: String, line: String },
+    /// After `stop`: the app and everything it started are gone.
+    Stopped,
+    /// A command could not be carried out.
+    Error { message: String },
+}
+
+/// Runner → shim.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum ShimCommand {
+    /// Start the app again (after an exit).
+    Start,
+    /// Send a signal to the app (reload).
+    Signal { sig: i32 },
+    /// Stop: `sig` to the app's process group, then after `grace_ms` SIGKILL to
+    /// everything the instance started. Answered by `Stopped`.
+    Stop { sig: i32, grace_ms: u64 },
+    /// Kill everything and exit the shim.
+    Exit,
+}

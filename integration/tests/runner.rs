@@ -1,0 +1,295 @@
+//! The runner with real processes, real users and real cgroups, around a Python
+//! stdlib HTTP app (integration/fixtures/app.py).
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use paddock_integration::*;
+use paddock_wire::kinds::{InstanceInfo, InstanceList, LogLines};
+use paddock_wire::{Client, Subscriber};
+use serde_json::{json, Value};
+
+struct Runner {
+    _t: TestDir,
+    node: Node,
+    app_dir: PathBuf,
+    c: Client,
+}
+
+fn runner(name: &str) -> Runner {
+    let t = TestDir::new(name);
+    let key = test_key();
+    let mut node = Node::new(t.path(), "node-a", &key, &[], None);
+    {
+        let r = node.file.daemons.get_mut("runner").unwrap();
+        // Fast policy for tests.
+        for (k, v) in [("backoff_base_ms", 50), ("backoff_cap_ms", 400), ("health_interval_ms", 300), ("stop_grace_ms", 2000)] {
+            r.other.insert(k.into(), toml::Value::Integer(v));
+        }
+    }
+    node.save();
+    let app_dir = t.path().join("app");
+    std::fs::create_dir_all(&app_dir).unwrap();
+    std::fs::copy(Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/app.py"), app_dir.join("app.py")).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&app_dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(app_dir.join("app.py"), std::fs::Permissions::from_mode(0o644)).unwrap();
+    paddock_harness::allow_traverse(&app_dir).unwrap();
+    paddock_harness::allow_traverse(&t.path().join("node-a")).unwrap();
+    node.start("runner");
+    let c = node.client("runner");
+    Runner { _t: t, node, app_dir, c }
+}
+
+impl Runner {
+    fn start(&mut self, app: &str, extra: Value) -> (String, u16) {
+        let mut body = json!({
+            "app": app, "proc": "web", "dir": self.app_dir, "command": "python3 -u app.py",
+            "health": {"http": "/"}, "limits": {"memory_mb": 256, "pids": 64},
+        });
+        if let (Some(b), Some(e)) = (body.as_object_mut(), extra.as_object()) {
+            for (k, v) in e {
+                b.insert(k.clone(), v.clone());
+            }
+        }
+        let v = self.c.call("instance.start", body).expect("instance.start");
+        (v["id"].as_str().unwrap().to_string(), v["port"].as_u64().unwrap() as u16)
+    }
+
+    fn info(&mut self, id: &str) -> InstanceInfo {
+        let l: InstanceList = serde_json::from_value(self.c.call("instance.list", json!({})).unwrap()).unwrap();
+        l.instances.into_iter().find(|i| i.id == id).expect("instance listed")
+    }
+
+    fn wait_state(&mut self, id: &str, state: &str, timeout: Duration) -> InstanceInfo {
+        let mut last = None;
+        let r = (|| {
+            let deadline = std::time::Instant::now() + timeout;
+            while std::time::Instant::now() < deadline {
+                let i = self.info(id);
+                if i.state == state {
+                    return Some(i);
+                }
+                last = Some(i);
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            None
+        })();
+        r.unwrap_or_else(|| panic!("{id} not {state} within {timeout:?}; last: {last:?}"))
+    }
+
+    fn logs(&mut self, id: &str) -> Vec<String> {
+        let l: LogLines = serde_json::from_value(self.c.call("instance.logs", json!({"id": id, "lines": 1000})).unwrap()).unwrap();
+        l.lines.into_iter().map(|l| l.line).collect()
+    }
+}
+
+fn get(port: u16, path: &str) -> Option<(u16, String)> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").ok()?;
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    let code = out.split_whitespace().nth(1)?.parse().ok()?;
+    let body = out.split("\r\n\r\n").nth(1).unwrap_or("").to_string();
+    Some((code, body))
+}
+
+fn pid_alive(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| !s.contains(") Z "))
+        .unwrap_or(false)
+}
+
+fn proc_uid(pid: i32) -> u32 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    s.lines().find(|l| l.starts_with("Uid:")).unwrap().split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+#[test]
+fn killed_app_is_restarted_at_once_and_serves_again() {
+    let mut r = runner("rkill");
+    let sub_ep = tcp(r.node.ports.runner_pub);
+    let mut sub = Subscriber::connect(&[sub_ep], &["instance."], r.node.keys.clone()).unwrap();
+    let (id, port) = r.start("hello", json!({}));
+    let up = r.wait_state(&id, "up", Duration::from_secs(20));
+    let (code, body) = get(port, "/").unwrap();
+    assert_eq!(code, 200);
+    assert!(body.contains(&id), "{body}");
+    let pid = up.pid.unwrap();
+    // The tracked pid is the app's own (python), not a shell.
+    let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap();
+    assert!(comm.starts_with("python3"), "{comm}");
+    assert_ne!(proc_uid(pid), 0, "never root");
+
+    assert_eq!(get(port, "/kill").unwrap().0, 200);
+    let after = eventually(Duration::from_secs(20), "a new process serving", || {
+        let i = r.info(&id);
+        (i.state == "up" && i.pid != Some(pid) && get(port, "/").map(|g| g.0) == Some(200)).then_some(i)
+    });
+    assert_eq!(after.restarts, 1);
+    let e = after.last_exit.unwrap();
+    assert_eq!(e.signal, Some(9), "{e:?}");
+    assert!(!e.oom);
+    // Events: up, down, up.
+    let mut kinds = Vec::new();
+    while let Some(ev) = sub.next(Duration::from_millis(300)).unwrap() {
+        kinds.push(ev.kind);
+    }
+    assert_eq!(kinds, ["instance.up", "instance.down", "instance.up"]);
+    // Logs: captured line by line from the app itself, timestamped.
+    let logs = r.logs(&id);
+    assert!(logs.iter().filter(|l| l.starts_with("app starting")).count() >= 2, "{logs:?}");
+    assert!(logs.iter().any(|l| l.contains("GET /kill")), "{logs:?}");
+}
+
+#[test]
+fn crash_loop_backs_off_then_is_crashed_and_normal_exit_is_not_restarted() {
+    let mut r = runner("rloop");
+    let (id, _) = r.start(
+        "looper",
+        json!({"env": {"APP_EXIT_CODE": "3"}, "health": {"none": true},
+               "restart": {"limit": 4, "window_ms": 60000, "backoff_base_ms": 100, "backoff_cap_ms": 300}}),
+    );
+    let crashed = r.wait_state(&id, "crashed", Duration::from_secs(20));
+    assert_eq!(crashed.restarts, 4);
+    assert_eq!(crashed.last_exit.as_ref().unwrap().code, Some(3));
+    assert!(crashed.reason.as_deref().unwrap_or("").contains("4 restarts"), "{crashed:?}");
+    // Normal exit codes end the instance without a restart.
+    let (id2, _) = r.start(
+        "normal",
+        json!({"env": {"APP_EXIT_CODE": "0", "APP_EXIT_AFTER": "0.3"}, "health": {"none": true},
+               "restart": {"normal_exit": [0]}}),
+    );
+    let stopped = r.wait_state(&id2, "stopped", Duration::from_secs(20));
+    assert_eq!(stopped.restarts, 0);
+    assert_eq!(stopped.last_exit.unwrap().code, Some(0));
+}
+
+#[test]
+fn stop_kills_grandchildren_and_term_ignorers() {
+    let mut r = runner("rstop");
+    let (id, port) = r.start("stopper", json!({"stop_grace_ms": 1000}));
+    let up = r.wait_state(&id, "up", Duration::from_secs(20));
+    let sleeper: i32 = get(port, "/spawn").unwrap().1.trim().parse().unwrap();
+    assert!(pid_alive(sleeper));
+    // The double-forked, setsid'd sleeper ignores TERM.
+    r.c.call("instance.stop", json!({"id": id})).unwrap();
+    r.wait_state(&id, "stopped", Duration::from_secs(10));
+    for p in [up.pid.unwrap(), sleeper] {
+        assert!(!pid_alive(p), "pid {p} survived the stop");
+    }
+}
+
+#[test]
+fn apps_run_as_their_own_users_and_cannot_read_each_other() {
+    let mut r = runner("rusers");
+    let (a, pa) = r.start("alpha", json!({}));
+    let (b, pb) = r.start("beta", json!({}));
+    r.wait_state(&a, "up", Duration::from_secs(20));
+    r.wait_state(&b, "up", Duration::from_secs(20));
+    let ida: Value = serde_json::from_str(&get(pa, "/id").unwrap().1).unwrap();
+    let idb: Value = serde_json::from_str(&get(pb, "/id").unwrap().1).unwrap();
+    assert_ne!(ida["uid"], 0);
+    assert_ne!(ida["uid"], idb["uid"], "different apps, different users");
+    assert_eq!(ida["umask"], 0o077);
+    // alpha's private file (written by alpha into its HOME, mode 0600 by umask).
+    let env_a: Value = serde_json::from_str(&get(pa, "/env").unwrap().1).unwrap();
+    let secret = PathBuf::from(env_a["HOME"].as_str().unwrap()).join("secret");
+    std::fs::write(&secret, "s3cret").unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+    std::os::unix::fs::chown(&secret, Some(ida["uid"].as_u64().unwrap() as u32), Some(ida["gid"].as_u64().unwrap() as u32)).unwrap();
+    let q = format!("/read?p={}", secret.display());
+    assert_eq!(get(pa, &q).unwrap().0, 200, "alpha reads its own file");
+    let (code, why) = get(pb, &q).unwrap();
+    assert_eq!(code, 403, "beta must not read alpha's file: {why}");
+    // The cluster file (the cluster key) is unreadable to apps.
+    let (code, _) = get(pa, &format!("/read?p={}", r.node.config.display())).unwrap();
+    assert_eq!(code, 403);
+    // A clean environment: nothing of the runner's leaks in.
+    let env_b: Value = serde_json::from_str(&get(pb, "/env").unwrap().1).unwrap();
+    let keys: Vec<&String> = env_b.as_object().unwrap().keys().collect();
+    for k in ["PATH", "LANG", "HOME", "TMPDIR", "PORT", "PADDOCK_APP", "PADDOCK_PROC", "PADDOCK_INSTANCE"] {
+        assert!(env_b.get(k).is_some(), "{k} missing: {keys:?}");
+    }
+    assert!(env_b.get("PADDOCK_CONFIG").is_none() && env_b.get("CARGO").is_none(), "{keys:?}");
+    assert_eq!(env_b["PORT"], pb.to_string());
+    assert_eq!(env_b["PATH"], "/usr/local/bin:/usr/bin:/bin");
+}
+
+#[test]
+fn an_unreadable_dir_is_a_clear_error_and_changes_nothing() {
+    let mut r = runner("rdir");
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&r.app_dir, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let err = r
+        .c
+        .call("instance.start", json!({"app": "nope", "proc": "web", "dir": r.app_dir, "command": "python3 app.py"}))
+        .unwrap_err();
+    assert_eq!(err.code(), Some(&paddock_wire::Code::Invalid), "{err}");
+    assert!(err.to_string().contains("not readable"), "{err}");
+    let l: InstanceList = serde_json::from_value(r.c.call("instance.list", json!({})).unwrap()).unwrap();
+    assert!(l.instances.is_empty());
+    let err = r.c.call("instance.start", json!({"app": "Bad Name", "proc": "web", "dir": "/", "command": "x"})).unwrap_err();
+    assert!(err.to_string().contains("`app`"), "{err}");
+}
+
+#[test]
+fn memory_hog_is_limited_and_reported_as_oom() {
+    let mut r = runner("room");
+    let (id, port) = r.start("hog", json!({"limits": {"memory_mb": 64, "pids": 64}, "restart": {"limit": 0}}));
+    r.wait_state(&id, "up", Duration::from_secs(20));
+    let _ = get(port, "/hog");
+    let i = r.wait_state(&id, "crashed", Duration::from_secs(30));
+    let e = i.last_exit.unwrap();
+    assert!(e.oom, "{e:?}");
+    assert!(e.reason.contains("OOM"), "{e:?}");
+}
+
+#[test]
+fn a_fork_bomb_is_contained() {
+    let mut r = runner("rbomb");
+    let (good, gport) = r.start("calm", json!({}));
+    let (bomb, bport) = r.start("bomb", json!({"limits": {"memory_mb": 256, "pids": 40}}));
+    r.wait_state(&good, "up", Duration::from_secs(20));
+    r.wait_state(&bomb, "up", Duration::from_secs(20));
+    let _ = get(bport, "/bomb");
+    eventually(Duration::from_secs(10), "the bomb to hit its pids limit", || {
+        r.logs(&bomb).iter().any(|l| l.contains("fork failed")).then_some(())
+    });
+    // The runner and the other app are fine.
+    assert_eq!(get(gport, "/").unwrap().0, 200);
+    r.c.call("ping", json!({})).unwrap();
+    // And stopping the bomb takes every one of its processes.
+    r.c.call("instance.stop", json!({"id": bomb})).unwrap();
+    r.wait_state(&bomb, "stopped", Duration::from_secs(15));
+    assert_eq!(get(gport, "/").unwrap().0, 200);
+}
+
+#[test]
+fn runner_kill_9_keeps_instances_and_their_logs() {
+    let mut r = runner("radopt");
+    let (id, port) = r.start("keeper", json!({}));
+    let up = r.wait_state(&id, "up", Duration::from_secs(20));
+    r.node.kill9("runner");
+    // The app keeps serving with no runner at all.
+    assert_eq!(get(port, "/").unwrap().0, 200);
+    r.node.start("runner");
+    r.c = r.node.client("runner");
+    let again = r.wait_state(&id, "up", Duration::from_secs(20));
+    assert_eq!(again.pid, up.pid, "the same process, re-adopted");
+    // Logs keep flowing: a request after the restart shows up.
+    get(port, "/after-restart").unwrap();
+    eventually(Duration::from_secs(5), "the new log line", || {
+        r.logs(&id).iter().any(|l| l.contains("/after-restart")).then_some(())
+    });
+    // And it is still supervised: a kill is restarted by the new runner.
+    get(port, "/kill");
+    eventually(Duration::from_secs(20), "restart after re-adoption", || {
+        let i = r.info(&id);
+        (i.state == "up" && i.pid != up.pid).then_some(())
+    });
+}
