@@ -293,3 +293,87 @@ fn runner_kill_9_keeps_instances_and_their_logs() {
         (i.state == "up" && i.pid != up.pid).then_some(())
     });
 }
+
+fn run_to_end(c: &mut Client, id: &str) -> (String, i32) {
+    use base64::Engine;
+    let mut offset = 0u64;
+    let mut out = Vec::new();
+    loop {
+        let v = c.call("run.output", json!({"id": id, "offset": offset, "wait_ms": 1000})).unwrap();
+        out.extend(base64::engine::general_purpose::STANDARD.decode(v["data"].as_str().unwrap()).unwrap());
+        offset = v["next_offset"].as_u64().unwrap();
+        if v["done"] == true {
+            return (String::from_utf8_lossy(&out).to_string(), v["exit_code"].as_i64().unwrap() as i32);
+        }
+    }
+}
+
+#[test]
+fn one_off_commands_run_on_a_pty_as_the_app_user() {
+    let mut r = runner("rpty");
+    let dir = r.app_dir.clone();
+    let start = |c: &mut Client, cmd: &str| -> String {
+        let v = c.call("run.start", json!({"app": "ptyapp", "dir": dir, "command": cmd, "cols": 100, "rows": 30})).unwrap();
+        v["id"].as_str().unwrap().to_string()
+    };
+    let id = start(&mut r.c, "tty");
+    let (out, code) = run_to_end(&mut r.c, &id);
+    assert!(out.trim().starts_with("/dev/pts/"), "{out:?}");
+    assert_eq!(code, 0);
+    let id = start(&mut r.c, "python3 -c \"import sys,os;print(sys.stdin.isatty(), os.getuid()!=0, os.get_terminal_size())\"");
+    let (out, _) = run_to_end(&mut r.c, &id);
+    assert!(out.contains("True True os.terminal_size(columns=100, lines=30)"), "{out:?}");
+    let id = start(&mut r.c, "sh -c 'exit 7'");
+    assert_eq!(run_to_end(&mut r.c, &id).1, 7, "exit codes propagate");
+
+    // Input, line editing and Ctrl-C reach the remote process through the PTY.
+    use base64::Engine;
+    let b64 = |s: &[u8]| base64::engine::general_purpose::STANDARD.encode(s);
+    let id = start(&mut r.c, "python3 -c \"import sys; l=input('name? '); print('hi', l); input()\"");
+    r.c.call("run.input", json!({"id": id, "data": b64(b"bobx\x7f\r")})).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    r.c.call("run.resize", json!({"id": id, "cols": 120, "rows": 40})).unwrap();
+    r.c.call("run.input", json!({"id": id, "data": b64(b"\x03")})).unwrap();
+    let (out, code) = run_to_end(&mut r.c, &id);
+    assert!(out.contains("hi bob\r\n"), "the backspace was edited away: {out:?}");
+    assert!(out.contains("KeyboardInterrupt"), "Ctrl-C became SIGINT: {out:?}");
+    assert_ne!(code, 0);
+}
+
+#[test]
+fn reload_signals_the_app_and_failed_health_restarts_it_and_logs_reach_the_sink() {
+    let sink_port = free_port().unwrap();
+    let ctx = zmq::Context::new();
+    let pull = ctx.socket(zmq::PULL).unwrap();
+    pull.bind(&tcp(sink_port)).unwrap();
+    let mut r = runner("rreload");
+    r.node.file.daemons.get_mut("runner").unwrap().other.insert("log_sink".into(), toml::Value::String(tcp(sink_port)));
+    r.node.save();
+    r.node.kill9("runner");
+    r.node.start("runner");
+    r.c = r.node.client("runner");
+    let (id, port) = r.start("reloader", json!({"reload_signal": "USR1", "health": {"http": "/"}, "health_interval_ms": 200}));
+    let up = r.wait_state(&id, "up", Duration::from_secs(20));
+    // A log line arrives at the sink, signed.
+    pull.set_rcvtimeo(5000).unwrap();
+    let frames = pull.recv_multipart(0).expect("a log line at the sink");
+    r.node.keys.verify(&frames[0], &frames[1]).expect("signed");
+    let env: paddock_wire::Envelope = serde_json::from_slice(&frames[0]).unwrap();
+    assert_eq!(env.kind, "log.line");
+    assert_eq!(env.body["instance"], id.as_str());
+    // USR1's default action ends python: the reload signal was delivered.
+    r.c.call("instance.reload", json!({"id": id})).unwrap();
+    let after = eventually(Duration::from_secs(20), "the reloaded app to be back", || {
+        let i = r.info(&id);
+        (i.state == "up" && i.pid != up.pid).then_some(i)
+    });
+    assert_eq!(after.last_exit.unwrap().signal, Some(10));
+    // A hung app (SIGSTOP) fails its liveness checks and is restarted.
+    let pid = after.pid.unwrap();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGSTOP).unwrap();
+    eventually(Duration::from_secs(30), "the hung app to be replaced", || {
+        let i = r.info(&id);
+        (i.state == "up" && i.pid != Some(pid) && get(port, "/").is_some()).then_some(())
+    });
+    assert!(!pid_alive(pid));
+}
