@@ -55,14 +55,14 @@ fn user() -> String {
     )
 }
 
-fn load(opts: &Opts) -> Result<ClusterConfig> {
+pub(crate) fn load(opts: &Opts) -> Result<ClusterConfig> {
     let path = ClusterConfig::locate(opts.config.as_deref());
     ClusterConfig::load(&path).map_err(|e| {
         anyhow!("{e}\n(pass --config FILE or set PADDOCK_CONFIG; `paddock dev up --dir DIR` writes DIR/paddock.toml)")
     })
 }
 
-fn client(cfg: &ClusterConfig, endpoint: &str, timeout: Duration) -> Result<Client> {
+pub(crate) fn client(cfg: &ClusterConfig, endpoint: &str, timeout: Duration) -> Result<Client> {
     Ok(
         Client::connect(endpoint, &user(), Arc::new(cfg.keyring.clone()))?
             .with_timeout(timeout)
@@ -71,7 +71,7 @@ fn client(cfg: &ClusterConfig, endpoint: &str, timeout: Duration) -> Result<Clie
 }
 
 /// The registry from the first heartbeat that answers.
-fn registry(cfg: &ClusterConfig, timeout: Duration) -> Result<ServiceList> {
+pub(crate) fn registry(cfg: &ClusterConfig, timeout: Duration) -> Result<ServiceList> {
     let eps = cfg.registries();
     if eps.is_empty() {
         bail!(
@@ -129,7 +129,7 @@ fn ago(ms: i64) -> String {
     }
 }
 
-fn table(header: &[&str]) -> Table {
+pub(crate) fn table(header: &[&str]) -> Table {
     let mut t = Table::new();
     t.load_preset(UTF8_FULL_CONDENSED);
     if !std::io::IsTerminal::is_terminal(&std::io::stdout()) {

@@ -2,6 +2,7 @@
 
 mod cluster;
 mod dev;
+mod runner;
 
 use std::path::PathBuf;
 
@@ -44,6 +45,15 @@ enum Cmd {
         #[command(subcommand)]
         cmd: cluster::LockCmd,
     },
+    /// Every app instance on every runner.
+    Ps,
+    /// Start, stop, restart, reload an app instance, or read its logs.
+    Instance {
+        #[command(subcommand)]
+        cmd: runner::InstanceCmd,
+    },
+    /// Run a one-off command in an app's environment on a PTY (an operator's tool).
+    Run(runner::RunArgs),
     /// Key material.
     Key {
         #[command(subcommand)]
@@ -89,6 +99,12 @@ fn main() {
                 Cmd::Status => cluster::status(&opts),
                 Cmd::Ping { daemon, node } => cluster::ping(&opts, &daemon, node.as_deref()),
                 Cmd::Lock { cmd } => cluster::lock(&opts, cmd),
+                Cmd::Ps => runner::ps(&opts),
+                Cmd::Instance { cmd } => runner::instance(&opts, cmd),
+                Cmd::Run(a) => match runner::run(&opts, a) {
+                    Ok(code) => std::process::exit(code),
+                    Err(e) => Err(e),
+                },
                 Cmd::Dev { .. } | Cmd::Key { .. } => unreachable!(),
             }
         }

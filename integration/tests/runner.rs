@@ -11,11 +11,12 @@ use paddock_wire::kinds::{InstanceInfo, InstanceList, LogLines};
 use paddock_wire::{Client, Subscriber};
 use serde_json::{json, Value};
 
+/// Fields drop in order: the node (its daemons and shims) before the directory.
 struct Runner {
-    _t: TestDir,
     node: Node,
     app_dir: PathBuf,
     c: Client,
+    _t: TestDir,
 }
 
 fn runner(name: &str) -> Runner {
@@ -25,22 +26,40 @@ fn runner(name: &str) -> Runner {
     {
         let r = node.file.daemons.get_mut("runner").unwrap();
         // Fast policy for tests.
-        for (k, v) in [("backoff_base_ms", 50), ("backoff_cap_ms", 400), ("health_interval_ms", 300), ("stop_grace_ms", 2000)] {
+        for (k, v) in [
+            ("backoff_base_ms", 50),
+            ("backoff_cap_ms", 400),
+            ("health_interval_ms", 300),
+            ("stop_grace_ms", 2000),
+        ] {
             r.other.insert(k.into(), toml::Value::Integer(v));
         }
     }
     node.save();
     let app_dir = t.path().join("app");
     std::fs::create_dir_all(&app_dir).unwrap();
-    std::fs::copy(Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/app.py"), app_dir.join("app.py")).unwrap();
+    std::fs::copy(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/app.py"),
+        app_dir.join("app.py"),
+    )
+    .unwrap();
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&app_dir, std::fs::Permissions::from_mode(0o755)).unwrap();
-    std::fs::set_permissions(app_dir.join("app.py"), std::fs::Permissions::from_mode(0o644)).unwrap();
+    std::fs::set_permissions(
+        app_dir.join("app.py"),
+        std::fs::Permissions::from_mode(0o644),
+    )
+    .unwrap();
     paddock_harness::allow_traverse(&app_dir).unwrap();
     paddock_harness::allow_traverse(&t.path().join("node-a")).unwrap();
     node.start("runner");
     let c = node.client("runner");
-    Runner { _t: t, node, app_dir, c }
+    Runner {
+        _t: t,
+        node,
+        app_dir,
+        c,
+    }
 }
 
 impl Runner {
@@ -55,12 +74,19 @@ impl Runner {
             }
         }
         let v = self.c.call("instance.start", body).expect("instance.start");
-        (v["id"].as_str().unwrap().to_string(), v["port"].as_u64().unwrap() as u16)
+        (
+            v["id"].as_str().unwrap().to_string(),
+            v["port"].as_u64().unwrap() as u16,
+        )
     }
 
     fn info(&mut self, id: &str) -> InstanceInfo {
-        let l: InstanceList = serde_json::from_value(self.c.call("instance.list", json!({})).unwrap()).unwrap();
-        l.instances.into_iter().find(|i| i.id == id).expect("instance listed")
+        let l: InstanceList =
+            serde_json::from_value(self.c.call("instance.list", json!({})).unwrap()).unwrap();
+        l.instances
+            .into_iter()
+            .find(|i| i.id == id)
+            .expect("instance listed")
     }
 
     fn wait_state(&mut self, id: &str, state: &str, timeout: Duration) -> InstanceInfo {
@@ -81,7 +107,12 @@ impl Runner {
     }
 
     fn logs(&mut self, id: &str) -> Vec<String> {
-        let l: LogLines = serde_json::from_value(self.c.call("instance.logs", json!({"id": id, "lines": 1000})).unwrap()).unwrap();
+        let l: LogLines = serde_json::from_value(
+            self.c
+                .call("instance.logs", json!({"id": id, "lines": 1000}))
+                .unwrap(),
+        )
+        .unwrap();
         l.lines.into_iter().map(|l| l.line).collect()
     }
 }
@@ -105,7 +136,14 @@ fn pid_alive(pid: i32) -> bool {
 
 fn proc_uid(pid: i32) -> u32 {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    s.lines().find(|l| l.starts_with("Uid:")).unwrap().split_whitespace().nth(1).unwrap().parse().unwrap()
+    s.lines()
+        .find(|l| l.starts_with("Uid:"))
+        .unwrap()
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap()
 }
 
 #[test]
@@ -127,7 +165,8 @@ fn killed_app_is_restarted_at_once_and_serves_again() {
     assert_eq!(get(port, "/kill").unwrap().0, 200);
     let after = eventually(Duration::from_secs(20), "a new process serving", || {
         let i = r.info(&id);
-        (i.state == "up" && i.pid != Some(pid) && get(port, "/").map(|g| g.0) == Some(200)).then_some(i)
+        (i.state == "up" && i.pid != Some(pid) && get(port, "/").map(|g| g.0) == Some(200))
+            .then_some(i)
     });
     assert_eq!(after.restarts, 1);
     let e = after.last_exit.unwrap();
@@ -141,7 +180,13 @@ fn killed_app_is_restarted_at_once_and_serves_again() {
     assert_eq!(kinds, ["instance.up", "instance.down", "instance.up"]);
     // Logs: captured line by line from the app itself, timestamped.
     let logs = r.logs(&id);
-    assert!(logs.iter().filter(|l| l.starts_with("app starting")).count() >= 2, "{logs:?}");
+    assert!(
+        logs.iter()
+            .filter(|l| l.starts_with("app starting"))
+            .count()
+            >= 2,
+        "{logs:?}"
+    );
     assert!(logs.iter().any(|l| l.contains("GET /kill")), "{logs:?}");
 }
 
@@ -156,7 +201,14 @@ fn crash_loop_backs_off_then_is_crashed_and_normal_exit_is_not_restarted() {
     let crashed = r.wait_state(&id, "crashed", Duration::from_secs(20));
     assert_eq!(crashed.restarts, 4);
     assert_eq!(crashed.last_exit.as_ref().unwrap().code, Some(3));
-    assert!(crashed.reason.as_deref().unwrap_or("").contains("4 restarts"), "{crashed:?}");
+    assert!(
+        crashed
+            .reason
+            .as_deref()
+            .unwrap_or("")
+            .contains("4 restarts"),
+        "{crashed:?}"
+    );
     // Normal exit codes end the instance without a restart.
     let (id2, _) = r.start(
         "normal",
@@ -201,7 +253,12 @@ fn apps_run_as_their_own_users_and_cannot_read_each_other() {
     std::fs::write(&secret, "s3cret").unwrap();
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
-    std::os::unix::fs::chown(&secret, Some(ida["uid"].as_u64().unwrap() as u32), Some(ida["gid"].as_u64().unwrap() as u32)).unwrap();
+    std::os::unix::fs::chown(
+        &secret,
+        Some(ida["uid"].as_u64().unwrap() as u32),
+        Some(ida["gid"].as_u64().unwrap() as u32),
+    )
+    .unwrap();
     let q = format!("/read?p={}", secret.display());
     assert_eq!(get(pa, &q).unwrap().0, 200, "alpha reads its own file");
     let (code, why) = get(pb, &q).unwrap();
@@ -212,10 +269,22 @@ fn apps_run_as_their_own_users_and_cannot_read_each_other() {
     // A clean environment: nothing of the runner's leaks in.
     let env_b: Value = serde_json::from_str(&get(pb, "/env").unwrap().1).unwrap();
     let keys: Vec<&String> = env_b.as_object().unwrap().keys().collect();
-    for k in ["PATH", "LANG", "HOME", "TMPDIR", "PORT", "PADDOCK_APP", "PADDOCK_PROC", "PADDOCK_INSTANCE"] {
+    for k in [
+        "PATH",
+        "LANG",
+        "HOME",
+        "TMPDIR",
+        "PORT",
+        "PADDOCK_APP",
+        "PADDOCK_PROC",
+        "PADDOCK_INSTANCE",
+    ] {
         assert!(env_b.get(k).is_some(), "{k} missing: {keys:?}");
     }
-    assert!(env_b.get("PADDOCK_CONFIG").is_none() && env_b.get("CARGO").is_none(), "{keys:?}");
+    assert!(
+        env_b.get("PADDOCK_CONFIG").is_none() && env_b.get("CARGO").is_none(),
+        "{keys:?}"
+    );
     assert_eq!(env_b["PORT"], pb.to_string());
     assert_eq!(env_b["PATH"], "/usr/local/bin:/usr/bin:/bin");
 }
@@ -225,22 +294,33 @@ fn an_unreadable_dir_is_a_clear_error_and_changes_nothing() {
     let mut r = runner("rdir");
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&r.app_dir, std::fs::Permissions::from_mode(0o700)).unwrap();
-    let err = r
-        .c
-        .call("instance.start", json!({"app": "nope", "proc": "web", "dir": r.app_dir, "command": "python3 app.py"}))
+    let err =
+        r.c.call(
+            "instance.start",
+            json!({"app": "nope", "proc": "web", "dir": r.app_dir, "command": "python3 app.py"}),
+        )
         .unwrap_err();
     assert_eq!(err.code(), Some(&paddock_wire::Code::Invalid), "{err}");
     assert!(err.to_string().contains("not readable"), "{err}");
-    let l: InstanceList = serde_json::from_value(r.c.call("instance.list", json!({})).unwrap()).unwrap();
+    let l: InstanceList =
+        serde_json::from_value(r.c.call("instance.list", json!({})).unwrap()).unwrap();
     assert!(l.instances.is_empty());
-    let err = r.c.call("instance.start", json!({"app": "Bad Name", "proc": "web", "dir": "/", "command": "x"})).unwrap_err();
+    let err =
+        r.c.call(
+            "instance.start",
+            json!({"app": "Bad Name", "proc": "web", "dir": "/", "command": "x"}),
+        )
+        .unwrap_err();
     assert!(err.to_string().contains("`app`"), "{err}");
 }
 
 #[test]
 fn memory_hog_is_limited_and_reported_as_oom() {
     let mut r = runner("room");
-    let (id, port) = r.start("hog", json!({"limits": {"memory_mb": 64, "pids": 64}, "restart": {"limit": 0}}));
+    let (id, port) = r.start(
+        "hog",
+        json!({"limits": {"memory_mb": 64, "pids": 64}, "restart": {"limit": 0}}),
+    );
     r.wait_state(&id, "up", Duration::from_secs(20));
     let _ = get(port, "/hog");
     let i = r.wait_state(&id, "crashed", Duration::from_secs(30));
@@ -257,9 +337,16 @@ fn a_fork_bomb_is_contained() {
     r.wait_state(&good, "up", Duration::from_secs(20));
     r.wait_state(&bomb, "up", Duration::from_secs(20));
     let _ = get(bport, "/bomb");
-    eventually(Duration::from_secs(10), "the bomb to hit its pids limit", || {
-        r.logs(&bomb).iter().any(|l| l.contains("fork failed")).then_some(())
-    });
+    eventually(
+        Duration::from_secs(10),
+        "the bomb to hit its pids limit",
+        || {
+            r.logs(&bomb)
+                .iter()
+                .any(|l| l.contains("fork failed"))
+                .then_some(())
+        },
+    );
     // The runner and the other app are fine.
     assert_eq!(get(gport, "/").unwrap().0, 200);
     r.c.call("ping", json!({})).unwrap();
@@ -284,7 +371,10 @@ fn runner_kill_9_keeps_instances_and_their_logs() {
     // Logs keep flowing: a request after the restart shows up.
     get(port, "/after-restart").unwrap();
     eventually(Duration::from_secs(5), "the new log line", || {
-        r.logs(&id).iter().any(|l| l.contains("/after-restart")).then_some(())
+        r.logs(&id)
+            .iter()
+            .any(|l| l.contains("/after-restart"))
+            .then_some(())
     });
     // And it is still supervised: a kill is restarted by the new runner.
     get(port, "/kill");
@@ -299,11 +389,23 @@ fn run_to_end(c: &mut Client, id: &str) -> (String, i32) {
     let mut offset = 0u64;
     let mut out = Vec::new();
     loop {
-        let v = c.call("run.output", json!({"id": id, "offset": offset, "wait_ms": 1000})).unwrap();
-        out.extend(base64::engine::general_purpose::STANDARD.decode(v["data"].as_str().unwrap()).unwrap());
+        let v = c
+            .call(
+                "run.output",
+                json!({"id": id, "offset": offset, "wait_ms": 1000}),
+            )
+            .unwrap();
+        out.extend(
+            base64::engine::general_purpose::STANDARD
+                .decode(v["data"].as_str().unwrap())
+                .unwrap(),
+        );
         offset = v["next_offset"].as_u64().unwrap();
         if v["done"] == true {
-            return (String::from_utf8_lossy(&out).to_string(), v["exit_code"].as_i64().unwrap() as i32);
+            return (
+                String::from_utf8_lossy(&out).to_string(),
+                v["exit_code"].as_i64().unwrap() as i32,
+            );
         }
     }
 }
@@ -313,7 +415,12 @@ fn one_off_commands_run_on_a_pty_as_the_app_user() {
     let mut r = runner("rpty");
     let dir = r.app_dir.clone();
     let start = |c: &mut Client, cmd: &str| -> String {
-        let v = c.call("run.start", json!({"app": "ptyapp", "dir": dir, "command": cmd, "cols": 100, "rows": 30})).unwrap();
+        let v = c
+            .call(
+                "run.start",
+                json!({"app": "ptyapp", "dir": dir, "command": cmd, "cols": 100, "rows": 30}),
+            )
+            .unwrap();
         v["id"].as_str().unwrap().to_string()
     };
     let id = start(&mut r.c, "tty");
@@ -322,21 +429,36 @@ fn one_off_commands_run_on_a_pty_as_the_app_user() {
     assert_eq!(code, 0);
     let id = start(&mut r.c, "python3 -c \"import sys,os;print(sys.stdin.isatty(), os.getuid()!=0, os.get_terminal_size())\"");
     let (out, _) = run_to_end(&mut r.c, &id);
-    assert!(out.contains("True True os.terminal_size(columns=100, lines=30)"), "{out:?}");
+    assert!(
+        out.contains("True True os.terminal_size(columns=100, lines=30)"),
+        "{out:?}"
+    );
     let id = start(&mut r.c, "sh -c 'exit 7'");
     assert_eq!(run_to_end(&mut r.c, &id).1, 7, "exit codes propagate");
 
     // Input, line editing and Ctrl-C reach the remote process through the PTY.
     use base64::Engine;
     let b64 = |s: &[u8]| base64::engine::general_purpose::STANDARD.encode(s);
-    let id = start(&mut r.c, "python3 -c \"import sys; l=input('name? '); print('hi', l); input()\"");
-    r.c.call("run.input", json!({"id": id, "data": b64(b"bobx\x7f\r")})).unwrap();
+    let id = start(
+        &mut r.c,
+        "python3 -c \"import sys; l=input('name? '); print('hi', l); input()\"",
+    );
+    r.c.call("run.input", json!({"id": id, "data": b64(b"bobx\x7f\r")}))
+        .unwrap();
     std::thread::sleep(Duration::from_millis(300));
-    r.c.call("run.resize", json!({"id": id, "cols": 120, "rows": 40})).unwrap();
-    r.c.call("run.input", json!({"id": id, "data": b64(b"\x03")})).unwrap();
+    r.c.call("run.resize", json!({"id": id, "cols": 120, "rows": 40}))
+        .unwrap();
+    r.c.call("run.input", json!({"id": id, "data": b64(b"\x03")}))
+        .unwrap();
     let (out, code) = run_to_end(&mut r.c, &id);
-    assert!(out.contains("hi bob\r\n"), "the backspace was edited away: {out:?}");
-    assert!(out.contains("KeyboardInterrupt"), "Ctrl-C became SIGINT: {out:?}");
+    assert!(
+        out.contains("hi bob\r\n"),
+        "the backspace was edited away: {out:?}"
+    );
+    assert!(
+        out.contains("KeyboardInterrupt"),
+        "Ctrl-C became SIGINT: {out:?}"
+    );
     assert_ne!(code, 0);
 }
 
@@ -347,12 +469,21 @@ fn reload_signals_the_app_and_failed_health_restarts_it_and_logs_reach_the_sink(
     let pull = ctx.socket(zmq::PULL).unwrap();
     pull.bind(&tcp(sink_port)).unwrap();
     let mut r = runner("rreload");
-    r.node.file.daemons.get_mut("runner").unwrap().other.insert("log_sink".into(), toml::Value::String(tcp(sink_port)));
+    r.node
+        .file
+        .daemons
+        .get_mut("runner")
+        .unwrap()
+        .other
+        .insert("log_sink".into(), toml::Value::String(tcp(sink_port)));
     r.node.save();
     r.node.kill9("runner");
     r.node.start("runner");
     r.c = r.node.client("runner");
-    let (id, port) = r.start("reloader", json!({"reload_signal": "USR1", "health": {"http": "/"}, "health_interval_ms": 200}));
+    let (id, port) = r.start(
+        "reloader",
+        json!({"reload_signal": "USR1", "health": {"http": "/"}, "health_interval_ms": 200}),
+    );
     let up = r.wait_state(&id, "up", Duration::from_secs(20));
     // A log line arrives at the sink, signed.
     pull.set_rcvtimeo(5000).unwrap();
@@ -363,17 +494,119 @@ fn reload_signals_the_app_and_failed_health_restarts_it_and_logs_reach_the_sink(
     assert_eq!(env.body["instance"], id.as_str());
     // USR1's default action ends python: the reload signal was delivered.
     r.c.call("instance.reload", json!({"id": id})).unwrap();
-    let after = eventually(Duration::from_secs(20), "the reloaded app to be back", || {
-        let i = r.info(&id);
-        (i.state == "up" && i.pid != up.pid).then_some(i)
-    });
+    let after = eventually(
+        Duration::from_secs(20),
+        "the reloaded app to be back",
+        || {
+            let i = r.info(&id);
+            (i.state == "up" && i.pid != up.pid).then_some(i)
+        },
+    );
     assert_eq!(after.last_exit.unwrap().signal, Some(10));
     // A hung app (SIGSTOP) fails its liveness checks and is restarted.
     let pid = after.pid.unwrap();
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGSTOP).unwrap();
-    eventually(Duration::from_secs(30), "the hung app to be replaced", || {
-        let i = r.info(&id);
-        (i.state == "up" && i.pid != Some(pid) && get(port, "/").is_some()).then_some(())
-    });
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGSTOP,
+    )
+    .unwrap();
+    eventually(
+        Duration::from_secs(30),
+        "the hung app to be replaced",
+        || {
+            let i = r.info(&id);
+            (i.state == "up" && i.pid != Some(pid) && get(port, "/").is_some()).then_some(())
+        },
+    );
     assert!(!pid_alive(pid));
+}
+
+fn paddock(node: &Node, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(paddock_harness::bin("paddock").unwrap())
+        .args(args)
+        .env("PADDOCK_CONFIG", &node.config)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn the_cli_starts_lists_logs_stops_and_runs() {
+    let mut r = runner("rcli");
+    r.node.start("heartbeat");
+    let dir = r.app_dir.display().to_string();
+    let out = paddock(
+        &r.node,
+        &[
+            "instance",
+            "start",
+            "--app",
+            "cliapp",
+            "--dir",
+            &dir,
+            "--health-http",
+            "/",
+            "--",
+            "python3",
+            "-u",
+            "app.py",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let id = text.split_whitespace().nth(1).unwrap().to_string();
+    r.wait_state(&id, "up", Duration::from_secs(20));
+    let ps = String::from_utf8_lossy(&paddock(&r.node, &["ps"]).stdout).to_string();
+    assert!(
+        ps.contains(&id) && ps.contains("cliapp") && ps.contains("up"),
+        "{ps}"
+    );
+    let logs =
+        String::from_utf8_lossy(&paddock(&r.node, &["instance", "logs", &id]).stdout).to_string();
+    assert!(logs.contains("app starting"), "{logs}");
+
+    // paddock run: the remote side has a PTY even when ours is a pipe; exit codes propagate.
+    let out = paddock(
+        &r.node,
+        &["run", "--app", "cliapp", "--dir", &dir, "--", "tty"],
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("/dev/pts/"),
+        "{out:?}"
+    );
+    assert_eq!(out.status.code(), Some(0));
+    let out = paddock(
+        &r.node,
+        &[
+            "run", "--app", "cliapp", "--dir", &dir, "--", "sh", "-c", "'exit 5'",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(5), "{out:?}");
+
+    // On a real terminal (script(1) gives one): raw mode while running, restored after.
+    let bin = paddock_harness::bin("paddock").unwrap();
+    let inner = format!(
+        "{} run --app cliapp --dir {dir} -- 'python3 -c \"import sys;print(sys.stdin.isatty())\"'; stty -a",
+        bin.display()
+    );
+    let out = std::process::Command::new("script")
+        .args(["-q", "-e", "-c", &inner, "/dev/null"])
+        .env("PADDOCK_CONFIG", &r.node.config)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(text.contains("True"), "{text}");
+    assert!(
+        text.contains(" icanon") && !text.contains("-icanon"),
+        "the terminal was restored: {text}"
+    );
+
+    let out = paddock(&r.node, &["instance", "stop", &id]);
+    assert!(out.status.success(), "{out:?}");
+    r.wait_state(&id, "stopped", Duration::from_secs(10));
 }

@@ -450,9 +450,14 @@ pub fn node_file(
         rpc: tcp(ports.runner_rpc),
         ..Default::default()
     };
-    runner.other.insert("pub".into(), toml::Value::String(tcp(ports.runner_pub)));
+    runner
+        .other
+        .insert("pub".into(), toml::Value::String(tcp(ports.runner_pub)));
     let apps = state_dir.with_file_name("apps");
-    runner.other.insert("apps_dir".into(), toml::Value::String(apps.display().to_string()));
+    runner.other.insert(
+        "apps_dir".into(),
+        toml::Value::String(apps.display().to_string()),
+    );
     f.daemons.insert("runner".into(), runner);
     f.database = database_url.map(|url| DatabaseSection { url });
     Ok((f, ports))
@@ -494,11 +499,20 @@ pub fn stop_shims(state_dir: &Path) -> usize {
         .into_iter()
         .flatten()
         .flatten()
-        .filter_map(|e| fs::read_to_string(e.path().join("shim.pid")).ok()?.trim().parse().ok())
+        .filter_map(|e| {
+            fs::read_to_string(e.path().join("shim.pid"))
+                .ok()?
+                .trim()
+                .parse()
+                .ok()
+        })
         .filter(|p: &i32| nix::sys::signal::kill(nix::unistd::Pid::from_raw(*p), None).is_ok())
         .collect();
     for p in &pids {
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(*p), nix::sys::signal::Signal::SIGTERM);
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(*p),
+            nix::sys::signal::Signal::SIGTERM,
+        );
     }
     let alive = |p: i32| {
         fs::read_to_string(format!("/proc/{p}/stat"))
@@ -511,7 +525,10 @@ pub fn stop_shims(state_dir: &Path) -> usize {
     }
     for p in &pids {
         if alive(*p) {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(*p), nix::sys::signal::Signal::SIGKILL);
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(*p),
+                nix::sys::signal::Signal::SIGKILL,
+            );
         }
     }
     pids.len()

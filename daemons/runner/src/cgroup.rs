@@ -48,7 +48,9 @@ impl Hierarchy {
     pub fn detect(root: &Path) -> Hierarchy {
         if root.join("cgroup.controllers").exists() {
             if writable(root) {
-                return Hierarchy::V2 { root: root.to_path_buf() };
+                return Hierarchy::V2 {
+                    root: root.to_path_buf(),
+                };
             }
             return Hierarchy::None;
         }
@@ -94,7 +96,10 @@ impl Hierarchy {
                 let parent = root.join("paddock");
                 std::fs::create_dir_all(&parent)?;
                 // Delegate the controllers we set to the paddock subtree.
-                for (ctl_dir, ctls) in [(root.as_path(), "+memory +pids +cpu"), (parent.as_path(), "+memory +pids +cpu")] {
+                for (ctl_dir, ctls) in [
+                    (root.as_path(), "+memory +pids +cpu"),
+                    (parent.as_path(), "+memory +pids +cpu"),
+                ] {
                     let _ = std::fs::write(ctl_dir.join("cgroup.subtree_control"), ctls);
                 }
                 let dir = parent.join(id);
@@ -192,7 +197,13 @@ impl InstanceCgroup {
         let mut v: Vec<i32> = self
             .procs
             .iter()
-            .flat_map(|p| std::fs::read_to_string(p).unwrap_or_default().split_whitespace().filter_map(|x| x.parse().ok()).collect::<Vec<i32>>())
+            .flat_map(|p| {
+                std::fs::read_to_string(p)
+                    .unwrap_or_default()
+                    .split_whitespace()
+                    .filter_map(|x| x.parse().ok())
+                    .collect::<Vec<i32>>()
+            })
             .collect();
         v.sort();
         v.dedup();
@@ -226,21 +237,39 @@ mod tests {
             )
             .unwrap();
         let d = t.path().join("paddock/i1");
-        assert_eq!(std::fs::read_to_string(d.join("memory.max")).unwrap(), (64u64 << 20).to_string());
-        assert_eq!(std::fs::read_to_string(d.join("memory.swap.max")).unwrap(), "0");
+        assert_eq!(
+            std::fs::read_to_string(d.join("memory.max")).unwrap(),
+            (64u64 << 20).to_string()
+        );
+        assert_eq!(
+            std::fs::read_to_string(d.join("memory.swap.max")).unwrap(),
+            "0"
+        );
         assert_eq!(std::fs::read_to_string(d.join("pids.max")).unwrap(), "50");
-        assert_eq!(std::fs::read_to_string(d.join("cpu.weight")).unwrap(), "200");
+        assert_eq!(
+            std::fs::read_to_string(d.join("cpu.weight")).unwrap(),
+            "200"
+        );
         assert_eq!(
             std::fs::read_to_string(t.path().join("paddock/cgroup.subtree_control")).unwrap(),
             "+memory +pids +cpu"
         );
         assert_eq!(cg.procs, vec![d.join("cgroup.procs")]);
-        assert_eq!(cg.kill, Some(CgroupKill::V2 { kill_file: d.join("cgroup.kill") }));
+        assert_eq!(
+            cg.kill,
+            Some(CgroupKill::V2 {
+                kill_file: d.join("cgroup.kill")
+            })
+        );
         assert_eq!(cg.oom_counter, Some(d.join("memory.events")));
         // The shim's exact kill on v2 is one write.
         crate::shim::kill_everything(cg.kill.as_ref());
         assert_eq!(std::fs::read_to_string(d.join("cgroup.kill")).unwrap(), "1");
-        std::fs::write(d.join("memory.events"), "low 0\nhigh 0\nmax 3\noom 1\noom_kill 1\n").unwrap();
+        std::fs::write(
+            d.join("memory.events"),
+            "low 0\nhigh 0\nmax 3\noom 1\noom_kill 1\n",
+        )
+        .unwrap();
         assert_eq!(crate::shim::oom_kills(&d.join("memory.events")), 1);
     }
 
@@ -265,7 +294,10 @@ mod tests {
             )
             .unwrap();
         let r = |p: &str| std::fs::read_to_string(t.path().join(p)).unwrap();
-        assert_eq!(r("memory/paddock/i2/memory.limit_in_bytes"), (32u64 << 20).to_string());
+        assert_eq!(
+            r("memory/paddock/i2/memory.limit_in_bytes"),
+            (32u64 << 20).to_string()
+        );
         assert_eq!(r("pids/paddock/i2/pids.max"), "20");
         assert_eq!(r("cpu/paddock/i2/cpu.shares"), "512");
         assert_eq!(cg.procs.len(), 4);
@@ -277,7 +309,16 @@ mod tests {
     fn nothing_writable_is_none() {
         let t = tempfile::tempdir().unwrap();
         assert_eq!(Hierarchy::detect(t.path()), Hierarchy::None);
-        let cg = Hierarchy::None.create("x", &Limits { memory_mb: Some(1), pids: None, cpu_weight: None }).unwrap();
+        let cg = Hierarchy::None
+            .create(
+                "x",
+                &Limits {
+                    memory_mb: Some(1),
+                    pids: None,
+                    cpu_weight: None,
+                },
+            )
+            .unwrap();
         assert!(cg.procs.is_empty() && cg.kill.is_none());
     }
 }

@@ -27,7 +27,9 @@ pub async fn probe(check: &Check, port: u16, timeout: Duration) -> Result<(), St
                     .await
                     .map_err(|e| format!("connect to port {port}: {e}"))?;
                 let req = format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\nUser-Agent: paddock-runner\r\nConnection: close\r\n\r\n");
-                s.write_all(req.as_bytes()).await.map_err(|e| e.to_string())?;
+                s.write_all(req.as_bytes())
+                    .await
+                    .map_err(|e| e.to_string())?;
                 let mut buf = vec![0u8; 256];
                 let mut n = 0;
                 while n < 12 {
@@ -68,7 +70,9 @@ mod tests {
             while let Ok((mut s, _)) = l.accept().await {
                 let mut b = [0u8; 512];
                 let _ = s.read(&mut b).await;
-                let _ = s.write_all(format!("HTTP/1.0 {status}\r\n\r\n").as_bytes()).await;
+                let _ = s
+                    .write_all(format!("HTTP/1.0 {status}\r\n\r\n").as_bytes())
+                    .await;
             }
         });
         port
@@ -82,10 +86,16 @@ mod tests {
         let redirect = serve("302 Found").await;
         assert!(probe(&Check::Http("/".into()), redirect, t).await.is_ok());
         let bad = serve("503 Unavailable").await;
-        let e = probe(&Check::Http("/health".into()), bad, t).await.unwrap_err();
+        let e = probe(&Check::Http("/health".into()), bad, t)
+            .await
+            .unwrap_err();
         assert!(e.contains("503"), "{e}");
         assert!(probe(&Check::Tcp, ok, t).await.is_ok());
-        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let closed = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
         assert!(probe(&Check::Tcp, closed, t).await.is_err());
     }
 }

@@ -23,7 +23,10 @@ use std::time::{Duration, Instant};
 use actix::prelude::*;
 use paddock_config::{ClusterConfig, ConfigError};
 use paddock_daemon::{body, Ctx, Routes, Spec};
-use paddock_wire::kinds::{self, InstanceId, InstanceInfo, InstanceList, InstanceLogs, InstanceStart, InstanceStarted, LastExit, LogLine, LogLines};
+use paddock_wire::kinds::{
+    self, InstanceId, InstanceInfo, InstanceList, InstanceLogs, InstanceStart, InstanceStarted,
+    LastExit, LogLine, LogLines,
+};
 use paddock_wire::{now_ms, Code, ServerHandle, WireError};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -43,7 +46,10 @@ pub fn spec() -> Spec {
             cfg.file
                 .daemons
                 .get("runner")
-                .and_then(|d| d.endpoint("log_sink").map(|e| vec![("logs".to_string(), e.to_string())]))
+                .and_then(|d| {
+                    d.endpoint("log_sink")
+                        .map(|e| vec![("logs".to_string(), e.to_string())])
+                })
                 .unwrap_or_default()
         },
     }
@@ -82,7 +88,10 @@ impl Settings {
         let port_min = get("port_min", 20_000)?;
         let port_max = get("port_max", 29_999)?;
         if port_min == 0 || port_max > 65_535 || port_min > port_max {
-            return Err(cfg.invalid("daemons.runner.port_min", format!("port range {port_min}-{port_max} is not valid")));
+            return Err(cfg.invalid(
+                "daemons.runner.port_min",
+                format!("port range {port_min}-{port_max} is not valid"),
+            ));
         }
         let section = cfg.file.daemons.get("runner");
         let path = |k: &str, d: PathBuf| {
@@ -221,14 +230,23 @@ impl Inst {
 fn write_json<T: Serialize>(path: &Path, v: &T) -> std::io::Result<()> {
     use std::os::unix::fs::OpenOptionsExt;
     let tmp = path.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new().create(true).write(true).truncate(true).mode(0o600).open(&tmp)?;
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
     std::io::Write::write_all(&mut f, &serde_json::to_vec_pretty(v).expect("serializes"))?;
     std::fs::rename(tmp, path)
 }
 
 fn signal_named(name: &str) -> Result<i32, WireError> {
     let n = name.trim().to_ascii_uppercase();
-    let full = if n.starts_with("SIG") { n } else { format!("SIG{n}") };
+    let full = if n.starts_with("SIG") {
+        n
+    } else {
+        format!("SIG{n}")
+    };
     full.parse::<nix::sys::signal::Signal>()
         .map(|s| s as i32)
         .map_err(|_| WireError::invalid(format!("`{name}` is not a signal name")))
@@ -298,7 +316,9 @@ impl Runner {
     /// shims of instances that should run are started again.
     fn adopt(&mut self, ctx: &mut Context<Self>) {
         let root = self.settings.instances_dir.join("instances");
-        let Ok(rd) = std::fs::read_dir(&root) else { return };
+        let Ok(rd) = std::fs::read_dir(&root) else {
+            return;
+        };
         for e in rd.flatten() {
             let dir = e.path();
             let Ok(rec) = std::fs::read(dir.join("instance.json"))
@@ -319,7 +339,9 @@ impl Runner {
             let shim_alive = std::fs::read_to_string(dir.join("shim.pid"))
                 .ok()
                 .and_then(|p| p.trim().parse::<i32>().ok())
-                .is_some_and(|p| nix::sys::signal::kill(nix::unistd::Pid::from_raw(p), None).is_ok());
+                .is_some_and(|p| {
+                    nix::sys::signal::kill(nix::unistd::Pid::from_raw(p), None).is_ok()
+                });
             let id = rec.id.clone();
             let running = rec.running;
             let mut inst = new_inst(rec, dir, cg, &self.settings);
@@ -339,9 +361,14 @@ impl Runner {
     }
 
     fn spawn_shim(&mut self, ctx: &mut Context<Self>, id: &str) {
-        let Some(inst) = self.instances.get(id) else { return };
+        let Some(inst) = self.instances.get(id) else {
+            return;
+        };
         let dir = inst.dir.clone();
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.join("shim.log"));
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("shim.log"));
         let mut cmd = tokio::process::Command::new(&self.shim_bin);
         cmd.arg(&dir).stdin(std::process::Stdio::null());
         if let Ok(l) = log {
@@ -381,7 +408,9 @@ impl Runner {
     /// Connects to the instance's shim socket (retrying while the shim starts)
     /// and relays its events to the actor until the socket closes.
     fn connect(&mut self, ctx: &mut Context<Self>, id: &str) {
-        let Some(inst) = self.instances.get_mut(id) else { return };
+        let Some(inst) = self.instances.get_mut(id) else {
+            return;
+        };
         let (tx, mut rx) = mpsc::unbounded_channel::<ShimCommand>();
         inst.shim = Some(tx);
         let sock = inst.dir.join("shim.sock");
@@ -392,7 +421,9 @@ impl Runner {
             let stream = loop {
                 match tokio::net::UnixStream::connect(&sock).await {
                     Ok(s) => break Some(s),
-                    Err(_) if Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(5)).await,
+                    Err(_) if Instant::now() < deadline => {
+                        tokio::time::sleep(Duration::from_millis(5)).await
+                    }
                     Err(_) => break None,
                 }
             };
@@ -435,19 +466,40 @@ impl Runner {
     /// Watches one start of the app: `starting` → `up` when healthy within the
     /// start timeout, then periodic liveness checks.
     fn watch_health(&self, ctx: &mut Context<Self>, id: &str) {
-        let Some(inst) = self.instances.get(id) else { return };
+        let Some(inst) = self.instances.get(id) else {
+            return;
+        };
         let check = Self::check_for(&inst.rec.req);
         let port = inst.rec.port;
         let generation = inst.generation;
         let s = &self.settings;
-        let start_timeout = inst.rec.req.start_timeout_ms.map(Duration::from_millis).unwrap_or(s.start_timeout);
-        let interval = inst.rec.req.health_interval_ms.map(Duration::from_millis).unwrap_or(s.health_interval);
+        let start_timeout = inst
+            .rec
+            .req
+            .start_timeout_ms
+            .map(Duration::from_millis)
+            .unwrap_or(s.start_timeout);
+        let interval = inst
+            .rec
+            .req
+            .health_interval_ms
+            .map(Duration::from_millis)
+            .unwrap_or(s.health_interval);
         let (failures, none_after) = (s.health_failures.max(1), s.none_up_after);
         let addr = ctx.address();
         let id = id.to_string();
         actix_rt::spawn(async move {
             let deadline = Instant::now() + start_timeout;
-            let report = |ok| tell(&addr, HealthResult { id: id.clone(), generation, ok });
+            let report = |ok| {
+                tell(
+                    &addr,
+                    HealthResult {
+                        id: id.clone(),
+                        generation,
+                        ok,
+                    },
+                )
+            };
             if check == health::Check::None {
                 tokio::time::sleep(none_after).await;
                 report(Ok(()));
@@ -489,8 +541,14 @@ impl Runner {
 
     fn on_event(&mut self, ctx: &mut Context<Self>, id: &str, ev: ShimEvent) {
         match ev {
-            ShimEvent::Hello { pid, started_ns, last_exit } => {
-                let Some(inst) = self.instances.get_mut(id) else { return };
+            ShimEvent::Hello {
+                pid,
+                started_ns,
+                last_exit,
+            } => {
+                let Some(inst) = self.instances.get_mut(id) else {
+                    return;
+                };
                 match pid {
                     Some(p) => {
                         inst.pid = Some(p);
@@ -511,7 +569,9 @@ impl Runner {
                 }
             }
             ShimEvent::Started { pid, started_ns } => {
-                let Some(inst) = self.instances.get_mut(id) else { return };
+                let Some(inst) = self.instances.get_mut(id) else {
+                    return;
+                };
                 inst.pid = Some(pid);
                 inst.started_ms = Some(started_ns / 1_000_000);
                 inst.state = State::Starting;
@@ -533,7 +593,9 @@ impl Runner {
                 }
             }
             ShimEvent::Stopped => {
-                let Some(inst) = self.instances.get_mut(id) else { return };
+                let Some(inst) = self.instances.get_mut(id) else {
+                    return;
+                };
                 inst.pid = None;
                 match inst.after_stop.take() {
                     Some(AfterStop::Start) => {
@@ -557,8 +619,13 @@ impl Runner {
 
     fn on_exit(&mut self, ctx: &mut Context<Self>, id: &str, e: ExitInfo) {
         let s = self.settings.clone();
-        let Some(inst) = self.instances.get_mut(id) else { return };
-        let uptime = inst.started_ms.map(|st| (e.at - st).max(0) as u64).unwrap_or(0);
+        let Some(inst) = self.instances.get_mut(id) else {
+            return;
+        };
+        let uptime = inst
+            .started_ms
+            .map(|st| (e.at - st).max(0) as u64)
+            .unwrap_or(0);
         inst.pid = None;
         inst.generation += 1; // stop health checks of the dead process
         inst.last_exit = Some(e.clone());
@@ -567,8 +634,11 @@ impl Runner {
             return; // asked for; `Stopped` follows
         }
         let down = inst.info(&self.node);
-        self.server.publish(kinds::INSTANCE_DOWN, kinds::to_body(&down));
-        let Some(inst) = self.instances.get_mut(id) else { return };
+        self.server
+            .publish(kinds::INSTANCE_DOWN, kinds::to_body(&down));
+        let Some(inst) = self.instances.get_mut(id) else {
+            return;
+        };
         let policy = &inst.rec.req.restart;
         let normal = policy.normal_exit.clone().unwrap_or_default();
         if let Some(code) = e.code {
@@ -582,15 +652,31 @@ impl Runner {
             }
         }
         let limit = policy.limit.unwrap_or(s.restart_limit);
-        let window = policy.window_ms.map(Duration::from_millis).unwrap_or(s.restart_window);
-        let base = policy.backoff_base_ms.map(Duration::from_millis).unwrap_or(s.backoff_base);
-        let cap = policy.backoff_cap_ms.map(Duration::from_millis).unwrap_or(s.backoff_cap);
-        let reset = policy.reset_after_ms.map(Duration::from_millis).unwrap_or(s.backoff_reset);
+        let window = policy
+            .window_ms
+            .map(Duration::from_millis)
+            .unwrap_or(s.restart_window);
+        let base = policy
+            .backoff_base_ms
+            .map(Duration::from_millis)
+            .unwrap_or(s.backoff_base);
+        let cap = policy
+            .backoff_cap_ms
+            .map(Duration::from_millis)
+            .unwrap_or(s.backoff_cap);
+        let reset = policy
+            .reset_after_ms
+            .map(Duration::from_millis)
+            .unwrap_or(s.backoff_reset);
         if Duration::from_millis(uptime) >= reset {
             inst.next_delay = Duration::ZERO;
         }
         let now = Instant::now();
-        while inst.recent.front().is_some_and(|t| now.duration_since(*t) > window) {
+        while inst
+            .recent
+            .front()
+            .is_some_and(|t| now.duration_since(*t) > window)
+        {
             inst.recent.pop_front();
         }
         if inst.recent.len() as u32 >= limit {
@@ -604,7 +690,8 @@ impl Runner {
             inst.state = State::Crashed;
             inst.reason = Some(reason);
             let info = inst.info(&self.node);
-            self.server.publish(kinds::INSTANCE_CRASHED, kinds::to_body(&info));
+            self.server
+                .publish(kinds::INSTANCE_CRASHED, kinds::to_body(&info));
             return;
         }
         let delay = inst.next_delay;
@@ -631,12 +718,20 @@ impl Runner {
         }
     }
 
-    fn start_instance(&mut self, ctx: &mut Context<Self>, req: InstanceStart) -> Result<Value, WireError> {
+    fn start_instance(
+        &mut self,
+        ctx: &mut Context<Self>,
+        req: InstanceStart,
+    ) -> Result<Value, WireError> {
         if !users::valid_app(&req.app) {
-            return Err(WireError::invalid("`app` must be 1-28 characters of [a-z0-9-], starting with a letter"));
+            return Err(WireError::invalid(
+                "`app` must be 1-28 characters of [a-z0-9-], starting with a letter",
+            ));
         }
         if !users::valid_proc(&req.proc) {
-            return Err(WireError::invalid("`proc` must be 1-30 characters of [a-z0-9_-]"));
+            return Err(WireError::invalid(
+                "`proc` must be 1-30 characters of [a-z0-9_-]",
+            ));
         }
         if req.command.trim().is_empty() {
             return Err(WireError::invalid("`command` is empty"));
@@ -650,8 +745,15 @@ impl Runner {
         }
         let (uid, gid) = users::ensure_user(&req.app).map_err(WireError::internal)?;
         users::check_readable_dir(&dir, uid, gid).map_err(WireError::invalid)?;
-        let port = self.free_port().ok_or_else(|| WireError::unavailable("no free port left in the runner's range"))?;
-        let id = format!("{}-{}-{}", req.app, req.proc, &ulid::Ulid::new().to_string().to_lowercase()[16..]);
+        let port = self
+            .free_port()
+            .ok_or_else(|| WireError::unavailable("no free port left in the runner's range"))?;
+        let id = format!(
+            "{}-{}-{}",
+            req.app,
+            req.proc,
+            &ulid::Ulid::new().to_string().to_lowercase()[16..]
+        );
         let idir = self.instance_dir(&id);
         let home = self.settings.apps_dir.join(&id).join("home");
         let tmp = self.settings.apps_dir.join(&id).join("tmp");
@@ -663,7 +765,8 @@ impl Runner {
                 .create(d)
                 .map_err(|e| WireError::internal(format!("cannot create {}: {e}", d.display())))?;
             if let Some((u, g)) = owner {
-                std::os::unix::fs::chown(d, Some(u), Some(g)).map_err(|e| WireError::internal(format!("chown {}: {e}", d.display())))?;
+                std::os::unix::fs::chown(d, Some(u), Some(g))
+                    .map_err(|e| WireError::internal(format!("chown {}: {e}", d.display())))?;
             } else {
                 let _ = std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o700));
             }
@@ -674,14 +777,19 @@ impl Runner {
             // Root-owned, searchable: the app's user reaches only its own home and tmp.
             use std::os::unix::fs::PermissionsExt;
             let base = self.settings.apps_dir.join(&id);
-            std::fs::create_dir_all(&base).map_err(|e| WireError::internal(format!("cannot create {}: {e}", base.display())))?;
+            std::fs::create_dir_all(&base).map_err(|e| {
+                WireError::internal(format!("cannot create {}: {e}", base.display()))
+            })?;
             let _ = std::fs::set_permissions(&base, std::fs::Permissions::from_mode(0o711));
         }
         mk(&home, Some((uid, gid)))?;
         mk(&tmp, Some((uid, gid)))?;
         // The app's user must reach its home through apps_dir.
         users::check_readable_dir(&home, uid, gid).map_err(|e| {
-            WireError::internal(format!("apps_dir {} is not usable: {e}", self.settings.apps_dir.display()))
+            WireError::internal(format!(
+                "apps_dir {} is not usable: {e}",
+                self.settings.apps_dir.display()
+            ))
         })?;
         let cg = self
             .hierarchy
@@ -712,7 +820,8 @@ impl Runner {
             log_file: idir.join("app.log"),
             log_max_bytes: self.settings.log_max_bytes,
         };
-        write_json(&idir.join("spec.json"), &shim_spec).map_err(|e| WireError::internal(format!("cannot write spec: {e}")))?;
+        write_json(&idir.join("spec.json"), &shim_spec)
+            .map_err(|e| WireError::internal(format!("cannot write spec: {e}")))?;
         let rec = Record {
             id: id.clone(),
             req,
@@ -746,18 +855,26 @@ impl Runner {
     }
 
     fn get(&mut self, id: &str) -> Result<&mut Inst, WireError> {
-        self.instances
-            .get_mut(id)
-            .ok_or_else(|| WireError::new(Code::NotFound, format!("no instance `{id}` on this runner")))
+        self.instances.get_mut(id).ok_or_else(|| {
+            WireError::new(Code::NotFound, format!("no instance `{id}` on this runner"))
+        })
     }
 
     fn stop_signal(inst: &Inst, s: &Settings) -> (i32, u64) {
         let sig = signal_named(inst.rec.req.stop_signal.as_deref().unwrap_or("TERM")).unwrap_or(15);
-        let grace = inst.rec.req.stop_grace_ms.unwrap_or(s.stop_grace.as_millis() as u64);
+        let grace = inst
+            .rec
+            .req
+            .stop_grace_ms
+            .unwrap_or(s.stop_grace.as_millis() as u64);
         (sig, grace)
     }
 
-    fn handle_call(&mut self, ctx: &mut Context<Self>, env: paddock_wire::Envelope) -> Result<Value, WireError> {
+    fn handle_call(
+        &mut self,
+        ctx: &mut Context<Self>,
+        env: paddock_wire::Envelope,
+    ) -> Result<Value, WireError> {
         let s = self.settings.clone();
         match env.kind.as_str() {
             kinds::INSTANCE_START => self.start_instance(ctx, body(&env)?),
@@ -771,14 +888,20 @@ impl Runner {
                 inst.state = State::Stopping;
                 inst.after_stop = Some(AfterStop::Remove);
                 inst.generation += 1;
-                inst.send(ShimCommand::Stop { sig, grace_ms: grace });
+                inst.send(ShimCommand::Stop {
+                    sig,
+                    grace_ms: grace,
+                });
                 Ok(json!({"state": "stopping"}))
             }
             kinds::INSTANCE_RESTART => {
                 let req: InstanceId = body(&env)?;
                 let inst = self.get(&req.id)?;
                 if inst.state == State::Stopped {
-                    return Err(WireError::new(Code::Conflict, format!("instance `{}` is stopped; start a new one", req.id)));
+                    return Err(WireError::new(
+                        Code::Conflict,
+                        format!("instance `{}` is stopped; start a new one", req.id),
+                    ));
                 }
                 let (sig, grace) = Self::stop_signal(inst, &s);
                 inst.after_stop = Some(AfterStop::Start);
@@ -786,7 +909,10 @@ impl Runner {
                 inst.generation += 1;
                 inst.recent.clear();
                 inst.next_delay = Duration::ZERO;
-                inst.send(ShimCommand::Stop { sig, grace_ms: grace });
+                inst.send(ShimCommand::Stop {
+                    sig,
+                    grace_ms: grace,
+                });
                 Ok(json!({"state": "restarting"}))
             }
             kinds::INSTANCE_RELOAD => {
@@ -794,13 +920,20 @@ impl Runner {
                 let inst = self.get(&req.id)?;
                 let sig = signal_named(inst.rec.req.reload_signal.as_deref().unwrap_or("HUP"))?;
                 if inst.pid.is_none() {
-                    return Err(WireError::new(Code::Conflict, format!("instance `{}` is not running", req.id)));
+                    return Err(WireError::new(
+                        Code::Conflict,
+                        format!("instance `{}` is not running", req.id),
+                    ));
                 }
                 inst.send(ShimCommand::Signal { sig });
                 Ok(json!({"signal": sig}))
             }
             kinds::INSTANCE_LIST => {
-                let mut v: Vec<InstanceInfo> = self.instances.values().map(|i| i.info(&self.node)).collect();
+                let mut v: Vec<InstanceInfo> = self
+                    .instances
+                    .values()
+                    .map(|i| i.info(&self.node))
+                    .collect();
                 v.sort_by(|a, b| a.id.cmp(&b.id));
                 Ok(kinds::to_body(&InstanceList { instances: v }))
             }
@@ -811,7 +944,10 @@ impl Runner {
                     lines: tail_log(&inst.dir.join("app.log"), req.lines.min(10_000)),
                 }))
             }
-            other => Err(WireError::new(Code::UnknownKind, format!("runner does not handle `{other}`"))),
+            other => Err(WireError::new(
+                Code::UnknownKind,
+                format!("runner does not handle `{other}`"),
+            )),
         }
     }
 }
@@ -878,7 +1014,9 @@ impl Handler<FromShim> for Runner {
 impl Handler<ShimGone> for Runner {
     type Result = ();
     fn handle(&mut self, m: ShimGone, _: &mut Context<Self>) {
-        let Some(inst) = self.instances.get_mut(&m.id) else { return };
+        let Some(inst) = self.instances.get_mut(&m.id) else {
+            return;
+        };
         inst.shim = None;
         if inst.state != State::Stopped {
             // The shim died (or was killed): what it held is gone with it.
@@ -888,7 +1026,8 @@ impl Handler<ShimGone> for Runner {
             inst.reason = Some("its paddock-shim ended unexpectedly".into());
             tracing::warn!(instance = %m.id, "shim gone; instance crashed");
             let info = inst.info(&self.node);
-            self.server.publish(kinds::INSTANCE_CRASHED, kinds::to_body(&info));
+            self.server
+                .publish(kinds::INSTANCE_CRASHED, kinds::to_body(&info));
         }
     }
 }
@@ -897,7 +1036,9 @@ impl Handler<HealthResult> for Runner {
     type Result = ();
     fn handle(&mut self, m: HealthResult, ctx: &mut Context<Self>) {
         let s = self.settings.clone();
-        let Some(inst) = self.instances.get_mut(&m.id) else { return };
+        let Some(inst) = self.instances.get_mut(&m.id) else {
+            return;
+        };
         if inst.generation != m.generation {
             return;
         }
@@ -908,7 +1049,8 @@ impl Handler<HealthResult> for Runner {
                     inst.reason = None;
                     tracing::info!(instance = %m.id, "up");
                     let info = inst.info(&self.node);
-                    self.server.publish(kinds::INSTANCE_UP, kinds::to_body(&info));
+                    self.server
+                        .publish(kinds::INSTANCE_UP, kinds::to_body(&info));
                 }
             }
             Err(reason) => {
@@ -918,7 +1060,10 @@ impl Handler<HealthResult> for Runner {
                 inst.state = State::Stopping;
                 inst.after_stop = Some(AfterStop::Start);
                 inst.generation += 1;
-                inst.send(ShimCommand::Stop { sig, grace_ms: grace });
+                inst.send(ShimCommand::Stop {
+                    sig,
+                    grace_ms: grace,
+                });
                 let _ = ctx;
             }
         }
@@ -940,18 +1085,29 @@ pub async fn setup(ctx: Ctx) -> anyhow::Result<Routes> {
     let settings = Settings::from_config(&cfg)?;
     for d in [&settings.instances_dir, &settings.apps_dir] {
         use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
-        std::fs::DirBuilder::new().recursive(true).mode(0o711).create(d)?;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o711)
+            .create(d)?;
         std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o711))?;
     }
     std::fs::create_dir_all(settings.instances_dir.join("instances"))?;
     let hierarchy = cgroup::Hierarchy::detect(&settings.cgroup_root);
-    tracing::info!(cgroups = hierarchy.name(), "runner ready to place instances");
+    tracing::info!(
+        cgroups = hierarchy.name(),
+        "runner ready to place instances"
+    );
     let shim_bin = std::env::current_exe()?
         .parent()
         .map(|p| p.join("paddock-shim"))
         .filter(|p| p.exists())
         .ok_or_else(|| anyhow::anyhow!("paddock-shim not found next to paddock-runner"))?;
-    let log_sink = cfg.file.daemons.get("runner").and_then(|d| d.endpoint("log_sink")).is_some();
+    let log_sink = cfg
+        .file
+        .daemons
+        .get("runner")
+        .and_then(|d| d.endpoint("log_sink"))
+        .is_some();
     let pty = pty::Runs::new(settings.apps_dir.clone());
     let runner = Runner {
         settings,
@@ -975,7 +1131,11 @@ pub async fn setup(ctx: Ctx) -> anyhow::Result<Routes> {
         let r = runner.clone();
         routes = routes.on(kind, move |env| {
             let r = r.clone();
-            async move { r.send(Call(env)).await.map_err(|e| WireError::internal(format!("runner actor: {e}")))? }
+            async move {
+                r.send(Call(env))
+                    .await
+                    .map_err(|e| WireError::internal(format!("runner actor: {e}")))?
+            }
         });
     }
     pty::routes(routes, pty)

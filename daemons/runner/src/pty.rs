@@ -11,7 +11,9 @@ use std::time::Duration;
 
 use base64::Engine;
 use paddock_daemon::{body, Routes};
-use paddock_wire::kinds::{self, RunInput, RunOutput, RunOutputReq, RunResize, RunStart, RunStarted};
+use paddock_wire::kinds::{
+    self, RunInput, RunOutput, RunOutputReq, RunResize, RunStart, RunStarted,
+};
 use paddock_wire::{Code, WireError};
 use serde_json::{json, Value};
 use tokio::io::unix::AsyncFd;
@@ -49,7 +51,9 @@ impl Runs {
 
     fn start(&self, req: RunStart) -> Result<Value, WireError> {
         if !users::valid_app(&req.app) {
-            return Err(WireError::invalid("`app` must be 1-28 characters of [a-z0-9-]"));
+            return Err(WireError::invalid(
+                "`app` must be 1-28 characters of [a-z0-9-]",
+            ));
         }
         let dir = PathBuf::from(&req.dir);
         let (uid, gid) = users::ensure_user(&req.app).map_err(WireError::internal)?;
@@ -61,8 +65,11 @@ impl Runs {
             std::fs::DirBuilder::new()
                 .mode(0o700)
                 .create(&home)
-                .map_err(|e| WireError::internal(format!("cannot create {}: {e}", home.display())))?;
-            std::os::unix::fs::chown(&home, Some(uid), Some(gid)).map_err(|e| WireError::internal(e.to_string()))?;
+                .map_err(|e| {
+                    WireError::internal(format!("cannot create {}: {e}", home.display()))
+                })?;
+            std::os::unix::fs::chown(&home, Some(uid), Some(gid))
+                .map_err(|e| WireError::internal(e.to_string()))?;
         }
         let ws = nix::pty::Winsize {
             ws_row: req.rows,
@@ -70,7 +77,8 @@ impl Runs {
             ws_xpixel: 0,
             ws_ypixel: 0,
         };
-        let pty = nix::pty::openpty(Some(&ws), None).map_err(|e| WireError::internal(format!("openpty: {e}")))?;
+        let pty = nix::pty::openpty(Some(&ws), None)
+            .map_err(|e| WireError::internal(format!("openpty: {e}")))?;
         let slave = pty.slave;
         let mut cmd = tokio::process::Command::new("/bin/sh");
         cmd.arg("-c")
@@ -78,14 +86,28 @@ impl Runs {
             .env_clear()
             .env("PATH", "/usr/local/bin:/usr/bin:/bin")
             .env("LANG", "C.UTF-8")
-            .env("TERM", req.env.get("TERM").map(String::as_str).unwrap_or("xterm-256color"))
+            .env(
+                "TERM",
+                req.env
+                    .get("TERM")
+                    .map(String::as_str)
+                    .unwrap_or("xterm-256color"),
+            )
             .envs(&req.env)
             .env("HOME", &home)
             .env("TMPDIR", &home)
             .env("PADDOCK_APP", &req.app)
             .current_dir(&dir)
-            .stdin(std::process::Stdio::from(slave.try_clone().map_err(|e| WireError::internal(e.to_string()))?))
-            .stdout(std::process::Stdio::from(slave.try_clone().map_err(|e| WireError::internal(e.to_string()))?))
+            .stdin(std::process::Stdio::from(
+                slave
+                    .try_clone()
+                    .map_err(|e| WireError::internal(e.to_string()))?,
+            ))
+            .stdout(std::process::Stdio::from(
+                slave
+                    .try_clone()
+                    .map_err(|e| WireError::internal(e.to_string()))?,
+            ))
             .stderr(std::process::Stdio::from(slave));
         // SAFETY: only async-signal-safe syscalls between fork and exec (the runner
         // has other threads, so nothing here allocates).
@@ -103,13 +125,20 @@ impl Runs {
                 Ok(())
             });
         }
-        let mut child = cmd.spawn().map_err(|e| WireError::invalid(format!("cannot start `{}`: {e}", req.command)))?;
+        let mut child = cmd
+            .spawn()
+            .map_err(|e| WireError::invalid(format!("cannot start `{}`: {e}", req.command)))?;
         let pid = child.id().unwrap_or(0) as i32;
         let master = pty.master;
-        nix::fcntl::fcntl(master.as_raw_fd(), nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK))
-            .map_err(|e| WireError::internal(e.to_string()))?;
+        nix::fcntl::fcntl(
+            master.as_raw_fd(),
+            nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
+        )
+        .map_err(|e| WireError::internal(e.to_string()))?;
         // SAFETY: the AsyncFd owns the master fd and is the only thing that closes it.
-        let master = Rc::new(unsafe { AsyncFd::register(master) }.map_err(|e| WireError::internal(e.to_string()))?);
+        let master = Rc::new(
+            unsafe { AsyncFd::register(master) }.map_err(|e| WireError::internal(e.to_string()))?,
+        );
         let changed = Rc::new(Notify::new());
         self.runs.borrow_mut().insert(
             id.clone(),
@@ -128,8 +157,12 @@ impl Runs {
         actix_rt::spawn(async move {
             let mut chunk = vec![0u8; 16384];
             loop {
-                let Ok(mut guard) = master.readable().await else { break };
-                match guard.try_io(|fd| nix::unistd::read(fd.as_raw_fd(), &mut chunk).map_err(std::io::Error::from)) {
+                let Ok(mut guard) = master.readable().await else {
+                    break;
+                };
+                match guard.try_io(|fd| {
+                    nix::unistd::read(fd.as_raw_fd(), &mut chunk).map_err(std::io::Error::from)
+                }) {
                     Ok(Ok(0)) | Ok(Err(_)) => break,
                     Ok(Ok(n)) => {
                         if let Some(r) = runs.borrow_mut().get_mut(&rid) {
@@ -153,9 +186,9 @@ impl Runs {
         let (runs, rid) = (self.runs.clone(), id.clone());
         actix_rt::spawn(async move {
             let code = match child.wait().await {
-                Ok(st) => st
-                    .code()
-                    .unwrap_or_else(|| 128 + std::os::unix::process::ExitStatusExt::signal(&st).unwrap_or(0)),
+                Ok(st) => st.code().unwrap_or_else(|| {
+                    128 + std::os::unix::process::ExitStatusExt::signal(&st).unwrap_or(0)
+                }),
                 Err(_) => 255,
             };
             let notify = runs.borrow_mut().get_mut(&rid).map(|r| {
@@ -176,9 +209,9 @@ impl Runs {
 
     fn with<T>(&self, id: &str, f: impl FnOnce(&mut Run) -> T) -> Result<T, WireError> {
         let mut runs = self.runs.borrow_mut();
-        let r = runs
-            .get_mut(id)
-            .ok_or_else(|| WireError::new(Code::NotFound, format!("no run `{id}` on this runner")))?;
+        let r = runs.get_mut(id).ok_or_else(|| {
+            WireError::new(Code::NotFound, format!("no run `{id}` on this runner"))
+        })?;
         Ok(f(r))
     }
 
@@ -215,7 +248,10 @@ impl Runs {
         };
         // SAFETY: TIOCSWINSZ with a valid winsize on an open pty master.
         if unsafe { libc::ioctl(fd, libc::TIOCSWINSZ, &ws) } != 0 {
-            return Err(WireError::internal(format!("resize: {}", std::io::Error::last_os_error())));
+            return Err(WireError::internal(format!(
+                "resize: {}",
+                std::io::Error::last_os_error()
+            )));
         }
         Ok(json!({}))
     }
@@ -248,7 +284,10 @@ impl Runs {
 
     fn kill(&self, id: &str) -> Result<Value, WireError> {
         let pid = self.with(id, |r| r.pid)?;
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(-pid), nix::sys::signal::Signal::SIGKILL);
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(-pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
         Ok(json!({}))
     }
 }

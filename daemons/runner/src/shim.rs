@@ -40,8 +40,10 @@ pub fn oom_kills(path: &Path) -> u64 {
     std::fs::read_to_string(path)
         .ok()
         .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("oom_kill ").and_then(|n| n.trim().parse().ok()))
+            s.lines().find_map(|l| {
+                l.strip_prefix("oom_kill ")
+                    .and_then(|n| n.trim().parse().ok())
+            })
         })
         .unwrap_or(0)
 }
@@ -51,10 +53,15 @@ pub fn descendants(pid: i32) -> Vec<i32> {
     let mut out = Vec::new();
     let mut stack = vec![pid];
     while let Some(p) = stack.pop() {
-        let Ok(tasks) = std::fs::read_dir(format!("/proc/{p}/task")) else { continue };
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{p}/task")) else {
+            continue;
+        };
         for t in tasks.flatten() {
             if let Ok(kids) = std::fs::read_to_string(t.path().join("children")) {
-                for k in kids.split_whitespace().filter_map(|k| k.parse::<i32>().ok()) {
+                for k in kids
+                    .split_whitespace()
+                    .filter_map(|k| k.parse::<i32>().ok())
+                {
                     if !out.contains(&k) {
                         out.push(k);
                         stack.push(k);
@@ -73,20 +80,29 @@ pub fn kill_everything(kill_spec: Option<&CgroupKill>) {
         Some(CgroupKill::V2 { kill_file }) => {
             let _ = std::fs::write(kill_file, "1");
         }
-        Some(CgroupKill::V1 { freezer_state, procs }) => {
+        Some(CgroupKill::V1 {
+            freezer_state,
+            procs,
+        }) => {
             // Freeze so nothing can fork while we kill, then thaw so SIGKILL lands.
             let frozen = std::fs::write(freezer_state, "FROZEN").is_ok();
             if frozen {
                 let deadline = Instant::now() + Duration::from_millis(200);
                 while Instant::now() < deadline {
-                    if std::fs::read_to_string(freezer_state).map(|s| s.trim() == "FROZEN").unwrap_or(true) {
+                    if std::fs::read_to_string(freezer_state)
+                        .map(|s| s.trim() == "FROZEN")
+                        .unwrap_or(true)
+                    {
                         break;
                     }
                     std::thread::sleep(Duration::from_millis(1));
                 }
             }
             if let Ok(list) = std::fs::read_to_string(procs) {
-                for p in list.split_whitespace().filter_map(|p| p.parse::<i32>().ok()) {
+                for p in list
+                    .split_whitespace()
+                    .filter_map(|p| p.parse::<i32>().ok())
+                {
                     let _ = kill(Pid::from_raw(p), Signal::SIGKILL);
                 }
             }
@@ -232,7 +248,10 @@ impl Shim {
                     oom: false,
                     at: now_ms(),
                 };
-                self.log_line("stderr", format!("paddock-shim: cannot start the app: {e}").as_bytes());
+                self.log_line(
+                    "stderr",
+                    format!("paddock-shim: cannot start the app: {e}").as_bytes(),
+                );
                 self.last_exit = Some(exit.clone());
                 self.emit(&ShimEvent::Error {
                     message: format!("cannot start the app: {e}"),
@@ -246,7 +265,9 @@ impl Shim {
         loop {
             match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
                 Ok(WaitStatus::Exited(pid, code)) => self.on_exit(pid.as_raw(), Some(code), None),
-                Ok(WaitStatus::Signaled(pid, sig, _)) => self.on_exit(pid.as_raw(), None, Some(sig as i32)),
+                Ok(WaitStatus::Signaled(pid, sig, _)) => {
+                    self.on_exit(pid.as_raw(), None, Some(sig as i32))
+                }
                 Ok(WaitStatus::StillAlive) | Err(_) => return,
                 Ok(_) => {}
             }
@@ -394,7 +415,10 @@ impl Shim {
                         lines.push(p.buf.drain(..MAX_LINE).collect());
                     }
                 }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock || e.kind() == std::io::ErrorKind::Interrupted => {
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::WouldBlock
+                        || e.kind() == std::io::ErrorKind::Interrupted =>
+                {
                     eof = false
                 }
                 Err(_) => eof = true,
@@ -430,7 +454,10 @@ fn spawn(spec: &ShimSpec) -> std::io::Result<(i32, OwnedFd, OwnedFd)> {
     let (out_r, out_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
     let (err_r, err_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
     for fd in [&out_r, &err_r] {
-        nix::fcntl::fcntl(fd.as_raw_fd(), nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK))?;
+        nix::fcntl::fcntl(
+            fd.as_raw_fd(),
+            nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
+        )?;
     }
     let mut cmd = Command::new("/bin/sh");
     cmd.arg("-c")
@@ -490,7 +517,12 @@ pub fn run(dir: &Path) -> i32 {
         libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0);
     }
     let mut mask = SigSet::empty();
-    for s in [Signal::SIGCHLD, Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP] {
+    for s in [
+        Signal::SIGCHLD,
+        Signal::SIGTERM,
+        Signal::SIGINT,
+        Signal::SIGHUP,
+    ] {
         mask.add(s);
     }
     if mask.thread_block().is_err() {
@@ -516,7 +548,9 @@ pub fn run(dir: &Path) -> i32 {
     let _ = listener.set_nonblocking(true);
     let _ = std::fs::write(dir.join("shim.pid"), std::process::id().to_string());
     let log = open_log(&spec.log_file);
-    let log_size = std::fs::metadata(&spec.log_file).map(|m| m.len()).unwrap_or(0);
+    let log_size = std::fs::metadata(&spec.log_file)
+        .map(|m| m.len())
+        .unwrap_or(0);
     let mut shim = Shim {
         spec,
         listener,
@@ -537,8 +571,12 @@ pub fn run(dir: &Path) -> i32 {
             return 0;
         }
         let timeout = match shim.stop_deadline {
-            Some(d) => PollTimeout::try_from(d.saturating_duration_since(Instant::now()).as_millis().min(60_000) as i32)
-                .unwrap_or(PollTimeout::ZERO),
+            Some(d) => PollTimeout::try_from(
+                d.saturating_duration_since(Instant::now())
+                    .as_millis()
+                    .min(60_000) as i32,
+            )
+            .unwrap_or(PollTimeout::ZERO),
             None => PollTimeout::NONE,
         };
         let (sig_ready, lis_ready, cli_ready, cli_write, pipe_ready) = {

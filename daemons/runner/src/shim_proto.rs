@@ -40,7 +40,10 @@ pub enum CgroupKill {
     /// cgroup v2: write `1` to `cgroup.kill`.
     V2 { kill_file: PathBuf },
     /// cgroup v1: freeze, SIGKILL every pid in `procs`, thaw.
-    V1 { freezer_state: PathBuf, procs: PathBuf },
+    V1 {
+        freezer_state: PathBuf,
+        procs: PathBuf,
+    },
 }
 
 /// How the app ended.
@@ -83,14 +86,23 @@ pub enum ShimEvent {
         last_exit: Option<ExitInfo>,
     },
     /// The app was exec'd (`exec_ns`: CLOCK_REALTIME ns right after fork).
-    Started { pid: i32, started_ns: i64 },
+    Started {
+        pid: i32,
+        started_ns: i64,
+    },
     Exited(ExitInfo),
     /// One line of output.
-    Log { ts: i64, stream: String, line: String },
+    Log {
+        ts: i64,
+        stream: String,
+        line: String,
+    },
     /// After `stop`: the app and everything it started are gone.
     Stopped,
     /// A command could not be carried out.
-    Error { message: String },
+    Error {
+        message: String,
+    },
 }
 
 /// Runner → shim.

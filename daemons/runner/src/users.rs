@@ -9,11 +9,16 @@ use std::process::Command;
 pub fn valid_app(name: &str) -> bool {
     (1..=28).contains(&name.len())
         && name.as_bytes()[0].is_ascii_lowercase()
-        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
 }
 
 pub fn valid_proc(name: &str) -> bool {
-    (1..=30).contains(&name.len()) && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
+    (1..=30).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_')
 }
 
 /// The account an app runs as.
@@ -28,13 +33,24 @@ pub fn ensure_user(app: &str) -> Result<(u32, u32), String> {
         return Ok((u.uid.as_raw(), u.gid.as_raw()));
     }
     let out = Command::new("useradd")
-        .args(["--system", "--user-group", "--no-create-home", "--home-dir", "/nonexistent", "--shell", "/usr/sbin/nologin"])
+        .args([
+            "--system",
+            "--user-group",
+            "--no-create-home",
+            "--home-dir",
+            "/nonexistent",
+            "--shell",
+            "/usr/sbin/nologin",
+        ])
         .arg(&name)
         .output()
         .map_err(|e| format!("cannot run useradd: {e}"))?;
     // Another runner may have created it at the same moment (exit 9: exists).
     if !out.status.success() && out.status.code() != Some(9) {
-        return Err(format!("useradd {name} failed: {}", String::from_utf8_lossy(&out.stderr).trim()));
+        return Err(format!(
+            "useradd {name} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
     }
     match nix::unistd::User::from_name(&name) {
         Ok(Some(u)) if u.uid.as_raw() != 0 => Ok((u.uid.as_raw(), u.gid.as_raw())),

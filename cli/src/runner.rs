@@ -1,0 +1,440 @@
+//! Verbs for app instances on runners: ps, instance, run.
+
+use std::io::{Read, Write};
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+use base64::Engine;
+use clap::{Args, Subcommand};
+use paddock_config::ClusterConfig;
+use paddock_wire::kinds::{self, InstanceInfo, InstanceList, LogLines, ServiceState};
+use paddock_wire::now_ms;
+use serde_json::{json, Value};
+
+use crate::cluster::{client, load, registry, table, Opts};
+
+#[derive(Debug, Subcommand)]
+pub enum InstanceCmd {
+    /// Start an app instance on a runner; prints its id and port.
+    Start(StartArgs),
+    /// Stop an instance (stop signal, grace period, then SIGKILL to everything it started).
+    Stop { id: String },
+    /// Stop and start an instance again.
+    Restart { id: String },
+    /// Send an instance its reload signal.
+    Reload { id: String },
+    /// Show an instance's captured output.
+    Logs {
+        id: String,
+        #[arg(short = 'n', long, default_value_t = 100)]
+        lines: usize,
+        /// Keep printing new lines.
+        #[arg(short, long)]
+        follow: bool,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct StartArgs {
+    #[arg(long)]
+    app: String,
+    #[arg(long, default_value = "web")]
+    proc: String,
+    /// The app's code directory (absolute; must be readable by the app's user).
+    #[arg(long)]
+    dir: String,
+    /// KEY=VALUE, repeatable.
+    #[arg(long = "env", short = 'e')]
+    env: Vec<String>,
+    /// Health check: HTTP GET of this path must answer 2xx/3xx.
+    #[arg(long, conflicts_with_all = ["health_none"])]
+    health_http: Option<String>,
+    /// No port: up once it stayed alive a few seconds.
+    #[arg(long)]
+    health_none: bool,
+    #[arg(long)]
+    memory_mb: Option<u64>,
+    #[arg(long)]
+    pids: Option<u64>,
+    #[arg(long)]
+    nofile: Option<u64>,
+    /// The runner's node (default: this node's runner, else any alive one).
+    #[arg(long)]
+    node: Option<String>,
+    /// The command line, Procfile style.
+    #[arg(last = true, required = true)]
+    command: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    #[arg(long)]
+    app: String,
+    #[arg(long)]
+    dir: String,
+    #[arg(long = "env", short = 'e')]
+    env: Vec<String>,
+    #[arg(long)]
+    node: Option<String>,
+    #[arg(last = true, required = true)]
+    command: Vec<String>,
+}
+
+/// Every alive runner: (node, rpc endpoint). This node's runner from the cluster
+/// file when the registry cannot be reached.
+fn runners(cfg: &ClusterConfig, opts: &Opts) -> Result<Vec<(String, String)>> {
+    match registry(cfg, opts.timeout) {
+        Ok(list) => {
+            let v: Vec<(String, String)> = list
+                .services
+                .into_iter()
+                .filter(|s| s.daemon == "runner" && s.state == ServiceState::Alive)
+                .filter_map(|s| Some((s.node, s.endpoints.get("rpc")?.clone())))
+                .collect();
+            if v.is_empty() {
+                bail!("no alive runner in the registry");
+            }
+            Ok(v)
+        }
+        Err(e) => match cfg.file.daemons.get("runner") {
+            Some(d) => Ok(vec![(cfg.node().to_string(), d.rpc.clone())]),
+            None => Err(e),
+        },
+    }
+}
+
+fn pick(cfg: &ClusterConfig, opts: &Opts, node: Option<&str>) -> Result<String> {
+    let all = runners(cfg, opts)?;
+    let want = node.unwrap_or(cfg.node());
+    all.iter()
+        .find(|(n, _)| n == want)
+        .or_else(|| if node.is_none() { all.first() } else { None })
+        .map(|(_, ep)| ep.clone())
+        .ok_or_else(|| anyhow!("no alive runner on node {want}"))
+}
+
+/// The runner that has instance `id`.
+fn owner(cfg: &ClusterConfig, opts: &Opts, id: &str) -> Result<String> {
+    for (_, ep) in runners(cfg, opts)? {
+        let mut c = client(cfg, &ep, opts.timeout)?;
+        let l: InstanceList = serde_json::from_value(c.call(kinds::INSTANCE_LIST, json!({}))?)?;
+        if l.instances.iter().any(|i| i.id == id) {
+            return Ok(ep);
+        }
+    }
+    bail!("no runner has an instance `{id}` (see `paddock ps`)")
+}
+
+fn env_map(pairs: &[String]) -> Result<serde_json::Map<String, Value>> {
+    let mut m = serde_json::Map::new();
+    for p in pairs {
+        let (k, v) = p
+            .split_once('=')
+            .ok_or_else(|| anyhow!("--env {p}: expected KEY=VALUE"))?;
+        m.insert(k.to_string(), Value::String(v.to_string()));
+    }
+    Ok(m)
+}
+
+fn uptime(ms: u64) -> String {
+    match ms / 1000 {
+        s if s < 60 => format!("{s}s"),
+        s if s < 3600 => format!("{}m{}s", s / 60, s % 60),
+        s => format!("{}h{}m", s / 3600, (s % 3600) / 60),
+    }
+}
+
+pub fn ps(opts: &Opts) -> Result<()> {
+    let cfg = load(opts)?;
+    let mut all: Vec<InstanceInfo> = Vec::new();
+    let mut errors = Vec::new();
+    for (node, ep) in runners(&cfg, opts)? {
+        match client(&cfg, &ep, opts.timeout)
+            .and_then(|mut c| Ok(c.call(kinds::INSTANCE_LIST, json!({}))?))
+        {
+            Ok(v) => all.extend(serde_json::from_value::<InstanceList>(v)?.instances),
+            Err(e) => errors.push(format!("runner on {node}: {e}")),
+        }
+    }
+    if opts.json {
+        println!("{}", serde_json::to_string_pretty(&all)?);
+    } else {
+        let mut t = table(&[
+            "INSTANCE", "APP", "PROC", "NODE", "PID", "PORT", "STATE", "RESTARTS", "UPTIME",
+        ]);
+        for i in &all {
+            let state = match (&i.state[..], &i.reason) {
+                ("crashed", Some(r)) => format!("crashed: {r}"),
+                (s, _) => s.to_string(),
+            };
+            t.add_row(vec![
+                i.id.clone(),
+                i.app.clone(),
+                i.proc.clone(),
+                i.node.clone(),
+                i.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
+                i.port.to_string(),
+                state,
+                i.restarts.to_string(),
+                uptime(i.uptime_ms),
+            ]);
+        }
+        println!("{t}");
+    }
+    for e in &errors {
+        eprintln!("warning: {e}");
+    }
+    Ok(())
+}
+
+pub fn instance(opts: &Opts, cmd: InstanceCmd) -> Result<()> {
+    let cfg = load(opts)?;
+    match cmd {
+        InstanceCmd::Start(a) => {
+            let ep = pick(&cfg, opts, a.node.as_deref())?;
+            let health = match (&a.health_http, a.health_none) {
+                (Some(p), _) => json!({"http": p}),
+                (None, true) => json!({"none": true}),
+                _ => json!({"tcp": true}),
+            };
+            let mut limits = serde_json::Map::new();
+            for (k, v) in [
+                ("memory_mb", a.memory_mb),
+                ("pids", a.pids),
+                ("nofile", a.nofile),
+            ] {
+                if let Some(v) = v {
+                    limits.insert(k.into(), v.into());
+                }
+            }
+            let body = json!({"app": a.app, "proc": a.proc, "dir": a.dir, "command": a.command.join(" "),
+                              "env": env_map(&a.env)?, "health": health, "limits": limits});
+            let v = client(&cfg, &ep, opts.timeout)?.call(kinds::INSTANCE_START, body)?;
+            if opts.json {
+                println!("{v}");
+            } else {
+                println!(
+                    "started {} on port {}",
+                    v["id"].as_str().unwrap_or("?"),
+                    v["port"]
+                );
+            }
+        }
+        InstanceCmd::Stop { id } => simple(&cfg, opts, kinds::INSTANCE_STOP, &id, "stopping")?,
+        InstanceCmd::Restart { id } => {
+            simple(&cfg, opts, kinds::INSTANCE_RESTART, &id, "restarting")?
+        }
+        InstanceCmd::Reload { id } => simple(
+            &cfg,
+            opts,
+            kinds::INSTANCE_RELOAD,
+            &id,
+            "sent the reload signal to",
+        )?,
+        InstanceCmd::Logs { id, lines, follow } => {
+            let ep = owner(&cfg, opts, &id)?;
+            let mut c = client(&cfg, &ep, opts.timeout)?;
+            let mut last_ts = 0i64;
+            let mut seen_at_last = 0usize;
+            loop {
+                let l: LogLines = serde_json::from_value(c.call(
+                    kinds::INSTANCE_LOGS,
+                    json!({"id": id, "lines": if last_ts == 0 { lines } else { 10_000 }}),
+                )?)?;
+                let mut same_ts = 0;
+                for line in l.lines.iter() {
+                    // Print only what is newer than what was printed.
+                    if line.ts < last_ts {
+                        continue;
+                    }
+                    if line.ts == last_ts {
+                        same_ts += 1;
+                        if same_ts <= seen_at_last {
+                            continue;
+                        }
+                    } else {
+                        same_ts = 1;
+                        last_ts = line.ts;
+                    }
+                    seen_at_last = same_ts;
+                    if opts.json {
+                        println!("{}", serde_json::to_string(line)?);
+                    } else {
+                        let t = chrono_like(line.ts);
+                        println!("{t} {} {}", line.stream, line.line);
+                    }
+                }
+                if !follow {
+                    return Ok(());
+                }
+                if last_ts == 0 {
+                    last_ts = now_ms() - 1;
+                }
+                std::thread::sleep(Duration::from_millis(300));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn simple(cfg: &ClusterConfig, opts: &Opts, kind: &str, id: &str, verb: &str) -> Result<()> {
+    let ep = owner(cfg, opts, id)?;
+    let v = client(cfg, &ep, opts.timeout)?.call(kind, json!({"id": id}))?;
+    if opts.json {
+        println!("{v}");
+    } else {
+        println!("{verb} {id}");
+    }
+    Ok(())
+}
+
+/// `HH:MM:SS.mmm` UTC, enough for a log view.
+fn chrono_like(ms: i64) -> String {
+    let s = ms / 1000;
+    format!(
+        "{:02}:{:02}:{:02}.{:03}",
+        (s / 3600) % 24,
+        (s / 60) % 60,
+        s % 60,
+        ms % 1000
+    )
+}
+
+/// Puts a terminal in raw mode; restores it when dropped.
+struct Raw {
+    saved: Option<nix::sys::termios::Termios>,
+}
+
+impl Raw {
+    fn enter() -> Raw {
+        use nix::sys::termios::{cfmakeraw, tcgetattr, tcsetattr, SetArg};
+        let stdin = std::io::stdin();
+        if !std::io::IsTerminal::is_terminal(&stdin) {
+            return Raw { saved: None };
+        }
+        match tcgetattr(&stdin) {
+            Ok(t) => {
+                let mut raw = t.clone();
+                cfmakeraw(&mut raw);
+                let _ = tcsetattr(&stdin, SetArg::TCSANOW, &raw);
+                Raw { saved: Some(t) }
+            }
+            Err(_) => Raw { saved: None },
+        }
+    }
+}
+
+impl Drop for Raw {
+    fn drop(&mut self) {
+        if let Some(t) = &self.saved {
+            let _ = nix::sys::termios::tcsetattr(
+                std::io::stdin(),
+                nix::sys::termios::SetArg::TCSANOW,
+                t,
+            );
+        }
+    }
+}
+
+fn term_size() -> (u16, u16) {
+    let mut ws = libc::winsize {
+        ws_row: 0,
+        ws_col: 0,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: TIOCGWINSZ fills a winsize we own.
+    let ok = unsafe { libc::ioctl(1, libc::TIOCGWINSZ, &mut ws) } == 0;
+    if ok && ws.ws_col > 0 {
+        (ws.ws_col, ws.ws_row)
+    } else {
+        (80, 24)
+    }
+}
+
+/// `paddock run`: a one-off command on a PTY; returns its exit code.
+pub fn run(opts: &Opts, a: RunArgs) -> Result<i32> {
+    let cfg = load(opts)?;
+    let ep = pick(&cfg, opts, a.node.as_deref())?;
+    let (cols, rows) = term_size();
+    let mut c = client(&cfg, &ep, opts.timeout)?;
+    let v = c.call(
+        kinds::RUN_START,
+        json!({"app": a.app, "dir": a.dir, "command": a.command.join(" "), "env": env_map(&a.env)?, "cols": cols, "rows": rows}),
+    )?;
+    let id = v["id"]
+        .as_str()
+        .context("run.start reply has no id")?
+        .to_string();
+    let raw = Raw::enter();
+    let b64 = &base64::engine::general_purpose::STANDARD;
+    // Input: stdin → run.input (its own connection); EOF on a pipe becomes ^D.
+    {
+        let (cfg, ep, id) = (cfg.clone(), ep.clone(), id.clone());
+        let timeout = opts.timeout;
+        std::thread::spawn(move || {
+            let Ok(mut c) = client(&cfg, &ep, timeout) else {
+                return;
+            };
+            let mut buf = [0u8; 4096];
+            let mut stdin = std::io::stdin();
+            loop {
+                let data: Vec<u8> = match stdin.read(&mut buf) {
+                    Ok(0) | Err(_) => vec![4],
+                    Ok(n) => buf[..n].to_vec(),
+                };
+                let eof = data == [4];
+                if c.call(
+                    kinds::RUN_INPUT,
+                    json!({"id": id, "data": b64.encode(&data)}),
+                )
+                .is_err()
+                    || eof
+                {
+                    return;
+                }
+            }
+        });
+    }
+    // Window size changes.
+    if raw.saved.is_some() {
+        let (cfg, ep, id) = (cfg.clone(), ep.clone(), id.clone());
+        let timeout = opts.timeout;
+        std::thread::spawn(move || {
+            let Ok(mut c) = client(&cfg, &ep, timeout) else {
+                return;
+            };
+            let mut last = term_size();
+            loop {
+                std::thread::sleep(Duration::from_millis(250));
+                let now = term_size();
+                if now != last {
+                    last = now;
+                    let _ = c.call(
+                        kinds::RUN_RESIZE,
+                        json!({"id": id, "cols": now.0, "rows": now.1}),
+                    );
+                }
+            }
+        });
+    }
+    let mut offset = 0u64;
+    let mut out = std::io::stdout();
+    c.set_timeout(opts.timeout + Duration::from_secs(5));
+    loop {
+        let v = c.call(
+            kinds::RUN_OUTPUT,
+            json!({"id": id, "offset": offset, "wait_ms": 2000}),
+        )?;
+        let data = b64
+            .decode(v["data"].as_str().unwrap_or(""))
+            .unwrap_or_default();
+        out.write_all(&data)?;
+        out.flush()?;
+        offset = v["next_offset"].as_u64().unwrap_or(offset);
+        if v["done"] == true {
+            drop(raw);
+            return Ok(v["exit_code"].as_i64().unwrap_or(1) as i32);
+        }
+    }
+}
