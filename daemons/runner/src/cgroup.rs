@@ -34,7 +34,10 @@ pub struct Limits {
 #[derive(Debug, Clone, PartialEq)]
 pub struct InstanceCgroup {
     pub dirs: Vec<PathBuf>,
+    /// Joined by the app between fork and exec.
     pub procs: Vec<PathBuf>,
+    /// Joined by the shim once (v1 memory, pids, cpu); its children inherit them.
+    pub shim_procs: Vec<PathBuf>,
     pub kill: Option<CgroupKill>,
     pub oom_counter: Option<PathBuf>,
 }
@@ -89,6 +92,7 @@ impl Hierarchy {
             Hierarchy::None => Ok(InstanceCgroup {
                 dirs: vec![],
                 procs: vec![],
+                shim_procs: vec![],
                 kill: None,
                 oom_counter: None,
             }),
@@ -117,6 +121,7 @@ impl Hierarchy {
                 }
                 Ok(InstanceCgroup {
                     procs: vec![dir.join("cgroup.procs")],
+                    shim_procs: vec![],
                     kill: Some(CgroupKill::V2 {
                         kill_file: dir.join("cgroup.kill"),
                     }),
@@ -133,18 +138,25 @@ impl Hierarchy {
                 let mut cg = InstanceCgroup {
                     dirs: vec![],
                     procs: vec![],
+                    shim_procs: vec![],
                     kill: None,
                     oom_counter: None,
                 };
-                let mut mk = |base: &Path| -> std::io::Result<PathBuf> {
+                // The shim joins memory, pids and cpu; only the freezer is joined by
+                // the app itself (a frozen shim could not finish the kill).
+                let mut mk = |base: &Path, by_shim: bool| -> std::io::Result<PathBuf> {
                     let d = base.join("paddock").join(id);
                     std::fs::create_dir_all(&d)?;
-                    cg.procs.push(d.join("cgroup.procs"));
+                    if by_shim {
+                        cg.shim_procs.push(d.join("cgroup.procs"));
+                    } else {
+                        cg.procs.push(d.join("cgroup.procs"));
+                    }
                     cg.dirs.push(d.clone());
                     Ok(d)
                 };
                 if let Some(m) = memory {
-                    let d = mk(m)?;
+                    let d = mk(m, true)?;
                     if let Some(mb) = limits.memory_mb {
                         let bytes = (mb << 20).to_string();
                         std::fs::write(d.join("memory.limit_in_bytes"), &bytes)?;
@@ -157,13 +169,13 @@ impl Hierarchy {
                     }
                 }
                 if let Some(p) = pids {
-                    let d = mk(p)?;
+                    let d = mk(p, true)?;
                     if let Some(n) = limits.pids {
                         std::fs::write(d.join("pids.max"), n.to_string())?;
                     }
                 }
                 if let Some(c) = cpu {
-                    let d = mk(c)?;
+                    let d = mk(c, true)?;
                     if let Some(w) = limits.cpu_weight {
                         // v1 shares: 1024 is the default, as weight 100 is on v2.
                         let shares = (w.clamp(1, 10_000) * 1024 / 100).max(2);
@@ -171,7 +183,7 @@ impl Hierarchy {
                     }
                 }
                 if let Some(f) = freezer {
-                    let d = mk(f)?;
+                    let d = mk(f, false)?;
                     cg.kill = Some(CgroupKill::V1 {
                         freezer_state: d.join("freezer.state"),
                         procs: d.join("cgroup.procs"),
@@ -197,6 +209,7 @@ impl InstanceCgroup {
         let mut v: Vec<i32> = self
             .procs
             .iter()
+            .chain(self.shim_procs.iter())
             .flat_map(|p| {
                 std::fs::read_to_string(p)
                     .unwrap_or_default()
@@ -255,6 +268,10 @@ mod tests {
             "+memory +pids +cpu"
         );
         assert_eq!(cg.procs, vec![d.join("cgroup.procs")]);
+        assert!(
+            cg.shim_procs.is_empty(),
+            "on v2 the shim stays out (cgroup.kill)"
+        );
         assert_eq!(
             cg.kill,
             Some(CgroupKill::V2 {
@@ -300,7 +317,9 @@ mod tests {
         );
         assert_eq!(r("pids/paddock/i2/pids.max"), "20");
         assert_eq!(r("cpu/paddock/i2/cpu.shares"), "512");
-        assert_eq!(cg.procs.len(), 4);
+        assert_eq!(cg.procs.len(), 1, "the app joins the freezer");
+        assert_eq!(cg.shim_procs.len(), 3, "the shim joins memory, pids, cpu");
+        assert!(cg.procs[0].starts_with(t.path().join("freezer")));
         assert!(matches!(cg.kill, Some(CgroupKill::V1 { .. })));
         assert!(cg.oom_counter.is_some());
     }

@@ -30,8 +30,7 @@ use paddock_wire::kinds::{
 use paddock_wire::{now_ms, Code, ServerHandle, WireError};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::sync::mpsc;
+use tokio::io::{AsyncBufReadExt, BufReader};
 
 use crate::shim_proto::{ExitInfo, ShimCommand, ShimEvent, ShimSpec};
 
@@ -185,7 +184,7 @@ struct Inst {
     reason: Option<String>,
     /// Bumped at every app start; health results of older starts are ignored.
     generation: u64,
-    shim: Option<mpsc::UnboundedSender<ShimCommand>>,
+    shim: ShimLink,
     after_stop: Option<AfterStop>,
     cgroup: cgroup::InstanceCgroup,
 }
@@ -216,15 +215,50 @@ impl Inst {
         }
     }
 
-    fn send(&self, c: ShimCommand) {
-        if let Some(s) = &self.shim {
-            let _ = s.send(c);
+    /// Writes a command to the shim straight from the actor (no task hop, so a
+    /// restart goes out at once); queued until the shim's socket is connected.
+    fn send(&mut self, c: ShimCommand) {
+        if let Some(w) = &self.shim.writer {
+            if write_line(w, &c).is_ok() {
+                return;
+            }
+            self.shim.writer = None;
         }
+        self.shim.pending.push(c);
     }
 
     fn save(&self) {
         let _ = write_json(&self.dir.join("instance.json"), &self.rec);
     }
+}
+
+/// The actor's end of a shim's socket.
+#[derive(Default)]
+struct ShimLink {
+    writer: Option<std::os::unix::net::UnixStream>,
+    pending: Vec<ShimCommand>,
+}
+
+/// One command line on a (non-blocking) unix socket; a full buffer is waited out
+/// briefly (commands are tiny, so this practically never happens).
+fn write_line(w: &std::os::unix::net::UnixStream, c: &ShimCommand) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut line = serde_json::to_vec(c).expect("commands serialize");
+    line.push(b'\n');
+    let mut off = 0;
+    let mut tries = 0;
+    let mut w = w;
+    while off < line.len() {
+        match w.write(&line[off..]) {
+            Ok(n) => off += n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && tries < 500 => {
+                tries += 1;
+                std::thread::sleep(Duration::from_micros(100));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 fn write_json<T: Serialize>(path: &Path, v: &T) -> std::io::Result<()> {
@@ -297,6 +331,13 @@ struct ShimGone {
 
 #[derive(Message)]
 #[rtype(result = "()")]
+struct ShimConnected {
+    id: String,
+    writer: std::os::unix::net::UnixStream,
+}
+
+#[derive(Message)]
+#[rtype(result = "()")]
 struct HealthResult {
     id: String,
     generation: u64,
@@ -333,6 +374,7 @@ impl Runner {
                 .unwrap_or(cgroup::InstanceCgroup {
                     dirs: vec![],
                     procs: vec![],
+                    shim_procs: vec![],
                     kill: None,
                     oom_counter: None,
                 });
@@ -411,8 +453,7 @@ impl Runner {
         let Some(inst) = self.instances.get_mut(id) else {
             return;
         };
-        let (tx, mut rx) = mpsc::unbounded_channel::<ShimCommand>();
-        inst.shim = Some(tx);
+        inst.shim.writer = None;
         let sock = inst.dir.join("shim.sock");
         let addr = ctx.address();
         let id = id.to_string();
@@ -427,28 +468,29 @@ impl Runner {
                     Err(_) => break None,
                 }
             };
-            let Some(stream) = stream else {
+            let split = stream.and_then(|s| {
+                let std = s.into_std().ok()?;
+                let writer = std.try_clone().ok()?;
+                Some((tokio::net::UnixStream::from_std(std).ok()?, writer))
+            });
+            let Some((reader, writer)) = split else {
                 tell(&addr, ShimGone { id });
                 return;
             };
-            let (r, mut w) = stream.into_split();
-            let writer = actix_rt::spawn(async move {
-                while let Some(cmd) = rx.recv().await {
-                    let mut line = serde_json::to_vec(&cmd).expect("commands serialize");
-                    line.push(b'\n');
-                    if w.write_all(&line).await.is_err() {
-                        return;
-                    }
-                }
-            });
-            let mut lines = BufReader::new(r).lines();
+            tell(
+                &addr,
+                ShimConnected {
+                    id: id.clone(),
+                    writer,
+                },
+            );
+            let mut lines = BufReader::new(reader).lines();
             while let Ok(Some(l)) = lines.next_line().await {
                 match serde_json::from_str::<ShimEvent>(&l) {
                     Ok(ev) => tell(&addr, FromShim { id: id.clone(), ev }),
                     Err(e) => tracing::warn!(instance = %id, "bad line from shim: {e}"),
                 }
             }
-            writer.abort();
             tell(&addr, ShimGone { id });
         });
     }
@@ -815,6 +857,7 @@ impl Runner {
             nofile: req.limits.nofile.unwrap_or(self.settings.nofile),
             nproc: None,
             cgroup_procs: cg.procs.clone(),
+            shim_cgroup_procs: cg.shim_procs.clone(),
             cgroup_kill: cg.kill.clone(),
             oom_counter: cg.oom_counter.clone(),
             log_file: idir.join("app.log"),
@@ -984,7 +1027,7 @@ fn new_inst(rec: Record, dir: PathBuf, cg: cgroup::InstanceCgroup, s: &Settings)
         last_exit: None,
         reason: None,
         generation: 0,
-        shim: None,
+        shim: ShimLink::default(),
         after_stop: None,
         cgroup: cg,
     }
@@ -1011,14 +1054,45 @@ impl Handler<FromShim> for Runner {
     }
 }
 
-impl Handler<ShimGone> for Runner {
+impl Handler<ShimConnected> for Runner {
     type Result = ();
-    fn handle(&mut self, m: ShimGone, _: &mut Context<Self>) {
+    fn handle(&mut self, m: ShimConnected, _: &mut Context<Self>) {
         let Some(inst) = self.instances.get_mut(&m.id) else {
             return;
         };
-        inst.shim = None;
-        if inst.state != State::Stopped {
+        inst.shim.writer = Some(m.writer);
+        for c in std::mem::take(&mut inst.shim.pending) {
+            inst.send(c);
+        }
+    }
+}
+
+impl Handler<ShimGone> for Runner {
+    type Result = ();
+    fn handle(&mut self, m: ShimGone, ctx: &mut Context<Self>) {
+        let Some(inst) = self.instances.get_mut(&m.id) else {
+            return;
+        };
+        inst.shim.writer = None;
+        let shim_alive = std::fs::read_to_string(inst.dir.join("shim.pid"))
+            .ok()
+            .and_then(|p| p.trim().parse::<i32>().ok())
+            .is_some_and(|p| {
+                std::fs::read_to_string(format!("/proc/{p}/stat"))
+                    .is_ok_and(|s| !s.contains(") Z "))
+            });
+        if shim_alive && inst.state != State::Stopped {
+            // Only the connection broke (the shim drops a runner that stops
+            // reading): connect again; the shim's Hello brings us up to date.
+            tracing::warn!(instance = %m.id, "lost the shim's socket; reconnecting");
+            self.connect(ctx, &m.id);
+            return;
+        }
+        inst.shim.pending.clear();
+        if inst.state == State::Stopped {
+            // The shim left its cgroups when it exited: now they can go.
+            inst.cgroup.remove();
+        } else {
             // The shim died (or was killed): what it held is gone with it.
             shim::kill_everything(inst.cgroup.kill.as_ref());
             inst.state = State::Crashed;

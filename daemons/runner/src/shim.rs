@@ -478,6 +478,8 @@ fn spawn(spec: &ShimSpec) -> std::io::Result<(i32, OwnedFd, OwnedFd)> {
             for p in &procs {
                 std::fs::write(p, &me)?;
             }
+            // The shim is never the OOM killer's pick; the app is an ordinary process.
+            let _ = std::fs::write("/proc/self/oom_score_adj", "0");
             nix::unistd::setsid()?;
             use nix::sys::resource::{setrlimit, Resource};
             setrlimit(Resource::RLIMIT_NOFILE, nofile, nofile)?;
@@ -515,6 +517,15 @@ pub fn run(dir: &Path) -> i32 {
     // SAFETY: prctl with integer arguments.
     unsafe {
         libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0);
+    }
+    let me = std::process::id().to_string();
+    for p in &spec.shim_cgroup_procs {
+        if let Err(e) = std::fs::write(p, &me) {
+            eprintln!("paddock-shim: cannot join {}: {e}", p.display());
+        }
+    }
+    if !spec.shim_cgroup_procs.is_empty() {
+        let _ = std::fs::write("/proc/self/oom_score_adj", "-1000");
     }
     let mut mask = SigSet::empty();
     for s in [

@@ -23,8 +23,13 @@ pub struct ShimSpec {
     pub gid: u32,
     pub nofile: u64,
     pub nproc: Option<u64>,
-    /// `cgroup.procs` (or v1 `tasks`-equivalent) files the app joins before exec.
+    /// `cgroup.procs` files the app joins between fork and exec.
     pub cgroup_procs: Vec<PathBuf>,
+    /// `cgroup.procs` files the shim joins once at start, so every app process it
+    /// forks is born inside them (a v1 memory cgroup migration costs milliseconds).
+    /// Never the freezer or a v2 cgroup: the shim must not freeze or kill itself.
+    #[serde(default)]
+    pub shim_cgroup_procs: Vec<PathBuf>,
     /// How to kill everything in the instance's cgroup.
     pub cgroup_kill: Option<CgroupKill>,
     /// A file whose `oom_kill N` line counts OOM kills in the instance's cgroup.

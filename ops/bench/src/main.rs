@@ -316,10 +316,157 @@ fn bench_lock(n: usize, clients: usize) -> Result<()> {
     Ok(())
 }
 
+/// The last `(ns, pid)` line of a stamp file.
+fn last_stamp(path: &std::path::Path) -> Option<(i128, i32)> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let l = text.lines().last()?;
+    let mut it = l.split_whitespace();
+    Some((it.next()?.parse().ok()?, it.next()?.parse().ok()?))
+}
+
+fn realtime_ns() -> i128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i128)
+        .unwrap_or(0)
+}
+
+fn wait_accepting(port: u16, timeout: Duration) -> Option<Instant> {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return Some(Instant::now());
+        }
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    None
+}
+
+/// kill -9 the app `n` times, `spacing` apart; per kill: time until the port
+/// accepts again, and time until the supervisor exec'd the replacement.
+fn kill_loop(
+    name: &str,
+    stamps: &std::path::Path,
+    port: u16,
+    n: usize,
+    spacing: Duration,
+) -> Result<()> {
+    wait_accepting(port, Duration::from_secs(30)).context("the app never accepted connections")?;
+    let mut serve = Vec::with_capacity(n);
+    let mut exec = Vec::with_capacity(n);
+    for i in 0..n {
+        let (_, pid) = last_stamp(stamps).context("no stamp")?;
+        let t0 = Instant::now();
+        let t0_ns = realtime_ns();
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        )?;
+        // Wait until the old listener is gone, then for the new one.
+        let t1 = loop {
+            match last_stamp(stamps) {
+                Some((_, p)) if p != pid => break wait_accepting(port, Duration::from_secs(30)),
+                _ => std::thread::sleep(Duration::from_micros(100)),
+            }
+            if t0.elapsed() > Duration::from_secs(30) {
+                break None;
+            }
+        }
+        .with_context(|| format!("{name}: kill {i}: the app did not come back within 30 s"))?;
+        let (exec_ns, _) = last_stamp(stamps).context("no stamp")?;
+        serve.push(t1 - t0);
+        exec.push(Duration::from_nanos((exec_ns - t0_ns).max(0) as u64));
+        // Spaced from the new process's start, so supervisord's startsecs (1 s) has
+        // passed and no respawn limit or backoff of either supervisor trips.
+        std::thread::sleep(spacing);
+    }
+    let s = summarize(serve);
+    let e = summarize(exec);
+    println!(
+        "  {name:<22} kill -> serving: p50 {:8.2} ms  p99 {:8.2} ms | death -> exec: p50 {:7.3} ms  p99 {:7.3} ms",
+        s.p50.as_secs_f64() * 1e3,
+        s.p99.as_secs_f64() * 1e3,
+        e.p50.as_secs_f64() * 1e3,
+        e.p99.as_secs_f64() * 1e3
+    );
+    Ok(())
+}
+
+fn bench_runner(n: usize, spacing: Duration) -> Result<()> {
+    let bin = harness::bin_dir()?;
+    let stamp = bin.join("paddock-bench-stamp");
+    let app_src =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../integration/fixtures/app.py");
+    println!(
+        "runner: {n} kill -9 of a Python stdlib HTTP app, {} ms apart, side by side",
+        spacing.as_millis()
+    );
+
+    // Paddock.
+    let d = Daemons::start(false, &["runner"])?;
+    let work = d._dir.path().join("bench-app");
+    std::fs::create_dir_all(&work)?;
+    std::fs::copy(&app_src, work.join("app.py"))?;
+    harness::allow_traverse(&work)?;
+    harness::allow_traverse(&d._dir.path().join("apps"))?;
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&work, std::fs::Permissions::from_mode(0o777))?;
+    }
+    let stamps = work.join("paddock.stamps");
+    let rpc = d.file.daemons["runner"].rpc.clone();
+    let mut c = Client::connect(&rpc, "user:bench", d.keys())?;
+    let v = c.call(
+        "instance.start",
+        json!({"app": "bench", "proc": "web", "dir": work, "command": format!("{} {} python3 -u app.py", stamp.display(), stamps.display()),
+               "health": {"tcp": true},
+               "restart": {"limit": 100000, "window_ms": 1000, "reset_after_ms": 500}}),
+    )?;
+    let port = v["port"].as_u64().context("port")? as u16;
+    kill_loop("paddock-runner", &stamps, port, n, spacing)?;
+    drop(d);
+
+    // supervisord with its defaults (autorestart=unexpected, startsecs=1).
+    let tmp = tempfile::Builder::new()
+        .prefix("paddock-bench-supervisord-")
+        .tempdir()?;
+    let port = harness::free_port()?;
+    let stamps = tmp.path().join("supervisord.stamps");
+    std::fs::copy(&app_src, tmp.path().join("app.py"))?;
+    let conf = tmp.path().join("supervisord.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "[supervisord]\nnodaemon=true\nlogfile={d}/supervisord.log\npidfile={d}/supervisord.pid\n\n\
+             [unix_http_server]\nfile={d}/supervisor.sock\n\n\
+             [rpcinterface:supervisor]\nsupervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface\n\n\
+             [program:app]\ncommand={stamp} {stamps} python3 -u app.py\ndirectory={d}\nenvironment=PORT=\"{port}\"\n\
+             stdout_logfile={d}/app.log\nredirect_stderr=true\n",
+            d = tmp.path().display(),
+            stamp = stamp.display(),
+            stamps = stamps.display(),
+        ),
+    )?;
+    let mut sup = std::process::Command::new("supervisord")
+        .args(["-c"])
+        .arg(&conf)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .context("starting supervisord (apt-get install supervisor)")?;
+    let r = kill_loop("supervisord (defaults)", &stamps, port, n, spacing);
+    harness::stop_child(
+        &mut sup,
+        nix::sys::signal::Signal::SIGTERM,
+        Duration::from_secs(10),
+    );
+    r
+}
+
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let which: Vec<&str> = if args.is_empty() {
-        vec!["codec", "rpc", "push", "lock"]
+        vec!["codec", "rpc", "push", "lock", "runner"]
     } else {
         args.iter().map(String::as_str).collect()
     };
@@ -332,7 +479,18 @@ fn main() -> Result<()> {
                 bench_lock(4_000, 1)?;
                 bench_lock(4_000, 4)?;
             }
-            other => bail!("unknown benchmark `{other}` (codec, rpc, push, lock)"),
+            "runner" => {
+                let n = std::env::var("PADDOCK_BENCH_KILLS")
+                    .ok()
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(200);
+                let spacing = std::env::var("PADDOCK_BENCH_SPACING_MS")
+                    .ok()
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(1200);
+                bench_runner(n, Duration::from_millis(spacing))?
+            }
+            other => bail!("unknown benchmark `{other}` (codec, rpc, push, lock, runner)"),
         }
     }
     Ok(())
