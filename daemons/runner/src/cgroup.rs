@@ -38,6 +38,8 @@ pub struct InstanceCgroup {
     pub procs: Vec<PathBuf>,
     /// Joined by the shim once (v1 memory, pids, cpu); its children inherit them.
     pub shim_procs: Vec<PathBuf>,
+    /// The app is moved here by the shim right after exec (v1 freezer).
+    pub late_procs: Vec<PathBuf>,
     pub kill: Option<CgroupKill>,
     pub oom_counter: Option<PathBuf>,
 }
@@ -93,6 +95,7 @@ impl Hierarchy {
                 dirs: vec![],
                 procs: vec![],
                 shim_procs: vec![],
+                late_procs: vec![],
                 kill: None,
                 oom_counter: None,
             }),
@@ -122,6 +125,7 @@ impl Hierarchy {
                 Ok(InstanceCgroup {
                     procs: vec![dir.join("cgroup.procs")],
                     shim_procs: vec![],
+                    late_procs: vec![],
                     kill: Some(CgroupKill::V2 {
                         kill_file: dir.join("cgroup.kill"),
                     }),
@@ -139,6 +143,7 @@ impl Hierarchy {
                     dirs: vec![],
                     procs: vec![],
                     shim_procs: vec![],
+                    late_procs: vec![],
                     kill: None,
                     oom_counter: None,
                 };
@@ -150,7 +155,7 @@ impl Hierarchy {
                     if by_shim {
                         cg.shim_procs.push(d.join("cgroup.procs"));
                     } else {
-                        cg.procs.push(d.join("cgroup.procs"));
+                        cg.late_procs.push(d.join("cgroup.procs"));
                     }
                     cg.dirs.push(d.clone());
                     Ok(d)
@@ -210,6 +215,7 @@ impl InstanceCgroup {
             .procs
             .iter()
             .chain(self.shim_procs.iter())
+            .chain(self.late_procs.iter())
             .flat_map(|p| {
                 std::fs::read_to_string(p)
                     .unwrap_or_default()
@@ -317,9 +323,17 @@ mod tests {
         );
         assert_eq!(r("pids/paddock/i2/pids.max"), "20");
         assert_eq!(r("cpu/paddock/i2/cpu.shares"), "512");
-        assert_eq!(cg.procs.len(), 1, "the app joins the freezer");
+        assert!(
+            cg.procs.is_empty(),
+            "no migration between fork and exec on v1"
+        );
         assert_eq!(cg.shim_procs.len(), 3, "the shim joins memory, pids, cpu");
-        assert!(cg.procs[0].starts_with(t.path().join("freezer")));
+        assert_eq!(
+            cg.late_procs.len(),
+            1,
+            "the app joins the freezer after exec"
+        );
+        assert!(cg.late_procs[0].starts_with(t.path().join("freezer")));
         assert!(matches!(cg.kill, Some(CgroupKill::V1 { .. })));
         assert!(cg.oom_counter.is_some());
     }

@@ -375,6 +375,7 @@ impl Runner {
                     dirs: vec![],
                     procs: vec![],
                     shim_procs: vec![],
+                    late_procs: vec![],
                     kill: None,
                     oom_counter: None,
                 });
@@ -858,6 +859,7 @@ impl Runner {
             nproc: None,
             cgroup_procs: cg.procs.clone(),
             shim_cgroup_procs: cg.shim_procs.clone(),
+            late_cgroup_procs: cg.late_procs.clone(),
             cgroup_kill: cg.kill.clone(),
             oom_counter: cg.oom_counter.clone(),
             log_file: idir.join("app.log"),

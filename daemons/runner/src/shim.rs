@@ -239,6 +239,18 @@ impl Shim {
                     oom_before,
                 });
                 self.emit(&ShimEvent::Started { pid, started_ns });
+                for p in self.spec.late_cgroup_procs.clone() {
+                    if let Err(e) = std::fs::write(&p, pid.to_string()) {
+                        self.log_line(
+                            "stderr",
+                            format!(
+                                "paddock-shim: cannot move the app into {}: {e}",
+                                p.display()
+                            )
+                            .as_bytes(),
+                        );
+                    }
+                }
             }
             Err(e) => {
                 let exit = ExitInfo {
@@ -445,8 +457,23 @@ fn open_log(path: &Path) -> Option<File> {
         .ok()
 }
 
+/// The words of a command line that needs no shell (no quoting, expansion,
+/// redirection, globbing or assignments); `None` when `sh -c` must parse it.
+pub fn plain_words(command: &str) -> Option<Vec<&str>> {
+    const SHELL: &[char] = &[
+        '|', '&', ';', '<', '>', '(', ')', '$', '`', '\\', '"', '\'', '*', '?', '[', ']', '#', '~',
+        '=', '%', '{', '}', '\n',
+    ];
+    if command.contains(SHELL) {
+        return None;
+    }
+    let words: Vec<&str> = command.split_whitespace().collect();
+    (!words.is_empty()).then_some(words)
+}
+
 /// fork + exec the app: own session, cgroups joined, rlimits, umask 077, the app's
-/// user and group, a clean environment, `sh -c 'exec COMMAND'` (same pid).
+/// user and group, a clean environment; the command exec'd directly, or as
+/// `sh -c 'exec COMMAND'` when it has shell syntax (same pid either way).
 fn spawn(spec: &ShimSpec) -> std::io::Result<(i32, OwnedFd, OwnedFd)> {
     if spec.uid == 0 || spec.gid == 0 {
         return Err(std::io::Error::other("refusing to run an app as root"));
@@ -459,10 +486,20 @@ fn spawn(spec: &ShimSpec) -> std::io::Result<(i32, OwnedFd, OwnedFd)> {
             nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
         )?;
     }
-    let mut cmd = Command::new("/bin/sh");
-    cmd.arg("-c")
-        .arg(format!("exec {}", spec.command))
-        .env_clear()
+    let mut cmd = match plain_words(&spec.command) {
+        // No shell syntax: exec it directly (one exec less on every restart).
+        Some(words) => {
+            let mut c = Command::new(words[0]);
+            c.args(&words[1..]);
+            c
+        }
+        None => {
+            let mut c = Command::new("/bin/sh");
+            c.arg("-c").arg(format!("exec {}", spec.command));
+            c
+        }
+    };
+    cmd.env_clear()
         .envs(&spec.env)
         .current_dir(&spec.dir)
         .stdin(Stdio::null())
@@ -656,6 +693,34 @@ pub fn run(dir: &Path) -> i32 {
                 shim.stop_deadline = None;
                 kill_everything(shim.spec.cgroup_kill.as_ref());
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plain_commands_skip_the_shell() {
+        assert_eq!(
+            plain_words("python3 -u app.py"),
+            Some(vec!["python3", "-u", "app.py"])
+        );
+        assert_eq!(
+            plain_words("  gunicorn  app:app "),
+            Some(vec!["gunicorn", "app:app"])
+        );
+        for c in [
+            "echo $PORT",
+            "a | b",
+            "FOO=1 x",
+            "sh -c 'x'",
+            "run > log",
+            "ls *.py",
+            "",
+        ] {
+            assert_eq!(plain_words(c), None, "{c}");
         }
     }
 }

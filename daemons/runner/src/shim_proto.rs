@@ -30,6 +30,11 @@ pub struct ShimSpec {
     /// Never the freezer or a v2 cgroup: the shim must not freeze or kill itself.
     #[serde(default)]
     pub shim_cgroup_procs: Vec<PathBuf>,
+    /// `cgroup.procs` files the shim moves the app into right after exec (the v1
+    /// freezer, which exists only for the exact kill): a migration waits for an RCU
+    /// grace period, about 15 ms here, and must not delay the restart.
+    #[serde(default)]
+    pub late_cgroup_procs: Vec<PathBuf>,
     /// How to kill everything in the instance's cgroup.
     pub cgroup_kill: Option<CgroupKill>,
     /// A file whose `oom_kill N` line counts OOM kills in the instance's cgroup.

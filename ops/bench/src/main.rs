@@ -356,12 +356,26 @@ fn kill_loop(
     let mut exec = Vec::with_capacity(n);
     for i in 0..n {
         let (_, pid) = last_stamp(stamps).context("no stamp")?;
+        // A pidfd tells the moment the process is really gone (death), apart from
+        // the moment the signal was sent.
+        // SAFETY: pidfd_open(2) with a pid and no flags; the fd is closed below.
+        let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) } as i32;
         let t0 = Instant::now();
-        let t0_ns = realtime_ns();
         nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(pid),
             nix::sys::signal::Signal::SIGKILL,
         )?;
+        let mut pfd = libc::pollfd {
+            fd: pidfd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd; then closing the fd we opened.
+        unsafe {
+            libc::poll(&mut pfd, 1, 10_000);
+            libc::close(pidfd);
+        }
+        let t0_ns = realtime_ns();
         // Wait until the old listener is gone, then for the new one.
         let t1 = loop {
             match last_stamp(stamps) {
