@@ -610,3 +610,62 @@ fn the_cli_starts_lists_logs_stops_and_runs() {
     assert!(out.status.success(), "{out:?}");
     r.wait_state(&id, "stopped", Duration::from_secs(10));
 }
+
+fn shim_pid(r: &Runner, id: &str) -> i32 {
+    let p = r
+        .node
+        .dir
+        .join("state/runner/instances")
+        .join(id)
+        .join("shim.pid");
+    std::fs::read_to_string(p).unwrap().trim().parse().unwrap()
+}
+
+#[test]
+fn a_dead_shim_crashes_only_its_own_instance_which_can_then_be_stopped_or_restarted() {
+    let mut r = runner("rshim");
+    let (a, _) = r.start("one", json!({}));
+    let (b, pb) = r.start("two", json!({}));
+    r.wait_state(&a, "up", Duration::from_secs(20));
+    let b_up = r.wait_state(&b, "up", Duration::from_secs(20));
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(shim_pid(&r, &a)),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let crashed = r.wait_state(&a, "crashed", Duration::from_secs(10));
+    assert!(crashed.reason.unwrap().contains("shim"));
+    // The other instance (and its shim) are untouched.
+    std::thread::sleep(Duration::from_millis(300));
+    let b_now = r.info(&b);
+    assert_eq!((b_now.state.as_str(), b_now.pid), ("up", b_up.pid));
+    assert_eq!(get(pb, "/").unwrap().0, 200);
+    // A restart brings the crashed one back with a fresh shim; a stop ends it.
+    r.c.call("instance.restart", json!({"id": a})).unwrap();
+    r.wait_state(&a, "up", Duration::from_secs(20));
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(shim_pid(&r, &a)),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    r.wait_state(&a, "crashed", Duration::from_secs(10));
+    r.c.call("instance.stop", json!({"id": a})).unwrap();
+    r.wait_state(&a, "stopped", Duration::from_secs(5));
+}
+
+#[test]
+fn never_healthy_counts_against_the_respawn_limit() {
+    let mut r = runner("rhealth");
+    let (id, _) = r.start(
+        "sick",
+        json!({"health": {"http": "/nope"}, "start_timeout_ms": 500, "restart": {"limit": 2, "window_ms": 60000}}),
+    );
+    let i = r.wait_state(&id, "crashed", Duration::from_secs(20));
+    assert_eq!(i.restarts, 2, "{i:?}");
+    let reason = i.reason.unwrap();
+    assert!(
+        reason.contains("2 restarts") && reason.contains("404"),
+        "{reason}"
+    );
+    assert_eq!(i.pid, None);
+}

@@ -16,8 +16,10 @@ pub mod shim;
 pub mod shim_proto;
 pub mod users;
 
+use std::cell::Cell;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use actix::prelude::*;
@@ -134,9 +136,13 @@ struct Record {
     uid: u32,
     gid: u32,
     created: i64,
-    /// False once stopped on request: a restarted runner leaves it stopped.
+    /// False from the moment a stop is requested: a restarted runner finishes the
+    /// stop instead of starting the app again.
     running: bool,
     restarts: u32,
+    /// Why it was given up on, if it was (survives a runner restart).
+    #[serde(default)]
+    crashed: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -169,6 +175,8 @@ enum AfterStop {
     Remove,
     /// `instance.restart` or a failed health check: start again.
     Start,
+    /// Health failed past the respawn limit: stay down as `crashed`.
+    Crash,
 }
 
 struct Inst {
@@ -182,8 +190,9 @@ struct Inst {
     next_delay: Duration,
     last_exit: Option<ExitInfo>,
     reason: Option<String>,
-    /// Bumped at every app start; health results of older starts are ignored.
-    generation: u64,
+    /// Bumped at every app start, exit and stop; health watchers and results of
+    /// an older generation stand down.
+    generation: Rc<Cell<u64>>,
     shim: ShimLink,
     after_stop: Option<AfterStop>,
     cgroup: cgroup::InstanceCgroup,
@@ -213,6 +222,46 @@ impl Inst {
             node: node.to_string(),
             reason: self.reason.clone(),
         }
+    }
+
+    fn bump(&self) -> u64 {
+        self.generation.set(self.generation.get() + 1);
+        self.generation.get()
+    }
+
+    /// Counts a restart against the respawn limit: `Err(reason)` when the limit
+    /// is reached (the instance is to be `crashed`).
+    fn count_restart(&mut self, s: &Settings, why: &str) -> Result<(), String> {
+        let policy = &self.rec.req.restart;
+        let max = policy.limit.unwrap_or(s.restart_limit);
+        let span = policy
+            .window_ms
+            .map(Duration::from_millis)
+            .unwrap_or(s.restart_window);
+        let now = Instant::now();
+        while self
+            .recent
+            .front()
+            .is_some_and(|t| now.duration_since(*t) > span)
+        {
+            self.recent.pop_front();
+        }
+        if self.recent.len() as u32 >= max {
+            return Err(format!(
+                "{} restarts within {:?}; last: {why}",
+                self.recent.len(),
+                span
+            ));
+        }
+        self.recent.push_back(now);
+        Ok(())
+    }
+
+    fn crash(&mut self, reason: String) {
+        self.state = State::Crashed;
+        self.reason = Some(reason.clone());
+        self.rec.crashed = Some(reason);
+        self.save();
     }
 
     /// Writes a command to the shim straight from the actor (no task hop, so a
@@ -379,18 +428,34 @@ impl Runner {
                     kill: None,
                     oom_counter: None,
                 });
-            let shim_alive = std::fs::read_to_string(dir.join("shim.pid"))
-                .ok()
-                .and_then(|p| p.trim().parse::<i32>().ok())
-                .is_some_and(|p| {
-                    nix::sys::signal::kill(nix::unistd::Pid::from_raw(p), None).is_ok()
-                });
+            let shim_alive = shim_alive(&dir);
             let id = rec.id.clone();
             let running = rec.running;
+            let crashed = rec.crashed.clone();
             let mut inst = new_inst(rec, dir, cg, &self.settings);
             if !running {
-                inst.state = State::Stopped;
-                self.instances.insert(id, inst);
+                if shim_alive {
+                    // A stop was asked for before the runner went away: finish it.
+                    let (sig, grace_ms) = Self::stop_signal(&inst, &self.settings);
+                    inst.state = State::Stopping;
+                    inst.after_stop = Some(AfterStop::Remove);
+                    inst.send(ShimCommand::Stop { sig, grace_ms });
+                    self.instances.insert(id.clone(), inst);
+                    self.connect(ctx, &id);
+                } else {
+                    inst.state = State::Stopped;
+                    inst.cgroup.remove();
+                    self.instances.insert(id, inst);
+                }
+                continue;
+            }
+            if let Some(reason) = crashed {
+                inst.state = State::Crashed;
+                inst.reason = Some(reason);
+                self.instances.insert(id.clone(), inst);
+                if shim_alive {
+                    self.connect(ctx, &id);
+                }
                 continue;
             }
             tracing::info!(instance = %id, shim_alive, "re-adopting instance");
@@ -514,7 +579,8 @@ impl Runner {
         };
         let check = Self::check_for(&inst.rec.req);
         let port = inst.rec.port;
-        let generation = inst.generation;
+        let generation = inst.generation.get();
+        let current = inst.generation.clone();
         let s = &self.settings;
         let start_timeout = inst
             .rec
@@ -550,7 +616,7 @@ impl Runner {
             }
             let mut last = String::new();
             let mut up = false;
-            while Instant::now() < deadline {
+            while Instant::now() < deadline && current.get() == generation {
                 match health::probe(&check, port, Duration::from_secs(2)).await {
                     Ok(()) => {
                         up = true;
@@ -568,6 +634,9 @@ impl Runner {
             let mut failed = 0;
             loop {
                 tokio::time::sleep(interval).await;
+                if current.get() != generation {
+                    return; // that process is gone; a newer watcher has it
+                }
                 match health::probe(&check, port, Duration::from_secs(2)).await {
                     Ok(()) => failed = 0,
                     Err(e) => {
@@ -589,22 +658,31 @@ impl Runner {
                 started_ns,
                 last_exit,
             } => {
+                let stop = self.stop_signal_of(id);
                 let Some(inst) = self.instances.get_mut(id) else {
                     return;
                 };
+                if inst.state == State::Stopping {
+                    // A stop may have been lost with the old connection: ask again
+                    // (idempotent; a shim with no app answers `Stopped` at once).
+                    let (sig, grace_ms) = stop;
+                    inst.send(ShimCommand::Stop { sig, grace_ms });
+                    return;
+                }
                 match pid {
                     Some(p) => {
                         inst.pid = Some(p);
                         inst.started_ms = started_ns.map(|n| n / 1_000_000);
-                        if inst.state != State::Stopping {
+                        if !matches!(inst.state, State::Stopped | State::Crashed) {
                             inst.state = State::Starting;
-                            inst.generation += 1;
+                            inst.bump();
                             self.watch_health(ctx, id);
                         }
                     }
                     None => {
-                        if let Some(e) = last_exit {
-                            if inst.state != State::Stopping && inst.state != State::Stopped {
+                        // The exit we already handled is not news.
+                        if let Some(e) = last_exit.filter(|e| inst.last_exit.as_ref() != Some(e)) {
+                            if !matches!(inst.state, State::Stopped | State::Crashed) {
                                 self.on_exit(ctx, id, e);
                             }
                         }
@@ -617,9 +695,12 @@ impl Runner {
                 };
                 inst.pid = Some(pid);
                 inst.started_ms = Some(started_ns / 1_000_000);
-                inst.state = State::Starting;
-                inst.generation += 1;
                 tracing::info!(instance = %id, pid, "started");
+                if inst.state == State::Stopping {
+                    return; // a stop is in flight; the new process goes with it
+                }
+                inst.state = State::Starting;
+                inst.bump();
                 self.watch_health(ctx, id);
             }
             ShimEvent::Exited(e) => self.on_exit(ctx, id, e),
@@ -640,13 +721,22 @@ impl Runner {
                     return;
                 };
                 inst.pid = None;
+                inst.bump();
                 match inst.after_stop.take() {
                     Some(AfterStop::Start) => {
                         inst.rec.restarts += 1;
+                        inst.state = State::Starting;
                         inst.save();
                         inst.send(ShimCommand::Start);
                     }
-                    _ => {
+                    Some(AfterStop::Crash) => {
+                        let reason = inst.reason.clone().unwrap_or_else(|| "gave up".into());
+                        inst.crash(reason);
+                        let info = inst.info(&self.node);
+                        self.server
+                            .publish(kinds::INSTANCE_CRASHED, kinds::to_body(&info));
+                    }
+                    Some(AfterStop::Remove) | None => {
                         inst.state = State::Stopped;
                         inst.rec.running = false;
                         inst.save();
@@ -670,7 +760,8 @@ impl Runner {
             .map(|st| (e.at - st).max(0) as u64)
             .unwrap_or(0);
         inst.pid = None;
-        inst.generation += 1; // stop health checks of the dead process
+        inst.started_ms = None;
+        inst.bump(); // stop health checks of the dead process
         inst.last_exit = Some(e.clone());
         tracing::info!(instance = %id, "exited: {}", e.describe());
         if matches!(inst.state, State::Stopping | State::Stopped) || inst.after_stop.is_some() {
@@ -694,11 +785,6 @@ impl Runner {
                 return;
             }
         }
-        let limit = policy.limit.unwrap_or(s.restart_limit);
-        let window = policy
-            .window_ms
-            .map(Duration::from_millis)
-            .unwrap_or(s.restart_window);
         let base = policy
             .backoff_base_ms
             .map(Duration::from_millis)
@@ -714,24 +800,9 @@ impl Runner {
         if Duration::from_millis(uptime) >= reset {
             inst.next_delay = Duration::ZERO;
         }
-        let now = Instant::now();
-        while inst
-            .recent
-            .front()
-            .is_some_and(|t| now.duration_since(*t) > window)
-        {
-            inst.recent.pop_front();
-        }
-        if inst.recent.len() as u32 >= limit {
-            let reason = format!(
-                "{} restarts within {:?}; last: {}",
-                inst.recent.len(),
-                window,
-                e.describe()
-            );
+        if let Err(reason) = inst.count_restart(&s, &e.describe()) {
             tracing::warn!(instance = %id, "crashed: {reason}");
-            inst.state = State::Crashed;
-            inst.reason = Some(reason);
+            inst.crash(reason);
             let info = inst.info(&self.node);
             self.server
                 .publish(kinds::INSTANCE_CRASHED, kinds::to_body(&info));
@@ -739,7 +810,6 @@ impl Runner {
         }
         let delay = inst.next_delay;
         inst.next_delay = (delay * 2).max(base).min(cap);
-        inst.recent.push_back(now);
         inst.rec.restarts += 1;
         inst.save();
         if delay.is_zero() {
@@ -749,10 +819,10 @@ impl Runner {
             inst.state = State::Backoff;
             inst.reason = Some(format!("restarting in {delay:?} after {}", e.describe()));
             let id = id.to_string();
-            let generation = inst.generation;
+            let generation = inst.generation.get();
             ctx.run_later(delay, move |act, _| {
                 if let Some(i) = act.instances.get_mut(&id) {
-                    if i.state == State::Backoff && i.generation == generation {
+                    if i.state == State::Backoff && i.generation.get() == generation {
                         i.state = State::Starting;
                         i.send(ShimCommand::Start);
                     }
@@ -876,6 +946,7 @@ impl Runner {
             created: now_ms(),
             running: true,
             restarts: 0,
+            crashed: None,
         };
         let inst = new_inst(rec, idir, cg, &self.settings);
         inst.save();
@@ -905,6 +976,13 @@ impl Runner {
         })
     }
 
+    fn stop_signal_of(&self, id: &str) -> (i32, u64) {
+        self.instances
+            .get(id)
+            .map(|i| Self::stop_signal(i, &self.settings))
+            .unwrap_or((15, 10_000))
+    }
+
     fn stop_signal(inst: &Inst, s: &Settings) -> (i32, u64) {
         let sig = signal_named(inst.rec.req.stop_signal.as_deref().unwrap_or("TERM")).unwrap_or(15);
         let grace = inst
@@ -929,10 +1007,21 @@ impl Runner {
                 if inst.state == State::Stopped {
                     return Ok(json!({"state": "stopped"}));
                 }
+                // The intent is on disk first: a runner restarted mid-stop finishes it.
+                inst.rec.running = false;
+                inst.save();
+                if !shim_alive(&inst.dir) {
+                    // Nothing left to stop (its shim is gone).
+                    inst.state = State::Stopped;
+                    inst.pid = None;
+                    inst.bump();
+                    inst.cgroup.remove();
+                    return Ok(json!({"state": "stopped"}));
+                }
                 let (sig, grace) = Self::stop_signal(inst, &s);
                 inst.state = State::Stopping;
                 inst.after_stop = Some(AfterStop::Remove);
-                inst.generation += 1;
+                inst.bump();
                 inst.send(ShimCommand::Stop {
                     sig,
                     grace_ms: grace,
@@ -948,12 +1037,23 @@ impl Runner {
                         format!("instance `{}` is stopped; start a new one", req.id),
                     ));
                 }
+                inst.recent.clear();
+                inst.next_delay = Duration::ZERO;
+                inst.reason = None;
+                inst.rec.crashed = None;
+                inst.bump();
+                if !shim_alive(&inst.dir) {
+                    // Its shim died: a fresh shim starts the app.
+                    inst.state = State::Starting;
+                    inst.rec.restarts += 1;
+                    inst.save();
+                    self.spawn_shim(ctx, &req.id);
+                    return Ok(json!({"state": "restarting"}));
+                }
+                inst.save();
                 let (sig, grace) = Self::stop_signal(inst, &s);
                 inst.after_stop = Some(AfterStop::Start);
                 inst.state = State::Stopping;
-                inst.generation += 1;
-                inst.recent.clear();
-                inst.next_delay = Duration::ZERO;
                 inst.send(ShimCommand::Stop {
                     sig,
                     grace_ms: grace,
@@ -997,6 +1097,23 @@ impl Runner {
     }
 }
 
+/// Whether the instance's shim is running: the pid in `shim.pid` must be a live
+/// `paddock-shim` serving this very directory (pids are reused after a reboot).
+fn shim_alive(dir: &Path) -> bool {
+    let Some(pid) = std::fs::read_to_string(dir.join("shim.pid"))
+        .ok()
+        .and_then(|p| p.trim().parse::<i32>().ok())
+    else {
+        return false;
+    };
+    let zombie = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| s.contains(") Z "))
+        .unwrap_or(true);
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    let cmdline = String::from_utf8_lossy(&cmdline);
+    !zombie && cmdline.contains("paddock-shim") && cmdline.contains(&*dir.to_string_lossy())
+}
+
 fn rand_u32() -> u32 {
     let mut b = [0u8; 4];
     let _ = getrandom(&mut b);
@@ -1028,7 +1145,7 @@ fn new_inst(rec: Record, dir: PathBuf, cg: cgroup::InstanceCgroup, s: &Settings)
         next_delay: Duration::ZERO,
         last_exit: None,
         reason: None,
-        generation: 0,
+        generation: Rc::new(Cell::new(0)),
         shim: ShimLink::default(),
         after_stop: None,
         cgroup: cg,
@@ -1076,13 +1193,7 @@ impl Handler<ShimGone> for Runner {
             return;
         };
         inst.shim.writer = None;
-        let shim_alive = std::fs::read_to_string(inst.dir.join("shim.pid"))
-            .ok()
-            .and_then(|p| p.trim().parse::<i32>().ok())
-            .is_some_and(|p| {
-                std::fs::read_to_string(format!("/proc/{p}/stat"))
-                    .is_ok_and(|s| !s.contains(") Z "))
-            });
+        let shim_alive = shim_alive(&inst.dir);
         if shim_alive && inst.state != State::Stopped {
             // Only the connection broke (the shim drops a runner that stops
             // reading): connect again; the shim's Hello brings us up to date.
@@ -1095,11 +1206,12 @@ impl Handler<ShimGone> for Runner {
             // The shim left its cgroups when it exited: now they can go.
             inst.cgroup.remove();
         } else {
-            // The shim died (or was killed): what it held is gone with it.
-            shim::kill_everything(inst.cgroup.kill.as_ref());
-            inst.state = State::Crashed;
+            // The shim died (or was killed): what it held goes with it. Only the
+            // cgroup: the runner's own descendants are every other shim.
+            shim::kill_cgroup(inst.cgroup.kill.as_ref());
+            inst.bump();
             inst.pid = None;
-            inst.reason = Some("its paddock-shim ended unexpectedly".into());
+            inst.crash("its paddock-shim ended unexpectedly".into());
             tracing::warn!(instance = %m.id, "shim gone; instance crashed");
             let info = inst.info(&self.node);
             self.server
@@ -1115,7 +1227,7 @@ impl Handler<HealthResult> for Runner {
         let Some(inst) = self.instances.get_mut(&m.id) else {
             return;
         };
-        if inst.generation != m.generation {
+        if inst.generation.get() != m.generation {
             return;
         }
         match m.ok {
@@ -1130,12 +1242,26 @@ impl Handler<HealthResult> for Runner {
                 }
             }
             Err(reason) => {
-                tracing::warn!(instance = %m.id, "health: {reason}; restarting");
+                // Only a running instance nobody is stopping is restarted for health.
+                if !matches!(inst.state, State::Starting | State::Up) || inst.after_stop.is_some() {
+                    return;
+                }
                 let (sig, grace) = Runner::stop_signal(inst, &s);
-                inst.reason = Some(reason);
+                let then = match inst.count_restart(&s, &reason) {
+                    Ok(()) => {
+                        tracing::warn!(instance = %m.id, "health: {reason}; restarting");
+                        inst.reason = Some(reason);
+                        AfterStop::Start
+                    }
+                    Err(limit) => {
+                        tracing::warn!(instance = %m.id, "health: {reason}; giving up: {limit}");
+                        inst.reason = Some(format!("{limit} (health: {reason})"));
+                        AfterStop::Crash
+                    }
+                };
                 inst.state = State::Stopping;
-                inst.after_stop = Some(AfterStop::Start);
-                inst.generation += 1;
+                inst.after_stop = Some(then);
+                inst.bump();
                 inst.send(ShimCommand::Stop {
                     sig,
                     grace_ms: grace,

@@ -278,12 +278,29 @@ impl Runs {
                     })
                 });
             }
-            let _ = tokio::time::timeout_at(deadline, notify.notified()).await;
+            // Register for the wake-up before re-checking, so output that arrives in
+            // between is not missed.
+            let notified = notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let again = self.with(&req.id, |r| {
+                req.offset < r.base + r.buf.len() as u64 || (r.eof && r.exit.is_some())
+            })?;
+            if !again {
+                let _ = tokio::time::timeout_at(deadline, notified).await;
+            }
         }
     }
 
     fn kill(&self, id: &str) -> Result<Value, WireError> {
-        let pid = self.with(id, |r| r.pid)?;
+        let (pid, ended) = self.with(id, |r| (r.pid, r.exit.is_some()))?;
+        if ended {
+            // Its process group may belong to someone else by now.
+            return Err(WireError::new(
+                Code::Conflict,
+                format!("run `{id}` has already ended"),
+            ));
+        }
         let _ = nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(-pid),
             nix::sys::signal::Signal::SIGKILL,

@@ -74,11 +74,41 @@ pub fn descendants(pid: i32) -> Vec<i32> {
 }
 
 /// SIGKILL to everything of the instance: its cgroup exactly (when it has one), and
-/// every process reparented to this shim.
+/// every descendant of this process. Only the shim calls this (the runner would
+/// take every shim it started with it); the runner uses [`kill_cgroup`].
 pub fn kill_everything(kill_spec: Option<&CgroupKill>) {
+    kill_cgroup(kill_spec);
+    for p in descendants(std::process::id() as i32) {
+        let _ = kill(Pid::from_raw(p), Signal::SIGKILL);
+    }
+}
+
+/// Pids still in the instance's kill cgroup (never the caller itself).
+pub fn cgroup_pids(kill_spec: Option<&CgroupKill>) -> Vec<i32> {
+    let procs = match kill_spec {
+        Some(CgroupKill::V2 { kill_file }) => kill_file.with_file_name("cgroup.procs"),
+        Some(CgroupKill::V1 { procs, .. }) => procs.clone(),
+        None => return vec![],
+    };
+    let me = std::process::id() as i32;
+    std::fs::read_to_string(procs)
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .filter(|p| *p != me)
+        .collect()
+}
+
+/// SIGKILL to every process in the instance's cgroup, exactly: `cgroup.kill` on v2
+/// (each pid when the kernel predates it), freeze → kill → thaw on v1.
+pub fn kill_cgroup(kill_spec: Option<&CgroupKill>) {
     match kill_spec {
         Some(CgroupKill::V2 { kill_file }) => {
-            let _ = std::fs::write(kill_file, "1");
+            if std::fs::write(kill_file, "1").is_err() {
+                for p in cgroup_pids(kill_spec) {
+                    let _ = kill(Pid::from_raw(p), Signal::SIGKILL);
+                }
+            }
         }
         Some(CgroupKill::V1 {
             freezer_state,
@@ -111,9 +141,6 @@ pub fn kill_everything(kill_spec: Option<&CgroupKill>) {
             }
         }
         None => {}
-    }
-    for p in descendants(std::process::id() as i32) {
-        let _ = kill(Pid::from_raw(p), Signal::SIGKILL);
     }
 }
 
@@ -219,6 +246,8 @@ impl Shim {
         if self.app.is_some() {
             return;
         }
+        // What the last run left behind (daemonized children) goes first.
+        self.clear_leftovers();
         match spawn(&self.spec) {
             Ok((pid, out, err)) => {
                 let started_ns = now_ns();
@@ -310,9 +339,25 @@ impl Shim {
         }
     }
 
+    /// Kills whatever is left of the instance and waits (bounded) until it is gone,
+    /// so a `Start` after `Stopped` never races the old processes for the port.
+    fn clear_leftovers(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(2);
+        loop {
+            let me = std::process::id() as i32;
+            let left = !descendants(me).is_empty()
+                || !cgroup_pids(self.spec.cgroup_kill.as_ref()).is_empty();
+            if !left || Instant::now() > deadline {
+                return;
+            }
+            kill_everything(self.spec.cgroup_kill.as_ref());
+            std::thread::sleep(Duration::from_millis(2));
+            self.reap();
+        }
+    }
+
     fn finish_stop(&mut self) {
-        kill_everything(self.spec.cgroup_kill.as_ref());
-        self.reap();
+        self.clear_leftovers();
         self.stopping = false;
         self.stop_deadline = None;
         self.emit(&ShimEvent::Stopped);

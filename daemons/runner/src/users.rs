@@ -30,6 +30,11 @@ pub fn user_name(app: &str) -> String {
 pub fn ensure_user(app: &str) -> Result<(u32, u32), String> {
     let name = user_name(app);
     if let Ok(Some(u)) = nix::unistd::User::from_name(&name) {
+        if u.uid.is_root() || u.gid.as_raw() == 0 {
+            return Err(format!(
+                "account {name} has uid or gid 0; refusing to run an app as root"
+            ));
+        }
         return Ok((u.uid.as_raw(), u.gid.as_raw()));
     }
     let out = Command::new("useradd")
