@@ -103,13 +103,12 @@ pub fn cgroup_pids(kill_spec: Option<&CgroupKill>) -> Vec<i32> {
 /// (each pid when the kernel predates it), freeze → kill → thaw on v1.
 pub fn kill_cgroup(kill_spec: Option<&CgroupKill>) {
     match kill_spec {
-        Some(CgroupKill::V2 { kill_file }) => {
-            if std::fs::write(kill_file, "1").is_err() {
-                for p in cgroup_pids(kill_spec) {
-                    let _ = kill(Pid::from_raw(p), Signal::SIGKILL);
-                }
+        Some(CgroupKill::V2 { kill_file }) if std::fs::write(kill_file, "1").is_err() => {
+            for p in cgroup_pids(kill_spec) {
+                let _ = kill(Pid::from_raw(p), Signal::SIGKILL);
             }
         }
+        Some(CgroupKill::V2 { .. }) => {}
         Some(CgroupKill::V1 {
             freezer_state,
             procs,
