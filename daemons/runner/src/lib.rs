@@ -926,7 +926,14 @@ impl Runner {
             uid,
             gid,
             nofile: req.limits.nofile.unwrap_or(self.settings.nofile),
-            nproc: None,
+            // Per user, so across all of this app's instances on the node; the
+            // exact per-instance bound is the pids cgroup.
+            nproc: Some(
+                limits_of(&self.settings, &req)
+                    .pids
+                    .unwrap_or(self.settings.pids)
+                    * 8,
+            ),
             cgroup_procs: cg.procs.clone(),
             shim_cgroup_procs: cg.shim_procs.clone(),
             late_cgroup_procs: cg.late_procs.clone(),
