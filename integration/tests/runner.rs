@@ -669,3 +669,97 @@ fn never_healthy_counts_against_the_respawn_limit() {
     );
     assert_eq!(i.pid, None);
 }
+
+#[test]
+fn backoff_grows_then_resets_after_a_stable_run_and_limits_are_applied() {
+    let mut r = runner("rbackoff");
+    let (id, port) = r.start(
+        "bouncy",
+        json!({"restart": {"backoff_base_ms": 3000, "backoff_cap_ms": 3000, "reset_after_ms": 800, "limit": 10},
+               "limits": {"nofile": 777, "pids": 50}}),
+    );
+    let first = r.wait_state(&id, "up", Duration::from_secs(20));
+    let pid = first.pid.unwrap();
+    // Its own session and process group, and its rlimits.
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let fields: Vec<&str> = stat.rsplit(") ").next().unwrap().split(' ').collect();
+    assert_eq!(
+        (fields[2], fields[3]),
+        (pid.to_string().as_str(), pid.to_string().as_str()),
+        "pgrp and session"
+    );
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let line = |name: &str| {
+        limits
+            .lines()
+            .find(|l| l.starts_with(name))
+            .unwrap()
+            .split_whitespace()
+            .rev()
+            .nth(1)
+            .unwrap()
+            .to_string()
+    };
+    assert!(
+        limits
+            .lines()
+            .any(|l| l.starts_with("Max open files") && l.contains("777")),
+        "{limits}"
+    );
+    assert!(
+        limits.lines().any(
+            |l| l.starts_with("Max core file size") && l.split_whitespace().nth(4) == Some("0")
+        ),
+        "{limits}"
+    );
+    assert_eq!(line("Max processes"), "400", "{limits}");
+
+    // First crash: restarted at once. Second crash right after: backoff (3 s).
+    get(port, "/kill");
+    let second = eventually(Duration::from_secs(10), "the immediate restart", || {
+        let i = r.info(&id);
+        (i.state == "up" && i.pid != Some(pid)).then_some(i)
+    });
+    get(port, "/kill");
+    let waiting = eventually(Duration::from_secs(3), "the backoff state", || {
+        let i = r.info(&id);
+        (i.state == "backoff").then_some(i)
+    });
+    assert!(waiting.reason.unwrap().contains("restarting in"));
+    let third = r.wait_state(&id, "up", Duration::from_secs(20));
+    assert_ne!(third.pid, second.pid);
+    // A stable run (> reset_after) resets the backoff: the next crash restarts at once.
+    std::thread::sleep(Duration::from_millis(1200));
+    get(port, "/kill");
+    std::thread::sleep(Duration::from_millis(100));
+    let mut saw_backoff = false;
+    let fourth = eventually(Duration::from_secs(10), "the reset restart", || {
+        let i = r.info(&id);
+        saw_backoff |= i.state == "backoff";
+        (i.state == "up" && i.pid != third.pid).then_some(i)
+    });
+    assert!(!saw_backoff, "the backoff was reset by the stable run");
+    assert_eq!(fourth.restarts, 3);
+}
+
+#[test]
+fn an_armed_shim_restarts_its_app_even_with_no_runner() {
+    let mut r = runner("rarmed");
+    let (id, port) = r.start("lonely", json!({}));
+    let up = r.wait_state(&id, "up", Duration::from_secs(20));
+    r.node.kill9("runner");
+    get(port, "/kill");
+    // No runner exists, yet the app is back: its shim restarted it at once.
+    eventually(Duration::from_secs(10), "the app serving again", || {
+        let (code, body) = get(port, "/")?;
+        (code == 200 && body.contains(&id)).then_some(())
+    });
+    r.node.start("runner");
+    r.c = r.node.client("runner");
+    let i = r.wait_state(&id, "up", Duration::from_secs(20));
+    assert_ne!(i.pid, up.pid);
+    assert!(
+        i.last_exit.is_some_and(|e| e.signal == Some(9)),
+        "the new runner learned of the exit"
+    );
+}

@@ -194,6 +194,8 @@ struct Inst {
     /// an older generation stand down.
     generation: Rc<Cell<u64>>,
     shim: ShimLink,
+    /// Whether the shim is armed to restart on its own (None: unknown).
+    armed: Option<bool>,
     after_stop: Option<AfterStop>,
     cgroup: cgroup::InstanceCgroup,
 }
@@ -255,6 +257,38 @@ impl Inst {
         }
         self.recent.push_back(now);
         Ok(())
+    }
+
+    /// Arms the shim exactly when its next restart would be immediate anyway (no
+    /// backoff due, room under the respawn limit, running, nobody stopping it), so
+    /// that restart needs no round trip to the runner.
+    fn rearm(&mut self, s: &Settings) {
+        let policy = &self.rec.req.restart;
+        let max = policy.limit.unwrap_or(s.restart_limit);
+        let span = policy
+            .window_ms
+            .map(Duration::from_millis)
+            .unwrap_or(s.restart_window);
+        let now = Instant::now();
+        let recent = self
+            .recent
+            .iter()
+            .filter(|t| now.duration_since(**t) <= span)
+            .count() as u32;
+        let want = matches!(self.state, State::Starting | State::Up)
+            && self.after_stop.is_none()
+            && self.next_delay.is_zero()
+            && recent < max;
+        if self.armed == Some(want) {
+            return;
+        }
+        self.armed = Some(want);
+        if want {
+            let normal_exit = policy.normal_exit.clone().unwrap_or_default();
+            self.send(ShimCommand::Arm { normal_exit });
+        } else {
+            self.send(ShimCommand::Disarm);
+        }
     }
 
     fn crash(&mut self, reason: String) {
@@ -671,6 +705,15 @@ impl Runner {
                 }
                 match pid {
                     Some(p) => {
+                        // It may have ended and been restarted by its armed shim
+                        // while no runner listened.
+                        if let Some(e) = last_exit.filter(|e| inst.last_exit.as_ref() != Some(e)) {
+                            if e.restarted {
+                                inst.rec.restarts += 1;
+                                inst.save();
+                            }
+                            inst.last_exit = Some(e);
+                        }
                         inst.pid = Some(p);
                         inst.started_ms = started_ns.map(|n| n / 1_000_000);
                         if !matches!(inst.state, State::Stopped | State::Crashed) {
@@ -701,6 +744,8 @@ impl Runner {
                 }
                 inst.state = State::Starting;
                 inst.bump();
+                let s = self.settings.clone();
+                inst.rearm(&s);
                 self.watch_health(ctx, id);
             }
             ShimEvent::Exited(e) => self.on_exit(ctx, id, e),
@@ -802,6 +847,15 @@ impl Runner {
         }
         if let Err(reason) = inst.count_restart(&s, &e.describe()) {
             tracing::warn!(instance = %id, "crashed: {reason}");
+            if e.restarted {
+                // Armed a moment too early: take the new process down again.
+                let (sig, grace_ms) = Runner::stop_signal(inst, &s);
+                inst.reason = Some(reason);
+                inst.state = State::Stopping;
+                inst.after_stop = Some(AfterStop::Crash);
+                inst.send(ShimCommand::Stop { sig, grace_ms });
+                return;
+            }
             inst.crash(reason);
             let info = inst.info(&self.node);
             self.server
@@ -811,6 +865,13 @@ impl Runner {
         let delay = inst.next_delay;
         inst.next_delay = (delay * 2).max(base).min(cap);
         inst.rec.restarts += 1;
+        if e.restarted {
+            // The armed shim already started it again (its `Started` follows).
+            inst.armed = Some(false);
+            inst.state = State::Starting;
+            inst.save();
+            return;
+        }
         inst.save();
         if delay.is_zero() {
             inst.state = State::Starting;
@@ -1154,6 +1215,7 @@ fn new_inst(rec: Record, dir: PathBuf, cg: cgroup::InstanceCgroup, s: &Settings)
         reason: None,
         generation: Rc::new(Cell::new(0)),
         shim: ShimLink::default(),
+        armed: None,
         after_stop: None,
         cgroup: cg,
     }
@@ -1242,6 +1304,25 @@ impl Handler<HealthResult> for Runner {
                 if inst.state == State::Starting {
                     inst.state = State::Up;
                     inst.reason = None;
+                    // After a stable run the backoff resets (and the shim is armed).
+                    let reset = inst
+                        .rec
+                        .req
+                        .restart
+                        .reset_after_ms
+                        .map(Duration::from_millis)
+                        .unwrap_or(s.backoff_reset);
+                    let (id, generation) = (m.id.clone(), m.generation);
+                    ctx.run_later(reset, move |act, _| {
+                        let s = act.settings.clone();
+                        if let Some(i) = act.instances.get_mut(&id) {
+                            if i.state == State::Up && i.generation.get() == generation {
+                                i.next_delay = Duration::ZERO;
+                                i.rearm(&s);
+                            }
+                        }
+                    });
+                    inst.rearm(&s);
                     tracing::info!(instance = %m.id, "up");
                     let info = inst.info(&self.node);
                     self.server

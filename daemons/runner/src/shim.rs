@@ -172,6 +172,8 @@ struct Shim {
     stop_deadline: Option<Instant>,
     stopping: bool,
     exit_when_stopped: bool,
+    /// Restart at once on the next unexpected exit (normal exit codes listed).
+    armed: Option<Vec<i32>>,
     log: Option<File>,
     log_size: u64,
 }
@@ -287,6 +289,7 @@ impl Shim {
                     signal: None,
                     oom: false,
                     at: now_ms(),
+                    restarted: false,
                 };
                 self.log_line(
                     "stderr",
@@ -323,18 +326,24 @@ impl Shim {
             Some(p) => oom_kills(p) > app.oom_before,
             None => false,
         };
+        let normal = code.is_some_and(|c| self.armed.as_ref().is_some_and(|n| n.contains(&c)));
+        let restart = !self.stopping && self.armed.is_some() && !normal;
         let exit = ExitInfo {
             pid,
             code,
             signal,
             oom,
             at: now_ms(),
+            restarted: restart,
         };
         self.app = None;
         self.last_exit = Some(exit.clone());
         self.emit(&ShimEvent::Exited(exit));
         if self.stopping {
             self.finish_stop();
+        } else if restart {
+            self.armed = None;
+            self.spawn_app();
         }
     }
 
@@ -371,6 +380,8 @@ impl Shim {
                 }
             }
             ShimCommand::Stop { sig, grace_ms } => self.stop(sig, grace_ms),
+            ShimCommand::Arm { normal_exit } => self.armed = Some(normal_exit),
+            ShimCommand::Disarm => self.armed = None,
             ShimCommand::Exit => {
                 self.exit_when_stopped = true;
                 self.stop(Signal::SIGKILL as i32, 0);
@@ -653,6 +664,7 @@ pub fn run(dir: &Path) -> i32 {
         stop_deadline: None,
         stopping: false,
         exit_when_stopped: false,
+        armed: None,
         log,
         log_size,
     };

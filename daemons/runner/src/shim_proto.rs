@@ -66,6 +66,9 @@ pub struct ExitInfo {
     pub oom: bool,
     /// Epoch ms.
     pub at: i64,
+    /// The shim restarted the app at once by itself (it was armed).
+    #[serde(default)]
+    pub restarted: bool,
 }
 
 impl ExitInfo {
@@ -122,10 +125,23 @@ pub enum ShimCommand {
     /// Start the app again (after an exit).
     Start,
     /// Send a signal to the app (reload).
-    Signal { sig: i32 },
+    Signal {
+        sig: i32,
+    },
     /// Stop: `sig` to the app's process group, then after `grace_ms` SIGKILL to
     /// everything the instance started. Answered by `Stopped`.
-    Stop { sig: i32, grace_ms: u64 },
+    Stop {
+        sig: i32,
+        grace_ms: u64,
+    },
     /// Kill everything and exit the shim.
     Exit,
+    /// Restart the app at once, without asking, on its next exit whose code is not
+    /// in `normal_exit` (signals always count). Used once, then disarmed. The
+    /// runner arms a shim whenever its next restart would be immediate anyway, so
+    /// a restart costs no round trip (and happens while no runner is running).
+    Arm {
+        normal_exit: Vec<i32>,
+    },
+    Disarm,
 }
