@@ -105,6 +105,32 @@ impl Routes {
         self
     }
 
+    /// Answers each of `kinds` by sending the request to an actor as `wrap(envelope)`.
+    pub fn forward<A, M>(
+        mut self,
+        kinds: &[&str],
+        addr: actix::Addr<A>,
+        wrap: fn(Envelope) -> M,
+    ) -> Routes
+    where
+        A: actix::Actor + actix::Handler<M>,
+        A::Context: actix::dev::ToEnvelope<A, M>,
+        M: actix::Message<Result = Result<Value, WireError>> + Send + 'static,
+    {
+        for kind in kinds {
+            let addr = addr.clone();
+            self = self.on(kind, move |env| {
+                let addr = addr.clone();
+                async move {
+                    addr.send(wrap(env))
+                        .await
+                        .map_err(|e| WireError::internal(format!("actor mailbox closed: {e}")))?
+                }
+            });
+        }
+        self
+    }
+
     /// Takes every authentic message from the PULL socket.
     pub fn on_pull(mut self, f: impl Fn(Envelope) + 'static) -> Routes {
         self.pull = Some(Rc::new(f));

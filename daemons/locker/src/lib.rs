@@ -373,23 +373,12 @@ pub async fn setup(ctx: Ctx) -> anyhow::Result<Routes> {
     });
 
     let locker = Locker { store, ready }.start();
-    let mut routes = Routes::new();
-    for kind in [
+    let kinds = [
         kinds::LOCK_ACQUIRE,
         kinds::LOCK_RENEW,
         kinds::LOCK_RELEASE,
         kinds::LOCK_CHECK,
         kinds::LOCK_LIST,
-    ] {
-        let l = locker.clone();
-        routes = routes.on(kind, move |env| {
-            let l = l.clone();
-            async move {
-                l.send(Call(env))
-                    .await
-                    .map_err(|e| WireError::internal(format!("locker actor: {e}")))?
-            }
-        });
-    }
-    Ok(routes)
+    ];
+    Ok(Routes::new().forward(&kinds, locker, Call))
 }

@@ -31,7 +31,7 @@ pub struct Limits {
 }
 
 /// One instance's cgroups, created under `<hierarchy>/paddock/<id>`.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct InstanceCgroup {
     pub dirs: Vec<PathBuf>,
     /// Joined by the app between fork and exec.
@@ -91,14 +91,7 @@ impl Hierarchy {
     /// Creates the instance's cgroups and writes its limits.
     pub fn create(&self, id: &str, limits: &Limits) -> std::io::Result<InstanceCgroup> {
         match self {
-            Hierarchy::None => Ok(InstanceCgroup {
-                dirs: vec![],
-                procs: vec![],
-                shim_procs: vec![],
-                late_procs: vec![],
-                kill: None,
-                oom_counter: None,
-            }),
+            Hierarchy::None => Ok(InstanceCgroup::default()),
             Hierarchy::V2 { root } => {
                 let parent = root.join("paddock");
                 std::fs::create_dir_all(&parent)?;
@@ -139,14 +132,7 @@ impl Hierarchy {
                 cpu,
                 freezer,
             } => {
-                let mut cg = InstanceCgroup {
-                    dirs: vec![],
-                    procs: vec![],
-                    shim_procs: vec![],
-                    late_procs: vec![],
-                    kill: None,
-                    oom_counter: None,
-                };
+                let mut cg = InstanceCgroup::default();
                 // The shim joins memory, pids and cpu; only the freezer is joined by
                 // the app itself (a frozen shim could not finish the kill).
                 let mut mk = |base: &Path, by_shim: bool| -> std::io::Result<PathBuf> {

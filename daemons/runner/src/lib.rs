@@ -259,6 +259,16 @@ impl Inst {
         Ok(())
     }
 
+    /// Asks the shim to stop the app (stop signal, grace, then everything killed);
+    /// `then` says what happens once it reports `Stopped`.
+    fn begin_stop(&mut self, s: &Settings, then: AfterStop) {
+        let (sig, grace_ms) = Runner::stop_signal(self, s);
+        self.state = State::Stopping;
+        self.after_stop = Some(then);
+        self.bump();
+        self.send(ShimCommand::Stop { sig, grace_ms });
+    }
+
     /// Arms the shim exactly when its next restart would be immediate anyway (no
     /// backoff due, room under the respawn limit, running, nobody stopping it), so
     /// that restart needs no round trip to the runner.
@@ -454,14 +464,7 @@ impl Runner {
             let cg = self
                 .hierarchy
                 .create(&rec.id, &limits_of(&self.settings, &rec.req))
-                .unwrap_or(cgroup::InstanceCgroup {
-                    dirs: vec![],
-                    procs: vec![],
-                    shim_procs: vec![],
-                    late_procs: vec![],
-                    kill: None,
-                    oom_counter: None,
-                });
+                .unwrap_or_default();
             let shim_alive = shim_alive(&dir);
             let id = rec.id.clone();
             let running = rec.running;
@@ -470,10 +473,7 @@ impl Runner {
             if !running {
                 if shim_alive {
                     // A stop was asked for before the runner went away: finish it.
-                    let (sig, grace_ms) = Self::stop_signal(&inst, &self.settings);
-                    inst.state = State::Stopping;
-                    inst.after_stop = Some(AfterStop::Remove);
-                    inst.send(ShimCommand::Stop { sig, grace_ms });
+                    inst.begin_stop(&self.settings, AfterStop::Remove);
                     self.instances.insert(id.clone(), inst);
                     self.connect(ctx, &id);
                 } else {
@@ -849,11 +849,8 @@ impl Runner {
             tracing::warn!(instance = %id, "crashed: {reason}");
             if e.restarted {
                 // Armed a moment too early: take the new process down again.
-                let (sig, grace_ms) = Runner::stop_signal(inst, &s);
                 inst.reason = Some(reason);
-                inst.state = State::Stopping;
-                inst.after_stop = Some(AfterStop::Crash);
-                inst.send(ShimCommand::Stop { sig, grace_ms });
+                inst.begin_stop(&s, AfterStop::Crash);
                 return;
             }
             inst.crash(reason);
@@ -1086,14 +1083,7 @@ impl Runner {
                     inst.cgroup.remove();
                     return Ok(json!({"state": "stopped"}));
                 }
-                let (sig, grace) = Self::stop_signal(inst, &s);
-                inst.state = State::Stopping;
-                inst.after_stop = Some(AfterStop::Remove);
-                inst.bump();
-                inst.send(ShimCommand::Stop {
-                    sig,
-                    grace_ms: grace,
-                });
+                inst.begin_stop(&s, AfterStop::Remove);
                 Ok(json!({"state": "stopping"}))
             }
             kinds::INSTANCE_RESTART => {
@@ -1119,13 +1109,7 @@ impl Runner {
                     return Ok(json!({"state": "restarting"}));
                 }
                 inst.save();
-                let (sig, grace) = Self::stop_signal(inst, &s);
-                inst.after_stop = Some(AfterStop::Start);
-                inst.state = State::Stopping;
-                inst.send(ShimCommand::Stop {
-                    sig,
-                    grace_ms: grace,
-                });
+                inst.begin_stop(&s, AfterStop::Start);
                 Ok(json!({"state": "restarting"}))
             }
             kinds::INSTANCE_RELOAD => {
@@ -1334,7 +1318,6 @@ impl Handler<HealthResult> for Runner {
                 if !matches!(inst.state, State::Starting | State::Up) || inst.after_stop.is_some() {
                     return;
                 }
-                let (sig, grace) = Runner::stop_signal(inst, &s);
                 let then = match inst.count_restart(&s, &reason) {
                     Ok(()) => {
                         tracing::warn!(instance = %m.id, "health: {reason}; restarting");
@@ -1347,13 +1330,7 @@ impl Handler<HealthResult> for Runner {
                         AfterStop::Crash
                     }
                 };
-                inst.state = State::Stopping;
-                inst.after_stop = Some(then);
-                inst.bump();
-                inst.send(ShimCommand::Stop {
-                    sig,
-                    grace_ms: grace,
-                });
+                inst.begin_stop(&s, then);
                 let _ = ctx;
             }
         }
@@ -1409,24 +1386,13 @@ pub async fn setup(ctx: Ctx) -> anyhow::Result<Routes> {
         log_sink,
     }
     .start();
-    let mut routes = Routes::new();
-    for kind in [
+    let kinds = [
         kinds::INSTANCE_START,
         kinds::INSTANCE_STOP,
         kinds::INSTANCE_RESTART,
         kinds::INSTANCE_RELOAD,
         kinds::INSTANCE_LOGS,
         kinds::INSTANCE_LIST,
-    ] {
-        let r = runner.clone();
-        routes = routes.on(kind, move |env| {
-            let r = r.clone();
-            async move {
-                r.send(Call(env))
-                    .await
-                    .map_err(|e| WireError::internal(format!("runner actor: {e}")))?
-            }
-        });
-    }
-    pty::routes(routes, pty)
+    ];
+    pty::routes(Routes::new().forward(&kinds, runner, Call), pty)
 }
