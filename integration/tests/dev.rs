@@ -27,6 +27,17 @@ fn ok(o: Output) -> String {
     String::from_utf8(o.stdout).unwrap()
 }
 
+/// Runs `paddock dev down` however the test ends, so a failure leaves nothing running.
+struct Down(std::path::PathBuf);
+
+impl Drop for Down {
+    fn drop(&mut self) {
+        if self.0.join("dev.pid").exists() {
+            let _ = paddock(&self.0, &["dev", "down", "--dir", self.0.to_str().unwrap()]);
+        }
+    }
+}
+
 fn alive(pid: i32) -> bool {
     // A zombie is not a leftover process for our purpose, but dev down reaps anyway.
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
@@ -47,6 +58,7 @@ fn dev_up_status_lock_restart_and_down() {
     let t = TestDir::new("dev");
     let dir = t.path().join("cluster");
     let d = dir.to_str().unwrap();
+    let _down = Down(dir.clone());
     let out = ok(paddock(&dir, &["dev", "up", "--dir", d, "--detach"]));
     assert!(out.contains("PADDOCK_CONFIG="), "{out}");
     let mode = std::fs::metadata(dir.join("paddock.toml")).unwrap();
@@ -186,6 +198,7 @@ fn dev_up_status_lock_restart_and_down() {
 fn dev_up_in_the_foreground_stops_everything_on_ctrl_c() {
     let t = TestDir::new("devfg");
     let dir = t.path().join("cluster");
+    let _down = Down(dir.clone());
     let mut child = Command::new(paddock_harness::bin("paddock").unwrap())
         .args(["dev", "up", "--dir", dir.to_str().unwrap()])
         .stdout(std::process::Stdio::piped())

@@ -27,7 +27,7 @@ fn locker_follows_a_promoted_standby_and_tokens_keep_growing() {
         },
     )
     .unwrap();
-    let mut standby_proc = standby.start(&t.path().join("logs/standby.log")).unwrap();
+    let _standby_proc = Stop(standby.start(&t.path().join("logs/standby.log")).unwrap());
 
     // target_session_attrs=read-write refuses a standby at connect time, and the
     // pool's recycle check raises on a server in recovery, not on a primary.
@@ -116,9 +116,17 @@ fn locker_follows_a_promoted_standby_and_tokens_keep_growing() {
             .unwrap()["valid"],
         true
     );
-    paddock_harness::stop_child(
-        &mut standby_proc,
-        nix::sys::signal::Signal::SIGINT,
-        Duration::from_secs(10),
-    );
+}
+
+/// Stops the standby however the test ends (a failed assertion included).
+struct Stop(std::process::Child);
+
+impl Drop for Stop {
+    fn drop(&mut self) {
+        paddock_harness::stop_child(
+            &mut self.0,
+            nix::sys::signal::Signal::SIGINT,
+            Duration::from_secs(10),
+        );
+    }
 }

@@ -107,6 +107,7 @@ impl Drop for Daemons {
         for c in &mut self.procs {
             harness::stop_child(c, nix::sys::signal::Signal::SIGTERM, Duration::from_secs(3));
         }
+        harness::stop_shims(&self._dir.path().join("state"));
         if let Some(pg) = &mut self.pg {
             harness::stop_child(
                 pg,
