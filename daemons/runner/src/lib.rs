@@ -168,6 +168,15 @@ impl State {
     }
 }
 
+/// A restart policy resolved against the runner's defaults.
+struct Policy {
+    limit: u32,
+    window: Duration,
+    base: Duration,
+    cap: Duration,
+    reset: Duration,
+}
+
 /// What to do once the shim reports `Stopped`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum AfterStop {
@@ -231,31 +240,44 @@ impl Inst {
         self.generation.get()
     }
 
-    /// Counts a restart against the respawn limit: `Err(reason)` when the limit
-    /// is reached (the instance is to be `crashed`).
-    fn count_restart(&mut self, s: &Settings, why: &str) -> Result<(), String> {
-        let policy = &self.rec.req.restart;
-        let max = policy.limit.unwrap_or(s.restart_limit);
-        let span = policy
-            .window_ms
-            .map(Duration::from_millis)
-            .unwrap_or(s.restart_window);
+    /// The instance's restart policy with the runner's defaults filled in.
+    fn policy(&self, s: &Settings) -> Policy {
+        let p = &self.rec.req.restart;
+        let ms = |v: Option<u64>, d: Duration| v.map(Duration::from_millis).unwrap_or(d);
+        Policy {
+            limit: p.limit.unwrap_or(s.restart_limit),
+            window: ms(p.window_ms, s.restart_window),
+            base: ms(p.backoff_base_ms, s.backoff_base),
+            cap: ms(p.backoff_cap_ms, s.backoff_cap),
+            reset: ms(p.reset_after_ms, s.backoff_reset),
+        }
+    }
+
+    /// Restarts inside the respawn window (older ones are forgotten).
+    fn recent_restarts(&mut self, window: Duration) -> u32 {
         let now = Instant::now();
         while self
             .recent
             .front()
-            .is_some_and(|t| now.duration_since(*t) > span)
+            .is_some_and(|t| now.duration_since(*t) > window)
         {
             self.recent.pop_front();
         }
-        if self.recent.len() as u32 >= max {
+        self.recent.len() as u32
+    }
+
+    /// Counts a restart against the respawn limit: `Err(reason)` when the limit
+    /// is reached (the instance is to be `crashed`).
+    fn count_restart(&mut self, s: &Settings, why: &str) -> Result<(), String> {
+        let p = self.policy(s);
+        let used = self.recent_restarts(p.window);
+        if used >= p.limit {
             return Err(format!(
-                "{} restarts within {:?}; last: {why}",
-                self.recent.len(),
-                span
+                "{used} restarts within {:?}; last: {why}",
+                p.window
             ));
         }
-        self.recent.push_back(now);
+        self.recent.push_back(Instant::now());
         Ok(())
     }
 
@@ -273,28 +295,17 @@ impl Inst {
     /// backoff due, room under the respawn limit, running, nobody stopping it), so
     /// that restart needs no round trip to the runner.
     fn rearm(&mut self, s: &Settings) {
-        let policy = &self.rec.req.restart;
-        let max = policy.limit.unwrap_or(s.restart_limit);
-        let span = policy
-            .window_ms
-            .map(Duration::from_millis)
-            .unwrap_or(s.restart_window);
-        let now = Instant::now();
-        let recent = self
-            .recent
-            .iter()
-            .filter(|t| now.duration_since(**t) <= span)
-            .count() as u32;
+        let p = self.policy(s);
         let want = matches!(self.state, State::Starting | State::Up)
             && self.after_stop.is_none()
             && self.next_delay.is_zero()
-            && recent < max;
+            && self.recent_restarts(p.window) < p.limit;
         if self.armed == Some(want) {
             return;
         }
         self.armed = Some(want);
         if want {
-            let normal_exit = policy.normal_exit.clone().unwrap_or_default();
+            let normal_exit = self.rec.req.restart.normal_exit.clone().unwrap_or_default();
             self.send(ShimCommand::Arm { normal_exit });
         } else {
             self.send(ShimCommand::Disarm);
@@ -818,8 +829,7 @@ impl Runner {
         let Some(inst) = self.instances.get_mut(id) else {
             return;
         };
-        let policy = &inst.rec.req.restart;
-        let normal = policy.normal_exit.clone().unwrap_or_default();
+        let normal = inst.rec.req.restart.normal_exit.clone().unwrap_or_default();
         if let Some(code) = e.code {
             if normal.contains(&code) {
                 inst.state = State::Stopped;
@@ -830,18 +840,9 @@ impl Runner {
                 return;
             }
         }
-        let base = policy
-            .backoff_base_ms
-            .map(Duration::from_millis)
-            .unwrap_or(s.backoff_base);
-        let cap = policy
-            .backoff_cap_ms
-            .map(Duration::from_millis)
-            .unwrap_or(s.backoff_cap);
-        let reset = policy
-            .reset_after_ms
-            .map(Duration::from_millis)
-            .unwrap_or(s.backoff_reset);
+        let Policy {
+            base, cap, reset, ..
+        } = inst.policy(&s);
         if Duration::from_millis(uptime) >= reset {
             inst.next_delay = Duration::ZERO;
         }
@@ -1289,13 +1290,7 @@ impl Handler<HealthResult> for Runner {
                     inst.state = State::Up;
                     inst.reason = None;
                     // After a stable run the backoff resets (and the shim is armed).
-                    let reset = inst
-                        .rec
-                        .req
-                        .restart
-                        .reset_after_ms
-                        .map(Duration::from_millis)
-                        .unwrap_or(s.backoff_reset);
+                    let reset = inst.policy(&s).reset;
                     let (id, generation) = (m.id.clone(), m.generation);
                     ctx.run_later(reset, move |act, _| {
                         let s = act.settings.clone();
