@@ -410,16 +410,6 @@ impl Actor for Runner {
     }
 }
 
-/// Runs `fut` for the actor, so `ctx` can schedule follow-ups.
-fn tell<M>(addr: &Addr<Runner>, m: M)
-where
-    M: Message + Send + 'static,
-    M::Result: Send,
-    Runner: Handler<M>,
-{
-    addr.do_send(m);
-}
-
 #[derive(Message)]
 #[rtype(result = "()")]
 struct FromShim {
@@ -480,7 +470,7 @@ impl Runner {
             let id = rec.id.clone();
             let running = rec.running;
             let crashed = rec.crashed.clone();
-            let mut inst = new_inst(rec, dir, cg, &self.settings);
+            let mut inst = new_inst(rec, dir, cg);
             if !running {
                 if shim_alive {
                     // A stop was asked for before the runner went away: finish it.
@@ -585,24 +575,21 @@ impl Runner {
                 Some((tokio::net::UnixStream::from_std(std).ok()?, writer))
             });
             let Some((reader, writer)) = split else {
-                tell(&addr, ShimGone { id });
+                addr.do_send(ShimGone { id });
                 return;
             };
-            tell(
-                &addr,
-                ShimConnected {
-                    id: id.clone(),
-                    writer,
-                },
-            );
+            addr.do_send(ShimConnected {
+                id: id.clone(),
+                writer,
+            });
             let mut lines = BufReader::new(reader).lines();
             while let Ok(Some(l)) = lines.next_line().await {
                 match serde_json::from_str::<ShimEvent>(&l) {
-                    Ok(ev) => tell(&addr, FromShim { id: id.clone(), ev }),
+                    Ok(ev) => addr.do_send(FromShim { id: id.clone(), ev }),
                     Err(e) => tracing::warn!(instance = %id, "bad line from shim: {e}"),
                 }
             }
-            tell(&addr, ShimGone { id });
+            addr.do_send(ShimGone { id });
         });
     }
 
@@ -645,14 +632,11 @@ impl Runner {
         actix_rt::spawn(async move {
             let deadline = Instant::now() + start_timeout;
             let report = |ok| {
-                tell(
-                    &addr,
-                    HealthResult {
-                        id: id.clone(),
-                        generation,
-                        ok,
-                    },
-                )
+                addr.do_send(HealthResult {
+                    id: id.clone(),
+                    generation,
+                    ok,
+                })
             };
             if check == health::Check::None {
                 tokio::time::sleep(none_after).await;
@@ -908,9 +892,9 @@ impl Runner {
         if req.command.trim().is_empty() {
             return Err(WireError::invalid("`command` is empty"));
         }
-        let stop_sig = signal_named(req.stop_signal.as_deref().unwrap_or("TERM"))?;
+        // Both signal names must be valid now, not when they are needed.
+        signal_named(req.stop_signal.as_deref().unwrap_or("TERM"))?;
         signal_named(req.reload_signal.as_deref().unwrap_or("HUP"))?;
-        let _ = stop_sig;
         let dir = PathBuf::from(&req.dir);
         if !dir.is_absolute() {
             return Err(WireError::invalid("`dir` must be an absolute path"));
@@ -1014,7 +998,7 @@ impl Runner {
             restarts: 0,
             crashed: None,
         };
-        let inst = new_inst(rec, idir, cg, &self.settings);
+        let inst = new_inst(rec, idir, cg);
         inst.save();
         self.instances.insert(id.clone(), inst);
         self.spawn_shim(ctx, &id);
@@ -1186,8 +1170,7 @@ fn limits_of(s: &Settings, req: &InstanceStart) -> cgroup::Limits {
     }
 }
 
-fn new_inst(rec: Record, dir: PathBuf, cg: cgroup::InstanceCgroup, s: &Settings) -> Inst {
-    let _ = s;
+fn new_inst(rec: Record, dir: PathBuf, cg: cgroup::InstanceCgroup) -> Inst {
     Inst {
         rec,
         dir,
@@ -1221,9 +1204,7 @@ fn tail_log(path: &Path, n: usize) -> Vec<LogLine> {
 impl Handler<FromShim> for Runner {
     type Result = ();
     fn handle(&mut self, m: FromShim, ctx: &mut Context<Self>) {
-        let before = self.instances.get(&m.id).map(|i| i.state);
         self.on_event(ctx, &m.id, m.ev);
-        let _ = before;
     }
 }
 
@@ -1326,7 +1307,6 @@ impl Handler<HealthResult> for Runner {
                     }
                 };
                 inst.begin_stop(&s, then);
-                let _ = ctx;
             }
         }
     }
