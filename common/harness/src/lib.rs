@@ -495,12 +495,33 @@ impl NodePorts {
 /// SIGTERM'd shim kills its app and everything the app started, then exits.
 /// Returns how many were running.
 pub fn stop_shims(state_dir: &Path) -> usize {
-    let pids: Vec<i32> = fs::read_dir(state_dir.join("runner/instances"))
+    let dirs: Vec<PathBuf> = fs::read_dir(state_dir.join("runner/instances"))
         .into_iter()
         .flatten()
         .flatten()
-        .filter_map(|e| {
-            fs::read_to_string(e.path().join("shim.pid"))
+        .map(|e| e.path())
+        .collect();
+    let n = stop_shim_pids(&dirs);
+    // Their cgroups are empty now: remove them (v1: one per controller; v2: one).
+    for d in &dirs {
+        let Some(id) = d.file_name() else { continue };
+        for ctl in fs::read_dir("/sys/fs/cgroup")
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            let _ = fs::remove_dir(ctl.path().join("paddock").join(id));
+        }
+        let _ = fs::remove_dir(Path::new("/sys/fs/cgroup/paddock").join(id));
+    }
+    n
+}
+
+fn stop_shim_pids(dirs: &[PathBuf]) -> usize {
+    let pids: Vec<i32> = dirs
+        .iter()
+        .filter_map(|d| {
+            fs::read_to_string(d.join("shim.pid"))
                 .ok()?
                 .trim()
                 .parse()
