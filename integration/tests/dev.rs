@@ -38,12 +38,7 @@ impl Drop for Down {
     }
 }
 
-fn alive(pid: i32) -> bool {
-    // A zombie is not a leftover process for our purpose, but dev down reaps anyway.
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|s| !s.contains(") Z "))
-        .unwrap_or(false)
-}
+use paddock_harness::process_alive as alive;
 
 fn pid_of(dir: &Path, name: &str) -> i32 {
     std::fs::read_to_string(dir.join("run").join(format!("{name}.pid")))

@@ -128,11 +128,7 @@ fn get(port: u16, path: &str) -> Option<(u16, String)> {
     Some((code, body))
 }
 
-fn pid_alive(pid: i32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|s| !s.contains(") Z "))
-        .unwrap_or(false)
-}
+use paddock_harness::process_alive as pid_alive;
 
 fn proc_uid(pid: i32) -> u32 {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();

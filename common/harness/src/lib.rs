@@ -535,17 +535,12 @@ fn stop_shim_pids(dirs: &[PathBuf]) -> usize {
             nix::sys::signal::Signal::SIGTERM,
         );
     }
-    let alive = |p: i32| {
-        fs::read_to_string(format!("/proc/{p}/stat"))
-            .map(|s| !s.contains(") Z "))
-            .unwrap_or(false)
-    };
     let deadline = Instant::now() + Duration::from_secs(5);
-    while pids.iter().any(|p| alive(*p)) && Instant::now() < deadline {
+    while pids.iter().any(|p| process_alive(*p)) && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(20));
     }
     for p in &pids {
-        if alive(*p) {
+        if process_alive(*p) {
             let _ = nix::sys::signal::kill(
                 nix::unistd::Pid::from_raw(*p),
                 nix::sys::signal::Signal::SIGKILL,
@@ -553,6 +548,13 @@ fn stop_shim_pids(dirs: &[PathBuf]) -> usize {
         }
     }
     pids.len()
+}
+
+/// Whether `pid` is a running process (a zombie, dead but not reaped, is not).
+pub fn process_alive(pid: i32) -> bool {
+    fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| !s.contains(") Z "))
+        .unwrap_or(false)
 }
 
 /// Starts `paddock-<daemon> --config <config>` with its output appended to `log`.

@@ -571,8 +571,7 @@ impl Io {
                 }) => self.send_reply(routing, re, kind, body),
                 Ok(Outbound::Publish(kind, body)) => {
                     if let Some(p) = &self.publ {
-                        let env = Envelope::new(&self.identity, &kind, body);
-                        let (payload, sig) = env.sign(&self.keys.get());
+                        let (payload, sig) = self.signed(&kind, body);
                         let _ = p.send_multipart(
                             [kind.as_bytes(), &payload[..], sig.as_bytes()],
                             zmq::DONTWAIT,
@@ -580,8 +579,7 @@ impl Io {
                     }
                 }
                 Ok(Outbound::Push(kind, body)) => {
-                    let env = Envelope::new(&self.identity, &kind, body);
-                    let (payload, sig) = env.sign(&self.keys.get());
+                    let (payload, sig) = self.signed(&kind, body);
                     for s in &self.pushes {
                         // EAGAIN: that peer is not connected or is behind; a later
                         // message supersedes this one.
@@ -590,8 +588,7 @@ impl Io {
                 }
                 Ok(Outbound::PushTo(target, kind, body)) => {
                     if let Some(s) = self.named.get(&target) {
-                        let env = Envelope::new(&self.identity, &kind, body);
-                        let (payload, sig) = env.sign(&self.keys.get());
+                        let (payload, sig) = self.signed(&kind, body);
                         let _ = s.send_multipart([&payload[..], sig.as_bytes()], zmq::DONTWAIT);
                     }
                 }
@@ -613,6 +610,11 @@ impl Io {
                 Err(std_mpsc::TryRecvError::Empty) => return true,
             }
         }
+    }
+
+    /// A new message from this daemon, signed with the current signing key.
+    fn signed(&self, kind: &str, body: Value) -> (Vec<u8>, String) {
+        Envelope::new(&self.identity, kind, body).sign(&self.keys.get())
     }
 
     fn send_reply(&mut self, routing: Vec<Vec<u8>>, re: String, kind: String, body: Value) {

@@ -243,13 +243,12 @@ impl Inst {
     /// The instance's restart policy with the runner's defaults filled in.
     fn policy(&self, s: &Settings) -> Policy {
         let p = &self.rec.req.restart;
-        let ms = |v: Option<u64>, d: Duration| v.map(Duration::from_millis).unwrap_or(d);
         Policy {
             limit: p.limit.unwrap_or(s.restart_limit),
-            window: ms(p.window_ms, s.restart_window),
-            base: ms(p.backoff_base_ms, s.backoff_base),
-            cap: ms(p.backoff_cap_ms, s.backoff_cap),
-            reset: ms(p.reset_after_ms, s.backoff_reset),
+            window: ms_or(p.window_ms, s.restart_window),
+            base: ms_or(p.backoff_base_ms, s.backoff_base),
+            cap: ms_or(p.backoff_cap_ms, s.backoff_cap),
+            reset: ms_or(p.reset_after_ms, s.backoff_reset),
         }
     }
 
@@ -614,18 +613,8 @@ impl Runner {
         let generation = inst.generation.get();
         let current = inst.generation.clone();
         let s = &self.settings;
-        let start_timeout = inst
-            .rec
-            .req
-            .start_timeout_ms
-            .map(Duration::from_millis)
-            .unwrap_or(s.start_timeout);
-        let interval = inst
-            .rec
-            .req
-            .health_interval_ms
-            .map(Duration::from_millis)
-            .unwrap_or(s.health_interval);
+        let start_timeout = ms_or(inst.rec.req.start_timeout_ms, s.start_timeout);
+        let interval = ms_or(inst.rec.req.health_interval_ms, s.health_interval);
         let (failures, none_after) = (s.health_failures.max(1), s.none_up_after);
         let addr = ctx.address();
         let id = id.to_string();
@@ -1160,6 +1149,11 @@ fn rand_u32() -> u32 {
 fn getrandom(b: &mut [u8]) -> std::io::Result<()> {
     use std::io::Read;
     std::fs::File::open("/dev/urandom")?.read_exact(b)
+}
+
+/// A request's optional milliseconds, else the runner's default.
+fn ms_or(v: Option<u64>, default: Duration) -> Duration {
+    v.map(Duration::from_millis).unwrap_or(default)
 }
 
 fn limits_of(s: &Settings, req: &InstanceStart) -> cgroup::Limits {
