@@ -146,14 +146,14 @@ pub fn status(opts: &Opts) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&list.services)?);
         return Ok(());
     }
-    let mut t = table(&["DAEMON", "NODE", "STATE", "LAST SEEN", "INSTANCE", "RPC"]);
+    let mut t = table(&["DAEMON", "NODE", "STATE", "LAST SEEN", "INCARNATION", "RPC"]);
     for s in &list.services {
         t.add_row(vec![
             s.daemon.clone(),
             s.node.clone(),
             s.state.as_str().to_string(),
             ago(s.last_seen),
-            s.instance.clone(),
+            s.incarnation.clone(),
             s.endpoints.get("rpc").cloned().unwrap_or_default(),
         ]);
     }
@@ -180,11 +180,11 @@ pub fn ping(opts: &Opts, daemon: &str, node: Option<&str>) -> Result<()> {
     }
     let p: Pong = serde_json::from_value(v)?;
     println!(
-        "{}@{} answered in {:.2} ms (instance {}, version {}, up {:.1} s, {ep})",
+        "{}@{} answered in {:.2} ms (incarnation {}, version {}, up {:.1} s, {ep})",
         p.daemon,
         p.node,
         rtt.as_secs_f64() * 1000.0,
-        p.instance,
+        p.incarnation,
         p.version,
         p.uptime_ms as f64 / 1000.0
     );

@@ -109,7 +109,7 @@ fn dev_up_status_lock_restart_and_down() {
         .iter()
         .find(|s| s.daemon == "locker")
         .unwrap()
-        .instance
+        .incarnation
         .clone();
     let locker_pid = pid_of(&dir, "locker");
     nix::sys::signal::kill(
@@ -121,7 +121,7 @@ fn dev_up_status_lock_restart_and_down() {
         let s: Vec<Service> =
             serde_json::from_str(&ok(paddock(&dir, &["status", "--json"]))).ok()?;
         s.iter()
-            .any(|s| s.daemon == "locker" && s.state == ServiceState::Alive && s.instance != old)
+            .any(|s| s.daemon == "locker" && s.state == ServiceState::Alive && s.incarnation != old)
             .then_some(())
     });
     // The lease survived the locker's death (it lives in PostgreSQL).

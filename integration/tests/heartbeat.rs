@@ -20,7 +20,7 @@ fn state_of(c: &mut Client, daemon: &str, node: &str) -> Option<(String, Service
         .into_iter()
         .filter(|s| s.daemon == daemon && s.node == node)
         .max_by_key(|s| s.last_seen)
-        .map(|s| (s.instance, s.state))
+        .map(|s| (s.incarnation, s.state))
 }
 
 #[test]
@@ -68,7 +68,7 @@ fn stopped_and_killed_daemons_go_suspect_then_dead_and_come_back() {
     ];
     assert_eq!(seen, want);
 
-    // kill -9: dead within its timeout; a restart is alive under a new instance.
+    // kill -9: dead within its timeout; a restart is alive under a new incarnation.
     n.kill9("locker");
     eventually(Duration::from_secs(3), "killed locker dead", || {
         state_of(&mut hb, "locker", "node-a").filter(|(_, s)| *s == ServiceState::Dead)
@@ -100,7 +100,7 @@ fn two_heartbeats_agree_and_a_restarted_one_rebuilds_its_view() {
     let view = |c: &mut Client| {
         let mut v: Vec<(String, String, String, ServiceState)> = list(c)
             .into_iter()
-            .map(|s| (s.daemon, s.node, s.instance, s.state))
+            .map(|s| (s.daemon, s.node, s.incarnation, s.state))
             .collect();
         v.sort();
         v
@@ -115,7 +115,7 @@ fn two_heartbeats_agree_and_a_restarted_one_rebuilds_its_view() {
     );
 
     // Restart b's heartbeat: its new view is rebuilt from beats alone and matches a's
-    // (a sees the old b instance dead and the new one alive, and so does b).
+    // (a sees the old b incarnation dead and the new one alive, and so does b).
     b.kill9("heartbeat");
     b.start("heartbeat");
     eventually(
@@ -150,7 +150,7 @@ fn forged_beats_are_ignored() {
         .unwrap(),
     );
     let p = paddock_wire::Pusher::connect(&pull, "evil@x", stranger).unwrap();
-    let beat = json!({"daemon": "evil", "node": "x", "instance": "0123456789abcdef", "endpoints": {}, "interval_ms": 100});
+    let beat = json!({"daemon": "evil", "node": "x", "incarnation": "0123456789abcdef", "endpoints": {}, "interval_ms": 100});
     for _ in 0..5 {
         p.push("heartbeat.beat", beat.clone()).unwrap();
     }

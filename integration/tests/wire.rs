@@ -46,7 +46,7 @@ fn signed_ping_round_trip_on_each_daemon() {
         assert_eq!(p.daemon, d);
         assert_eq!(p.node, "node-a");
         assert_eq!(p.version, env!("CARGO_PKG_VERSION"));
-        assert!(p.instance.len() >= 16);
+        assert!(p.incarnation.len() >= 16);
         // The raw reply is signed by the cluster key and answers our id.
         let env = Envelope::new("user:test", "ping", json!({}));
         let (payload, sig) = env.sign(&n.keys);
@@ -240,7 +240,7 @@ fn client_recovers_after_kill_9_and_restart_on_the_same_port() {
     // The same client object, no reconnect by the caller.
     c.set_timeout(Duration::from_secs(10));
     let after = ping_ok(&mut c);
-    assert_ne!(before.instance, after.instance, "a new process answered");
+    assert_ne!(before.incarnation, after.incarnation, "a new process answered");
 }
 
 #[test]

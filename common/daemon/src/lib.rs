@@ -151,7 +151,8 @@ pub enum LoopKind {
 #[derive(Clone)]
 pub struct Ctx {
     pub spec: Spec,
-    pub instance: String,
+    /// This process's random start id (PROTOCOL.md: `incarnation`).
+    pub incarnation: String,
     pub started: Instant,
     config: watch::Receiver<Arc<ClusterConfig>>,
     server: ServerHandle,
@@ -396,7 +397,7 @@ where
             return exit::OSERR;
         }
     };
-    let instance = ulid::Ulid::new().to_string().to_lowercase();
+    let incarnation = ulid::Ulid::new().to_string().to_lowercase();
     let system = actix_rt::System::new();
     let handle = server.handle.clone();
     let code = system.block_on(async move {
@@ -404,7 +405,7 @@ where
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let ctx = Ctx {
             spec: spec.clone(),
-            instance,
+            incarnation,
             started: Instant::now(),
             config: config_rx,
             server: server.handle.clone(),
@@ -429,7 +430,7 @@ where
         let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
         tracing::info!(
             daemon = spec.name,
-            instance = %ctx.instance,
+            incarnation = %ctx.incarnation,
             rpc = %section.rpc,
             "paddock-{} {} ready",
             spec.name,
@@ -514,7 +515,7 @@ fn spawn_beats(ctx: &Ctx) {
                 let beat = Beat {
                     daemon: c.spec.name.to_string(),
                     node: cfg.node().to_string(),
-                    instance: c.instance.clone(),
+                    incarnation: c.incarnation.clone(),
                     endpoints,
                     interval_ms: interval.as_millis() as u64,
                 };
@@ -567,7 +568,7 @@ async fn dispatch(
                         let pong = Pong {
                             daemon: ctx.spec.name.to_string(),
                             node: ctx.config().node().to_string(),
-                            instance: ctx.instance.clone(),
+                            incarnation: ctx.incarnation.clone(),
                             version: ctx.spec.version.to_string(),
                             uptime_ms: ctx.started.elapsed().as_millis() as u64,
                         };

@@ -27,7 +27,9 @@ pub const STATS: &str = "stats";
 pub struct Pong {
     pub daemon: String,
     pub node: String,
-    pub instance: String,
+    /// The random id of this daemon process's start (never an app instance).
+    #[serde(alias = "instance")]
+    pub incarnation: String,
     pub version: String,
     pub uptime_ms: u64,
 }
@@ -42,7 +44,10 @@ pub const REGISTRY_DOWN: &str = "registry.down";
 pub struct Beat {
     pub daemon: String,
     pub node: String,
-    pub instance: String,
+    /// The sender's incarnation; `instance` is read too, from senders that predate
+    /// the rename.
+    #[serde(alias = "instance")]
+    pub incarnation: String,
     #[serde(default)]
     pub endpoints: BTreeMap<String, String>,
     pub interval_ms: u64,
@@ -71,7 +76,8 @@ impl ServiceState {
 pub struct Service {
     pub daemon: String,
     pub node: String,
-    pub instance: String,
+    #[serde(alias = "instance")]
+    pub incarnation: String,
     pub endpoints: BTreeMap<String, String>,
     pub state: ServiceState,
     pub last_seen: i64,

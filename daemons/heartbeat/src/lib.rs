@@ -85,11 +85,11 @@ impl Registry {
     /// Records a beat; returns the changes it caused.
     pub fn observe(&mut self, beat: Beat, now: i64) -> Vec<Change> {
         let mut changes = Vec::new();
-        // One daemon of a kind per node: a new instance means the old one is gone.
+        // One daemon of a kind per node: a new incarnation means the old one is gone.
         for s in self.services.values_mut() {
             if s.daemon == beat.daemon
                 && s.node == beat.node
-                && s.instance != beat.instance
+                && s.incarnation != beat.incarnation
                 && s.state != ServiceState::Dead
             {
                 s.state = ServiceState::Dead;
@@ -98,11 +98,11 @@ impl Registry {
         }
         let entry = self
             .services
-            .entry(beat.instance.clone())
+            .entry(beat.incarnation.clone())
             .or_insert_with(|| Service {
                 daemon: beat.daemon.clone(),
                 node: beat.node.clone(),
-                instance: beat.instance.clone(),
+                incarnation: beat.incarnation.clone(),
                 endpoints: beat.endpoints.clone(),
                 state: ServiceState::Dead,
                 last_seen: now,
@@ -153,11 +153,11 @@ impl Registry {
     pub fn list(&self) -> Vec<Service> {
         let mut v: Vec<Service> = self.services.values().cloned().collect();
         v.sort_by(|a, b| {
-            (&a.daemon, &a.node, a.last_seen, &a.instance).cmp(&(
+            (&a.daemon, &a.node, a.last_seen, &a.incarnation).cmp(&(
                 &b.daemon,
                 &b.node,
                 b.last_seen,
-                &b.instance,
+                &b.incarnation,
             ))
         });
         v
@@ -176,11 +176,11 @@ impl RegistryActor {
         for c in changes {
             match c {
                 Change::Up(s) => {
-                    tracing::info!(daemon = %s.daemon, node = %s.node, instance = %s.instance, "up");
+                    tracing::info!(daemon = %s.daemon, node = %s.node, incarnation = %s.incarnation, "up");
                     self.server.publish(kinds::REGISTRY_UP, kinds::to_body(&s));
                 }
                 Change::Down(s) => {
-                    tracing::info!(daemon = %s.daemon, node = %s.node, instance = %s.instance, state = s.state.as_str(), "down");
+                    tracing::info!(daemon = %s.daemon, node = %s.node, incarnation = %s.incarnation, state = s.state.as_str(), "down");
                     self.server
                         .publish(kinds::REGISTRY_DOWN, kinds::to_body(&s));
                 }
@@ -283,7 +283,7 @@ pub async fn setup(ctx: Ctx) -> anyhow::Result<Routes> {
                 return;
             }
             match kinds::parse_body::<Beat>(&env.kind, &env.body) {
-                Ok(b) if b.interval_ms >= 10 && !b.daemon.is_empty() && !b.node.is_empty() && !b.instance.is_empty() => {
+                Ok(b) if b.interval_ms >= 10 && !b.daemon.is_empty() && !b.node.is_empty() && !b.incarnation.is_empty() => {
                     on_beat.do_send(Observe(b))
                 }
                 Ok(_) => tracing::warn!(from = %env.from, "ignored a beat with empty names or an interval under 10 ms"),
@@ -306,11 +306,11 @@ pub async fn setup(ctx: Ctx) -> anyhow::Result<Routes> {
 mod tests {
     use super::*;
 
-    fn beat(daemon: &str, node: &str, instance: &str) -> Beat {
+    fn beat(daemon: &str, node: &str, incarnation: &str) -> Beat {
         Beat {
             daemon: daemon.into(),
             node: node.into(),
-            instance: instance.into(),
+            incarnation: incarnation.into(),
             endpoints: [("rpc".to_string(), "tcp://127.0.0.1:1".to_string())].into(),
             interval_ms: 100,
         }
@@ -333,7 +333,7 @@ mod tests {
     }
 
     #[test]
-    fn a_new_instance_retires_the_old_one_and_dead_entries_are_forgotten() {
+    fn a_new_incarnation_retires_the_old_one_and_dead_entries_are_forgotten() {
         let mut r = Registry::new(Thresholds {
             forget_after_ms: 1000,
             ..Thresholds::default()
@@ -342,14 +342,14 @@ mod tests {
         let ch = r.observe(beat("locker", "a", "i2"), 10);
         assert_eq!(ch.len(), 2);
         assert!(
-            matches!(&ch[0], Change::Down(s) if s.instance == "i1" && s.state == ServiceState::Dead)
+            matches!(&ch[0], Change::Down(s) if s.incarnation == "i1" && s.state == ServiceState::Dead)
         );
-        assert!(matches!(&ch[1], Change::Up(s) if s.instance == "i2"));
+        assert!(matches!(&ch[1], Change::Up(s) if s.incarnation == "i2"));
         r.observe(beat("locker", "a", "i2"), 1500);
         r.sweep(1500);
         let list = r.list();
         assert_eq!(list.len(), 1, "{list:?}");
-        assert_eq!(list[0].instance, "i2");
+        assert_eq!(list[0].incarnation, "i2");
     }
 
     #[test]
@@ -361,6 +361,6 @@ mod tests {
         r.observe(beat("locker", "a", "f"), 0);
         let ch = r.sweep(500);
         assert_eq!(ch.len(), 1);
-        assert!(matches!(&ch[0], Change::Down(s) if s.instance == "f"));
+        assert!(matches!(&ch[0], Change::Down(s) if s.incarnation == "f"));
     }
 }
