@@ -25,18 +25,23 @@ const MIGRATION_LOCK_KEY: i64 = 0x7061_6464_6f63_6b01; // "paddock\x01"
 const RECYCLE_CHECK: &str =
     "DO $$ BEGIN IF pg_is_in_recovery() THEN RAISE EXCEPTION 'server is in recovery (read-only)'; END IF; END $$";
 
+/// A database failure. Its `Display` says what failed; the cause (the driver's
+/// error, with PostgreSQL's own message) is its `source()`, so print the whole
+/// chain once where the error is handled, e.g. with [`chain`].
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {
-    #[error("database url: {0}")]
-    Url(String),
-    #[error("cannot connect to PostgreSQL: {}", chain(.0))]
+    #[error("the database url is not valid")]
+    Url(#[source] PgError),
+    #[error("cannot connect to PostgreSQL")]
     Connect(#[source] PgError),
-    #[error("no PostgreSQL connection available: {0}")]
-    Pool(String),
-    #[error("query failed: {}", chain(.0))]
+    #[error("no PostgreSQL connection available")]
+    Pool(#[source] deadpool_postgres::PoolError),
+    #[error("cannot build the PostgreSQL connection pool")]
+    Build(#[source] deadpool_postgres::BuildError),
+    #[error("query failed")]
     Query(#[from] PgError),
-    #[error("migration failed: {0}")]
-    Migrate(String),
+    #[error("migration failed")]
+    Migrate(#[source] refinery::Error),
 }
 
 impl DbError {
@@ -44,18 +49,28 @@ impl DbError {
     /// demoted primary, serialization conflicts).
     pub fn is_transient(&self) -> bool {
         match self {
-            DbError::Url(_) | DbError::Migrate(_) => false,
+            DbError::Url(_) | DbError::Build(_) | DbError::Migrate(_) => false,
             DbError::Connect(_) | DbError::Pool(_) => true,
             DbError::Query(e) => is_transient(e),
         }
     }
+
+    /// The driver's error, when there is one (to decide whether a pooled connection
+    /// is still usable).
+    pub fn pg(&self) -> Option<&PgError> {
+        match self {
+            DbError::Url(e) | DbError::Connect(e) | DbError::Query(e) => Some(e),
+            _ => None,
+        }
+    }
 }
 
-/// An error with its causes, `a: b: c` (tokio-postgres keeps the reason, such as
-/// "database does not allow writes", in the source chain).
-fn chain(e: &PgError) -> String {
+/// An error with its causes, `a: b: c`, each cause once: some errors (tokio-postgres
+/// wrapping PostgreSQL's message, deadpool wrapping a connect error) repeat their
+/// source in their own text, and a cause already said is not said again.
+pub fn chain(e: &(dyn std::error::Error + 'static)) -> String {
     let mut s = e.to_string();
-    let mut cur = std::error::Error::source(e);
+    let mut cur = e.source();
     while let Some(c) = cur {
         let part = c.to_string();
         if !s.contains(&part) {
@@ -91,8 +106,7 @@ pub fn is_transient(e: &PgError) -> bool {
 }
 
 pub fn parse_url(url: &str) -> Result<tokio_postgres::Config, DbError> {
-    url.parse::<tokio_postgres::Config>()
-        .map_err(|e| DbError::Url(e.to_string()))
+    url.parse::<tokio_postgres::Config>().map_err(DbError::Url)
 }
 
 /// One connection, outside the pool (migrations, LISTEN). Its driver task runs on the
@@ -105,7 +119,7 @@ pub async fn connect(url: &str) -> Result<Client, DbError> {
     let (client, conn) = cfg.connect(NoTls).await.map_err(DbError::Connect)?;
     tokio::spawn(async move {
         if let Err(e) = conn.await {
-            tracing::debug!("PostgreSQL connection ended: {e}");
+            tracing::debug!("PostgreSQL connection ended: {}", chain(&e));
         }
     });
     Ok(client)
@@ -138,15 +152,12 @@ impl Db {
             .recycle_timeout(Some(Duration::from_secs(5)))
             .runtime(deadpool_postgres::Runtime::Tokio1)
             .build()
-            .map_err(|e| DbError::Pool(e.to_string()))?;
+            .map_err(DbError::Build)?;
         Ok(Db { pool })
     }
 
     pub async fn get(&self) -> Result<Object, DbError> {
-        self.pool
-            .get()
-            .await
-            .map_err(|e| DbError::Pool(e.to_string()))
+        self.pool.get().await.map_err(DbError::Pool)
     }
 
     /// Call after a query error on `conn`: a read-only server's connection is taken
@@ -182,7 +193,7 @@ pub async fn migrate(url: &str) -> Result<MigrationReport, DbError> {
     let unlock = client
         .execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK_KEY])
         .await;
-    let report = result.map_err(|e| DbError::Migrate(e.to_string()))?;
+    let report = result.map_err(DbError::Migrate)?;
     unlock?;
     let applied = report
         .applied_migrations()
@@ -202,4 +213,33 @@ pub fn embedded_migrations() -> Vec<String> {
         .iter()
         .map(|m| m.to_string())
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::error::Error as _;
+
+    #[test]
+    fn errors_keep_their_cause_as_source_and_do_not_repeat_it() {
+        let e = parse_url("port=notanumber").unwrap_err();
+        let cause = e
+            .source()
+            .expect("the driver's error is the source")
+            .to_string();
+        assert!(!e.to_string().contains(&cause), "{e} repeats {cause}");
+        let full = chain(&e);
+        assert!(full.starts_with(&e.to_string()), "{full}");
+        assert!(full.contains(&cause), "{full}");
+        assert!(!e.is_transient());
+    }
+
+    #[test]
+    fn chain_says_each_cause_once() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("outer: {0}")]
+        struct Repeats(#[source] std::io::Error);
+        let e = Repeats(std::io::Error::other("disk on fire"));
+        assert_eq!(chain(&e), "outer: disk on fire");
+    }
 }

@@ -26,6 +26,10 @@ pub enum Code {
     Held,
     /// locker: the token is not the current grant's.
     StaleToken,
+    /// The request may or may not have been carried out (the database failed while
+    /// committing it); unlike `unavailable`, resending the same message is not safe
+    /// to assume nothing happened: re-issue it as a new request to learn which.
+    UnknownOutcome,
     Other(String),
 }
 
@@ -49,6 +53,7 @@ impl Code {
             Code::Internal => "internal",
             Code::Held => "held",
             Code::StaleToken => "stale_token",
+            Code::UnknownOutcome => "unknown_outcome",
             Code::Other(s) => s,
         }
     }
@@ -72,6 +77,7 @@ impl Code {
             "internal" => Code::Internal,
             "held" => Code::Held,
             "stale_token" => Code::StaleToken,
+            "unknown_outcome" => Code::UnknownOutcome,
             other => Code::Other(other.to_string()),
         }
     }
