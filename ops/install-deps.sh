@@ -2,7 +2,7 @@
 # Installs what a fresh Debian machine lacks to build and test Paddock. Idempotent:
 # does nothing when every package is already there.
 set -euo pipefail
-packages=(postgresql libzmq3-dev pkg-config git openssh-client procps python3 bsdutils)
+packages=(postgresql libzmq3-dev pkg-config git openssh-client procps python3 python3-zmq bsdutils)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

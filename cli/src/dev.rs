@@ -206,10 +206,12 @@ fn cluster_file(dir: &Path, pg: &PgCluster) -> Result<ClusterFile> {
         return Ok(f);
     }
     let secret = paddock_wire::keyring::generate_secret_hex();
+    let curve = harness::ClusterCurve::generate()?;
     let (f, _) = harness::node_file(
         "dev",
         &dir.join("state"),
         ("cluster-1", &secret),
+        Some(&curve),
         &[],
         Some(pg.url("paddock")),
     )?;
@@ -321,7 +323,7 @@ fn supervise_inner(dir: &Path, on_ready: Option<fn(&Path)>) -> Result<()> {
         });
     }
     let cfg = ClusterConfig::load(&cfg_path)?;
-    let keys = harness::keyring(&cfg.file)?;
+    let keys = cfg.credentials();
     let mut ready = false;
     let mut last_ready_check = Instant::now() - Duration::from_secs(1);
     while !STOP.load(Ordering::SeqCst) {

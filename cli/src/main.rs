@@ -63,8 +63,13 @@ enum Cmd {
 
 #[derive(Debug, Subcommand)]
 enum KeyCmd {
-    /// Print a new random 32-byte secret, hex encoded, for the cluster file's [keys].
-    Generate,
+    /// Print a new random 32-byte secret, hex encoded, for the cluster file's [keys];
+    /// with --curve, a new CURVE keypair (Z85) for the cluster file's [curve] table.
+    Generate {
+        /// Make a CURVE keypair instead of an HMAC secret.
+        #[arg(long)]
+        curve: bool,
+    },
 }
 
 fn main() {
@@ -84,11 +89,21 @@ fn main() {
     let result = match cli.cmd {
         Cmd::Dev { cmd } => dev::run(cmd),
         Cmd::Key {
-            cmd: KeyCmd::Generate,
+            cmd: KeyCmd::Generate { curve: false },
         } => {
             println!("{}", paddock_wire::keyring::generate_secret_hex());
             Ok(())
         }
+        Cmd::Key {
+            cmd: KeyCmd::Generate { curve: true },
+        } => paddock_wire::curve::generate()
+            .map(|(public, secret)| {
+                // TOML lines to paste: the public key goes to every node that should
+                // admit this client (or is the server key); the secret stays here.
+                println!("public = \"{public}\"");
+                println!("secret = \"{secret}\"");
+            })
+            .map_err(anyhow::Error::from),
         other => {
             let opts = cluster::Opts {
                 config: cli.config,

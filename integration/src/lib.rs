@@ -4,14 +4,13 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Child;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use nix::sys::signal::Signal;
 use paddock_config::ClusterFile;
-use paddock_harness::{self as harness, NodePorts, PgCluster, PgOptions};
-use paddock_wire::{Client, Keyring};
+use paddock_harness::{self as harness, ClusterCurve, NodePorts, PgCluster, PgOptions};
+use paddock_wire::{Client, Credentials};
 
 pub use paddock_harness::{free_port, tcp};
 
@@ -109,15 +108,32 @@ pub struct Node {
     pub config: PathBuf,
     pub file: ClusterFile,
     pub ports: NodePorts,
-    pub keys: Arc<Keyring>,
+    /// The node's keyring and CURVE client keys (it signs and verifies like a keyring).
+    pub keys: Credentials,
     procs: Vec<(String, Child)>,
 }
 
-/// A fixed cluster key for tests that build several nodes.
-pub fn test_key() -> (String, String) {
-    (
+/// A test cluster's secrets, shared by the nodes built with it: the HMAC key id
+/// (`.0`) and hex secret (`.1`), and the CURVE keys (`.2`; `None` runs the test
+/// cluster in plaintext).
+#[derive(Clone, Debug)]
+pub struct TestKey(pub String, pub String, pub Option<ClusterCurve>);
+
+/// Fresh secrets for a test cluster, CURVE included (as `paddock dev up` makes).
+pub fn test_key() -> TestKey {
+    TestKey(
         "cluster-1".into(),
         paddock_wire::keyring::generate_secret_hex(),
+        Some(ClusterCurve::generate().expect("libzmq with CURVE")),
+    )
+}
+
+/// Fresh secrets for a plaintext test cluster (no `[curve]` table).
+pub fn plaintext_test_key() -> TestKey {
+    TestKey(
+        "cluster-1".into(),
+        paddock_wire::keyring::generate_secret_hex(),
+        None,
     )
 }
 
@@ -127,20 +143,27 @@ impl Node {
     pub fn new(
         base: &Path,
         name: &str,
-        key: &(String, String),
+        key: &TestKey,
         heartbeats: &[String],
         db: Option<String>,
     ) -> Node {
         let dir = base.join(name);
         fs::create_dir_all(base.join("logs")).unwrap();
         fs::create_dir_all(&dir).unwrap();
-        let (mut file, ports) =
-            harness::node_file(name, &dir.join("state"), (&key.0, &key.1), heartbeats, db).unwrap();
+        let (mut file, ports) = harness::node_file(
+            name,
+            &dir.join("state"),
+            (&key.0, &key.1),
+            key.2.as_ref(),
+            heartbeats,
+            db,
+        )
+        .unwrap();
         // Fast beats keep liveness tests short.
         file.cluster.beat_interval_ms = 200;
         let config = dir.join("paddock.toml");
         file.write(&config).unwrap();
-        let keys = harness::keyring(&file).unwrap();
+        let keys = harness::credentials(&file).unwrap();
         Node {
             name: name.into(),
             dir,
@@ -155,7 +178,7 @@ impl Node {
     /// Rewrites the cluster file after changing `file`.
     pub fn save(&mut self) {
         self.file.write(&self.config).unwrap();
-        self.keys = harness::keyring(&self.file).unwrap();
+        self.keys = harness::credentials(&self.file).unwrap();
     }
 
     pub fn log(&self, daemon: &str) -> PathBuf {

@@ -91,6 +91,30 @@ fn dev_up_status_lock_restart_and_down() {
 
     let pong = ok(paddock(&dir, &["ping", "locker"]));
     assert!(pong.contains("locker@dev answered"), "{pong}");
+
+    // The dev cluster is encrypted: its file has [curve], the CLI connects with it,
+    // and a client without CURVE keys cannot reach a daemon at all.
+    let cfg = paddock_config::ClusterConfig::load(&dir.join("paddock.toml")).unwrap();
+    assert!(cfg.curve.is_some(), "dev up writes a [curve] table");
+    let plain = paddock_wire::Credentials::new(std::sync::Arc::new(cfg.keyring.clone()), None);
+    let err = paddock_wire::Client::connect(&cfg.file.daemons["locker"].rpc, "user:test", plain)
+        .unwrap()
+        .with_timeout(Duration::from_millis(700))
+        .call("ping", serde_json::json!({}))
+        .unwrap_err();
+    assert!(
+        matches!(err, paddock_wire::ClientError::NotConnected { .. }),
+        "{err}"
+    );
+    let pair = ok(paddock(&dir, &["key", "generate", "--curve"]));
+    let keys: Vec<&str> = pair
+        .lines()
+        .map(|l| l.split('"').nth(1).expect("a quoted key"))
+        .collect();
+    assert_eq!(keys.len(), 2, "{pair}");
+    for k in keys {
+        paddock_wire::curve::Key::from_z85(k).expect("a Z85 CURVE key");
+    }
     let got = ok(paddock(
         &dir,
         &[

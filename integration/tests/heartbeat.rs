@@ -149,6 +149,9 @@ fn forged_beats_are_ignored() {
         )
         .unwrap(),
     );
+    // A peer the transport admits (it has the node's CURVE keys) but without the
+    // cluster's HMAC key: every message is refused at the signature check.
+    let stranger = paddock_wire::Credentials::new(stranger, n.keys.curve.clone());
     let p = paddock_wire::Pusher::connect(&pull, "evil@x", stranger).unwrap();
     let beat = json!({"daemon": "evil", "node": "x", "incarnation": "0123456789abcdef", "endpoints": {}, "interval_ms": 100});
     for _ in 0..5 {

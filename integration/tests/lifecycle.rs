@@ -37,6 +37,23 @@ fn a_panicking_actor_ends_the_process_never_half_alive() {
 }
 
 #[test]
+fn the_io_thread_stopping_ends_the_process_never_half_alive() {
+    let t = TestDir::new("io-dies");
+    let mut n = testd(&t);
+    n.start("testd");
+    let mut c = n.client("testd");
+    c.set_timeout(Duration::from_secs(2));
+    let _ = c.call("test.stop_io", json!({}));
+    assert_eq!(
+        n.wait_exit("testd", Duration::from_secs(5)),
+        Some(70),
+        "EX_SOFTWARE once the I/O thread is gone"
+    );
+    let log = std::fs::read_to_string(n.log("testd")).unwrap();
+    assert!(log.contains("I/O thread stopped"), "{log}");
+}
+
+#[test]
 fn a_critical_loop_that_ends_ends_the_process() {
     let t = TestDir::new("critical");
     let mut n = testd(&t);

@@ -8,7 +8,7 @@ use std::time::Duration;
 use nix::sys::signal::Signal;
 use paddock_integration::*;
 use paddock_wire::kinds::Pong;
-use paddock_wire::{Client, ClientError, Code, Envelope, Keyring};
+use paddock_wire::{Client, ClientError, Code, Credentials, Envelope, Keyring};
 use serde_json::json;
 
 fn ping_ok(c: &mut Client) -> Pong {
@@ -240,7 +240,10 @@ fn client_recovers_after_kill_9_and_restart_on_the_same_port() {
     // The same client object, no reconnect by the caller.
     c.set_timeout(Duration::from_secs(10));
     let after = ping_ok(&mut c);
-    assert_ne!(before.incarnation, after.incarnation, "a new process answered");
+    assert_ne!(
+        before.incarnation, after.incarnation,
+        "a new process answered"
+    );
 }
 
 #[test]
@@ -253,12 +256,16 @@ fn sighup_rotates_keys_without_a_restart() {
     let pid = n.pid("heartbeat");
 
     let new_secret = paddock_wire::keyring::generate_secret_hex();
-    n.file.keys.insert("cluster-2".into(), new_secret.clone());
+    n.file
+        .keys
+        .insert("cluster-2".into(), new_secret.clone().into());
     n.file.signing_key = "cluster-2".into();
     n.save();
     n.signal("heartbeat", Signal::SIGHUP);
-    let new_only =
-        Arc::new(Keyring::from_hex([("cluster-2", new_secret.as_str())], "cluster-2").unwrap());
+    let new_only = Credentials::new(
+        Arc::new(Keyring::from_hex([("cluster-2", new_secret.as_str())], "cluster-2").unwrap()),
+        n.keys.curve.clone(),
+    );
     let rpc = n.rpc("heartbeat");
     // New-key clients are accepted once the reload happened, and replies are signed
     // with the new signing key.
@@ -283,8 +290,10 @@ fn sighup_rotates_keys_without_a_restart() {
     n.file.keys.remove("cluster-1");
     n.save();
     n.signal("heartbeat", Signal::SIGHUP);
-    let old_only =
-        Arc::new(Keyring::from_hex([("cluster-1", key.1.as_str())], "cluster-1").unwrap());
+    let old_only = Credentials::new(
+        Arc::new(Keyring::from_hex([("cluster-1", key.1.as_str())], "cluster-1").unwrap()),
+        n.keys.curve.clone(),
+    );
     eventually(Duration::from_secs(5), "the old key to be refused", || {
         let mut c = Client::connect(&rpc, "user:test", old_only.clone())
             .unwrap()
@@ -305,7 +314,10 @@ fn sigterm_exits_zero_and_a_bad_config_exits_78() {
     n.signal("heartbeat", Signal::SIGTERM);
     assert_eq!(n.wait_exit("heartbeat", Duration::from_secs(10)), Some(0));
 
-    // A locker without a [database] table: exit 78 (EX_CONFIG) before binding.
+    // A locker without a [database] table: exit 78 (EX_CONFIG) before binding. The
+    // test holds the rpc port itself: a daemon that bound before checking its config
+    // would fail on the taken port instead (exit 71, EX_OSERR) and say so.
+    let held = std::net::TcpListener::bind(("127.0.0.1", n.ports.locker_rpc)).unwrap();
     n.spawn("locker");
     assert_eq!(n.wait_exit("locker", Duration::from_secs(10)), Some(78));
     let log = std::fs::read_to_string(n.log("locker")).unwrap();
@@ -313,8 +325,8 @@ fn sigterm_exits_zero_and_a_bad_config_exits_78() {
         log.contains("database.url"),
         "the error names the key:\n{log}"
     );
-    // The rpc port was never bound.
-    assert!(std::net::TcpListener::bind(("127.0.0.1", n.ports.locker_rpc)).is_ok());
+    assert!(!log.contains("cannot bind"), "{log}");
+    drop(held);
 
     // A cluster file readable by others is refused the same way.
     use std::os::unix::fs::PermissionsExt;
@@ -336,4 +348,171 @@ fn a_second_daemon_of_a_kind_on_one_state_dir_is_refused() {
     assert_eq!(st.code(), Some(69), "EX_UNAVAILABLE");
     assert_eq!(n.pid("heartbeat"), first);
     ping_ok(&mut n.client("heartbeat"));
+}
+
+#[test]
+fn a_daemon_binding_first_would_be_caught_by_the_held_port() {
+    // The check above relies on a bind error being a different exit: prove it.
+    let t = TestDir::new("held");
+    let key = test_key();
+    let n = Node::new(t.path(), "node-a", &key, &[], None);
+    let _held = std::net::TcpListener::bind(("127.0.0.1", n.ports.heartbeat_rpc)).unwrap();
+    let mut n = n;
+    n.spawn("heartbeat");
+    assert_eq!(n.wait_exit("heartbeat", Duration::from_secs(10)), Some(71));
+    let log = std::fs::read_to_string(n.log("heartbeat")).unwrap();
+    assert!(log.contains("cannot bind"), "{log}");
+}
+
+/// Credentials with the cluster's HMAC key but CURVE client keys of their own.
+fn stranger_keys(n: &Node) -> (Credentials, paddock_harness::CurvePair) {
+    let pair = paddock_harness::CurvePair::generate().unwrap();
+    let mut curve = n.keys.curve.clone().expect("a CURVE cluster");
+    curve.public = paddock_wire::curve::Key::from_z85(&pair.public).unwrap();
+    curve.secret = paddock_wire::curve::Key::from_z85(&pair.secret).unwrap();
+    (Credentials::new(n.keys.keys.clone(), Some(curve)), pair)
+}
+
+#[test]
+fn under_curve_strangers_cannot_connect_and_sighup_admits_a_new_client_key() {
+    let t = TestDir::new("curve");
+    let key = test_key();
+    let mut n = Node::new(t.path(), "node-a", &key, &[], None);
+    n.start("heartbeat");
+    let rpc = n.rpc("heartbeat");
+    let short = Duration::from_millis(700);
+
+    // Even with the cluster's HMAC key, a client whose CURVE key is not admitted
+    // never completes the handshake, and a plaintext client never either.
+    let (stranger, pair) = stranger_keys(&n);
+    let err = Client::connect(&rpc, "user:test", stranger.clone())
+        .unwrap()
+        .with_timeout(short)
+        .call("ping", json!({}))
+        .unwrap_err();
+    assert!(matches!(err, ClientError::NotConnected { .. }), "{err}");
+    let plain = Credentials::new(n.keys.keys.clone(), None);
+    let err = Client::connect(&rpc, "user:test", plain)
+        .unwrap()
+        .with_timeout(short)
+        .call("ping", json!({}))
+        .unwrap_err();
+    assert!(matches!(err, ClientError::NotConnected { .. }), "{err}");
+    // The daemon keeps serving admitted clients, and said what it refused.
+    ping_ok(&mut n.client("heartbeat"));
+    let log = std::fs::read_to_string(n.log("heartbeat")).unwrap();
+    assert!(log.contains("client key is not admitted"), "{log}");
+    assert!(
+        log.contains(&pair.public),
+        "the refused key is named:\n{log}"
+    );
+    assert!(!log.contains(&pair.secret));
+
+    // Admitting the stranger's public key and SIGHUP: it connects, no restart.
+    let pid = n.pid("heartbeat");
+    n.file
+        .curve
+        .as_mut()
+        .unwrap()
+        .clients
+        .insert("laptop".into(), pair.public.clone());
+    n.save();
+    n.signal("heartbeat", Signal::SIGHUP);
+    eventually(
+        Duration::from_secs(5),
+        "the new client key to be admitted",
+        || {
+            Client::connect(&rpc, "user:test", stranger.clone())
+                .unwrap()
+                .with_timeout(short)
+                .call("ping", json!({}))
+                .ok()
+        },
+    );
+    assert_eq!(n.pid("heartbeat"), pid);
+}
+
+#[test]
+fn a_plaintext_cluster_file_still_runs_and_says_so_at_warn() {
+    let t = TestDir::new("plaintext");
+    let key = plaintext_test_key();
+    let mut n = Node::new(t.path(), "node-a", &key, &[], None);
+    n.start("heartbeat");
+    ping_ok(&mut n.client("heartbeat"));
+    let log = std::fs::read_to_string(n.log("heartbeat")).unwrap();
+    assert!(log.contains("WARN") && log.contains("PLAINTEXT"), "{log}");
+}
+
+#[test]
+fn an_outside_pyzmq_client_with_the_right_keys_gets_a_signed_pong() {
+    let t = TestDir::new("pyzmq");
+    let key = test_key();
+    let mut n = Node::new(t.path(), "node-a", &key, &[], None);
+    n.start("heartbeat");
+    let curve = n.file.curve.clone().unwrap();
+    // Only Debian's python3 has Debian's python3-zmq (ops/install-deps.sh).
+    let script = r#"
+import hashlib, hmac, json, os, sys, time, uuid, zmq
+ctx = zmq.Context()
+s = ctx.socket(zmq.DEALER)
+s.curve_serverkey = os.environ["SERVER_PUBLIC"].encode()
+s.curve_publickey = os.environ["CLIENT_PUBLIC"].encode()
+s.curve_secretkey = os.environ["CLIENT_SECRET"].encode()
+s.connect(os.environ["RPC"])
+payload = json.dumps({"v": 1, "id": uuid.uuid4().hex, "ts": int(time.time() * 1000),
+                      "from": "user:probe", "kind": "ping", "body": {}}).encode()
+secret = bytes.fromhex(os.environ["KEY_HEX"])
+sig = os.environ["KEY_ID"] + ":" + hmac.new(secret, payload, hashlib.sha256).hexdigest()
+s.send_multipart([payload, sig.encode()])
+if not s.poll(5000):
+    sys.exit("no reply")
+reply, rsig = s.recv_multipart()
+kid, tag = rsig.decode().split(":")
+assert hmac.compare_digest(tag, hmac.new(secret, reply, hashlib.sha256).hexdigest()), "bad reply signature"
+body = json.loads(reply)["body"]
+print(json.dumps(body))
+"#;
+    let out = std::process::Command::new("/usr/bin/python3")
+        .arg("-c")
+        .arg(script)
+        .env("SERVER_PUBLIC", &curve.server_public)
+        .env("CLIENT_PUBLIC", &curve.client_public)
+        .env("CLIENT_SECRET", curve.client_secret.expose())
+        .env("RPC", n.rpc("heartbeat"))
+        .env("KEY_ID", &key.0)
+        .env("KEY_HEX", &key.1)
+        .output()
+        .expect("/usr/bin/python3 runs");
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let body: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(body["ok"], json!(true), "{body}");
+    assert_eq!(body["daemon"], json!("heartbeat"));
+}
+
+#[test]
+fn a_stranger_cannot_write_lines_into_the_log() {
+    let t = TestDir::new("loginject");
+    let key = test_key();
+    let mut n = Node::new(t.path(), "node-a", &key, &[], None);
+    n.start("heartbeat");
+    let mut c = n.client("heartbeat");
+    let env = Envelope::new("user:test", "ping", json!({}));
+    let payload = env.to_bytes();
+    let sig = b"x\r\nFORGED ERROR paddock accounts wiped:00";
+    let _ = c.call_frames(Some(&env.id), &[&payload, &sig[..]]);
+    ping_ok(&mut c);
+    let log = std::fs::read_to_string(n.log("heartbeat")).unwrap();
+    assert!(
+        log.contains("FORGED ERROR"),
+        "the rejection was logged:\n{log}"
+    );
+    assert!(
+        !log.lines().any(|l| l.starts_with("FORGED")),
+        "a stranger wrote a line of their own into the log:\n{log}"
+    );
 }

@@ -6,12 +6,14 @@
 //! knows nothing of sockets or databases. A load error names the file and the key.
 
 use std::collections::BTreeMap;
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use paddock_wire::curve::{Admitted, ClientKeys, Key, NodeKeys, ServerKeys};
 use paddock_wire::keyring::KeyError;
-use paddock_wire::{Keyring, Limits};
+use paddock_wire::{Credentials, Keyring, Limits};
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 /// Where the cluster file is when neither `--config` nor `PADDOCK_CONFIG` says.
@@ -38,13 +40,46 @@ pub enum ConfigError {
     },
 }
 
+/// A secret as the file holds it (a hex HMAC key, a Z85 CURVE secret key). Its
+/// `Debug` never shows the value, so a logged config struct leaks nothing.
+#[derive(Clone, Serialize, Deserialize, Default, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Secret {
+        Secret(s.into())
+    }
+
+    /// The value itself: for building keys only, never for printing.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+impl From<String> for Secret {
+    fn from(s: String) -> Secret {
+        Secret(s)
+    }
+}
+
 /// The file as written (serde's view). Every section but `node`, `signing_key` and
 /// `keys` has defaults.
 #[derive(Debug, Clone, Serialize, Deserialize, Default)]
 pub struct ClusterFile {
     pub node: String,
     pub signing_key: String,
-    pub keys: BTreeMap<String, String>,
+    pub keys: BTreeMap<String, Secret>,
+    /// CURVE keys for every ZeroMQ socket (docs/PROTOCOL.md, "Transport"); without
+    /// this table the node runs in plaintext and says so at every start.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub curve: Option<CurveSection>,
     #[serde(default)]
     pub state_dir: Option<PathBuf>,
     #[serde(default)]
@@ -123,6 +158,22 @@ impl DaemonSection {
     }
 }
 
+/// `[curve]`: the cluster's server keypair (every daemon binds with it), this
+/// node's client keypair (every connect uses it), and the client public keys the
+/// daemons on this node admit, by name. Keys are 40-character Z85 strings.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct CurveSection {
+    pub server_public: String,
+    /// Needed only on nodes that run daemons (a CLI-only file may leave it out).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server_secret: Option<Secret>,
+    pub client_public: String,
+    pub client_secret: Secret,
+    #[serde(default)]
+    pub clients: BTreeMap<String, String>,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct DatabaseSection {
     /// libpq-style connection string; may list several hosts.
@@ -151,6 +202,14 @@ pub struct WireSection {
     pub skew_ms: i64,
     #[serde(default = "default_cache")]
     pub replay_cache: usize,
+    /// Most bytes the replay/reply cache may hold; past it new requests get
+    /// `unavailable` (live ids are never forgotten early).
+    #[serde(default = "default_cache_bytes")]
+    pub replay_cache_bytes: usize,
+}
+
+fn default_cache_bytes() -> usize {
+    64 << 20
 }
 
 fn default_max_payload() -> usize {
@@ -169,7 +228,55 @@ impl Default for WireSection {
             max_payload: default_max_payload(),
             skew_ms: default_skew(),
             replay_cache: default_cache(),
+            replay_cache_bytes: default_cache_bytes(),
         }
+    }
+}
+
+/// A duration written as whole milliseconds (the `*_ms` keys). Environment
+/// overrides arrive as strings of digits, which are read too.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
+pub struct Ms(pub Duration);
+
+impl Ms {
+    pub const fn from_millis(ms: u64) -> Ms {
+        Ms(Duration::from_millis(ms))
+    }
+
+    pub fn get(self) -> Duration {
+        self.0
+    }
+}
+
+impl From<Ms> for Duration {
+    fn from(m: Ms) -> Duration {
+        m.0
+    }
+}
+
+impl<'de> Deserialize<'de> for Ms {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Ms, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            N(u64),
+            S(String),
+        }
+        match Raw::deserialize(d) {
+            Ok(Raw::N(n)) => Ok(Ms::from_millis(n)),
+            Ok(Raw::S(s)) => s.trim().parse().map(Ms::from_millis).map_err(|_| {
+                serde::de::Error::custom(format!("`{s}` is not a whole number of milliseconds"))
+            }),
+            Err(_) => Err(serde::de::Error::custom(
+                "must be a whole, non-negative number of milliseconds",
+            )),
+        }
+    }
+}
+
+impl Serialize for Ms {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(self.0.as_millis() as u64)
     }
 }
 
@@ -187,12 +294,49 @@ pub fn is_endpoint(s: &str) -> bool {
     }
 }
 
+/// `[curve]`, decoded and checked.
+#[derive(Debug, Clone)]
+pub struct CurveConfig {
+    pub client: ClientKeys,
+    pub server_secret: Option<Key>,
+    /// `[curve.clients]` plus this node's own client key.
+    pub admitted: Vec<Key>,
+}
+
+impl CurveConfig {
+    fn from_section(c: &CurveSection) -> Result<CurveConfig, (String, String)> {
+        let key = |name: &str, v: &str| {
+            Key::from_z85(v).map_err(|e| (format!("curve.{name}"), e.to_string()))
+        };
+        let client = ClientKeys {
+            server_public: key("server_public", &c.server_public)?,
+            public: key("client_public", &c.client_public)?,
+            secret: key("client_secret", c.client_secret.expose())?,
+        };
+        let server_secret = match &c.server_secret {
+            Some(s) => Some(key("server_secret", s.expose())?),
+            None => None,
+        };
+        let mut admitted = vec![client.public];
+        for (name, v) in &c.clients {
+            admitted.push(key(&format!("clients.{name}"), v)?);
+        }
+        Ok(CurveConfig {
+            client,
+            server_secret,
+            admitted,
+        })
+    }
+}
+
 /// The validated cluster file.
 #[derive(Debug, Clone)]
 pub struct ClusterConfig {
     pub path: PathBuf,
     pub file: ClusterFile,
     pub keyring: Keyring,
+    /// `None`: the node runs in plaintext (no `[curve]` table).
+    pub curve: Option<CurveConfig>,
     pub state_dir: PathBuf,
     pub limits: Limits,
     pub beat_interval: Duration,
@@ -227,6 +371,25 @@ impl ClusterConfig {
                 ),
             });
         }
+        // Someone else's file could have been written by anyone who can write as
+        // them: only our own (or root's) is trusted with the cluster's keys.
+        let me = nix::unistd::Uid::effective().as_raw();
+        if meta.uid() != me && meta.uid() != 0 {
+            return Err(ConfigError::Invalid {
+                path: path.to_path_buf(),
+                key: "(file owner)".into(),
+                why: format!(
+                    "is owned by uid {}; it must be owned by the user reading it (uid {me}) or by root (chown {me} {})",
+                    meta.uid(),
+                    path.display()
+                ),
+            });
+        }
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::check_raw(path, &text)?;
         let built = config::Config::builder()
             .add_source(config::File::from(path).format(config::FileFormat::Toml))
             .add_source(
@@ -242,6 +405,52 @@ impl ClusterConfig {
                 source: Box::new(source),
             })?;
         Self::validate(path, built)
+    }
+
+    /// Checks the file's text before the `config` crate reads it: a TOML syntax
+    /// error is reported by line and column only, never by quoting the line (it may
+    /// hold a secret), and key ids must be lower case, since the loader folds the
+    /// case of every key (a `Cluster-1` would silently become `cluster-1`).
+    fn check_raw(path: &Path, text: &str) -> Result<(), ConfigError> {
+        let bad = |key: &str, why: String| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            key: key.to_string(),
+            why,
+        };
+        let table: toml::Table = toml::from_str(text).map_err(|e| {
+            let (line, col) = match e.span() {
+                Some(span) => {
+                    let before = &text[..span.start.min(text.len())];
+                    let line = before.matches('\n').count() + 1;
+                    let col = before.len() - before.rfind('\n').map(|i| i + 1).unwrap_or(0) + 1;
+                    (line, col)
+                }
+                None => (0, 0),
+            };
+            bad(
+                &format!("(line {line}, column {col})"),
+                format!("is not valid TOML: {}", e.message()),
+            )
+        })?;
+        if let Some(keys) = table.get("keys").and_then(|k| k.as_table()) {
+            for id in keys.keys() {
+                if id.bytes().any(|b| b.is_ascii_uppercase()) {
+                    return Err(bad(
+                        &format!("keys.{id}"),
+                        "key ids must be lower case (keys are read case-insensitively, so upper case would not survive)".into(),
+                    ));
+                }
+            }
+        }
+        if let Some(sk) = table.get("signing_key").and_then(|k| k.as_str()) {
+            if sk.bytes().any(|b| b.is_ascii_uppercase()) {
+                return Err(bad(
+                    "signing_key",
+                    "must be lower case, like every key id".into(),
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// Validates an in-memory file (tests, and `load`).
@@ -263,7 +472,7 @@ impl ClusterConfig {
             ));
         }
         let keyring = Keyring::from_hex(
-            file.keys.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+            file.keys.iter().map(|(k, v)| (k.as_str(), v.expose())),
             &file.signing_key,
         )
         .map_err(|e| match e {
@@ -307,6 +516,16 @@ impl ClusterConfig {
         if file.wire.replay_cache < 1000 {
             return Err(bad("wire.replay_cache", "must be at least 1000".into()));
         }
+        if file.wire.replay_cache_bytes < 1 << 20 {
+            return Err(bad(
+                "wire.replay_cache_bytes",
+                "must be at least 1048576 (1 MiB)".into(),
+            ));
+        }
+        let curve = match &file.curve {
+            None => None,
+            Some(c) => Some(CurveConfig::from_section(c).map_err(|(k, why)| bad(&k, why))?),
+        };
         let state_dir = file
             .state_dir
             .clone()
@@ -315,12 +534,14 @@ impl ClusterConfig {
             max_payload: file.wire.max_payload,
             skew_ms: file.wire.skew_ms,
             cache_entries: file.wire.replay_cache,
+            cache_bytes: file.wire.replay_cache_bytes,
             ..Limits::default()
         };
         Ok(ClusterConfig {
             path: path.to_path_buf(),
             beat_interval: Duration::from_millis(file.cluster.beat_interval_ms),
             keyring,
+            curve,
             state_dir,
             limits,
             file,
@@ -389,6 +610,60 @@ impl ClusterConfig {
             .unwrap_or_default()
     }
 
+    /// What a client on this node connects with: the keyring and CURVE client keys.
+    pub fn credentials(&self) -> Credentials {
+        Credentials::new(
+            std::sync::Arc::new(self.keyring.clone()),
+            self.curve.as_ref().map(|c| c.client.clone()),
+        )
+    }
+
+    /// What a daemon on this node binds and connects with, or `None` in plaintext.
+    /// A `[curve]` table without `server_secret` cannot serve.
+    pub fn node_keys(&self) -> Result<Option<NodeKeys>, ConfigError> {
+        let Some(c) = &self.curve else {
+            return Ok(None);
+        };
+        let secret = c.server_secret.ok_or_else(|| {
+            self.invalid(
+                "curve.server_secret",
+                "is missing: a node that runs daemons needs the cluster's server secret key".into(),
+            )
+        })?;
+        Ok(Some(NodeKeys {
+            server: ServerKeys {
+                secret,
+                admitted: Admitted::new(c.admitted.iter().copied()),
+            },
+            client: c.client.clone(),
+        }))
+    }
+
+    /// `[daemons.NAME]` (everything but `rpc`) as the daemon's own typed settings.
+    /// `T` is `#[serde(default, deny_unknown_fields)]`, so a misspelt key fails
+    /// naming `daemons.NAME.KEY`; a missing table gives the defaults.
+    pub fn section<T: DeserializeOwned + Default>(&self, daemon: &str) -> Result<T, ConfigError> {
+        let Some(d) = self.file.daemons.get(daemon) else {
+            return Ok(T::default());
+        };
+        let table: toml::Table = d.other.clone().into_iter().collect();
+        serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
+            let path = e.path().to_string();
+            let inner = e.into_inner().to_string();
+            // serde names an unknown field in its message, not in the path.
+            let key = match inner.split('`').nth(1) {
+                Some(field) if inner.starts_with("unknown field") => field.to_string(),
+                _ => path,
+            };
+            let key = if key == "." || key.is_empty() {
+                format!("daemons.{daemon}")
+            } else {
+                format!("daemons.{daemon}.{key}")
+            };
+            self.invalid(&key, inner)
+        })
+    }
+
     pub fn invalid(&self, key: &str, why: String) -> ConfigError {
         ConfigError::Invalid {
             path: self.path.clone(),
@@ -434,7 +709,7 @@ mod tests {
         };
         f.keys.insert(
             "cluster-1".into(),
-            paddock_wire::keyring::generate_secret_hex(),
+            Secret::new(paddock_wire::keyring::generate_secret_hex()),
         );
         f.cluster.heartbeats = vec!["tcp://127.0.0.1:7111".into()];
         f.cluster.beat_interval_ms = 1000;
@@ -497,7 +772,7 @@ mod tests {
         );
 
         let mut f = sample();
-        f.keys.insert("cluster-1".into(), "abcd".into());
+        f.keys.insert("cluster-1".into(), Secret::new("abcd"));
         let e = ClusterConfig::validate(p, f).unwrap_err().to_string();
         assert!(e.contains("`keys`") && e.contains("at least 32"), "{e}");
 
@@ -542,5 +817,165 @@ mod tests {
             n += 1;
         }
         assert!(n > 0, "no example configs found in {}", ops.display());
+    }
+
+    fn write_text(dir: &Path, text: &str) -> PathBuf {
+        let p = dir.join("paddock.toml");
+        std::fs::write(&p, text).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+        p
+    }
+
+    #[derive(Debug, Default, Deserialize, PartialEq)]
+    #[serde(default, deny_unknown_fields)]
+    struct Demo {
+        backoff_base_ms: Ms,
+        restart_limit: u32,
+        #[serde(rename = "pub")]
+        publish: Option<String>,
+    }
+
+    #[test]
+    fn a_daemon_section_is_typed_and_a_typo_names_its_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut f = sample();
+        let mut d = DaemonSection {
+            rpc: "tcp://127.0.0.1:7131".into(),
+            ..Default::default()
+        };
+        d.other
+            .insert("backoff_base_ms".into(), toml::Value::Integer(250));
+        d.other.insert(
+            "pub".into(),
+            toml::Value::String("tcp://127.0.0.1:7132".into()),
+        );
+        f.daemons.insert("demo".into(), d.clone());
+        let p = dir.path().join("paddock.toml");
+        f.write(&p).unwrap();
+        let c = ClusterConfig::load(&p).unwrap();
+        let demo: Demo = c.section("demo").unwrap();
+        assert_eq!(demo.backoff_base_ms.get(), Duration::from_millis(250));
+        assert_eq!(demo.publish.as_deref(), Some("tcp://127.0.0.1:7132"));
+        assert_eq!(c.section::<Demo>("absent").unwrap(), Demo::default());
+
+        d.other
+            .insert("backof_base_ms".into(), toml::Value::Integer(1));
+        f.daemons.insert("demo".into(), d.clone());
+        f.write(&p).unwrap();
+        let e = ClusterConfig::load(&p)
+            .unwrap()
+            .section::<Demo>("demo")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("`daemons.demo.backof_base_ms`"), "{e}");
+
+        d.other.remove("backof_base_ms");
+        d.other
+            .insert("restart_limit".into(), toml::Value::String("many".into()));
+        f.daemons.insert("demo".into(), d);
+        f.write(&p).unwrap();
+        let e = ClusterConfig::load(&p)
+            .unwrap()
+            .section::<Demo>("demo")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("`daemons.demo.restart_limit`"), "{e}");
+    }
+
+    #[test]
+    fn milliseconds_are_read_from_numbers_and_digit_strings() {
+        let v: Ms = serde_json::from_str("1500").unwrap();
+        assert_eq!(v.get(), Duration::from_millis(1500));
+        let v: Ms = serde_json::from_str("\"20\"").unwrap();
+        assert_eq!(v.get(), Duration::from_millis(20));
+        assert!(serde_json::from_str::<Ms>("\"soon\"").is_err());
+        assert!(serde_json::from_str::<Ms>("-1").is_err());
+    }
+
+    #[test]
+    fn a_toml_error_gives_the_place_but_never_quotes_the_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let secret = paddock_wire::keyring::generate_secret_hex();
+        let p = write_text(
+            dir.path(),
+            &format!("node = \"a\"\nsigning_key = \"k\"\n[keys]\nk = \"{secret}\" oops\n"),
+        );
+        let e = ClusterConfig::load(&p).unwrap_err().to_string();
+        assert!(e.contains("line 4"), "{e}");
+        assert!(!e.contains(&secret), "the error quotes the secret: {e}");
+    }
+
+    #[test]
+    fn upper_case_key_ids_are_refused_clearly() {
+        let dir = tempfile::tempdir().unwrap();
+        let secret = paddock_wire::keyring::generate_secret_hex();
+        let p = write_text(
+            dir.path(),
+            &format!(
+                "node = \"a\"\nsigning_key = \"cluster-1\"\n[keys]\nCluster-1 = \"{secret}\"\n"
+            ),
+        );
+        let e = ClusterConfig::load(&p).unwrap_err().to_string();
+        assert!(
+            e.contains("`keys.Cluster-1`") && e.contains("lower case"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_file_owned_by_someone_else_is_refused() {
+        assert!(
+            nix::unistd::Uid::effective().is_root(),
+            "this test chowns a file: run it as root, as CI does"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("paddock.toml");
+        sample().write(&p).unwrap();
+        std::os::unix::fs::chown(&p, Some(65534), None).unwrap();
+        let e = ClusterConfig::load(&p).unwrap_err().to_string();
+        assert!(e.contains("owned by uid 65534"), "{e}");
+    }
+
+    #[test]
+    fn debug_output_shows_no_secret() {
+        let mut f = sample();
+        let (cp, cs) = paddock_wire::curve::generate().unwrap();
+        let (sp, ss) = paddock_wire::curve::generate().unwrap();
+        f.curve = Some(CurveSection {
+            server_public: sp,
+            server_secret: Some(Secret::new(ss.clone())),
+            client_public: cp,
+            client_secret: Secret::new(cs.clone()),
+            clients: BTreeMap::new(),
+        });
+        let hmac = f.keys["cluster-1"].expose().to_string();
+        let c = ClusterConfig::validate(Path::new("/x"), f).unwrap();
+        let shown = format!("{c:?} {:?} {:?}", c.file, c.credentials());
+        for secret in [&hmac, &ss, &cs] {
+            assert!(!shown.contains(secret.as_str()), "Debug shows a secret");
+        }
+        assert!(c.node_keys().unwrap().is_some());
+    }
+
+    #[test]
+    fn curve_keys_are_checked() {
+        let mut f = sample();
+        let (cp, cs) = paddock_wire::curve::generate().unwrap();
+        f.curve = Some(CurveSection {
+            server_public: "too-short".into(),
+            server_secret: None,
+            client_public: cp,
+            client_secret: Secret::new(cs),
+            clients: BTreeMap::new(),
+        });
+        let e = ClusterConfig::validate(Path::new("/x"), f.clone())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("`curve.server_public`"), "{e}");
+        let (sp, _) = paddock_wire::curve::generate().unwrap();
+        f.curve.as_mut().unwrap().server_public = sp;
+        let c = ClusterConfig::validate(Path::new("/x"), f).unwrap();
+        let e = c.node_keys().unwrap_err().to_string();
+        assert!(e.contains("`curve.server_secret`"), "{e}");
     }
 }

@@ -376,6 +376,26 @@ where
             return exit::UNAVAILABLE;
         }
     };
+    let node_keys = match config.node_keys() {
+        Ok(k) => k,
+        Err(e) => {
+            tracing::error!("{e}");
+            return exit::CONFIG;
+        }
+    };
+    match &node_keys {
+        Some(_) => {
+            if let Err(e) = paddock_wire::curve::require() {
+                tracing::error!("{e}");
+                return exit::CONFIG;
+            }
+        }
+        None => tracing::warn!(
+            "{} has no [curve] table: every socket of this daemon runs in PLAINTEXT and admits any peer (docs/OPERATOR.md, \"Transport encryption\")",
+            config.path.display()
+        ),
+    }
+    let admitted = node_keys.as_ref().map(|k| k.server.admitted.clone());
     let keys = SharedKeyring::new(config.keyring.clone());
     let identity = format!("{}@{}", spec.name, config.node());
     let server = match paddock_wire::server::start(
@@ -387,6 +407,7 @@ where
             push: config.file.cluster.heartbeats.clone(),
             push_to: (spec.push_to)(&config),
             limits: config.limits.clone(),
+            curve: node_keys,
         },
         keys.clone(),
         4096,
@@ -436,7 +457,7 @@ where
             spec.name,
             spec.version
         );
-        wait_for_signals(&ctx, &config_tx, &keys).await;
+        wait_for_signals(&ctx, &config_tx, &keys, admitted.as_ref()).await;
         let _ = shutdown_tx.send(true);
         let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
         // Drain: let requests already taken finish, within a grace period.
@@ -456,6 +477,7 @@ async fn wait_for_signals(
     ctx: &Ctx,
     config_tx: &watch::Sender<Arc<ClusterConfig>>,
     keys: &SharedKeyring,
+    admitted: Option<&paddock_wire::curve::Admitted>,
 ) {
     use tokio::signal::unix::{signal, SignalKind};
     let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
@@ -470,16 +492,30 @@ async fn wait_for_signals(
         tokio::select! {
             _ = term.recv() => { tracing::info!("SIGTERM: draining"); return; }
             _ = int.recv() => { tracing::info!("SIGINT: draining"); return; }
-            _ = hup.recv() => reload(ctx, config_tx, keys),
+            _ = hup.recv() => reload(ctx, config_tx, keys, admitted),
         }
     }
 }
 
-/// SIGHUP: re-read the cluster file; on success swap keys, limits and heartbeat list.
-fn reload(ctx: &Ctx, config_tx: &watch::Sender<Arc<ClusterConfig>>, keys: &SharedKeyring) {
+/// SIGHUP: re-read the cluster file; on success swap keys, admitted CURVE client
+/// keys, limits and heartbeat list. The CURVE server key and the plaintext/CURVE
+/// choice are fixed for the process's life (sockets are bound with them).
+fn reload(
+    ctx: &Ctx,
+    config_tx: &watch::Sender<Arc<ClusterConfig>>,
+    keys: &SharedKeyring,
+    admitted: Option<&paddock_wire::curve::Admitted>,
+) {
     let old = ctx.config();
     match ClusterConfig::load(&old.path) {
         Ok(new) => {
+            match (admitted, &new.curve) {
+                (Some(a), Some(c)) => a.replace(c.admitted.iter().copied()),
+                (None, None) => {}
+                _ => tracing::warn!(
+                    "SIGHUP: adding or removing [curve] takes a restart; the transport is unchanged"
+                ),
+            }
             if new.daemon(ctx.spec.name).map(|d| d.rpc.clone()).ok()
                 != old.daemon(ctx.spec.name).map(|d| d.rpc.clone()).ok()
             {
@@ -545,7 +581,19 @@ async fn dispatch(
     mut inbound: tokio::sync::mpsc::Receiver<Inbound>,
     inflight: Rc<RefCell<usize>>,
 ) {
-    while let Some(msg) = inbound.recv().await {
+    loop {
+        let Some(msg) = inbound.recv().await else {
+            // The I/O thread is gone (its sockets failed, or it was stopped). A daemon
+            // that cannot answer must not look alive: end it, so the supervisor
+            // restarts it whole.
+            if !ctx.is_shutting_down() {
+                tracing::error!(
+                    "the ZeroMQ I/O thread stopped; exiting so the supervisor restarts this daemon"
+                );
+                std::process::exit(exit::SOFTWARE);
+            }
+            return;
+        };
         match msg {
             Inbound::Pulled(env) => {
                 if let Some(p) = &routes.pull {

@@ -16,8 +16,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
-use paddock_config::{ClusterFile, DaemonSection, DatabaseSection};
-use paddock_wire::{Client, Keyring};
+use paddock_config::{ClusterFile, CurveSection, DaemonSection, DatabaseSection, Secret};
+use paddock_wire::{Client, Credentials, Keyring};
 
 /// The daemons that exist, in start order. Later issues add theirs here.
 pub const DAEMONS: &[&str] = &["heartbeat", "locker", "runner"];
@@ -406,11 +406,63 @@ pub fn stop_child(child: &mut Child, sig: nix::sys::signal::Signal, grace: Durat
     let _ = child.wait();
 }
 
-/// Endpoints of one node's daemons, chosen from free ports.
+/// A CURVE keypair as Z85 text.
+#[derive(Clone)]
+pub struct CurvePair {
+    pub public: String,
+    pub secret: String,
+}
+
+impl std::fmt::Debug for CurvePair {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CurvePair")
+            .field("public", &self.public)
+            .finish_non_exhaustive()
+    }
+}
+
+impl CurvePair {
+    pub fn generate() -> Result<CurvePair> {
+        let (public, secret) = paddock_wire::curve::generate()?;
+        Ok(CurvePair { public, secret })
+    }
+}
+
+/// The CURVE keys of a local cluster: the cluster's server keypair, and the client
+/// keypair its nodes connect with (one node locally; tests share it across nodes).
+#[derive(Clone, Debug)]
+pub struct ClusterCurve {
+    pub server: CurvePair,
+    pub client: CurvePair,
+}
+
+impl ClusterCurve {
+    pub fn generate() -> Result<ClusterCurve> {
+        Ok(ClusterCurve {
+            server: CurvePair::generate()?,
+            client: CurvePair::generate()?,
+        })
+    }
+
+    /// The `[curve]` table of a node of this cluster.
+    pub fn section(&self) -> CurveSection {
+        CurveSection {
+            server_public: self.server.public.clone(),
+            server_secret: Some(Secret::new(self.server.secret.clone())),
+            client_public: self.client.public.clone(),
+            client_secret: Secret::new(self.client.secret.clone()),
+            clients: Default::default(),
+        }
+    }
+}
+
+/// Endpoints of one node's daemons, chosen from free ports. With `curve`, every
+/// socket is encrypted (the default for `paddock dev up` and the tests).
 pub fn node_file(
     node: &str,
     state_dir: &Path,
     key: (&str, &str),
+    curve: Option<&ClusterCurve>,
     heartbeats: &[String],
     database_url: Option<String>,
 ) -> Result<(ClusterFile, NodePorts)> {
@@ -419,9 +471,11 @@ pub fn node_file(
         node: node.to_string(),
         signing_key: key.0.to_string(),
         state_dir: Some(state_dir.to_path_buf()),
+        curve: curve.map(ClusterCurve::section),
         ..Default::default()
     };
-    f.keys.insert(key.0.to_string(), key.1.to_string());
+    f.keys
+        .insert(key.0.to_string(), Secret::new(key.1.to_string()));
     f.cluster.beat_interval_ms = 1000;
     f.cluster.heartbeats = if heartbeats.is_empty() {
         vec![tcp(ports.heartbeat_pull)]
@@ -585,7 +639,7 @@ pub fn spawn_daemon_env(
 /// Polls `ping` on `endpoint` until it answers or `timeout` passes.
 pub fn wait_ping(
     endpoint: &str,
-    keys: Arc<Keyring>,
+    keys: impl Into<Credentials>,
     timeout: Duration,
 ) -> Result<serde_json::Value> {
     let mut c = Client::connect(endpoint, "user:harness", keys)?
@@ -608,7 +662,21 @@ pub fn wait_ping(
 /// The keyring a cluster file describes.
 pub fn keyring(f: &ClusterFile) -> Result<Arc<Keyring>> {
     Ok(Arc::new(Keyring::from_hex(
-        f.keys.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+        f.keys.iter().map(|(k, v)| (k.as_str(), v.expose())),
         &f.signing_key,
     )?))
+}
+
+/// What a client of the cluster a file describes connects with: its keyring, and
+/// its CURVE client keys when it has a `[curve]` table.
+pub fn credentials(f: &ClusterFile) -> Result<Credentials> {
+    let curve = match &f.curve {
+        Some(c) => Some(paddock_wire::curve::ClientKeys::from_z85(
+            &c.server_public,
+            &c.client_public,
+            c.client_secret.expose(),
+        )?),
+        None => None,
+    };
+    Ok(Credentials::new(keyring(f)?, curve))
 }

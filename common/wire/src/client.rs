@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+use crate::curve::{self, ClientKeys};
 use crate::envelope::{parse_payload, Envelope};
 use crate::error::{Code, WireError};
 use crate::keyring::{Keyring, UNSIGNED};
@@ -43,6 +44,41 @@ impl ClientError {
     }
 }
 
+/// What a connecting side needs: the HMAC keyring it signs and verifies with, and
+/// the CURVE client keys when the cluster encrypts its transport.
+#[derive(Clone, Debug)]
+pub struct Credentials {
+    pub keys: Arc<Keyring>,
+    pub curve: Option<ClientKeys>,
+}
+
+impl Credentials {
+    pub fn new(keys: Arc<Keyring>, curve: Option<ClientKeys>) -> Credentials {
+        Credentials { keys, curve }
+    }
+}
+
+/// Plaintext credentials: the keyring alone (a cluster file without `[curve]`).
+impl From<Arc<Keyring>> for Credentials {
+    fn from(keys: Arc<Keyring>) -> Credentials {
+        Credentials { keys, curve: None }
+    }
+}
+
+/// Signing and verifying go to the keyring, so credentials sign like a keyring.
+impl std::ops::Deref for Credentials {
+    type Target = Keyring;
+    fn deref(&self) -> &Keyring {
+        &self.keys
+    }
+}
+
+impl From<&Credentials> for Credentials {
+    fn from(c: &Credentials) -> Credentials {
+        c.clone()
+    }
+}
+
 /// A signed request client. It resends the very same signed message when no reply
 /// came within `resend_every` (the server's reply cache answers a resend once), and
 /// gives up with a clear error at `timeout`. It survives the server restarting on the
@@ -57,12 +93,18 @@ pub struct Client {
 }
 
 impl Client {
-    pub fn connect(endpoint: &str, from: &str, keys: Arc<Keyring>) -> Result<Client, ClientError> {
+    pub fn connect(
+        endpoint: &str,
+        from: &str,
+        creds: impl Into<Credentials>,
+    ) -> Result<Client, ClientError> {
+        let Credentials { keys, curve } = creds.into();
         let zerr = |source| ClientError::Zmq {
             endpoint: endpoint.to_string(),
             source,
         };
         let socket = zmq_context().socket(zmq::DEALER).map_err(zerr)?;
+        curve::client_socket(&socket, curve.as_ref()).map_err(zerr)?;
         socket.set_linger(0).map_err(zerr)?;
         // Queue only to completed connections: a send while the server is down fails
         // at once (EAGAIN) instead of piling up copies in a dead pipe.
@@ -289,9 +331,11 @@ impl Subscriber {
     pub fn connect(
         endpoints: &[String],
         prefixes: &[&str],
-        keys: Arc<Keyring>,
+        creds: impl Into<Credentials>,
     ) -> Result<Subscriber, zmq::Error> {
+        let Credentials { keys, curve } = creds.into();
         let socket = zmq_context().socket(zmq::SUB)?;
+        curve::client_socket(&socket, curve.as_ref())?;
         socket.set_linger(0)?;
         socket.set_reconnect_ivl(100)?;
         socket.set_reconnect_ivl_max(2000)?;
@@ -339,8 +383,14 @@ pub struct Pusher {
 }
 
 impl Pusher {
-    pub fn connect(endpoint: &str, from: &str, keys: Arc<Keyring>) -> Result<Pusher, zmq::Error> {
+    pub fn connect(
+        endpoint: &str,
+        from: &str,
+        creds: impl Into<Credentials>,
+    ) -> Result<Pusher, zmq::Error> {
+        let Credentials { keys, curve } = creds.into();
         let socket = zmq_context().socket(zmq::PUSH)?;
+        curve::client_socket(&socket, curve.as_ref())?;
         socket.set_linger(1000)?;
         socket.connect(endpoint)?;
         Ok(Pusher {

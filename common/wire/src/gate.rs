@@ -17,6 +17,8 @@ pub struct Limits {
     pub skew_ms: i64,
     /// Most message ids remembered for replay detection (and replies for resends).
     pub cache_entries: usize,
+    /// Most bytes the replay/reply cache may hold (ids, signatures and replies).
+    pub cache_bytes: usize,
     /// Largest reply kept for answering a resend, in bytes.
     pub max_cached_reply: usize,
 }
@@ -27,6 +29,7 @@ impl Default for Limits {
             max_payload: 1 << 20,
             skew_ms: 30_000,
             cache_entries: 100_000,
+            cache_bytes: 64 << 20,
             max_cached_reply: 64 << 10,
         }
     }
@@ -51,14 +54,32 @@ pub enum Admit {
 enum Seen {
     InFlight,
     Answered(Arc<(Vec<u8>, String)>),
+    /// Answered, but the reply was too large to keep: a resend gets `replay`.
     Forgotten,
 }
 
+struct Entry {
+    /// The request's signature: the same bytes under the same key mean the same
+    /// message, so a resend is told apart from a different message reusing the id.
+    sig: Vec<u8>,
+    seen: Seen,
+    /// Bytes this entry is charged against `cache_bytes`.
+    cost: usize,
+}
+
+/// Bytes charged for an entry beyond its strings and reply (map and queue slots).
+const ENTRY_OVERHEAD: usize = 128;
+
+/// The replay/reply cache is keyed by the signing key's id and the message id, so
+/// one sender resending another's id never gets the other's reply.
+type CacheKey = (String, String);
+
 pub struct Gate {
     limits: Limits,
-    seen: HashMap<String, Seen>,
-    /// (ts + skew after which the id can be forgotten, id), in arrival order.
-    order: VecDeque<(i64, String)>,
+    seen: HashMap<CacheKey, Entry>,
+    /// (ts + skew after which the id can be forgotten, key), in arrival order.
+    order: VecDeque<(i64, CacheKey)>,
+    bytes: usize,
 }
 
 impl Gate {
@@ -67,6 +88,7 @@ impl Gate {
             limits,
             seen: HashMap::new(),
             order: VecDeque::new(),
+            bytes: 0,
         }
     }
 
@@ -146,14 +168,14 @@ impl Gate {
                 };
             }
         };
-        let skew = (now - env.ts).abs();
-        if skew > self.limits.skew_ms {
+        // `ts` is the sender's to choose: compare without overflowing on extremes.
+        if now.abs_diff(env.ts) > self.limits.skew_ms.unsigned_abs() {
             return Admit::Reject {
                 err: WireError::new(
                     Code::Stale,
                     format!(
                         "message time is {} ms from this daemon's clock; the window is {} ms (check NTP)",
-                        now - env.ts,
+                        i128::from(now) - i128::from(env.ts),
                         self.limits.skew_ms
                     ),
                 ),
@@ -162,41 +184,89 @@ impl Gate {
                 signed: true,
             };
         }
-        match self.seen.get(&env.id) {
-            Some(Seen::Answered(reply)) => return Admit::Resend(reply.clone()),
+        let key = (key_id, env.id);
+        match self.seen.get(&key) {
+            Some(entry) if entry.sig != sig => {
+                return Admit::Reject {
+                    err: WireError::new(
+                        Code::Replay,
+                        format!(
+                            "message id {} was already used for a different message",
+                            key.1
+                        ),
+                    ),
+                    re: Some(key.1),
+                    kind: Some(env.kind),
+                    signed: true,
+                }
+            }
+            Some(Entry {
+                seen: Seen::Answered(reply),
+                ..
+            }) => return Admit::Resend(reply.clone()),
             Some(_) => {
                 return Admit::Reject {
                     err: WireError::new(
                         Code::Replay,
-                        format!("message id {} was already received", env.id),
+                        format!("message id {} was already received", key.1),
                     ),
-                    re: Some(env.id),
+                    re: Some(key.1),
                     kind: Some(env.kind),
                     signed: true,
                 }
             }
             None => {}
         }
-        while self.seen.len() >= self.limits.cache_entries {
-            // Over capacity: forget the oldest ids first. A flood that big within one
-            // skew window is logged by the caller as rejected traffic anyway.
-            match self.order.pop_front() {
-                Some((_, id)) => {
-                    self.seen.remove(&id);
-                }
-                None => break,
-            }
+        let cost = ENTRY_OVERHEAD + key.0.len() + key.1.len() + sig.len();
+        if self.seen.len() >= self.limits.cache_entries
+            || self.bytes + cost > self.limits.cache_bytes
+        {
+            // Full of ids still inside the skew window. Evicting one would let its
+            // resend be acted on twice, so refuse the new message instead: nothing is
+            // done, and the sender may retry once older ids expire.
+            return Admit::Reject {
+                err: WireError::new(
+                    Code::Unavailable,
+                    format!(
+                        "this daemon is overloaded: its replay cache holds {} messages ({} bytes) from the last {} ms; retry shortly",
+                        self.seen.len(),
+                        self.bytes,
+                        self.limits.skew_ms
+                    ),
+                ),
+                re: Some(key.1),
+                kind: Some(env.kind),
+                signed: true,
+            };
         }
-        self.seen.insert(env.id.clone(), Seen::InFlight);
-        self.order
-            .push_back((env.ts.max(now) + self.limits.skew_ms, env.id.clone()));
-        Admit::Fresh { env, key_id }
+        self.bytes += cost;
+        self.seen.insert(
+            key.clone(),
+            Entry {
+                sig: sig.to_vec(),
+                seen: Seen::InFlight,
+                cost,
+            },
+        );
+        let until = env.ts.max(now).saturating_add(self.limits.skew_ms);
+        self.order.push_back((until, key.clone()));
+        Admit::Fresh {
+            env: Envelope { id: key.1, ..env },
+            key_id: key.0,
+        }
     }
 
-    /// Records the reply sent for request `id`, so a resend gets the same answer.
-    pub fn answered(&mut self, id: &str, payload: &[u8], sig: &str) {
-        if let Some(entry) = self.seen.get_mut(id) {
-            *entry = if payload.len() <= self.limits.max_cached_reply {
+    /// Records the reply sent for request `id` (signed with `key_id`), so a resend
+    /// gets the same answer.
+    pub fn answered(&mut self, key_id: &str, id: &str, payload: &[u8], sig: &str) {
+        let key = (key_id.to_string(), id.to_string());
+        if let Some(entry) = self.seen.get_mut(&key) {
+            let extra = payload.len() + sig.len();
+            entry.seen = if payload.len() <= self.limits.max_cached_reply
+                && self.bytes + extra <= self.limits.cache_bytes
+            {
+                self.bytes += extra;
+                entry.cost += extra;
                 Seen::Answered(Arc::new((payload.to_vec(), sig.to_string())))
             } else {
                 Seen::Forgotten
@@ -205,8 +275,10 @@ impl Gate {
     }
 
     /// Forgets request `id` (its reply said nothing was done), so a resend is acted on.
-    pub fn forget(&mut self, id: &str) {
-        self.seen.remove(id);
+    pub fn forget(&mut self, key_id: &str, id: &str) {
+        if let Some(e) = self.seen.remove(&(key_id.to_string(), id.to_string())) {
+            self.bytes -= e.cost;
+        }
     }
 
     fn expire(&mut self, now: i64) {
@@ -214,14 +286,20 @@ impl Gate {
             if *until >= now {
                 break;
             }
-            if let Some((_, id)) = self.order.pop_front() {
-                self.seen.remove(&id);
+            if let Some((_, key)) = self.order.pop_front() {
+                if let Some(e) = self.seen.remove(&key) {
+                    self.bytes -= e.cost;
+                }
             }
         }
     }
 
     pub fn cached(&self) -> usize {
         self.seen.len()
+    }
+
+    pub fn cached_bytes(&self) -> usize {
+        self.bytes
     }
 }
 
@@ -259,7 +337,7 @@ mod tests {
             code(g.admit(&k, &p, s.as_bytes(), now)),
             (Code::Replay, true)
         );
-        g.answered(&env.id, b"reply", "k:00");
+        g.answered("k", &env.id, b"reply", "k:00");
         match g.admit(&k, &p, s.as_bytes(), now) {
             Admit::Resend(r) => assert_eq!(r.0, b"reply"),
             other => panic!("{other:?}"),
@@ -312,26 +390,128 @@ mod tests {
     }
 
     #[test]
-    fn cache_is_bounded_and_expires_with_the_window() {
+    fn a_full_cache_refuses_new_ids_instead_of_forgetting_live_ones() {
         let k = keys();
         let mut g = Gate::new(Limits {
             cache_entries: 10,
             ..Limits::default()
         });
         let now = now_ms();
-        for _ in 0..50 {
+        let mut first = Vec::new();
+        for _ in 0..10 {
             let (p, s) = Envelope::new("t@n", "ping", json!({})).sign(&k);
             assert!(matches!(
                 g.admit(&k, &p, s.as_bytes(), now),
                 Admit::Fresh { .. }
             ));
+            first.push((p, s));
         }
-        assert!(g.cached() <= 10);
         let (p, s) = Envelope::new("t@n", "ping", json!({})).sign(&k);
+        assert_eq!(
+            code(g.admit(&k, &p, s.as_bytes(), now)),
+            (Code::Unavailable, true),
+            "the eleventh id is refused while ten are live"
+        );
+        // Every live id is still remembered: none of them can be acted on twice.
+        for (p, s) in &first {
+            assert_eq!(
+                code(g.admit(&k, p, s.as_bytes(), now)),
+                (Code::Replay, true)
+            );
+        }
+        assert_eq!(g.cached(), 10);
+        // Once the window has passed they expire and new ids are taken again.
+        let later = now + 31_000;
+        let mut fresh = Envelope::new("t@n", "ping", json!({}));
+        fresh.ts = later;
+        let (p, s2) = fresh.sign(&k);
         assert!(matches!(
-            g.admit(&k, &p, s.as_bytes(), now + 61_000),
-            Admit::Reject { .. } // stale: ts is now far behind
+            g.admit(&k, &p, s2.as_bytes(), later),
+            Admit::Fresh { .. }
         ));
-        assert_eq!(g.cached(), 0, "every id expired with the window");
+        assert_eq!(g.cached(), 1, "every old id expired with the window");
+    }
+
+    #[test]
+    fn the_cache_is_bounded_by_bytes_too() {
+        let k = keys();
+        let mut g = Gate::new(Limits {
+            cache_bytes: 4 * 1024,
+            ..Limits::default()
+        });
+        let now = now_ms();
+        let mut admitted = 0;
+        let mut refused = 0;
+        for _ in 0..100 {
+            let env = Envelope::new("t@n", "ping", json!({}));
+            let (p, s) = env.sign(&k);
+            match g.admit(&k, &p, s.as_bytes(), now) {
+                Admit::Fresh { env, key_id } => {
+                    admitted += 1;
+                    g.answered(&key_id, &env.id, &[b'x'; 200], "k:00");
+                }
+                Admit::Reject { err, .. } => {
+                    assert_eq!(err.code, Code::Unavailable);
+                    refused += 1;
+                }
+                other => panic!("{other:?}"),
+            }
+            assert!(g.cached_bytes() <= 4 * 1024);
+        }
+        assert!(
+            admitted > 0 && refused > 0,
+            "{admitted} admitted, {refused} refused"
+        );
+    }
+
+    #[test]
+    fn ids_are_per_key_and_a_reused_id_with_other_content_is_a_replay() {
+        let a_secret = generate_secret_hex();
+        let b_secret = generate_secret_hex();
+        let both =
+            Keyring::from_hex([("a", a_secret.as_str()), ("b", b_secret.as_str())], "a").unwrap();
+        let only_b = Keyring::from_hex([("b", b_secret.as_str())], "b").unwrap();
+        let mut g = Gate::new(Limits::default());
+        let now = now_ms();
+        let env = Envelope::new("user:a", "ping", json!({}));
+        let (p, s) = env.sign(&both);
+        let Admit::Fresh { key_id, .. } = g.admit(&both, &p, s.as_bytes(), now) else {
+            panic!("fresh")
+        };
+        g.answered(&key_id, &env.id, b"a's reply", "a:00");
+        // B sends a message with A's id: it is B's own message, never A's reply.
+        let (pb, sb) = env.sign(&only_b);
+        assert!(matches!(
+            g.admit(&both, &pb, sb.as_bytes(), now),
+            Admit::Fresh { .. }
+        ));
+        // A reuses its id for different content: refused, not answered with the old reply.
+        let mut other = env.clone();
+        other.body = json!({"x": 1});
+        let (po, so) = other.sign(&both);
+        assert_eq!(
+            code(g.admit(&both, &po, so.as_bytes(), now)),
+            (Code::Replay, true)
+        );
+        // A's true resend gets A's reply.
+        match g.admit(&both, &p, s.as_bytes(), now) {
+            Admit::Resend(r) => assert_eq!(r.0, b"a's reply"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn extreme_timestamps_are_stale_not_a_panic() {
+        let k = keys();
+        let mut g = Gate::new(Limits::default());
+        for ts in [i64::MIN, i64::MAX, i64::MIN + 1] {
+            let mut env = Envelope::new("t@n", "ping", json!({}));
+            env.ts = ts;
+            let (p, s) = env.sign(&k);
+            assert_eq!(
+                code(g.admit(&k, &p, s.as_bytes(), now_ms())),
+                (Code::Stale, true)
+            );
+        }
     }
 }

@@ -6,6 +6,7 @@
 //! parse frames themselves.
 
 pub mod client;
+pub mod curve;
 pub mod envelope;
 pub mod error;
 pub mod gate;
@@ -15,7 +16,7 @@ pub mod server;
 
 use std::sync::OnceLock;
 
-pub use client::{Client, ClientError, Pusher, Subscriber};
+pub use client::{Client, ClientError, Credentials, Pusher, Subscriber};
 pub use envelope::{now_ms, Envelope};
 pub use error::{Code, WireError};
 pub use gate::Limits;

@@ -16,6 +16,7 @@ use nix::sys::eventfd::{EfdFlags, EventFd};
 use serde_json::Value;
 use tokio::sync::mpsc;
 
+use crate::curve::{self, ClientKeys, CurveError, NodeKeys};
 use crate::envelope::{now_ms, unsigned_error, Envelope};
 use crate::error::{Code, WireError};
 use crate::gate::{Admit, Gate, Limits};
@@ -38,6 +39,8 @@ pub struct ServerSpec {
     /// Named PUSH targets for other pipelines (a log sink), sent to by name.
     pub push_to: Vec<(String, String)>,
     pub limits: Limits,
+    /// CURVE keys for every socket; `None` runs in plaintext.
+    pub curve: Option<NodeKeys>,
 }
 
 /// An authenticated request waiting for its reply.
@@ -59,6 +62,7 @@ pub enum Inbound {
 enum Outbound {
     Reply {
         routing: Vec<Vec<u8>>,
+        key_id: String,
         re: String,
         kind: String,
         body: Value,
@@ -120,6 +124,7 @@ impl ServerHandle {
     pub fn reply(&self, req: Request, body: Value) {
         self.send(Outbound::Reply {
             routing: req.routing,
+            key_id: req.key_id,
             re: req.env.id,
             kind: req.env.kind,
             body,
@@ -196,6 +201,8 @@ pub enum ServerError {
     EventFd(#[from] nix::Error),
     #[error("cannot start I/O thread: {0}")]
     Thread(#[from] std::io::Error),
+    #[error("CURVE: {0}")]
+    Curve(#[from] CurveError),
 }
 
 fn bind(sock: &zmq::Socket, what: &'static str, endpoint: &str) -> Result<(), ServerError> {
@@ -207,8 +214,12 @@ fn bind(sock: &zmq::Socket, what: &'static str, endpoint: &str) -> Result<(), Se
 }
 
 /// Options for a PUSH socket to a heartbeat: drop instead of queueing stale beats.
-pub(crate) fn push_socket(endpoint: &str) -> Result<zmq::Socket, zmq::Error> {
+pub(crate) fn push_socket(
+    endpoint: &str,
+    curve: Option<&ClientKeys>,
+) -> Result<zmq::Socket, zmq::Error> {
     let s = zmq_context().socket(zmq::PUSH)?;
+    curve::client_socket(&s, curve)?;
     s.set_linger(0)?;
     s.set_immediate(true)?;
     s.set_sndhwm(16)?;
@@ -224,7 +235,10 @@ pub(crate) fn push_socket(endpoint: &str) -> Result<zmq::Socket, zmq::Error> {
 /// starts the I/O thread. `queue` bounds how many requests may wait for async code.
 pub fn start(spec: ServerSpec, keys: SharedKeyring, queue: usize) -> Result<Server, ServerError> {
     let ctx = zmq_context();
+    let server_keys = spec.curve.as_ref().map(|c| &c.server);
+    let client_keys = spec.curve.as_ref().map(|c| c.client.clone());
     let router = ctx.socket(zmq::ROUTER)?;
+    curve::server_socket(&router, server_keys)?;
     router.set_linger(200)?;
     router.set_maxmsgsize(((spec.limits.max_payload as i64) * 4).max(16 << 20))?;
     router.set_heartbeat_ivl(2000)?;
@@ -233,6 +247,7 @@ pub fn start(spec: ServerSpec, keys: SharedKeyring, queue: usize) -> Result<Serv
     let pull = match &spec.pull {
         Some(ep) => {
             let s = ctx.socket(zmq::PULL)?;
+            curve::server_socket(&s, server_keys)?;
             s.set_linger(0)?;
             s.set_maxmsgsize(((spec.limits.max_payload as i64) * 4).max(16 << 20))?;
             bind(&s, "pull", ep)?;
@@ -243,6 +258,7 @@ pub fn start(spec: ServerSpec, keys: SharedKeyring, queue: usize) -> Result<Serv
     let publ = match &spec.publish {
         Some(ep) => {
             let s = ctx.socket(zmq::PUB)?;
+            curve::server_socket(&s, server_keys)?;
             s.set_linger(0)?;
             bind(&s, "pub", ep)?;
             Some(s)
@@ -251,11 +267,12 @@ pub fn start(spec: ServerSpec, keys: SharedKeyring, queue: usize) -> Result<Serv
     };
     let mut pushes = Vec::new();
     for ep in &spec.push {
-        pushes.push(push_socket(ep)?);
+        pushes.push(push_socket(ep, client_keys.as_ref())?);
     }
     let mut named = HashMap::new();
     for (name, ep) in &spec.push_to {
         let s = ctx.socket(zmq::PUSH)?;
+        curve::client_socket(&s, client_keys.as_ref())?;
         s.set_linger(0)?;
         s.set_sndhwm(10_000)?;
         s.set_reconnect_ivl(100)?;
@@ -286,6 +303,7 @@ pub fn start(spec: ServerSpec, keys: SharedKeyring, queue: usize) -> Result<Serv
         stats: stats.clone(),
         warn: WarnLimiter::new(),
         awaiting: 0,
+        client_keys,
     };
     let thread = std::thread::Builder::new()
         .name(format!("zmq-io {}", spec.identity))
@@ -335,7 +353,9 @@ impl WarnLimiter {
         }
         if self.logged < Self::BURST {
             self.logged += 1;
-            tracing::warn!(code = %err.code, "rejected {what}: {}", err.message);
+            // The message may quote what a stranger sent (a key id, a kind): escape
+            // it, so no CR/LF or control character reaches the log as written.
+            tracing::warn!(code = %err.code, "rejected {what}: {}", err.message.escape_debug());
         } else {
             self.suppressed += 1;
         }
@@ -359,6 +379,8 @@ struct Io {
     warn: WarnLimiter,
     /// Requests handed to async code and not answered yet.
     awaiting: usize,
+    /// CURVE client keys for PUSH sockets made after a reload.
+    client_keys: Option<ClientKeys>,
 }
 
 /// How long the I/O thread polls without sleeping while a reply is due.
@@ -478,7 +500,13 @@ impl Io {
                         _ => unreachable!("only requests are sent here"),
                     };
                     let err = WireError::new(Code::Unavailable, why);
-                    self.send_reply(req.routing, req.env.id, req.env.kind, err.to_body());
+                    self.send_reply(
+                        req.routing,
+                        &req.key_id,
+                        req.env.id,
+                        req.env.kind,
+                        err.to_body(),
+                    );
                 }
             }
             Admit::Resend(reply) => {
@@ -565,10 +593,11 @@ impl Io {
             match self.outbound.try_recv() {
                 Ok(Outbound::Reply {
                     routing,
+                    key_id,
                     re,
                     kind,
                     body,
-                }) => self.send_reply(routing, re, kind, body),
+                }) => self.send_reply(routing, &key_id, re, kind, body),
                 Ok(Outbound::Publish(kind, body)) => {
                     if let Some(p) = &self.publ {
                         let (payload, sig) = self.signed(&kind, body);
@@ -595,7 +624,7 @@ impl Io {
                 Ok(Outbound::SetPush(endpoints)) => {
                     let mut fresh = Vec::new();
                     for ep in &endpoints {
-                        match push_socket(ep) {
+                        match push_socket(ep, self.client_keys.as_ref()) {
                             Ok(s) => fresh.push(s),
                             Err(e) => tracing::warn!("cannot connect PUSH to {ep}: {e}"),
                         }
@@ -617,7 +646,14 @@ impl Io {
         Envelope::new(&self.identity, kind, body).sign(&self.keys.get())
     }
 
-    fn send_reply(&mut self, routing: Vec<Vec<u8>>, re: String, kind: String, body: Value) {
+    fn send_reply(
+        &mut self,
+        routing: Vec<Vec<u8>>,
+        key_id: &str,
+        re: String,
+        kind: String,
+        body: Value,
+    ) {
         self.awaiting = self.awaiting.saturating_sub(1);
         let transient = WireError::from_body(&body)
             .map(|e| e.code.is_transient())
@@ -626,9 +662,9 @@ impl Io {
         let (payload, sig) = env.sign(&self.keys.get());
         if transient {
             // Nothing was done: let a resend of the same id be acted on later.
-            self.rpc_gate.forget(&re);
+            self.rpc_gate.forget(key_id, &re);
         } else {
-            self.rpc_gate.answered(&re, &payload, &sig);
+            self.rpc_gate.answered(key_id, &re, &payload, &sig);
         }
         self.send_router(routing, payload, sig);
     }

@@ -53,7 +53,18 @@ async fn setup(ctx: Ctx) -> anyhow::Result<Routes> {
         });
     }
     let bomb = Bomb.start();
+    let server = ctx.server().clone();
     Ok(Routes::new()
+        // Stops the ZeroMQ I/O thread as if its sockets had failed: the daemon must
+        // then exit rather than linger half-alive.
+        .on("test.stop_io", move |_| {
+            let server = server.clone();
+            async move {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                server.stop();
+                Ok(json!({}))
+            }
+        })
         .on("test.panic", move |_| {
             let b = bomb.clone();
             async move {

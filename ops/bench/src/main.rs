@@ -2,6 +2,8 @@
 //!
 //! - `rpc`:  signed `ping` round trip to paddock-heartbeat, side by side with an
 //!   unsigned libzmq REQ/ROUTER echo in the same run; p50/p99 and their ratio.
+//! - `curve`: the same signed `ping` to two paddock-heartbeats started side by side,
+//!   one with CURVE on every socket and one in plaintext, rounds interleaved.
 //! - `push`: signed PUSH messages per second into paddock-heartbeat's PULL socket,
 //!   counted as verified by the daemon itself (`stats.pulled`).
 //! - `lock`: `lock.acquire` + `lock.release` cycles per second against
@@ -9,7 +11,6 @@
 //!
 //! Run with `ops/bench/run.sh` (builds release first). Figures go to stdout.
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -49,6 +50,10 @@ struct Daemons {
 
 impl Daemons {
     fn start(with_db: bool, daemons: &[&str]) -> Result<Daemons> {
+        Self::start_with(with_db, daemons, false)
+    }
+
+    fn start_with(with_db: bool, daemons: &[&str], curve: bool) -> Result<Daemons> {
         let dir = tempfile::Builder::new()
             .prefix("paddock-bench-")
             .tempdir()?;
@@ -69,17 +74,23 @@ impl Daemons {
             (None, None)
         };
         let secret = paddock_wire::keyring::generate_secret_hex();
+        let curve = if curve {
+            Some(harness::ClusterCurve::generate()?)
+        } else {
+            None
+        };
         let (mut file, _) = harness::node_file(
             "bench",
             &dir.path().join("state"),
             ("cluster-1", &secret),
+            curve.as_ref(),
             &[],
             url,
         )?;
         file.log.level = Some("warn".into());
         let cfg = dir.path().join("paddock.toml");
         file.write(&cfg)?;
-        let keys = harness::keyring(&file)?;
+        let keys = harness::credentials(&file)?;
         let mut procs = Vec::new();
         for d in daemons {
             procs.push(harness::spawn_daemon(
@@ -97,8 +108,8 @@ impl Daemons {
         })
     }
 
-    fn keys(&self) -> Arc<paddock_wire::Keyring> {
-        harness::keyring(&self.file).expect("keys")
+    fn keys(&self) -> paddock_wire::Credentials {
+        harness::credentials(&self.file).expect("keys")
     }
 }
 
@@ -185,6 +196,60 @@ fn bench_rpc(n: usize) -> Result<()> {
         "  ratio signed/raw: p50 {:.2}x  p99 {:.2}x   (goal: p50 < 150 us and within 2x)",
         us(s.p50) / us(raw_p50),
         us(s.p99) / us(raw_p99)
+    );
+    Ok(())
+}
+
+/// Signed ping with CURVE against the same without, in one run.
+fn bench_curve(n: usize) -> Result<()> {
+    let plain = Daemons::start_with(false, &["heartbeat"], false)?;
+    let curve = Daemons::start_with(false, &["heartbeat"], true)?;
+    let mut cp = Client::connect(
+        &plain.file.daemons["heartbeat"].rpc,
+        "user:bench",
+        plain.keys(),
+    )?;
+    let mut cc = Client::connect(
+        &curve.file.daemons["heartbeat"].rpc,
+        "user:bench",
+        curve.keys(),
+    )?;
+    for _ in 0..1000 {
+        cp.call("ping", json!({}))?;
+        cc.call("ping", json!({}))?;
+    }
+    let rounds = 10;
+    let (mut lp, mut lc) = (Vec::with_capacity(n), Vec::with_capacity(n));
+    for _ in 0..rounds {
+        for _ in 0..n / rounds {
+            let t = Instant::now();
+            cp.call("ping", json!({}))?;
+            lp.push(t.elapsed());
+        }
+        for _ in 0..n / rounds {
+            let t = Instant::now();
+            cc.call("ping", json!({}))?;
+            lc.push(t.elapsed());
+        }
+    }
+    let (p, c) = (summarize(lp), summarize(lc));
+    println!("curve: {n} signed pings each, tcp loopback, {rounds} interleaved rounds");
+    println!(
+        "  plaintext: p50 {:7.1} us  p99 {:7.1} us  mean {:7.1} us",
+        us(p.p50),
+        us(p.p99),
+        us(p.mean)
+    );
+    println!(
+        "  CURVE:     p50 {:7.1} us  p99 {:7.1} us  mean {:7.1} us",
+        us(c.p50),
+        us(c.p99),
+        us(c.mean)
+    );
+    println!(
+        "  ratio CURVE/plaintext: p50 {:.2}x  p99 {:.2}x   (goal: p50 within 1.2x)",
+        us(c.p50) / us(p.p50),
+        us(c.p99) / us(p.p99)
     );
     Ok(())
 }
@@ -481,7 +546,7 @@ fn bench_runner(n: usize, spacing: Duration) -> Result<()> {
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let which: Vec<&str> = if args.is_empty() {
-        vec!["codec", "rpc", "push", "lock", "runner"]
+        vec!["codec", "rpc", "curve", "push", "lock", "runner"]
     } else {
         args.iter().map(String::as_str).collect()
     };
@@ -489,6 +554,7 @@ fn main() -> Result<()> {
         match w {
             "codec" => bench_codec(100_000)?,
             "rpc" => bench_rpc(20_000)?,
+            "curve" => bench_curve(20_000)?,
             "push" => bench_push(200_000)?,
             "lock" => {
                 bench_lock(4_000, 1)?;
@@ -505,7 +571,7 @@ fn main() -> Result<()> {
                     .unwrap_or(1200);
                 bench_runner(n, Duration::from_millis(spacing))?
             }
-            other => bail!("unknown benchmark `{other}` (codec, rpc, push, lock, runner)"),
+            other => bail!("unknown benchmark `{other}` (codec, rpc, curve, push, lock, runner)"),
         }
     }
     Ok(())
