@@ -149,15 +149,7 @@ impl Client {
         let env = Envelope::new(&self.from, kind, body);
         let (payload, sig) = env.sign(&self.keys);
         let reply = self.call_signed(&env.id, &payload, sig.as_bytes())?;
-        if reply.is_ok() {
-            Ok(reply.body)
-        } else {
-            Err(ClientError::Remote(
-                WireError::from_body(&reply.body).unwrap_or_else(|| {
-                    WireError::new(Code::Internal, "reply had neither ok:true nor an error")
-                }),
-            ))
-        }
+        into_result(reply)
     }
 
     /// Sends already-built frames (`payload`, `sig`) and waits for the reply to `id`.
@@ -178,54 +170,27 @@ impl Client {
         id: Option<&str>,
         frames: &[&[u8]],
     ) -> Result<Envelope, ClientError> {
-        let start = Instant::now();
-        let deadline = start + self.timeout;
-        let mut attempts = 0u32;
-        let mut sent_once = false;
-        let mut next_send = start;
-        let mut transient_pause = Duration::from_millis(25);
-        let mut last_transient = None;
+        let mut a = Attempt::new(
+            &self.endpoint,
+            id.map(str::to_string),
+            Instant::now(),
+            self.timeout,
+            self.resend_every,
+        );
         loop {
             let now = Instant::now();
-            if now >= next_send {
-                match self
+            if a.due(now) {
+                let sent = self
                     .socket
-                    .send_multipart(frames.iter().copied(), zmq::DONTWAIT)
-                {
-                    Ok(()) => {
-                        attempts += 1;
-                        sent_once = true;
-                        next_send = now + self.resend_every;
-                    }
-                    // Not connected yet (or any more): try again shortly.
-                    Err(zmq::Error::EAGAIN) => next_send = now + Duration::from_millis(20),
-                    Err(source) => {
-                        return Err(ClientError::Zmq {
-                            endpoint: self.endpoint.clone(),
-                            source,
-                        })
-                    }
+                    .send_multipart(frames.iter().copied(), zmq::DONTWAIT);
+                if let Some(done) = a.sent(now, sent) {
+                    return done;
                 }
             }
-            let now = Instant::now();
-            if now >= deadline {
-                if let Some(env) = last_transient {
-                    return Ok(env);
-                }
-                return Err(if sent_once {
-                    ClientError::Timeout {
-                        endpoint: self.endpoint.clone(),
-                        waited: self.timeout,
-                        attempts,
-                    }
-                } else {
-                    ClientError::NotConnected {
-                        endpoint: self.endpoint.clone(),
-                        waited: self.timeout,
-                    }
-                });
+            if let Some(done) = a.expired(Instant::now()) {
+                return done;
             }
-            let wait = next_send.min(deadline).saturating_duration_since(now);
+            let wait = a.wake_at().saturating_duration_since(Instant::now());
             let ready = self
                 .socket
                 .poll(zmq::POLLIN, wait.as_millis().max(1) as i64)
@@ -237,87 +202,220 @@ impl Client {
                 continue;
             }
             while let Ok(reply) = self.socket.recv_multipart(zmq::DONTWAIT) {
-                match self.accept(id, attempts, reply) {
-                    None => {}
-                    // `unavailable`/`timeout`: nothing was done (the server forgot the
-                    // id), so the same message is sent again after a short, growing
-                    // pause, until the deadline.
-                    Some(Ok(env))
-                        if id.is_some()
-                            && Self::transient(&env)
-                            && Instant::now() + transient_pause < deadline =>
-                    {
-                        next_send = Instant::now() + transient_pause;
-                        transient_pause = (transient_pause * 2).min(self.resend_every);
-                        last_transient = Some(env);
-                    }
-                    Some(result) => return result,
+                if let Some(done) = a.on_reply(&self.keys, reply, Instant::now()) {
+                    return done;
                 }
             }
+        }
+    }
+}
+
+/// One request's life on a DEALER socket, shared by the blocking [`Client`] and the
+/// I/O thread's asynchronous calls: when to (re)send the same signed frames, which
+/// reply answers it, and when to give up.
+///
+/// - No reply within `resend_every`: the same bytes go again (the server's reply
+///   cache answers a resend once, so nothing is done twice).
+/// - A reply of `unavailable` or `timeout` means nothing was done: the same message
+///   is sent again after a short, growing pause, until the deadline.
+/// - A `replay` error after our own resend means the first copy is still being
+///   handled: keep waiting for its real answer.
+/// - Unsigned replies are only ever errors; a signed one must verify.
+pub(crate) struct Attempt {
+    endpoint: String,
+    id: Option<String>,
+    deadline: Instant,
+    timeout: Duration,
+    resend_every: Duration,
+    next_send: Instant,
+    attempts: u32,
+    sent_once: bool,
+    transient_pause: Duration,
+    last_transient: Option<Envelope>,
+}
+
+impl Attempt {
+    pub(crate) fn new(
+        endpoint: &str,
+        id: Option<String>,
+        now: Instant,
+        timeout: Duration,
+        resend_every: Duration,
+    ) -> Attempt {
+        Attempt {
+            endpoint: endpoint.to_string(),
+            id,
+            deadline: now + timeout,
+            timeout,
+            resend_every,
+            next_send: now,
+            attempts: 0,
+            sent_once: false,
+            transient_pause: Duration::from_millis(25),
+            last_transient: None,
+        }
+    }
+
+    /// Whether the frames should be sent (again) now.
+    pub(crate) fn due(&self, now: Instant) -> bool {
+        now >= self.next_send && now < self.deadline
+    }
+
+    /// The outcome of a send: EAGAIN (not connected yet) tries again shortly.
+    pub(crate) fn sent(
+        &mut self,
+        now: Instant,
+        result: Result<(), zmq::Error>,
+    ) -> Option<Result<Envelope, ClientError>> {
+        match result {
+            Ok(()) => {
+                self.attempts += 1;
+                self.sent_once = true;
+                self.next_send = now + self.resend_every;
+                None
+            }
+            Err(zmq::Error::EAGAIN) => {
+                self.next_send = now + Duration::from_millis(20);
+                None
+            }
+            Err(source) => Some(Err(ClientError::Zmq {
+                endpoint: self.endpoint.clone(),
+                source,
+            })),
+        }
+    }
+
+    /// The outcome once the deadline has passed, if it has.
+    pub(crate) fn expired(&mut self, now: Instant) -> Option<Result<Envelope, ClientError>> {
+        if now < self.deadline {
+            return None;
+        }
+        if let Some(env) = self.last_transient.take() {
+            return Some(Ok(env));
+        }
+        Some(Err(if self.sent_once {
+            ClientError::Timeout {
+                endpoint: self.endpoint.clone(),
+                waited: self.timeout,
+                attempts: self.attempts,
+            }
+        } else {
+            ClientError::NotConnected {
+                endpoint: self.endpoint.clone(),
+                waited: self.timeout,
+            }
+        }))
+    }
+
+    /// When this attempt next needs attention (a resend or its deadline).
+    pub(crate) fn wake_at(&self) -> Instant {
+        self.next_send.min(self.deadline)
+    }
+
+    /// A reply arrived: `Some` ends the attempt, `None` keeps waiting.
+    pub(crate) fn on_reply(
+        &mut self,
+        keys: &Keyring,
+        frames: Vec<Vec<u8>>,
+        now: Instant,
+    ) -> Option<Result<Envelope, ClientError>> {
+        match judge_reply(
+            keys,
+            &self.endpoint,
+            self.id.as_deref(),
+            self.attempts,
+            frames,
+        ) {
+            None => None,
+            Some(Ok(env))
+                if self.id.is_some()
+                    && Self::transient(&env)
+                    && now + self.transient_pause < self.deadline =>
+            {
+                self.next_send = now + self.transient_pause;
+                self.transient_pause = (self.transient_pause * 2).min(self.resend_every);
+                self.last_transient = Some(env);
+                None
+            }
+            Some(result) => Some(result),
         }
     }
 
     fn transient(env: &Envelope) -> bool {
         WireError::from_body(&env.body).is_some_and(|e| e.code.is_transient())
     }
+}
 
-    /// Decides whether `frames` answers request `id`: `None` means "not ours, keep waiting".
-    fn accept(
-        &self,
-        id: Option<&str>,
-        attempts: u32,
-        frames: Vec<Vec<u8>>,
-    ) -> Option<Result<Envelope, ClientError>> {
-        let proto = |why: String| {
-            Some(Err(ClientError::Protocol {
-                endpoint: self.endpoint.clone(),
-                why,
-            }))
+/// Decides whether `frames` answers request `id`: `None` means "not ours, keep waiting".
+fn judge_reply(
+    keys: &Keyring,
+    endpoint: &str,
+    id: Option<&str>,
+    attempts: u32,
+    frames: Vec<Vec<u8>>,
+) -> Option<Result<Envelope, ClientError>> {
+    let proto = |why: String| {
+        Some(Err(ClientError::Protocol {
+            endpoint: endpoint.to_string(),
+            why,
+        }))
+    };
+    // A REQ-style server may echo an empty delimiter first.
+    let frames: Vec<Vec<u8>> = frames.into_iter().skip_while(|f| f.is_empty()).collect();
+    if frames.len() != 2 {
+        return proto(format!("expected 2 frames, got {}", frames.len()));
+    }
+    let (payload, sig) = (&frames[0], &frames[1]);
+    if sig.as_slice() == UNSIGNED.as_bytes() {
+        // Only ever an error: the server could not authenticate what we sent.
+        let env: Envelope = match serde_json::from_slice(payload) {
+            Ok(e) => e,
+            Err(e) => return proto(format!("unsigned reply is not an envelope: {e}")),
         };
-        // A REQ-style server may echo an empty delimiter first.
-        let frames: Vec<Vec<u8>> = frames.into_iter().skip_while(|f| f.is_empty()).collect();
-        if frames.len() != 2 {
-            return proto(format!("expected 2 frames, got {}", frames.len()));
+        if let (Some(want), Some(re)) = (id, env.re.as_deref()) {
+            if want != re {
+                return None;
+            }
         }
-        let (payload, sig) = (&frames[0], &frames[1]);
-        if sig.as_slice() == UNSIGNED.as_bytes() {
-            // Only ever an error: the server could not authenticate what we sent.
-            let env: Envelope = match serde_json::from_slice(payload) {
-                Ok(e) => e,
-                Err(e) => return proto(format!("unsigned reply is not an envelope: {e}")),
-            };
-            if let (Some(want), Some(re)) = (id, env.re.as_deref()) {
-                if want != re {
+        return match WireError::from_body(&env.body) {
+            Some(err) => Some(Err(ClientError::Remote(err))),
+            None => proto("an unsigned reply claimed success; ignored".into()),
+        };
+    }
+    if let Err(code) = keys.verify(payload, sig) {
+        return proto(format!("reply signature rejected ({code})"));
+    }
+    let env = match parse_payload(payload) {
+        Ok(e) => e,
+        Err(e) => return proto(e.message),
+    };
+    if let Some(want) = id {
+        if env.re.as_deref() != Some(want) {
+            return None; // a late reply to an earlier request
+        }
+        // Our own resend reached the server while the first copy was still being
+        // handled: the real answer is on its way, keep waiting.
+        if attempts > 1 {
+            if let Some(err) = WireError::from_body(&env.body) {
+                if err.code == Code::Replay {
                     return None;
                 }
             }
-            return match WireError::from_body(&env.body) {
-                Some(err) => Some(Err(ClientError::Remote(err))),
-                None => proto("an unsigned reply claimed success; ignored".into()),
-            };
         }
-        if let Err(code) = self.keys.verify(payload, sig) {
-            return proto(format!("reply signature rejected ({code})"));
-        }
-        let env = match parse_payload(payload) {
-            Ok(e) => e,
-            Err(e) => return proto(e.message),
-        };
-        if let Some(want) = id {
-            if env.re.as_deref() != Some(want) {
-                return None; // a late reply to an earlier request
-            }
-            // Our own resend reached the server while the first copy was still being
-            // handled: the real answer is on its way, keep waiting.
-            if attempts > 1 {
-                if let Some(err) = WireError::from_body(&env.body) {
-                    if err.code == Code::Replay {
-                        return None;
-                    }
-                }
-            }
-        }
-        Some(Ok(env))
+    }
+    Some(Ok(env))
+}
+
+/// A reply's body as the caller's result: `ok: true` → the body, else its error.
+pub(crate) fn into_result(reply: Envelope) -> Result<Value, ClientError> {
+    if reply.is_ok() {
+        Ok(reply.body)
+    } else {
+        Err(ClientError::Remote(
+            WireError::from_body(&reply.body).unwrap_or_else(|| {
+                WireError::new(Code::Internal, "reply had neither ok:true nor an error")
+            }),
+        ))
     }
 }
 

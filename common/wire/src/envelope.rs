@@ -157,6 +157,19 @@ pub fn peek_id_kind(payload: &[u8]) -> (Option<String>, Option<String>) {
     }
 }
 
+/// The `re` of a reply, read without trusting it (to find the request it answers;
+/// the reply is verified by whoever takes it).
+pub fn peek_re(payload: &[u8]) -> Option<String> {
+    #[derive(Deserialize)]
+    struct Peek {
+        re: Option<String>,
+    }
+    serde_json::from_slice::<Peek>(payload)
+        .ok()?
+        .re
+        .filter(|r| valid_id(r))
+}
+
 /// An unsigned error reply (for requests that could not be authenticated).
 pub fn unsigned_error(
     from: &str,
