@@ -1,13 +1,13 @@
 //! Verbs that talk to a running cluster: status, ping, lock.
 
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Subcommand;
 use comfy_table::{presets::UTF8_FULL_CONDENSED, Table};
 use paddock_config::ClusterConfig;
+use paddock_locker::client::AcquireOptions;
 use paddock_wire::kinds::{self, LockGrant, LockList, Pong, ServiceList, ServiceState};
 use paddock_wire::{now_ms, Client};
 use serde_json::{json, Value};
@@ -23,7 +23,8 @@ pub enum LockCmd {
     /// Take lock NAME; prints its fencing token.
     Acquire {
         name: String,
-        /// Who holds it (default: user:$USER).
+        /// Who holds it (default: user:$USER@NODE/PID, unique to this run). An
+        /// acquire by the owner that holds the lock returns its current grant.
         #[arg(long)]
         owner: Option<String>,
         /// Lease length in milliseconds.
@@ -63,11 +64,9 @@ pub(crate) fn load(opts: &Opts) -> Result<ClusterConfig> {
 }
 
 pub(crate) fn client(cfg: &ClusterConfig, endpoint: &str, timeout: Duration) -> Result<Client> {
-    Ok(
-        Client::connect(endpoint, &user(), Arc::new(cfg.keyring.clone()))?
-            .with_timeout(timeout)
-            .with_resend_every(Duration::from_millis(500).min(timeout)),
-    )
+    Ok(Client::connect(endpoint, &user(), cfg.credentials())?
+        .with_timeout(timeout)
+        .with_resend_every(Duration::from_millis(500).min(timeout)))
 }
 
 /// The registry from the first heartbeat that answers.
@@ -202,15 +201,22 @@ pub fn lock(opts: &Opts, cmd: LockCmd) -> Result<()> {
             ttl_ms,
             wait_ms,
         } => {
-            // The reply can take up to wait_ms; the timeout must exceed it.
-            c.set_timeout(opts.timeout + Duration::from_millis(wait_ms));
-            let owner = owner.unwrap_or_else(user);
-            let v = c.call(
-                kinds::LOCK_ACQUIRE,
-                json!({"name": name, "owner": owner, "ttl_ms": ttl_ms, "wait_ms": wait_ms}),
-            )?;
+            // Unique to this run by default: an acquire by the owner that holds the
+            // lock returns its grant, so two runs must not share an owner unless
+            // they mean to (a re-run with `--owner` re-learns a grant).
+            let owner = owner
+                .unwrap_or_else(|| format!("{}@{}/{}", user(), cfg.node(), std::process::id()));
+            // A wait of any length: fresh requests of a few seconds each, so no
+            // request outlives the skew window (paddock_locker::client).
+            let req = kinds::LockAcquire {
+                name: name.clone(),
+                owner: owner.clone(),
+                ttl_ms,
+                wait_ms,
+            };
+            let acquire = AcquireOptions::new(opts.timeout, cfg.file.wire.skew_ms);
+            let g = paddock_locker::client::acquire(&mut c, &req, &acquire)?;
             if !opts.json {
-                let g: LockGrant = serde_json::from_value(v)?;
                 println!(
                     "acquired {name} for {owner}: token {} (expires in {} ms)",
                     g.token,
@@ -218,7 +224,7 @@ pub fn lock(opts: &Opts, cmd: LockCmd) -> Result<()> {
                 );
                 return Ok(());
             }
-            v
+            serde_json::to_value(&g)?
         }
         LockCmd::Renew {
             name,

@@ -211,6 +211,10 @@ fn fencing_tokens_increase_across_kill_9_and_two_lockers() {
     );
 }
 
+/// Five lockers on an empty database, lined up so their migration runs overlap: the
+/// test holds the migration lock until all five wait for it. Each migration must then
+/// be applied by exactly one of them (counted in their logs, which primary keys in
+/// the database could not show), and no migration run may fail and restart.
 #[test]
 fn five_lockers_starting_together_migrate_once() {
     let t = TestDir::new("migrate");
@@ -220,9 +224,41 @@ fn five_lockers_starting_together_migrate_once() {
     let mut nodes: Vec<Node> = (0..5)
         .map(|i| Node::new(t.path(), &format!("node-{i}"), &key, &[], Some(url.clone())))
         .collect();
+    let (holder, rt) = {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let c = rt.block_on(paddock_db::connect(&url)).unwrap();
+        rt.block_on(c.execute(
+            "SELECT pg_advisory_lock($1)",
+            &[&paddock_db::MIGRATION_LOCK_KEY],
+        ))
+        .unwrap();
+        (c, rt)
+    };
     for n in nodes.iter_mut() {
         n.spawn("locker");
     }
+    eventually(
+        Duration::from_secs(20),
+        "all five lockers to wait for the migration lock",
+        || {
+            let waiting: i64 = rt
+                .block_on(holder.query_one(
+                    "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted",
+                    &[],
+                ))
+                .unwrap()
+                .get(0);
+            (waiting == 5).then_some(())
+        },
+    );
+    rt.block_on(holder.execute(
+        "SELECT pg_advisory_unlock($1)",
+        &[&paddock_db::MIGRATION_LOCK_KEY],
+    ))
+    .unwrap();
     for n in nodes.iter_mut() {
         // Each answers locks once its migration step is done.
         let mut c = n.client("locker");
@@ -235,32 +271,43 @@ fn five_lockers_starting_together_migrate_once() {
             )
             .ok()
         });
+        let stats = c.call("stats", json!({})).unwrap();
+        assert_eq!(
+            stats["loop_restarts"]["migrate"].as_u64().unwrap_or(0),
+            0,
+            "{}: a migration run failed: {stats}",
+            n.name
+        );
     }
-    let rows = block_on(async {
-        let c = paddock_db::connect(&url).await.unwrap();
-        c.query("SELECT version, count(*) FROM refinery_schema_history GROUP BY version ORDER BY version", &[])
-            .await
-            .unwrap()
+    let logs: Vec<String> = nodes
+        .iter()
+        .map(|n| std::fs::read_to_string(n.log("locker")).unwrap())
+        .collect();
+    for m in paddock_db::embedded_migrations() {
+        let applied = logs
             .iter()
-            .map(|r| (r.get::<_, i32>(0), r.get::<_, i64>(1)))
-            .collect::<Vec<_>>()
-    });
-    let expected = paddock_db::embedded_migrations().len();
-    assert_eq!(rows.len(), expected, "{rows:?}");
-    assert!(
-        rows.iter().all(|(_, n)| *n == 1),
-        "each migration applied exactly once: {rows:?}"
-    );
-    let counter = block_on(async {
-        let c = paddock_db::connect(&url).await.unwrap();
-        c.query_one("SELECT count(*) FROM lock_fencing", &[])
+            .flat_map(|l| l.lines())
+            .filter(|l| l.contains("applied") && l.contains(&m))
+            .count();
+        assert_eq!(
+            applied,
+            1,
+            "{m} applied {applied} times:\n{}",
+            logs.join("\n")
+        );
+    }
+    let rows = rt.block_on(async {
+        holder
+            .query(
+                "SELECT version FROM refinery_schema_history ORDER BY version",
+                &[],
+            )
             .await
             .unwrap()
-            .get::<_, i64>(0)
+            .len()
     });
-    assert_eq!(counter, 1, "V1's seed row inserted once");
-    for n in nodes.iter() {
-        let log = std::fs::read_to_string(n.log("locker")).unwrap();
+    assert_eq!(rows, paddock_db::embedded_migrations().len());
+    for (n, log) in nodes.iter().zip(&logs) {
         assert!(!log.contains("ERROR"), "{}:\n{log}", n.name);
     }
 }
@@ -304,5 +351,190 @@ fn locker_serves_unavailable_while_the_database_is_down_and_recovers() {
         &mut child,
         nix::sys::signal::Signal::SIGINT,
         Duration::from_secs(10),
+    );
+}
+
+/// Renews sent right at a lease's expiry race acquires by someone else, many
+/// times: a renew and a competing acquire may never both succeed (the renewed lease
+/// runs 10 s more, so a granted acquire would be a second holder).
+#[test]
+fn a_renew_at_expiry_and_a_competing_acquire_never_both_win() {
+    let t = TestDir::new("renewrace");
+    let pg = Postgres::start(t.path());
+    let key = test_key();
+    let mut n = Node::new(t.path(), "node-a", &key, &[], Some(pg.url()));
+    n.start("locker");
+    let mut a = n.client("locker");
+    let (mut renews, mut takeovers, mut neither) = (0, 0, 0);
+    for i in 0..40 {
+        let name = format!("race-{i}");
+        let g = acquire(&mut a, &name, "a", 150, 0).unwrap();
+        // Both requests leave together, aimed at the lease's last millisecond
+        // (the database's clock is this machine's).
+        // Aimed around the last millisecond, a little earlier or later each round.
+        let at = g.expires + (i % 7) - 4;
+        let sleep_until = move || {
+            let wait = at - paddock_wire::now_ms();
+            if wait > 0 {
+                std::thread::sleep(Duration::from_millis(wait as u64));
+            }
+        };
+        let barrier = Arc::new(std::sync::Barrier::new(2));
+        let contender = {
+            let (rpc, keys, name, barrier) = (
+                n.rpc("locker"),
+                n.keys.clone(),
+                name.clone(),
+                barrier.clone(),
+            );
+            std::thread::spawn(move || {
+                let mut b = Client::connect(&rpc, "user:test", keys)
+                    .unwrap()
+                    .with_timeout(Duration::from_secs(5));
+                barrier.wait();
+                sleep_until();
+                acquire(&mut b, &name, "b", 10_000, 0)
+            })
+        };
+        barrier.wait();
+        sleep_until();
+        let renewed = a.call(
+            "lock.renew",
+            json!({"name": name, "token": g.token, "ttl_ms": 10_000}),
+        );
+        let taken = contender.join().unwrap();
+        match (&renewed, &taken) {
+            (Ok(r), Ok(t)) => panic!("round {i}: two holders: renewed {r} and granted {t:?}"),
+            (Ok(_), Err(e)) => {
+                assert_eq!(e.code(), Some(&Code::Held), "round {i}: {e}");
+                renews += 1;
+            }
+            (Err(e), Ok(_)) => {
+                assert_eq!(e.code(), Some(&Code::StaleToken), "round {i}: {e}");
+                takeovers += 1;
+            }
+            // The acquire came while the lease was live, the renew after it ended.
+            (Err(r), Err(t)) => {
+                assert_eq!(r.code(), Some(&Code::StaleToken), "round {i}: {r}");
+                assert_eq!(t.code(), Some(&Code::Held), "round {i}: {t}");
+                neither += 1;
+            }
+        }
+    }
+    eprintln!("{renews} renews won, {takeovers} acquires won, {neither} neither");
+}
+
+/// A wait longer than the skew window (shortened to its minimum, 1 s): the CLI
+/// re-issues fresh requests, so it is granted when the holder's lease ends instead
+/// of failing `stale`; and an acquire by the holder's owner returns its grant.
+#[test]
+fn a_wait_longer_than_the_skew_window_is_granted() {
+    let t = TestDir::new("longwait");
+    let pg = Postgres::start(t.path());
+    let key = test_key();
+    let mut n = Node::new(t.path(), "node-a", &key, &[], Some(pg.url()));
+    n.file.wire.skew_ms = 1000;
+    n.save();
+    n.start("locker");
+    let mut a = n.client("locker");
+    let ga = acquire(&mut a, "long", "a", 3000, 0).unwrap();
+    let out = std::process::Command::new(paddock_harness::bin("paddock").unwrap())
+        .args(["--json", "lock", "acquire", "long", "--owner", "b"])
+        .args(["--ttl-ms", "60000", "--wait-ms", "10000"])
+        .env("PADDOCK_CONFIG", &n.config)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let gb: LockGrant = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(gb.token > ga.token, "{gb:?} after {ga:?}");
+    // The holder's owner re-issuing its acquire learns its grant, not `held`.
+    let again = acquire(&mut a, "long", "b", 60_000, 0).unwrap();
+    assert_eq!(again, gb);
+    assert_eq!(
+        acquire(&mut a, "long", "a", 60_000, 0).unwrap_err().code(),
+        Some(&Code::Held)
+    );
+}
+
+/// A commit whose connection is lost while PostgreSQL waits for a synchronous
+/// standby is already durable locally: the locker must answer `unknown_outcome`
+/// (never `unavailable`, which promises nothing was done), and re-issuing the
+/// acquire with the same owner learns that the grant was made.
+#[test]
+fn a_commit_lost_in_flight_is_an_unknown_outcome_and_a_reissue_learns_it() {
+    let t = TestDir::new("unknown");
+    let pg = Postgres::start(t.path());
+    let sql = |q: &str| {
+        block_on(async {
+            let c = paddock_db::connect(&pg.url()).await.unwrap();
+            // One statement per call: ALTER SYSTEM refuses a (implicit) transaction.
+            for stmt in q.split(';') {
+                c.batch_execute(stmt).await.unwrap();
+            }
+        })
+    };
+    // The harness runs PostgreSQL with synchronous_commit off (speed); sessions of
+    // this database commit synchronously, as a real deployment does.
+    sql("ALTER DATABASE paddock SET synchronous_commit = on");
+    let key = test_key();
+    let mut n = Node::new(t.path(), "node-a", &key, &[], Some(pg.url()));
+    n.start("locker");
+    let mut a = n.client("locker");
+    eventually(Duration::from_secs(20), "the locker to serve locks", || {
+        a.call("lock.list", json!({})).ok()
+    });
+    // A synchronous standby that never comes: every commit waits for it.
+    sql("ALTER SYSTEM SET synchronous_standby_names = 'ghost'; SELECT pg_reload_conf()");
+    let pending = {
+        let (rpc, keys) = (n.rpc("locker"), n.keys.clone());
+        std::thread::spawn(move || {
+            let mut c = Client::connect(&rpc, "user:test", keys)
+                .unwrap()
+                .with_timeout(Duration::from_secs(30));
+            c.call(
+                "lock.acquire",
+                json!({"name": "x", "owner": "a", "ttl_ms": 60_000}),
+            )
+        })
+    };
+    let pid: i32 = eventually(
+        Duration::from_secs(20),
+        "the grant's commit to wait for the standby",
+        || {
+            block_on(async {
+                let c = paddock_db::connect(&pg.url()).await.ok()?;
+                c.query_opt(
+                    "SELECT pid FROM pg_stat_activity WHERE wait_event = 'SyncRep'",
+                    &[],
+                )
+                .await
+                .ok()?
+                .map(|r| r.get(0))
+            })
+        },
+    );
+    sql(&format!("SELECT pg_terminate_backend({pid})"));
+    let err = pending.join().unwrap().unwrap_err();
+    assert_eq!(err.code(), Some(&Code::UnknownOutcome), "{err}");
+    sql("ALTER SYSTEM RESET synchronous_standby_names; SELECT pg_reload_conf()");
+    // The grant was made: the same owner re-issuing learns it; another is held.
+    let g = eventually(Duration::from_secs(20), "the re-issued acquire", || {
+        acquire(&mut a, "x", "a", 60_000, 0).ok()
+    });
+    let l: LockList = serde_json::from_value(a.call("lock.list", json!({})).unwrap()).unwrap();
+    assert_eq!(l.locks.len(), 1, "{l:?}");
+    assert_eq!(
+        (l.locks[0].owner.as_str(), l.locks[0].token),
+        ("a", g.token)
+    );
+    assert_eq!(
+        acquire(&mut a, "x", "b", 60_000, 0).unwrap_err().code(),
+        Some(&Code::Held)
     );
 }

@@ -17,8 +17,9 @@ mod embedded {
     refinery::embed_migrations!("../../migrations");
 }
 
-/// Arbitrary but fixed: the advisory lock key that serialises migration runs.
-const MIGRATION_LOCK_KEY: i64 = 0x7061_6464_6f63_6b01; // "paddock\x01"
+/// Arbitrary but fixed: the advisory lock key that serialises migration runs (tests
+/// hold it to line runs up).
+pub const MIGRATION_LOCK_KEY: i64 = 0x7061_6464_6f63_6b01; // "paddock\x01"
 
 /// SQL run when a pooled connection is reused: it raises on a standby, so a demoted
 /// server's connections are evicted (a plain query's result would be ignored).
