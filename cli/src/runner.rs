@@ -61,7 +61,8 @@ pub struct StartArgs {
     /// The runner's node (default: this node's runner, else any alive one).
     #[arg(long)]
     node: Option<String>,
-    /// The command line, Procfile style.
+    /// One argument: a command line, Procfile style (run by `sh` when it has
+    /// shell syntax). Several: the program and its arguments, exec'd as given.
     #[arg(last = true, required = true)]
     command: Vec<String>,
 }
@@ -76,8 +77,19 @@ pub struct RunArgs {
     env: Vec<String>,
     #[arg(long)]
     node: Option<String>,
+    /// One argument: a shell command line. Several: the program and its
+    /// arguments, exec'd as given (no shell, no re-splitting).
     #[arg(last = true, required = true)]
     command: Vec<String>,
+}
+
+/// The wire form of a command given after `--`: a single argument is a command
+/// line (`command`), several are an argument list (`argv`), passed unchanged.
+fn command_fields(words: &[String]) -> (String, Option<Vec<String>>) {
+    match words {
+        [line] => (line.clone(), None),
+        _ => (String::new(), Some(words.to_vec())),
+    }
 }
 
 /// Every alive runner: (node, rpc endpoint). This node's runner from the cluster
@@ -207,7 +219,8 @@ pub fn instance(opts: &Opts, cmd: InstanceCmd) -> Result<()> {
                     limits.insert(k.into(), v.into());
                 }
             }
-            let body = json!({"app": a.app, "proc": a.proc, "dir": a.dir, "command": a.command.join(" "),
+            let (command, argv) = command_fields(&a.command);
+            let body = json!({"app": a.app, "proc": a.proc, "dir": a.dir, "command": command, "argv": argv,
                               "env": env_map(&a.env)?, "health": health, "limits": limits});
             let v = client(&cfg, &ep, opts.timeout)?.call(kinds::INSTANCE_START, body)?;
             if opts.json {
@@ -358,9 +371,10 @@ pub fn run(opts: &Opts, a: RunArgs) -> Result<i32> {
     let ep = pick(&cfg, opts, a.node.as_deref())?;
     let (cols, rows) = term_size();
     let mut c = client(&cfg, &ep, opts.timeout)?;
+    let (command, argv) = command_fields(&a.command);
     let v = c.call(
         kinds::RUN_START,
-        json!({"app": a.app, "dir": a.dir, "command": a.command.join(" "), "env": env_map(&a.env)?, "cols": cols, "rows": rows}),
+        json!({"app": a.app, "dir": a.dir, "command": command, "argv": argv, "env": env_map(&a.env)?, "cols": cols, "rows": rows}),
     )?;
     let id = v["id"]
         .as_str()

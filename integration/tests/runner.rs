@@ -20,6 +20,11 @@ struct Runner {
 }
 
 fn runner(name: &str) -> Runner {
+    runner_with(name, &[])
+}
+
+/// A runner with these `[daemons.runner]` settings on top of the fast test policy.
+fn runner_with(name: &str, settings: &[(&str, i64)]) -> Runner {
     let t = TestDir::new(name);
     let key = test_key();
     let mut node = Node::new(t.path(), "node-a", &key, &[], None);
@@ -31,25 +36,28 @@ fn runner(name: &str) -> Runner {
             ("backoff_cap_ms", 400),
             ("health_interval_ms", 300),
             ("stop_grace_ms", 2000),
-        ] {
+        ]
+        .into_iter()
+        .chain(settings.iter().copied())
+        {
             r.other.insert(k.into(), toml::Value::Integer(v));
         }
     }
     node.save();
     let app_dir = t.path().join("app");
     std::fs::create_dir_all(&app_dir).unwrap();
-    std::fs::copy(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/app.py"),
-        app_dir.join("app.py"),
-    )
-    .unwrap();
     use std::os::unix::fs::PermissionsExt;
+    for f in ["app.py", "bomb.py", "hog.py"] {
+        std::fs::copy(
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("fixtures")
+                .join(f),
+            app_dir.join(f),
+        )
+        .unwrap();
+        std::fs::set_permissions(app_dir.join(f), std::fs::Permissions::from_mode(0o644)).unwrap();
+    }
     std::fs::set_permissions(&app_dir, std::fs::Permissions::from_mode(0o755)).unwrap();
-    std::fs::set_permissions(
-        app_dir.join("app.py"),
-        std::fs::Permissions::from_mode(0o644),
-    )
-    .unwrap();
     paddock_harness::allow_traverse(&app_dir).unwrap();
     paddock_harness::allow_traverse(&t.path().join("node-a")).unwrap();
     node.start("runner");
@@ -130,6 +138,63 @@ fn get(port: u16, path: &str) -> Option<(u16, String)> {
 
 use paddock_harness::process_alive as pid_alive;
 
+/// The instance's directory on the runner.
+fn inst_dir(r: &Runner, id: &str) -> PathBuf {
+    r.node.dir.join("state/runner/instances").join(id)
+}
+
+/// Live (not zombie) processes of an instance, by scanning /proc: its shims
+/// (`paddock-shim <its dir>`) and its app processes (PADDOCK_INSTANCE=<id>).
+fn processes_of(r: &Runner, id: &str) -> (Vec<i32>, Vec<i32>) {
+    let dir = inst_dir(r, id).display().to_string();
+    let marker = format!("PADDOCK_INSTANCE={id}");
+    let (mut shims, mut apps) = (vec![], vec![]);
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let stat = std::fs::read_to_string(e.path().join("stat")).unwrap_or_default();
+        if stat.is_empty() || stat.contains(") Z ") {
+            continue;
+        }
+        let cmdline =
+            String::from_utf8_lossy(&std::fs::read(e.path().join("cmdline")).unwrap_or_default())
+                .replace('\0', " ");
+        if cmdline.contains("paddock-shim") && cmdline.contains(&dir) {
+            shims.push(pid);
+            continue;
+        }
+        let environ = std::fs::read(e.path().join("environ")).unwrap_or_default();
+        if environ.split(|b| *b == 0).any(|v| v == marker.as_bytes()) {
+            apps.push(pid);
+        }
+    }
+    (shims, apps)
+}
+
+/// The fd numbers a process holds.
+fn fds(pid: i32) -> Vec<i32> {
+    let mut v: Vec<i32> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_string_lossy().parse().ok())
+        .collect();
+    v.sort();
+    v
+}
+
+/// A line's value from /proc/PID/status.
+fn status(pid: i32, field: &str) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix(&format!("{field}:"))
+                .map(|v| v.trim().to_string())
+        })
+        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
+}
+
 fn proc_uid(pid: i32) -> u32 {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     s.lines()
@@ -192,10 +257,33 @@ fn crash_loop_backs_off_then_is_crashed_and_normal_exit_is_not_restarted() {
     let (id, _) = r.start(
         "looper",
         json!({"env": {"APP_EXIT_CODE": "3"}, "health": {"none": true},
-               "restart": {"limit": 4, "window_ms": 60000, "backoff_base_ms": 100, "backoff_cap_ms": 300}}),
+               "restart": {"limit": 4, "window_ms": 60000, "backoff_base_ms": 200, "backoff_cap_ms": 800}}),
     );
     let crashed = r.wait_state(&id, "crashed", Duration::from_secs(20));
     assert_eq!(crashed.restarts, 4);
+    // Backoff: the first restart at once, then 200, 400, 800 ms (capped) between
+    // an exit and the next start. The starts' log times show the gaps.
+    let starts: Vec<i64> = {
+        let l: LogLines = serde_json::from_value(
+            r.c.call("instance.logs", json!({"id": id, "lines": 1000}))
+                .unwrap(),
+        )
+        .unwrap();
+        l.lines
+            .iter()
+            .filter(|l| l.line.starts_with("app starting"))
+            .map(|l| l.ts)
+            .collect()
+    };
+    assert_eq!(starts.len(), 5, "{starts:?}");
+    let gaps: Vec<i64> = starts.windows(2).map(|w| w[1] - w[0]).collect();
+    for (i, min) in [(1, 200), (2, 400), (3, 800)] {
+        assert!(
+            gaps[i] >= min,
+            "gap {i} is {} ms < {min}: {gaps:?}",
+            gaps[i]
+        );
+    }
     assert_eq!(crashed.last_exit.as_ref().unwrap().code, Some(3));
     assert!(
         crashed
@@ -219,13 +307,25 @@ fn crash_loop_backs_off_then_is_crashed_and_normal_exit_is_not_restarted() {
 #[test]
 fn stop_kills_grandchildren_and_term_ignorers() {
     let mut r = runner("rstop");
-    let (id, port) = r.start("stopper", json!({"stop_grace_ms": 1000}));
+    // The app ignores TERM, so only the kill at the end of the grace period ends it.
+    let (id, port) = r.start(
+        "stopper",
+        json!({"stop_grace_ms": 1000, "env": {"APP_IGNORE_TERM": "1"}}),
+    );
     let up = r.wait_state(&id, "up", Duration::from_secs(20));
     let sleeper: i32 = get(port, "/spawn").unwrap().1.trim().parse().unwrap();
     assert!(pid_alive(sleeper));
     // The double-forked, setsid'd sleeper ignores TERM.
+    let asked = paddock_wire::now_ms();
     r.c.call("instance.stop", json!({"id": id})).unwrap();
-    r.wait_state(&id, "stopped", Duration::from_secs(10));
+    let stopped = r.wait_state(&id, "stopped", Duration::from_secs(10));
+    let e = stopped.last_exit.unwrap();
+    assert_eq!(e.signal, Some(9), "killed, not ended by TERM: {e:?}");
+    assert!(
+        e.at - asked >= 1000,
+        "killed only after the grace period: {} ms",
+        e.at - asked
+    );
     for p in [up.pid.unwrap(), sleeper] {
         assert!(!pid_alive(p), "pid {p} survived the stop");
     }
@@ -338,11 +438,28 @@ fn a_fork_bomb_is_contained() {
         "the bomb to hit its pids limit",
         || {
             r.logs(&bomb)
-                .iter()
-                .any(|l| l.contains("fork failed"))
-                .then_some(())
+                .into_iter()
+                .find(|l| l.contains("fork failed") || l.contains("forked"))
         },
     );
+    // The pids cgroup stopped it (40), not RLIMIT_NPROC (8 x 40 per user).
+    let line = r
+        .logs(&bomb)
+        .into_iter()
+        .find(|l| l.contains("fork failed") || l.contains("forked"))
+        .unwrap();
+    let n: u32 = line
+        .strip_prefix("fork failed after ")
+        .and_then(|t| t.split(':').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("not stopped by a limit: {line}"));
+    assert!(n < 40, "{line}");
+    let events = Path::new("/sys/fs/cgroup/pids/paddock")
+        .join(&bomb)
+        .join("pids.events");
+    if let Ok(ev) = std::fs::read_to_string(&events) {
+        assert!(!ev.contains("max 0"), "the pids limit was hit: {ev}");
+    }
     // The runner and the other app are fine.
     assert_eq!(get(gport, "/").unwrap().0, 200);
     r.c.call("ping", json!({})).unwrap();
@@ -461,10 +578,16 @@ fn one_off_commands_run_on_a_pty_as_the_app_user() {
 #[test]
 fn reload_signals_the_app_and_failed_health_restarts_it_and_logs_reach_the_sink() {
     let sink_port = free_port().unwrap();
+    let mut r = runner("rreload");
+    // The sink is a CURVE server with the cluster's server key, as every Paddock
+    // socket is: the runner's PUSH is a CURVE client and talks to nothing else.
     let ctx = zmq::Context::new();
     let pull = ctx.socket(zmq::PULL).unwrap();
+    let curve = r.node.file.curve.clone().expect("a CURVE cluster");
+    pull.set_curve_server(true).unwrap();
+    let secret = paddock_wire::curve::Key::from_z85(curve.server_secret.unwrap().expose()).unwrap();
+    pull.set_curve_secretkey(secret.bytes()).unwrap();
     pull.bind(&tcp(sink_port)).unwrap();
-    let mut r = runner("rreload");
     r.node
         .file
         .daemons
@@ -578,10 +701,23 @@ fn the_cli_starts_lists_logs_stops_and_runs() {
     let out = paddock(
         &r.node,
         &[
-            "run", "--app", "cliapp", "--dir", &dir, "--", "sh", "-c", "'exit 5'",
+            "run", "--app", "cliapp", "--dir", &dir, "--", "sh", "-c", "exit 5",
         ],
     );
     assert_eq!(out.status.code(), Some(5), "{out:?}");
+    // Several words are an argument list, passed as they are: no joining with
+    // spaces, no re-splitting, no expansion by a shell.
+    let out = paddock(
+        &r.node,
+        &[
+            "run", "--app", "cliapp", "--dir", &dir, "--", "printf", "%s|", "a  b", "$HOME", "x;y",
+        ],
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "a  b|$HOME|x;y|",
+        "{out:?}"
+    );
 
     // On a real terminal (script(1) gives one): raw mode while running, restored after.
     let bin = paddock_harness::bin("paddock").unwrap();
@@ -622,8 +758,9 @@ fn a_dead_shim_crashes_only_its_own_instance_which_can_then_be_stopped_or_restar
     let mut r = runner("rshim");
     let (a, _) = r.start("one", json!({}));
     let (b, pb) = r.start("two", json!({}));
-    r.wait_state(&a, "up", Duration::from_secs(20));
+    let a_up = r.wait_state(&a, "up", Duration::from_secs(20));
     let b_up = r.wait_state(&b, "up", Duration::from_secs(20));
+    let a_pid = a_up.pid.unwrap();
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(shim_pid(&r, &a)),
         nix::sys::signal::Signal::SIGKILL,
@@ -631,6 +768,13 @@ fn a_dead_shim_crashes_only_its_own_instance_which_can_then_be_stopped_or_restar
     .unwrap();
     let crashed = r.wait_state(&a, "crashed", Duration::from_secs(10));
     assert!(crashed.reason.unwrap().contains("shim"));
+    // Its app went with it.
+    eventually(
+        Duration::from_secs(5),
+        "the orphaned app to be gone",
+        || (!pid_alive(a_pid)).then_some(()),
+    );
+    assert!(processes_of(&r, &a).1.is_empty());
     // The other instance (and its shim) are untouched.
     std::thread::sleep(Duration::from_millis(300));
     let b_now = r.info(&b);
@@ -758,4 +902,328 @@ fn an_armed_shim_restarts_its_app_even_with_no_runner() {
         i.last_exit.is_some_and(|e| e.signal == Some(9)),
         "the new runner learned of the exit"
     );
+}
+
+#[test]
+fn signals_reach_apps_term_stops_them_gracefully_and_hup_reloads() {
+    let mut r = runner("rsignals");
+    // A plain program: nothing blocked, nothing ignored (python ignores SIGPIPE
+    // itself, so `sleep` shows what the runner hands every app).
+    let (sleeper, _) = r.start(
+        "sleepy",
+        json!({"command": "", "argv": ["sleep", "1000"], "health": {"none": true}}),
+    );
+    let (id, port) = r.start(
+        "graceful",
+        json!({"env": {"APP_ON_HUP": "1"}, "stop_grace_ms": 30000}),
+    );
+    let up = r.wait_state(&id, "up", Duration::from_secs(20));
+    let s = r.wait_state(&sleeper, "up", Duration::from_secs(20));
+    let spid = s.pid.unwrap();
+    assert_eq!(
+        status(spid, "SigBlk"),
+        "0000000000000000",
+        "nothing blocked"
+    );
+    assert_eq!(
+        status(spid, "SigIgn"),
+        "0000000000000000",
+        "nothing ignored"
+    );
+    // HUP reaches an app that handles it (and it keeps running).
+    r.c.call("instance.reload", json!({"id": id})).unwrap();
+    eventually(Duration::from_secs(10), "the HUP handler's line", || {
+        r.logs(&id)
+            .iter()
+            .any(|l| l.contains("reloaded on HUP"))
+            .then_some(())
+    });
+    assert_eq!(r.info(&id).pid, up.pid);
+    // An app that SIGTERMs itself ends by TERM and is restarted.
+    assert_eq!(get(port, "/term").unwrap().0, 200);
+    let again = eventually(Duration::from_secs(20), "the restart after TERM", || {
+        let i = r.info(&id);
+        (i.state == "up" && i.pid != up.pid).then_some(i)
+    });
+    assert_eq!(again.last_exit.unwrap().signal, Some(15));
+    // A stop ends it by TERM, not by the SIGKILL after the (30 s) grace period.
+    r.c.call("instance.stop", json!({"id": id})).unwrap();
+    let stopped = r.wait_state(&id, "stopped", Duration::from_secs(20));
+    let e = stopped.last_exit.unwrap();
+    assert_eq!(e.signal, Some(15), "{e:?}");
+    r.c.call("instance.stop", json!({"id": sleeper})).unwrap();
+    r.wait_state(&sleeper, "stopped", Duration::from_secs(20));
+}
+
+#[test]
+fn an_open_run_session_leaks_no_fd_into_apps_started_meanwhile() {
+    let mut r = runner("rfds");
+    let dir = r.app_dir.clone();
+    let v =
+        r.c.call(
+            "run.start",
+            json!({"app": "tenanta", "dir": dir, "argv": ["sleep", "1000"]}),
+        )
+        .unwrap();
+    let run = v["id"].as_str().unwrap().to_string();
+    let (b, _) = r.start(
+        "tenantb",
+        json!({"command": "", "argv": ["sleep", "1000"], "health": {"none": true}}),
+    );
+    let bi = r.wait_state(&b, "up", Duration::from_secs(20));
+    let pid = bi.pid.unwrap();
+    assert_eq!(fds(pid), vec![0, 1, 2], "the app holds only its stdio");
+    // Its shim (root) holds no terminal either.
+    let (shims, _) = processes_of(&r, &b);
+    for s in shims {
+        for fd in fds(s) {
+            let target = std::fs::read_link(format!("/proc/{s}/fd/{fd}")).unwrap_or_default();
+            let t = target.display().to_string();
+            assert!(
+                !t.contains("pts") && !t.contains("ptmx"),
+                "shim fd {fd} -> {t}"
+            );
+        }
+    }
+    r.c.call("run.kill", json!({"id": run})).unwrap();
+    r.c.call("instance.stop", json!({"id": b})).unwrap();
+    r.wait_state(&b, "stopped", Duration::from_secs(20));
+}
+
+#[test]
+fn stop_or_restart_right_after_start_never_leaves_two_apps() {
+    let mut r = runner("rrace");
+    for round in 0..20 {
+        let restart = round % 2 == 1;
+        let (id, _) = r.start(&format!("race{round}"), json!({"health": {"tcp": true}}));
+        let kind = if restart {
+            "instance.restart"
+        } else {
+            "instance.stop"
+        };
+        r.c.call(kind, json!({"id": id})).unwrap();
+        let state = if restart { "up" } else { "stopped" };
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let (shims, apps) = processes_of(&r, &id);
+            assert!(
+                shims.len() <= 1 && apps.len() <= 1,
+                "round {round}: shims {shims:?}, apps {apps:?}"
+            );
+            let i = r.info(&id);
+            if i.state == state && (restart || shims.is_empty()) {
+                if restart {
+                    assert_eq!((shims.len(), apps.len()), (1, 1), "round {round}");
+                    assert_eq!(Some(apps[0]), i.pid);
+                } else {
+                    assert!(apps.is_empty(), "round {round}: stopped, yet {apps:?}");
+                }
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "round {round}: not {state}: {i:?}, shims {shims:?}, apps {apps:?}"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        if restart {
+            r.c.call("instance.stop", json!({"id": id})).unwrap();
+            r.wait_state(&id, "stopped", Duration::from_secs(20));
+        }
+    }
+}
+
+fn run_start(r: &mut Runner, app: &str, argv: &[&str], limits: Value) -> String {
+    let v =
+        r.c.call(
+            "run.start",
+            json!({"app": app, "dir": r.app_dir, "argv": argv, "limits": limits}),
+        )
+        .unwrap();
+    v["id"].as_str().unwrap().to_string()
+}
+
+#[test]
+fn one_offs_get_their_own_cgroup_and_limits() {
+    let mut r = runner("rrunlimits");
+    let (calm, port) = r.start("steady", json!({}));
+    r.wait_state(&calm, "up", Duration::from_secs(20));
+    // A one-off lives in a cgroup of its own, with the app's rlimits.
+    let v =
+        r.c.call(
+            "run.start",
+            json!({"app": "confined", "dir": r.app_dir, "argv": ["sleep", "1000"],
+                   "limits": {"pids": 30, "nofile": 333}}),
+        )
+        .unwrap();
+    let (run, pid) = (
+        v["id"].as_str().unwrap().to_string(),
+        v["pid"].as_i64().unwrap() as i32,
+    );
+    let cgroups = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+    assert!(
+        cgroups
+            .lines()
+            .any(|l| l.contains(":pids:") && l.ends_with(&format!("/paddock/{run}"))),
+        "{cgroups}"
+    );
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    assert!(
+        limits
+            .lines()
+            .any(|l| l.starts_with("Max open files") && l.contains("333")),
+        "{limits}"
+    );
+    r.c.call("run.kill", json!({"id": run})).unwrap();
+    assert_eq!(run_to_end(&mut r.c, &run).1, 137);
+    // A fork bomb stops at the pids limit (RLIMIT_NPROC would allow 8x more).
+    let run = run_start(
+        &mut r,
+        "bomber",
+        &["python3", "bomb.py"],
+        json!({"pids": 30}),
+    );
+    let (out, _) = run_to_end(&mut r.c, &run);
+    let n: u32 = out
+        .split("fork failed after ")
+        .nth(1)
+        .and_then(|t| t.split(':').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("the bomb was not stopped: {out:?}"));
+    assert!(n < 30, "{out:?}");
+    // A memory hog is ended by the memory limit.
+    let run = run_start(
+        &mut r,
+        "hoggy",
+        &["python3", "hog.py"],
+        json!({"memory_mb": 64}),
+    );
+    let (out, code) = run_to_end(&mut r.c, &run);
+    assert!(!out.contains("survived"), "{out:?}");
+    assert_eq!(code, 137, "{out:?}");
+    // The runner and the other app are fine.
+    r.c.call("ping", json!({})).unwrap();
+    assert_eq!(get(port, "/").unwrap().0, 200);
+    r.c.call("instance.stop", json!({"id": calm})).unwrap();
+    r.wait_state(&calm, "stopped", Duration::from_secs(20));
+}
+
+#[test]
+fn run_kill_takes_a_setsid_child_of_the_one_off() {
+    let mut r = runner("rrunkill");
+    let run = run_start(
+        &mut r,
+        "escaper",
+        &[
+            "python3",
+            "-c",
+            "import os,time\nif os.fork()==0:\n  os.setsid(); time.sleep(1000)\nprint('ready', flush=True); time.sleep(1000)",
+        ],
+        json!({}),
+    );
+    eventually(Duration::from_secs(10), "the one-off to be ready", || {
+        let v =
+            r.c.call(
+                "run.output",
+                json!({"id": run, "offset": 0, "wait_ms": 200}),
+            )
+            .unwrap();
+        use base64::Engine;
+        let out = base64::engine::general_purpose::STANDARD
+            .decode(v["data"].as_str().unwrap())
+            .unwrap();
+        String::from_utf8_lossy(&out)
+            .contains("ready")
+            .then_some(())
+    });
+    // The setsid'd child: a python whose session is its own pid.
+    let user = nix::unistd::User::from_name("pdk-escaper")
+        .unwrap()
+        .unwrap();
+    let escaped: Vec<i32> = std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_string_lossy().parse::<i32>().ok())
+        .filter(|p| {
+            std::fs::read_to_string(format!("/proc/{p}/status"))
+                .map(|s| {
+                    s.lines().any(|l| {
+                        l.starts_with("Uid:")
+                            && l.split_whitespace().nth(1) == Some(&user.uid.to_string())
+                    })
+                })
+                .unwrap_or(false)
+        })
+        .filter(|p| {
+            let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).unwrap_or_default();
+            let f: Vec<&str> = stat.rsplit(") ").next().unwrap_or("").split(' ').collect();
+            f.get(3) == Some(&p.to_string().as_str())
+        })
+        .collect();
+    assert!(!escaped.is_empty(), "the setsid'd child runs");
+    r.c.call("run.kill", json!({"id": run})).unwrap();
+    assert_eq!(run_to_end(&mut r.c, &run).1, 137);
+    for p in escaped {
+        eventually(
+            Duration::from_secs(5),
+            "the setsid'd child to be gone",
+            || (!pid_alive(p)).then_some(()),
+        );
+    }
+}
+
+#[test]
+fn the_apps_dir_is_entered_as_the_app_user() {
+    let mut r = runner("rchdir");
+    let (id, _) = r.start(
+        "walker",
+        json!({"command": "", "argv": ["sleep", "1000"], "health": {"none": true},
+               "restart": {"limit": 1}}),
+    );
+    let up = r.wait_state(&id, "up", Duration::from_secs(20));
+    // The dir becomes root-only after the start-time check: root could still
+    // enter it, the app's user cannot, so the next start must fail.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&r.app_dir, std::fs::Permissions::from_mode(0o700)).unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(up.pid.unwrap()),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let i = r.wait_state(&id, "crashed", Duration::from_secs(20));
+    assert_eq!(i.last_exit.unwrap().code, Some(127));
+    let logs = r.logs(&id);
+    assert!(
+        logs.iter().any(|l| l.contains("Permission denied")),
+        "{logs:?}"
+    );
+    std::fs::set_permissions(&r.app_dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    r.c.call("instance.stop", json!({"id": id})).unwrap();
+    r.wait_state(&id, "stopped", Duration::from_secs(20));
+}
+
+#[test]
+fn stopped_instances_are_removed_after_the_keep_time() {
+    let mut r = runner_with("rclean", &[("stopped_keep_ms", 1500)]);
+    let (id, _) = r.start("shortlived", json!({}));
+    r.wait_state(&id, "up", Duration::from_secs(20));
+    let dir = inst_dir(&r, &id);
+    let home = r.node.dir.join("apps").join(&id);
+    assert!(dir.exists() && home.exists());
+    r.c.call("instance.stop", json!({"id": id})).unwrap();
+    r.wait_state(&id, "stopped", Duration::from_secs(20));
+    // Still there for a while after the stop (logs stay readable)...
+    assert!(!r.logs(&id).is_empty());
+    // ...then gone, with its directories.
+    eventually(
+        Duration::from_secs(20),
+        "the stopped instance to go",
+        || {
+            let l: InstanceList =
+                serde_json::from_value(r.c.call("instance.list", json!({})).unwrap()).unwrap();
+            l.instances.iter().all(|i| i.id != id).then_some(())
+        },
+    );
+    assert!(!dir.exists(), "{}", dir.display());
+    assert!(!home.exists(), "{}", home.display());
 }

@@ -161,7 +161,13 @@ pub struct InstanceStart {
     pub app: String,
     pub proc: String,
     pub dir: String,
+    /// A Procfile-style command line: run as `sh -c 'exec COMMAND'` when it has
+    /// shell syntax, else split on spaces and exec'd. Give this or `argv`.
+    #[serde(default)]
     pub command: String,
+    /// The program and its arguments, exec'd as given (no shell, no splitting).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub argv: Option<Vec<String>>,
     #[serde(default)]
     pub env: BTreeMap<String, String>,
     #[serde(default)]
@@ -306,7 +312,15 @@ pub const RUN_KILL: &str = "run.kill";
 pub struct RunStart {
     pub app: String,
     pub dir: String,
+    /// A shell command line (`sh -c 'exec COMMAND'`). Give this or `argv`.
+    #[serde(default)]
     pub command: String,
+    /// The program and its arguments, exec'd as given (no shell, no splitting).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub argv: Option<Vec<String>>,
+    /// The one-off's own cgroup limits (the runner's defaults where unset).
+    #[serde(default)]
+    pub limits: InstanceLimits,
     #[serde(default)]
     pub env: BTreeMap<String, String>,
     #[serde(default = "default_cols")]

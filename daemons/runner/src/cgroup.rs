@@ -95,25 +95,36 @@ impl Hierarchy {
             Hierarchy::V2 { root } => {
                 let parent = root.join("paddock");
                 std::fs::create_dir_all(&parent)?;
-                // Delegate the controllers we set to the paddock subtree.
-                for (ctl_dir, ctls) in [
-                    (root.as_path(), "+memory +pids +cpu"),
-                    (parent.as_path(), "+memory +pids +cpu"),
-                ] {
-                    let _ = std::fs::write(ctl_dir.join("cgroup.subtree_control"), ctls);
-                }
+                let enabled = enable_v2_controllers(root, &parent);
                 let dir = parent.join(id);
                 std::fs::create_dir_all(&dir)?;
+                // A controller the host lacks (or refuses to delegate) costs that
+                // limit only, with a warning; the instance still starts.
+                let set = |ctl: &str, file: &str, value: String| {
+                    if !enabled.iter().any(|c| c == ctl) {
+                        tracing::warn!(
+                            instance = %id,
+                            "cgroup v2 controller `{ctl}` is not available under {}; {file} not set",
+                            root.display()
+                        );
+                        return;
+                    }
+                    if let Err(e) = std::fs::write(dir.join(file), value) {
+                        tracing::warn!(instance = %id, "cannot set {}: {e}", dir.join(file).display());
+                    }
+                };
                 if let Some(mb) = limits.memory_mb {
-                    std::fs::write(dir.join("memory.max"), (mb << 20).to_string())?;
+                    set("memory", "memory.max", (mb << 20).to_string());
                     // Swap is capped with memory: no swapping around the limit.
-                    let _ = std::fs::write(dir.join("memory.swap.max"), "0");
+                    if enabled.iter().any(|c| c == "memory") {
+                        let _ = std::fs::write(dir.join("memory.swap.max"), "0");
+                    }
                 }
                 if let Some(p) = limits.pids {
-                    std::fs::write(dir.join("pids.max"), p.to_string())?;
+                    set("pids", "pids.max", p.to_string());
                 }
                 if let Some(w) = limits.cpu_weight {
-                    std::fs::write(dir.join("cpu.weight"), w.clamp(1, 10_000).to_string())?;
+                    set("cpu", "cpu.weight", w.clamp(1, 10_000).to_string());
                 }
                 Ok(InstanceCgroup {
                     procs: vec![dir.join("cgroup.procs")],
@@ -186,6 +197,50 @@ impl Hierarchy {
     }
 }
 
+/// The controllers Paddock sets limits with.
+const V2_CONTROLLERS: [&str; 3] = ["memory", "pids", "cpu"];
+
+/// Delegates each controller the host has to `parent`'s children, one at a time
+/// (one write with all of them fails as a whole when any is missing); returns the
+/// ones that are enabled there.
+fn enable_v2_controllers(root: &Path, parent: &Path) -> Vec<String> {
+    let listed = |dir: &Path, file: &str| -> Vec<String> {
+        std::fs::read_to_string(dir.join(file))
+            .unwrap_or_default()
+            .split_whitespace()
+            .map(str::to_string)
+            .collect()
+    };
+    let available = listed(root, "cgroup.controllers");
+    let mut enabled = Vec::new();
+    for ctl in V2_CONTROLLERS {
+        if !available.iter().any(|c| c == ctl) {
+            continue;
+        }
+        let mut ok = true;
+        for dir in [root, parent] {
+            if listed(dir, "cgroup.subtree_control")
+                .iter()
+                .any(|c| c == ctl)
+            {
+                continue;
+            }
+            if let Err(e) = std::fs::write(dir.join("cgroup.subtree_control"), format!("+{ctl}")) {
+                tracing::warn!(
+                    "cannot enable the cgroup v2 `{ctl}` controller in {}: {e}",
+                    dir.display()
+                );
+                ok = false;
+                break;
+            }
+        }
+        if ok {
+            enabled.push(ctl.to_string());
+        }
+    }
+    enabled
+}
+
 impl InstanceCgroup {
     /// Removes the (empty) cgroup directories; errors are ignored (a cgroup with
     /// processes left cannot be removed and is retried at the next start).
@@ -228,7 +283,11 @@ mod tests {
     #[test]
     fn v2_layout_on_a_fake_cgroupfs() {
         let t = tempfile::tempdir().unwrap();
-        touch(&t.path().join("cgroup.controllers"));
+        std::fs::write(
+            t.path().join("cgroup.controllers"),
+            "cpuset cpu io memory hugetlb pids rdma misc\n",
+        )
+        .unwrap();
         let h = Hierarchy::detect(t.path());
         assert_eq!(h.name(), "v2");
         let cg = h
@@ -255,9 +314,10 @@ mod tests {
             std::fs::read_to_string(d.join("cpu.weight")).unwrap(),
             "200"
         );
+        // Enabled one at a time (the fake file keeps only the last write).
         assert_eq!(
             std::fs::read_to_string(t.path().join("paddock/cgroup.subtree_control")).unwrap(),
-            "+memory +pids +cpu"
+            "+cpu"
         );
         assert_eq!(cg.procs, vec![d.join("cgroup.procs")]);
         assert!(
@@ -280,6 +340,35 @@ mod tests {
         )
         .unwrap();
         assert_eq!(crate::shim::oom_kills(&d.join("memory.events")), 1);
+    }
+
+    #[test]
+    fn a_v2_host_missing_a_controller_still_starts_instances() {
+        let t = tempfile::tempdir().unwrap();
+        // No cpu controller on this host: writing cpu.weight would fail (a
+        // directory stands in for the file the kernel would not have).
+        std::fs::write(t.path().join("cgroup.controllers"), "memory pids\n").unwrap();
+        std::fs::create_dir_all(t.path().join("paddock/i3/cpu.weight")).unwrap();
+        let h = Hierarchy::detect(t.path());
+        let cg = h
+            .create(
+                "i3",
+                &Limits {
+                    memory_mb: Some(16),
+                    pids: Some(10),
+                    cpu_weight: Some(300),
+                },
+            )
+            .expect("a missing controller degrades, it does not fail the start");
+        let d = t.path().join("paddock/i3");
+        assert_eq!(std::fs::read_to_string(d.join("pids.max")).unwrap(), "10");
+        assert_eq!(
+            std::fs::read_to_string(d.join("memory.max")).unwrap(),
+            (16u64 << 20).to_string()
+        );
+        let sub = std::fs::read_to_string(t.path().join("cgroup.subtree_control")).unwrap();
+        assert!(!sub.contains("cpu"), "{sub}");
+        assert!(cg.kill.is_some());
     }
 
     #[test]

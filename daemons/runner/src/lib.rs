@@ -10,6 +10,7 @@
 //! the apps alive while no runner exists.
 
 pub mod cgroup;
+pub mod child;
 pub mod health;
 pub mod pty;
 pub mod shim;
@@ -80,6 +81,9 @@ pub struct Settings {
     pub nofile: u64,
     pub pids: u64,
     pub memory_mb: Option<u64>,
+    /// How long a stopped instance's directories (record, logs, home) are kept
+    /// before they are removed.
+    pub stopped_keep: Duration,
 }
 
 impl Settings {
@@ -123,6 +127,7 @@ impl Settings {
             nofile: get("nofile", 4096)?,
             pids: get("pids", 512)?,
             memory_mb: (mem > 0).then_some(mem),
+            stopped_keep: ms("stopped_keep_ms", 3_600_000)?,
         })
     }
 }
@@ -143,6 +148,10 @@ struct Record {
     /// Why it was given up on, if it was (survives a runner restart).
     #[serde(default)]
     crashed: Option<String>,
+    /// When it stopped (epoch ms); its directories are removed `stopped_keep`
+    /// later.
+    #[serde(default)]
+    stopped_at: Option<i64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -203,6 +212,10 @@ struct Inst {
     /// an older generation stand down.
     generation: Rc<Cell<u64>>,
     shim: ShimLink,
+    /// True from the moment this runner spawned the instance's shim until that
+    /// process is reaped: a shim counts as alive before it has written
+    /// `shim.pid`, so a stop or restart right after a start finds it.
+    spawned: Rc<Cell<Option<i32>>>,
     /// Whether the shim is armed to restart on its own (None: unknown).
     armed: Option<bool>,
     after_stop: Option<AfterStop>,
@@ -323,6 +336,7 @@ impl Inst {
     fn send(&mut self, c: ShimCommand) {
         if let Some(w) = &self.shim.writer {
             if write_line(w, &c).is_ok() {
+                self.shim.stop_sent |= matches!(c, ShimCommand::Stop { .. });
                 return;
             }
             self.shim.writer = None;
@@ -331,7 +345,25 @@ impl Inst {
     }
 
     fn save(&self) {
-        let _ = write_json(&self.dir.join("instance.json"), &self.rec);
+        if let Err(e) = write_json(&self.dir.join("instance.json"), &self.rec) {
+            tracing::warn!(instance = %self.rec.id, "cannot save {}/instance.json: {e}", self.dir.display());
+        }
+    }
+
+    /// Whether its shim runs: one this runner spawned and has not reaped yet, or
+    /// the live `paddock-shim` named by `shim.pid` (an adopted one).
+    fn shim_alive(&self) -> bool {
+        self.spawned.get().is_some_and(|pid| !zombie_or_gone(pid)) || shim_alive(&self.dir)
+    }
+
+    /// The instance is stopped for good: recorded, with the time its
+    /// directories become removable.
+    fn mark_stopped(&mut self) {
+        self.state = State::Stopped;
+        self.pid = None;
+        self.rec.running = false;
+        self.rec.stopped_at = Some(now_ms());
+        self.save();
     }
 }
 
@@ -340,6 +372,9 @@ impl Inst {
 struct ShimLink {
     writer: Option<std::os::unix::net::UnixStream>,
     pending: Vec<ShimCommand>,
+    /// A `Stop` went out on the current connection (a shim answers each `Stop`
+    /// with a `Stopped`, so it is sent once per connection).
+    stop_sent: bool,
 }
 
 /// One command line on a (non-blocking) unix socket; a full buffer is waited out
@@ -374,7 +409,14 @@ fn write_json<T: Serialize>(path: &Path, v: &T) -> std::io::Result<()> {
         .mode(0o600)
         .open(&tmp)?;
     std::io::Write::write_all(&mut f, &serde_json::to_vec_pretty(v).expect("serializes"))?;
-    std::fs::rename(tmp, path)
+    // Durable before it is visible: the data, then the rename, then the directory
+    // entry (a crash leaves the old record or the new one, never an empty file).
+    f.sync_all()?;
+    std::fs::rename(tmp, path)?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
 }
 
 fn signal_named(name: &str) -> Result<i32, WireError> {
@@ -406,6 +448,9 @@ impl Actor for Runner {
 
     fn started(&mut self, ctx: &mut Context<Self>) {
         self.adopt(ctx);
+        let every = (self.settings.stopped_keep / 2)
+            .clamp(Duration::from_millis(50), Duration::from_secs(60));
+        ctx.run_interval(every, |act, _| act.sweep_stopped());
     }
 }
 
@@ -478,6 +523,11 @@ impl Runner {
                     self.connect(ctx, &id);
                 } else {
                     inst.state = State::Stopped;
+                    if inst.rec.stopped_at.is_none() {
+                        // Stopped by an older runner: its keep time starts now.
+                        inst.rec.stopped_at = Some(now_ms());
+                        inst.save();
+                    }
                     inst.cgroup.remove();
                     self.instances.insert(id, inst);
                 }
@@ -499,6 +549,35 @@ impl Runner {
             } else {
                 self.spawn_shim(ctx, &id);
             }
+        }
+    }
+
+    /// Forgets stopped instances `stopped_keep` after they stopped, with their
+    /// directories (record, logs, home, tmp) and cgroups.
+    fn sweep_stopped(&mut self) {
+        let keep = self.settings.stopped_keep.as_millis() as i64;
+        let now = now_ms();
+        let old: Vec<String> = self
+            .instances
+            .values()
+            .filter(|i| i.state == State::Stopped)
+            .filter(|i| i.rec.stopped_at.is_some_and(|t| now - t >= keep))
+            .filter(|i| !i.shim_alive())
+            .map(|i| i.rec.id.clone())
+            .collect();
+        for id in old {
+            let Some(inst) = self.instances.remove(&id) else {
+                continue;
+            };
+            inst.cgroup.remove();
+            for d in [inst.dir.clone(), self.settings.apps_dir.join(&id)] {
+                if let Err(e) = std::fs::remove_dir_all(&d) {
+                    if e.kind() != std::io::ErrorKind::NotFound {
+                        tracing::warn!(instance = %id, "cannot remove {}: {e}", d.display());
+                    }
+                }
+            }
+            tracing::info!(instance = %id, "stopped instance removed");
         }
     }
 
@@ -530,9 +609,15 @@ impl Runner {
         let _ = std::fs::remove_file(dir.join("shim.sock"));
         match cmd.spawn() {
             Ok(mut child) => {
+                let spawned = inst.spawned.clone();
+                let pid = child.id().map(|p| p as i32);
+                spawned.set(pid);
                 // Reap it whenever it ends (a re-adopting runner is not its parent).
                 actix_rt::spawn(async move {
                     let _ = child.wait().await;
+                    if spawned.get() == pid {
+                        spawned.set(None);
+                    }
                 });
                 self.connect(ctx, id);
             }
@@ -555,14 +640,19 @@ impl Runner {
         };
         inst.shim.writer = None;
         let sock = inst.dir.join("shim.sock");
+        let (dir, spawned) = (inst.dir.clone(), inst.spawned.clone());
         let addr = ctx.address();
         let id = id.to_string();
         actix_rt::spawn(async move {
             let deadline = Instant::now() + Duration::from_secs(10);
+            // Retried while the shim starts; given up at once when it has died
+            // (an exiting shim closes its socket before it is a zombie).
+            let alive =
+                || spawned.get().is_some_and(|pid| !zombie_or_gone(pid)) || shim_alive(&dir);
             let stream = loop {
                 match tokio::net::UnixStream::connect(&sock).await {
                     Ok(s) => break Some(s),
-                    Err(_) if Instant::now() < deadline => {
+                    Err(_) if Instant::now() < deadline && alive() => {
                         tokio::time::sleep(Duration::from_millis(5)).await
                     }
                     Err(_) => break None,
@@ -682,9 +772,12 @@ impl Runner {
                 };
                 if inst.state == State::Stopping {
                     // A stop may have been lost with the old connection: ask again
-                    // (idempotent; a shim with no app answers `Stopped` at once).
-                    let (sig, grace_ms) = stop;
-                    inst.send(ShimCommand::Stop { sig, grace_ms });
+                    // (a shim with no app answers `Stopped` at once), unless this
+                    // connection already carried it.
+                    if !inst.shim.stop_sent {
+                        let (sig, grace_ms) = stop;
+                        inst.send(ShimCommand::Stop { sig, grace_ms });
+                    }
                     return;
                 }
                 match pid {
@@ -749,6 +842,11 @@ impl Runner {
                 let Some(inst) = self.instances.get_mut(id) else {
                     return;
                 };
+                if inst.state != State::Stopping {
+                    // An answer to a stop already handled (sent twice across a
+                    // reconnection): not news.
+                    return;
+                }
                 inst.pid = None;
                 inst.bump();
                 match inst.after_stop.take() {
@@ -766,9 +864,7 @@ impl Runner {
                             .publish(kinds::INSTANCE_CRASHED, kinds::to_body(&info));
                     }
                     Some(AfterStop::Remove) | None => {
-                        inst.state = State::Stopped;
-                        inst.rec.running = false;
-                        inst.save();
+                        inst.mark_stopped();
                         inst.send(ShimCommand::Exit);
                         inst.cgroup.remove();
                         tracing::info!(instance = %id, "stopped");
@@ -805,10 +901,8 @@ impl Runner {
         let normal = inst.rec.req.restart.normal_exit.clone().unwrap_or_default();
         if let Some(code) = e.code {
             if normal.contains(&code) {
-                inst.state = State::Stopped;
                 inst.reason = Some(format!("exited normally ({})", e.describe()));
-                inst.rec.running = false;
-                inst.save();
+                inst.mark_stopped();
                 inst.send(ShimCommand::Exit);
                 return;
             }
@@ -878,8 +972,14 @@ impl Runner {
                 "`proc` must be 1-30 characters of [a-z0-9_-]",
             ));
         }
-        if req.command.trim().is_empty() {
-            return Err(WireError::invalid("`command` is empty"));
+        match (&req.argv, req.command.trim().is_empty()) {
+            (Some(a), true) if !a.is_empty() && !a[0].is_empty() => {}
+            (None, false) => {}
+            _ => {
+                return Err(WireError::invalid(
+                    "give either `command` (a Procfile line) or `argv` (a non-empty list)",
+                ))
+            }
         }
         // Both signal names must be valid now, not when they are needed.
         signal_named(req.stop_signal.as_deref().unwrap_or("TERM"))?;
@@ -953,6 +1053,7 @@ impl Runner {
         let shim_spec = ShimSpec {
             id: id.clone(),
             command: req.command.clone(),
+            argv: req.argv.clone(),
             dir: dir.clone(),
             env,
             uid,
@@ -986,6 +1087,7 @@ impl Runner {
             running: true,
             restarts: 0,
             crashed: None,
+            stopped_at: None,
         };
         let inst = new_inst(rec, idir, cg);
         inst.save();
@@ -1049,10 +1151,9 @@ impl Runner {
                 // The intent is on disk first: a runner restarted mid-stop finishes it.
                 inst.rec.running = false;
                 inst.save();
-                if !shim_alive(&inst.dir) {
+                if !inst.shim_alive() {
                     // Nothing left to stop (its shim is gone).
-                    inst.state = State::Stopped;
-                    inst.pid = None;
+                    inst.mark_stopped();
                     inst.bump();
                     inst.cgroup.remove();
                     return Ok(json!({"state": "stopped"}));
@@ -1074,7 +1175,7 @@ impl Runner {
                 inst.reason = None;
                 inst.rec.crashed = None;
                 inst.bump();
-                if !shim_alive(&inst.dir) {
+                if !inst.shim_alive() {
                     // Its shim died: a fresh shim starts the app.
                     inst.state = State::Starting;
                     inst.rec.restarts += 1;
@@ -1132,12 +1233,17 @@ fn shim_alive(dir: &Path) -> bool {
     else {
         return false;
     };
-    let zombie = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|s| s.contains(") Z "))
-        .unwrap_or(true);
+    let zombie = zombie_or_gone(pid);
     let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
     let cmdline = String::from_utf8_lossy(&cmdline);
     !zombie && cmdline.contains("paddock-shim") && cmdline.contains(&*dir.to_string_lossy())
+}
+
+/// Whether process `pid` has ended (reaped, or a zombie waiting to be).
+fn zombie_or_gone(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| s.contains(") Z "))
+        .unwrap_or(true)
 }
 
 fn rand_u32() -> u32 {
@@ -1177,6 +1283,7 @@ fn new_inst(rec: Record, dir: PathBuf, cg: cgroup::InstanceCgroup) -> Inst {
         reason: None,
         generation: Rc::new(Cell::new(0)),
         shim: ShimLink::default(),
+        spawned: Rc::new(Cell::new(None)),
         armed: None,
         after_stop: None,
         cgroup: cg,
@@ -1209,6 +1316,7 @@ impl Handler<ShimConnected> for Runner {
             return;
         };
         inst.shim.writer = Some(m.writer);
+        inst.shim.stop_sent = false;
         for c in std::mem::take(&mut inst.shim.pending) {
             inst.send(c);
         }
@@ -1222,8 +1330,7 @@ impl Handler<ShimGone> for Runner {
             return;
         };
         inst.shim.writer = None;
-        let shim_alive = shim_alive(&inst.dir);
-        if shim_alive && inst.state != State::Stopped {
+        if inst.shim_alive() && inst.state != State::Stopped {
             // Only the connection broke (the shim drops a runner that stops
             // reading): connect again; the shim's Hello brings us up to date.
             tracing::warn!(instance = %m.id, "lost the shim's socket; reconnecting");
@@ -1344,7 +1451,15 @@ pub async fn setup(ctx: Ctx) -> anyhow::Result<Routes> {
         .get("runner")
         .and_then(|d| d.endpoint("log_sink"))
         .is_some();
-    let pty = pty::Runs::new(settings.apps_dir.clone());
+    let pty = pty::Runs::new(
+        settings.apps_dir.clone(),
+        hierarchy.clone(),
+        pty::Defaults {
+            nofile: settings.nofile,
+            pids: settings.pids,
+            memory_mb: settings.memory_mb,
+        },
+    );
     let runner = Runner {
         settings,
         node: cfg.node().to_string(),

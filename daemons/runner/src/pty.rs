@@ -4,7 +4,7 @@
 
 use std::cell::RefCell;
 use std::collections::HashMap;
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, IntoRawFd, OwnedFd, RawFd};
 use std::path::PathBuf;
 use std::rc::Rc;
 use std::time::Duration;
@@ -19,7 +19,7 @@ use serde_json::{json, Value};
 use tokio::io::unix::AsyncFd;
 use tokio::sync::Notify;
 
-use crate::users;
+use crate::{cgroup, child, shim, users};
 
 /// Output kept per run; beyond it the oldest bytes are dropped (offsets stay true).
 const MAX_BUFFER: usize = 8 << 20;
@@ -27,6 +27,8 @@ const MAX_BUFFER: usize = 8 << 20;
 struct Run {
     master: Rc<AsyncFd<OwnedFd>>,
     pid: i32,
+    /// The one-off's own cgroup: its limits, and the exact kill.
+    cgroup: cgroup::InstanceCgroup,
     /// Output bytes `[base, base + buf.len())`.
     buf: Vec<u8>,
     base: u64,
@@ -35,17 +37,54 @@ struct Run {
     changed: Rc<Notify>,
 }
 
+/// The runner's defaults for what a one-off may use (as for instances).
+#[derive(Debug, Clone, Copy)]
+pub struct Defaults {
+    pub nofile: u64,
+    pub pids: u64,
+    pub memory_mb: Option<u64>,
+}
+
 #[derive(Clone)]
 pub struct Runs {
     runs: Rc<RefCell<HashMap<String, Run>>>,
     apps_dir: PathBuf,
+    hierarchy: Rc<cgroup::Hierarchy>,
+    defaults: Defaults,
+}
+
+/// A pseudo-terminal whose both ends are close-on-exec from the moment they exist
+/// (the runner forks other tenants' shims at any time; an inherited terminal
+/// would cross tenants).
+fn open_pty(ws: &libc::winsize) -> nix::Result<(OwnedFd, OwnedFd)> {
+    use nix::fcntl::OFlag;
+    let master = nix::pty::posix_openpt(OFlag::O_RDWR | OFlag::O_NOCTTY | OFlag::O_CLOEXEC)?;
+    nix::pty::grantpt(&master)?;
+    nix::pty::unlockpt(&master)?;
+    let name = nix::pty::ptsname_r(&master)?;
+    let slave = nix::fcntl::open(
+        name.as_str(),
+        OFlag::O_RDWR | OFlag::O_NOCTTY | OFlag::O_CLOEXEC,
+        nix::sys::stat::Mode::empty(),
+    )?;
+    // SAFETY: open returned a fresh fd that nothing else owns.
+    let slave = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(slave) };
+    // SAFETY: TIOCSWINSZ with a valid winsize on an open pty.
+    if unsafe { libc::ioctl(slave.as_raw_fd(), libc::TIOCSWINSZ, ws) } != 0 {
+        return Err(nix::errno::Errno::last());
+    }
+    // SAFETY: posix_openpt's fd is ours from here on.
+    let master = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(master.into_raw_fd()) };
+    Ok((master, slave))
 }
 
 impl Runs {
-    pub fn new(apps_dir: PathBuf) -> Runs {
+    pub fn new(apps_dir: PathBuf, hierarchy: cgroup::Hierarchy, defaults: Defaults) -> Runs {
         Runs {
             runs: Rc::new(RefCell::new(HashMap::new())),
             apps_dir,
+            hierarchy: Rc::new(hierarchy),
+            defaults,
         }
     }
 
@@ -55,6 +94,24 @@ impl Runs {
                 "`app` must be 1-28 characters of [a-z0-9-]",
             ));
         }
+        let argv: Vec<String> = match (&req.argv, req.command.trim()) {
+            (Some(a), "") if !a.is_empty() => a.clone(),
+            (None, c) if !c.is_empty() => vec![
+                "/bin/sh".into(),
+                "-c".into(),
+                format!("exec {}", req.command),
+            ],
+            _ => {
+                return Err(WireError::invalid(
+                    "give either `command` (a shell line) or `argv` (a non-empty list)",
+                ))
+            }
+        };
+        let shown = req
+            .argv
+            .as_ref()
+            .map(|a| a.join(" "))
+            .unwrap_or_else(|| req.command.clone());
         let dir = PathBuf::from(&req.dir);
         let (uid, gid) = users::ensure_user(&req.app).map_err(WireError::internal)?;
         users::check_readable_dir(&dir, uid, gid).map_err(WireError::invalid)?;
@@ -71,18 +128,45 @@ impl Runs {
             std::os::unix::fs::chown(&home, Some(uid), Some(gid))
                 .map_err(|e| WireError::internal(e.to_string()))?;
         }
-        let ws = nix::pty::Winsize {
+        let d = self.defaults;
+        let pids = req.limits.pids.unwrap_or(d.pids);
+        let limits = cgroup::Limits {
+            memory_mb: req.limits.memory_mb.or(d.memory_mb),
+            pids: Some(pids),
+            cpu_weight: req.limits.cpu_weight,
+        };
+        let cg = self
+            .hierarchy
+            .create(&id, &limits)
+            .map_err(|e| WireError::internal(format!("cannot create cgroups: {e}")))?;
+        // A one-off joins every one of its cgroups before exec (nothing here is
+        // restarted, so the v1 freezer's migration cost does not matter).
+        let join: Vec<PathBuf> = cg
+            .procs
+            .iter()
+            .chain(&cg.shim_procs)
+            .chain(&cg.late_procs)
+            .cloned()
+            .collect();
+        let prepared = child::Prepared::new(
+            &join,
+            uid,
+            gid,
+            req.limits.nofile.unwrap_or(d.nofile),
+            Some(pids * 8),
+            &dir,
+        )
+        .map_err(|e| WireError::internal(e.to_string()))?;
+        let ws = libc::winsize {
             ws_row: req.rows,
             ws_col: req.cols,
             ws_xpixel: 0,
             ws_ypixel: 0,
         };
-        let pty = nix::pty::openpty(Some(&ws), None)
-            .map_err(|e| WireError::internal(format!("openpty: {e}")))?;
-        let slave = pty.slave;
-        let mut cmd = tokio::process::Command::new("/bin/sh");
-        cmd.arg("-c")
-            .arg(format!("exec {}", req.command))
+        let (master, slave) =
+            open_pty(&ws).map_err(|e| WireError::internal(format!("openpty: {e}")))?;
+        let mut cmd = tokio::process::Command::new(&argv[0]);
+        cmd.args(&argv[1..])
             .env_clear()
             .env("PATH", "/usr/local/bin:/usr/bin:/bin")
             .env("LANG", "C.UTF-8")
@@ -97,7 +181,6 @@ impl Runs {
             .env("HOME", &home)
             .env("TMPDIR", &home)
             .env("PADDOCK_APP", &req.app)
-            .current_dir(&dir)
             .stdin(std::process::Stdio::from(
                 slave
                     .try_clone()
@@ -109,27 +192,26 @@ impl Runs {
                     .map_err(|e| WireError::internal(e.to_string()))?,
             ))
             .stderr(std::process::Stdio::from(slave));
-        // SAFETY: only async-signal-safe syscalls between fork and exec (the runner
-        // has other threads, so nothing here allocates).
+        // SAFETY: only async-signal-safe syscalls on memory prepared before the fork
+        // (the runner has other threads, so nothing here allocates).
         unsafe {
             cmd.pre_exec(move || {
                 nix::unistd::setsid()?;
                 if libc::ioctl(0, libc::TIOCSCTTY as _, 0) != 0 {
                     return Err(std::io::Error::last_os_error());
                 }
-                libc::umask(0o077);
-                let g = nix::unistd::Gid::from_raw(gid);
-                nix::unistd::setgroups(&[g])?;
-                nix::unistd::setgid(g)?;
-                nix::unistd::setuid(nix::unistd::Uid::from_raw(uid))?;
-                Ok(())
+                prepared.apply()
             });
         }
-        let mut child = cmd
-            .spawn()
-            .map_err(|e| WireError::invalid(format!("cannot start `{}`: {e}", req.command)))?;
+        let mut child = match cmd.spawn() {
+            Ok(c) => c,
+            Err(e) => {
+                cg.remove();
+                let _ = std::fs::remove_dir_all(&home);
+                return Err(WireError::invalid(format!("cannot start `{shown}`: {e}")));
+            }
+        };
         let pid = child.id().unwrap_or(0) as i32;
-        let master = pty.master;
         nix::fcntl::fcntl(
             master.as_raw_fd(),
             nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
@@ -140,11 +222,14 @@ impl Runs {
             unsafe { AsyncFd::register(master) }.map_err(|e| WireError::internal(e.to_string()))?,
         );
         let changed = Rc::new(Notify::new());
+        let kill_spec = cg.kill.clone();
+        let cg_dirs = cg.clone();
         self.runs.borrow_mut().insert(
             id.clone(),
             Run {
                 master: master.clone(),
                 pid,
+                cgroup: cg,
                 buf: Vec::new(),
                 base: 0,
                 eof: false,
@@ -191,6 +276,9 @@ impl Runs {
                 }),
                 Err(_) => 255,
             };
+            // A one-off ends with its command: whatever it left behind (background
+            // children, which would also hold the terminal open) goes with it.
+            shim::kill_cgroup(kill_spec.as_ref());
             let notify = runs.borrow_mut().get_mut(&rid).map(|r| {
                 r.exit = Some(code);
                 r.changed.clone()
@@ -198,6 +286,14 @@ impl Runs {
             if let Some(n) = notify {
                 n.notify_waiters();
             }
+            // The killed processes leave the cgroup once the kernel has reaped them.
+            for _ in 0..100 {
+                if cg_dirs.pids().is_empty() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            cg_dirs.remove();
             // Forget the run a while after it ended (its output was fetched by then).
             tokio::time::sleep(Duration::from_secs(300)).await;
             runs.borrow_mut().remove(&rid);
@@ -293,7 +389,8 @@ impl Runs {
     }
 
     fn kill(&self, id: &str) -> Result<Value, WireError> {
-        let (pid, ended) = self.with(id, |r| (r.pid, r.exit.is_some()))?;
+        let (pid, ended, kill_spec) =
+            self.with(id, |r| (r.pid, r.exit.is_some(), r.cgroup.kill.clone()))?;
         if ended {
             // Its process group may belong to someone else by now.
             return Err(WireError::new(
@@ -301,6 +398,9 @@ impl Runs {
                 format!("run `{id}` has already ended"),
             ));
         }
+        // Exactly the one-off's processes, wherever they moved (setsid, double
+        // fork): its cgroup. The process group too, for hosts without cgroups.
+        shim::kill_cgroup(kill_spec.as_ref());
         let _ = nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(-pid),
             nix::sys::signal::Signal::SIGKILL,

@@ -526,13 +526,35 @@ pub fn plain_words(command: &str) -> Option<Vec<&str>> {
     (!words.is_empty()).then_some(words)
 }
 
-/// fork + exec the app: own session, cgroups joined, rlimits, umask 077, the app's
-/// user and group, a clean environment; the command exec'd directly, or as
-/// `sh -c 'exec COMMAND'` when it has shell syntax (same pid either way).
-fn spawn(spec: &ShimSpec) -> std::io::Result<(i32, OwnedFd, OwnedFd)> {
-    if spec.uid == 0 || spec.gid == 0 {
-        return Err(std::io::Error::other("refusing to run an app as root"));
+/// The program and arguments to exec for a spec: `argv` as given, a plain command
+/// line split into words, or `sh -c 'exec COMMAND'` when it has shell syntax (the
+/// tracked pid is the app's own in every case).
+pub fn program(spec: &ShimSpec) -> Vec<String> {
+    if let Some(argv) = spec.argv.as_ref().filter(|a| !a.is_empty()) {
+        return argv.clone();
     }
+    match plain_words(&spec.command) {
+        Some(words) => words.into_iter().map(String::from).collect(),
+        None => vec![
+            "/bin/sh".into(),
+            "-c".into(),
+            format!("exec {}", spec.command),
+        ],
+    }
+}
+
+/// fork + exec the app: own session, cgroups joined, rlimits, umask 077, the app's
+/// user and group, its `dir` entered as that user, default signals, nothing but
+/// stdio inherited, a clean environment.
+fn spawn(spec: &ShimSpec) -> std::io::Result<(i32, OwnedFd, OwnedFd)> {
+    let prepared = crate::child::Prepared::new(
+        &spec.cgroup_procs,
+        spec.uid,
+        spec.gid,
+        spec.nofile,
+        spec.nproc,
+        &spec.dir,
+    )?;
     let (out_r, out_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
     let (err_r, err_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
     for fd in [&out_r, &err_r] {
@@ -541,53 +563,21 @@ fn spawn(spec: &ShimSpec) -> std::io::Result<(i32, OwnedFd, OwnedFd)> {
             nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
         )?;
     }
-    let mut cmd = match plain_words(&spec.command) {
-        // No shell syntax: exec it directly (one exec less on every restart).
-        Some(words) => {
-            let mut c = Command::new(words[0]);
-            c.args(&words[1..]);
-            c
-        }
-        None => {
-            let mut c = Command::new("/bin/sh");
-            c.arg("-c").arg(format!("exec {}", spec.command));
-            c
-        }
-    };
-    cmd.env_clear()
+    let argv = program(spec);
+    let mut cmd = Command::new(&argv[0]);
+    cmd.args(&argv[1..])
+        .env_clear()
         .envs(&spec.env)
-        .current_dir(&spec.dir)
         .stdin(Stdio::null())
         .stdout(Stdio::from(out_w))
         .stderr(Stdio::from(err_w));
-    let procs = spec.cgroup_procs.clone();
-    let (uid, gid, nofile, nproc) = (spec.uid, spec.gid, spec.nofile, spec.nproc);
-    // SAFETY: the shim is single-threaded, so allocating between fork and exec is
-    // sound; every call here is a plain syscall wrapper.
+    // SAFETY: only syscalls on memory prepared before the fork (see child.rs).
     unsafe {
         cmd.pre_exec(move || {
-            let me = std::process::id().to_string();
-            for p in &procs {
-                std::fs::write(p, &me)?;
-            }
             // The shim is never the OOM killer's pick; the app is an ordinary process.
             let _ = std::fs::write("/proc/self/oom_score_adj", "0");
             nix::unistd::setsid()?;
-            use nix::sys::resource::{setrlimit, Resource};
-            setrlimit(Resource::RLIMIT_NOFILE, nofile, nofile)?;
-            setrlimit(Resource::RLIMIT_CORE, 0, 0)?;
-            if let Some(n) = nproc {
-                setrlimit(Resource::RLIMIT_NPROC, n, n)?;
-            }
-            nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
-            let g = nix::unistd::Gid::from_raw(gid);
-            nix::unistd::setgroups(&[g])?;
-            nix::unistd::setgid(g)?;
-            nix::unistd::setuid(nix::unistd::Uid::from_raw(uid))?;
-            if nix::unistd::geteuid().is_root() {
-                return Err(std::io::Error::other("still root after setuid"));
-            }
-            Ok(())
+            prepared.apply()
         });
     }
     let child = cmd.spawn()?;

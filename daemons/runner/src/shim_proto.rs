@@ -16,6 +16,9 @@ pub struct ShimSpec {
     /// The Procfile-style command; run as `sh -c 'exec COMMAND'` so the tracked
     /// pid is the app's own.
     pub command: String,
+    /// When set, exec'd as given (no shell); `command` is then only for display.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub argv: Option<Vec<String>>,
     pub dir: PathBuf,
     /// The complete environment (nothing is inherited).
     pub env: BTreeMap<String, String>,

@@ -1,0 +1,193 @@
+//! What every app process goes through between fork and exec, shared by the shim
+//! (instances) and the PTY relay (one-offs): cgroups joined, rlimits, umask,
+//! privileges dropped (and checked), the app's `dir` entered as the app's user,
+//! signals back to their defaults, and no inherited fd above stdio.
+//!
+//! Everything here runs in a forked child of a possibly multi-threaded process
+//! (the runner), so it only makes async-signal-safe syscalls on memory prepared
+//! before the fork: no allocation, no locks.
+
+use std::ffi::{CStr, CString};
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+
+/// What the child needs, prepared (allocated) before the fork.
+pub struct Prepared {
+    /// `cgroup.procs` files to join; writing `0` moves the writer itself.
+    pub cgroup_procs: Vec<CString>,
+    pub uid: u32,
+    pub gid: u32,
+    pub nofile: u64,
+    pub nproc: Option<u64>,
+    pub dir: CString,
+}
+
+pub fn cstring(p: &Path) -> std::io::Result<CString> {
+    CString::new(p.as_os_str().as_bytes())
+        .map_err(|_| std::io::Error::other(format!("{} holds a NUL byte", p.display())))
+}
+
+impl Prepared {
+    pub fn new(
+        cgroup_procs: &[std::path::PathBuf],
+        uid: u32,
+        gid: u32,
+        nofile: u64,
+        nproc: Option<u64>,
+        dir: &Path,
+    ) -> std::io::Result<Prepared> {
+        if uid == 0 || gid == 0 {
+            return Err(std::io::Error::other("refusing to run an app as root"));
+        }
+        Ok(Prepared {
+            cgroup_procs: cgroup_procs
+                .iter()
+                .map(|p| cstring(p))
+                .collect::<Result<_, _>>()?,
+            uid,
+            gid,
+            nofile,
+            nproc,
+            dir: cstring(dir)?,
+        })
+    }
+
+    /// Runs in the child, after fork, before exec. The caller has made the child a
+    /// session leader (and given it its terminal) already when it wants that.
+    pub fn apply(&self) -> std::io::Result<()> {
+        for p in &self.cgroup_procs {
+            join_cgroup(p)?;
+        }
+        use nix::sys::resource::{setrlimit, Resource};
+        setrlimit(Resource::RLIMIT_NOFILE, self.nofile, self.nofile)?;
+        setrlimit(Resource::RLIMIT_CORE, 0, 0)?;
+        if let Some(n) = self.nproc {
+            setrlimit(Resource::RLIMIT_NPROC, n, n)?;
+        }
+        // SAFETY: umask cannot fail.
+        unsafe { libc::umask(0o077) };
+        drop_privileges(self.uid, self.gid)?;
+        // Entered as the app's user, never as root: a `dir` the app may not enter
+        // (or one swapped for a root-only place after the check) is refused here.
+        // SAFETY: a NUL-terminated path prepared before the fork.
+        if unsafe { libc::chdir(self.dir.as_ptr()) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        reset_signals()?;
+        cloexec_from(3);
+        Ok(())
+    }
+}
+
+/// Moves the calling process into a cgroup (`0` names the writer).
+fn join_cgroup(procs: &CStr) -> std::io::Result<()> {
+    // SAFETY: open/write/close on a NUL-terminated path and a static buffer.
+    unsafe {
+        let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let n = libc::write(fd, b"0".as_ptr().cast(), 1);
+        let err = std::io::Error::last_os_error();
+        libc::close(fd);
+        if n != 1 {
+            return Err(err);
+        }
+    }
+    Ok(())
+}
+
+/// setgroups, setgid, setuid, then a check that no way back to root is left.
+pub fn drop_privileges(uid: u32, gid: u32) -> std::io::Result<()> {
+    if uid == 0 || gid == 0 {
+        return Err(std::io::Error::other("refusing to run an app as root"));
+    }
+    let g = nix::unistd::Gid::from_raw(gid);
+    nix::unistd::setgroups(&[g])?;
+    nix::unistd::setgid(g)?;
+    nix::unistd::setuid(nix::unistd::Uid::from_raw(uid))?;
+    if nix::unistd::geteuid().is_root()
+        || nix::unistd::getegid().as_raw() == 0
+        || nix::unistd::setuid(nix::unistd::Uid::from_raw(0)).is_ok()
+    {
+        return Err(std::io::Error::other("still root after setuid"));
+    }
+    Ok(())
+}
+
+/// Every signal back to its default action and none blocked: the shim blocks the
+/// signals it reads from a signalfd and ignores SIGPIPE, and both would otherwise
+/// be inherited through fork and exec (an app that never sees SIGTERM can only be
+/// SIGKILLed).
+pub fn reset_signals() -> std::io::Result<()> {
+    // The kernel's own sigaction (handler, flags, restorer, mask: all zero is
+    // SIG_DFL with nothing masked) through the raw syscall: the C library's
+    // wrapper refuses the signals it reserves for itself (32 and 33), and those
+    // are inherited like any other.
+    let dfl = [0u64; 4];
+    for sig in 1..=64 {
+        if sig == libc::SIGKILL || sig == libc::SIGSTOP {
+            continue;
+        }
+        // SAFETY: rt_sigaction with a valid, zeroed kernel sigaction and no old
+        // action; an invalid number only returns EINVAL.
+        unsafe {
+            libc::syscall(
+                libc::SYS_rt_sigaction,
+                sig,
+                dfl.as_ptr(),
+                std::ptr::null_mut::<u64>(),
+                8usize,
+            )
+        };
+    }
+    let empty = 0u64;
+    // SAFETY: rt_sigprocmask with an empty 64-bit set we own.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_rt_sigprocmask,
+            libc::SIG_SETMASK,
+            &empty as *const u64,
+            std::ptr::null_mut::<u64>(),
+            8usize,
+        )
+    };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Marks every fd from `first` up close-on-exec, so the app inherits nothing but
+/// its stdio, whatever its parent had open. close-on-exec rather than close: the
+/// standard library's exec-error pipe must stay usable until the exec itself.
+pub fn cloexec_from(first: u32) {
+    // SAFETY: close_range with CLOSE_RANGE_CLOEXEC only sets flags.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_close_range,
+            first,
+            u32::MAX,
+            libc::CLOSE_RANGE_CLOEXEC,
+        )
+    };
+    if r == 0 {
+        return;
+    }
+    // Older kernels (< 5.11): one fcntl per possible fd.
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit fills a struct we own; fcntl on any number is harmless.
+    unsafe {
+        let max = if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 {
+            lim.rlim_cur.min(1 << 20) as i32
+        } else {
+            1024
+        };
+        for fd in first as i32..max {
+            libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC);
+        }
+    }
+}
