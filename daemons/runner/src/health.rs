@@ -13,8 +13,17 @@ pub enum Check {
     None,
 }
 
+/// A failed check, said for a person (what was tried and what came back).
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{0}")]
+pub struct Unhealthy(pub String);
+
 /// One check against 127.0.0.1:`port`, bounded by `timeout`.
-pub async fn probe(check: &Check, port: u16, timeout: Duration) -> Result<(), String> {
+pub async fn probe(check: &Check, port: u16, timeout: Duration) -> Result<(), Unhealthy> {
+    probe_inner(check, port, timeout).await.map_err(Unhealthy)
+}
+
+async fn probe_inner(check: &Check, port: u16, timeout: Duration) -> Result<(), String> {
     let attempt = async {
         match check {
             Check::None => Ok(()),
@@ -89,7 +98,7 @@ mod tests {
         let e = probe(&Check::Http("/health".into()), bad, t)
             .await
             .unwrap_err();
-        assert!(e.contains("503"), "{e}");
+        assert!(e.to_string().contains("503"), "{e}");
         assert!(probe(&Check::Tcp, ok, t).await.is_ok());
         let closed = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()

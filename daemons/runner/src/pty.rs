@@ -113,8 +113,9 @@ impl Runs {
             .map(|a| a.join(" "))
             .unwrap_or_else(|| req.command.clone());
         let dir = PathBuf::from(&req.dir);
-        let (uid, gid) = users::ensure_user(&req.app).map_err(WireError::internal)?;
-        users::check_readable_dir(&dir, uid, gid).map_err(WireError::invalid)?;
+        let (uid, gid) =
+            users::ensure_user(&req.app).map_err(|e| WireError::internal(crate::chain(&e)))?;
+        users::check_readable_dir(&dir, uid, gid).map_err(|e| WireError::invalid(e.to_string()))?;
         let id = format!("run-{}", ulid::Ulid::new().to_string().to_lowercase());
         let home = self.apps_dir.join(&id);
         {

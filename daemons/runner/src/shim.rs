@@ -454,6 +454,7 @@ impl Shim {
                 out: VecDeque::new(),
             });
             let hello = ShimEvent::Hello {
+                proto: crate::shim_proto::SHIM_PROTO,
                 pid: self.app.as_ref().map(|a| a.pid),
                 started_ns: self.app.as_ref().map(|a| a.started_ns),
                 last_exit: self.last_exit.clone(),

@@ -90,6 +90,13 @@ impl ExitInfo {
     }
 }
 
+/// The version of this protocol a shim speaks, sent in its `Hello`. Version 0 is
+/// the first shim's, whose `Hello` has no `proto` field; it knows every command
+/// below. A runner keeps talking to the shims of older versions it finds (they
+/// keep running apps across runner upgrades) and sends each only the commands its
+/// version knows.
+pub const SHIM_PROTO: u32 = 1;
+
 /// Shim → runner.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(tag = "ev", rename_all = "snake_case")]
@@ -97,6 +104,9 @@ pub enum ShimEvent {
     /// First line after connecting: the app's current pid (if running) and the
     /// last exit (if any).
     Hello {
+        /// [`SHIM_PROTO`] of the shim; absent (0) from the first shim.
+        #[serde(default)]
+        proto: u32,
         pid: Option<i32>,
         started_ns: Option<i64>,
         last_exit: Option<ExitInfo>,

@@ -5,6 +5,25 @@ use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::process::Command;
 
+/// Why an app's account could not be had.
+#[derive(Debug, thiserror::Error)]
+pub enum UserError {
+    #[error("account {0} has uid or gid 0; refusing to run an app as root")]
+    Root(String),
+    #[error("cannot run useradd")]
+    Useradd(#[source] std::io::Error),
+    #[error("useradd {name} failed: {stderr}")]
+    UseraddFailed { name: String, stderr: String },
+    #[error("account {0} is missing after useradd")]
+    Missing(String),
+}
+
+/// Why the app's user cannot use a directory; the message names the directory
+/// that stops it and what to do.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct DirError(String);
+
 /// App names: what can become part of a user name and a cgroup name.
 pub fn valid_app(name: &str) -> bool {
     (1..=28).contains(&name.len())
@@ -27,13 +46,11 @@ pub fn user_name(app: &str) -> String {
 }
 
 /// The uid and gid of the app's account, creating it (and its group) if needed.
-pub fn ensure_user(app: &str) -> Result<(u32, u32), String> {
+pub fn ensure_user(app: &str) -> Result<(u32, u32), UserError> {
     let name = user_name(app);
     if let Ok(Some(u)) = nix::unistd::User::from_name(&name) {
         if u.uid.is_root() || u.gid.as_raw() == 0 {
-            return Err(format!(
-                "account {name} has uid or gid 0; refusing to run an app as root"
-            ));
+            return Err(UserError::Root(name));
         }
         return Ok((u.uid.as_raw(), u.gid.as_raw()));
     }
@@ -49,17 +66,17 @@ pub fn ensure_user(app: &str) -> Result<(u32, u32), String> {
         ])
         .arg(&name)
         .output()
-        .map_err(|e| format!("cannot run useradd: {e}"))?;
+        .map_err(UserError::Useradd)?;
     // Another runner may have created it at the same moment (exit 9: exists).
     if !out.status.success() && out.status.code() != Some(9) {
-        return Err(format!(
-            "useradd {name} failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
+        return Err(UserError::UseraddFailed {
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+            name,
+        });
     }
     match nix::unistd::User::from_name(&name) {
         Ok(Some(u)) if u.uid.as_raw() != 0 => Ok((u.uid.as_raw(), u.gid.as_raw())),
-        _ => Err(format!("account {name} is missing after useradd")),
+        _ => Err(UserError::Missing(name)),
     }
 }
 
@@ -77,26 +94,30 @@ fn allows(meta: &std::fs::Metadata, uid: u32, gid: u32, bits: u32) -> bool {
 /// Whether `uid`/`gid` (with no supplementary groups) can list and enter `dir`,
 /// which needs search permission on every parent too. The error names the first
 /// directory that stops it.
-pub fn check_readable_dir(dir: &Path, uid: u32, gid: u32) -> Result<(), String> {
-    let meta = std::fs::metadata(dir).map_err(|e| format!("`dir` {}: {e}", dir.display()))?;
+pub fn check_readable_dir(dir: &Path, uid: u32, gid: u32) -> Result<(), DirError> {
+    let meta =
+        std::fs::metadata(dir).map_err(|e| DirError(format!("`dir` {}: {e}", dir.display())))?;
     if !meta.is_dir() {
-        return Err(format!("`dir` {} is not a directory", dir.display()));
+        return Err(DirError(format!(
+            "`dir` {} is not a directory",
+            dir.display()
+        )));
     }
     if !allows(&meta, uid, gid, 0o5) {
-        return Err(format!(
+        return Err(DirError(format!(
             "`dir` {} is not readable by the app's user (uid {uid}); make it readable (e.g. chmod o+rx) — the runner never changes its ownership",
             dir.display()
-        ));
+        )));
     }
     let mut p = dir.parent();
     while let Some(d) = p {
-        let m = std::fs::metadata(d).map_err(|e| format!("{}: {e}", d.display()))?;
+        let m = std::fs::metadata(d).map_err(|e| DirError(format!("{}: {e}", d.display())))?;
         if !allows(&m, uid, gid, 0o1) {
-            return Err(format!(
+            return Err(DirError(format!(
                 "the app's user (uid {uid}) cannot reach `dir` {}: {} is not searchable (chmod o+x)",
                 dir.display(),
                 d.display()
-            ));
+            )));
         }
         p = d.parent();
     }
@@ -129,11 +150,15 @@ mod tests {
         let stranger = 54321;
         check_readable_dir(&code, stranger, stranger).unwrap();
         std::fs::set_permissions(&code, std::fs::Permissions::from_mode(0o700)).unwrap();
-        let e = check_readable_dir(&code, stranger, stranger).unwrap_err();
+        let e = check_readable_dir(&code, stranger, stranger)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("not readable"), "{e}");
         std::fs::set_permissions(&code, std::fs::Permissions::from_mode(0o755)).unwrap();
         std::fs::set_permissions(t.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
-        let e = check_readable_dir(&code, stranger, stranger).unwrap_err();
+        let e = check_readable_dir(&code, stranger, stranger)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("not searchable"), "{e}");
         assert!(check_readable_dir(&t.path().join("nope"), stranger, stranger).is_err());
     }

@@ -1,0 +1,720 @@
+//! The runner actor: thin glue around each instance's [`Machine`]. It turns
+//! requests, shim lines, health results and timers into events, and the machine's
+//! effects into I/O (the shim's socket, the record on disk, PUB events, cgroups,
+//! tasks). No instance state is changed here except through `Machine::step`.
+
+use std::cell::Cell;
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+use paddock_daemon::body;
+use paddock_wire::kinds::{
+    self, InstanceId, InstanceInfo, InstanceList, InstanceLogs, InstanceStart, InstanceStarted,
+    LastExit, LogLines,
+};
+use paddock_wire::{now_ms, Code, ServerHandle, WireError};
+use serde_json::{json, Value};
+use tokio::io::{AsyncBufReadExt, BufReader};
+
+use crate::link::{self, ShimLink, Writer};
+use crate::machine::{Effect, Event, Machine, Now, Policy, State};
+use crate::provision::{self, signal_named};
+use crate::settings::Settings;
+use crate::shim_proto::{ShimCommand, ShimEvent, SHIM_PROTO};
+use crate::store::{self, AppSpec, Record};
+use crate::{cgroup, health, shim};
+
+/// One instance: its record, its state machine, and the actor's handles on it.
+struct Inst {
+    rec: Record,
+    dir: PathBuf,
+    m: Machine,
+    policy: Policy,
+    link: ShimLink,
+    /// The machine's generation, shared with health watchers so that the watcher
+    /// of a process that is gone stands down.
+    generation: Rc<Cell<u64>>,
+    /// The shim this runner spawned, from the moment of spawn until it is reaped:
+    /// a shim counts as alive before it has written `shim.pid`, so a stop or a
+    /// restart right after a start finds it.
+    spawned: Rc<Cell<Option<i32>>>,
+    cgroup: cgroup::InstanceCgroup,
+}
+
+impl Inst {
+    fn new(rec: Record, dir: PathBuf, cgroup: cgroup::InstanceCgroup, s: &Settings) -> Inst {
+        Inst {
+            m: Machine::new(
+                rec.running,
+                rec.restarts,
+                rec.crashed.clone(),
+                rec.stopped_at,
+            ),
+            policy: policy(s, &rec.spec),
+            rec,
+            dir,
+            link: ShimLink::default(),
+            generation: Rc::new(Cell::new(0)),
+            spawned: Rc::new(Cell::new(None)),
+            cgroup,
+        }
+    }
+
+    fn shim_alive(&self) -> bool {
+        self.spawned
+            .get()
+            .is_some_and(|pid| !link::zombie_or_gone(pid))
+            || link::shim_alive(&self.dir)
+    }
+
+    fn save(&mut self) {
+        self.rec.running = self.m.running;
+        self.rec.restarts = self.m.restarts;
+        self.rec.crashed = self.m.crashed.clone();
+        self.rec.stopped_at = self.m.stopped_at;
+        if let Err(e) = store::save(&self.dir, &self.rec) {
+            tracing::warn!(
+                "cannot save {}/instance.json: {}",
+                self.dir.display(),
+                crate::chain(&e)
+            );
+        }
+    }
+
+    fn info(&self, node: &str) -> InstanceInfo {
+        let m = &self.m;
+        InstanceInfo {
+            id: self.rec.id.clone(),
+            app: self.rec.spec.app.clone(),
+            proc: self.rec.spec.proc.clone(),
+            pid: m.pid,
+            port: self.rec.port,
+            state: m.state.as_str().into(),
+            restarts: m.restarts,
+            uptime_ms: match (m.state, m.started_ms) {
+                (State::Starting | State::Up, Some(s)) => now_ms().saturating_sub(s).max(0) as u64,
+                _ => 0,
+            },
+            last_exit: m.last_exit.as_ref().map(|e| LastExit {
+                code: e.code,
+                signal: e.signal,
+                oom: e.oom,
+                at: e.at,
+                reason: e.describe(),
+            }),
+            node: node.to_string(),
+            reason: m.reason.clone(),
+        }
+    }
+
+    fn span(&self) -> tracing::Span {
+        tracing::info_span!("instance", instance = %self.rec.id, app = %self.rec.spec.app)
+    }
+}
+
+/// The instance's restart and stop rules: its request's, else the runner's.
+fn policy(s: &Settings, spec: &AppSpec) -> Policy {
+    let r = &spec.restart;
+    let ms = |v: Option<u64>, d: Duration| v.map(Duration::from_millis).unwrap_or(d);
+    Policy {
+        limit: r.limit.unwrap_or(s.restart_limit),
+        window: ms(r.window_ms, s.restart_window),
+        base: ms(r.backoff_base_ms, s.backoff_base),
+        cap: ms(r.backoff_cap_ms, s.backoff_cap),
+        reset: ms(r.reset_after_ms, s.backoff_reset),
+        normal_exit: r.normal_exit.clone().unwrap_or_default(),
+        // Checked when the instance was started.
+        stop_signal: signal_named(spec.stop_signal.as_deref().unwrap_or("TERM")).unwrap_or(15),
+        stop_grace_ms: spec
+            .stop_grace_ms
+            .unwrap_or(s.stop_grace.as_millis() as u64),
+    }
+}
+
+pub struct Runner {
+    pub settings: Settings,
+    pub node: String,
+    pub server: ServerHandle,
+    pub hierarchy: cgroup::Hierarchy,
+    pub shim_bin: PathBuf,
+    instances: HashMap<String, Inst>,
+}
+
+impl Runner {
+    pub fn new(
+        settings: Settings,
+        node: String,
+        server: ServerHandle,
+        hierarchy: cgroup::Hierarchy,
+        shim_bin: PathBuf,
+    ) -> Runner {
+        Runner {
+            settings,
+            node,
+            server,
+            hierarchy,
+            shim_bin,
+            instances: HashMap::new(),
+        }
+    }
+}
+
+impl Actor for Runner {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        self.adopt(ctx);
+        let every = (self.settings.stopped_keep / 2)
+            .clamp(Duration::from_millis(50), Duration::from_secs(60));
+        ctx.run_interval(every, |act, _| act.sweep_stopped());
+    }
+}
+
+#[derive(Message)]
+#[rtype(result = "()")]
+struct FromShim {
+    id: String,
+    ev: ShimEvent,
+}
+
+#[derive(Message)]
+#[rtype(result = "()")]
+struct ShimGone {
+    id: String,
+}
+
+#[derive(Message)]
+#[rtype(result = "()")]
+struct ShimConnected {
+    id: String,
+    writer: std::os::unix::net::UnixStream,
+}
+
+#[derive(Message)]
+#[rtype(result = "()")]
+struct HealthResult {
+    id: String,
+    generation: u64,
+    ok: Result<(), health::Unhealthy>,
+}
+
+#[derive(Message)]
+#[rtype(result = "Result<Value, WireError>")]
+pub struct Call(pub paddock_wire::Envelope);
+
+impl Runner {
+    /// The one way an instance's state changes: its machine steps, then the
+    /// effects are carried out in order.
+    fn step(&mut self, ctx: &mut Context<Self>, id: &str, ev: Event) {
+        let Some(inst) = self.instances.get_mut(id) else {
+            return;
+        };
+        let span = inst.span();
+        let _enter = span.enter();
+        let effects = inst.m.step(ev, Now::current(), &inst.policy);
+        inst.generation.set(inst.m.generation);
+        for e in effects {
+            self.apply(ctx, id, e);
+        }
+    }
+
+    fn apply(&mut self, ctx: &mut Context<Self>, id: &str, e: Effect) {
+        let Some(inst) = self.instances.get_mut(id) else {
+            return;
+        };
+        match e {
+            Effect::Send(c) => inst.link.send(c),
+            Effect::Save => inst.save(),
+            Effect::Publish(kind) => {
+                let info = inst.info(&self.node);
+                self.server.publish(kind, kinds::to_body(&info));
+            }
+            Effect::WatchHealth { generation } => self.watch_health(ctx, id, generation),
+            Effect::After { delay, event } => {
+                let id = id.to_string();
+                ctx.run_later(delay, move |act, ctx| act.step(ctx, &id, *event));
+            }
+            Effect::SpawnShim => self.spawn_shim(ctx, id),
+            Effect::Connect => self.connect(ctx, id),
+            Effect::ForgetPending => inst.link.forget_pending(),
+            Effect::KillCgroup => shim::kill_cgroup(inst.cgroup.kill.as_ref()),
+            Effect::RemoveCgroup => inst.cgroup.remove(),
+            Effect::Info(m) => tracing::info!("{m}"),
+            Effect::Warn(m) => tracing::warn!("{m}"),
+        }
+    }
+
+    /// Re-reads every instance directory: running shims are reconnected, dead
+    /// shims of instances that should run are started again. A directory whose
+    /// record cannot be read is left as it is and said at ERROR (a person must
+    /// look: the runner will not guess what it held).
+    fn adopt(&mut self, ctx: &mut Context<Self>) {
+        let root = self.settings.instances_dir.join("instances");
+        let rd = match std::fs::read_dir(&root) {
+            Ok(rd) => rd,
+            Err(e) => {
+                tracing::error!("cannot list {}: {e}", root.display());
+                return;
+            }
+        };
+        for e in rd.flatten() {
+            let dir = e.path();
+            let rec = match store::load(&dir) {
+                Ok(r) => r,
+                Err(err) => {
+                    tracing::error!(
+                        "not adopting {}: {}; its processes (if any) are left alone",
+                        dir.display(),
+                        crate::chain(&err)
+                    );
+                    continue;
+                }
+            };
+            let limits = provision::limits_of(&self.settings, &rec.spec);
+            let cg = self.hierarchy.create(&rec.id, &limits).unwrap_or_else(|e| {
+                tracing::warn!(instance = %rec.id, "cannot create cgroups again: {e}");
+                cgroup::InstanceCgroup::default()
+            });
+            let id = rec.id.clone();
+            let inst = Inst::new(rec, dir, cg, &self.settings);
+            let shim_alive = inst.shim_alive();
+            self.instances.insert(id.clone(), inst);
+            self.step(ctx, &id, Event::Adopted { shim_alive });
+        }
+    }
+
+    /// Forgets stopped instances `stopped_keep` after they stopped, with their
+    /// directories (record, logs, home, tmp) and cgroups.
+    fn sweep_stopped(&mut self) {
+        let keep = self.settings.stopped_keep.as_millis() as i64;
+        let now = now_ms();
+        let old: Vec<String> = self
+            .instances
+            .values()
+            .filter(|i| i.m.state == State::Stopped)
+            .filter(|i| {
+                i.m.stopped_at
+                    .is_some_and(|t| now.saturating_sub(t) >= keep)
+            })
+            .filter(|i| !i.shim_alive())
+            .map(|i| i.rec.id.clone())
+            .collect();
+        for id in old {
+            let Some(inst) = self.instances.remove(&id) else {
+                continue;
+            };
+            inst.cgroup.remove();
+            for d in [inst.dir.clone(), self.settings.apps_dir.join(&id)] {
+                if let Err(e) = std::fs::remove_dir_all(&d) {
+                    if e.kind() != std::io::ErrorKind::NotFound {
+                        tracing::warn!(instance = %id, "cannot remove {}: {e}", d.display());
+                    }
+                }
+            }
+            tracing::info!(instance = %id, "stopped instance removed");
+        }
+    }
+
+    fn spawn_shim(&mut self, ctx: &mut Context<Self>, id: &str) {
+        let Some(inst) = self.instances.get(id) else {
+            return;
+        };
+        let dir = inst.dir.clone();
+        let mut cmd = tokio::process::Command::new(&self.shim_bin);
+        cmd.arg(&dir).stdin(std::process::Stdio::null());
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("shim.log"));
+        if let Ok(l) = log {
+            if let Ok(l2) = l.try_clone() {
+                cmd.stdout(l).stderr(l2);
+            }
+        }
+        // Its own session: no signal to the runner's group (Ctrl-C, a supervisor's
+        // stop) reaches the shim or the app.
+        // SAFETY: setsid is async-signal-safe.
+        unsafe {
+            cmd.pre_exec(|| {
+                nix::unistd::setsid()?;
+                Ok(())
+            });
+        }
+        let _ = std::fs::remove_file(dir.join("shim.sock"));
+        match cmd.spawn() {
+            Ok(mut child) => {
+                let spawned = inst.spawned.clone();
+                let pid = child.id().map(|p| p as i32);
+                spawned.set(pid);
+                // Reap it whenever it ends (a re-adopting runner is not its parent).
+                actix_rt::spawn(async move {
+                    let _ = child.wait().await;
+                    if spawned.get() == pid {
+                        spawned.set(None);
+                    }
+                });
+                self.connect(ctx, id);
+            }
+            Err(e) => {
+                let reason = format!("cannot start paddock-shim: {e}");
+                self.step(ctx, id, Event::ShimUnstartable { reason });
+            }
+        }
+    }
+
+    /// Connects to the instance's shim socket (retrying while the shim starts)
+    /// and relays its lines to the actor until the socket closes.
+    fn connect(&mut self, ctx: &mut Context<Self>, id: &str) {
+        let Some(inst) = self.instances.get_mut(id) else {
+            return;
+        };
+        inst.link.disconnected();
+        let sock = inst.dir.join("shim.sock");
+        let (dir, spawned) = (inst.dir.clone(), inst.spawned.clone());
+        let addr = ctx.address();
+        let id = id.to_string();
+        actix_rt::spawn(async move {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            // Retried while the shim starts; given up at once when it has died
+            // (an exiting shim closes its socket before it is a zombie).
+            let alive = || {
+                spawned.get().is_some_and(|pid| !link::zombie_or_gone(pid))
+                    || link::shim_alive(&dir)
+            };
+            let stream = loop {
+                match tokio::net::UnixStream::connect(&sock).await {
+                    Ok(s) => break Some(s),
+                    Err(_) if Instant::now() < deadline && alive() => {
+                        tokio::time::sleep(Duration::from_millis(5)).await
+                    }
+                    Err(_) => break None,
+                }
+            };
+            let split = stream.and_then(|s| {
+                let std = s.into_std().ok()?;
+                let writer = std.try_clone().ok()?;
+                Some((tokio::net::UnixStream::from_std(std).ok()?, writer))
+            });
+            let Some((reader, writer)) = split else {
+                addr.do_send(ShimGone { id });
+                return;
+            };
+            addr.do_send(ShimConnected {
+                id: id.clone(),
+                writer,
+            });
+            let mut lines = BufReader::new(reader).lines();
+            while let Ok(Some(l)) = lines.next_line().await {
+                match serde_json::from_str::<ShimEvent>(&l) {
+                    Ok(ev) => addr.do_send(FromShim { id: id.clone(), ev }),
+                    Err(e) => tracing::warn!(instance = %id, "bad line from shim: {e}"),
+                }
+            }
+            addr.do_send(ShimGone { id });
+        });
+    }
+
+    /// Watches one start of the app: healthy within the start timeout, then
+    /// periodic liveness checks, until the generation moves on.
+    fn watch_health(&self, ctx: &mut Context<Self>, id: &str, generation: u64) {
+        let Some(inst) = self.instances.get(id) else {
+            return;
+        };
+        let spec = &inst.rec.spec;
+        let check = if let Some(p) = &spec.health.http {
+            health::Check::Http(p.clone())
+        } else if spec.health.none == Some(true) {
+            health::Check::None
+        } else {
+            health::Check::Tcp
+        };
+        let port = inst.rec.port;
+        let current = inst.generation.clone();
+        let s = &self.settings;
+        let ms = |v: Option<u64>, d: Duration| v.map(Duration::from_millis).unwrap_or(d);
+        let start_timeout = ms(spec.start_timeout_ms, s.start_timeout);
+        let interval = ms(spec.health_interval_ms, s.health_interval);
+        let (failures, none_after) = (s.health_failures.max(1), s.none_up_after);
+        let addr = ctx.address();
+        let id = id.to_string();
+        actix_rt::spawn(async move {
+            let deadline = Instant::now() + start_timeout;
+            let report = |ok| {
+                addr.do_send(HealthResult {
+                    id: id.clone(),
+                    generation,
+                    ok,
+                })
+            };
+            if check == health::Check::None {
+                tokio::time::sleep(none_after).await;
+                report(Ok(()));
+                return; // a worker without a port: its exits are its health
+            }
+            let mut last = None;
+            let mut up = false;
+            while Instant::now() < deadline && current.get() == generation {
+                match health::probe(&check, port, Duration::from_secs(2)).await {
+                    Ok(()) => {
+                        up = true;
+                        break;
+                    }
+                    Err(e) => last = Some(e),
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            if !up {
+                let last = last.map(|e| e.0).unwrap_or_default();
+                report(Err(health::Unhealthy(format!(
+                    "not healthy within {start_timeout:?}: {last}"
+                ))));
+                return;
+            }
+            report(Ok(()));
+            let mut failed = 0;
+            loop {
+                tokio::time::sleep(interval).await;
+                if current.get() != generation {
+                    return; // that process is gone; a newer watcher has it
+                }
+                match health::probe(&check, port, Duration::from_secs(2)).await {
+                    Ok(()) => failed = 0,
+                    Err(e) => {
+                        failed += 1;
+                        if failed >= failures {
+                            report(Err(health::Unhealthy(format!(
+                                "{failed} liveness checks failed: {e}"
+                            ))));
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+    }
+
+    fn start_instance(
+        &mut self,
+        ctx: &mut Context<Self>,
+        req: InstanceStart,
+    ) -> Result<Value, WireError> {
+        provision::check(&req)?;
+        let port = self
+            .free_port()
+            .ok_or_else(|| WireError::unavailable("no free port left in the runner's range"))?;
+        let id = format!(
+            "{}-{}-{}",
+            req.app,
+            req.proc,
+            &ulid::Ulid::new().to_string().to_lowercase()[16..]
+        );
+        let p = provision::provision(&self.settings, &self.hierarchy, &id, req, port)?;
+        let inst = Inst::new(p.rec, p.dir, p.cgroup, &self.settings);
+        let span = inst.span();
+        self.instances.insert(id.clone(), inst);
+        span.in_scope(|| tracing::info!(port, "instance started"));
+        self.spawn_shim(ctx, &id);
+        Ok(kinds::to_body(&InstanceStarted { id, port }))
+    }
+
+    fn free_port(&self) -> Option<u16> {
+        let used: Vec<u16> = self
+            .instances
+            .values()
+            .filter(|i| i.m.state != State::Stopped)
+            .map(|i| i.rec.port)
+            .collect();
+        let (min, max) = (self.settings.port_min, self.settings.port_max);
+        let span = (max - min) as u32 + 1;
+        let offset = rand_u32() % span;
+        (0..span)
+            .map(|i| min + ((offset + i) % span) as u16)
+            .find(|p| !used.contains(p) && std::net::TcpListener::bind(("0.0.0.0", *p)).is_ok())
+    }
+
+    fn get(&mut self, id: &str) -> Result<&mut Inst, WireError> {
+        self.instances.get_mut(id).ok_or_else(|| {
+            WireError::new(Code::NotFound, format!("no instance `{id}` on this runner"))
+        })
+    }
+
+    fn handle_call(
+        &mut self,
+        ctx: &mut Context<Self>,
+        env: paddock_wire::Envelope,
+    ) -> Result<Value, WireError> {
+        match env.kind.as_str() {
+            kinds::INSTANCE_START => self.start_instance(ctx, body(&env)?),
+            kinds::INSTANCE_STOP => {
+                let req: InstanceId = body(&env)?;
+                let shim_alive = self.get(&req.id)?.shim_alive();
+                self.step(ctx, &req.id, Event::StopAsked { shim_alive });
+                let state = self.get(&req.id)?.m.state;
+                Ok(json!({"state": state.as_str()}))
+            }
+            kinds::INSTANCE_RESTART => {
+                let req: InstanceId = body(&env)?;
+                let inst = self.get(&req.id)?;
+                if inst.m.state == State::Stopped {
+                    return Err(WireError::new(
+                        Code::Conflict,
+                        format!("instance `{}` is stopped; start a new one", req.id),
+                    ));
+                }
+                let shim_alive = inst.shim_alive();
+                self.step(ctx, &req.id, Event::RestartAsked { shim_alive });
+                Ok(json!({"state": "restarting"}))
+            }
+            kinds::INSTANCE_RELOAD => {
+                let req: InstanceId = body(&env)?;
+                let inst = self.get(&req.id)?;
+                let sig = signal_named(inst.rec.spec.reload_signal.as_deref().unwrap_or("HUP"))?;
+                if inst.m.pid.is_none() {
+                    return Err(WireError::new(
+                        Code::Conflict,
+                        format!("instance `{}` is not running", req.id),
+                    ));
+                }
+                inst.link.send(ShimCommand::Signal { sig });
+                Ok(json!({"signal": sig}))
+            }
+            kinds::INSTANCE_LIST => {
+                let mut v: Vec<InstanceInfo> = self
+                    .instances
+                    .values()
+                    .map(|i| i.info(&self.node))
+                    .collect();
+                v.sort_by(|a, b| a.id.cmp(&b.id));
+                Ok(kinds::to_body(&InstanceList { instances: v }))
+            }
+            kinds::INSTANCE_LOGS => {
+                let req: InstanceLogs = body(&env)?;
+                let inst = self.get(&req.id)?;
+                Ok(kinds::to_body(&LogLines {
+                    lines: store::tail_log(&inst.dir.join("app.log"), req.lines.min(10_000)),
+                }))
+            }
+            other => Err(WireError::new(
+                Code::UnknownKind,
+                format!("runner does not handle `{other}`"),
+            )),
+        }
+    }
+}
+
+fn rand_u32() -> u32 {
+    use std::io::Read;
+    let mut b = [0u8; 4];
+    let _ = std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut b));
+    u32::from_le_bytes(b)
+}
+
+impl Handler<FromShim> for Runner {
+    type Result = ();
+    fn handle(&mut self, m: FromShim, ctx: &mut Context<Self>) {
+        let Some(inst) = self.instances.get(&m.id) else {
+            return;
+        };
+        let ev = match m.ev {
+            ShimEvent::Hello {
+                proto,
+                pid,
+                started_ns,
+                last_exit,
+            } => {
+                inst.span().in_scope(|| {
+                    if proto == 0 {
+                        tracing::info!("the shim speaks the version-less protocol of the first paddock-shim; adopted as it is");
+                    } else if proto > SHIM_PROTO {
+                        tracing::warn!(
+                            "the shim speaks protocol {proto}, newer than this runner's {SHIM_PROTO}; only commands both know are used"
+                        );
+                    }
+                });
+                Event::Hello {
+                    pid,
+                    started_ms: started_ns.map(|n| n / 1_000_000),
+                    last_exit,
+                    stop_sent: inst.link.stop_sent,
+                }
+            }
+            ShimEvent::Started { pid, started_ns } => Event::Started {
+                pid,
+                started_ms: started_ns / 1_000_000,
+            },
+            ShimEvent::Exited(e) => Event::Exited(e),
+            ShimEvent::Stopped => Event::Stopped,
+            ShimEvent::Log { ts, stream, line } => {
+                if self.settings.log_sink.is_some() {
+                    self.server.push_to(
+                        "logs",
+                        kinds::LOG_LINE,
+                        json!({"app": inst.rec.spec.app, "proc": inst.rec.spec.proc, "instance": m.id,
+                               "node": self.node, "ts": ts, "stream": stream, "line": line}),
+                    );
+                }
+                return;
+            }
+            ShimEvent::Error { message } => {
+                inst.span().in_scope(|| tracing::warn!("shim: {message}"));
+                return;
+            }
+        };
+        self.step(ctx, &m.id, ev);
+    }
+}
+
+impl Handler<ShimConnected> for Runner {
+    type Result = ();
+    fn handle(&mut self, m: ShimConnected, _: &mut Context<Self>) {
+        let Some(inst) = self.instances.get_mut(&m.id) else {
+            return;
+        };
+        match Writer::new(m.writer) {
+            Ok(w) => inst.link.connected(w),
+            Err(e) => inst
+                .span()
+                .in_scope(|| tracing::warn!("cannot use the shim's socket: {e}")),
+        }
+    }
+}
+
+impl Handler<ShimGone> for Runner {
+    type Result = ();
+    fn handle(&mut self, m: ShimGone, ctx: &mut Context<Self>) {
+        let Some(inst) = self.instances.get_mut(&m.id) else {
+            return;
+        };
+        inst.link.disconnected();
+        let shim_alive = inst.shim_alive();
+        self.step(ctx, &m.id, Event::ShimGone { shim_alive });
+    }
+}
+
+impl Handler<HealthResult> for Runner {
+    type Result = ();
+    fn handle(&mut self, m: HealthResult, ctx: &mut Context<Self>) {
+        let generation = m.generation;
+        let ev = match m.ok {
+            Ok(()) => Event::Healthy { generation },
+            Err(e) => Event::Unhealthy {
+                generation,
+                reason: e.0,
+            },
+        };
+        self.step(ctx, &m.id, ev);
+    }
+}
+
+impl Handler<Call> for Runner {
+    type Result = Result<Value, WireError>;
+    fn handle(&mut self, m: Call, ctx: &mut Context<Self>) -> Self::Result {
+        if m.0.kind.starts_with("run.") {
+            return Err(WireError::internal("run.* is handled by the PTY relay"));
+        }
+        self.handle_call(ctx, m.0)
+    }
+}

@@ -1,0 +1,263 @@
+//! What the runner keeps on disk for each instance, in
+//! `<instances_dir>/instances/<id>/`: `instance.json` (the record below),
+//! `spec.json` (what the shim runs), `app.log`, and the shim's socket and pid.
+//!
+//! The record is the runner's own boundary type, versioned, not the wire request:
+//! the wire may grow fields the runner does not keep, and a record written by an
+//! older runner must still be read by a newer one.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use paddock_wire::kinds::{Health, InstanceLimits, InstanceStart, LogLine, RestartPolicy};
+use serde::{Deserialize, Serialize};
+
+/// The record version this runner writes. Version 0 is the first runner's
+/// version-less record (the same fields, the spec under `req`).
+pub const RECORD_VERSION: u32 = 1;
+
+/// What the instance was asked to be, as the runner keeps it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AppSpec {
+    pub app: String,
+    pub proc: String,
+    pub dir: String,
+    #[serde(default)]
+    pub command: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub argv: Option<Vec<String>>,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    #[serde(default)]
+    pub health: Health,
+    #[serde(default)]
+    pub limits: InstanceLimits,
+    #[serde(default)]
+    pub restart: RestartPolicy,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop_signal: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reload_signal: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop_grace_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_timeout_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health_interval_ms: Option<u64>,
+}
+
+impl From<InstanceStart> for AppSpec {
+    fn from(r: InstanceStart) -> AppSpec {
+        AppSpec {
+            app: r.app,
+            proc: r.proc,
+            dir: r.dir,
+            command: r.command,
+            argv: r.argv,
+            env: r.env,
+            health: r.health,
+            limits: r.limits,
+            restart: r.restart,
+            stop_signal: r.stop_signal,
+            reload_signal: r.reload_signal,
+            stop_grace_ms: r.stop_grace_ms,
+            start_timeout_ms: r.start_timeout_ms,
+            health_interval_ms: r.health_interval_ms,
+        }
+    }
+}
+
+/// `instance.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Record {
+    /// Absent (0) in records written before records were versioned.
+    #[serde(default)]
+    pub version: u32,
+    pub id: String,
+    #[serde(alias = "req")]
+    pub spec: AppSpec,
+    pub port: u16,
+    pub uid: u32,
+    pub gid: u32,
+    pub created: i64,
+    /// False from the moment a stop is requested: a restarted runner finishes the
+    /// stop instead of starting the app again.
+    pub running: bool,
+    pub restarts: u32,
+    /// Why it was given up on, if it was (survives a runner restart).
+    #[serde(default)]
+    pub crashed: Option<String>,
+    /// When it stopped (epoch ms); its directories are removed `stopped_keep`
+    /// later.
+    #[serde(default)]
+    pub stopped_at: Option<i64>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot read {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path} is not an instance record")]
+    Parse {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("{path} is record version {found}; this runner reads versions 0 to {RECORD_VERSION} (upgrade the runner)")]
+    Version { path: PathBuf, found: u32 },
+    #[error("{path} names instance `{id}`, which is not its directory's name")]
+    Misplaced { path: PathBuf, id: String },
+}
+
+/// Reads an instance directory's record, whichever version wrote it.
+pub fn load(dir: &Path) -> Result<Record, StoreError> {
+    let path = dir.join("instance.json");
+    let bytes = std::fs::read(&path).map_err(|source| StoreError::Read {
+        path: path.clone(),
+        source,
+    })?;
+    let rec: Record = serde_json::from_slice(&bytes).map_err(|source| StoreError::Parse {
+        path: path.clone(),
+        source,
+    })?;
+    if rec.version > RECORD_VERSION {
+        return Err(StoreError::Version {
+            path,
+            found: rec.version,
+        });
+    }
+    if dir.file_name().and_then(|n| n.to_str()) != Some(rec.id.as_str()) {
+        return Err(StoreError::Misplaced { path, id: rec.id });
+    }
+    Ok(Record {
+        version: RECORD_VERSION,
+        ..rec
+    })
+}
+
+/// Writes `instance.json` durably.
+pub fn save(dir: &Path, rec: &Record) -> std::io::Result<()> {
+    write_json(&dir.join("instance.json"), rec)
+}
+
+/// Writes JSON durably and atomically, mode 0600: the data, then the rename, then
+/// the directory entry (a crash leaves the old file or the new one, never an empty
+/// one).
+pub fn write_json<T: Serialize>(path: &Path, v: &T) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    std::io::Write::write_all(&mut f, &serde_json::to_vec_pretty(v).expect("serializes"))?;
+    f.sync_all()?;
+    std::fs::rename(tmp, path)?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
+/// The last `n` lines of an instance's log (the rotated file first when needed).
+pub fn tail_log(path: &Path, n: usize) -> Vec<LogLine> {
+    let mut lines: Vec<LogLine> = Vec::new();
+    for p in [path.with_extension("log.1"), path.to_path_buf()] {
+        if let Ok(text) = std::fs::read_to_string(&p) {
+            lines.extend(text.lines().filter_map(|l| serde_json::from_str(l).ok()));
+        }
+    }
+    let skip = lines.len().saturating_sub(n);
+    lines.split_off(skip)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(id: &str) -> Record {
+        Record {
+            version: RECORD_VERSION,
+            id: id.into(),
+            spec: AppSpec {
+                app: "shop".into(),
+                proc: "web".into(),
+                dir: "/srv/shop".into(),
+                command: "python3 app.py".into(),
+                argv: None,
+                env: BTreeMap::new(),
+                health: Health::default(),
+                limits: InstanceLimits::default(),
+                restart: RestartPolicy::default(),
+                stop_signal: None,
+                reload_signal: None,
+                stop_grace_ms: None,
+                start_timeout_ms: None,
+                health_interval_ms: None,
+            },
+            port: 20001,
+            uid: 1001,
+            gid: 1001,
+            created: 1,
+            running: true,
+            restarts: 2,
+            crashed: None,
+            stopped_at: None,
+        }
+    }
+
+    #[test]
+    fn a_record_round_trips_with_its_version() {
+        let t = tempfile::tempdir().unwrap();
+        let dir = t.path().join("shop-web-1");
+        std::fs::create_dir(&dir).unwrap();
+        save(&dir, &record("shop-web-1")).unwrap();
+        let text = std::fs::read_to_string(dir.join("instance.json")).unwrap();
+        assert!(text.contains("\"version\": 1"), "{text}");
+        assert!(text.contains("\"spec\""), "{text}");
+        assert_eq!(load(&dir).unwrap(), record("shop-web-1"));
+    }
+
+    #[test]
+    fn the_first_runners_version_less_record_is_read() {
+        let t = tempfile::tempdir().unwrap();
+        let dir = t.path().join("old-web-1");
+        std::fs::create_dir(&dir).unwrap();
+        // As the first runner wrote it: no version, the wire request under `req`.
+        std::fs::write(
+            dir.join("instance.json"),
+            r#"{"id":"old-web-1","req":{"app":"old","proc":"web","dir":"/srv/old",
+                "command":"python3 app.py","env":{},"health":{},"limits":{},"restart":{}},
+                "port":20002,"uid":1002,"gid":1002,"created":5,"running":true,"restarts":0}"#,
+        )
+        .unwrap();
+        let r = load(&dir).unwrap();
+        assert_eq!(r.version, RECORD_VERSION);
+        assert_eq!((r.spec.app.as_str(), r.port), ("old", 20002));
+        assert_eq!(r.crashed, None);
+    }
+
+    #[test]
+    fn unreadable_records_say_what_is_wrong() {
+        let t = tempfile::tempdir().unwrap();
+        let dir = t.path().join("x-web-1");
+        std::fs::create_dir(&dir).unwrap();
+        assert!(matches!(load(&dir), Err(StoreError::Read { .. })));
+        std::fs::write(dir.join("instance.json"), "{not json").unwrap();
+        assert!(matches!(load(&dir), Err(StoreError::Parse { .. })));
+        let mut future = record("x-web-1");
+        future.version = RECORD_VERSION + 1;
+        save(&dir, &future).unwrap();
+        let e = load(&dir).unwrap_err();
+        assert!(matches!(e, StoreError::Version { found: 2, .. }), "{e}");
+        assert!(e.to_string().contains("upgrade the runner"), "{e}");
+        save(&dir, &record("elsewhere")).unwrap();
+        assert!(matches!(load(&dir), Err(StoreError::Misplaced { .. })));
+    }
+}
