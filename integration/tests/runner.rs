@@ -1227,3 +1227,101 @@ fn stopped_instances_are_removed_after_the_keep_time() {
     assert!(!dir.exists(), "{}", dir.display());
     assert!(!home.exists(), "{}", home.display());
 }
+
+/// A new runner finds what the first runner and shim left: a version-less record
+/// (the spec under `req`, no `version`) and a shim whose Hello has no `proto`. It
+/// adopts the running app as it is (same pid, no restart), stops it through the old
+/// shim, rewrites the record in the current version, and says at ERROR which
+/// directory it could not read instead of skipping it silently.
+#[test]
+fn a_new_runner_adopts_an_old_shim_and_an_old_record() {
+    let mut r = runner("rold");
+    r.node.kill9("runner");
+    let id = "oldapp-web-0123456789";
+    let dir = inst_dir(&r, id);
+    std::fs::create_dir_all(&dir).unwrap();
+    let port = free_port().unwrap();
+    std::fs::write(
+        dir.join("instance.json"),
+        json!({"id": id, "req": {"app": "oldapp", "proc": "web", "dir": r.app_dir,
+               "command": "python3 -u app.py", "env": {}, "health": {}, "limits": {}, "restart": {}},
+               "port": port, "uid": 65534, "gid": 65534, "created": 1, "running": true, "restarts": 0})
+        .to_string(),
+    )
+    .unwrap();
+    let broken = inst_dir(&r, "broken-web-1");
+    std::fs::create_dir_all(&broken).unwrap();
+    std::fs::write(broken.join("instance.json"), "{not json").unwrap();
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/old-paddock-shim.py");
+    let mut old_shim = std::process::Command::new("python3")
+        .arg(&fixture)
+        .arg(&dir)
+        .arg(&r.app_dir)
+        .arg(port.to_string())
+        .stdin(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    eventually(
+        Duration::from_secs(20),
+        "the old shim's app to serve",
+        || get(port, "/").filter(|_| dir.join("shim.pid").exists()),
+    );
+    let (_, apps) = processes_of(&r, id);
+    assert_eq!(apps.len(), 1, "{apps:?}");
+    r.node.start("runner");
+    r.c = r.node.client("runner");
+    let up = r.wait_state(id, "up", Duration::from_secs(20));
+    assert_eq!(up.pid, Some(apps[0]), "adopted as it runs");
+    assert_eq!(up.restarts, 0);
+    let log = std::fs::read_to_string(r.node.log("runner")).unwrap();
+    assert!(log.contains("version-less protocol"), "{log}");
+    assert!(
+        log.lines().any(|l| l.contains("ERROR")
+            && l.contains("broken-web-1")
+            && l.contains("not an instance record")),
+        "{log}"
+    );
+    r.c.call("instance.stop", json!({"id": id})).unwrap();
+    let stopped = r.wait_state(id, "stopped", Duration::from_secs(20));
+    assert_eq!(stopped.last_exit.unwrap().signal, Some(15));
+    assert!(!pid_alive(apps[0]));
+    let exited = eventually(Duration::from_secs(10), "the old shim to exit", || {
+        old_shim.try_wait().unwrap()
+    });
+    assert!(exited.success(), "{exited:?}");
+    let rec = std::fs::read_to_string(dir.join("instance.json")).unwrap();
+    assert!(
+        rec.contains("\"version\": 1") && rec.contains("\"spec\""),
+        "{rec}"
+    );
+    std::fs::remove_dir_all(&broken).unwrap();
+}
+
+/// A misspelt key in `[daemons.runner]` stops the start with exit 78, naming the
+/// key, before anything is bound.
+#[test]
+fn a_misspelt_runner_setting_fails_the_start_with_exit_78_naming_it() {
+    let t = TestDir::new("rtypo");
+    let key = test_key();
+    let mut node = Node::new(t.path(), "node-a", &key, &[], None);
+    node.file
+        .daemons
+        .get_mut("runner")
+        .unwrap()
+        .other
+        .insert("backof_base_ms".into(), toml::Value::Integer(5));
+    node.save();
+    let out = std::process::Command::new(paddock_harness::bin("paddock-runner").unwrap())
+        .arg("--config")
+        .arg(&node.config)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(78), "{err}");
+    assert!(err.contains("daemons.runner.backof_base_ms"), "{err}");
+    assert!(
+        std::net::TcpListener::bind(("127.0.0.1", node.ports.runner_rpc)).is_ok(),
+        "the rpc port was bound"
+    );
+}

@@ -158,3 +158,32 @@ pub enum ShimCommand {
     },
     Disarm,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_first_shims_hello_without_a_version_is_protocol_0() {
+        let ev: ShimEvent =
+            serde_json::from_str(r#"{"ev":"hello","pid":12,"started_ns":5,"last_exit":null}"#)
+                .unwrap();
+        assert_eq!(
+            ev,
+            ShimEvent::Hello {
+                proto: 0,
+                pid: Some(12),
+                started_ns: Some(5),
+                last_exit: None
+            }
+        );
+        let now = serde_json::to_string(&ShimEvent::Hello {
+            proto: SHIM_PROTO,
+            pid: None,
+            started_ns: None,
+            last_exit: None,
+        })
+        .unwrap();
+        assert!(now.contains(&format!("\"proto\":{SHIM_PROTO}")), "{now}");
+    }
+}
