@@ -1325,3 +1325,69 @@ fn a_misspelt_runner_setting_fails_the_start_with_exit_78_naming_it() {
         "the rpc port was bound"
     );
 }
+
+/// A runner whose parent left an fd open without close-on-exec (as a careless
+/// supervisor might): its shims, root processes that fork apps, must not hold it.
+#[test]
+fn a_shim_inherits_no_fd_the_runner_was_handed() {
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            paddock_harness::stop_child(
+                &mut self.0,
+                nix::sys::signal::Signal::SIGTERM,
+                Duration::from_secs(3),
+            );
+        }
+    }
+    let mut r = runner("rinherit");
+    r.node.kill9("runner");
+    let log = std::fs::File::create(r.node.log("runner")).unwrap();
+    let runner = Kill(
+        std::process::Command::new("sh")
+            .arg("-c")
+            .arg("exec 7</etc/hostname; exec \"$0\" --config \"$1\"")
+            .arg(paddock_harness::bin("paddock-runner").unwrap())
+            .arg(&r.node.config)
+            .stdin(std::process::Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    );
+    paddock_harness::wait_ping(
+        &r.node.rpc("runner"),
+        r.node.keys.clone(),
+        Duration::from_secs(20),
+    )
+    .unwrap();
+    let held = |pid: i32| {
+        fds(pid)
+            .into_iter()
+            .filter(|fd| {
+                std::fs::read_link(format!("/proc/{pid}/fd/{fd}"))
+                    .is_ok_and(|t| t == Path::new("/etc/hostname"))
+            })
+            .count()
+    };
+    assert_eq!(
+        held(runner.0.id() as i32),
+        1,
+        "the runner was handed the fd"
+    );
+    let (id, _) = r.start(
+        "inheritor",
+        json!({"command": "", "argv": ["sleep", "1000"], "health": {"none": true}}),
+    );
+    let up = r.wait_state(&id, "up", Duration::from_secs(20));
+    let (shims, _) = processes_of(&r, &id);
+    assert_eq!(shims.len(), 1);
+    assert_eq!(
+        held(shims[0]),
+        0,
+        "the shim holds the runner's inherited fd"
+    );
+    assert_eq!(fds(up.pid.unwrap()), vec![0, 1, 2]);
+    r.c.call("instance.stop", json!({"id": id})).unwrap();
+    r.wait_state(&id, "stopped", Duration::from_secs(20));
+}

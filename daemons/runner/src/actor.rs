@@ -335,11 +335,13 @@ impl Runner {
             }
         }
         // Its own session: no signal to the runner's group (Ctrl-C, a supervisor's
-        // stop) reaches the shim or the app.
-        // SAFETY: setsid is async-signal-safe.
+        // stop) reaches the shim or the app. And nothing but stdio: whatever the
+        // runner holds or inherited (a supervisor's pipes) stays out of the shim.
+        // SAFETY: setsid and close_range are async-signal-safe.
         unsafe {
             cmd.pre_exec(|| {
                 nix::unistd::setsid()?;
+                crate::child::cloexec_from(3);
                 Ok(())
             });
         }
