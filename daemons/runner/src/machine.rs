@@ -290,13 +290,13 @@ impl Machine {
                 {
                     return fx;
                 }
-                let then = match self.count_restart(now, p, &reason) {
-                    Ok(()) => {
+                let then = match self.limit_reached(now, p, &reason) {
+                    None => {
                         fx.push(Effect::Warn(format!("health: {reason}; restarting")));
                         self.reason = Some(reason);
                         AfterStop::Start
                     }
-                    Err(limit) => {
+                    Some(limit) => {
                         fx.push(Effect::Warn(format!(
                             "health: {reason}; giving up: {limit}"
                         )));
@@ -473,7 +473,7 @@ impl Machine {
         if Duration::from_millis(uptime) >= p.reset {
             self.next_delay = Duration::ZERO;
         }
-        if let Err(reason) = self.count_restart(now, p, &e.describe()) {
+        if let Some(reason) = self.limit_reached(now, p, &e.describe()) {
             fx.push(Effect::Warn(format!("crashed: {reason}")));
             if e.restarted {
                 // Armed a moment too early: take the new process down again.
@@ -551,18 +551,18 @@ impl Machine {
         self.recent.len() as u32
     }
 
-    /// Counts a restart against the respawn limit; `Err(reason)` when the limit is
-    /// reached (the instance is to be `crashed`).
-    fn count_restart(&mut self, now: Now, p: &Policy, why: &str) -> Result<(), String> {
+    /// Counts a restart against the respawn limit, or, when the limit is reached,
+    /// says why the instance is to be `crashed` instead.
+    fn limit_reached(&mut self, now: Now, p: &Policy, why: &str) -> Option<String> {
         let used = self.recent_restarts(now, p.window);
         if used >= p.limit {
-            return Err(format!(
+            return Some(format!(
                 "{used} restarts within {:?}; last: {why}",
                 p.window
             ));
         }
         self.recent.push_back(now.mono);
-        Ok(())
+        None
     }
 
     /// Asks the shim to stop the app (stop signal, grace, then everything killed);
