@@ -11,6 +11,11 @@ const KEY: &str = "0f1e2d3c4b5a69788796a5b4c3d2e1f00f1e2d3c4b5a69788796a5b4c3d2e
 /// are in a directory that does not exist, so a daemon that wrongly accepted the
 /// file fails at bind (71) instead of serving; a timeout guards the rest.
 fn run(section: &str) -> (Option<i32>, String) {
+    run_with_env(section, &[])
+}
+
+/// As `run`, with `PADDOCK__…` overrides in the daemon's environment.
+fn run_with_env(section: &str, env: &[(&str, &str)]) -> (Option<i32>, String) {
     let dir = tempfile::tempdir().unwrap();
     let ipc = dir.path().join("absent");
     let file = format!(
@@ -28,6 +33,7 @@ fn run(section: &str) -> (Option<i32>, String) {
         .arg("--config")
         .arg(&path)
         .env_remove("PADDOCK_LOG")
+        .envs(env.iter().copied())
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&err).unwrap())
@@ -62,4 +68,25 @@ fn a_bad_threshold_exits_78_naming_it() {
     let (code, stderr) = run("suspect_after = 3\ndead_after = 2\n");
     assert_eq!(code, Some(78), "{stderr}");
     assert!(stderr.contains("daemons.heartbeat.dead_after"), "{stderr}");
+}
+
+/// Overrides from the environment go through the same typed section: their values
+/// are read as numbers, and a misspelt one is refused the same way.
+#[test]
+fn environment_overrides_are_typed_too() {
+    let (code, stderr) = run_with_env(
+        "",
+        &[
+            ("PADDOCK__DAEMONS__HEARTBEAT__SUSPECT_AFTER", "5"),
+            ("PADDOCK__DAEMONS__HEARTBEAT__DEAD_AFTER", "4"),
+        ],
+    );
+    assert_eq!(code, Some(78), "{stderr}");
+    assert!(
+        stderr.contains("daemons.heartbeat.dead_after") && stderr.contains("(5), not 4"),
+        "{stderr}"
+    );
+    let (code, stderr) = run_with_env("", &[("PADDOCK__DAEMONS__HEARTBEAT__DEAD_AFER", "4")]);
+    assert_eq!(code, Some(78), "{stderr}");
+    assert!(stderr.contains("daemons.heartbeat.dead_afer"), "{stderr}");
 }
