@@ -5,6 +5,8 @@
 //! intervals and `dead` after `dead_after` (of the sender's own interval), answers
 //! `registry.list`, and PUBlishes `registry.up` / `registry.down` on transitions.
 //! Nothing is stored: after a restart the view is rebuilt from the beats that arrive.
+//! Ages are measured on the monotonic clock (see `registry`), and a beat whose
+//! interval is outside the cluster's rule is refused before any arithmetic.
 //!
 //! Architecture invariant: the registry is rebuilt only from beats; it never asks the
 //! database or other heartbeats, so two heartbeats fed the same beats agree.
