@@ -20,17 +20,21 @@ use serde::{Deserialize, Serialize};
 pub const DEFAULT_PATH: &str = "/etc/paddock/paddock.toml";
 pub const ENV_PATH: &str = "PADDOCK_CONFIG";
 
+/// What went wrong with the cluster file. Each message says everything once: the
+/// underlying error is part of the text and is not also given as `source()`, so a
+/// caller that prints the chain (`{:#}`) does not repeat it, and one that prints only
+/// the message (the daemons' start-up log) still shows it.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read cluster file {path}: {source}")]
+    #[error("cannot read cluster file {path}: {cause}")]
     Read {
         path: PathBuf,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
-    #[error("cluster file {path}: {source}")]
+    #[error("cluster file {path}: {cause}")]
     Parse {
         path: PathBuf,
-        source: Box<config::ConfigError>,
+        cause: Box<config::ConfigError>,
     },
     #[error("cluster file {path}: `{key}` {why}")]
     Invalid {
@@ -94,7 +98,7 @@ pub struct ClusterFile {
     pub wire: WireSection,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ClusterSection {
     /// Every heartbeat's pull endpoint: the bootstrap list every daemon beats to.
     #[serde(default)]
@@ -110,6 +114,18 @@ pub struct ClusterSection {
 
 fn default_beat_ms() -> u64 {
     1000
+}
+
+// By hand, not derived: a file without `[cluster]` gets the same beat interval as
+// one with an empty `[cluster]` table (a derived Default would give 0).
+impl Default for ClusterSection {
+    fn default() -> Self {
+        ClusterSection {
+            heartbeats: Vec::new(),
+            registries: Vec::new(),
+            beat_interval_ms: default_beat_ms(),
+        }
+    }
 }
 
 /// One daemon on this node: its rpc endpoint, any others (`pub`, `pull`, …) and
@@ -145,18 +161,28 @@ impl DaemonSection {
     }
 
     /// An integer setting; values from the environment arrive as strings.
-    pub fn get_u64(&self, key: &str) -> Result<Option<u64>, String> {
+    pub fn get_u64(&self, key: &str) -> Result<Option<u64>, NotAnInteger> {
         match self.other.get(key) {
             None => Ok(None),
             Some(toml::Value::Integer(i)) if *i >= 0 => Ok(Some(*i as u64)),
-            Some(toml::Value::String(s)) => s
-                .parse()
-                .map(Some)
-                .map_err(|_| format!("must be a non-negative integer, not `{s}`")),
-            Some(v) => Err(format!("must be a non-negative integer, not `{v}`")),
+            Some(toml::Value::String(s)) => {
+                s.parse().map(Some).map_err(|_| NotAnInteger(s.clone()))
+            }
+            Some(v) => Err(NotAnInteger(v.to_string())),
         }
     }
 }
+
+/// A setting that should be a non-negative integer and is not (the value as given).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("must be a non-negative integer, not `{0}`")]
+pub struct NotAnInteger(pub String);
+
+/// The cluster's rule for `interval_ms`, the beat interval: every daemon's beats
+/// (`cluster.beat_interval_ms`) must lie in it, and a heartbeat refuses a beat whose
+/// interval does not. Ten milliseconds to one hour: shorter would flood the
+/// heartbeats, longer would leave a dead daemon listed as alive for hours.
+pub const BEAT_INTERVAL_MS: std::ops::RangeInclusive<u64> = 10..=3_600_000;
 
 /// `[curve]`: the cluster's server keypair (every daemon binds with it), this
 /// node's client keypair (every connect uses it), and the client public keys the
@@ -304,9 +330,13 @@ pub struct CurveConfig {
 }
 
 impl CurveConfig {
-    fn from_section(c: &CurveSection) -> Result<CurveConfig, (String, String)> {
+    fn from_section(path: &Path, c: &CurveSection) -> Result<CurveConfig, ConfigError> {
         let key = |name: &str, v: &str| {
-            Key::from_z85(v).map_err(|e| (format!("curve.{name}"), e.to_string()))
+            Key::from_z85(v).map_err(|e| ConfigError::Invalid {
+                path: path.to_path_buf(),
+                key: format!("curve.{name}"),
+                why: e.to_string(),
+            })
         };
         let client = ClientKeys {
             server_public: key("server_public", &c.server_public)?,
@@ -356,9 +386,9 @@ impl ClusterConfig {
 
     /// Reads, merges the environment overrides, and validates.
     pub fn load(path: &Path) -> Result<ClusterConfig, ConfigError> {
-        let meta = std::fs::metadata(path).map_err(|source| ConfigError::Read {
+        let meta = std::fs::metadata(path).map_err(|cause| ConfigError::Read {
             path: path.to_path_buf(),
-            source,
+            cause,
         })?;
         let mode = meta.permissions().mode() & 0o777;
         if mode & 0o077 != 0 {
@@ -385,9 +415,9 @@ impl ClusterConfig {
                 ),
             });
         }
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        let text = std::fs::read_to_string(path).map_err(|cause| ConfigError::Read {
             path: path.to_path_buf(),
-            source,
+            cause,
         })?;
         Self::check_raw(path, &text)?;
         let built = config::Config::builder()
@@ -400,9 +430,9 @@ impl ClusterConfig {
             )
             .build()
             .and_then(|c| c.try_deserialize::<ClusterFile>())
-            .map_err(|source| ConfigError::Parse {
+            .map_err(|cause| ConfigError::Parse {
                 path: path.to_path_buf(),
-                source: Box::new(source),
+                cause: Box::new(cause),
             })?;
         Self::validate(path, built)
     }
@@ -498,10 +528,15 @@ impl ClusterConfig {
                 ));
             }
         }
-        if file.cluster.beat_interval_ms < 10 {
+        if !BEAT_INTERVAL_MS.contains(&file.cluster.beat_interval_ms) {
             return Err(bad(
                 "cluster.beat_interval_ms",
-                "must be at least 10".into(),
+                format!(
+                    "must be {}-{} (10 ms to 1 hour), not {}",
+                    BEAT_INTERVAL_MS.start(),
+                    BEAT_INTERVAL_MS.end(),
+                    file.cluster.beat_interval_ms
+                ),
             ));
         }
         if file.wire.max_payload < 1024 {
@@ -524,7 +559,7 @@ impl ClusterConfig {
         }
         let curve = match &file.curve {
             None => None,
-            Some(c) => Some(CurveConfig::from_section(c).map_err(|(k, why)| bad(&k, why))?),
+            Some(c) => Some(CurveConfig::from_section(path, c)?),
         };
         let state_dir = file
             .state_dir
@@ -584,7 +619,7 @@ impl ClusterConfig {
             Some(d) => d
                 .get_u64(key)
                 .map(|v| v.unwrap_or(default))
-                .map_err(|why| self.invalid(&format!("daemons.{daemon}.{key}"), why)),
+                .map_err(|why| self.invalid(&format!("daemons.{daemon}.{key}"), why.to_string())),
         }
     }
 
@@ -780,6 +815,67 @@ mod tests {
         f.cluster.heartbeats = vec!["127.0.0.1:7111".into()];
         let e = ClusterConfig::validate(p, f).unwrap_err().to_string();
         assert!(e.contains("cluster.heartbeats[0]"), "{e}");
+    }
+
+    #[test]
+    fn a_file_without_a_cluster_table_gets_the_default_beat_interval() {
+        let secret = paddock_wire::keyring::generate_secret_hex();
+        let text = format!("node = \"a\"\nsigning_key = \"k\"\n[keys]\nk = \"{secret}\"\n");
+        let file: ClusterFile = toml::from_str(&text).unwrap();
+        let c = ClusterConfig::validate(Path::new("/x"), file).unwrap();
+        assert_eq!(c.beat_interval, Duration::from_millis(1000));
+        assert_eq!(ClusterFile::default().cluster.beat_interval_ms, 1000);
+    }
+
+    #[test]
+    fn beat_interval_is_bounded_both_ways() {
+        let p = Path::new("/x/paddock.toml");
+        for bad in [0, 9, 3_600_001, u64::MAX] {
+            let mut f = sample();
+            f.cluster.beat_interval_ms = bad;
+            let e = ClusterConfig::validate(p, f).unwrap_err().to_string();
+            assert!(e.contains("`cluster.beat_interval_ms`"), "{e}");
+        }
+        for good in [10, 1000, 3_600_000] {
+            let mut f = sample();
+            f.cluster.beat_interval_ms = good;
+            ClusterConfig::validate(p, f).unwrap();
+        }
+    }
+
+    /// The message and its causes, joined as `{:#}` would join them.
+    fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+        let mut s = e.to_string();
+        let mut cur = e.source();
+        while let Some(c) = cur {
+            s = format!("{s}: {c}");
+            cur = c.source();
+        }
+        s
+    }
+
+    #[test]
+    fn a_load_error_says_its_cause_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = ClusterConfig::load(&dir.path().join("absent.toml")).unwrap_err();
+        let shown = chain(&e);
+        assert_eq!(shown.matches("No such file").count(), 1, "{shown}");
+        assert!(shown.contains("absent.toml"), "{shown}");
+
+        let p = write_text(dir.path(), "signing_key = \"k\"\n");
+        let shown = chain(&ClusterConfig::load(&p).unwrap_err());
+        assert_eq!(shown.matches("node").count(), 1, "{shown}");
+    }
+
+    #[test]
+    fn a_non_integer_setting_is_a_typed_error() {
+        let mut d = DaemonSection::default();
+        d.other
+            .insert("n".into(), toml::Value::String("many".into()));
+        d.other.insert("f".into(), toml::Value::Float(1.5));
+        assert_eq!(d.get_u64("n"), Err(NotAnInteger("many".into())));
+        assert_eq!(d.get_u64("f"), Err(NotAnInteger("1.5".into())));
+        assert_eq!(d.get_u64("absent"), Ok(None));
     }
 
     #[test]

@@ -9,7 +9,6 @@
 //! comes from the database, so any number of lockers may serve the same locks.
 
 use std::rc::Rc;
-use std::time::Duration;
 
 use actix::prelude::*;
 use paddock_config::{ClusterConfig, ConfigError};
@@ -20,7 +19,10 @@ use paddock_wire::{Code, Envelope, WireError};
 use serde_json::Value;
 
 pub mod client;
+pub mod settings;
 mod store;
+
+pub use settings::{settings, LockerSection, Settings};
 
 pub use store::{
     reply_error, Attempt, Stage, Store, StoreError, MAX_TTL_MS, MAX_WAIT_MS, RENEW_SQL,
@@ -28,7 +30,7 @@ pub use store::{
 
 pub fn spec() -> Spec {
     Spec {
-        name: "locker",
+        name: settings::NAME,
         version: env!("CARGO_PKG_VERSION"),
         pull: false,
         publish: false,
@@ -37,17 +39,9 @@ pub fn spec() -> Spec {
     }
 }
 
-/// The locker needs a database URL that parses and a sane pool size.
+/// The locker's own checks: its section and a database URL that parses.
 fn check(cfg: &ClusterConfig) -> Result<(), ConfigError> {
-    let url = cfg.database_url()?;
-    paddock_db::parse_url(url).map_err(|e| cfg.invalid("database.url", paddock_db::chain(&e)))?;
-    match cfg.daemon_u64("locker", "pool_size", 8)? {
-        1..=256 => Ok(()),
-        n => Err(cfg.invalid(
-            "daemons.locker.pool_size",
-            format!("must be 1-256, not {n}"),
-        )),
-    }
+    settings(cfg).map(|_| ())
 }
 
 /// The locker's control actor: each lock kind is a message; handlers run their SQL
@@ -94,9 +88,11 @@ impl Handler<Call> for Locker {
 }
 
 pub async fn setup(ctx: Ctx) -> anyhow::Result<Routes> {
-    let cfg = ctx.config();
-    let url = cfg.database_url()?.to_string();
-    let pool_size = cfg.daemon_u64("locker", "pool_size", 8)? as usize;
+    let Settings {
+        database_url: url,
+        pool_size,
+        sweep_interval,
+    } = settings(&ctx.config())?;
     let db = Db::new(&url, pool_size)?;
     let store = Rc::new(Store::new(db));
     let ready = Rc::new(std::cell::Cell::new(false));
@@ -120,7 +116,7 @@ pub async fn setup(ctx: Ctx) -> anyhow::Result<Routes> {
         let (s, r) = (s.clone(), r.clone());
         async move {
             loop {
-                tokio::time::sleep(Duration::from_secs(10)).await;
+                tokio::time::sleep(sweep_interval).await;
                 if r.get() {
                     s.sweep().await?;
                 }
