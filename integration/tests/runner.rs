@@ -144,8 +144,23 @@ fn inst_dir(r: &Runner, id: &str) -> PathBuf {
 }
 
 /// Live (not zombie) processes of an instance, by scanning /proc: its shims
-/// (`paddock-shim <its dir>`) and its app processes (PADDOCK_INSTANCE=<id>).
+/// (`paddock-shim <its dir>`) and its app processes (PADDOCK_INSTANCE=<id>). A
+/// shim's child between fork and exec still shows the shim's command line: it is
+/// counted with the apps (it is about to be one), not as a second shim.
 fn processes_of(r: &Runner, id: &str) -> (Vec<i32>, Vec<i32>) {
+    let (shims, mut apps) = processes_of_raw(r, id);
+    let ppid = |p: i32| -> Option<i32> {
+        let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).ok()?;
+        stat.rsplit(") ").next()?.split(' ').nth(1)?.parse().ok()
+    };
+    let (forked, shims): (Vec<i32>, Vec<i32>) = shims
+        .iter()
+        .partition(|p| ppid(**p).is_some_and(|pp| shims.contains(&pp)));
+    apps.extend(forked);
+    (shims, apps)
+}
+
+fn processes_of_raw(r: &Runner, id: &str) -> (Vec<i32>, Vec<i32>) {
     let dir = inst_dir(r, id).display().to_string();
     let marker = format!("PADDOCK_INSTANCE={id}");
     let (mut shims, mut apps) = (vec![], vec![]);

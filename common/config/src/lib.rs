@@ -612,17 +612,6 @@ impl ClusterConfig {
         }
     }
 
-    /// An optional integer setting of `daemon` with a default.
-    pub fn daemon_u64(&self, daemon: &str, key: &str, default: u64) -> Result<u64, ConfigError> {
-        match self.file.daemons.get(daemon) {
-            None => Ok(default),
-            Some(d) => d
-                .get_u64(key)
-                .map(|v| v.unwrap_or(default))
-                .map_err(|why| self.invalid(&format!("daemons.{daemon}.{key}"), why.to_string())),
-        }
-    }
-
     pub fn database_url(&self) -> Result<&str, ConfigError> {
         match &self.file.database {
             Some(d) if !d.url.trim().is_empty() => Ok(&d.url),
@@ -779,8 +768,6 @@ mod tests {
             c.daemon_endpoint("heartbeat", "pull").unwrap(),
             "tcp://127.0.0.1:7111"
         );
-        assert_eq!(c.daemon_u64("heartbeat", "suspect_after", 9).unwrap(), 2);
-        assert_eq!(c.daemon_u64("heartbeat", "dead_after", 3).unwrap(), 3);
         assert_eq!(c.registries(), vec!["tcp://127.0.0.1:7101".to_string()]);
         assert!(c.daemon_endpoint("locker", "rpc").is_err());
     }
