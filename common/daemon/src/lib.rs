@@ -408,6 +408,7 @@ where
             push_to: (spec.push_to)(&config),
             limits: config.limits.clone(),
             curve: node_keys,
+            max_calls: paddock_wire::outgoing::DEFAULT_MAX_CALLS,
         },
         keys.clone(),
         4096,
