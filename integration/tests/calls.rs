@@ -15,18 +15,67 @@ fn ask(c: &mut Client, kind: &str, body: Value) -> Value {
         .unwrap_or_else(|e| panic!("{kind} to the caller daemon: {e}"))
 }
 
+fn ports(n: &Node) -> Vec<u16> {
+    let p = n.ports;
+    vec![
+        p.heartbeat_rpc,
+        p.heartbeat_pull,
+        p.heartbeat_pub,
+        p.locker_rpc,
+        p.runner_rpc,
+        p.runner_pub,
+    ]
+}
+
+/// Like `Node::add_daemon`, but never on a port another node of the test was given:
+/// each node's ports are free when picked and released after, so a later pick may
+/// return one of them.
+fn add_daemon(n: &mut Node, daemon: &str, taken: &mut Vec<u16>) {
+    let port = loop {
+        let p = free_port().unwrap();
+        if !taken.contains(&p) {
+            break p;
+        }
+    };
+    taken.push(port);
+    let section = paddock_config::DaemonSection {
+        rpc: tcp(port),
+        ..Default::default()
+    };
+    n.file.daemons.insert(daemon.to_string(), section);
+    n.save();
+}
+
+/// Nodes of one cluster whose ports do not overlap.
+fn nodes(t: &TestDir, names: &[&str]) -> (Vec<Node>, Vec<u16>) {
+    let key = test_key();
+    let mut out: Vec<Node> = Vec::new();
+    let mut taken = Vec::new();
+    for name in names {
+        let n = loop {
+            let n = Node::new(t.path(), name, &key, &[], None);
+            if !ports(&n).iter().any(|p| taken.contains(p)) {
+                break n;
+            }
+        };
+        taken.extend(ports(&n));
+        out.push(n);
+    }
+    (out, taken)
+}
+
 /// Two nodes, each with a heartbeat and a caller, beating to both heartbeats and
 /// listing both as registries.
 fn pair(t: &TestDir) -> (Node, Node) {
-    let key = test_key();
-    let mut a = Node::new(t.path(), "node-a", &key, &[], None);
-    let mut b = Node::new(t.path(), "node-b", &key, &[], None);
+    let (mut ns, mut taken) = nodes(t, &["node-a", "node-b"]);
+    let mut b = ns.pop().unwrap();
+    let mut a = ns.pop().unwrap();
     let pulls = vec![tcp(a.ports.heartbeat_pull), tcp(b.ports.heartbeat_pull)];
     let registries = vec![a.rpc("heartbeat"), b.rpc("heartbeat")];
     for n in [&mut a, &mut b] {
         n.file.cluster.heartbeats = pulls.clone();
         n.file.cluster.registries = registries.clone();
-        n.add_daemon("caller");
+        add_daemon(n, "caller", &mut taken);
     }
     (a, b)
 }
@@ -109,11 +158,11 @@ fn others_since(c: &mut Client, base: u64, polls: u64) -> u64 {
 #[test]
 fn a_call_survives_its_callee_kill9_and_restart_by_resending() {
     let t = TestDir::new("calls-resend");
-    let key = test_key();
-    let mut a = Node::new(t.path(), "node-a", &key, &[], None);
-    a.add_daemon("caller");
-    let mut b = Node::new(t.path(), "node-b", &key, &[], None);
-    b.add_daemon("testd");
+    let (mut ns, mut taken) = nodes(&t, &["node-a", "node-b"]);
+    let mut b = ns.pop().unwrap();
+    let mut a = ns.pop().unwrap();
+    add_daemon(&mut a, "caller", &mut taken);
+    add_daemon(&mut b, "testd", &mut taken);
     a.start("caller");
     b.start("testd");
     let callee = b.rpc("testd");
@@ -161,10 +210,10 @@ fn a_call_survives_its_callee_kill9_and_restart_by_resending() {
 #[test]
 fn calls_to_dead_or_silent_endpoints_fail_clearly_and_logs_carry_the_kind() {
     let t = TestDir::new("calls-dead");
-    let key = test_key();
-    let mut a = Node::new(t.path(), "node-a", &key, &[], None);
-    a.add_daemon("caller");
-    a.add_daemon("testd");
+    let (mut ns, mut taken) = nodes(&t, &["node-a"]);
+    let mut a = ns.pop().unwrap();
+    add_daemon(&mut a, "caller", &mut taken);
+    add_daemon(&mut a, "testd", &mut taken);
     a.start("caller");
     a.start("testd");
     let mut c = a.client("caller");
@@ -210,10 +259,10 @@ fn calls_to_dead_or_silent_endpoints_fail_clearly_and_logs_carry_the_kind() {
 #[test]
 fn a_subscription_receives_registry_up_for_a_starting_daemon() {
     let t = TestDir::new("calls-sub");
-    let key = test_key();
-    let mut a = Node::new(t.path(), "node-a", &key, &[], None);
-    a.add_daemon("caller");
-    a.add_daemon("testd");
+    let (mut ns, mut taken) = nodes(&t, &["node-a"]);
+    let mut a = ns.pop().unwrap();
+    add_daemon(&mut a, "caller", &mut taken);
+    add_daemon(&mut a, "testd", &mut taken);
     a.start("heartbeat");
     a.start("caller");
     let mut c = a.client("caller");
