@@ -68,8 +68,10 @@ async fn concurrent_calls_on_one_socket_each_get_their_own_reply() {
         }
         callee
     });
+    // No resends within the deadline: each first reply must find its own call.
+    let long = Duration::from_secs(10);
     let pending: Vec<_> = (0..N)
-        .map(|n| calls.call(&rpc, "test.echo", json!({"n": n}), Duration::from_secs(10)))
+        .map(|n| calls.call_with(&rpc, "test.echo", json!({"n": n}), long, long))
         .collect();
     for (n, p) in pending.into_iter().enumerate() {
         let v = p.await.expect("reply");
