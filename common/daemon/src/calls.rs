@@ -269,7 +269,7 @@ impl Calls {
         let mut listings = Vec::new();
         let mut errors = Vec::new();
         for (ep, p) in pending {
-            match p.await.map(|v| serde_json::from_value::<ServiceList>(v)) {
+            match p.await.map(serde_json::from_value::<ServiceList>) {
                 Ok(Ok(list)) => listings.push(list.services),
                 Ok(Err(e)) => errors.push(format!("{ep}: bad registry.list reply: {e}")),
                 Err(e) => errors.push(format!("{ep}: {e}")),

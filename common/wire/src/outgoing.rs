@@ -270,10 +270,20 @@ pub(crate) struct Outgoing {
     stats: Arc<Stats>,
 }
 
-fn dealer_socket(endpoint: &str, keys: Option<&ClientKeys>) -> Result<zmq::Socket, zmq::Error> {
+/// The largest message a peer may send us, as the rpc ROUTER allows.
+fn max_message(limits: &Limits) -> i64 {
+    ((limits.max_payload as i64) * 4).max(16 << 20)
+}
+
+fn dealer_socket(
+    endpoint: &str,
+    keys: Option<&ClientKeys>,
+    limits: &Limits,
+) -> Result<zmq::Socket, zmq::Error> {
     let s = zmq_context().socket(zmq::DEALER)?;
     curve::client_socket(&s, keys)?;
     s.set_linger(0)?;
+    s.set_maxmsgsize(max_message(limits))?;
     // Queue only to completed connections: a send while the peer is down fails at
     // once (EAGAIN, retried shortly by the Attempt) instead of piling up copies.
     s.set_immediate(true)?;
@@ -285,10 +295,15 @@ fn dealer_socket(endpoint: &str, keys: Option<&ClientKeys>) -> Result<zmq::Socke
     Ok(s)
 }
 
-fn sub_socket(endpoint: &str, keys: Option<&ClientKeys>) -> Result<zmq::Socket, zmq::Error> {
+fn sub_socket(
+    endpoint: &str,
+    keys: Option<&ClientKeys>,
+    limits: &Limits,
+) -> Result<zmq::Socket, zmq::Error> {
     let s = zmq_context().socket(zmq::SUB)?;
     curve::client_socket(&s, keys)?;
     s.set_linger(0)?;
+    s.set_maxmsgsize(max_message(limits))?;
     s.set_reconnect_ivl(100)?;
     s.set_reconnect_ivl_max(2000)?;
     s.set_heartbeat_ivl(2000)?;
@@ -351,7 +366,11 @@ impl Outgoing {
             reply: c.reply,
         };
         if !self.dealers.contains_key(&c.endpoint) {
-            match dealer_socket(&c.endpoint, self.client_keys.as_ref()) {
+            match dealer_socket(
+                &c.endpoint,
+                self.client_keys.as_ref(),
+                self.event_gate.limits(),
+            ) {
                 Ok(socket) => {
                     self.dealers.insert(
                         c.endpoint.clone(),
@@ -375,7 +394,11 @@ impl Outgoing {
 
     fn subscribe(&mut self, s: SubCmd) {
         if !self.subs.contains_key(&s.endpoint) {
-            match sub_socket(&s.endpoint, self.client_keys.as_ref()) {
+            match sub_socket(
+                &s.endpoint,
+                self.client_keys.as_ref(),
+                self.event_gate.limits(),
+            ) {
                 Ok(socket) => {
                     self.subs.insert(
                         s.endpoint.clone(),
