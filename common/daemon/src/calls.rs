@@ -166,6 +166,9 @@ pub struct Calls {
     directory: Arc<Mutex<Directory>>,
     /// Heartbeat PUB endpoints whose registry events are being followed.
     watching: Arc<Mutex<BTreeSet<String>>>,
+    /// One refresh at a time: finds that arrive meanwhile wait for its listing
+    /// instead of asking the heartbeats again.
+    refreshing: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl Calls {
@@ -178,6 +181,7 @@ impl Calls {
             config,
             directory: Arc::new(Mutex::new(Directory::default())),
             watching: Arc::new(Mutex::new(BTreeSet::new())),
+            refreshing: Arc::new(tokio::sync::Mutex::new(())),
         }
     }
 
@@ -202,9 +206,11 @@ impl Calls {
 
     /// The rpc endpoints of `daemon`'s alive incarnations, this node's first.
     pub async fn find(&self, daemon: &str) -> Result<Vec<String>, FindError> {
-        let fresh = self.dir().fresh(Instant::now(), DISCOVERY_TTL);
-        if !fresh {
-            self.refresh().await?;
+        if !self.dir().fresh(Instant::now(), DISCOVERY_TTL) {
+            let _one = self.refreshing.lock().await;
+            if !self.dir().fresh(Instant::now(), DISCOVERY_TTL) {
+                self.refresh().await?;
+            }
         }
         let node = self.config.borrow().node().to_string();
         let found = self.dir().find(daemon, &node);

@@ -339,17 +339,16 @@ pub enum PidfileError {
 }
 
 /// Holds an exclusive flock on `<state_dir>/<name>.pid` for the process's life.
-fn lock_pidfile(config: &ClusterConfig, name: &str) -> Result<std::fs::File, PidfileError> {
+fn lock_pidfile(dir: &std::path::Path, name: &str) -> Result<std::fs::File, PidfileError> {
     use std::io::Write;
     use std::os::unix::fs::DirBuilderExt;
     use std::os::unix::io::AsRawFd;
-    let dir = &config.state_dir;
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
         .create(dir)
         .map_err(|source| PidfileError::CreateDir {
-            dir: dir.clone(),
+            dir: dir.to_path_buf(),
             source,
         })?;
     let path = dir.join(format!("{name}.pid"));
@@ -411,7 +410,7 @@ where
         (Ok(a), Ok(b)) => (a, b),
         (Err(c), _) | (_, Err(c)) => return c,
     };
-    let _pidfile = match lock_pidfile(&config, spec.name) {
+    let _pidfile = match lock_pidfile(&config.state_dir, spec.name) {
         Ok(f) => f,
         Err(e) => {
             // The whole chain, once: what failed and the OS's reason.
@@ -716,4 +715,53 @@ async fn dispatch(
 /// Handy for handlers: a request's body as `T`, or `invalid` naming the field.
 pub fn body<T: serde::de::DeserializeOwned>(env: &Envelope) -> Result<T, WireError> {
     kinds::parse_body(&env.kind, &env.body)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scratch(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!(
+            "paddock-daemon-{name}-{}-{}",
+            std::process::id(),
+            ulid::Ulid::new()
+        ));
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    #[test]
+    fn the_pid_lock_is_held_once_and_says_who_holds_it() {
+        let base = scratch("pid");
+        let dir = base.join("state");
+        let first = lock_pidfile(&dir, "x").expect("first lock");
+        let pid = std::fs::read_to_string(dir.join("x.pid")).unwrap();
+        assert_eq!(pid.trim(), std::process::id().to_string());
+        let err = lock_pidfile(&dir, "x").unwrap_err();
+        assert!(matches!(err, PidfileError::Held { .. }), "{err}");
+        assert!(err.to_string().contains("another paddock-x holds"), "{err}");
+        // Another daemon's name is another lock.
+        let _other = lock_pidfile(&dir, "y").expect("another daemon's lock");
+        drop(first);
+        lock_pidfile(&dir, "x").expect("free again once the holder is gone");
+        std::fs::remove_dir_all(&base).unwrap();
+    }
+
+    #[test]
+    fn a_state_dir_that_cannot_be_made_is_a_typed_error_with_its_cause() {
+        let base = scratch("pid-bad");
+        let file = base.join("not-a-dir");
+        std::fs::write(&file, b"").unwrap();
+        let err = lock_pidfile(&file.join("state"), "x").unwrap_err();
+        assert!(matches!(err, PidfileError::CreateDir { .. }), "{err}");
+        // Display names what failed; the OS's reason is the source, said once.
+        let shown = err.to_string();
+        let cause = std::error::Error::source(&err)
+            .expect("a source")
+            .to_string();
+        assert!(shown.contains("cannot create the state dir"), "{shown}");
+        assert!(!shown.contains(&cause), "{shown} repeats {cause}");
+        std::fs::remove_dir_all(&base).unwrap();
+    }
 }
