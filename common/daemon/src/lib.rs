@@ -10,6 +10,7 @@
 //! Architecture invariant: this crate knows the daemon lifecycle and nothing of any
 //! one daemon's domain; it reaches the wire only through `paddock-wire`'s API.
 
+pub mod calls;
 pub mod log;
 
 use std::cell::RefCell;
@@ -28,6 +29,7 @@ use paddock_wire::kinds::{self, Beat, Pong};
 use paddock_wire::{Code, Envelope, Inbound, ServerHandle, ServerSpec, SharedKeyring, WireError};
 use serde_json::{json, Value};
 use tokio::sync::watch;
+use tracing::Instrument;
 
 /// sysexits.h codes the daemons use.
 pub mod exit {
@@ -156,6 +158,7 @@ pub struct Ctx {
     pub started: Instant,
     config: watch::Receiver<Arc<ClusterConfig>>,
     server: ServerHandle,
+    calls: calls::Calls,
     shutdown: watch::Receiver<bool>,
     loop_restarts: Arc<Mutex<BTreeMap<String, u64>>>,
 }
@@ -173,6 +176,13 @@ impl Ctx {
 
     pub fn server(&self) -> &ServerHandle {
         &self.server
+    }
+
+    /// The outgoing client: calls to other daemons (by endpoint, or found through the
+    /// heartbeat registry) and subscriptions to their events, all carried by this
+    /// daemon's I/O thread. Daemons never open their own sockets.
+    pub fn calls(&self) -> &calls::Calls {
+        &self.calls
     }
 
     /// `role@node`.
@@ -306,34 +316,65 @@ pub fn install_panic_hook() {
     }));
 }
 
+/// Why the pid lock could not be taken.
+#[derive(Debug, thiserror::Error)]
+pub enum PidfileError {
+    #[error("cannot create the state dir {}", dir.display())]
+    CreateDir {
+        dir: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot open {}", path.display())]
+    Open {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("another paddock-{name} holds {} (one per node and state dir)", path.display())]
+    Held { name: String, path: PathBuf },
+    #[error("cannot write the pid to {}", path.display())]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
 /// Holds an exclusive flock on `<state_dir>/<name>.pid` for the process's life.
-fn lock_pidfile(config: &ClusterConfig, name: &str) -> Result<std::fs::File, String> {
+fn lock_pidfile(dir: &std::path::Path, name: &str) -> Result<std::fs::File, PidfileError> {
     use std::io::Write;
     use std::os::unix::fs::DirBuilderExt;
     use std::os::unix::io::AsRawFd;
-    let dir = &config.state_dir;
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
         .create(dir)
-        .map_err(|e| format!("cannot create state dir {}: {e}", dir.display()))?;
+        .map_err(|source| PidfileError::CreateDir {
+            dir: dir.to_path_buf(),
+            source,
+        })?;
     let path = dir.join(format!("{name}.pid"));
     let mut f = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
         .write(true)
         .open(&path)
-        .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+        .map_err(|source| PidfileError::Open {
+            path: path.clone(),
+            source,
+        })?;
     // SAFETY: flock on a file descriptor we own; no memory is involved.
     let rc = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
     if rc != 0 {
-        return Err(format!(
-            "another paddock-{name} holds {} (one per node and state dir)",
-            path.display()
-        ));
+        return Err(PidfileError::Held {
+            name: name.to_string(),
+            path,
+        });
     }
-    f.set_len(0).map_err(|e| e.to_string())?;
-    writeln!(f, "{}", std::process::id()).map_err(|e| e.to_string())?;
+    let write = |source| PidfileError::Write {
+        path: path.clone(),
+        source,
+    };
+    f.set_len(0).map_err(write)?;
+    writeln!(f, "{}", std::process::id()).map_err(write)?;
     Ok(f)
 }
 
@@ -369,10 +410,11 @@ where
         (Ok(a), Ok(b)) => (a, b),
         (Err(c), _) | (_, Err(c)) => return c,
     };
-    let _pidfile = match lock_pidfile(&config, spec.name) {
+    let _pidfile = match lock_pidfile(&config.state_dir, spec.name) {
         Ok(f) => f,
         Err(e) => {
-            tracing::error!("{e}");
+            // The whole chain, once: what failed and the OS's reason.
+            tracing::error!("{:#}", anyhow::Error::new(e));
             return exit::UNAVAILABLE;
         }
     };
@@ -408,6 +450,7 @@ where
             push_to: (spec.push_to)(&config),
             limits: config.limits.clone(),
             curve: node_keys,
+            max_calls: paddock_wire::outgoing::DEFAULT_MAX_CALLS,
         },
         keys.clone(),
         4096,
@@ -428,8 +471,9 @@ where
             spec: spec.clone(),
             incarnation,
             started: Instant::now(),
-            config: config_rx,
+            config: config_rx.clone(),
             server: server.handle.clone(),
+            calls: calls::Calls::new(server.handle.calls(), config_rx.clone()),
             shutdown: shutdown_rx,
             loop_restarts: Arc::new(Mutex::new(BTreeMap::new())),
         };
@@ -635,7 +679,16 @@ async fn dispatch(
                     }
                     _ => match routes.handlers.get(&kind) {
                         Some(h) => {
-                            let fut = h(req.env.clone());
+                            // Everything the handler logs carries the request's kind
+                            // and sender. `from` is the sender's text (signed, but a
+                            // user's to choose): Debug-quoted, so no control
+                            // character reaches the log as written.
+                            let span = tracing::info_span!(
+                                "request",
+                                kind = %kind,
+                                from = ?req.env.from
+                            );
+                            let fut = span.in_scope(|| h(req.env.clone())).instrument(span);
                             *inflight.borrow_mut() += 1;
                             let guard = InflightGuard(inflight.clone());
                             let server = ctx.server.clone();
@@ -662,4 +715,53 @@ async fn dispatch(
 /// Handy for handlers: a request's body as `T`, or `invalid` naming the field.
 pub fn body<T: serde::de::DeserializeOwned>(env: &Envelope) -> Result<T, WireError> {
     kinds::parse_body(&env.kind, &env.body)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scratch(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!(
+            "paddock-daemon-{name}-{}-{}",
+            std::process::id(),
+            ulid::Ulid::new()
+        ));
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    #[test]
+    fn the_pid_lock_is_held_once_and_says_who_holds_it() {
+        let base = scratch("pid");
+        let dir = base.join("state");
+        let first = lock_pidfile(&dir, "x").expect("first lock");
+        let pid = std::fs::read_to_string(dir.join("x.pid")).unwrap();
+        assert_eq!(pid.trim(), std::process::id().to_string());
+        let err = lock_pidfile(&dir, "x").unwrap_err();
+        assert!(matches!(err, PidfileError::Held { .. }), "{err}");
+        assert!(err.to_string().contains("another paddock-x holds"), "{err}");
+        // Another daemon's name is another lock.
+        let _other = lock_pidfile(&dir, "y").expect("another daemon's lock");
+        drop(first);
+        lock_pidfile(&dir, "x").expect("free again once the holder is gone");
+        std::fs::remove_dir_all(&base).unwrap();
+    }
+
+    #[test]
+    fn a_state_dir_that_cannot_be_made_is_a_typed_error_with_its_cause() {
+        let base = scratch("pid-bad");
+        let file = base.join("not-a-dir");
+        std::fs::write(&file, b"").unwrap();
+        let err = lock_pidfile(&file.join("state"), "x").unwrap_err();
+        assert!(matches!(err, PidfileError::CreateDir { .. }), "{err}");
+        // Display names what failed; the OS's reason is the source, said once.
+        let shown = err.to_string();
+        let cause = std::error::Error::source(&err)
+            .expect("a source")
+            .to_string();
+        assert!(shown.contains("cannot create the state dir"), "{shown}");
+        assert!(!shown.contains(&cause), "{shown} repeats {cause}");
+        std::fs::remove_dir_all(&base).unwrap();
+    }
 }

@@ -32,6 +32,16 @@ pub enum ClientError {
         endpoint: String,
         source: zmq::Error,
     },
+    /// An outgoing call beyond the daemon's bound on calls in flight.
+    #[error(
+        "too many calls in flight (the limit is {limit}): the peers are slow or down; retry later"
+    )]
+    TooManyCalls { limit: usize },
+    /// The daemon's I/O thread has stopped (it is shutting down).
+    #[error("the daemon's I/O thread has stopped; no call can be made")]
+    Stopped,
+    #[error("`{endpoint}` is not an endpoint to connect to (tcp://host:port or ipc://path)")]
+    BadEndpoint { endpoint: String },
 }
 
 impl ClientError {

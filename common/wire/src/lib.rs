@@ -12,6 +12,7 @@ pub mod error;
 pub mod gate;
 pub mod keyring;
 pub mod kinds;
+pub mod outgoing;
 pub mod server;
 
 use std::sync::OnceLock;
@@ -21,6 +22,7 @@ pub use envelope::{now_ms, Envelope};
 pub use error::{Code, WireError};
 pub use gate::Limits;
 pub use keyring::{Keyring, SharedKeyring};
+pub use outgoing::{Calls, Pending};
 pub use server::{Inbound, Request, Server, ServerHandle, ServerSpec};
 
 /// The process's one libzmq context (it is thread-safe; sockets are not).

@@ -6,7 +6,7 @@
 
 use std::collections::HashMap;
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc as std_mpsc;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -21,6 +21,7 @@ use crate::envelope::{now_ms, unsigned_error, Envelope};
 use crate::error::{Code, WireError};
 use crate::gate::{Admit, Gate, Limits};
 use crate::keyring::SharedKeyring;
+use crate::outgoing::{self, Calls, Outgoing};
 use crate::zmq_context;
 
 /// Where a daemon's sockets live.
@@ -41,6 +42,8 @@ pub struct ServerSpec {
     pub limits: Limits,
     /// CURVE keys for every socket; `None` runs in plaintext.
     pub curve: Option<NodeKeys>,
+    /// Most outgoing calls in flight at once (`outgoing::DEFAULT_MAX_CALLS`).
+    pub max_calls: usize,
 }
 
 /// An authenticated request waiting for its reply.
@@ -59,7 +62,7 @@ pub enum Inbound {
     Pulled(Envelope),
 }
 
-enum Outbound {
+pub(crate) enum Outbound {
     Reply {
         routing: Vec<Vec<u8>>,
         key_id: String,
@@ -72,6 +75,8 @@ enum Outbound {
     PushTo(String, String, Value),
     SetPush(Vec<String>),
     SetLimits(Limits),
+    /// An outgoing call or subscription.
+    Out(outgoing::Command),
     Stop,
 }
 
@@ -81,10 +86,18 @@ pub struct Stats {
     pub requests: AtomicU64,
     pub pulled: AtomicU64,
     pub rejected: Mutex<HashMap<String, u64>>,
+    /// Outgoing calls started, failed (errors, not cancellations) and in flight.
+    pub calls: AtomicU64,
+    pub calls_failed: AtomicU64,
+    pub calls_in_flight: AtomicUsize,
+    /// Verified events delivered to subscriptions, and those dropped because a
+    /// subscriber was behind.
+    pub events: AtomicU64,
+    pub events_dropped: AtomicU64,
 }
 
 impl Stats {
-    fn reject(&self, code: &Code) {
+    pub(crate) fn reject(&self, code: &Code) {
         let mut m = self.rejected.lock().unwrap_or_else(|e| e.into_inner());
         *m.entry(code.as_str().to_string()).or_insert(0) += 1;
     }
@@ -99,6 +112,11 @@ impl Stats {
             "requests": self.requests.load(Ordering::Relaxed),
             "pulled": self.pulled.load(Ordering::Relaxed),
             "rejected": rejected,
+            "calls": self.calls.load(Ordering::Relaxed),
+            "calls_failed": self.calls_failed.load(Ordering::Relaxed),
+            "calls_in_flight": self.calls_in_flight.load(Ordering::Relaxed),
+            "events": self.events.load(Ordering::Relaxed),
+            "events_dropped": self.events_dropped.load(Ordering::Relaxed),
         })
     }
 }
@@ -109,20 +127,31 @@ pub struct ServerHandle {
     tx: std_mpsc::Sender<Outbound>,
     wake: Arc<EventFd>,
     stats: Arc<Stats>,
+    max_calls: usize,
 }
 
 impl ServerHandle {
-    fn send(&self, o: Outbound) {
+    /// Queues `o` for the I/O thread and wakes it; false when the thread is gone.
+    pub(crate) fn send(&self, o: Outbound) -> bool {
         if self.tx.send(o).is_ok() {
             // A full eventfd counter cannot happen with writes of 1; ignore errors on a
             // stopped server.
             let _ = self.wake.write(1);
+            true
+        } else {
+            false
         }
+    }
+
+    /// The daemon's outgoing client: calls to other daemons and subscriptions to
+    /// their events, carried by this same I/O thread.
+    pub fn calls(&self) -> Calls {
+        Calls::new(self.clone(), self.max_calls)
     }
 
     /// Answers `req` with `body` (`{"ok": true, …}` or an error body).
     pub fn reply(&self, req: Request, body: Value) {
-        self.send(Outbound::Reply {
+        let _ = self.send(Outbound::Reply {
             routing: req.routing,
             key_id: req.key_id,
             re: req.env.id,
@@ -147,27 +176,27 @@ impl ServerHandle {
 
     /// Publishes an event whose topic is its kind.
     pub fn publish(&self, kind: &str, body: Value) {
-        self.send(Outbound::Publish(kind.to_string(), body));
+        let _ = self.send(Outbound::Publish(kind.to_string(), body));
     }
 
     /// Sends one signed message on every PUSH socket.
     pub fn push(&self, kind: &str, body: Value) {
-        self.send(Outbound::Push(kind.to_string(), body));
+        let _ = self.send(Outbound::Push(kind.to_string(), body));
     }
 
     /// Sends one signed message on the named PUSH target (`ServerSpec::push_to`);
     /// dropped when that target is not connected or is behind.
     pub fn push_to(&self, target: &str, kind: &str, body: Value) {
-        self.send(Outbound::PushTo(target.to_string(), kind.to_string(), body));
+        let _ = self.send(Outbound::PushTo(target.to_string(), kind.to_string(), body));
     }
 
     /// Replaces the PUSH sockets (after a config reload).
     pub fn set_push_endpoints(&self, endpoints: Vec<String>) {
-        self.send(Outbound::SetPush(endpoints));
+        let _ = self.send(Outbound::SetPush(endpoints));
     }
 
     pub fn set_limits(&self, limits: Limits) {
-        self.send(Outbound::SetLimits(limits));
+        let _ = self.send(Outbound::SetLimits(limits));
     }
 
     pub fn stats(&self) -> &Arc<Stats> {
@@ -176,7 +205,7 @@ impl ServerHandle {
 
     /// Stops the I/O thread; sockets close once queued replies are flushed (short linger).
     pub fn stop(&self) {
-        self.send(Outbound::Stop);
+        let _ = self.send(Outbound::Stop);
     }
 }
 
@@ -288,6 +317,7 @@ pub fn start(spec: ServerSpec, keys: SharedKeyring, queue: usize) -> Result<Serv
     let (in_tx, in_rx) = mpsc::channel(queue.max(1));
     let stats = Arc::new(Stats::default());
     let io = Io {
+        out: Outgoing::new(spec.limits.clone(), client_keys.clone(), stats.clone()),
         identity: spec.identity.clone(),
         keys,
         router,
@@ -313,6 +343,7 @@ pub fn start(spec: ServerSpec, keys: SharedKeyring, queue: usize) -> Result<Serv
             tx: out_tx,
             wake,
             stats,
+            max_calls: spec.max_calls.max(1),
         },
         inbound: in_rx,
         thread,
@@ -321,7 +352,7 @@ pub fn start(spec: ServerSpec, keys: SharedKeyring, queue: usize) -> Result<Serv
 
 /// At most `BURST` warnings per `WINDOW`; the rest are counted and summarised, so a
 /// stranger sending junk cannot fill the disk.
-struct WarnLimiter {
+pub(crate) struct WarnLimiter {
     window_start: Instant,
     logged: u32,
     suppressed: u64,
@@ -339,7 +370,7 @@ impl WarnLimiter {
         }
     }
 
-    fn warn(&mut self, what: &str, err: &WireError) {
+    pub(crate) fn warn(&mut self, what: &str, err: &WireError) {
         if self.window_start.elapsed() > Self::WINDOW {
             if self.suppressed > 0 {
                 tracing::warn!(
@@ -381,6 +412,8 @@ struct Io {
     awaiting: usize,
     /// CURVE client keys for PUSH sockets made after a reload.
     client_keys: Option<ClientKeys>,
+    /// Outgoing calls and subscriptions.
+    out: Outgoing,
 }
 
 /// How long the I/O thread polls without sleeping while a reply is due.
@@ -395,15 +428,28 @@ impl Io {
     fn run(mut self) {
         let wake_fd = self.wake.as_fd_raw();
         let mut spin_since = Instant::now();
+        let mut slots = Vec::new();
+        let mut ready = Vec::new();
         loop {
+            // Outgoing calls due now are sent here; the poll sleeps no longer than
+            // until the next resend or deadline. Wake-ups from async code come by
+            // the eventfd, never by this timeout.
+            let now = Instant::now();
+            let next = self.out.tick(now);
             // While requests are with async code, poll without sleeping for a short
             // while: the reply then goes out without waiting for an eventfd wake-up
             // of this thread (one thread hand-off less per round trip).
-            let timeout = if self.awaiting > 0 && spin_since.elapsed() < SPIN {
+            let mut timeout = if self.awaiting > 0 && spin_since.elapsed() < SPIN {
                 0
             } else {
                 -1
             };
+            if let Some(at) = next {
+                let ms = outgoing::poll_ms(now, at);
+                timeout = if timeout < 0 { ms } else { timeout.min(ms) };
+            }
+            slots.clear();
+            ready.clear();
             let (router_ready, pull_ready, wake_ready) = {
                 let mut items = vec![
                     self.router.as_poll_item(zmq::POLLIN),
@@ -412,17 +458,21 @@ impl Io {
                 if let Some(p) = &self.pull {
                     items.push(p.as_poll_item(zmq::POLLIN));
                 }
+                let fixed = items.len();
+                self.out.poll_items(&mut items, &mut slots);
                 if let Err(e) = zmq::poll(&mut items, timeout) {
                     if e == zmq::Error::EINTR {
                         continue;
                     }
                     // The context is gone: nothing more can be done on these sockets.
                     tracing::error!("zmq_poll failed: {e}; stopping the I/O thread");
+                    self.out.stop();
                     return;
                 }
+                ready.extend(items[fixed..].iter().map(|i| i.is_readable()));
                 (
                     items[0].is_readable(),
-                    items.get(2).map(|i| i.is_readable()).unwrap_or(false),
+                    self.pull.is_some() && items[2].is_readable(),
                     items[1].is_readable(),
                 )
             };
@@ -433,10 +483,19 @@ impl Io {
             if pull_ready {
                 self.drain_pull();
             }
+            if ready.iter().any(|r| *r) {
+                let keys = self.keys.get();
+                for (slot, r) in slots.drain(..).zip(ready.iter()) {
+                    if *r {
+                        self.out.readable(slot, &keys, &mut self.warn);
+                    }
+                }
+            }
             if wake_ready {
                 let _ = self.wake.read();
             }
             if !self.drain_outbound() {
+                self.out.stop();
                 return;
             }
         }
@@ -633,7 +692,12 @@ impl Io {
                 }
                 Ok(Outbound::SetLimits(l)) => {
                     self.rpc_gate.set_limits(l.clone());
+                    self.out.set_limits(l.clone());
                     self.pull_gate.set_limits(l);
+                }
+                Ok(Outbound::Out(cmd)) => {
+                    let keys = self.keys.get();
+                    self.out.command(cmd, &self.identity, &keys);
                 }
                 Ok(Outbound::Stop) | Err(std_mpsc::TryRecvError::Disconnected) => return false,
                 Err(std_mpsc::TryRecvError::Empty) => return true,
