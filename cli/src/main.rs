@@ -73,6 +73,9 @@ enum KeyCmd {
 }
 
 fn main() {
+    // `paddock dev supervise` is a root process that starts every daemon: what it
+    // inherited stays with it.
+    paddock_daemon::cloexec_inherited();
     let cli = Cli::parse();
     let quiet = matches!(cli.cmd, Cmd::Dev { .. });
     let _ = tracing_subscriber::fmt()

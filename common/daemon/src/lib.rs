@@ -268,11 +268,46 @@ impl Ctx {
 
 /// Runs a daemon to completion and exits the process. `setup` registers the daemon's
 /// actors, loops and routes; it runs inside the actix System after sockets are bound.
+/// An error and its causes on one line, each said once.
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+/// Marks every fd above stdio close-on-exec. Called first thing in a daemon (and
+/// the CLI), when every such fd is one the process inherited, not one it opened.
+pub fn cloexec_inherited() {
+    // SAFETY: close_range with CLOSE_RANGE_CLOEXEC only sets flags; on a kernel
+    // without it (< 5.11) each possible fd is marked with fcntl.
+    unsafe {
+        if libc::syscall(
+            libc::SYS_close_range,
+            3u32,
+            u32::MAX,
+            libc::CLOSE_RANGE_CLOEXEC,
+        ) != 0
+        {
+            for fd in 3..1024 {
+                libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC);
+            }
+        }
+    }
+}
+
 pub fn main<S, Fut>(spec: Spec, setup: S) -> !
 where
     S: FnOnce(Ctx) -> Fut + 'static,
     Fut: Future<Output = anyhow::Result<Routes>> + 'static,
 {
+    // Before anything of ours is open: whatever the parent left open (a
+    // supervisor's pipes, a shell's redirections) reaches none of our children.
+    cloexec_inherited();
     let args = DaemonArgs::parse();
     let path = ClusterConfig::locate(args.config.as_deref());
     let loaded = ClusterConfig::load(&path);
@@ -457,7 +492,7 @@ where
     ) {
         Ok(s) => s,
         Err(e) => {
-            tracing::error!("{e}");
+            tracing::error!("{}", chain(&e));
             return exit::OSERR;
         }
     };

@@ -218,19 +218,19 @@ pub struct Server {
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
-    #[error("cannot bind {what} socket to {endpoint}: {source}")]
+    #[error("cannot bind {what} socket to {endpoint}")]
     Bind {
         what: &'static str,
         endpoint: String,
         source: zmq::Error,
     },
-    #[error("cannot create socket: {0}")]
+    #[error("cannot create socket")]
     Socket(#[from] zmq::Error),
-    #[error("cannot create eventfd: {0}")]
+    #[error("cannot create eventfd")]
     EventFd(#[from] nix::Error),
-    #[error("cannot start I/O thread: {0}")]
+    #[error("cannot start I/O thread")]
     Thread(#[from] std::io::Error),
-    #[error("CURVE: {0}")]
+    #[error("CURVE")]
     Curve(#[from] CurveError),
 }
 

@@ -55,17 +55,7 @@ pub fn spec() -> Spec {
     }
 }
 
-/// An error and its causes on one line (each said once).
-pub(crate) fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
-}
+pub(crate) use paddock_daemon::chain;
 
 pub async fn setup(ctx: Ctx) -> anyhow::Result<Routes> {
     let cfg = ctx.config();
