@@ -17,7 +17,7 @@ fn locker_follows_a_promoted_standby_and_tokens_keep_growing() {
     let sdir = t.path().join("standby");
     std::fs::create_dir_all(&sdir).unwrap();
     std::fs::create_dir_all(t.path().join("logs")).unwrap();
-    let primary = Postgres::start(&pdir);
+    let primary = Postgres::private(&pdir);
     let standby = PgCluster::init_standby(
         &sdir,
         &primary.cluster,
