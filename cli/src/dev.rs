@@ -432,8 +432,8 @@ fn stop_all(dir: &Path, procs: &mut [Supervised]) {
                 (Signal::SIGTERM, Duration::from_secs(5))
             };
             if p.name == "postgres" {
-                // Its backends share its process group; none may outlive it.
-                harness::stop_group(&mut c, sig, grace);
+                // Fast shutdown ends its backends; a crash if it hangs.
+                harness::stop_postgres(&mut c, sig, grace);
             } else {
                 harness::stop_child(&mut c, sig, grace);
             }

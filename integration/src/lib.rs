@@ -135,19 +135,14 @@ impl Postgres {
         }
     }
 
-    /// `kill -9` of a private server's whole process group (a crash: no shutdown
-    /// checkpoint, nothing more sent to standbys), and reap it.
+    /// `kill -9` of a private server, its backends and WAL senders included (a
+    /// crash: no shutdown checkpoint, nothing more sent to standbys).
     pub fn crash(&mut self) {
         let mut child = self
             .child
             .take()
             .expect("crash() is for a private server (Postgres::private)");
-        // Unreaped, the group id cannot have been reused.
-        let _ = nix::sys::signal::killpg(
-            nix::unistd::Pid::from_raw(child.id() as i32),
-            Signal::SIGKILL,
-        );
-        let _ = child.wait();
+        harness::kill_server(&mut child);
     }
 }
 
@@ -169,7 +164,7 @@ impl Drop for Postgres {
             }
         }
         if let Some(mut child) = self.child.take() {
-            harness::stop_group(&mut child, Signal::SIGINT, Duration::from_secs(10));
+            harness::stop_postgres(&mut child, Signal::SIGINT, Duration::from_secs(10));
         }
     }
 }

@@ -409,23 +409,64 @@ pub fn stop_child(child: &mut Child, sig: nix::sys::signal::Signal, grace: Durat
     let _ = child.wait();
 }
 
-/// Stops a child that leads its own process group (PostgreSQL: its backends share
-/// the group): `sig` to the leader, SIGKILL after `grace`, then SIGKILL to what is
-/// left of the group *before* the leader is reaped, so the group id cannot have
-/// been reused by then. Returns once the leader is reaped.
-pub fn stop_group(child: &mut Child, sig: nix::sys::signal::Signal, grace: Duration) {
+/// Stops a PostgreSQL server we started: `sig` to the postmaster (SIGINT: fast
+/// shutdown, which ends every backend first), and after `grace` a crash
+/// ([`kill_server`]). Returns once the postmaster is reaped. (Its children call
+/// setsid, so no process-group signal would reach them.)
+pub fn stop_postgres(child: &mut Child, sig: nix::sys::signal::Signal, grace: Duration) {
     if child.try_wait().ok().flatten().is_some() {
         return;
     }
-    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
-    if let Some(p) = pidfile::Proc::open(pid.as_raw()) {
-        p.stop(sig, grace);
-        p.wait_exit(Duration::from_secs(5));
-        // The leader is a zombie now (ended, not reaped): the group id is still its.
-        let _ = nix::sys::signal::killpg(pid, nix::sys::signal::Signal::SIGKILL);
+    if let Some(p) = pidfile::Proc::open(child.id() as i32) {
+        let _ = p.signal(sig);
+        if !p.wait_exit(grace) {
+            kill_server(child);
+        }
     }
     let _ = child.kill();
     let _ = child.wait();
+}
+
+/// `kill -9` of a PostgreSQL server we started, as a machine loss would end it:
+/// the postmaster is stopped (it forks nothing more), each of its children is
+/// SIGKILLed, then the postmaster; it is reaped. Nothing more is written or sent.
+pub fn kill_server(child: &mut Child) {
+    use nix::sys::signal::Signal;
+    let ppid = child.id() as i32;
+    if let Some(pm) = pidfile::Proc::open(ppid) {
+        let _ = pm.signal(Signal::SIGSTOP);
+        let kids: Vec<pidfile::Proc> = children_of(ppid)
+            .into_iter()
+            .filter_map(pidfile::Proc::open)
+            // Still its child once the pidfd is held: not a recycled pid.
+            .filter(|k| parent_of(k.pid()) == Some(ppid))
+            .collect();
+        for k in &kids {
+            let _ = k.signal(Signal::SIGKILL);
+        }
+        let _ = pm.signal(Signal::SIGKILL);
+        for k in &kids {
+            k.wait_exit(Duration::from_secs(5));
+        }
+    }
+    let _ = child.wait();
+}
+
+/// The pids whose parent is `ppid`.
+fn children_of(ppid: i32) -> Vec<i32> {
+    fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|p| parent_of(*p) == Some(ppid))
+        .collect()
+}
+
+/// A process's parent pid, from /proc/PID/stat (after the parenthesised name).
+fn parent_of(pid: i32) -> Option<i32> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(") ")?.1.split(' ').nth(1)?.parse().ok()
 }
 
 /// A CURVE keypair as Z85 text.

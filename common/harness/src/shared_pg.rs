@@ -262,7 +262,7 @@ pub fn keep(dir: &Path, watch: i32) -> Result<i32> {
         }
     };
     let _ = fs::remove_file(dir.join("ready"));
-    crate::stop_group(
+    crate::stop_postgres(
         &mut child,
         nix::sys::signal::Signal::SIGINT,
         Duration::from_secs(10),
