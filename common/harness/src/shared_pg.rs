@@ -54,10 +54,37 @@ pub fn server() -> Result<SharedPg> {
         Ok(run) => (format!("run-{}", sanitize(&run)), nix::unistd::getppid()),
         Err(_) => (format!("pid-{}", std::process::id()), nix::unistd::getpid()),
     };
-    let dir = std::env::temp_dir().join(format!("paddock-pg-{key}"));
+    let dir = base_dir().join(format!("paddock-pg-{key}"));
     let s = attach_or_start(&dir, watch.as_raw())?;
     *slot = Some(s.clone());
     Ok(s)
+}
+
+/// Where runs' servers live: `$PADDOCK_TEST_PG_DIR` (ops/test.sh makes one per
+/// invocation and checks it is empty at the end), else the temp dir.
+pub fn base_dir() -> PathBuf {
+    std::env::var_os("PADDOCK_TEST_PG_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(std::env::temp_dir)
+}
+
+/// Stops every keeper still serving under `base` (each normally stops by itself
+/// when its run ends): SIGTERM through its flock'd pid file, then waits for it to
+/// remove its directory. Returns how many were running.
+pub fn stop_keepers(base: &Path) -> Result<usize> {
+    let mut keepers = Vec::new();
+    for e in fs::read_dir(base)?.flatten() {
+        if let Some(p) = pidfile::lock_holder(&e.path().join("keeper.pid"))? {
+            let _ = p.signal(nix::sys::signal::Signal::SIGTERM);
+            keepers.push(p);
+        }
+    }
+    for p in &keepers {
+        if !p.wait_exit(Duration::from_secs(20)) {
+            let _ = p.signal(nix::sys::signal::Signal::SIGKILL);
+        }
+    }
+    Ok(keepers.len())
 }
 
 fn sanitize(s: &str) -> String {
