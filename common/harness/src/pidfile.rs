@@ -121,6 +121,8 @@ pub fn stop_all(procs: &[Proc], sig: Signal, grace: Duration) {
 /// `None` when the file is missing, or when nobody holds its lock (the file is then
 /// stale and is removed), or when the number in it is not a process that has this
 /// file open (a holder still writing its pid, or something odd: never guess).
+/// (A caller holding the lock itself is answered as the holder: ask about others'
+/// pid files only.)
 pub fn lock_holder(path: &Path) -> io::Result<Option<Proc>> {
     let f = match fs::File::open(path) {
         Ok(f) => f,
