@@ -4,12 +4,16 @@
 //! Layout of DIR:
 //!   paddock.toml   the cluster file (0600)
 //!   pg/            PostgreSQL data, socket and password
-//!   state/         daemons' state dir (pid locks)
+//!   state/         daemons' state dir: NAME.pid, each daemon's flock'd pid file
 //!   logs/NAME.log  each process's output; supervisor.log for the detached supervisor
-//!   run/NAME.pid   each child's pid, for `dev down` to clean up after a killed supervisor
-//!   dev.pid        the supervisor's pid; dev.ready once every daemon answered ping
+//!   dev.lock       the supervisor's flock'd pid file; dev.ready once every daemon
+//!                  answered ping
+//!
+//! `dev down` signals only processes it can prove are this cluster's (pids are
+//! recycled): a pid file's holder while it holds the flock (supervisor, daemons),
+//! a `paddock-shim` serving its own instance dir, the postmaster of `pg/data`. A
+//! pid file failing that is stale and removed, never signalled.
 
-use std::collections::BTreeMap;
 use std::fs;
 use std::io::{Read, Seek, SeekFrom};
 use std::os::unix::fs::DirBuilderExt;
@@ -24,6 +28,7 @@ use clap::Subcommand;
 use nix::sys::signal::{self, Signal};
 use nix::unistd::Pid;
 use paddock_config::{ClusterConfig, ClusterFile};
+use paddock_harness::pidfile::{self, Proc};
 use paddock_harness::{self as harness, PgCluster, PgOptions, DAEMONS};
 
 #[derive(Debug, Subcommand)]
@@ -83,26 +88,34 @@ fn absolute(dir: &Path) -> Result<PathBuf> {
     })
 }
 
-fn pid_alive(pid: i32) -> bool {
-    pid > 0 && signal::kill(Pid::from_raw(pid), None).is_ok()
+/// The supervisor running for DIR: the holder of `dev.lock`.
+fn running_supervisor(dir: &Path) -> Result<Option<Proc>> {
+    let path = dir.join("dev.lock");
+    pidfile::lock_holder(&path).with_context(|| format!("cannot check {}", path.display()))
 }
 
-fn read_pid(path: &Path) -> Option<i32> {
-    fs::read_to_string(path).ok()?.trim().parse().ok()
+/// The daemons' state dir: the cluster file's, else DIR/state.
+fn state_dir(dir: &Path) -> PathBuf {
+    ClusterConfig::load(&dir.join("paddock.toml"))
+        .map(|c| c.state_dir)
+        .unwrap_or_else(|_| dir.join("state"))
 }
 
-/// The supervisor's pid, when one is running for DIR.
-fn running_supervisor(dir: &Path) -> Option<i32> {
-    read_pid(&dir.join("dev.pid")).filter(|p| pid_alive(*p))
+/// The postmaster serving DIR/pg/data, from PostgreSQL's own postmaster.pid, when
+/// its command line is `postgres -D DIR/pg/data …` (PostgreSQL holds no flock).
+fn running_postmaster(dir: &Path) -> Option<Proc> {
+    let data = dir.join("pg/data");
+    pidfile::matching(&data.join("postmaster.pid"), |argv| {
+        argv.first()
+            .is_some_and(|a| Path::new(a).file_name().is_some_and(|n| n == "postgres"))
+            && argv
+                .windows(2)
+                .any(|w| w[0] == "-D" && Path::new(&w[1]) == data)
+    })
 }
 
 fn prepare(dir: &Path) -> Result<()> {
-    for d in [
-        dir.to_path_buf(),
-        dir.join("logs"),
-        dir.join("run"),
-        dir.join("state"),
-    ] {
+    for d in [dir.to_path_buf(), dir.join("logs"), dir.join("state")] {
         fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
@@ -113,10 +126,11 @@ fn prepare(dir: &Path) -> Result<()> {
 }
 
 fn up(dir: &Path, detach: bool) -> Result<()> {
-    if let Some(pid) = running_supervisor(dir) {
+    if let Some(p) = running_supervisor(dir)? {
         bail!(
-            "a dev cluster is already running in {} (supervisor pid {pid}); run `paddock dev down --dir {}` first",
+            "a dev cluster is already running in {} (supervisor pid {}); run `paddock dev down --dir {}` first",
             dir.display(),
+            p.pid(),
             dir.display()
         );
     }
@@ -235,21 +249,14 @@ struct Supervised {
 /// Runs the cluster in this process until SIGTERM/SIGINT, restarting what dies.
 fn supervise(dir: &Path, on_ready: Option<fn(&Path)>) -> Result<()> {
     prepare(dir)?;
-    let lock = fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(dir.join("dev.lock"))?;
-    {
-        use std::os::unix::io::AsRawFd;
-        // SAFETY: flock on a descriptor we own.
-        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-            bail!(
-                "another supervisor holds {}",
-                dir.join("dev.lock").display()
-            );
-        }
-    }
+    // Held (close-on-exec, so no child inherits it) until this process ends: the
+    // pid file `dev down` trusts.
+    let Some(_lock) = pidfile::lock_own(&dir.join("dev.lock"))? else {
+        bail!(
+            "another supervisor holds {}",
+            dir.join("dev.lock").display()
+        );
+    };
     let action = signal::SigAction::new(
         signal::SigHandler::Handler(on_stop),
         signal::SaFlags::empty(),
@@ -260,9 +267,7 @@ fn supervise(dir: &Path, on_ready: Option<fn(&Path)>) -> Result<()> {
         signal::sigaction(Signal::SIGTERM, &action)?;
         signal::sigaction(Signal::SIGINT, &action)?;
     }
-    fs::write(dir.join("dev.pid"), format!("{}\n", std::process::id()))?;
     let result = supervise_inner(dir, on_ready);
-    let _ = fs::remove_file(dir.join("dev.pid"));
     let _ = fs::remove_file(dir.join("dev.ready"));
     result
 }
@@ -282,7 +287,6 @@ fn supervise_inner(dir: &Path, on_ready: Option<fn(&Path)>) -> Result<()> {
     fs::write(dir.join("pg/port"), pg.port.to_string())?;
     eprintln!("starting postgres on 127.0.0.1:{}", pg.port);
     let pg_child = pg.start(&logs.join("postgres.log"))?;
-    fs::write(dir.join("run/postgres.pid"), pg_child.id().to_string())?;
     let mut procs: Vec<Supervised> = vec![Supervised {
         name: "postgres".into(),
         child: Some(pg_child),
@@ -400,10 +404,6 @@ fn tend(dir: &Path, pg: &PgCluster, cfg_path: &Path, p: &mut Supervised) {
     };
     match spawned {
         Ok(c) => {
-            let _ = fs::write(
-                dir.join("run").join(format!("{}.pid", p.name)),
-                c.id().to_string(),
-            );
             p.child = Some(c);
             p.started = Instant::now();
             p.next_start = None;
@@ -431,67 +431,76 @@ fn stop_all(dir: &Path, procs: &mut [Supervised]) {
             } else {
                 (Signal::SIGTERM, Duration::from_secs(5))
             };
-            harness::stop_child(&mut c, sig, grace);
             if p.name == "postgres" {
-                // Its backends share its process group; none may outlive it.
-                let _ = signal::killpg(Pid::from_raw(c.id() as i32), Signal::SIGKILL);
+                // Fast shutdown ends its backends; a crash if it hangs.
+                harness::stop_postgres(&mut c, sig, grace);
+            } else {
+                harness::stop_child(&mut c, sig, grace);
             }
         }
-        let _ = fs::remove_file(dir.join("run").join(format!("{}.pid", p.name)));
     }
 }
 
 fn down(dir: &Path) -> Result<()> {
-    if !dir.join("paddock.toml").exists() && !dir.join("run").exists() {
+    if !dir.join("paddock.toml").exists() && !dir.join("dev.lock").exists() {
         bail!(
             "{} is not a dev cluster directory (no paddock.toml)",
             dir.display()
         );
     }
-    if let Some(pid) = running_supervisor(dir) {
-        signal::kill(Pid::from_raw(pid), Signal::SIGTERM)?;
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while pid_alive(pid) && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        if pid_alive(pid) {
-            eprintln!("the supervisor (pid {pid}) did not stop in 30 s; killing it");
-            let _ = signal::kill(Pid::from_raw(pid), Signal::SIGKILL);
+    if let Some(p) = running_supervisor(dir)? {
+        p.signal(Signal::SIGTERM)?;
+        if !p.wait_exit(Duration::from_secs(30)) {
+            eprintln!(
+                "the supervisor (pid {}) did not stop in 30 s; killing it",
+                p.pid()
+            );
+            let _ = p.signal(Signal::SIGKILL);
+            p.wait_exit(Duration::from_secs(5));
         }
     }
-    // Whatever a killed supervisor left behind.
-    harness::stop_shims(&dir.join("state"));
-    let mut leftovers = BTreeMap::new();
-    if let Ok(rd) = fs::read_dir(dir.join("run")) {
-        for e in rd.flatten() {
-            if let Some(pid) = read_pid(&e.path()).filter(|p| pid_alive(*p)) {
-                leftovers.insert(
-                    e.file_name()
-                        .to_string_lossy()
-                        .trim_end_matches(".pid")
-                        .to_string(),
-                    pid,
-                );
+    // Whatever a killed supervisor left behind, found only through proof that it
+    // is ours, stopped in the supervisor's order: daemons (a runner would restart
+    // what it lost), app instances' shims (each takes its app along), PostgreSQL.
+    let state = state_dir(dir);
+    let mut pidfiles: Vec<PathBuf> = fs::read_dir(&state)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "pid"))
+        .collect();
+    pidfiles.sort();
+    let mut daemons: Vec<Proc> = Vec::new();
+    for path in pidfiles {
+        match pidfile::lock_holder(&path) {
+            Ok(Some(p)) => {
+                eprintln!("stopping leftover {} (pid {})", path.display(), p.pid());
+                daemons.push(p);
             }
-            let _ = fs::remove_file(e.path());
+            Ok(None) => {}
+            Err(e) => eprintln!("cannot check {}: {e}", path.display()),
         }
     }
-    for (name, pid) in &leftovers {
-        eprintln!("stopping leftover {name} (pid {pid})");
-        let sig = if name == "postgres" {
-            Signal::SIGINT
-        } else {
-            Signal::SIGTERM
-        };
-        let _ = signal::kill(Pid::from_raw(*pid), sig);
+    pidfile::stop_all(&daemons, Signal::SIGTERM, Duration::from_secs(15));
+    let shims = harness::stop_shims(&state);
+    if shims > 0 {
+        eprintln!("stopped {shims} leftover app instance(s)");
     }
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while leftovers.values().any(|p| pid_alive(*p)) && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(50));
+    if let Some(pg) = running_postmaster(dir) {
+        eprintln!("stopping leftover postgres (pid {})", pg.pid());
+        // Fast shutdown; its backends end with it.
+        pg.stop(Signal::SIGINT, Duration::from_secs(15));
     }
-    for pid in leftovers.values() {
-        let _ = signal::killpg(Pid::from_raw(*pid), Signal::SIGKILL);
+    // Pid files of an older `dev` (run/NAME.pid, dev.pid) prove nothing: removed.
+    for e in fs::read_dir(dir.join("run"))
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let _ = fs::remove_file(e.path());
     }
+    let _ = fs::remove_dir(dir.join("run"));
     let _ = fs::remove_file(dir.join("dev.pid"));
     let _ = fs::remove_file(dir.join("dev.ready"));
     println!("dev cluster in {} stopped", dir.display());

@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use anyhow::Result;
 use nix::sys::signal::Signal;
 use paddock_config::ClusterFile;
+use paddock_harness::shared_pg::{self, SharedPg};
 use paddock_harness::{self as harness, ClusterCurve, NodePorts, PgCluster, PgOptions};
 use paddock_wire::{Client, Credentials};
 
@@ -56,14 +57,41 @@ impl Drop for TestDir {
     }
 }
 
-/// A running PostgreSQL for one test.
+/// A PostgreSQL database for one test: by default a database of its own on the
+/// run's shared server ([`Postgres::start`]); a whole server of its own for tests
+/// that stop, crash, reconfigure or replicate it ([`Postgres::private`]).
 pub struct Postgres {
     pub cluster: PgCluster,
-    child: Child,
+    /// The test's main database (`paddock` on a private server).
+    pub db: String,
+    shared: Option<SharedPg>,
+    /// Databases this test made on the shared server, dropped when it passes.
+    made: std::sync::Mutex<Vec<String>>,
+    child: Option<Child>,
 }
 
 impl Postgres {
+    /// A fresh database on the run's shared PostgreSQL (started by the first test
+    /// of the run). `dir` gets the usual `logs/` directory; the server's own log
+    /// is shared and named when a test fails.
     pub fn start(dir: &Path) -> Postgres {
+        fs::create_dir_all(dir.join("logs")).unwrap();
+        let shared = shared_pg::server().expect("the shared PostgreSQL");
+        let db = shared_pg::unique_db_name("paddock");
+        shared.create_db(&db).expect("createdb");
+        Postgres {
+            cluster: shared.cluster.clone(),
+            db: db.clone(),
+            shared: Some(shared),
+            made: std::sync::Mutex::new(vec![db]),
+            child: None,
+        }
+    }
+
+    /// A server of this test's own under `dir/pg` (initdb and start: seconds, not
+    /// milliseconds), with database `paddock`. Use it only to stop, crash,
+    /// reconfigure (ALTER SYSTEM) or replicate the server.
+    pub fn private(dir: &Path) -> Postgres {
         fs::create_dir_all(dir.join("logs")).unwrap();
         let cluster = PgCluster::init(
             dir,
@@ -77,27 +105,67 @@ impl Postgres {
             .start(&dir.join("logs/postgres.log"))
             .expect("postgres starts");
         cluster.create_db("paddock").expect("createdb");
-        Postgres { cluster, child }
+        Postgres {
+            cluster,
+            db: "paddock".into(),
+            shared: None,
+            made: std::sync::Mutex::new(Vec::new()),
+            child: Some(child),
+        }
     }
 
     pub fn url(&self) -> String {
-        self.cluster.url("paddock")
+        self.cluster.url(&self.db)
     }
 
-    /// A fresh empty database on the same server.
+    /// A fresh empty database on the same server (its name is made unique on the
+    /// shared server; the URL names it).
     pub fn fresh_db(&self, name: &str) -> String {
-        self.cluster.create_db(name).expect("createdb");
-        self.cluster.url(name)
+        match &self.shared {
+            Some(s) => {
+                let db = shared_pg::unique_db_name(name);
+                let url = s.create_db(&db).expect("createdb");
+                self.made.lock().unwrap().push(db);
+                url
+            }
+            None => {
+                self.cluster.create_db(name).expect("createdb");
+                self.cluster.url(name)
+            }
+        }
+    }
+
+    /// `kill -9` of a private server, its backends and WAL senders included (a
+    /// crash: no shutdown checkpoint, nothing more sent to standbys).
+    pub fn crash(&mut self) {
+        let mut child = self
+            .child
+            .take()
+            .expect("crash() is for a private server (Postgres::private)");
+        harness::kill_server(&mut child);
     }
 }
 
 impl Drop for Postgres {
     fn drop(&mut self) {
-        harness::stop_child(&mut self.child, Signal::SIGINT, Duration::from_secs(10));
-        let _ = nix::sys::signal::killpg(
-            nix::unistd::Pid::from_raw(self.child.id() as i32),
-            Signal::SIGKILL,
-        );
+        if let Some(s) = &self.shared {
+            let made = std::mem::take(&mut *self.made.lock().unwrap());
+            if std::thread::panicking() {
+                eprintln!(
+                    "test failed; its databases {made:?} stay on the shared PostgreSQL until the run ends (log: {})",
+                    s.log.display()
+                );
+            } else {
+                for db in made {
+                    if let Err(e) = s.drop_db(&db) {
+                        eprintln!("cannot drop test database {db}: {e:#}");
+                    }
+                }
+            }
+        }
+        if let Some(mut child) = self.child.take() {
+            harness::stop_postgres(&mut child, Signal::SIGINT, Duration::from_secs(10));
+        }
     }
 }
 

@@ -32,7 +32,7 @@ struct Down(std::path::PathBuf);
 
 impl Drop for Down {
     fn drop(&mut self) {
-        if self.0.join("dev.pid").exists() {
+        if self.0.join("paddock.toml").exists() {
             let _ = paddock(&self.0, &["dev", "down", "--dir", self.0.to_str().unwrap()]);
         }
     }
@@ -40,12 +40,16 @@ impl Drop for Down {
 
 use paddock_harness::process_alive as alive;
 
+/// A process of the dev cluster, from the file that proves it: a daemon's flock'd
+/// pid file, PostgreSQL's postmaster.pid, the supervisor's dev.lock.
 fn pid_of(dir: &Path, name: &str) -> i32 {
-    std::fs::read_to_string(dir.join("run").join(format!("{name}.pid")))
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap()
+    let path = match name {
+        "postgres" => dir.join("pg/data/postmaster.pid"),
+        "supervisor" => dir.join("dev.lock"),
+        daemon => dir.join("state").join(format!("{daemon}.pid")),
+    };
+    paddock_harness::pidfile::read_pid(&path)
+        .unwrap_or_else(|| panic!("no pid in {}", path.display()))
 }
 
 #[test]
@@ -161,12 +165,7 @@ fn dev_up_status_lock_restart_and_down() {
         .map(|n| pid_of(&dir, n))
         .collect();
     pids.push(pid_of(&dir, "postgres"));
-    let supervisor: i32 = std::fs::read_to_string(dir.join("dev.pid"))
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
-    pids.push(supervisor);
+    pids.push(pid_of(&dir, "supervisor"));
     let pg_pid = pid_of(&dir, "postgres");
     let pg_children: Vec<i32> = std::fs::read_dir("/proc")
         .unwrap()
@@ -193,7 +192,9 @@ fn dev_up_status_lock_restart_and_down() {
     assert!(down.contains("stopped"), "{down}");
     let left: Vec<i32> = pids.iter().copied().filter(|p| alive(*p)).collect();
     assert!(left.is_empty(), "processes left behind: {left:?}");
-    assert!(!dir.join("dev.pid").exists());
+    assert!(paddock_harness::pidfile::lock_holder(&dir.join("dev.lock"))
+        .unwrap()
+        .is_none());
 
     // A second `up` on the same dir keeps its key and data.
     let key_before = std::fs::read_to_string(dir.join("paddock.toml")).unwrap();
@@ -249,4 +250,68 @@ fn dev_up_in_the_foreground_stops_everything_on_ctrl_c() {
     assert!(out.contains("Paddock dev cluster is up"), "{out}");
     let left: Vec<i32> = pids.into_iter().filter(|p| alive(*p)).collect();
     assert!(left.is_empty(), "left behind: {left:?}");
+}
+
+/// What a killed supervisor leaves behind is stopped, found through the daemons'
+/// flock'd pid files and PostgreSQL's own postmaster.pid; pid files that prove
+/// nothing (no lock held, no matching command line) name a live stranger here, and
+/// the stranger must not be signalled.
+#[test]
+fn dev_down_after_a_killed_supervisor_stops_its_leftovers_and_no_stranger() {
+    let t = TestDir::new("devstale");
+    let dir = t.path().join("cluster");
+    let d = dir.to_str().unwrap();
+    let _down = Down(dir.clone());
+    ok(paddock(&dir, &["dev", "up", "--dir", d, "--detach"]));
+    let mut ours: Vec<i32> = paddock_harness::DAEMONS
+        .iter()
+        .map(|n| pid_of(&dir, n))
+        .collect();
+    ours.push(pid_of(&dir, "postgres"));
+    // The supervisor dies without cleaning up: daemons and PostgreSQL run on.
+    let supervisor = pid_of(&dir, "supervisor");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(supervisor),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    eventually(Duration::from_secs(10), "the supervisor gone", || {
+        (!alive(supervisor)).then_some(())
+    });
+    assert!(
+        ours.iter().all(|p| alive(*p)),
+        "leftovers to stop: {ours:?}"
+    );
+
+    // A live process that is none of ours, named by every kind of stale pid file.
+    let mut stranger = Command::new("sleep").arg("120").spawn().unwrap();
+    let s = stranger.id().to_string();
+    std::fs::write(dir.join("dev.lock"), &s).unwrap(); // nobody holds it now
+    std::fs::write(dir.join("state/ghost.pid"), &s).unwrap(); // no daemon holds it
+    let shim_dir = dir.join("state/runner/instances/stale");
+    std::fs::create_dir_all(&shim_dir).unwrap();
+    std::fs::write(shim_dir.join("shim.pid"), &s).unwrap(); // not a paddock-shim
+    std::fs::create_dir_all(dir.join("run")).unwrap();
+    std::fs::write(dir.join("run/postgres.pid"), &s).unwrap(); // an older dev's file
+    std::fs::write(dir.join("dev.pid"), &s).unwrap();
+
+    let down = ok(paddock(&dir, &["dev", "down", "--dir", d]));
+    assert!(down.contains("stopped"), "{down}");
+    assert!(
+        stranger.try_wait().unwrap().is_none(),
+        "dev down signalled a process named only by a stale pid file"
+    );
+    let left: Vec<i32> = ours.iter().copied().filter(|p| alive(*p)).collect();
+    assert!(left.is_empty(), "leftovers still running: {left:?}");
+    for stale in [
+        dir.join("dev.lock"),
+        dir.join("state/ghost.pid"),
+        shim_dir.join("shim.pid"),
+        dir.join("run/postgres.pid"),
+        dir.join("dev.pid"),
+    ] {
+        assert!(!stale.exists(), "{} is removed", stale.display());
+    }
+    let _ = stranger.kill();
+    let _ = stranger.wait();
 }

@@ -1,10 +1,11 @@
-//! The database layer across a failover: a streaming standby made with
-//! pg_basebackup, a multi-host URL with target_session_attrs=read-write, the
-//! primary stopped and the standby promoted; the locker reconnects, loses no
-//! acknowledged lease, and its fencing tokens keep growing.
+//! The database layer across a failover: a synchronous streaming standby made
+//! with pg_basebackup, a multi-host URL with target_session_attrs=read-write, the
+//! primary crashed and the standby promoted at once; the locker reconnects, loses
+//! no acknowledged lease, and its fencing tokens keep growing.
 
 use std::time::Duration;
 
+use nix::sys::signal::Signal;
 use paddock_harness::{PgCluster, PgOptions};
 use paddock_integration::*;
 use paddock_wire::kinds::{LockGrant, LockList};
@@ -17,7 +18,7 @@ fn locker_follows_a_promoted_standby_and_tokens_keep_growing() {
     let sdir = t.path().join("standby");
     std::fs::create_dir_all(&sdir).unwrap();
     std::fs::create_dir_all(t.path().join("logs")).unwrap();
-    let primary = Postgres::start(&pdir);
+    let primary = Postgres::private(&pdir);
     let standby = PgCluster::init_standby(
         &sdir,
         &primary.cluster,
@@ -28,6 +29,39 @@ fn locker_follows_a_promoted_standby_and_tokens_keep_growing() {
     )
     .unwrap();
     let _standby_proc = Stop(standby.start(&t.path().join("logs/standby.log")).unwrap());
+    let primary_sql = |q: &str| {
+        block_on(async {
+            let c = paddock_db::connect(&primary.url()).await.unwrap();
+            // One statement per call: ALTER SYSTEM refuses a (implicit) transaction.
+            for stmt in q.split(';') {
+                c.batch_execute(stmt).await.unwrap();
+            }
+        })
+    };
+    // Synchronous replication, as a deployment that promises no lost grant runs
+    // it: a commit is acknowledged once the standby has flushed it. (The harness
+    // server runs with synchronous_commit off for speed; this database's sessions
+    // commit synchronously. Set after the base backup, so the promoted standby
+    // does not wait for a standby of its own.)
+    primary_sql("ALTER DATABASE paddock SET synchronous_commit = on");
+    primary_sql("ALTER SYSTEM SET synchronous_standby_names = '*'; SELECT pg_reload_conf()");
+    eventually(
+        Duration::from_secs(20),
+        "the standby to stream synchronously",
+        || {
+            block_on(async {
+                let c = paddock_db::connect(&primary.url()).await.ok()?;
+                let r = c
+                    .query_opt(
+                        "SELECT 1 FROM pg_stat_replication WHERE sync_state = 'sync'",
+                        &[],
+                    )
+                    .await
+                    .ok()?;
+                r.map(|_| ())
+            })
+        },
+    );
 
     // target_session_attrs=read-write refuses a standby at connect time, and the
     // pool's recycle check raises on a server in recovery, not on a primary.
@@ -59,32 +93,74 @@ fn locker_follows_a_promoted_standby_and_tokens_keep_growing() {
     n.start("locker");
     let mut c = n.client("locker");
     c.set_timeout(Duration::from_secs(20));
-    let g1: LockGrant = serde_json::from_value(
-        c.call(
-            "lock.acquire",
-            json!({"name": "leader", "owner": "a", "ttl_ms": 120_000}),
-        )
-        .unwrap(),
-    )
-    .unwrap();
+    eventually(Duration::from_secs(20), "the locker to serve locks", || {
+        c.call("lock.list", json!({})).ok()
+    });
 
-    // Let the standby replay the grant, then lose the primary and promote.
-    eventually(
-        Duration::from_secs(10),
-        "the grant to reach the standby",
+    // The primary's WAL sender is frozen while the grant is made, so nothing of it
+    // leaves the primary (freezing the standby's receiver would not do: the kernel
+    // still buffers what arrives on its socket). An acknowledgement can then only
+    // come from a commit that did not wait for the standby, and such a grant is
+    // lost when the primary crashes below.
+    let sender: i32 = eventually(Duration::from_secs(10), "the WAL sender", || {
+        block_on(async {
+            let p = paddock_db::connect(&primary.url()).await.ok()?;
+            p.query_opt(
+                "SELECT pid FROM pg_stat_replication WHERE state = 'streaming'",
+                &[],
+            )
+            .await
+            .ok()?
+            .map(|r| r.get(0))
+        })
+    });
+    // Signalled through a pidfd: it cannot reach a later process with its pid.
+    let sender = Thaw(paddock_harness::pidfile::Proc::open(sender).expect("the sender"));
+    sender.0.signal(Signal::SIGSTOP).unwrap();
+    let pending = {
+        let (rpc, keys) = (n.rpc("locker"), n.keys.clone());
+        std::thread::spawn(move || {
+            let mut c = paddock_wire::Client::connect(&rpc, "user:test", keys)
+                .unwrap()
+                .with_timeout(Duration::from_secs(30));
+            c.call(
+                "lock.acquire",
+                json!({"name": "leader", "owner": "a", "ttl_ms": 120_000}),
+            )
+        })
+    };
+    // Either the grant's commit waits for the standby (synchronous), or the grant
+    // is acknowledged with the standby frozen (it would be lost).
+    let waits_for_standby = eventually(
+        Duration::from_secs(20),
+        "the grant's commit to wait for the standby, or its answer",
         || {
+            if pending.is_finished() {
+                return Some(false);
+            }
             block_on(async {
-                let s = paddock_db::connect(&standby_any).await.ok()?;
-                let n: i64 = s
-                    .query_one("SELECT count(*) FROM locks", &[])
-                    .await
-                    .ok()?
-                    .get(0);
-                (n == 1).then_some(())
+                let p = paddock_db::connect(&primary.url()).await.ok()?;
+                p.query_opt(
+                    "SELECT 1 FROM pg_stat_activity WHERE wait_event = 'SyncRep' AND datname = 'paddock'",
+                    &[],
+                )
+                .await
+                .ok()?
+                .map(|_| true)
             })
         },
     );
-    drop(primary);
+    if waits_for_standby {
+        sender.0.signal(Signal::SIGCONT).unwrap();
+    }
+    let g1: LockGrant = serde_json::from_value(pending.join().unwrap().unwrap()).unwrap();
+
+    // The primary crashes the moment the grant is acknowledged (kill -9 of its
+    // whole group, the frozen sender included: no shutdown checkpoint, nothing
+    // more streamed), and the standby is promoted without waiting for anything.
+    let mut primary = primary;
+    primary.crash();
+    drop(sender);
     standby.promote().unwrap();
 
     let l: LockList = eventually(
@@ -96,7 +172,11 @@ fn locker_follows_a_promoted_standby_and_tokens_keep_growing() {
                 .map(|v| serde_json::from_value(v).unwrap())
         },
     );
-    assert_eq!(l.locks.len(), 1, "{l:?}");
+    assert_eq!(
+        l.locks.len(),
+        1,
+        "an acknowledged grant was lost in the failover: {l:?}"
+    );
     assert_eq!(
         (l.locks[0].name.as_str(), l.locks[0].token),
         ("leader", g1.token)
@@ -117,15 +197,20 @@ fn locker_follows_a_promoted_standby_and_tokens_keep_growing() {
     );
 }
 
+/// Resumes a SIGSTOPped process however the test ends.
+struct Thaw(paddock_harness::pidfile::Proc);
+
+impl Drop for Thaw {
+    fn drop(&mut self) {
+        let _ = self.0.signal(Signal::SIGCONT);
+    }
+}
+
 /// Stops the standby however the test ends (a failed assertion included).
 struct Stop(std::process::Child);
 
 impl Drop for Stop {
     fn drop(&mut self) {
-        paddock_harness::stop_child(
-            &mut self.0,
-            nix::sys::signal::Signal::SIGINT,
-            Duration::from_secs(10),
-        );
+        paddock_harness::stop_child(&mut self.0, Signal::SIGINT, Duration::from_secs(10));
     }
 }

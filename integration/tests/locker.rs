@@ -246,7 +246,8 @@ fn five_lockers_starting_together_migrate_once() {
         || {
             let waiting: i64 = rt
                 .block_on(holder.query_one(
-                    "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted",
+                    "SELECT count(*) FROM pg_locks l JOIN pg_database d ON d.oid = l.database \
+                     WHERE l.locktype = 'advisory' AND NOT l.granted AND d.datname = current_database()",
                     &[],
                 ))
                 .unwrap()
@@ -317,7 +318,7 @@ fn locker_serves_unavailable_while_the_database_is_down_and_recovers() {
     let t = TestDir::new("dbdown");
     let pg_dir = t.path().join("db");
     std::fs::create_dir_all(&pg_dir).unwrap();
-    let pg = Postgres::start(&pg_dir);
+    let pg = Postgres::private(&pg_dir);
     let key = test_key();
     let mut n = Node::new(t.path(), "node-a", &key, &[], Some(pg.url()));
     n.start("locker");
@@ -469,7 +470,8 @@ fn a_wait_longer_than_the_skew_window_is_granted() {
 #[test]
 fn a_commit_lost_in_flight_is_an_unknown_outcome_and_a_reissue_learns_it() {
     let t = TestDir::new("unknown");
-    let pg = Postgres::start(t.path());
+    // ALTER SYSTEM below: a server of its own.
+    let pg = Postgres::private(t.path());
     let sql = |q: &str| {
         block_on(async {
             let c = paddock_db::connect(&pg.url()).await.unwrap();

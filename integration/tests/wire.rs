@@ -328,11 +328,23 @@ fn sigterm_exits_zero_and_a_bad_config_exits_78() {
     assert!(!log.contains("cannot bind"), "{log}");
     drop(held);
 
-    // A cluster file readable by others is refused the same way.
+    // A cluster file readable by others is refused the same way, every port of
+    // the heartbeat held so that binding any of them first would show.
     use std::os::unix::fs::PermissionsExt;
+    let held: Vec<std::net::TcpListener> = [
+        n.ports.heartbeat_rpc,
+        n.ports.heartbeat_pull,
+        n.ports.heartbeat_pub,
+    ]
+    .into_iter()
+    .map(|p| std::net::TcpListener::bind(("127.0.0.1", p)).unwrap())
+    .collect();
     std::fs::set_permissions(&n.config, std::fs::Permissions::from_mode(0o644)).unwrap();
     n.spawn("heartbeat");
     assert_eq!(n.wait_exit("heartbeat", Duration::from_secs(10)), Some(78));
+    let log = std::fs::read_to_string(n.log("heartbeat")).unwrap();
+    assert!(!log.contains("cannot bind"), "{log}");
+    drop(held);
 }
 
 #[test]
@@ -350,18 +362,41 @@ fn a_second_daemon_of_a_kind_on_one_state_dir_is_refused() {
     ping_ok(&mut n.client("heartbeat"));
 }
 
+/// The control for `sigterm_exits_zero_and_a_bad_config_exits_78`: the same
+/// daemons with a *valid* config reach
+/// their bind, and each held port (every one the heartbeat binds, the locker's
+/// rpc) makes that a different exit (71, EX_OSERR) and a "cannot bind" line. So a
+/// daemon that bound before checking its config could not pass that test (checked
+/// once by moving a bind ahead of the config check in paddock-daemon: it failed).
 #[test]
 fn a_daemon_binding_first_would_be_caught_by_the_held_port() {
-    // The check above relies on a bind error being a different exit: prove it.
     let t = TestDir::new("held");
     let key = test_key();
-    let n = Node::new(t.path(), "node-a", &key, &[], None);
-    let _held = std::net::TcpListener::bind(("127.0.0.1", n.ports.heartbeat_rpc)).unwrap();
-    let mut n = n;
-    n.spawn("heartbeat");
-    assert_eq!(n.wait_exit("heartbeat", Duration::from_secs(10)), Some(71));
-    let log = std::fs::read_to_string(n.log("heartbeat")).unwrap();
-    assert!(log.contains("cannot bind"), "{log}");
+    // Never reached: the locker binds before it connects.
+    let db = "host=127.0.0.1 port=1 user=paddock password=x dbname=paddock".to_string();
+    let mut n = Node::new(t.path(), "node-a", &key, &[], Some(db));
+    let cases = [
+        ("heartbeat", n.ports.heartbeat_rpc),
+        ("heartbeat", n.ports.heartbeat_pull),
+        ("heartbeat", n.ports.heartbeat_pub),
+        ("locker", n.ports.locker_rpc),
+    ];
+    for (daemon, port) in cases {
+        let _ = std::fs::remove_file(n.log(daemon));
+        let held = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
+        n.spawn(daemon);
+        assert_eq!(
+            n.wait_exit(daemon, Duration::from_secs(10)),
+            Some(71),
+            "{daemon} with port {port} held"
+        );
+        let log = std::fs::read_to_string(n.log(daemon)).unwrap();
+        assert!(
+            log.contains("cannot bind") && log.contains(&port.to_string()),
+            "{log}"
+        );
+        drop(held);
+    }
 }
 
 /// Credentials with the cluster's HMAC key but CURVE client keys of their own.

@@ -19,6 +19,9 @@ use anyhow::{anyhow, bail, Context, Result};
 use paddock_config::{ClusterFile, CurveSection, DaemonSection, DatabaseSection, Secret};
 use paddock_wire::{Client, Credentials, Keyring};
 
+pub mod pidfile;
+pub mod shared_pg;
+
 /// The daemons that exist, in start order. Later issues add theirs here.
 pub const DAEMONS: &[&str] = &["heartbeat", "locker", "runner"];
 
@@ -406,6 +409,66 @@ pub fn stop_child(child: &mut Child, sig: nix::sys::signal::Signal, grace: Durat
     let _ = child.wait();
 }
 
+/// Stops a PostgreSQL server we started: `sig` to the postmaster (SIGINT: fast
+/// shutdown, which ends every backend first), and after `grace` a crash
+/// ([`kill_server`]). Returns once the postmaster is reaped. (Its children call
+/// setsid, so no process-group signal would reach them.)
+pub fn stop_postgres(child: &mut Child, sig: nix::sys::signal::Signal, grace: Duration) {
+    if child.try_wait().ok().flatten().is_some() {
+        return;
+    }
+    if let Some(p) = pidfile::Proc::open(child.id() as i32) {
+        let _ = p.signal(sig);
+        if !p.wait_exit(grace) {
+            kill_server(child);
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// `kill -9` of a PostgreSQL server we started, as a machine loss would end it:
+/// the postmaster is stopped (it forks nothing more), each of its children is
+/// SIGKILLed, then the postmaster; it is reaped. Nothing more is written or sent.
+pub fn kill_server(child: &mut Child) {
+    use nix::sys::signal::Signal;
+    let ppid = child.id() as i32;
+    if let Some(pm) = pidfile::Proc::open(ppid) {
+        let _ = pm.signal(Signal::SIGSTOP);
+        let kids: Vec<pidfile::Proc> = children_of(ppid)
+            .into_iter()
+            .filter_map(pidfile::Proc::open)
+            // Still its child once the pidfd is held: not a recycled pid.
+            .filter(|k| parent_of(k.pid()) == Some(ppid))
+            .collect();
+        for k in &kids {
+            let _ = k.signal(Signal::SIGKILL);
+        }
+        let _ = pm.signal(Signal::SIGKILL);
+        for k in &kids {
+            k.wait_exit(Duration::from_secs(5));
+        }
+    }
+    let _ = child.wait();
+}
+
+/// The pids whose parent is `ppid`.
+fn children_of(ppid: i32) -> Vec<i32> {
+    fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|p| parent_of(*p) == Some(ppid))
+        .collect()
+}
+
+/// A process's parent pid, from /proc/PID/stat (after the parenthesised name).
+fn parent_of(pid: i32) -> Option<i32> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(") ")?.1.split(' ').nth(1)?.parse().ok()
+}
+
 /// A CURVE keypair as Z85 text.
 #[derive(Clone)]
 pub struct CurvePair {
@@ -547,7 +610,8 @@ impl NodePorts {
 
 /// Stops every instance shim under a runner's state (`<state_dir>/runner`): each
 /// SIGTERM'd shim kills its app and everything the app started, then exits.
-/// Returns how many were running.
+/// Returns how many were running. A `shim.pid` that does not name the live
+/// `paddock-shim` of its own directory is stale: removed, never signalled.
 pub fn stop_shims(state_dir: &Path) -> usize {
     let dirs: Vec<PathBuf> = fs::read_dir(state_dir.join("runner/instances"))
         .into_iter()
@@ -572,36 +636,31 @@ pub fn stop_shims(state_dir: &Path) -> usize {
 }
 
 fn stop_shim_pids(dirs: &[PathBuf]) -> usize {
-    let pids: Vec<i32> = dirs
+    // A shim holds no lock on shim.pid, so the number is trusted only while it
+    // names a live `paddock-shim` serving that very directory.
+    let shims: Vec<pidfile::Proc> = dirs
         .iter()
-        .filter_map(|d| {
-            fs::read_to_string(d.join("shim.pid"))
-                .ok()?
-                .trim()
-                .parse()
-                .ok()
-        })
-        .filter(|p: &i32| nix::sys::signal::kill(nix::unistd::Pid::from_raw(*p), None).is_ok())
+        .filter_map(|d| pidfile::matching(&d.join("shim.pid"), |argv| is_shim_for(argv, d)))
         .collect();
-    for p in &pids {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(*p),
-            nix::sys::signal::Signal::SIGTERM,
-        );
-    }
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while pids.iter().any(|p| process_alive(*p)) && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    for p in &pids {
-        if process_alive(*p) {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(*p),
-                nix::sys::signal::Signal::SIGKILL,
-            );
-        }
-    }
-    pids.len()
+    pidfile::stop_all(
+        &shims,
+        nix::sys::signal::Signal::SIGTERM,
+        Duration::from_secs(5),
+    );
+    shims.len()
+}
+
+/// Whether `argv` is `paddock-shim DIR` for instance directory `dir`.
+pub fn is_shim_for(argv: &[String], dir: &Path) -> bool {
+    let [bin, arg, ..] = argv else { return false };
+    Path::new(bin)
+        .file_name()
+        .is_some_and(|n| n == "paddock-shim")
+        && (Path::new(arg) == dir
+            || matches!(
+                (fs::canonicalize(arg), fs::canonicalize(dir)),
+                (Ok(a), Ok(b)) if a == b
+            ))
 }
 
 /// Whether `pid` is a running process (a zombie, dead but not reaped, is not).
@@ -679,4 +738,51 @@ pub fn credentials(f: &ClusterFile) -> Result<Credentials> {
         None => None,
     };
     Ok(Credentials::new(keyring(f)?, curve))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stop_shims_leaves_a_stranger_named_by_a_stale_shim_pid_alone() {
+        let state = tempfile::tempdir().unwrap();
+        let inst = state.path().join("runner/instances/i-1");
+        fs::create_dir_all(&inst).unwrap();
+        let mut stranger = Command::new("sleep").arg("60").spawn().unwrap();
+        fs::write(inst.join("shim.pid"), stranger.id().to_string()).unwrap();
+        assert_eq!(stop_shims(state.path()), 0);
+        assert!(
+            stranger.try_wait().unwrap().is_none(),
+            "a stale shim.pid got its stranger signalled"
+        );
+        assert!(!inst.join("shim.pid").exists(), "the stale file is removed");
+        let _ = stranger.kill();
+        let _ = stranger.wait();
+    }
+
+    #[test]
+    fn a_shim_is_recognised_by_its_binary_and_its_own_dir() {
+        let dir = Path::new("/var/lib/paddock/runner/instances/i-1");
+        let argv = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert!(is_shim_for(
+            &argv(&[
+                "/usr/bin/paddock-shim",
+                "/var/lib/paddock/runner/instances/i-1"
+            ]),
+            dir
+        ));
+        assert!(!is_shim_for(
+            &argv(&[
+                "/usr/bin/paddock-shim",
+                "/var/lib/paddock/runner/instances/i-2"
+            ]),
+            dir
+        ));
+        assert!(!is_shim_for(
+            &argv(&["/bin/sleep", "/var/lib/paddock/runner/instances/i-1"]),
+            dir
+        ));
+        assert!(!is_shim_for(&argv(&["/usr/bin/paddock-shim"]), dir));
+    }
 }
