@@ -1252,7 +1252,11 @@ fn stopped_instances_are_removed_after_the_keep_time() {
 fn a_new_runner_adopts_an_old_shim_and_an_old_record() {
     let mut r = runner("rold");
     r.node.kill9("runner");
-    let id = "oldapp-web-0123456789";
+    // Unique per run, so nothing a failed earlier run left is counted.
+    let id = &format!(
+        "oldapp-web-{}",
+        &ulid::Ulid::new().to_string().to_lowercase()[16..]
+    );
     let dir = inst_dir(&r, id);
     std::fs::create_dir_all(&dir).unwrap();
     let port = free_port().unwrap();
@@ -1268,14 +1272,40 @@ fn a_new_runner_adopts_an_old_shim_and_an_old_record() {
     std::fs::create_dir_all(&broken).unwrap();
     std::fs::write(broken.join("instance.json"), "{not json").unwrap();
     let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/old-paddock-shim.py");
-    let mut old_shim = std::process::Command::new("python3")
-        .arg(&fixture)
-        .arg(&dir)
-        .arg(&r.app_dir)
-        .arg(port.to_string())
-        .stdin(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    /// The old shim and its app go with the test, whatever happens to it.
+    struct OldShim(std::process::Child, std::path::PathBuf);
+    impl Drop for OldShim {
+        fn drop(&mut self) {
+            if let Ok(None) = self.0.try_wait() {
+                let _ = self.0.kill();
+                let _ = self.0.wait();
+            }
+            let id = self.1.file_name().unwrap().to_string_lossy().to_string();
+            let marker = format!("PADDOCK_INSTANCE={id}");
+            for e in std::fs::read_dir("/proc").unwrap().flatten() {
+                let environ = std::fs::read(e.path().join("environ")).unwrap_or_default();
+                if environ.split(|b| *b == 0).any(|v| v == marker.as_bytes()) {
+                    if let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() {
+                        let _ = nix::sys::signal::kill(
+                            nix::unistd::Pid::from_raw(pid),
+                            nix::sys::signal::Signal::SIGKILL,
+                        );
+                    }
+                }
+            }
+        }
+    }
+    let mut old_shim = OldShim(
+        std::process::Command::new("python3")
+            .arg(&fixture)
+            .arg(&dir)
+            .arg(&r.app_dir)
+            .arg(port.to_string())
+            .stdin(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+        dir.clone(),
+    );
     eventually(
         Duration::from_secs(20),
         "the old shim's app to serve",
@@ -1301,7 +1331,7 @@ fn a_new_runner_adopts_an_old_shim_and_an_old_record() {
     assert_eq!(stopped.last_exit.unwrap().signal, Some(15));
     assert!(!pid_alive(apps[0]));
     let exited = eventually(Duration::from_secs(10), "the old shim to exit", || {
-        old_shim.try_wait().unwrap()
+        old_shim.0.try_wait().unwrap()
     });
     assert!(exited.success(), "{exited:?}");
     let rec = std::fs::read_to_string(dir.join("instance.json")).unwrap();
