@@ -42,6 +42,11 @@ struct Inst {
     /// restart right after a start finds it.
     spawned: Rc<Cell<Option<i32>>>,
     cgroup: cgroup::InstanceCgroup,
+    /// The current connection to the shim: its number (messages of an older
+    /// connection are ignored) and its task (aborted when a new one starts, so
+    /// only one connection per instance is ever being made or read).
+    conn: u64,
+    conn_task: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Inst {
@@ -60,6 +65,8 @@ impl Inst {
             generation: Rc::new(Cell::new(0)),
             spawned: Rc::new(Cell::new(None)),
             cgroup,
+            conn: 0,
+            conn_task: None,
         }
     }
 
@@ -177,6 +184,7 @@ impl Actor for Runner {
 #[rtype(result = "()")]
 struct FromShim {
     id: String,
+    conn: u64,
     ev: ShimEvent,
 }
 
@@ -184,12 +192,14 @@ struct FromShim {
 #[rtype(result = "()")]
 struct ShimGone {
     id: String,
+    conn: u64,
 }
 
 #[derive(Message)]
 #[rtype(result = "()")]
 struct ShimConnected {
     id: String,
+    conn: u64,
     writer: std::os::unix::net::UnixStream,
 }
 
@@ -240,7 +250,18 @@ impl Runner {
             Effect::SpawnShim => self.spawn_shim(ctx, id),
             Effect::Connect => self.connect(ctx, id),
             Effect::ForgetPending => inst.link.forget_pending(),
-            Effect::KillCgroup => shim::kill_cgroup(inst.cgroup.kill.as_ref()),
+            Effect::KillCgroup => {
+                shim::kill_cgroup(inst.cgroup.kill.as_ref());
+                // On v1 a process the app forked before it joined the freezer is
+                // only in the instance's other cgroups; its shim is gone (this
+                // effect follows a shim's death), so every member left is the app's.
+                for pid in inst.cgroup.pids() {
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(pid),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                }
+            }
             Effect::RemoveCgroup => inst.cgroup.remove(),
             Effect::Info(m) => tracing::info!("{m}"),
             Effect::Warn(m) => tracing::warn!("{m}"),
@@ -374,11 +395,16 @@ impl Runner {
             return;
         };
         inst.link.disconnected();
+        inst.conn += 1;
+        let conn = inst.conn;
+        if let Some(old) = inst.conn_task.take() {
+            old.abort();
+        }
         let sock = inst.dir.join("shim.sock");
         let (dir, spawned) = (inst.dir.clone(), inst.spawned.clone());
         let addr = ctx.address();
         let id = id.to_string();
-        actix_rt::spawn(async move {
+        inst.conn_task = Some(actix_rt::spawn(async move {
             let deadline = Instant::now() + Duration::from_secs(10);
             // Retried while the shim starts; given up at once when it has died
             // (an exiting shim closes its socket before it is a zombie).
@@ -401,22 +427,27 @@ impl Runner {
                 Some((tokio::net::UnixStream::from_std(std).ok()?, writer))
             });
             let Some((reader, writer)) = split else {
-                addr.do_send(ShimGone { id });
+                addr.do_send(ShimGone { id, conn });
                 return;
             };
             addr.do_send(ShimConnected {
                 id: id.clone(),
+                conn,
                 writer,
             });
             let mut lines = BufReader::new(reader).lines();
             while let Ok(Some(l)) = lines.next_line().await {
                 match serde_json::from_str::<ShimEvent>(&l) {
-                    Ok(ev) => addr.do_send(FromShim { id: id.clone(), ev }),
+                    Ok(ev) => addr.do_send(FromShim {
+                        id: id.clone(),
+                        conn,
+                        ev,
+                    }),
                     Err(e) => tracing::warn!(instance = %id, "bad line from shim: {e}"),
                 }
             }
-            addr.do_send(ShimGone { id });
-        });
+            addr.do_send(ShimGone { id, conn });
+        }));
     }
 
     /// Watches one start of the app: healthy within the start timeout, then
@@ -617,8 +648,8 @@ fn rand_u32() -> u32 {
 impl Handler<FromShim> for Runner {
     type Result = ();
     fn handle(&mut self, m: FromShim, ctx: &mut Context<Self>) {
-        let Some(inst) = self.instances.get(&m.id) else {
-            return;
+        let Some(inst) = self.instances.get(&m.id).filter(|i| i.conn == m.conn) else {
+            return; // an older connection's line: not about the shim as it is now
         };
         let ev = match m.ev {
             ShimEvent::Hello {
@@ -672,7 +703,7 @@ impl Handler<FromShim> for Runner {
 impl Handler<ShimConnected> for Runner {
     type Result = ();
     fn handle(&mut self, m: ShimConnected, _: &mut Context<Self>) {
-        let Some(inst) = self.instances.get_mut(&m.id) else {
+        let Some(inst) = self.instances.get_mut(&m.id).filter(|i| i.conn == m.conn) else {
             return;
         };
         match Writer::new(m.writer) {
@@ -687,8 +718,8 @@ impl Handler<ShimConnected> for Runner {
 impl Handler<ShimGone> for Runner {
     type Result = ();
     fn handle(&mut self, m: ShimGone, ctx: &mut Context<Self>) {
-        let Some(inst) = self.instances.get_mut(&m.id) else {
-            return;
+        let Some(inst) = self.instances.get_mut(&m.id).filter(|i| i.conn == m.conn) else {
+            return; // an older connection ended: the current one is not affected
         };
         inst.link.disconnected();
         let shim_alive = inst.shim_alive();

@@ -114,7 +114,11 @@ impl Hierarchy {
                     }
                 };
                 if let Some(mb) = limits.memory_mb {
-                    set("memory", "memory.max", (mb << 20).to_string());
+                    set(
+                        "memory",
+                        "memory.max",
+                        mb.saturating_mul(1 << 20).to_string(),
+                    );
                     // Swap is capped with memory: no swapping around the limit.
                     if enabled.iter().any(|c| c == "memory") {
                         let _ = std::fs::write(dir.join("memory.swap.max"), "0");
@@ -160,7 +164,7 @@ impl Hierarchy {
                 if let Some(m) = memory {
                     let d = mk(m, true)?;
                     if let Some(mb) = limits.memory_mb {
-                        let bytes = (mb << 20).to_string();
+                        let bytes = mb.saturating_mul(1 << 20).to_string();
                         std::fs::write(d.join("memory.limit_in_bytes"), &bytes)?;
                         // memsw exists only with swap accounting; cap swap when it does.
                         let _ = std::fs::write(d.join("memory.memsw.limit_in_bytes"), &bytes);

@@ -55,6 +55,9 @@ impl Prepared {
     /// Runs in the child, after fork, before exec. The caller has made the child a
     /// session leader (and given it its terminal) already when it wants that.
     pub fn apply(&self) -> std::io::Result<()> {
+        // First, while RLIMIT_NOFILE is still the parent's: the fallback sweep of
+        // older kernels reaches every fd the parent could have open.
+        cloexec_from(3);
         for p in &self.cgroup_procs {
             join_cgroup(p)?;
         }
@@ -74,7 +77,6 @@ impl Prepared {
             return Err(std::io::Error::last_os_error());
         }
         reset_signals()?;
-        cloexec_from(3);
         Ok(())
     }
 }
@@ -99,8 +101,11 @@ fn join_cgroup(procs: &CStr) -> std::io::Result<()> {
 
 /// setgroups, setgid, setuid, then a check that no way back to root is left.
 pub fn drop_privileges(uid: u32, gid: u32) -> std::io::Result<()> {
+    // EPERM, not a message: building one would allocate after fork (the parent
+    // refuses uid/gid 0 with a message in `Prepared::new`).
+    let refuse = || std::io::Error::from_raw_os_error(libc::EPERM);
     if uid == 0 || gid == 0 {
-        return Err(std::io::Error::other("refusing to run an app as root"));
+        return Err(refuse());
     }
     let g = nix::unistd::Gid::from_raw(gid);
     nix::unistd::setgroups(&[g])?;
@@ -110,7 +115,7 @@ pub fn drop_privileges(uid: u32, gid: u32) -> std::io::Result<()> {
         || nix::unistd::getegid().as_raw() == 0
         || nix::unistd::setuid(nix::unistd::Uid::from_raw(0)).is_ok()
     {
-        return Err(std::io::Error::other("still root after setuid"));
+        return Err(refuse());
     }
     Ok(())
 }

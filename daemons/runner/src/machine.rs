@@ -241,6 +241,9 @@ impl Machine {
             Event::Exited(e) => self.exited(e, now, p, &mut fx),
             Event::Stopped => self.stopped(now, &mut fx),
             Event::ShimGone { shim_alive } => {
+                // Whatever the shim was armed with went with the connection's
+                // knowledge of it; the next Hello and start say it again.
+                self.armed = None;
                 if shim_alive && self.state != State::Stopped {
                     // Only the connection broke: connect again; the shim's Hello
                     // brings the runner up to date.
@@ -249,9 +252,30 @@ impl Machine {
                     return fx;
                 }
                 fx.push(Effect::ForgetPending);
+                let stopping = self.after_stop.take();
                 if self.state == State::Stopped {
                     // The shim left its cgroups when it exited: now they can go.
                     fx.push(Effect::RemoveCgroup);
+                } else if self.state == State::Stopping && stopping == Some(AfterStop::Remove) {
+                    // It died while stopping the instance for good: what it held
+                    // goes, and the stop is done.
+                    fx.push(Effect::KillCgroup);
+                    self.generation += 1;
+                    self.mark_stopped(now, &mut fx);
+                    fx.push(Effect::RemoveCgroup);
+                    fx.push(Effect::Warn("shim gone while stopping; stopped".into()));
+                } else if self.state == State::Stopping && stopping == Some(AfterStop::Start) {
+                    // It died during a restart: a fresh shim carries the restart out.
+                    fx.push(Effect::KillCgroup);
+                    self.generation += 1;
+                    self.pid = None;
+                    self.state = State::Starting;
+                    self.restarts += 1;
+                    fx.push(Effect::Save);
+                    fx.push(Effect::Warn(
+                        "shim gone during a restart; starting a new one".into(),
+                    ));
+                    fx.push(Effect::SpawnShim);
                 } else {
                     // What the dead shim held goes with it (its cgroup only: the
                     // runner's other descendants are other instances' shims).
@@ -335,7 +359,7 @@ impl Machine {
                 }
             }
             Event::RestartAsked { shim_alive } => {
-                if self.state == State::Stopped {
+                if self.state == State::Stopped || self.stopping_for_good() {
                     return fx; // refused: a stopped instance is not restarted
                 }
                 self.recent.clear();
@@ -348,6 +372,8 @@ impl Machine {
                     self.begin_stop(AfterStop::Start, p, &mut fx);
                 } else {
                     // Its shim died: a fresh shim starts the app.
+                    self.after_stop = None;
+                    self.armed = None;
                     self.state = State::Starting;
                     self.restarts += 1;
                     fx.push(Effect::Save);
@@ -356,6 +382,11 @@ impl Machine {
             }
         }
         fx
+    }
+
+    /// An `instance.stop` is under way: nothing may bring the instance back.
+    pub fn stopping_for_good(&self) -> bool {
+        self.state == State::Stopping && self.after_stop == Some(AfterStop::Remove)
     }
 
     fn adopted(&mut self, shim_alive: bool, now: Now, p: &Policy, fx: &mut Vec<Effect>) {
@@ -417,6 +448,9 @@ impl Machine {
             }
             return;
         }
+        // A shim says nothing of its arming: after any (re)connection the runner
+        // no longer knows it, so the next rearm says it again.
+        self.armed = None;
         // The exit this runner already handled is not news.
         let news = last_exit.filter(|e| self.last_exit.as_ref() != Some(e));
         match pid {
@@ -599,6 +633,8 @@ impl Machine {
     }
 
     fn crash(&mut self, reason: String, fx: &mut Vec<Effect>) {
+        // No stop is under way any more: later exits and health are handled.
+        self.after_stop = None;
         self.state = State::Crashed;
         self.reason = Some(reason.clone());
         self.crashed = Some(reason);
@@ -1305,5 +1341,153 @@ mod tests {
         );
         let fx = m.step(Event::Exited(exit(Some(1), None, i64::MIN)), c.now(), &p);
         assert_eq!(timer(&fx).unwrap().0, Duration::from_millis(100));
+    }
+
+    #[test]
+    fn a_shim_dying_during_a_stop_finishes_the_stop() {
+        let c = Clock::new();
+        let p = policy();
+        let mut m = up(&c);
+        m.step(Event::StopAsked { shim_alive: true }, c.now(), &p);
+        let fx = m.step(Event::ShimGone { shim_alive: false }, c.now(), &p);
+        assert_eq!(m.state, State::Stopped);
+        assert!(!m.running);
+        assert!(fx.contains(&Effect::KillCgroup) && fx.contains(&Effect::RemoveCgroup));
+        assert!(!fx.contains(&Effect::Publish(kinds::INSTANCE_CRASHED)));
+    }
+
+    #[test]
+    fn a_shim_dying_during_a_restart_gets_a_new_shim_and_exits_are_handled_again() {
+        let c = Clock::new();
+        let p = Policy {
+            limit: 10,
+            ..policy()
+        };
+        let mut m = up(&c);
+        m.step(Event::RestartAsked { shim_alive: true }, c.now(), &p);
+        let fx = m.step(Event::ShimGone { shim_alive: false }, c.now(), &p);
+        assert!(fx.contains(&Effect::SpawnShim), "{fx:?}");
+        assert_eq!(m.state, State::Starting);
+        m.step(
+            Event::Started {
+                pid: 9,
+                started_ms: 0,
+            },
+            c.now(),
+            &p,
+        );
+        // The new app's crash is a crash, not the end of a stop.
+        let fx = m.step(Event::Exited(exit(Some(1), None, 0)), c.now(), &p);
+        assert!(
+            fx.contains(&Effect::Publish(kinds::INSTANCE_DOWN)),
+            "{fx:?}"
+        );
+        assert_eq!(sends(&fx), vec![ShimCommand::Start]);
+    }
+
+    #[test]
+    fn after_a_crash_mid_stop_a_restart_supervises_the_app_again() {
+        let c = Clock::new();
+        let p = Policy {
+            limit: 10,
+            ..policy()
+        };
+        let mut m = up(&c);
+        // A health restart is under way when the shim dies: crashed.
+        let g = m.generation;
+        m.step(
+            Event::Unhealthy {
+                generation: g,
+                reason: "x".into(),
+            },
+            c.now(),
+            &p,
+        );
+        m.step(
+            Event::ShimUnstartable {
+                reason: "gone".into(),
+            },
+            c.now(),
+            &p,
+        );
+        assert_eq!(m.state, State::Crashed);
+        m.step(Event::RestartAsked { shim_alive: false }, c.now(), &p);
+        m.step(
+            Event::Started {
+                pid: 9,
+                started_ms: 0,
+            },
+            c.now(),
+            &p,
+        );
+        let fx = m.step(Event::Exited(exit(Some(1), None, 0)), c.now(), &p);
+        assert!(
+            fx.contains(&Effect::Publish(kinds::INSTANCE_DOWN)),
+            "{fx:?}"
+        );
+        assert_eq!(m.pid, None);
+        assert_ne!(m.state, State::Up);
+    }
+
+    #[test]
+    fn a_restart_never_cancels_a_stop_in_progress() {
+        let c = Clock::new();
+        let p = policy();
+        let mut m = up(&c);
+        m.step(Event::StopAsked { shim_alive: true }, c.now(), &p);
+        assert!(m.stopping_for_good());
+        assert!(m
+            .step(Event::RestartAsked { shim_alive: true }, c.now(), &p)
+            .is_empty());
+        m.step(Event::Stopped, c.now(), &p);
+        assert_eq!(m.state, State::Stopped);
+    }
+
+    #[test]
+    fn a_new_connection_or_shim_is_armed_again() {
+        let c = Clock::new();
+        let p = policy();
+        let mut m = up(&c); // armed by its start
+                            // The connection broke; the shim (alive) says Hello again.
+        m.step(Event::ShimGone { shim_alive: true }, c.now(), &p);
+        m.step(
+            Event::Hello {
+                pid: Some(100),
+                started_ms: Some(0),
+                last_exit: None,
+                stop_sent: false,
+            },
+            c.now(),
+            &p,
+        );
+        let g = m.generation;
+        let fx = m.step(Event::Healthy { generation: g }, c.now(), &p);
+        assert_eq!(
+            sends(&fx),
+            vec![ShimCommand::Arm {
+                normal_exit: vec![0]
+            }]
+        );
+        // A shim that used its arm while nobody listened is armed again too.
+        let mut e = exit(None, Some(9), 5);
+        e.restarted = true;
+        m.step(
+            Event::Hello {
+                pid: Some(101),
+                started_ms: Some(6),
+                last_exit: Some(e),
+                stop_sent: false,
+            },
+            c.now(),
+            &p,
+        );
+        let g = m.generation;
+        let fx = m.step(Event::Healthy { generation: g }, c.now(), &p);
+        assert_eq!(
+            sends(&fx),
+            vec![ShimCommand::Arm {
+                normal_exit: vec![0]
+            }]
+        );
     }
 }

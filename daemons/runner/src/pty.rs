@@ -4,7 +4,7 @@
 
 use std::cell::RefCell;
 use std::collections::HashMap;
-use std::os::fd::{AsRawFd, IntoRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, IntoRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::rc::Rc;
 use std::time::Duration;
@@ -23,6 +23,13 @@ use crate::{cgroup, child, shim, users};
 
 /// Output kept per run; beyond it the oldest bytes are dropped (offsets stay true).
 const MAX_BUFFER: usize = 8 << 20;
+/// The buffer may grow this far past `MAX_BUFFER` before the oldest bytes are
+/// dropped, so a flood costs one large move per 2 MiB, not one per read.
+const SLACK: usize = 2 << 20;
+/// Output bytes in one `run.output` reply (the client asks again for the rest).
+const MAX_REPLY: usize = 256 << 10;
+/// How long `run.input` waits for a terminal that takes no input.
+const INPUT_WAIT: Duration = Duration::from_secs(2);
 
 struct Run {
     master: Rc<AsyncFd<OwnedFd>>,
@@ -154,7 +161,7 @@ impl Runs {
             uid,
             gid,
             req.limits.nofile.unwrap_or(d.nofile),
-            Some(pids * 8),
+            Some(pids.saturating_mul(8)),
             &dir,
         )
         .map_err(|e| WireError::internal(e.to_string()))?;
@@ -253,7 +260,7 @@ impl Runs {
                     Ok(Ok(n)) => {
                         if let Some(r) = runs.borrow_mut().get_mut(&rid) {
                             r.buf.extend_from_slice(&chunk[..n]);
-                            if r.buf.len() > MAX_BUFFER {
+                            if r.buf.len() > MAX_BUFFER + SLACK {
                                 let drop = r.buf.len() - MAX_BUFFER;
                                 r.buf.drain(..drop);
                                 r.base += drop as u64;
@@ -312,24 +319,31 @@ impl Runs {
         Ok(f(r))
     }
 
-    fn input(&self, req: RunInput) -> Result<Value, WireError> {
+    /// Writes the input as the terminal takes it, waiting (without holding the
+    /// runner's thread) up to `INPUT_WAIT` for room; what was written is said.
+    async fn input(&self, req: RunInput) -> Result<Value, WireError> {
         let data = base64::engine::general_purpose::STANDARD
             .decode(&req.data)
             .map_err(|e| WireError::invalid(format!("`data` is not base64: {e}")))?;
-        let fd: RawFd = self.with(&req.id, |r| r.master.get_ref().as_raw_fd())?;
+        let master = self.with(&req.id, |r| r.master.clone())?;
+        let deadline = tokio::time::Instant::now() + INPUT_WAIT;
         let mut off = 0;
-        let mut tries = 0;
         while off < data.len() {
-            // SAFETY: fd is the run's open master; data outlives the call.
-            let n = unsafe { libc::write(fd, data[off..].as_ptr().cast(), data.len() - off) };
-            if n > 0 {
-                off += n as usize;
-            } else {
-                tries += 1;
-                if tries > 200 {
-                    return Err(WireError::unavailable("the terminal is not taking input"));
+            let ready = tokio::time::timeout_at(deadline, master.writable()).await;
+            let Ok(Ok(mut guard)) = ready else {
+                if off > 0 {
+                    break; // a part went in: say how much
                 }
-                std::thread::sleep(Duration::from_millis(1));
+                return Err(WireError::unavailable("the terminal is not taking input"));
+            };
+            match guard.try_io(|fd| {
+                nix::unistd::write(fd.get_ref(), &data[off..]).map_err(std::io::Error::from)
+            }) {
+                Ok(Ok(n)) => off += n,
+                Ok(Err(e)) => {
+                    return Err(WireError::internal(format!("writing to the terminal: {e}")))
+                }
+                Err(_would_block) => continue,
             }
         }
         Ok(json!({"written": off}))
@@ -365,11 +379,13 @@ impl Runs {
                 return self.with(&req.id, |r| {
                     let end = r.base + r.buf.len() as u64;
                     let from = req.offset.clamp(r.base, end);
-                    let bytes = &r.buf[(from - r.base) as usize..];
-                    let done = r.eof && r.exit.is_some();
+                    let start = (from - r.base) as usize;
+                    let bytes = &r.buf[start..r.buf.len().min(start + MAX_REPLY)];
+                    let next = from + bytes.len() as u64;
+                    let done = next == end && r.eof && r.exit.is_some();
                     kinds::to_body(&RunOutput {
                         data: base64::engine::general_purpose::STANDARD.encode(bytes),
-                        next_offset: end,
+                        next_offset: next,
                         exit_code: if done { r.exit } else { None },
                         done,
                     })
@@ -420,7 +436,7 @@ pub fn routes(routes: Routes, runs: Runs) -> anyhow::Result<Routes> {
         })
         .on(kinds::RUN_INPUT, move |env| {
             let r = b.clone();
-            async move { r.input(body(&env)?) }
+            async move { r.input(body(&env)?).await }
         })
         .on(kinds::RUN_RESIZE, move |env| {
             let r = c.clone();

@@ -13,8 +13,9 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct ShimSpec {
     pub id: String,
-    /// The Procfile-style command; run as `sh -c 'exec COMMAND'` so the tracked
-    /// pid is the app's own.
+    /// The Procfile-style command: split on spaces and exec'd when it has no
+    /// shell syntax, else run as `sh -c 'exec COMMAND'`; the tracked pid is the
+    /// app's own either way.
     pub command: String,
     /// When set, exec'd as given (no shell); `command` is then only for display.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -111,7 +112,8 @@ pub enum ShimEvent {
         started_ns: Option<i64>,
         last_exit: Option<ExitInfo>,
     },
-    /// The app was exec'd (`exec_ns`: CLOCK_REALTIME ns right after fork).
+    /// The app was started (`started_ns`: CLOCK_REALTIME ns once the exec
+    /// succeeded).
     Started {
         pid: i32,
         started_ns: i64,
@@ -151,8 +153,10 @@ pub enum ShimCommand {
     Exit,
     /// Restart the app at once, without asking, on its next exit whose code is not
     /// in `normal_exit` (signals always count). Used once, then disarmed. The
-    /// runner arms a shim whenever its next restart would be immediate anyway, so
-    /// a restart costs no round trip (and happens while no runner is running).
+    /// runner arms a shim whenever its next restart would be immediate anyway (and
+    /// again after every new connection, since a shim's Hello does not say whether
+    /// it is armed), so a restart costs no round trip and happens while no runner
+    /// is running.
     Arm {
         normal_exit: Vec<i32>,
     },
