@@ -94,11 +94,10 @@ fn running_supervisor(dir: &Path) -> Result<Option<Proc>> {
     pidfile::lock_holder(&path).with_context(|| format!("cannot check {}", path.display()))
 }
 
-/// The daemons' state dir: the cluster file's, else DIR/state.
+/// The daemons' state dir: always DIR/state, whatever a cluster file in DIR says
+/// (a copied production file must never make `dev down` stop production).
 fn state_dir(dir: &Path) -> PathBuf {
-    ClusterConfig::load(&dir.join("paddock.toml"))
-        .map(|c| c.state_dir)
-        .unwrap_or_else(|_| dir.join("state"))
+    dir.join("state")
 }
 
 /// The postmaster serving DIR/pg/data, from PostgreSQL's own postmaster.pid, when
@@ -121,6 +120,19 @@ fn prepare(dir: &Path) -> Result<()> {
             .mode(0o700)
             .create(&d)
             .with_context(|| format!("cannot create {}", d.display()))?;
+        // An existing directory is used only when it is ours and nobody else can
+        // write to it: another user's (say, a `.paddock-dev` planted under /tmp)
+        // could hold symlinks and pid files meant for us to follow and trust.
+        use std::os::unix::fs::MetadataExt;
+        let m = fs::symlink_metadata(&d).with_context(|| format!("cannot read {}", d.display()))?;
+        if !m.is_dir() || m.uid() != nix::unistd::geteuid().as_raw() || m.mode() & 0o022 != 0 {
+            bail!(
+                "{} must be a directory owned by you that nobody else can write to (it is mode {:o}, owner uid {}); pick another --dir or fix it",
+                d.display(),
+                m.mode() & 0o7777,
+                m.uid()
+            );
+        }
     }
     Ok(())
 }

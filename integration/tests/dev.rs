@@ -315,3 +315,31 @@ fn dev_down_after_a_killed_supervisor_stops_its_leftovers_and_no_stranger() {
     let _ = stranger.kill();
     let _ = stranger.wait();
 }
+
+/// A dev dir someone else owns (or can write to) is refused before anything in it
+/// is read, written or trusted.
+#[test]
+fn dev_up_refuses_a_dir_owned_by_someone_else() {
+    let t = TestDir::new("devowner");
+    let dir = t.path().join("planted");
+    std::fs::create_dir(&dir).unwrap();
+    std::os::unix::fs::chown(&dir, Some(65534), Some(65534)).unwrap();
+    let out = paddock(
+        &dir,
+        &["dev", "up", "--dir", dir.to_str().unwrap(), "--detach"],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("owned by you"), "{err}");
+    assert!(
+        !dir.join("logs").exists()
+            || std::fs::read_dir(dir.join("logs"))
+                .unwrap()
+                .next()
+                .is_none()
+    );
+    assert!(
+        !dir.join("dev.lock").exists(),
+        "nothing was written into it"
+    );
+}

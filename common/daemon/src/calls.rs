@@ -317,7 +317,7 @@ impl Calls {
             let mut rx = match self.wire.subscribe(&ep, "registry.") {
                 Ok(rx) => rx,
                 Err(e) => {
-                    tracing::warn!(endpoint = %ep, "cannot follow registry events: {e}");
+                    tracing::warn!(endpoint = ?ep, "cannot follow registry events: {e}");
                     self.unwatch(&ep);
                     continue;
                 }

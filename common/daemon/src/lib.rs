@@ -387,10 +387,14 @@ fn lock_pidfile(dir: &std::path::Path, name: &str) -> Result<std::fs::File, Pidf
             source,
         })?;
     let path = dir.join(format!("{name}.pid"));
+    use std::os::unix::fs::OpenOptionsExt;
     let mut f = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
         .write(true)
+        .mode(0o600)
+        // A symlink planted at the path is refused, never followed and truncated.
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
         .open(&path)
         .map_err(|source| PidfileError::Open {
             path: path.clone(),

@@ -124,7 +124,12 @@ pub fn stop_all(procs: &[Proc], sig: Signal, grace: Duration) {
 /// (A caller holding the lock itself is answered as the holder: ask about others'
 /// pid files only.)
 pub fn lock_holder(path: &Path) -> io::Result<Option<Proc>> {
-    let f = match fs::File::open(path) {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let f = match fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)
+    {
         Ok(f) => f,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(e),
@@ -215,6 +220,8 @@ pub fn lock_own(path: &Path) -> io::Result<Option<fs::File>> {
         .truncate(false)
         .write(true)
         .mode(0o600)
+        // A symlink planted at the path is refused, never followed and truncated.
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
         .open(path)?;
     // SAFETY: flock on a descriptor we own.
     if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
@@ -231,6 +238,17 @@ pub fn lock_own(path: &Path) -> io::Result<Option<fs::File>> {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_symlink_at_a_pid_file_path_is_refused_not_followed() {
+        let t = tempfile::tempdir().unwrap();
+        let target = t.path().join("important");
+        fs::write(&target, "IMPORTANT CONTENT").unwrap();
+        let link = t.path().join("dev.lock");
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        assert!(lock_own(&link).is_err());
+        assert_eq!(fs::read_to_string(&target).unwrap(), "IMPORTANT CONTENT");
+    }
     use super::*;
     use std::process::{Command, Stdio};
 

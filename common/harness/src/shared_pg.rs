@@ -115,11 +115,18 @@ fn own_dir(dir: &Path) -> Result<()> {
 /// Under the run's lock: the running keeper's server, or a new keeper's.
 pub fn attach_or_start(dir: &Path, watch: i32) -> Result<SharedPg> {
     own_dir(dir)?;
-    let lock = fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(dir.join("lock"))?;
+    // 0600 and never through a symlink: nobody else may flock it (and so hang
+    // every test of the run).
+    let lock = {
+        use std::os::unix::fs::OpenOptionsExt;
+        fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(dir.join("lock"))?
+    };
     // Blocking: tests of the run starting together queue here while one starts
     // the server. SAFETY: flock on a descriptor we own.
     if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) } != 0 {

@@ -365,6 +365,23 @@ impl Outgoing {
             sig,
             reply: c.reply,
         };
+        // The cluster's receivers share one payload limit: a larger request would be
+        // refused unread (an unsigned reply without `re`, matched to no call), so
+        // it is refused here, before anything is sent, with the receiver's code.
+        let max = self.event_gate.limits().max_payload;
+        if call.payload.len() > max {
+            let err = WireError::new(
+                Code::TooLarge,
+                format!(
+                    "`{}` to {}: payload is {} bytes; the limit is {max} (not sent)",
+                    c.kind,
+                    c.endpoint,
+                    call.payload.len()
+                ),
+            );
+            self.finish(call, Err(ClientError::Remote(err)));
+            return;
+        }
         if !self.dealers.contains_key(&c.endpoint) {
             match dealer_socket(
                 &c.endpoint,
@@ -410,14 +427,14 @@ impl Outgoing {
                 }
                 Err(e) => {
                     // Dropping `tx` ends the subscriber's stream, which it can see.
-                    tracing::warn!(endpoint = %s.endpoint, "cannot subscribe: {e}");
+                    tracing::warn!(endpoint = ?s.endpoint, "cannot subscribe: {e}");
                     return;
                 }
             }
         }
         let sub = self.subs.get_mut(&s.endpoint).expect("inserted above");
         if let Err(e) = sub.socket.set_subscribe(s.prefix.as_bytes()) {
-            tracing::warn!(endpoint = %s.endpoint, "cannot subscribe: {e}");
+            tracing::warn!(endpoint = ?s.endpoint, "cannot subscribe: {e}");
             return;
         }
         sub.subscribers.push(Subscriber {

@@ -268,3 +268,28 @@ async fn subscriptions_get_verified_events_matching_their_prefix() {
     }
     assert!(forged.try_recv().is_err(), "a forged event was delivered");
 }
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_request_over_the_payload_limit_is_refused_at_once_with_too_large() {
+    let (_callee, rpc, _) = start("callee", false, DEFAULT_MAX_CALLS);
+    let (caller, _, _) = start("caller", false, DEFAULT_MAX_CALLS);
+    let calls = caller.handle.calls();
+    let big = "x".repeat(2 << 20);
+    let t0 = std::time::Instant::now();
+    let err = calls
+        .call(
+            &rpc,
+            "test.echo",
+            json!({"big": big}),
+            Duration::from_secs(30),
+        )
+        .await
+        .unwrap_err();
+    match &err {
+        ClientError::Remote(e) => assert_eq!(e.code, paddock_wire::Code::TooLarge, "{err}"),
+        other => panic!("not too_large: {other}"),
+    }
+    assert!(err.to_string().contains("not sent"), "{err}");
+    // Answered at once, not after 30 s of resends (shown, not asserted on time).
+    eprintln!("refused after {:?}", t0.elapsed());
+}

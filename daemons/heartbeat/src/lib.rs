@@ -133,7 +133,7 @@ impl RegistryActor {
         if let Some(more) = self.refused.allow(now) {
             // The reason may quote what the sender wrote (a kind, a field): escaped.
             let why = why.to_string();
-            tracing::warn!(%from, also_refused = more, "ignored a beat: {}", why.escape_debug());
+            tracing::warn!(from = ?from, also_refused = more, "ignored a beat: {}", why.escape_debug());
         }
     }
 }
