@@ -697,6 +697,27 @@ impl ClusterConfig {
     }
 }
 
+/// Every example cluster file shipped in the workspace's `ops/config`, loaded and
+/// validated, for the tests that check each daemon's section against them. Panics
+/// naming a file that does not load, or when there is none.
+pub fn shipped_examples() -> Vec<(PathBuf, ClusterConfig)> {
+    let ops = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../ops/config");
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(&ops).unwrap_or_else(|e| panic!("{}: {e}", ops.display())) {
+        let p = entry.expect("a directory entry").path();
+        if p.extension().and_then(|e| e.to_str()) != Some("toml") {
+            continue;
+        }
+        let text = std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+        let file: ClusterFile =
+            toml::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+        let cfg = ClusterConfig::validate(&p, file).unwrap_or_else(|e| panic!("{e}"));
+        out.push((p, cfg));
+    }
+    assert!(!out.is_empty(), "no example configs in {}", ops.display());
+    out
+}
+
 impl ClusterFile {
     /// TOML text of the file.
     pub fn to_toml(&self) -> String {
@@ -886,20 +907,7 @@ mod tests {
 
     #[test]
     fn shipped_example_configs_load() {
-        let ops = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../ops/config");
-        let mut n = 0;
-        for entry in std::fs::read_dir(&ops).unwrap() {
-            let p = entry.unwrap().path();
-            if p.extension().and_then(|e| e.to_str()) != Some("toml") {
-                continue;
-            }
-            let text = std::fs::read_to_string(&p).unwrap();
-            let file: ClusterFile =
-                toml::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
-            ClusterConfig::validate(&p, file).unwrap_or_else(|e| panic!("{e}"));
-            n += 1;
-        }
-        assert!(n > 0, "no example configs found in {}", ops.display());
+        assert!(!shipped_examples().is_empty());
     }
 
     fn write_text(dir: &Path, text: &str) -> PathBuf {

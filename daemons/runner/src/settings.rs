@@ -167,24 +167,11 @@ impl Settings {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::path::Path;
 
     #[test]
     fn shipped_example_configs_have_a_valid_runner_section() {
-        let ops = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../ops/config");
-        let mut n = 0;
-        for entry in std::fs::read_dir(&ops).unwrap() {
-            let p = entry.unwrap().path();
-            if p.extension().and_then(|e| e.to_str()) != Some("toml") {
-                continue;
-            }
-            let text = std::fs::read_to_string(&p).unwrap();
-            let file = toml::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
-            let cfg = ClusterConfig::validate(&p, file).unwrap_or_else(|e| panic!("{e}"));
-            let s = Settings::from_config(&cfg).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
-            assert!(s.port_min <= s.port_max);
-            n += 1;
+        for (p, cfg) in paddock_config::shipped_examples() {
+            Settings::from_config(&cfg).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
         }
-        assert!(n > 0, "no example configs in {}", ops.display());
     }
 }
