@@ -315,7 +315,8 @@ mod tests {
         assert!(!path.exists());
         assert!(still_sleeping(&mut stranger));
         fs::write(&path, stranger.id().to_string()).unwrap();
-        let p = matching(&path, |argv| argv.first().is_some_and(|a| a == "sleep")).unwrap();
+        let p = matching(&path, |argv| argv.first().is_some_and(|a| a == "sleep"))
+            .unwrap_or_else(|| panic!("not matched: {:?}", cmdline(stranger.id() as i32)));
         p.stop(Signal::SIGTERM, Duration::from_secs(5));
         assert!(p.exited());
         let _ = stranger.wait();
