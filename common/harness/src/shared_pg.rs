@@ -198,25 +198,24 @@ pub fn attach_or_start(dir: &Path, watch: i32) -> Result<SharedPg> {
 impl SharedPg {
     /// Creates database `name`, which must not exist yet (a name is one test's).
     pub fn create_db(&self, name: &str) -> Result<String> {
-        let out = self
-            .cluster
-            .command("psql")
-            .args(["-X", "-q", "-v", "ON_ERROR_STOP=1"])
-            .args(["-h", "127.0.0.1", "-U", "paddock", "-d", "postgres"])
-            .arg("-p")
-            .arg(self.cluster.port.to_string())
-            .arg("-c")
-            .arg(format!("CREATE DATABASE \"{name}\""))
-            .env("PGPASSWORD", &self.cluster.password)
-            .stdin(Stdio::null())
-            .output()
-            .context("running psql")?;
-        crate::check_output(&format!("CREATE DATABASE {name}"), &out)?;
+        self.psql(
+            &format!("CREATE DATABASE \"{name}\""),
+            &format!("CREATE DATABASE {name}"),
+        )?;
         Ok(self.cluster.url(name))
     }
 
     /// Drops database `name`, closing whatever is still connected to it.
     pub fn drop_db(&self, name: &str) -> Result<()> {
+        self.psql(
+            &format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"),
+            &format!("DROP DATABASE {name}"),
+        )
+    }
+
+    /// Runs one statement as `paddock` on the `postgres` database; `what` names it
+    /// in the error.
+    fn psql(&self, sql: &str, what: &str) -> Result<()> {
         let out = self
             .cluster
             .command("psql")
@@ -225,12 +224,12 @@ impl SharedPg {
             .arg("-p")
             .arg(self.cluster.port.to_string())
             .arg("-c")
-            .arg(format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
+            .arg(sql)
             .env("PGPASSWORD", &self.cluster.password)
             .stdin(Stdio::null())
             .output()
             .context("running psql")?;
-        crate::check_output(&format!("DROP DATABASE {name}"), &out)
+        crate::check_output(what, &out)
     }
 }
 

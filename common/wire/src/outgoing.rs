@@ -270,8 +270,9 @@ pub(crate) struct Outgoing {
     stats: Arc<Stats>,
 }
 
-/// The largest message a peer may send us, as the rpc ROUTER allows.
-fn max_message(limits: &Limits) -> i64 {
+/// The largest message any of a daemon's sockets takes from a peer (its rpc
+/// ROUTER and PULL, and these outgoing sockets): a larger one drops the connection.
+pub(crate) fn max_message(limits: &Limits) -> i64 {
     ((limits.max_payload as i64) * 4).max(16 << 20)
 }
 

@@ -269,7 +269,7 @@ pub fn start(spec: ServerSpec, keys: SharedKeyring, queue: usize) -> Result<Serv
     let router = ctx.socket(zmq::ROUTER)?;
     curve::server_socket(&router, server_keys)?;
     router.set_linger(200)?;
-    router.set_maxmsgsize(((spec.limits.max_payload as i64) * 4).max(16 << 20))?;
+    router.set_maxmsgsize(crate::outgoing::max_message(&spec.limits))?;
     router.set_heartbeat_ivl(2000)?;
     router.set_heartbeat_timeout(6000)?;
     bind(&router, "rpc", &spec.rpc)?;
@@ -278,7 +278,7 @@ pub fn start(spec: ServerSpec, keys: SharedKeyring, queue: usize) -> Result<Serv
             let s = ctx.socket(zmq::PULL)?;
             curve::server_socket(&s, server_keys)?;
             s.set_linger(0)?;
-            s.set_maxmsgsize(((spec.limits.max_payload as i64) * 4).max(16 << 20))?;
+            s.set_maxmsgsize(crate::outgoing::max_message(&spec.limits))?;
             bind(&s, "pull", ep)?;
             Some(s)
         }
