@@ -2,9 +2,12 @@
 //! test fails, a real PostgreSQL, real daemon processes on free ports, and clients.
 
 use std::fs;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Child;
 use std::time::{Duration, Instant};
+
+pub mod http;
 
 use anyhow::Result;
 use nix::sys::signal::Signal;
@@ -291,6 +294,27 @@ impl Node {
     pub fn spawn_env(&mut self, daemon: &str, env: &[(&str, &str)]) {
         let child =
             harness::spawn_daemon_env(daemon, &self.config, &self.log(daemon), env).unwrap();
+        self.procs.retain(|(d, _)| d != daemon);
+        self.procs.push((daemon.to_string(), child));
+    }
+
+    /// Starts program `bin` (a test stand-in) as `daemon`, without waiting.
+    pub fn spawn_bin(&mut self, daemon: &str, bin: &str, env: &[(&str, &str)]) {
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log(daemon))
+            .unwrap();
+        let child = std::process::Command::new(harness::bin(bin).unwrap())
+            .envs(env.iter().copied())
+            .arg("--config")
+            .arg(&self.config)
+            .stdin(std::process::Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .process_group(0)
+            .spawn()
+            .unwrap();
         self.procs.retain(|(d, _)| d != daemon);
         self.procs.push((daemon.to_string(), child));
     }

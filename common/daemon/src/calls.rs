@@ -102,6 +102,22 @@ impl Directory {
         pick(&self.services, daemon, node)
     }
 
+    /// `daemon`'s alive incarnations with all their endpoints, this node's first.
+    pub fn alive(&self, daemon: &str, node: &str) -> Vec<Service> {
+        let mut v: Vec<Service> = self
+            .services
+            .iter()
+            .filter(|s| s.daemon == daemon && s.state == ServiceState::Alive)
+            .cloned()
+            .collect();
+        v.sort_by(|a, b| {
+            (b.node == node)
+                .cmp(&(a.node == node))
+                .then(a.node.cmp(&b.node))
+        });
+        v
+    }
+
     /// Every heartbeat's PUB endpoint the registry knows of.
     pub fn publishers(&self) -> Vec<String> {
         let mut out: Vec<String> = self
@@ -202,6 +218,19 @@ impl Calls {
         prefix: &str,
     ) -> Result<mpsc::Receiver<Envelope>, ClientError> {
         self.wire.subscribe(endpoint, prefix)
+    }
+
+    /// `daemon`'s alive incarnations as the registry lists them (every endpoint
+    /// each beats, e.g. `pub`), this node's first; empty when none is alive.
+    pub async fn services(&self, daemon: &str) -> Result<Vec<Service>, FindError> {
+        if !self.dir().fresh(Instant::now(), DISCOVERY_TTL) {
+            let _one = self.refreshing.lock().await;
+            if !self.dir().fresh(Instant::now(), DISCOVERY_TTL) {
+                self.refresh().await?;
+            }
+        }
+        let node = self.config.borrow().node().to_string();
+        Ok(self.dir().alive(daemon, &node))
     }
 
     /// The rpc endpoints of `daemon`'s alive incarnations, this node's first.

@@ -160,6 +160,7 @@ pub struct Ctx {
     server: ServerHandle,
     calls: calls::Calls,
     shutdown: watch::Receiver<bool>,
+    stop: Arc<tokio::sync::Notify>,
     loop_restarts: Arc<Mutex<BTreeMap<String, u64>>>,
 }
 
@@ -188,6 +189,13 @@ impl Ctx {
     /// `role@node`.
     pub fn identity(&self) -> String {
         format!("{}@{}", self.spec.name, self.config().node())
+    }
+
+    /// Begins the same drain a SIGTERM does (the balancer's handoff to its
+    /// successor uses it): the rpc sockets close and the pid lock is released when
+    /// the drain ends.
+    pub fn stop(&self) {
+        self.stop.notify_one();
     }
 
     pub fn is_shutting_down(&self) -> bool {
@@ -300,7 +308,27 @@ pub fn cloexec_inherited() {
     }
 }
 
+/// What a daemon may do around [`run`] (the balancer starts its listeners before
+/// the pid lock, and drains its connections after the lock is released).
+#[derive(Default)]
+pub struct Hooks {
+    /// Runs after the config is valid and before the pid lock; an error exits 71.
+    pub before_run: Option<fn(&ClusterConfig) -> anyhow::Result<()>>,
+    /// Runs after `run` returned (rpc sockets closed, pid lock released) with its
+    /// exit code; returns the process's.
+    pub after_run: Option<fn(i32) -> i32>,
+}
+
 pub fn main<S, Fut>(spec: Spec, setup: S) -> !
+where
+    S: FnOnce(Ctx) -> Fut + 'static,
+    Fut: Future<Output = anyhow::Result<Routes>> + 'static,
+{
+    main_with(spec, setup, Hooks::default())
+}
+
+/// [`main`] with [`Hooks`].
+pub fn main_with<S, Fut>(spec: Spec, setup: S, hooks: Hooks) -> !
 where
     S: FnOnce(Ctx) -> Fut + 'static,
     Fut: Future<Output = anyhow::Result<Routes>> + 'static,
@@ -332,8 +360,28 @@ where
             std::process::exit(exit::CONFIG);
         }
     };
+    if let Some(before) = hooks.before_run {
+        if let Err(e) = before(&config) {
+            tracing::error!("{e:#}");
+            std::process::exit(exit::OSERR);
+        }
+    }
     let code = run(spec, config, setup);
+    let code = match hooks.after_run {
+        Some(after) => after(code),
+        None => code,
+    };
     std::process::exit(code)
+}
+
+/// `PADDOCK_TAKEOVER_WAIT_MS`: set by a process handing over to this one (the
+/// balancer's upgrade). The pid lock and the rpc endpoints are still the old
+/// process's when this one starts, so both are retried for that long.
+fn takeover_wait() -> Option<Duration> {
+    std::env::var("PADDOCK_TAKEOVER_WAIT_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .map(Duration::from_millis)
 }
 
 /// A panic anywhere (an actor's handler included, which actix would otherwise swallow
@@ -449,7 +497,16 @@ where
         (Ok(a), Ok(b)) => (a, b),
         (Err(c), _) | (_, Err(c)) => return c,
     };
-    let _pidfile = match lock_pidfile(&config.state_dir, spec.name) {
+    let takeover = takeover_wait().map(|w| Instant::now() + w);
+    let locked = loop {
+        match lock_pidfile(&config.state_dir, spec.name) {
+            Err(PidfileError::Held { .. }) if takeover.is_some_and(|t| Instant::now() < t) => {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            other => break other,
+        }
+    };
+    let _pidfile = match locked {
         Ok(f) => f,
         Err(e) => {
             // The whole chain, once: what failed and the OS's reason.
@@ -479,21 +536,32 @@ where
     let admitted = node_keys.as_ref().map(|k| k.server.admitted.clone());
     let keys = SharedKeyring::new(config.keyring.clone());
     let identity = format!("{}@{}", spec.name, config.node());
-    let server = match paddock_wire::server::start(
-        ServerSpec {
-            identity,
-            rpc: section.rpc.clone(),
-            pull,
-            publish,
-            push: config.file.cluster.heartbeats.clone(),
-            push_to: (spec.push_to)(&config),
-            limits: config.limits.clone(),
-            curve: node_keys,
-            max_calls: paddock_wire::outgoing::DEFAULT_MAX_CALLS,
-        },
-        keys.clone(),
-        4096,
-    ) {
+    let started = loop {
+        let r = paddock_wire::server::start(
+            ServerSpec {
+                identity: identity.clone(),
+                rpc: section.rpc.clone(),
+                pull: pull.clone(),
+                publish: publish.clone(),
+                push: config.file.cluster.heartbeats.clone(),
+                push_to: (spec.push_to)(&config),
+                limits: config.limits.clone(),
+                curve: node_keys.clone(),
+                max_calls: paddock_wire::outgoing::DEFAULT_MAX_CALLS,
+            },
+            keys.clone(),
+            4096,
+        );
+        match r {
+            // The old process closes its sockets just before it releases the pid
+            // lock; the kernel may not have let the ports go yet.
+            Err(_) if takeover.is_some_and(|t| Instant::now() < t) => {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            other => break other,
+        }
+    };
+    let server = match started {
         Ok(s) => s,
         Err(e) => {
             tracing::error!("{}", chain(&e));
@@ -514,6 +582,7 @@ where
             server: server.handle.clone(),
             calls: calls::Calls::new(server.handle.calls(), config_rx.clone()),
             shutdown: shutdown_rx,
+            stop: Arc::new(tokio::sync::Notify::new()),
             loop_restarts: Arc::new(Mutex::new(BTreeMap::new())),
         };
         let routes = match setup(ctx.clone()).await {
@@ -576,6 +645,7 @@ async fn wait_for_signals(
             _ = term.recv() => { tracing::info!("SIGTERM: draining"); return; }
             _ = int.recv() => { tracing::info!("SIGINT: draining"); return; }
             _ = hup.recv() => reload(ctx, config_tx, keys, admitted),
+            _ = ctx.stop.notified() => { tracing::info!("stop requested: draining"); return; }
         }
     }
 }

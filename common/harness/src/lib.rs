@@ -23,7 +23,7 @@ pub mod pidfile;
 pub mod shared_pg;
 
 /// The daemons that exist, in start order. Later issues add theirs here.
-pub const DAEMONS: &[&str] = &["heartbeat", "locker", "runner"];
+pub const DAEMONS: &[&str] = &["heartbeat", "locker", "runner", "balancer"];
 
 /// A port the OS says is free right now on 127.0.0.1.
 pub fn free_port() -> Result<u16> {
@@ -576,6 +576,19 @@ pub fn node_file(
         toml::Value::String(apps.display().to_string()),
     );
     f.daemons.insert("runner".into(), runner);
+    let mut balancer = DaemonSection {
+        rpc: tcp(ports.balancer_rpc),
+        ..Default::default()
+    };
+    for (k, p) in [
+        ("pub", ports.balancer_pub),
+        ("http", ports.balancer_http),
+        ("https", ports.balancer_https),
+        ("admin", ports.balancer_admin),
+    ] {
+        balancer.other.insert(k.into(), toml::Value::String(tcp(p)));
+    }
+    f.daemons.insert("balancer".into(), balancer);
     f.database = database_url.map(|url| DatabaseSection { url });
     Ok((f, ports))
 }
@@ -588,12 +601,17 @@ pub struct NodePorts {
     pub locker_rpc: u16,
     pub runner_rpc: u16,
     pub runner_pub: u16,
+    pub balancer_rpc: u16,
+    pub balancer_pub: u16,
+    pub balancer_http: u16,
+    pub balancer_https: u16,
+    pub balancer_admin: u16,
 }
 
 impl NodePorts {
     pub fn pick() -> Result<NodePorts> {
         // Hold all listeners until every port is chosen, so none repeats.
-        let ls: Vec<TcpListener> = (0..6)
+        let ls: Vec<TcpListener> = (0..11)
             .map(|_| TcpListener::bind("127.0.0.1:0"))
             .collect::<io::Result<_>>()?;
         let p = |i: usize| ls[i].local_addr().map(|a| a.port());
@@ -604,6 +622,11 @@ impl NodePorts {
             locker_rpc: p(3)?,
             runner_rpc: p(4)?,
             runner_pub: p(5)?,
+            balancer_rpc: p(6)?,
+            balancer_pub: p(7)?,
+            balancer_http: p(8)?,
+            balancer_https: p(9)?,
+            balancer_admin: p(10)?,
         })
     }
 }

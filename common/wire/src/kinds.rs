@@ -375,3 +375,22 @@ pub struct RunOutput {
     pub exit_code: Option<i32>,
     pub done: bool,
 }
+
+// ---- balancer (docs/PROTOCOL.md, "Balancer") ----
+pub const ROUTE_SET: &str = "route.set";
+pub const ROUTE_REMOVE: &str = "route.remove";
+pub const ROUTES_LIST: &str = "routes.list";
+pub const BACKEND_ADD: &str = "backend.add";
+pub const BACKEND_DRAIN: &str = "backend.drain";
+pub const BACKEND_REMOVE: &str = "backend.remove";
+/// PUB: a drained backend has nothing left in flight (or its drain deadline passed).
+pub const BACKEND_DRAINED: &str = "backend.drained";
+pub const CERT_SET: &str = "cert.set";
+pub const CERT_REMOVE: &str = "cert.remove";
+pub const CERT_LIST: &str = "cert.list";
+pub const BALANCER_STATS: &str = "balancer.stats";
+pub const BALANCER_UPGRADE: &str = "balancer.upgrade";
+/// PUB by a scheduler: its whole, fenced route table.
+pub const ROUTES_TABLE: &str = "routes.table";
+/// rpc to a scheduler: the same table, on demand.
+pub const ROUTES_SNAPSHOT: &str = "routes.snapshot";

@@ -1,0 +1,209 @@
+//! paddock-balancer: the HTTP(S) front door. Requests are routed by Host to a
+//! healthy backend of the app, over pooled keep-alive connections, with retries,
+//! passive ejection and active health checks, draining, websockets, TLS by SNI,
+//! stats and router log lines.
+//!
+//! Two halves. The **data plane** (`proxy`, `listen`, `pool`, `health`, `tls`) runs
+//! on its own multi-threaded tokio runtime, started before the daemon takes its pid
+//! lock (so a successor serves its inherited listeners while its predecessor still
+//! holds the lock) and drained after the lock is released. The **control plane**
+//! (`control`) is an ordinary BaseDaemon: rpc kinds, the schedulers' route tables,
+//! drains, router log shipping; it owns the `model` and swaps a new `table`
+//! snapshot into the data plane after every change.
+//!
+//! Architecture invariant: the data plane never reads the model and never waits
+//! on the control plane; it sees only whole table snapshots.
+
+pub mod admin;
+mod control;
+pub mod health;
+pub mod listen;
+pub mod model;
+pub mod pool;
+pub mod proxy;
+pub mod settings;
+pub mod stats;
+pub mod table;
+pub mod tls;
+
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use paddock_config::ClusterConfig;
+use paddock_daemon::{Ctx, Hooks, Routes, Spec};
+
+pub use settings::{BalancerSection, Settings};
+
+pub fn spec() -> Spec {
+    Spec {
+        name: "balancer",
+        version: env!("CARGO_PKG_VERSION"),
+        pull: false,
+        publish: true,
+        check: |cfg| Settings::from_config(cfg).map(|_| ()),
+        push_to: |cfg| {
+            Settings::from_config(cfg)
+                .ok()
+                .and_then(|s| s.log_sink)
+                .map(|e| vec![("logs".to_string(), e)])
+                .unwrap_or_default()
+        },
+    }
+}
+
+pub fn hooks() -> Hooks {
+    Hooks {
+        before_run: Some(start_plane),
+        after_run: Some(finish),
+    }
+}
+
+/// The data plane, started once per process before the daemon runtime.
+pub(crate) struct Plane {
+    pub shared: Arc<proxy::Shared>,
+    /// Kept for the process's life: the proxy's worker threads.
+    pub _rt: tokio::runtime::Runtime,
+    pub live: table::Live,
+    pub resolver: Arc<tls::Resolver>,
+    /// The listening sockets (dups, kept for a handoff).
+    pub fds: Vec<(String, OwnedFd)>,
+    pub model: model::Model,
+    pub log_rx: Mutex<Option<tokio::sync::mpsc::Receiver<proxy::RouterLine>>>,
+}
+
+static PLANE: OnceLock<Plane> = OnceLock::new();
+
+pub(crate) fn plane() -> &'static Plane {
+    PLANE.get().expect("the data plane starts before setup")
+}
+
+fn start_plane(cfg: &ClusterConfig) -> anyhow::Result<()> {
+    let settings = Settings::from_config(cfg)?;
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&settings.dir)?;
+    }
+    let model = model::Model::load(&settings.dir)?;
+    let live = table::Live::new();
+    let resolver = Arc::new(tls::Resolver::default());
+    resolver.set(&model.certs);
+    let (log_tx, log_rx) = if settings.router_log || settings.log_sink.is_some() {
+        let (t, r) = tokio::sync::mpsc::channel(16 * 1024);
+        (Some(t), Some(r))
+    } else {
+        (None, None)
+    };
+    let shared = Arc::new(proxy::Shared {
+        table: ArcSwap::from_pointee(live.build(&model, settings.pool_idle_per_backend)),
+        global: stats::Global::default(),
+        log: log_tx,
+        shutdown: tokio::sync::watch::channel(false).0,
+        settings: settings.clone(),
+    });
+    let mut inherited = listen::inherited()?;
+    let http = listen::listener(&mut inherited, "http", settings.http)?;
+    let https = settings
+        .https
+        .map(|a| listen::listener(&mut inherited, "https", a))
+        .transpose()?;
+    let admin_l = settings
+        .admin
+        .map(|a| listen::listener(&mut inherited, "admin", a))
+        .transpose()?;
+    let mut fds = Vec::new();
+    for (name, l) in [
+        ("http", Some(&http)),
+        ("https", https.as_ref()),
+        ("admin", admin_l.as_ref()),
+    ] {
+        if let Some(l) = l {
+            fds.push((name.to_string(), l.as_fd_dup()?));
+        }
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(settings.threads)
+        .thread_name("proxy")
+        .enable_all()
+        .build()?;
+    let slots = Arc::new(tokio::sync::Semaphore::new(settings.max_connections));
+    {
+        let _g = rt.enter();
+        rt.spawn(listen::accept_loop(
+            shared.clone(),
+            http,
+            proxy::Proto::Http,
+            None,
+            slots.clone(),
+        ));
+        if let Some(l) = https {
+            let acceptor =
+                tokio_rustls::TlsAcceptor::from(Arc::new(tls::server_config(resolver.clone())?));
+            rt.spawn(listen::accept_loop(
+                shared.clone(),
+                l,
+                proxy::Proto::Https,
+                Some(acceptor),
+                slots.clone(),
+            ));
+        }
+        if let Some(l) = admin_l {
+            rt.spawn(admin::serve(shared.clone(), l));
+        }
+        rt.spawn(health::run(shared.clone()));
+    }
+    listen::signal_ready();
+    let _ = PLANE.set(Plane {
+        shared,
+        _rt: rt,
+        live,
+        resolver,
+        fds,
+        model,
+        log_rx: Mutex::new(log_rx),
+    });
+    Ok(())
+}
+
+trait DupFd {
+    fn as_fd_dup(&self) -> std::io::Result<OwnedFd>;
+}
+
+impl DupFd for std::net::TcpListener {
+    fn as_fd_dup(&self) -> std::io::Result<OwnedFd> {
+        std::os::fd::AsFd::as_fd(self).try_clone_to_owned()
+    }
+}
+
+/// After the daemon runtime ended (rpc closed, pid lock released): stop accepting,
+/// let every connection finish its request in flight, then exit.
+fn finish(code: i32) -> i32 {
+    let Some(p) = PLANE.get() else { return code };
+    p.shared.shutdown.send_replace(true);
+    let deadline = Instant::now() + p.shared.settings.handoff_drain;
+    while p.shared.global.connections_active.load(Relaxed) > 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let left = p.shared.global.connections_active.load(Relaxed);
+    if left > 0 {
+        tracing::warn!("{left} connection(s) still open at the drain deadline; closing them");
+    } else {
+        tracing::info!("every client connection finished");
+    }
+    code
+}
+
+pub async fn setup(ctx: Ctx) -> anyhow::Result<Routes> {
+    let p = plane();
+    let raw: Vec<(String, i32)> = p
+        .fds
+        .iter()
+        .map(|(n, f)| (n.clone(), f.as_raw_fd()))
+        .collect();
+    control::setup(ctx, raw).await
+}

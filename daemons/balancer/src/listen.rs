@@ -1,0 +1,252 @@
+//! The public listening sockets: taken from a supervisor or a predecessor
+//! (`LISTEN_FDS`, systemd's protocol) or bound here; the accept loops; and the
+//! handoff to a successor process on upgrade.
+//!
+//! `LISTEN_FDS=N` names fds 3..3+N, `LISTEN_FDNAMES=http:https:admin` which is
+//! which (by position when absent). `LISTEN_PID`, when set, must be this process;
+//! Paddock's own supervisor and the upgrade cannot know the child's pid before it
+//! starts, so they leave it unset.
+
+use std::collections::HashMap;
+use std::net::{SocketAddr, TcpListener};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+
+use crate::proxy::{self, stopped, ConnInfo, Proto, Shared};
+
+pub const NAMES: [&str; 3] = ["http", "https", "admin"];
+
+/// The fds a supervisor or predecessor passed, by name.
+pub fn inherited() -> anyhow::Result<HashMap<String, OwnedFd>> {
+    let mut out = HashMap::new();
+    let Ok(n) = std::env::var("LISTEN_FDS") else {
+        return Ok(out);
+    };
+    let n: i32 = n
+        .parse()
+        .with_context(|| format!("LISTEN_FDS={n:?} is not a number"))?;
+    if let Ok(pid) = std::env::var("LISTEN_PID") {
+        if pid.parse::<u32>().ok() != Some(std::process::id()) {
+            // Meant for another process (systemd's rule): use none of them.
+            return Ok(out);
+        }
+    }
+    let names: Vec<String> = std::env::var("LISTEN_FDNAMES")
+        .map(|s| s.split(':').map(str::to_string).collect())
+        .unwrap_or_else(|_| NAMES.iter().map(|s| s.to_string()).collect());
+    for i in 0..n.clamp(0, 16) {
+        let fd = 3 + i;
+        // SAFETY: fcntl on an fd number only reads its flags.
+        if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+            bail!("LISTEN_FDS={n} but fd {fd} is not open");
+        }
+        // SAFETY: the fd is open and was handed to this process to own.
+        let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+        // SAFETY: sets close-on-exec on an fd we own.
+        unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+        let name = names
+            .get(i as usize)
+            .cloned()
+            .unwrap_or_else(|| format!("fd{fd}"));
+        out.insert(name, owned);
+    }
+    for v in ["LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES"] {
+        std::env::remove_var(v);
+    }
+    Ok(out)
+}
+
+/// A listening TCP socket: the inherited one of that name, else bound to `addr`.
+pub fn listener(
+    inherited: &mut HashMap<String, OwnedFd>,
+    name: &str,
+    addr: SocketAddr,
+) -> anyhow::Result<TcpListener> {
+    let l = match inherited.remove(name) {
+        Some(fd) => {
+            let l = TcpListener::from(fd);
+            let got = l
+                .local_addr()
+                .with_context(|| format!("the inherited `{name}` fd is not a TCP socket"))?;
+            let mut listening: libc::c_int = 0;
+            let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+            // SAFETY: reads an int socket option into a local of the right size.
+            let rc = unsafe {
+                libc::getsockopt(
+                    l.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    libc::SO_ACCEPTCONN,
+                    &mut listening as *mut _ as *mut libc::c_void,
+                    &mut len,
+                )
+            };
+            if rc != 0 || listening == 0 {
+                bail!("the inherited `{name}` fd ({got}) is not listening");
+            }
+            if got.port() != addr.port() {
+                tracing::warn!("the inherited `{name}` socket listens on {got}, the cluster file says {addr}; serving on {got}");
+            }
+            tracing::info!("{name}: serving on inherited socket {got}");
+            l
+        }
+        None => {
+            let l = TcpListener::bind(addr)
+                .with_context(|| format!("cannot listen on {addr} ({name})"))?;
+            tracing::info!("{name}: listening on {addr}");
+            l
+        }
+    };
+    // A deep accept queue: connections wait there while the process restarts.
+    // SAFETY: listen on our own listening socket only resizes its backlog.
+    unsafe { libc::listen(l.as_raw_fd(), 4096) };
+    l.set_nonblocking(true)?;
+    Ok(l)
+}
+
+/// Accepts until shutdown starts; at most `max_connections` at once (the rest wait
+/// in the kernel's queue, as with HAProxy's maxconn).
+pub async fn accept_loop(
+    shared: Arc<Shared>,
+    listener: TcpListener,
+    proto: Proto,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    slots: Arc<tokio::sync::Semaphore>,
+) {
+    let port = listener.local_addr().map(|a| a.port()).unwrap_or(0);
+    let listener = match tokio::net::TcpListener::from_std(listener) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!("cannot register the {proto:?} listener: {e}");
+            return;
+        }
+    };
+    let mut stop = shared.shutdown.subscribe();
+    loop {
+        let permit = tokio::select! {
+            p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
+            _ = stopped(&mut stop) => return,
+        };
+        let (stream, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    // EMFILE and friends: back off a little, never spin.
+                    tracing::warn!("accept: {e}");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                }
+            },
+            _ = stopped(&mut stop) => return,
+        };
+        let _ = stream.set_nodelay(true);
+        let sh = shared.clone();
+        let tls = tls.clone();
+        tokio::spawn(async move {
+            sh.global.connections_active.fetch_add(1, Relaxed);
+            sh.global.connections_total.fetch_add(1, Relaxed);
+            let info = ConnInfo { peer, proto, port };
+            match tls {
+                None => proxy::serve(sh.clone(), stream, info).await,
+                Some(acc) => {
+                    match tokio::time::timeout(sh.settings.header_timeout, acc.accept(stream)).await
+                    {
+                        Ok(Ok(s)) => proxy::serve(sh.clone(), s, info).await,
+                        _ => {
+                            sh.global.tls_handshake_failures.fetch_add(1, Relaxed);
+                        }
+                    }
+                }
+            }
+            sh.global.connections_active.fetch_sub(1, Relaxed);
+            drop(permit);
+        });
+    }
+}
+
+/// Starts this same program with the listening sockets (as `LISTEN_FDS`) and
+/// waits until it says it accepts on them (a byte on a pipe), or `timeout`.
+pub fn spawn_successor(fds: &[(String, RawFd)], timeout: Duration) -> anyhow::Result<u32> {
+    use std::os::unix::process::CommandExt;
+    let (rd, wr) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+    let exe = std::env::current_exe()?;
+    let mut cmd = std::process::Command::new(exe);
+    cmd.args(std::env::args_os().skip(1))
+        .env("LISTEN_FDS", fds.len().to_string())
+        .env(
+            "LISTEN_FDNAMES",
+            fds.iter()
+                .map(|(n, _)| n.as_str())
+                .collect::<Vec<_>>()
+                .join(":"),
+        )
+        .env("PADDOCK_READY_FD", (3 + fds.len()).to_string())
+        .env("PADDOCK_TAKEOVER_WAIT_MS", "30000")
+        .env_remove("LISTEN_PID")
+        .stdin(std::process::Stdio::null());
+    let mut sources: Vec<RawFd> = fds.iter().map(|(_, fd)| *fd).collect();
+    sources.push(wr.as_raw_fd());
+    // SAFETY: between fork and exec only fcntl/dup2/close, which are
+    // async-signal-safe; no allocation happens there.
+    unsafe {
+        cmd.pre_exec(move || {
+            // Move every source above the target range first, so no dup2 below
+            // overwrites a source not yet moved.
+            let mut high = [0 as RawFd; 8];
+            for (i, fd) in sources.iter().enumerate().take(8) {
+                let h = libc::fcntl(*fd, libc::F_DUPFD, 64);
+                if h < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                high[i] = h;
+            }
+            for (i, h) in high.iter().enumerate().take(sources.len().min(8)) {
+                // dup2 clears close-on-exec on the target: these are inherited.
+                if libc::dup2(*h, 3 + i as RawFd) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                libc::close(*h);
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().context("starting the successor balancer")?;
+    drop(wr);
+    let pid = child.id();
+    let mut pfd = [nix::poll::PollFd::new(
+        std::os::fd::AsFd::as_fd(&rd),
+        nix::poll::PollFlags::POLLIN,
+    )];
+    let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
+    let ready = matches!(nix::poll::poll(&mut pfd, nix::poll::PollTimeout::try_from(ms).unwrap_or(nix::poll::PollTimeout::MAX)), Ok(n) if n > 0)
+        && {
+            let mut b = [0u8; 1];
+            matches!(nix::unistd::read(rd.as_raw_fd(), &mut b), Ok(1))
+        };
+    if !ready {
+        let _ = child.kill();
+        let _ = child.wait();
+        bail!("the successor (pid {pid}) did not start serving within {timeout:?}; this process keeps serving");
+    }
+    // The successor is reparented when this process exits; nothing waits for it here.
+    std::mem::forget(child);
+    Ok(pid)
+}
+
+/// Tells the process that started this one (`PADDOCK_READY_FD`) that the listeners
+/// are served.
+pub fn signal_ready() {
+    let Some(fd) = std::env::var("PADDOCK_READY_FD")
+        .ok()
+        .and_then(|v| v.parse::<RawFd>().ok())
+    else {
+        return;
+    };
+    std::env::remove_var("PADDOCK_READY_FD");
+    // SAFETY: the fd was handed to us for this one write; we own and close it.
+    let f = unsafe { OwnedFd::from_raw_fd(fd) };
+    let _ = nix::unistd::write(&f, b"1");
+}

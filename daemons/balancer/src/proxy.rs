@@ -1,0 +1,777 @@
+//! The data path: one hyper HTTP/1.1 server connection per client, each request
+//! routed by Host to a backend picked by power of two choices, sent over a pooled
+//! keep-alive connection, retried on another backend when that is safe, and
+//! answered with the backend's response streamed through. Upgrades (websockets)
+//! become byte tunnels. Nothing here blocks, locks for long or logs per request
+//! (router lines go to a bounded channel, dropped and counted when it is full).
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+
+use crate::pool::{self, Sender};
+use crate::settings::Settings;
+use crate::stats::{Counters, Global};
+use crate::table::{Backend, Route, Table};
+
+/// A router log line and the app it is about.
+pub type RouterLine = (Arc<str>, String);
+
+/// What every connection task shares.
+pub struct Shared {
+    pub settings: Settings,
+    pub table: ArcSwap<Table>,
+    pub global: Global,
+    /// Router log lines (bounded; a full channel drops the line and counts it).
+    pub log: Option<tokio::sync::mpsc::Sender<RouterLine>>,
+    /// Set when the balancer stops or hands over: connections finish their request
+    /// in flight and close.
+    pub shutdown: tokio::sync::watch::Sender<bool>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Proto {
+    Http,
+    Https,
+}
+
+/// The client connection a request came on.
+pub struct ConnInfo {
+    pub peer: SocketAddr,
+    pub proto: Proto,
+    pub port: u16,
+}
+
+// ---- bodies ---------------------------------------------------------------------
+
+/// Why a request body stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum BodyError {
+    #[error("the request body is larger than the limit")]
+    TooLarge,
+    #[error("reading the request body: {0}")]
+    Read(#[from] hyper::Error),
+}
+
+/// A request body on its way to a backend, counted against the size limit.
+pub enum ReqBody {
+    Empty,
+    Stream {
+        inner: Incoming,
+        limit: u64,
+        seen: u64,
+    },
+}
+
+impl Body for ReqBody {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        match self.get_mut() {
+            ReqBody::Empty => Poll::Ready(None),
+            ReqBody::Stream { inner, limit, seen } => match Pin::new(inner).poll_frame(cx) {
+                Poll::Ready(Some(Ok(f))) => {
+                    if let Some(d) = f.data_ref() {
+                        *seen += d.len() as u64;
+                        if *seen > *limit {
+                            return Poll::Ready(Some(Err(BodyError::TooLarge)));
+                        }
+                    }
+                    Poll::Ready(Some(Ok(f)))
+                }
+                Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
+                Poll::Ready(None) => Poll::Ready(None),
+                Poll::Pending => Poll::Pending,
+            },
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ReqBody::Empty => true,
+            ReqBody::Stream { inner, .. } => inner.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ReqBody::Empty => SizeHint::with_exact(0),
+            ReqBody::Stream { inner, .. } => inner.size_hint(),
+        }
+    }
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A response body: a page of our own, or a backend's body streamed through.
+pub struct RespBody(RespKind);
+
+enum RespKind {
+    Full(Option<Bytes>),
+    Proxied { inner: Incoming, done: Done },
+}
+
+impl RespBody {
+    fn full(b: impl Into<Bytes>) -> RespBody {
+        RespBody(RespKind::Full(Some(b.into())))
+    }
+
+    fn empty() -> RespBody {
+        RespBody(RespKind::Full(None))
+    }
+}
+
+impl Body for RespBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match &mut self.get_mut().0 {
+            RespKind::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
+            RespKind::Proxied { inner, done } => {
+                if done.backend.closing.load(Relaxed) {
+                    return Poll::Ready(Some(Err("the backend's drain deadline passed".into())));
+                }
+                match Pin::new(inner).poll_frame(cx) {
+                    Poll::Ready(Some(Ok(f))) => {
+                        if let Some(d) = f.data_ref() {
+                            done.bytes += d.len() as u64;
+                        }
+                        Poll::Ready(Some(Ok(f)))
+                    }
+                    Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
+                    Poll::Ready(None) => {
+                        done.complete = true;
+                        Poll::Ready(None)
+                    }
+                    Poll::Pending => Poll::Pending,
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.0 {
+            RespKind::Full(b) => b.is_none(),
+            RespKind::Proxied { inner, .. } => inner.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.0 {
+            RespKind::Full(Some(b)) => SizeHint::with_exact(b.len() as u64),
+            RespKind::Full(None) => SizeHint::with_exact(0),
+            RespKind::Proxied { inner, .. } => inner.size_hint(),
+        }
+    }
+}
+
+/// The router log line's fields, made only when router lines are wanted.
+struct LogCtx {
+    method: Method,
+    path: String,
+    host: String,
+    request_id: HeaderValue,
+    fwd: SocketAddr,
+    proto: Proto,
+}
+
+/// Closes a proxied request's books when its response body ends or is dropped:
+/// the backend's outstanding count, stats, the connection back to the pool (only
+/// when the body was read to its end), the router line.
+struct Done {
+    shared: Arc<Shared>,
+    backend: Arc<Backend>,
+    route_stats: Arc<Counters>,
+    sender: Option<Sender>,
+    complete: bool,
+    started: Instant,
+    connect_us: u64,
+    service_us: u64,
+    status: u16,
+    bytes: u64,
+    log: Option<Box<LogCtx>>,
+}
+
+impl Drop for Done {
+    fn drop(&mut self) {
+        self.backend.outstanding.fetch_sub(1, Relaxed);
+        let us = self.started.elapsed().as_micros() as u64;
+        self.backend.stats.record(self.status, us, self.bytes);
+        self.route_stats.record(self.status, us, self.bytes);
+        if let Some(s) = self.sender.take() {
+            if self.complete {
+                self.backend.pool.put(s);
+            }
+        }
+        if let Some(l) = self.log.take() {
+            let line = format!(
+                "at=info method={} path={:?} host={:?} request_id={:?} fwd=\"{}\" backend={:?} connect={}ms service={}ms status={} bytes={} protocol={}",
+                l.method,
+                l.path,
+                l.host,
+                l.request_id.to_str().unwrap_or("-"),
+                l.fwd.ip(),
+                self.backend.id,
+                self.connect_us / 1000,
+                self.service_us / 1000,
+                self.status,
+                self.bytes,
+                if l.proto == Proto::Https { "https" } else { "http" },
+            );
+            send_log(&self.shared, &self.backend.app, line);
+        }
+    }
+}
+
+fn send_log(shared: &Shared, app: &Arc<str>, line: String) {
+    if let Some(tx) = &shared.log {
+        if tx.try_send((app.clone(), line)).is_err() {
+            shared.global.log_dropped.fetch_add(1, Relaxed);
+        }
+    }
+}
+
+// ---- pages ----------------------------------------------------------------------
+
+fn page(
+    status: StatusCode,
+    what: &str,
+    detail: &str,
+    request_id: Option<&HeaderValue>,
+) -> Response<RespBody> {
+    let rid = request_id.and_then(|v| v.to_str().ok()).unwrap_or("");
+    let body = format!(
+        "<!doctype html>\n<html><head><title>{code} {what}</title></head><body>\n<h1>{code} {what}</h1>\n<p>{}</p>\n<p><small>paddock-balancer{}</small></p>\n</body></html>\n",
+        crate::stats::html(detail),
+        if rid.is_empty() { String::new() } else { format!(" · request {}", crate::stats::html(rid)) },
+        code = status.as_u16(),
+    );
+    let mut r = Response::new(RespBody::full(body));
+    *r.status_mut() = status;
+    let h = r.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/html; charset=utf-8"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    if let Some(v) = request_id {
+        h.insert(X_REQUEST_ID.clone(), v.clone());
+    }
+    if status == StatusCode::SERVICE_UNAVAILABLE {
+        h.insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+    }
+    r
+}
+
+static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static X_FORWARDED_PORT: HeaderName = HeaderName::from_static("x-forwarded-port");
+static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+/// Removes hop-by-hop headers: those `Connection` lists, and the standard ones.
+/// An upgrade keeps `Connection: upgrade` and `Upgrade`.
+fn strip_hop_by_hop(h: &mut HeaderMap, upgrade: bool) {
+    if let Some(c) = h.get(header::CONNECTION) {
+        if c.as_bytes() != b"keep-alive"
+            && c.as_bytes() != b"close"
+            && !(upgrade && c.as_bytes().eq_ignore_ascii_case(b"upgrade"))
+        {
+            let listed: Vec<HeaderName> = c
+                .to_str()
+                .unwrap_or("")
+                .split(',')
+                .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+                .filter(|n| !(upgrade && *n == header::UPGRADE))
+                .collect();
+            for n in listed {
+                h.remove(n);
+            }
+        }
+    }
+    if upgrade {
+        h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    } else {
+        h.remove(header::CONNECTION);
+        h.remove(header::UPGRADE);
+    }
+    h.remove(&KEEP_ALIVE);
+    h.remove(&PROXY_CONNECTION);
+    h.remove(header::TE);
+    h.remove(header::TRAILER);
+}
+
+fn is_upgrade(req: &Request<Incoming>) -> bool {
+    req.headers().contains_key(header::UPGRADE)
+        && req.headers().get_all(header::CONNECTION).iter().any(|v| {
+            v.to_str()
+                .unwrap_or("")
+                .split(',')
+                .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+        })
+}
+
+/// The Host a request names: the absolute-form URI's authority, else `Host`.
+fn host_of(req: &Request<Incoming>) -> Option<&str> {
+    if let Some(a) = req.uri().authority() {
+        return Some(a.as_str());
+    }
+    req.headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .filter(|h| !h.is_empty())
+}
+
+fn request_id(req: &Request<Incoming>) -> HeaderValue {
+    if let Some(v) = req.headers().get(&X_REQUEST_ID) {
+        let b = v.as_bytes();
+        if (1..=200).contains(&b.len()) && b.iter().all(|c| c.is_ascii_graphic()) {
+            return v.clone();
+        }
+    }
+    let (a, b) = (crate::table::rand_u64(), crate::table::rand_u64());
+    let mut buf = [0u8; 32];
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    for (i, byte) in a
+        .to_be_bytes()
+        .iter()
+        .chain(b.to_be_bytes().iter())
+        .enumerate()
+    {
+        buf[2 * i] = HEX[(byte >> 4) as usize];
+        buf[2 * i + 1] = HEX[(byte & 15) as usize];
+    }
+    // Hex digits are always a valid header value.
+    HeaderValue::from_bytes(&buf).unwrap_or(HeaderValue::from_static("-"))
+}
+
+fn idempotent(m: &Method) -> bool {
+    matches!(
+        *m,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
+    )
+}
+
+// ---- the request ----------------------------------------------------------------
+
+/// Answers one client request.
+pub async fn handle(
+    shared: Arc<Shared>,
+    info: Arc<ConnInfo>,
+    mut req: Request<Incoming>,
+) -> Result<Response<RespBody>, Infallible> {
+    let started = Instant::now();
+    let rid = request_id(&req);
+    let upgrade = is_upgrade(&req);
+    let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+    let Some(host) = host_of(&req) else {
+        shared.global.bad_requests.fetch_add(1, Relaxed);
+        return Ok(page(
+            StatusCode::BAD_REQUEST,
+            "Bad Request",
+            "The request has no Host header.",
+            Some(&rid),
+        ));
+    };
+    let route = match shared.table.load().lookup(host) {
+        Some(r) => r.clone(),
+        None => {
+            shared.global.unknown_host.fetch_add(1, Relaxed);
+            let detail = format!("No app is routed for the host {host:?}.");
+            if shared.log.is_some() {
+                send_log(&shared, &Arc::from(""), format!("at=error code=no_route desc=\"unknown host\" method={} path={:?} host={host:?} request_id={:?} fwd=\"{}\" status=404", req.method(), req.uri().path(), rid.to_str().unwrap_or("-"), info.peer.ip()));
+            }
+            return Ok(page(
+                StatusCode::NOT_FOUND,
+                "Not Found",
+                &detail,
+                Some(&rid),
+            ));
+        }
+    };
+    let host_value = HeaderValue::from_str(host).unwrap_or(HeaderValue::from_static(""));
+    let content_length = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if content_length.is_some_and(|n| n > shared.settings.max_body_bytes) {
+        return Ok(error(
+            &shared,
+            &route,
+            info.peer,
+            req.method(),
+            req.uri().path(),
+            &rid,
+            started,
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "Payload Too Large",
+            &format!(
+                "The request body is larger than {} bytes.",
+                shared.settings.max_body_bytes
+            ),
+        ));
+    }
+    let log = shared.log.is_some().then(|| {
+        Box::new(LogCtx {
+            method: req.method().clone(),
+            path: req
+                .uri()
+                .path_and_query()
+                .map(|p| p.as_str())
+                .unwrap_or("/")
+                .to_string(),
+            host: host.to_string(),
+            request_id: rid.clone(),
+            fwd: info.peer,
+            proto: info.proto,
+        })
+    });
+    let (mut parts, body) = req.into_parts();
+    let bodiless = body.is_end_stream();
+    let mut body = if bodiless {
+        ReqBody::Empty
+    } else {
+        ReqBody::Stream {
+            inner: body,
+            limit: shared.settings.max_body_bytes,
+            seen: 0,
+        }
+    };
+    // The request as the backend gets it.
+    let uri: Uri = parts
+        .uri
+        .path_and_query()
+        .map(|p| Uri::from(p.clone()))
+        .unwrap_or_else(|| Uri::from_static("/"));
+    let headers = &mut parts.headers;
+    strip_hop_by_hop(headers, upgrade);
+    let peer_ip =
+        HeaderValue::from_str(&info.peer.ip().to_string()).unwrap_or(HeaderValue::from_static(""));
+    match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+        Some(prev) => {
+            let v =
+                HeaderValue::from_str(&format!("{prev}, {}", info.peer.ip())).unwrap_or(peer_ip);
+            headers.insert(X_FORWARDED_FOR.clone(), v);
+        }
+        None => {
+            headers.insert(X_FORWARDED_FOR.clone(), peer_ip);
+        }
+    }
+    headers.insert(
+        X_FORWARDED_PROTO.clone(),
+        HeaderValue::from_static(if info.proto == Proto::Https {
+            "https"
+        } else {
+            "http"
+        }),
+    );
+    headers.insert(X_FORWARDED_PORT.clone(), HeaderValue::from(info.port));
+    headers.insert(X_FORWARDED_HOST.clone(), host_value);
+    headers.insert(X_REQUEST_ID.clone(), rid.clone());
+    match headers.get(header::VIA).and_then(|v| v.to_str().ok()) {
+        Some(prev) => {
+            if let Ok(v) = HeaderValue::from_str(&format!("{prev}, 1.1 paddock")) {
+                headers.insert(header::VIA, v);
+            }
+        }
+        None => {
+            headers.insert(header::VIA, HeaderValue::from_static("1.1 paddock"));
+        }
+    }
+    if headers.get(header::HOST).is_none() {
+        if let Some(a) = parts.uri.authority() {
+            if let Ok(v) = HeaderValue::from_str(a.as_str()) {
+                headers.insert(header::HOST, v);
+            }
+        }
+    }
+    // A copy for a retry after the request was sent: only a bodiless idempotent
+    // request may be sent again.
+    let resend = (bodiless && idempotent(&parts.method) && !upgrade).then(|| parts.headers.clone());
+    let method = parts.method.clone();
+    let mut next: Option<Request<ReqBody>> = Some({
+        let mut r = Request::new(ReqBody::Empty);
+        *r.method_mut() = parts.method;
+        *r.uri_mut() = uri.clone();
+        *r.version_mut() = Version::HTTP_11;
+        *r.headers_mut() = parts.headers;
+        r
+    });
+    let s = &shared.settings;
+    let mut tried: Vec<usize> = Vec::new();
+    let max_attempts = route.backends.len().clamp(1, 3);
+    let mut last_error = StatusCode::SERVICE_UNAVAILABLE;
+    let mut last_detail = String::from("The app has no backend in rotation.");
+    while tried.len() < max_attempts {
+        let Some(backend) = route.pick(&tried).cloned() else {
+            break;
+        };
+        tried.push(Arc::as_ptr(&backend) as usize);
+        if tried.len() > 1 {
+            shared.global.retries.fetch_add(1, Relaxed);
+        }
+        backend.outstanding.fetch_add(1, Relaxed);
+        let attempt_start = Instant::now();
+        let (mut sender, fresh) = match backend.pool.take().await {
+            Some(snd) => (snd, false),
+            None => match pool::connect(backend.addr, s.connect_timeout).await {
+                Ok(snd) => (snd, true),
+                Err(e) => {
+                    backend.outstanding.fetch_sub(1, Relaxed);
+                    backend.failed(s.eject_after);
+                    last_error = StatusCode::BAD_GATEWAY;
+                    last_detail = "The app's backends could not be reached.".into();
+                    tracing::debug!(app = %route.app, backend = %backend.id, "{e}");
+                    continue;
+                }
+            },
+        };
+        let connect_us = attempt_start.elapsed().as_micros() as u64;
+        let mut out = match next.take() {
+            Some(r) => r,
+            None => match &resend {
+                Some(h) => {
+                    let mut r = Request::new(ReqBody::Empty);
+                    *r.method_mut() = method.clone();
+                    *r.uri_mut() = uri.clone();
+                    *r.headers_mut() = h.clone();
+                    r
+                }
+                None => {
+                    backend.outstanding.fetch_sub(1, Relaxed);
+                    break;
+                }
+            },
+        };
+        *out.body_mut() = std::mem::replace(&mut body, ReqBody::Empty);
+        let sent = tokio::time::timeout(s.request_timeout, sender.try_send_request(out)).await;
+        match sent {
+            Err(_) => {
+                backend.outstanding.fetch_sub(1, Relaxed);
+                backend.failed(s.eject_after);
+                return Ok(error(
+                    &shared,
+                    &route,
+                    info.peer,
+                    &method,
+                    uri.path(),
+                    &rid,
+                    started,
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "Gateway Timeout",
+                    &format!(
+                        "The app did not answer within {} s.",
+                        s.request_timeout.as_secs_f64()
+                    ),
+                ));
+            }
+            Ok(Err(mut e)) => {
+                backend.outstanding.fetch_sub(1, Relaxed);
+                let unsent = e.take_message();
+                let too_large = std::error::Error::source(e.error()).is_some_and(|s| {
+                    s.downcast_ref::<BodyError>()
+                        .is_some_and(|b| matches!(b, BodyError::TooLarge))
+                });
+                if too_large {
+                    return Ok(error(
+                        &shared,
+                        &route,
+                        info.peer,
+                        &method,
+                        uri.path(),
+                        &rid,
+                        started,
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        "Payload Too Large",
+                        &format!(
+                            "The request body is larger than {} bytes.",
+                            s.max_body_bytes
+                        ),
+                    ));
+                }
+                if fresh || unsent.is_none() {
+                    backend.failed(s.eject_after);
+                }
+                last_error = StatusCode::BAD_GATEWAY;
+                last_detail = "The app closed the connection without answering.".into();
+                tracing::debug!(app = %route.app, backend = %backend.id, "request failed: {}", e.error());
+                match unsent {
+                    // Nothing was sent: any method may go to another backend.
+                    Some(r) => {
+                        let (p, b) = r.into_parts();
+                        body = b;
+                        next = Some(Request::from_parts(p, ReqBody::Empty));
+                        // Not this backend's fault when a pooled connection had closed.
+                        if !fresh {
+                            tried.pop();
+                        }
+                        continue;
+                    }
+                    None if resend.is_some() => continue,
+                    None => break,
+                }
+            }
+            Ok(Ok(mut resp)) => {
+                backend.succeeded();
+                let service_us = attempt_start.elapsed().as_micros() as u64 - connect_us;
+                let status = resp.status();
+                let mut done = Done {
+                    shared: shared.clone(),
+                    backend: backend.clone(),
+                    route_stats: route.stats.clone(),
+                    sender: None,
+                    complete: false,
+                    started,
+                    connect_us,
+                    service_us,
+                    status: status.as_u16(),
+                    bytes: 0,
+                    log,
+                };
+                if let (true, StatusCode::SWITCHING_PROTOCOLS, Some(cu)) =
+                    (upgrade, status, client_upgrade)
+                {
+                    let bu = hyper::upgrade::on(&mut resp);
+                    tokio::spawn(tunnel(cu, bu, done));
+                    let (p, _) = resp.into_parts();
+                    return Ok(Response::from_parts(p, RespBody::empty()));
+                }
+                done.sender = Some(sender);
+                let (mut p, inner) = resp.into_parts();
+                strip_hop_by_hop(&mut p.headers, false);
+                p.headers.remove(header::TRANSFER_ENCODING);
+                return Ok(Response::from_parts(
+                    p,
+                    RespBody(RespKind::Proxied { inner, done }),
+                ));
+            }
+        }
+    }
+    Ok(error(
+        &shared,
+        &route,
+        info.peer,
+        &method,
+        uri.path(),
+        &rid,
+        started,
+        last_error,
+        reason(last_error),
+        &last_detail,
+    ))
+}
+
+fn reason(s: StatusCode) -> &'static str {
+    s.canonical_reason().unwrap_or("Error")
+}
+
+/// A page of ours for a routed request, counted in the app's stats and logged.
+#[allow(clippy::too_many_arguments)]
+fn error(
+    shared: &Shared,
+    route: &Route,
+    peer: SocketAddr,
+    method: &Method,
+    path: &str,
+    rid: &HeaderValue,
+    started: Instant,
+    status: StatusCode,
+    what: &str,
+    detail: &str,
+) -> Response<RespBody> {
+    route
+        .stats
+        .record(status.as_u16(), started.elapsed().as_micros() as u64, 0);
+    if shared.log.is_some() {
+        send_log(
+            shared,
+            &route.app,
+            format!(
+                "at=error desc={detail:?} method={method} path={path:?} host={:?} request_id={:?} fwd=\"{}\" status={}",
+                route.domains.first().map(String::as_str).unwrap_or(""),
+                rid.to_str().unwrap_or("-"),
+                peer.ip(),
+                status.as_u16()
+            ),
+        );
+    }
+    page(status, what, detail, Some(rid))
+}
+
+/// An upgraded connection: bytes both ways until either side closes or the
+/// backend's drain deadline passes.
+async fn tunnel(client: hyper::upgrade::OnUpgrade, backend: hyper::upgrade::OnUpgrade, done: Done) {
+    let (c, b) = match tokio::join!(client, backend) {
+        (Ok(c), Ok(b)) => (c, b),
+        _ => return,
+    };
+    let mut c = TokioIo::new(c);
+    let mut b = TokioIo::new(b);
+    let backend = done.backend.clone();
+    let closing = backend.close_now.notified();
+    tokio::pin!(closing);
+    if done.backend.closing.load(Relaxed) {
+        return;
+    }
+    tokio::select! {
+        _ = tokio::io::copy_bidirectional(&mut c, &mut b) => {}
+        _ = &mut closing => {}
+    }
+    drop(done);
+}
+
+/// Serves one client connection until it closes, or — once shutdown starts —
+/// until its request in flight is answered.
+pub async fn serve<I>(shared: Arc<Shared>, io: I, info: ConnInfo)
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let info = Arc::new(info);
+    let sh = shared.clone();
+    let svc = service_fn(move |req| handle(sh.clone(), info.clone(), req));
+    let mut b = hyper::server::conn::http1::Builder::new();
+    b.timer(TokioTimer::new())
+        .header_read_timeout(shared.settings.header_timeout)
+        .max_buf_size(shared.settings.max_header_bytes.max(8192))
+        .max_headers(shared.settings.max_headers)
+        .keep_alive(true);
+    let conn = b.serve_connection(TokioIo::new(io), svc).with_upgrades();
+    tokio::pin!(conn);
+    let mut stop = shared.shutdown.subscribe();
+    tokio::select! {
+        _ = conn.as_mut() => {}
+        _ = stopped(&mut stop) => {
+            conn.as_mut().graceful_shutdown();
+            let _ = tokio::time::timeout(Duration::from_secs(3600), conn).await;
+        }
+    }
+}
+
+/// Resolves once shutdown has started (at once if it already has).
+pub async fn stopped(rx: &mut tokio::sync::watch::Receiver<bool>) {
+    let _ = rx.wait_for(|s| *s).await;
+}

@@ -1,0 +1,1016 @@
+//! paddock-balancer, really started: real sockets, real backend processes
+//! (`paddock-test-backend`), real signals. "0 failed" counts every request the
+//! load loop sends (see `paddock_integration::http`).
+
+use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::Signal;
+use paddock_integration::http::{self, Conn, Load};
+use paddock_integration::{eventually, free_port, tcp, test_key, Node, TestDir};
+use paddock_wire::{kinds, Subscriber};
+use serde_json::{json, Value};
+
+struct Backend {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl Backend {
+    fn start(id: &str) -> Backend {
+        Backend::start_on(id, free_port().unwrap(), &[])
+    }
+
+    fn start_on(id: &str, port: u16, env: &[(&str, &str)]) -> Backend {
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let child = Command::new(paddock_harness::bin("paddock-test-backend").unwrap())
+            .arg(id)
+            .arg(addr.to_string())
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap();
+        eventually(Duration::from_secs(10), "the backend listening", || {
+            std::net::TcpStream::connect(addr).ok()
+        });
+        Backend { child, addr }
+    }
+
+    fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+struct Bal {
+    node: Node,
+    http: SocketAddr,
+    https: SocketAddr,
+    admin: SocketAddr,
+    _dir: TestDir,
+}
+
+fn addr_of(ep: &str) -> SocketAddr {
+    ep.trim_start_matches("tcp://").parse().unwrap()
+}
+
+/// A node whose cluster file has a balancer (with `settings` added), not started.
+fn balancer_node(name: &str, settings: &[(&str, toml::Value)]) -> Bal {
+    let dir = TestDir::new(name);
+    let mut node = Node::new(dir.path(), "n1", &test_key(), &[], None);
+    let sec = node.file.daemons.get_mut("balancer").unwrap();
+    // Fast checks keep the tests short.
+    sec.other
+        .insert("health_interval_ms".into(), toml::Value::Integer(200));
+    sec.other
+        .insert("health_timeout_ms".into(), toml::Value::Integer(200));
+    for (k, v) in settings {
+        sec.other.insert(k.to_string(), v.clone());
+    }
+    let ep = |k: &str| addr_of(sec.other[k].as_str().unwrap());
+    let (http, https, admin) = (ep("http"), ep("https"), ep("admin"));
+    node.save();
+    Bal {
+        node,
+        http,
+        https,
+        admin,
+        _dir: dir,
+    }
+}
+
+fn balancer(name: &str, settings: &[(&str, toml::Value)]) -> Bal {
+    let mut b = balancer_node(name, settings);
+    b.node.start("balancer");
+    b
+}
+
+impl Bal {
+    fn call(&self, kind: &str, body: Value) -> Result<Value, paddock_wire::ClientError> {
+        self.node.client("balancer").call(kind, body)
+    }
+
+    fn ok(&self, kind: &str, body: Value) -> Value {
+        self.call(kind, body.clone())
+            .unwrap_or_else(|e| panic!("{kind} {body}: {e}"))
+    }
+
+    fn err_code(&self, kind: &str, body: Value) -> (String, String) {
+        match self.call(kind, body) {
+            Ok(v) => panic!("{kind} succeeded: {v}"),
+            Err(paddock_wire::ClientError::Remote(e)) => (e.code.as_str().to_string(), e.message),
+            Err(e) => panic!("{kind}: not a remote error: {e}"),
+        }
+    }
+
+    fn route(&self, app: &str, domains: &[&str], backends: &[(&str, &Backend)]) {
+        self.ok(kinds::ROUTE_SET, json!({"app": app, "domains": domains}));
+        for (id, b) in backends {
+            self.ok(
+                kinds::BACKEND_ADD,
+                json!({"app": app, "id": id, "addr": b.addr.to_string()}),
+            );
+        }
+    }
+
+    fn get(&self, host: &str, path: &str) -> http::Resp {
+        http::get(self.http, host, path).unwrap()
+    }
+
+    fn backend_state(&self, app: &str, id: &str) -> String {
+        let s = self.ok(kinds::BALANCER_STATS, json!({}));
+        s["apps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|a| a["app"] == app)
+            .and_then(|a| {
+                a["backends"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .find(|b| b["id"] == id)
+                    .cloned()
+            })
+            .map(|b| b["state"].as_str().unwrap().to_string())
+            .unwrap_or_default()
+    }
+}
+
+#[test]
+fn routes_by_host_and_wildcard_with_clear_404_503_and_forwarded_headers() {
+    let bal = balancer("bal-route", &[]);
+    let (b1, b2) = (Backend::start("b1"), Backend::start("b2"));
+    bal.route("a", &["a.example.com"], &[("b1", &b1)]);
+    bal.route("w", &["*.apps.example.com"], &[("b2", &b2)]);
+    bal.route("empty", &["empty.example.com"], &[]);
+
+    let r = bal.get("a.example.com", "/x?y=1");
+    assert_eq!((r.status, r.text().as_str()), (200, "b1 /x\n"));
+    let r = bal.get("A.Example.COM:8080", "/");
+    assert_eq!(
+        r.header("x-backend"),
+        Some("b1"),
+        "case and port are ignored"
+    );
+    assert_eq!(
+        bal.get("foo.apps.example.com", "/").header("x-backend"),
+        Some("b2")
+    );
+    assert_eq!(
+        bal.get("a.b.APPS.example.com", "/").header("x-backend"),
+        Some("b2")
+    );
+
+    let r = bal.get("nowhere.example.com", "/");
+    assert_eq!(r.status, 404);
+    assert!(
+        r.text().contains("No app is routed for the host"),
+        "{}",
+        r.text()
+    );
+    assert!(r.text().contains("nowhere.example.com"));
+    assert!(r.header("x-request-id").is_some());
+    // A hostile Host is escaped in the page.
+    let r = bal.get("<script>.example.com", "/");
+    assert_eq!(r.status, 404);
+    assert!(!r.text().contains("<script>"), "{}", r.text());
+
+    let r = bal.get("empty.example.com", "/");
+    assert_eq!(r.status, 503);
+    assert_eq!(r.header("retry-after"), Some("5"));
+    assert!(r.text().contains("no backend in rotation"), "{}", r.text());
+
+    // Forwarded headers, a request id made, Via.
+    let r = bal.get("a.example.com", "/headers");
+    let h: Value = serde_json::from_slice(&r.body).unwrap();
+    assert_eq!(h["x-forwarded-for"], "127.0.0.1");
+    assert_eq!(h["x-forwarded-proto"], "http");
+    assert_eq!(h["x-forwarded-port"], bal.http.port().to_string());
+    assert_eq!(h["x-forwarded-host"], "a.example.com");
+    assert_eq!(h["via"], "1.1 paddock");
+    let rid = h["x-request-id"].as_str().unwrap();
+    assert_eq!(rid.len(), 32, "{rid}");
+    assert_eq!(
+        r.header("x-request-id"),
+        None,
+        "the backend did not echo it; we add none to responses"
+    );
+    // A request id is kept; X-Forwarded-For is appended to; a client's
+    // X-Forwarded-Proto is not believed; hop-by-hop headers do not pass.
+    let r = http::raw(
+        bal.http,
+        b"GET /headers HTTP/1.1\r\nHost: a.example.com\r\nX-Request-Id: abc-123\r\nX-Forwarded-For: 10.0.0.9\r\nX-Forwarded-Proto: https\r\nConnection: keep-alive, X-Secret\r\nX-Secret: 1\r\nKeep-Alive: timeout=5\r\n\r\n",
+    )
+    .unwrap();
+    let h: Value = serde_json::from_slice(&r.body).unwrap();
+    assert_eq!(h["x-request-id"], "abc-123");
+    assert_eq!(h["x-forwarded-for"], "10.0.0.9, 127.0.0.1");
+    assert_eq!(h["x-forwarded-proto"], "http");
+    assert!(
+        h.get("x-secret").is_none() && h.get("keep-alive").is_none(),
+        "{h}"
+    );
+
+    // Bad rpc writes: a clear error, nothing changed, still serving.
+    let (code, msg) = bal.err_code(
+        kinds::ROUTE_SET,
+        json!({"app": "b", "domains": ["a.example.com"]}),
+    );
+    assert_eq!(code, "conflict");
+    assert!(msg.contains("\"a\""), "{msg}");
+    let (code, msg) = bal.err_code(
+        kinds::ROUTE_SET,
+        json!({"app": "b", "domains": ["bad domain"]}),
+    );
+    assert_eq!(code, "invalid", "{msg}");
+    let (code, _) = bal.err_code(
+        kinds::BACKEND_ADD,
+        json!({"app": "zz", "id": "1", "addr": "127.0.0.1:1"}),
+    );
+    assert_eq!(code, "not_found");
+    let (code, msg) = bal.err_code(
+        kinds::BACKEND_ADD,
+        json!({"app": "a", "id": "1", "addr": "example.com:80"}),
+    );
+    assert_eq!(code, "invalid");
+    assert!(msg.contains("IP:port"), "{msg}");
+    let (code, _) = bal.err_code(
+        kinds::ROUTE_SET,
+        json!({"app": "b", "domain": ["x.example.com"]}),
+    );
+    assert_eq!(code, "invalid");
+    let list = bal.ok(kinds::ROUTES_LIST, json!({}));
+    assert_eq!(list["apps"].as_array().unwrap().len(), 3, "{list}");
+    assert_eq!(bal.get("a.example.com", "/").status, 200);
+}
+
+#[test]
+fn routes_and_certificates_survive_a_restart() {
+    let mut bal = balancer("bal-persist", &[]);
+    let b1 = Backend::start("b1");
+    bal.route("a", &["a.example.com"], &[("b1", &b1)]);
+    let (cert, key) = self_signed(&["a.example.com"]);
+    bal.ok(
+        kinds::CERT_SET,
+        json!({"domains": ["a.example.com"], "cert_pem": cert, "key_pem": key}),
+    );
+    bal.node.signal("balancer", Signal::SIGTERM);
+    assert_eq!(
+        bal.node.wait_exit("balancer", Duration::from_secs(20)),
+        Some(0)
+    );
+    bal.node.start("balancer");
+    assert_eq!(
+        bal.get("a.example.com", "/").header("x-backend"),
+        Some("b1")
+    );
+    let certs = bal.ok(kinds::CERT_LIST, json!({}));
+    assert_eq!(certs["certs"][0]["domains"][0], "a.example.com");
+    let file = bal.node.dir.join("state/balancer/routes.json");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&file).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    // The key is in the file (0600) but in no listing and no log.
+    assert!(!certs.to_string().contains("PRIVATE KEY"));
+    let log = std::fs::read_to_string(bal.node.log("balancer")).unwrap();
+    assert!(!log.contains("PRIVATE KEY"));
+}
+
+fn self_signed(names: &[&str]) -> (String, String) {
+    let c =
+        rcgen::generate_simple_self_signed(names.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+            .unwrap();
+    (c.cert.pem(), c.key_pair.serialize_pem())
+}
+
+/// A TLS connection with `sni`, trusting only `roots`; returns the server's leaf
+/// certificate and the response to a GET.
+fn tls_get(addr: SocketAddr, sni: &str, roots: &[&str]) -> Result<(Vec<u8>, String), String> {
+    use std::io::{Read, Write};
+    let mut store = rustls::RootCertStore::empty();
+    for pem in roots {
+        for c in rustls_pemfile_certs(pem) {
+            store.add(c).unwrap();
+        }
+    }
+    let cfg = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(store)
+    .with_no_client_auth();
+    let name = rustls::pki_types::ServerName::try_from(sni.to_string()).unwrap();
+    let mut conn = rustls::ClientConnection::new(std::sync::Arc::new(cfg), name).unwrap();
+    let mut sock = std::net::TcpStream::connect(addr).unwrap();
+    sock.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut tls = rustls::Stream::new(&mut conn, &mut sock);
+    tls.write_all(
+        format!("GET /headers HTTP/1.1\r\nHost: {sni}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .map_err(|e| e.to_string())?;
+    let mut out = Vec::new();
+    let _ = tls.read_to_end(&mut out);
+    let leaf = conn
+        .peer_certificates()
+        .and_then(|c| c.first())
+        .map(|c| c.as_ref().to_vec())
+        .ok_or("no certificate")?;
+    Ok((leaf, String::from_utf8_lossy(&out).into_owned()))
+}
+
+fn rustls_pemfile_certs(pem: &str) -> Vec<rustls::pki_types::CertificateDer<'static>> {
+    use rustls::pki_types::pem::PemObject;
+    rustls::pki_types::CertificateDer::pem_slice_iter(pem.as_bytes())
+        .map(|c| c.unwrap())
+        .collect()
+}
+
+#[test]
+fn https_picks_the_certificate_by_sni_and_refuses_an_unknown_name() {
+    let bal = balancer("bal-tls", &[]);
+    let b1 = Backend::start("b1");
+    bal.route(
+        "a",
+        &["a.example.com", "b.example.com", "c.example.com"],
+        &[("b1", &b1)],
+    );
+    let (ca, ka) = self_signed(&["a.example.com"]);
+    let (cb, kb) = self_signed(&["b.example.com"]);
+    bal.ok(
+        kinds::CERT_SET,
+        json!({"domains": ["a.example.com"], "cert_pem": ca, "key_pem": ka}),
+    );
+    bal.ok(
+        kinds::CERT_SET,
+        json!({"domains": ["B.example.com"], "cert_pem": cb, "key_pem": kb}),
+    );
+    // A key that is not the certificate's: refused, saying so.
+    let (code, msg) = bal.err_code(
+        kinds::CERT_SET,
+        json!({"domains": ["c.example.com"], "cert_pem": ca, "key_pem": kb}),
+    );
+    assert_eq!(code, "invalid");
+    assert!(msg.contains("does not belong"), "{msg}");
+    let (code, _) = bal.err_code(
+        kinds::CERT_SET,
+        json!({"domains": ["c.example.com"], "cert_pem": "junk", "key_pem": kb}),
+    );
+    assert_eq!(code, "invalid");
+
+    let (leaf_a, resp) = tls_get(bal.https, "a.example.com", &[&ca]).unwrap();
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    assert!(resp.contains("\"x-forwarded-proto\":\"https\""), "{resp}");
+    assert!(
+        resp.contains(&format!("\"x-forwarded-port\":\"{}\"", bal.https.port())),
+        "{resp}"
+    );
+    let (leaf_b, resp) = tls_get(bal.https, "b.example.com", &[&cb]).unwrap();
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    assert_ne!(leaf_a, leaf_b);
+    // c has a route but no certificate: a handshake failure, not a's or b's cert.
+    let e = tls_get(bal.https, "c.example.com", &[&ca, &cb]).unwrap_err();
+    assert!(
+        e.to_lowercase().contains("handshake") || e.contains("alert") || e.contains("Unrecognised"),
+        "{e}"
+    );
+    let stats = bal.ok(kinds::BALANCER_STATS, json!({}));
+    assert!(
+        stats["balancer"]["tls_handshake_failures"]
+            .as_u64()
+            .unwrap()
+            >= 1,
+        "{stats}"
+    );
+    // Removing a certificate takes it out of service.
+    bal.ok(kinds::CERT_REMOVE, json!({"domains": ["b.example.com"]}));
+    assert!(tls_get(bal.https, "b.example.com", &[&cb]).is_err());
+    assert!(tls_get(bal.https, "a.example.com", &[&ca]).is_ok());
+}
+
+#[test]
+fn kill_9_of_one_of_two_backends_under_load_fails_no_request() {
+    let bal = balancer("bal-kill", &[]);
+    let (mut b1, b2) = (Backend::start("b1"), Backend::start("b2"));
+    bal.route("a", &["a.example.com"], &[("b1", &b1), ("b2", &b2)]);
+    let load = Load::start(bal.http, "a.example.com", "/", 4);
+    std::thread::sleep(Duration::from_millis(800));
+    b1.kill9();
+    std::thread::sleep(Duration::from_millis(1500));
+    let r = load.finish();
+    assert_eq!(r.failed, 0, "{r:?}");
+    assert!(r.ok > 200, "{r:?}");
+    assert!(
+        r.by_backend.get("b1").copied().unwrap_or(0) > 0,
+        "b1 served before it died: {r:?}"
+    );
+    assert_eq!(bal.backend_state("a", "b1"), "ejected");
+    // Re-admitted by health checks once it is back on its port.
+    let _b1 = Backend::start_on("b1-again", b1.addr.port(), &[]);
+    eventually(Duration::from_secs(10), "b1 re-admitted", || {
+        (bal.backend_state("a", "b1") == "up").then_some(())
+    });
+    eventually(Duration::from_secs(10), "b1 serving again", || {
+        (bal.get("a.example.com", "/").header("x-backend") == Some("b1-again")).then_some(())
+    });
+}
+
+#[test]
+fn a_drain_under_load_fails_nothing_lets_in_flight_finish_then_says_so() {
+    let bal = balancer(
+        "bal-drain",
+        &[("drain_timeout_ms", toml::Value::Integer(1500))],
+    );
+    let (b1, b2) = (Backend::start("b1"), Backend::start("b2"));
+    bal.route("a", &["a.example.com"], &[("b1", &b1), ("b2", &b2)]);
+    let mut sub = Subscriber::connect(
+        &[tcp(bal.node.ports.balancer_pub)],
+        &[kinds::BACKEND_DRAINED],
+        bal.node.keys.clone(),
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let load = Load::start(bal.http, "a.example.com", "/", 4);
+    std::thread::sleep(Duration::from_millis(500));
+    let reply = bal.ok(kinds::BACKEND_DRAIN, json!({"app": "a", "id": "b1"}));
+    assert_eq!(reply["already_draining"], false);
+    let ev = sub
+        .next(Duration::from_secs(5))
+        .unwrap()
+        .expect("backend.drained");
+    assert_eq!(ev.body["id"], "b1");
+    assert_eq!(ev.body["closed"], 0);
+    let before = load_counts(&bal, "b1");
+    std::thread::sleep(Duration::from_millis(700));
+    let r = load.finish();
+    assert_eq!(r.failed, 0, "{r:?}");
+    assert_eq!(
+        load_counts(&bal, "b1"),
+        before,
+        "a drained backend got new requests"
+    );
+    assert_eq!(bal.backend_state("a", "b1"), "drained");
+
+    // One backend, a slow request in flight: the drain waits for it.
+    let slow = Backend::start("slow");
+    bal.route("s", &["s.example.com"], &[("slow", &slow)]);
+    let http = bal.http;
+    let t0 = Instant::now();
+    let req = std::thread::spawn(move || {
+        (
+            http::get(http, "s.example.com", "/sleep/800").unwrap(),
+            Instant::now(),
+        )
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    bal.ok(kinds::BACKEND_DRAIN, json!({"app": "s", "id": "slow"}));
+    assert_eq!(
+        bal.get("s.example.com", "/").status,
+        503,
+        "nothing new reaches a draining backend"
+    );
+    let ev = sub
+        .next(Duration::from_secs(5))
+        .unwrap()
+        .expect("backend.drained");
+    let evt_at = Instant::now();
+    let (resp, done_at) = req.join().unwrap();
+    assert_eq!(resp.status, 200, "the request in flight finished");
+    assert_eq!(ev.body["id"], "slow");
+    assert_eq!(ev.body["closed"], 0);
+    assert!(
+        evt_at >= done_at - Duration::from_millis(50),
+        "the event came after the request ended"
+    );
+    assert!(evt_at - t0 >= Duration::from_millis(700));
+
+    // A websocket outlives the drain: the deadline closes it, and the event says so.
+    bal.route("ws", &["ws.example.com"], &[("w", &b2)]);
+    let mut ws = websocket(bal.http, "ws.example.com");
+    bal.ok(kinds::BACKEND_DRAIN, json!({"app": "ws", "id": "w"}));
+    let ev = sub
+        .next(Duration::from_secs(5))
+        .unwrap()
+        .expect("backend.drained at the deadline");
+    assert_eq!(ev.body["id"], "w");
+    assert_eq!(ev.body["closed"], 1);
+    ws.send(b"after").ok();
+    let mut buf = [0u8; 16];
+    use std::io::Read;
+    let n = ws_stream(&mut ws).read(&mut buf).unwrap_or(0);
+    assert_eq!(n, 0, "the tunnel was closed at the deadline");
+}
+
+fn load_counts(bal: &Bal, id: &str) -> u64 {
+    let s = bal.ok(kinds::BALANCER_STATS, json!({}));
+    s["apps"][0]["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["id"] == id)
+        .map(|b| b["stats"]["requests"].as_u64().unwrap())
+        .unwrap()
+}
+
+fn ws_stream(c: &mut Conn) -> &mut std::net::TcpStream {
+    c.stream()
+}
+
+/// A websocket handshake through the balancer; returns the open connection.
+fn websocket(addr: SocketAddr, host: &str) -> Conn {
+    let mut c = Conn::connect(addr).unwrap();
+    let key = "dGhlIHNhbXBsZSBub25jZQ==";
+    let r = c
+        .request(format!("GET /ws HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").as_bytes())
+        .unwrap()
+        .unwrap();
+    assert_eq!(r.status, 101, "{r:?}");
+    assert_eq!(
+        r.header("sec-websocket-accept"),
+        Some("s3pPLMBiTxaQ9kYGzzhZRbK+xOo=")
+    );
+    c
+}
+
+fn ws_echo(c: &mut Conn, msg: &[u8]) -> Vec<u8> {
+    use std::io::Read;
+    c.send(msg).unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 256];
+    while got.len() < msg.len() {
+        let n = ws_stream(c).read(&mut buf).unwrap();
+        assert!(n > 0, "the tunnel closed");
+        got.extend_from_slice(&buf[..n]);
+    }
+    got
+}
+
+#[test]
+fn route_updates_under_load_fail_nothing_and_a_websocket_survives_them() {
+    let bal = balancer("bal-updates", &[]);
+    let (b1, b2, b3) = (
+        Backend::start("b1"),
+        Backend::start("b2"),
+        Backend::start("b3"),
+    );
+    bal.route("a", &["a.example.com"], &[("b1", &b1), ("b2", &b2)]);
+    let mut ws = websocket(bal.http, "a.example.com");
+    assert_eq!(ws_echo(&mut ws, b"hello"), b"hello");
+    let load = Load::start(bal.http, "a.example.com", "/", 4);
+    for i in 0..25 {
+        let extra = format!("x{i}.example.com");
+        bal.ok(
+            kinds::ROUTE_SET,
+            json!({"app": "a", "domains": ["a.example.com", extra]}),
+        );
+        bal.ok(
+            kinds::BACKEND_ADD,
+            json!({"app": "a", "id": "b3", "addr": b3.addr.to_string(), "weight": 1 + i % 3}),
+        );
+        bal.ok(
+            kinds::ROUTE_SET,
+            json!({"app": format!("other{i}"), "domains": [format!("o{i}.example.com")]}),
+        );
+        std::thread::sleep(Duration::from_millis(40));
+        bal.ok(kinds::BACKEND_REMOVE, json!({"app": "a", "id": "b3"}));
+        bal.ok(kinds::ROUTE_REMOVE, json!({"app": format!("other{i}")}));
+        assert_eq!(
+            ws_echo(&mut ws, format!("m{i}").as_bytes()),
+            format!("m{i}").as_bytes()
+        );
+    }
+    let r = load.finish();
+    assert_eq!(r.failed, 0, "{r:?}");
+    assert!(
+        r.by_backend.contains_key("b3"),
+        "the added backend took traffic: {r:?}"
+    );
+    assert_eq!(ws_echo(&mut ws, b"still here"), b"still here");
+}
+
+#[test]
+fn slowloris_clients_hold_nothing_up_and_are_cut_off() {
+    let bal = balancer(
+        "bal-slow",
+        &[("header_timeout_ms", toml::Value::Integer(1000))],
+    );
+    let b1 = Backend::start("b1");
+    bal.route("a", &["a.example.com"], &[("b1", &b1)]);
+    let mut slow: Vec<std::net::TcpStream> = (0..50)
+        .map(|_| {
+            let mut s = std::net::TcpStream::connect(bal.http).unwrap();
+            use std::io::Write;
+            s.write_all(b"GET / HTTP/1.1\r\nHost: a.exa").unwrap();
+            s
+        })
+        .collect();
+    // Others are served meanwhile.
+    for _ in 0..20 {
+        assert_eq!(bal.get("a.example.com", "/").status, 200);
+    }
+    let started = Instant::now();
+    // Each slow client trickles a byte every 200 ms; all are closed by the deadline.
+    let closed = eventually(Duration::from_secs(10), "slow clients cut off", || {
+        use std::io::{Read, Write};
+        let mut open = 0;
+        for s in slow.iter_mut() {
+            s.set_read_timeout(Some(Duration::from_millis(1))).unwrap();
+            let _ = s.write_all(b"m");
+            let mut b = [0u8; 64];
+            match s.read(&mut b) {
+                Ok(0) => {}
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => open += 1,
+                Err(_) => {}
+            }
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        (open == 0).then_some(started.elapsed())
+    });
+    assert!(
+        closed >= Duration::from_millis(500),
+        "cut off by the header deadline, not at once: {closed:?}"
+    );
+    assert_eq!(bal.get("a.example.com", "/").status, 200);
+}
+
+#[test]
+fn hostile_and_oversize_requests_get_their_status_and_a_clear_body() {
+    let mut bal = balancer(
+        "bal-hostile",
+        &[
+            ("max_body_bytes", toml::Value::Integer(1000)),
+            ("request_timeout_ms", toml::Value::Integer(500)),
+            ("max_header_bytes", toml::Value::Integer(8192)),
+        ],
+    );
+    let b1 = Backend::start("b1");
+    bal.route("a", &["a.example.com"], &[("b1", &b1)]);
+    bal.route("dead", &["dead.example.com"], &[]);
+    bal.ok(
+        kinds::BACKEND_ADD,
+        json!({"app": "dead", "id": "gone", "addr": format!("127.0.0.1:{}", free_port().unwrap())}),
+    );
+
+    let st = |raw: &[u8]| http::raw(bal.http, raw).map(|r| r.status).unwrap_or(0);
+    assert_eq!(st(b"GARBAGE\r\n\r\n"), 400);
+    assert_eq!(
+        st(b"GET / HTTP/1.1\r\nHost: a.example.com\r\nBad Header\r\n\r\n"),
+        400
+    );
+    assert_eq!(st(b"GET / HTTP/1.1\r\n\r\n"), 400, "no Host");
+    let big = format!(
+        "GET / HTTP/1.1\r\nHost: a.example.com\r\nX-Big: {}\r\n\r\n",
+        "y".repeat(20_000)
+    );
+    assert_eq!(st(big.as_bytes()), 431);
+    let many: String = (0..200).map(|i| format!("X-H{i}: v\r\n")).collect();
+    assert_eq!(
+        st(format!("GET / HTTP/1.1\r\nHost: a.example.com\r\n{many}\r\n").as_bytes()),
+        431
+    );
+    let r = http::raw(
+        bal.http,
+        format!(
+            "POST / HTTP/1.1\r\nHost: a.example.com\r\nContent-Length: 5000\r\n\r\n{}",
+            "z".repeat(5000)
+        )
+        .as_bytes(),
+    )
+    .unwrap();
+    assert_eq!(r.status, 413);
+    assert!(r.text().contains("larger than 1000 bytes"), "{}", r.text());
+    let chunk = "z".repeat(3000);
+    let r = http::raw(bal.http, format!("POST / HTTP/1.1\r\nHost: a.example.com\r\nTransfer-Encoding: chunked\r\n\r\n{:x}\r\n{chunk}\r\n0\r\n\r\n", chunk.len()).as_bytes()).unwrap();
+    assert_eq!(r.status, 413, "{}", r.text());
+    let r = http::raw(
+        bal.http,
+        b"POST / HTTP/1.1\r\nHost: a.example.com\r\nContent-Length: 11\r\n\r\nhello world",
+    )
+    .unwrap();
+    assert_eq!((r.status, r.text().as_str()), (200, "b1 got 11 bytes\n"));
+    let r = bal.get("a.example.com", "/sleep/2000");
+    assert_eq!(r.status, 504);
+    assert!(r.text().contains("did not answer within"), "{}", r.text());
+    let r = bal.get("dead.example.com", "/");
+    assert_eq!(r.status, 502);
+    assert!(r.text().contains("could not be reached"), "{}", r.text());
+    // After all of it the balancer is whole.
+    assert_eq!(bal.get("a.example.com", "/").status, 200);
+    assert!(
+        bal.node
+            .wait_exit("balancer", Duration::from_millis(10))
+            .is_none(),
+        "still running"
+    );
+}
+
+#[test]
+fn an_upgrade_hands_the_listeners_over_under_load_without_a_failed_request() {
+    let mut bal = balancer("bal-handoff", &[]);
+    let (b1, b2) = (Backend::start("b1"), Backend::start("b2"));
+    bal.route("a", &["a.example.com"], &[("b1", &b1), ("b2", &b2)]);
+    let old = bal.node.pid("balancer");
+    let load = Load::start(bal.http, "a.example.com", "/sleep/5", 4);
+    let fresh = Load::start_with(
+        bal.http,
+        b"GET / HTTP/1.1\r\nHost: a.example.com\r\nConnection: close\r\n\r\n".to_vec(),
+        2,
+        true,
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    bal.node.signal("balancer", Signal::SIGUSR2);
+    assert_eq!(
+        bal.node.wait_exit("balancer", Duration::from_secs(30)),
+        Some(0),
+        "the old process drained and exited"
+    );
+    let pidfile = bal.node.dir.join("state/balancer.pid");
+    let new: i32 = eventually(
+        Duration::from_secs(10),
+        "the successor holding the pid file",
+        || {
+            std::fs::read_to_string(&pidfile)
+                .ok()?
+                .trim()
+                .parse()
+                .ok()
+                .filter(|p| *p != old)
+        },
+    );
+    assert!(paddock_harness::process_alive(new));
+    // rpc is the successor's now, with the same routes.
+    eventually(Duration::from_secs(10), "the successor's rpc", || {
+        bal.call(kinds::ROUTES_LIST, json!({})).ok()
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let (r, f) = (load.finish(), fresh.finish());
+    assert_eq!(r.failed, 0, "keep-alive: {r:?}");
+    assert_eq!(f.failed, 0, "new connections: {f:?}");
+    assert_eq!(f.refused, 0);
+    assert!(r.ok > 50 && f.ok > 50, "{r:?} {f:?}");
+    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(new), Signal::SIGTERM);
+    eventually(Duration::from_secs(20), "the successor stopped", || {
+        (!paddock_harness::process_alive(new)).then_some(())
+    });
+}
+
+#[test]
+fn with_the_supervisor_holding_the_sockets_kill_9_of_the_balancer_refuses_no_connection() {
+    let bal = balancer_node("bal-kill9", &[]);
+    let (b1, b2) = (Backend::start("b1"), Backend::start("b2"));
+    // The supervisor's part: it binds the listener once and hands it to each start.
+    let listener = std::net::TcpListener::bind(bal.http).unwrap();
+    let fd = listener.as_raw_fd();
+    let start = || -> Child {
+        use std::os::unix::process::CommandExt;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(bal.node.log("balancer"))
+            .unwrap();
+        let mut cmd = Command::new(paddock_harness::bin("paddock-balancer").unwrap());
+        cmd.arg("--config")
+            .arg(&bal.node.config)
+            .env("LISTEN_FDS", "1")
+            .env("LISTEN_FDNAMES", "http")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
+        // SAFETY: only dup2 between fork and exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                // dup2 onto itself keeps close-on-exec: clear it then.
+                let rc = if fd == 3 {
+                    libc::fcntl(3, libc::F_SETFD, 0)
+                } else {
+                    libc::dup2(fd, 3)
+                };
+                if rc < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        cmd.spawn().unwrap()
+    };
+    let mut child = start();
+    paddock_harness::wait_ping(
+        &bal.node.rpc("balancer"),
+        bal.node.keys.clone(),
+        Duration::from_secs(20),
+    )
+    .unwrap();
+    bal.route("a", &["a.example.com"], &[("b1", &b1), ("b2", &b2)]);
+    let fresh = Load::start_with(
+        bal.http,
+        b"GET / HTTP/1.1\r\nHost: a.example.com\r\nConnection: close\r\n\r\n".to_vec(),
+        4,
+        true,
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    for _ in 0..2 {
+        child.kill().unwrap();
+        child.wait().unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        child = start();
+        std::thread::sleep(Duration::from_millis(800));
+    }
+    let r = fresh.finish();
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(r.refused, 0, "{r:?}");
+    assert!(r.ok > 50, "{r:?}");
+    // Requests cut by the kill itself are the only failures: a handful at most.
+    assert!(r.failed <= 16, "{r:?}");
+}
+
+#[test]
+fn the_schedulers_fenced_table_routes_its_apps_and_leaves_operator_routes() {
+    let mut bal = balancer_node("bal-sched", &[("resync_ms", toml::Value::Integer(500))]);
+    let (b1, b2, b3) = (
+        Backend::start("b1"),
+        Backend::start("b2"),
+        Backend::start("b3"),
+    );
+    let table_file = bal.node.dir.join("table.json");
+    let write_table = |token: u64, app_backend: &Backend, domain: &str| {
+        let t = json!({"token": token, "apps": [{"app": "s", "domains": [domain],
+            "backends": [{"id": "w1", "addr": app_backend.addr.to_string()}]}]});
+        std::fs::write(&table_file, t.to_string()).unwrap();
+    };
+    write_table(5, &b1, "s.example.com");
+    bal.node.add_daemon("scheduler");
+    let sched_pub = tcp(free_port().unwrap());
+    bal.node
+        .file
+        .daemons
+        .get_mut("scheduler")
+        .unwrap()
+        .other
+        .insert("pub".into(), toml::Value::String(sched_pub));
+    bal.node.save();
+    bal.node.start("heartbeat");
+    bal.node.start("balancer");
+    bal.route("op", &["op.example.com"], &[("o1", &b3)]);
+    let tf = table_file.display().to_string();
+    bal.node.spawn_bin(
+        "scheduler",
+        "paddock-testsched",
+        &[("PADDOCK_TESTSCHED_TABLE", &tf)],
+    );
+    eventually(
+        Duration::from_secs(15),
+        "the scheduler's app routed",
+        || {
+            (http::get(bal.http, "s.example.com", "/")
+                .ok()?
+                .header("x-backend")?
+                == "b1")
+                .then_some(())
+        },
+    );
+    assert_eq!(
+        bal.get("op.example.com", "/").header("x-backend"),
+        Some("b3"),
+        "the operator's route stays"
+    );
+    let (code, msg) = bal.err_code(
+        kinds::BACKEND_ADD,
+        json!({"app": "s", "id": "x", "addr": b2.addr.to_string()}),
+    );
+    assert_eq!(code, "conflict");
+    assert!(msg.contains("scheduler"), "{msg}");
+    let list = bal.ok(kinds::ROUTES_LIST, json!({}));
+    assert_eq!(list["token"], 5);
+    // A smaller token is ignored (stale); a larger one applies.
+    write_table(4, &b2, "s.example.com");
+    std::thread::sleep(Duration::from_millis(1200));
+    assert_eq!(
+        bal.get("s.example.com", "/").header("x-backend"),
+        Some("b1"),
+        "a stale table was applied"
+    );
+    let stats = bal.ok(kinds::BALANCER_STATS, json!({}));
+    assert!(
+        stats["balancer"]["stale_tables"].as_u64().unwrap() >= 1,
+        "{stats}"
+    );
+    write_table(6, &b2, "s.example.com");
+    eventually(Duration::from_secs(10), "token 6 applied", || {
+        (http::get(bal.http, "s.example.com", "/")
+            .ok()?
+            .header("x-backend")?
+            == "b2")
+            .then_some(())
+    });
+}
+
+#[test]
+fn a_missed_table_event_heals_by_snapshot() {
+    let mut bal = balancer_node("bal-resync", &[("resync_ms", toml::Value::Integer(300))]);
+    let b1 = Backend::start("b1");
+    let table_file = bal.node.dir.join("table.json");
+    std::fs::write(&table_file, json!({"token": 1, "apps": [{"app": "s", "domains": ["s.example.com"], "backends": [{"id": "w1", "addr": b1.addr.to_string()}]}]}).to_string()).unwrap();
+    bal.node.add_daemon("scheduler");
+    let sched_pub = tcp(free_port().unwrap());
+    bal.node
+        .file
+        .daemons
+        .get_mut("scheduler")
+        .unwrap()
+        .other
+        .insert("pub".into(), toml::Value::String(sched_pub));
+    bal.node.save();
+    bal.node.start("heartbeat");
+    bal.node.start("balancer");
+    let tf = table_file.display().to_string();
+    // Silent: it never publishes, only answers routes.snapshot.
+    bal.node.spawn_bin(
+        "scheduler",
+        "paddock-testsched",
+        &[
+            ("PADDOCK_TESTSCHED_TABLE", &tf),
+            ("PADDOCK_TESTSCHED_SILENT", "1"),
+        ],
+    );
+    eventually(
+        Duration::from_secs(15),
+        "the table fetched by snapshot",
+        || {
+            (http::get(bal.http, "s.example.com", "/")
+                .ok()?
+                .header("x-backend")?
+                == "b1")
+                .then_some(())
+        },
+    );
+}
+
+#[test]
+fn stats_prometheus_page_and_router_log_lines() {
+    let bal = balancer("bal-stats", &[("router_log", toml::Value::Boolean(true))]);
+    let b1 = Backend::start("b1");
+    bal.route("a", &["a.example.com"], &[("b1", &b1)]);
+    for _ in 0..5 {
+        assert_eq!(bal.get("a.example.com", "/hello").status, 200);
+    }
+    assert_eq!(bal.get("nope.example.com", "/").status, 404);
+    let s = bal.ok(kinds::BALANCER_STATS, json!({}));
+    let a = &s["apps"][0];
+    assert_eq!(a["app"], "a");
+    assert_eq!(a["stats"]["requests"], 5);
+    assert_eq!(a["stats"]["status"]["2xx"], 5);
+    assert_eq!(a["backends"][0]["state"], "up");
+    assert!(a["stats"]["latency_ms"]["p99"].as_f64().is_some());
+    assert_eq!(s["balancer"]["unknown_host"], 1);
+    let m = http::get(bal.admin, "admin", "/metrics").unwrap();
+    assert_eq!(m.status, 200);
+    assert!(
+        m.text()
+            .contains("paddock_balancer_requests_total{app=\"a\"} 5"),
+        "{}",
+        m.text()
+    );
+    assert!(
+        m.text()
+            .contains("paddock_balancer_backend_up{app=\"a\",backend=\"b1\"} 1"),
+        "{}",
+        m.text()
+    );
+    let page = http::get(bal.admin, "admin", "/").unwrap();
+    assert!(page.text().contains("<td>up</td>"), "{}", page.text());
+    let line = eventually(Duration::from_secs(5), "a router line", || {
+        std::fs::read_to_string(bal.node.log("balancer"))
+            .ok()?
+            .lines()
+            .find(|l| l.contains("path=\"/hello\""))
+            .map(str::to_string)
+    });
+    for part in [
+        "at=info",
+        "method=GET",
+        "host=\"a.example.com\"",
+        "backend=\"b1\"",
+        "status=200",
+        "request_id=",
+        "fwd=\"127.0.0.1\"",
+        "connect=",
+        "service=",
+        "bytes=10",
+    ] {
+        assert!(line.contains(part), "{part} missing from {line}");
+    }
+}
