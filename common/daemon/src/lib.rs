@@ -319,6 +319,39 @@ pub struct Hooks {
     pub after_run: Option<fn(i32) -> i32>,
 }
 
+/// Makes `cmd`'s child start with `fds` as its fds 3, 4, … (the systemd
+/// `LISTEN_FDS` layout), inherited across exec; the caller sets `LISTEN_FDS` and
+/// `LISTEN_FDNAMES`. At most 8.
+pub fn pass_fds(cmd: &mut std::process::Command, fds: &[std::os::fd::RawFd]) {
+    use std::os::unix::process::CommandExt;
+    let mut sources = [0 as std::os::fd::RawFd; 8];
+    let n = fds.len().min(8);
+    sources[..n].copy_from_slice(&fds[..n]);
+    // SAFETY: between fork and exec only fcntl, dup2 and close run, all
+    // async-signal-safe, on a copied array: no allocation, no lock.
+    unsafe {
+        cmd.pre_exec(move || {
+            // Every source goes above the target range first, so no dup2 below
+            // overwrites a source not yet moved.
+            let mut high = [0 as std::os::fd::RawFd; 8];
+            for i in 0..n {
+                high[i] = libc::fcntl(sources[i], libc::F_DUPFD, 64);
+                if high[i] < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            for (i, h) in high.iter().enumerate().take(n) {
+                // dup2 to another number clears close-on-exec on the copy.
+                if libc::dup2(*h, 3 + i as std::os::fd::RawFd) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                libc::close(*h);
+            }
+            Ok(())
+        });
+    }
+}
+
 pub fn main<S, Fut>(spec: Spec, setup: S) -> !
 where
     S: FnOnce(Ctx) -> Fut + 'static,

@@ -170,7 +170,6 @@ pub async fn accept_loop(
 /// Starts this same program with the listening sockets (as `LISTEN_FDS`) and
 /// waits until it says it accepts on them (a byte on a pipe), or `timeout`.
 pub fn spawn_successor(fds: &[(String, RawFd)], timeout: Duration) -> anyhow::Result<u32> {
-    use std::os::unix::process::CommandExt;
     let (rd, wr) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
     let exe = std::env::current_exe()?;
     let mut cmd = std::process::Command::new(exe);
@@ -189,30 +188,7 @@ pub fn spawn_successor(fds: &[(String, RawFd)], timeout: Duration) -> anyhow::Re
         .stdin(std::process::Stdio::null());
     let mut sources: Vec<RawFd> = fds.iter().map(|(_, fd)| *fd).collect();
     sources.push(wr.as_raw_fd());
-    // SAFETY: between fork and exec only fcntl/dup2/close, which are
-    // async-signal-safe; no allocation happens there.
-    unsafe {
-        cmd.pre_exec(move || {
-            // Move every source above the target range first, so no dup2 below
-            // overwrites a source not yet moved.
-            let mut high = [0 as RawFd; 8];
-            for (i, fd) in sources.iter().enumerate().take(8) {
-                let h = libc::fcntl(*fd, libc::F_DUPFD, 64);
-                if h < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                high[i] = h;
-            }
-            for (i, h) in high.iter().enumerate().take(sources.len().min(8)) {
-                // dup2 clears close-on-exec on the target: these are inherited.
-                if libc::dup2(*h, 3 + i as RawFd) < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                libc::close(*h);
-            }
-            Ok(())
-        });
-    }
+    paddock_daemon::pass_fds(&mut cmd, &sources);
     let mut child = cmd.spawn().context("starting the successor balancer")?;
     drop(wr);
     let pid = child.id();
