@@ -254,6 +254,33 @@ fn routes_by_host_and_wildcard_with_clear_404_503_and_forwarded_headers() {
 }
 
 #[test]
+fn backend_connections_are_pooled_and_reused() {
+    let bal = balancer("bal-pool", &[]);
+    let b1 = Backend::start("b1");
+    bal.route("a", &["a.example.com"], &[("b1", &b1)]);
+    let mut conns = std::collections::BTreeSet::new();
+    for i in 0..20 {
+        // New client connections each time, a HEAD among them (an empty body
+        // hyper never polls must still give the connection back).
+        let req = if i % 3 == 0 { "HEAD" } else { "GET" };
+        let r = http::raw(
+            bal.http,
+            format!("{req} /big/100 HTTP/1.1\r\nHost: a.example.com\r\n\r\n").as_bytes(),
+        )
+        .unwrap();
+        assert_eq!(r.status, 200);
+        conns.insert(r.header("x-conn").unwrap().to_string());
+    }
+    assert_eq!(
+        conns.len(),
+        1,
+        "sequential requests reuse one backend connection: {conns:?}"
+    );
+    let s = bal.ok(kinds::BALANCER_STATS, json!({}));
+    assert_eq!(s["apps"][0]["backends"][0]["pooled_idle"], 1);
+}
+
+#[test]
 fn routes_and_certificates_survive_a_restart() {
     let mut bal = balancer("bal-persist", &[]);
     let b1 = Backend::start("b1");

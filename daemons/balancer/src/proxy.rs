@@ -138,6 +138,18 @@ impl RespBody {
     }
 }
 
+impl Drop for RespBody {
+    fn drop(&mut self) {
+        // A body hyper never polled because it was empty (HEAD, 204, 304) still
+        // ended cleanly: the connection may go back to the pool.
+        if let RespKind::Proxied { inner, done } = &mut self.0 {
+            if inner.is_end_stream() {
+                done.complete = true;
+            }
+        }
+    }
+}
+
 impl Body for RespBody {
     type Data = Bytes;
     type Error = BoxError;

@@ -1,5 +1,6 @@
 //! A real HTTP backend for the balancer's tests (never installed):
-//! `paddock-test-backend ID 127.0.0.1:PORT`. Every answer names the backend.
+//! `paddock-test-backend ID 127.0.0.1:PORT`. Every answer names the backend
+//! (`x-backend`) and the number of the connection it came on (`x-conn`).
 //! - `/sleep/MS`: answers after MS milliseconds;
 //! - `/headers`: the request's headers as JSON;
 //! - `/big/N`: N bytes;
@@ -21,6 +22,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 async fn answer(
     id: String,
+    conn: u64,
     mut req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     let path = req.uri().path().to_string();
@@ -28,6 +30,7 @@ async fn answer(
         let mut r = Response::new(Full::new(Bytes::from(body)));
         *r.status_mut() = status;
         r.headers_mut().insert("x-backend", id.parse().unwrap());
+        r.headers_mut().insert("x-conn", conn.into());
         r
     };
     if let Some(ms) = path.strip_prefix("/sleep/") {
@@ -134,13 +137,16 @@ fn main() {
                 eprintln!("cannot listen on {addr}: {e}");
                 std::process::exit(71);
             });
+        let mut conns = 0u64;
         loop {
             let Ok((s, _)) = l.accept().await else {
                 continue;
             };
             let id = id.clone();
+            conns += 1;
+            let conn = conns;
             tokio::spawn(async move {
-                let svc = hyper::service::service_fn(move |r| answer(id.clone(), r));
+                let svc = hyper::service::service_fn(move |r| answer(id.clone(), conn, r));
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(TokioIo::new(s), svc)
                     .with_upgrades()
