@@ -215,6 +215,15 @@ fn print_summary(dir: &Path) {
         println!("  {name:<10} {}", eps.join(" "));
     }
     println!("  logs       {}", dir.join("logs").display());
+    if let Some(http) = cfg
+        .file
+        .daemons
+        .get("balancer")
+        .and_then(|b| b.endpoint("http"))
+    {
+        let url = http.replace("tcp://", "http://");
+        println!("  apps at    {url}/ (route with `paddock routes set APP DOMAIN`; curl -H 'Host: DOMAIN' {url}/)");
+    }
     println!();
     println!("export PADDOCK_CONFIG={}", cfg_path.display());
     println!("paddock status");
@@ -229,6 +238,11 @@ fn cluster_file(dir: &Path, pg: &PgCluster) -> Result<ClusterFile> {
         f.database = Some(paddock_config::DatabaseSection {
             url: pg.url("paddock"),
         });
+        // A DIR made before a daemon existed gets that daemon's table (free ports).
+        let (fresh, _) = harness::node_file("dev", &dir.join("state"), ("k", "00"), None, &[], None)?;
+        for (name, sec) in fresh.daemons {
+            f.daemons.entry(name).or_insert(sec);
+        }
         return Ok(f);
     }
     let secret = paddock_wire::keyring::generate_secret_hex();
@@ -253,6 +267,9 @@ extern "C" fn on_stop(_: i32) {
 struct Supervised {
     name: String,
     child: Option<Child>,
+    /// A balancer's successor after an upgrade: not started by us, but ours to
+    /// watch (this process is a subreaper, so it is reparented here).
+    adopted: Option<Proc>,
     restarts: u32,
     started: Instant,
     next_start: Option<Instant>,
@@ -279,6 +296,10 @@ fn supervise(dir: &Path, on_ready: Option<fn(&Path)>) -> Result<()> {
         signal::sigaction(Signal::SIGTERM, &action)?;
         signal::sigaction(Signal::SIGINT, &action)?;
     }
+    // A balancer's successor (after an upgrade) is reparented here when its
+    // predecessor exits, so this process can watch and reap it.
+    // SAFETY: prctl with an integer argument changes only this process's flag.
+    unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
     let result = supervise_inner(dir, on_ready);
     let _ = fs::remove_file(dir.join("dev.ready"));
     result
@@ -302,6 +323,7 @@ fn supervise_inner(dir: &Path, on_ready: Option<fn(&Path)>) -> Result<()> {
     let mut procs: Vec<Supervised> = vec![Supervised {
         name: "postgres".into(),
         child: Some(pg_child),
+        adopted: None,
         restarts: 0,
         started: Instant::now(),
         next_start: None,
@@ -333,6 +355,7 @@ fn supervise_inner(dir: &Path, on_ready: Option<fn(&Path)>) -> Result<()> {
         procs.push(Supervised {
             name: d.to_string(),
             child: None,
+            adopted: None,
             restarts: 0,
             started: Instant::now(),
             next_start: Some(Instant::now()),
@@ -340,11 +363,18 @@ fn supervise_inner(dir: &Path, on_ready: Option<fn(&Path)>) -> Result<()> {
     }
     let cfg = ClusterConfig::load(&cfg_path)?;
     let keys = cfg.credentials();
+    let held = match hold_listeners(&cfg) {
+        Ok(h) => h,
+        Err(e) => {
+            stop_all(dir, &mut procs);
+            return Err(e);
+        }
+    };
     let mut ready = false;
     let mut last_ready_check = Instant::now() - Duration::from_secs(1);
     while !STOP.load(Ordering::SeqCst) {
         for p in procs.iter_mut() {
-            tend(dir, &pg, &cfg_path, p);
+            tend(dir, &pg, &cfg_path, &held, p);
         }
         if !ready && last_ready_check.elapsed() > Duration::from_millis(200) {
             last_ready_check = Instant::now();
@@ -373,11 +403,97 @@ fn supervise_inner(dir: &Path, on_ready: Option<fn(&Path)>) -> Result<()> {
     Ok(())
 }
 
+/// The balancer's public listening sockets, bound once by the supervisor and
+/// handed to every balancer it starts (`LISTEN_FDS`), so a balancer that dies
+/// or is killed refuses no connection: they wait in the accept queue.
+fn hold_listeners(cfg: &ClusterConfig) -> Result<Vec<(String, std::net::TcpListener)>> {
+    let mut out = Vec::new();
+    let Some(sec) = cfg.file.daemons.get("balancer") else {
+        return Ok(out);
+    };
+    for name in ["http", "https", "admin"] {
+        let Some(ep) = sec.endpoint(name) else { continue };
+        let addr = ep.strip_prefix("tcp://").unwrap_or(ep);
+        let l = std::net::TcpListener::bind(addr)
+            .with_context(|| format!("the balancer's {name} listener {ep}"))?;
+        out.push((name.to_string(), l));
+    }
+    Ok(out)
+}
+
+/// Starts the balancer with the held listeners as its fds 3, 4, ….
+fn spawn_balancer(cfg_path: &Path, log: &Path, held: &[(String, std::net::TcpListener)]) -> Result<Child> {
+    use std::os::fd::AsRawFd;
+    let logf = fs::OpenOptions::new().create(true).append(true).open(log)?;
+    let mut cmd = Command::new(harness::bin("paddock-balancer")?);
+    cmd.arg("--config")
+        .arg(cfg_path)
+        .env("LISTEN_FDS", held.len().to_string())
+        .env(
+            "LISTEN_FDNAMES",
+            held.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>().join(":"),
+        )
+        .env_remove("LISTEN_PID")
+        .stdin(Stdio::null())
+        .stdout(logf.try_clone()?)
+        .stderr(logf)
+        .process_group(0);
+    let fds: Vec<i32> = held.iter().map(|(_, l)| l.as_raw_fd()).collect();
+    paddock_daemon::pass_fds(&mut cmd, &fds);
+    cmd.spawn().context("starting paddock-balancer")
+}
+
+/// After the balancer exited cleanly on its own: the successor an upgrade
+/// started, if one now holds the balancer's pid lock.
+fn successor(dir: &Path, name: &str, old: i32) -> Option<Proc> {
+    let path = state_dir(dir).join(format!("{name}.pid"));
+    let deadline = Instant::now() + Duration::from_secs(2);
+    loop {
+        if let Ok(Some(p)) = pidfile::lock_holder(&path) {
+            if p.pid() != old {
+                return Some(p);
+            }
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// Restarts `p` if it died, with backoff (immediate first, then doubling to 5 s).
-fn tend(dir: &Path, pg: &PgCluster, cfg_path: &Path, p: &mut Supervised) {
+fn tend(
+    dir: &Path,
+    pg: &PgCluster,
+    cfg_path: &Path,
+    held: &[(String, std::net::TcpListener)],
+    p: &mut Supervised,
+) {
+    if let Some(a) = &p.adopted {
+        if !a.exited() {
+            return;
+        }
+        // Reap it (it was reparented to this subreaper).
+        let _ = nix::sys::wait::waitpid(Pid::from_raw(a.pid()), Some(nix::sys::wait::WaitPidFlag::WNOHANG));
+        eprintln!("{} (pid {}, adopted after an upgrade) exited; restarting", p.name, a.pid());
+        p.adopted = None;
+        p.next_start = Some(Instant::now());
+    }
     if let Some(child) = &mut p.child {
         match child.try_wait() {
             Ok(None) => return,
+            Ok(Some(st)) if st.success() && p.name == "balancer" => {
+                let old = child.id() as i32;
+                if let Some(next) = successor(dir, &p.name, old) {
+                    eprintln!("balancer upgraded: pid {old} handed over to pid {}", next.pid());
+                    p.child = None;
+                    p.adopted = Some(next);
+                    return;
+                }
+                eprintln!("balancer exited ({st}); restarting");
+                p.child = None;
+                p.next_start = Some(Instant::now());
+            }
             Ok(Some(st)) => {
                 let up = p.started.elapsed();
                 if up > Duration::from_secs(30) {
@@ -411,6 +527,8 @@ fn tend(dir: &Path, pg: &PgCluster, cfg_path: &Path, p: &mut Supervised) {
     let log = dir.join("logs").join(format!("{}.log", p.name));
     let spawned = if p.name == "postgres" {
         pg.start(&log)
+    } else if p.name == "balancer" && !held.is_empty() {
+        spawn_balancer(cfg_path, &log, held)
     } else {
         harness::spawn_daemon(&p.name, cfg_path, &log)
     };
@@ -436,6 +554,10 @@ fn stop_all(dir: &Path, procs: &mut [Supervised]) {
             if n > 0 {
                 eprintln!("stopped {n} app instance(s)");
             }
+        }
+        if let Some(a) = p.adopted.take() {
+            a.stop(Signal::SIGTERM, Duration::from_secs(5));
+            let _ = nix::sys::wait::waitpid(Pid::from_raw(a.pid()), Some(nix::sys::wait::WaitPidFlag::WNOHANG));
         }
         if let Some(mut c) = p.child.take() {
             let (sig, grace) = if p.name == "postgres" {

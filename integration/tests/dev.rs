@@ -343,3 +343,107 @@ fn dev_up_refuses_a_dir_owned_by_someone_else() {
         "nothing was written into it"
     );
 }
+
+/// The balancer under `paddock dev`: its listening sockets are held by the
+/// supervisor, so `kill -9` refuses no connection; an upgrade (SIGUSR2) hands
+/// over to a successor the supervisor then watches and restarts in turn.
+#[test]
+fn dev_holds_the_balancers_sockets_across_kill_9_and_adopts_an_upgrade() {
+    let t = TestDir::new("dev-bal");
+    let dir = t.path().join("cluster");
+    let d = dir.to_str().unwrap();
+    let _down = Down(dir.clone());
+    ok(paddock(&dir, &["dev", "up", "--dir", d, "--detach"]));
+    let cfg = paddock_config::ClusterConfig::load(&dir.join("paddock.toml")).unwrap();
+    let http: std::net::SocketAddr = cfg.file.daemons["balancer"]
+        .endpoint("http")
+        .unwrap()
+        .trim_start_matches("tcp://")
+        .parse()
+        .unwrap();
+    let supervisor = pid_of(&dir, "supervisor");
+    // Connections keep being accepted (by the kernel) while the balancer is dead.
+    let prober = std::thread::spawn(move || {
+        let (mut ok, mut refused) = (0, 0);
+        let until = std::time::Instant::now() + Duration::from_secs(4);
+        while std::time::Instant::now() < until {
+            match std::net::TcpStream::connect_timeout(&http, Duration::from_secs(2)) {
+                Ok(_) => ok += 1,
+                Err(_) => refused += 1,
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        (ok, refused)
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let first = pid_of(&dir, "balancer");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(first),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let second = eventually(Duration::from_secs(10), "a new balancer", || {
+        paddock_harness::pidfile::read_pid(&dir.join("state/balancer.pid"))
+            .filter(|p| *p != first && alive(*p))
+    });
+    let (connected, refused) = prober.join().unwrap();
+    assert_eq!(refused, 0, "{connected} connected");
+    let r = paddock_integration::http::get(http, "nowhere.localhost", "/").unwrap();
+    assert_eq!(r.status, 404, "the restarted balancer answers");
+
+    // Upgrade: the successor holds the pid lock; the supervisor adopts it.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(second),
+        nix::sys::signal::Signal::SIGUSR2,
+    )
+    .unwrap();
+    let third = eventually(Duration::from_secs(15), "the successor", || {
+        paddock_harness::pidfile::read_pid(&dir.join("state/balancer.pid"))
+            .filter(|p| *p != second && alive(*p))
+    });
+    eventually(Duration::from_secs(10), "the old balancer gone", || {
+        (!alive(second)).then_some(())
+    });
+    let ppid = std::fs::read_to_string(format!("/proc/{third}/stat")).unwrap();
+    let ppid: i32 = ppid
+        .rsplit(')')
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!(
+        ppid, supervisor,
+        "the supervisor (a subreaper) is the successor's parent"
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let log = std::fs::read_to_string(dir.join("logs/supervisor.log")).unwrap_or_default();
+    assert!(
+        log.contains(&format!("handed over to pid {third}")),
+        "{log}"
+    );
+    // And when the adopted one dies, it is restarted like any other.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(third),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    eventually(
+        Duration::from_secs(10),
+        "a balancer after the adopted one died",
+        || {
+            paddock_harness::pidfile::read_pid(&dir.join("state/balancer.pid"))
+                .filter(|p| *p != third && alive(*p))
+        },
+    );
+    assert_eq!(
+        paddock_integration::http::get(http, "nowhere.localhost", "/")
+            .unwrap()
+            .status,
+        404
+    );
+    ok(paddock(&dir, &["dev", "down", "--dir", d]));
+    assert!(!alive(third));
+}
