@@ -455,6 +455,28 @@ fn kill_9_of_one_of_two_backends_under_load_fails_no_request() {
 }
 
 #[test]
+fn when_every_backend_is_ejected_they_are_tried_anyway() {
+    // Health checks too slow to matter here: only panic mode can serve.
+    let bal = balancer(
+        "bal-panic",
+        &[("health_interval_ms", toml::Value::Integer(60_000))],
+    );
+    let mut b1 = Backend::start("b1");
+    bal.route("a", &["a.example.com"], &[("b1", &b1)]);
+    assert_eq!(bal.get("a.example.com", "/").status, 200);
+    let port = b1.addr.port();
+    b1.kill9();
+    for _ in 0..4 {
+        assert_eq!(bal.get("a.example.com", "/").status, 502);
+    }
+    assert_eq!(bal.backend_state("a", "b1"), "ejected");
+    // The app is back at once (as a runner restarts it): served at once, still ejected.
+    let _b1 = Backend::start_on("b1-back", port, &[]);
+    let r = bal.get("a.example.com", "/");
+    assert_eq!((r.status, r.header("x-backend")), (200, Some("b1-back")));
+}
+
+#[test]
 fn a_drain_under_load_fails_nothing_lets_in_flight_finish_then_says_so() {
     let bal = balancer(
         "bal-drain",

@@ -141,7 +141,8 @@ pub fn rand_u64() -> u64 {
 
 impl Route {
     /// Power of two choices on outstanding requests per unit of weight, among
-    /// backends in rotation and not in `tried` (backend addresses). `None`: none is left.
+    /// backends in rotation and not in `tried` (backend addresses); when none is
+    /// in rotation, the least loaded ejected one. `None`: none is left.
     pub fn pick(&self, tried: &[usize]) -> Option<&Arc<Backend>> {
         let ok = |b: &&Arc<Backend>| b.in_rotation() && !tried.contains(&(Arc::as_ptr(b) as usize));
         let n = self.backends.len();
@@ -161,10 +162,21 @@ impl Route {
             (false, true) => Some(b),
             (false, false) => {
                 let start = (rand_u64() % n as u64) as usize;
-                (0..n)
-                    .map(|k| &self.backends[(start + k) % n])
-                    .filter(ok)
-                    .min_by(|x, y| load(x).total_cmp(&load(y)))
+                let scan = |f: &dyn Fn(&&Arc<Backend>) -> bool| {
+                    (0..n)
+                        .map(|k| &self.backends[(start + k) % n])
+                        .filter(|b| f(b))
+                        .min_by(|x, y| load(x).total_cmp(&load(y)))
+                };
+                // Panic mode (as Envoy's): when every backend not yet tried is
+                // ejected, try the ejected ones rather than refuse with a 503 — an
+                // app that restarted in milliseconds serves again before its health
+                // checks re-admit it. Draining backends are never picked.
+                scan(&ok).or_else(|| {
+                    scan(&|b: &&Arc<Backend>| {
+                        !b.draining.load(Relaxed) && !tried.contains(&(Arc::as_ptr(b) as usize))
+                    })
+                })
             }
         }
     }
@@ -393,7 +405,26 @@ mod tests {
         let tried = [Arc::as_ptr(&r.backends[1]) as usize];
         assert_eq!(r.pick(&tried).unwrap().id, "1");
         r.backends[0].failed(1);
-        assert!(r.pick(&tried).is_none(), "ejected and tried: none left");
+        assert_eq!(
+            r.pick(&tried).unwrap().id,
+            "1",
+            "all ejected: the ejected are tried (panic mode)"
+        );
+        r.backends[1].failed(1);
+        for _ in 0..20 {
+            assert!(r.pick(&[]).is_some(), "panic mode");
+        }
+        let both = [
+            Arc::as_ptr(&r.backends[0]) as usize,
+            Arc::as_ptr(&r.backends[1]) as usize,
+        ];
+        assert!(r.pick(&both).is_none(), "all tried: none left");
+        r.backends[0].draining.store(true, Relaxed);
+        r.backends[1].draining.store(true, Relaxed);
+        assert!(
+            r.pick(&[]).is_none(),
+            "draining ones never, even in panic mode"
+        );
     }
 
     #[test]
