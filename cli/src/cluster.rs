@@ -92,7 +92,7 @@ pub(crate) fn registry(cfg: &ClusterConfig, timeout: Duration) -> Result<Service
 
 /// `daemon`'s rpc endpoint: this node's from the cluster file, else the registry's
 /// newest alive one (on `node`, when given).
-fn find(
+pub(crate) fn find(
     cfg: &ClusterConfig,
     daemon: &str,
     node: Option<&str>,

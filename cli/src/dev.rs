@@ -239,7 +239,8 @@ fn cluster_file(dir: &Path, pg: &PgCluster) -> Result<ClusterFile> {
             url: pg.url("paddock"),
         });
         // A DIR made before a daemon existed gets that daemon's table (free ports).
-        let (fresh, _) = harness::node_file("dev", &dir.join("state"), ("k", "00"), None, &[], None)?;
+        let (fresh, _) =
+            harness::node_file("dev", &dir.join("state"), ("k", "00"), None, &[], None)?;
         for (name, sec) in fresh.daemons {
             f.daemons.entry(name).or_insert(sec);
         }
@@ -412,7 +413,9 @@ fn hold_listeners(cfg: &ClusterConfig) -> Result<Vec<(String, std::net::TcpListe
         return Ok(out);
     };
     for name in ["http", "https", "admin"] {
-        let Some(ep) = sec.endpoint(name) else { continue };
+        let Some(ep) = sec.endpoint(name) else {
+            continue;
+        };
         let addr = ep.strip_prefix("tcp://").unwrap_or(ep);
         let l = std::net::TcpListener::bind(addr)
             .with_context(|| format!("the balancer's {name} listener {ep}"))?;
@@ -422,7 +425,11 @@ fn hold_listeners(cfg: &ClusterConfig) -> Result<Vec<(String, std::net::TcpListe
 }
 
 /// Starts the balancer with the held listeners as its fds 3, 4, ….
-fn spawn_balancer(cfg_path: &Path, log: &Path, held: &[(String, std::net::TcpListener)]) -> Result<Child> {
+fn spawn_balancer(
+    cfg_path: &Path,
+    log: &Path,
+    held: &[(String, std::net::TcpListener)],
+) -> Result<Child> {
     use std::os::fd::AsRawFd;
     let logf = fs::OpenOptions::new().create(true).append(true).open(log)?;
     let mut cmd = Command::new(harness::bin("paddock-balancer")?);
@@ -431,7 +438,10 @@ fn spawn_balancer(cfg_path: &Path, log: &Path, held: &[(String, std::net::TcpLis
         .env("LISTEN_FDS", held.len().to_string())
         .env(
             "LISTEN_FDNAMES",
-            held.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>().join(":"),
+            held.iter()
+                .map(|(n, _)| n.as_str())
+                .collect::<Vec<_>>()
+                .join(":"),
         )
         .env_remove("LISTEN_PID")
         .stdin(Stdio::null())
@@ -473,10 +483,28 @@ fn tend(
         if !a.exited() {
             return;
         }
-        // Reap it (it was reparented to this subreaper).
-        let _ = nix::sys::wait::waitpid(Pid::from_raw(a.pid()), Some(nix::sys::wait::WaitPidFlag::WNOHANG));
-        eprintln!("{} (pid {}, adopted after an upgrade) exited; restarting", p.name, a.pid());
+        // Reap it (it was reparented to this subreaper) and learn how it ended.
+        let old = a.pid();
+        let st = nix::sys::wait::waitpid(
+            Pid::from_raw(old),
+            Some(nix::sys::wait::WaitPidFlag::WNOHANG),
+        );
         p.adopted = None;
+        let clean = matches!(st, Ok(nix::sys::wait::WaitStatus::Exited(_, 0)));
+        // Upgraded again: follow the next successor.
+        if let Some(next) = clean.then(|| successor(dir, &p.name, old)).flatten() {
+            eprintln!(
+                "{} upgraded: pid {old} handed over to pid {}",
+                p.name,
+                next.pid()
+            );
+            p.adopted = Some(next);
+            return;
+        }
+        eprintln!(
+            "{} (pid {old}, adopted after an upgrade) exited ({st:?}); restarting",
+            p.name
+        );
         p.next_start = Some(Instant::now());
     }
     if let Some(child) = &mut p.child {
@@ -485,7 +513,11 @@ fn tend(
             Ok(Some(st)) if st.success() && p.name == "balancer" => {
                 let old = child.id() as i32;
                 if let Some(next) = successor(dir, &p.name, old) {
-                    eprintln!("balancer upgraded: pid {old} handed over to pid {}", next.pid());
+                    eprintln!(
+                        "{} upgraded: pid {old} handed over to pid {}",
+                        p.name,
+                        next.pid()
+                    );
                     p.child = None;
                     p.adopted = Some(next);
                     return;
@@ -557,7 +589,10 @@ fn stop_all(dir: &Path, procs: &mut [Supervised]) {
         }
         if let Some(a) = p.adopted.take() {
             a.stop(Signal::SIGTERM, Duration::from_secs(5));
-            let _ = nix::sys::wait::waitpid(Pid::from_raw(a.pid()), Some(nix::sys::wait::WaitPidFlag::WNOHANG));
+            let _ = nix::sys::wait::waitpid(
+                Pid::from_raw(a.pid()),
+                Some(nix::sys::wait::WaitPidFlag::WNOHANG),
+            );
         }
         if let Some(mut c) = p.child.take() {
             let (sig, grace) = if p.name == "postgres" {

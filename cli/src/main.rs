@@ -1,5 +1,6 @@
 //! `paddock`: the operator's command line.
 
+mod balancer;
 mod cluster;
 mod dev;
 mod runner;
@@ -54,6 +55,30 @@ enum Cmd {
     },
     /// Run a one-off command in an app's environment on a PTY (an operator's tool).
     Run(runner::RunArgs),
+    /// The balancer's routes: list them (no verb), set, remove, add/drain/remove backends.
+    Routes {
+        /// The balancer on this node (default: this node's, else the newest alive one).
+        #[arg(long, global = true)]
+        node: Option<String>,
+        #[command(subcommand)]
+        cmd: Option<balancer::RoutesCmd>,
+    },
+    /// The balancer itself: stats, upgrade in place.
+    Balancer {
+        /// The balancer on this node (default: this node's, else the newest alive one).
+        #[arg(long, global = true)]
+        node: Option<String>,
+        #[command(subcommand)]
+        cmd: balancer::BalancerCmd,
+    },
+    /// The balancer's TLS certificates: list them (no verb), set, remove.
+    Certs {
+        /// The balancer on this node (default: this node's, else the newest alive one).
+        #[arg(long, global = true)]
+        node: Option<String>,
+        #[command(subcommand)]
+        cmd: Option<balancer::CertsCmd>,
+    },
     /// Key material.
     Key {
         #[command(subcommand)]
@@ -123,6 +148,9 @@ fn main() {
                     Ok(code) => std::process::exit(code),
                     Err(e) => Err(e),
                 },
+                Cmd::Routes { node, cmd } => balancer::routes(&opts, node.as_deref(), cmd),
+                Cmd::Balancer { node, cmd } => balancer::balancer(&opts, node.as_deref(), cmd),
+                Cmd::Certs { node, cmd } => balancer::certs(&opts, node.as_deref(), cmd),
                 Cmd::Dev { .. } | Cmd::Key { .. } => unreachable!(),
             }
         }

@@ -869,6 +869,21 @@ fn with_the_supervisor_holding_the_sockets_kill_9_of_the_balancer_refuses_no_con
         4,
         true,
     );
+    std::thread::sleep(Duration::from_millis(300));
+    // A second balancer handed the same sockets (a supervisor's mistake) stops
+    // before it accepts anything: exit 69, no connection taken and dropped.
+    for _ in 0..3 {
+        let mut doomed = start();
+        assert_eq!(doomed.wait().unwrap().code(), Some(69));
+    }
+    let before = fresh.finish();
+    assert_eq!((before.failed, before.refused), (0, 0), "{before:?}");
+    let fresh = Load::start_with(
+        bal.http,
+        b"GET / HTTP/1.1\r\nHost: a.example.com\r\nConnection: close\r\n\r\n".to_vec(),
+        4,
+        true,
+    );
     std::thread::sleep(Duration::from_millis(500));
     for _ in 0..2 {
         child.kill().unwrap();
@@ -1062,4 +1077,187 @@ fn stats_prometheus_page_and_router_log_lines() {
     ] {
         assert!(line.contains(part), "{part} missing from {line}");
     }
+}
+
+#[test]
+fn router_lines_are_pushed_to_the_log_sink_signed() {
+    let sink_port = free_port().unwrap();
+    let mut bal = balancer_node("bal-sink", &[]);
+    let ctx = zmq::Context::new();
+    let pull = ctx.socket(zmq::PULL).unwrap();
+    let curve = bal.node.file.curve.clone().expect("a CURVE cluster");
+    pull.set_curve_server(true).unwrap();
+    let secret = paddock_wire::curve::Key::from_z85(curve.server_secret.unwrap().expose()).unwrap();
+    pull.set_curve_secretkey(secret.bytes()).unwrap();
+    pull.bind(&tcp(sink_port)).unwrap();
+    bal.node
+        .file
+        .daemons
+        .get_mut("balancer")
+        .unwrap()
+        .other
+        .insert("log_sink".into(), toml::Value::String(tcp(sink_port)));
+    bal.node.save();
+    bal.node.start("balancer");
+    let b1 = Backend::start("b1");
+    bal.route("a", &["a.example.com"], &[("b1", &b1)]);
+    pull.set_rcvtimeo(5000).unwrap();
+    // The PUSH connects lazily: send until a line arrives.
+    let env = eventually(Duration::from_secs(10), "a router line at the sink", || {
+        assert_eq!(bal.get("a.example.com", "/sunk").status, 200);
+        let frames = pull.recv_multipart(zmq::DONTWAIT).ok()?;
+        bal.node
+            .keys
+            .verify(&frames[0], &frames[1])
+            .expect("signed");
+        let env: paddock_wire::Envelope = serde_json::from_slice(&frames[0]).unwrap();
+        Some(env)
+    });
+    assert_eq!(env.kind, "log.line");
+    assert_eq!(env.body["app"], "a");
+    assert_eq!(env.body["proc"], "router");
+    let line = env.body["line"].as_str().unwrap();
+    assert!(
+        line.contains("path=\"/sunk\"") && line.contains("status=200"),
+        "{line}"
+    );
+    // Not in the balancer's own log: router_log is off.
+    let log = std::fs::read_to_string(bal.node.log("balancer")).unwrap();
+    assert!(!log.contains("path=\"/sunk\""));
+}
+
+#[test]
+fn beyond_max_connections_clients_wait_and_are_served_when_one_closes() {
+    let bal = balancer(
+        "bal-maxconn",
+        &[("max_connections", toml::Value::Integer(3))],
+    );
+    let b1 = Backend::start("b1");
+    bal.route("a", &["a.example.com"], &[("b1", &b1)]);
+    let mut held: Vec<Conn> = (0..3)
+        .map(|_| {
+            let mut c = Conn::connect(bal.http).unwrap();
+            assert_eq!(
+                c.request(&http::get_req("a.example.com", "/"))
+                    .unwrap()
+                    .unwrap()
+                    .status,
+                200
+            );
+            c
+        })
+        .collect();
+    // The fourth is accepted by the kernel but not served while three are open.
+    let mut fourth = Conn::connect(bal.http).unwrap();
+    fourth
+        .send(&http::get_req("a.example.com", "/fourth"))
+        .unwrap();
+    fourth
+        .stream()
+        .set_read_timeout(Some(Duration::from_millis(700)))
+        .unwrap();
+    let mut b = [0u8; 200];
+    let e = std::io::Read::read(fourth.stream(), &mut b)
+        .map(|n| String::from_utf8_lossy(&b[..n]).into_owned())
+        .unwrap_err();
+    assert!(
+        matches!(
+            e.kind(),
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+        ),
+        "{e}"
+    );
+    // One closes: the fourth is served.
+    drop(held.pop());
+    fourth
+        .stream()
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let r = fourth.read(false).unwrap().unwrap();
+    assert_eq!((r.status, r.text().as_str()), (200, "b1 /fourth\n"));
+}
+
+fn paddock(bal: &Bal, args: &[&str]) -> std::process::Output {
+    Command::new(paddock_harness::bin("paddock").unwrap())
+        .args(args)
+        .env("PADDOCK_CONFIG", &bal.node.config)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn the_cli_sets_lists_drains_and_shows_stats() {
+    let bal = balancer("bal-cli", &[]);
+    let b1 = Backend::start("b1");
+    let out = |args: &[&str]| {
+        let o = paddock(&bal, args);
+        assert!(
+            o.status.success(),
+            "paddock {args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8(o.stdout).unwrap()
+    };
+    out(&[
+        "routes",
+        "set",
+        "shop",
+        "Shop.example.com",
+        "*.shop.example.com",
+    ]);
+    out(&[
+        "routes",
+        "add-backend",
+        "shop",
+        "w1",
+        &b1.addr.to_string(),
+        "--weight",
+        "2",
+    ]);
+    assert_eq!(
+        bal.get("x.shop.example.com", "/").header("x-backend"),
+        Some("b1")
+    );
+    let list = out(&["routes"]);
+    assert!(
+        list.contains("shop.example.com") && list.contains(&format!("w1={}(w2)", b1.addr)),
+        "{list}"
+    );
+    let stats = out(&["balancer", "stats"]);
+    assert!(stats.contains("shop/w1") && stats.contains("up"), "{stats}");
+    let j: Value = serde_json::from_str(&out(&["--json", "balancer", "stats"])).unwrap();
+    assert_eq!(j["apps"][0]["stats"]["requests"], 1);
+    // A refused change: the code and message, exit 1.
+    let o = paddock(&bal, &["routes", "set", "other", "shop.example.com"]);
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("conflict") && err.contains("\"shop\""),
+        "{err}"
+    );
+    // Certificates from files; the key is never printed.
+    let (cert, key) = self_signed(&["shop.example.com"]);
+    let dir = bal.node.dir.clone();
+    std::fs::write(dir.join("c.pem"), &cert).unwrap();
+    std::fs::write(dir.join("k.pem"), &key).unwrap();
+    let set = out(&[
+        "certs",
+        "set",
+        "--cert",
+        dir.join("c.pem").to_str().unwrap(),
+        "--key",
+        dir.join("k.pem").to_str().unwrap(),
+        "shop.example.com",
+    ]);
+    assert!(!set.contains("PRIVATE"), "{set}");
+    assert!(out(&["certs"]).contains("shop.example.com"));
+    let (leaf, resp) = tls_get(bal.https, "shop.example.com", &[&cert]).unwrap();
+    assert!(
+        !leaf.is_empty() && resp.starts_with("HTTP/1.1 200"),
+        "{resp}"
+    );
+    // A drain that waits until the backend is drained.
+    let drained = out(&["routes", "drain", "shop", "w1", "--wait"]);
+    assert!(drained.contains("drained shop/w1"), "{drained}");
+    assert_eq!(bal.get("shop.example.com", "/").status, 503);
 }

@@ -424,6 +424,30 @@ fn dev_holds_the_balancers_sockets_across_kill_9_and_adopts_an_upgrade() {
         log.contains(&format!("handed over to pid {third}")),
         "{log}"
     );
+    // Upgraded again, from the adopted one: followed too, nothing restarted beside it.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(third),
+        nix::sys::signal::Signal::SIGUSR2,
+    )
+    .unwrap();
+    let fourth = eventually(Duration::from_secs(15), "the second successor", || {
+        paddock_harness::pidfile::read_pid(&dir.join("state/balancer.pid"))
+            .filter(|p| *p != third && alive(*p))
+    });
+    eventually(Duration::from_secs(10), "the adopted balancer gone", || {
+        (!alive(third)).then_some(())
+    });
+    std::thread::sleep(Duration::from_millis(1500));
+    let log = std::fs::read_to_string(dir.join("logs/supervisor.log")).unwrap_or_default();
+    assert!(
+        log.contains(&format!("pid {third} handed over to pid {fourth}")),
+        "{log}"
+    );
+    assert!(
+        !log.contains("exit status: 69"),
+        "a second balancer was started beside the successor:\n{log}"
+    );
+    let third = fourth;
     // And when the adopted one dies, it is restarted like any other.
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(third),

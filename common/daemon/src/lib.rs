@@ -454,6 +454,13 @@ pub enum PidfileError {
     },
 }
 
+/// Whether another process holds `<state_dir>/<name>.pid` (a daemon that must not
+/// start serving anything when it would then fail its pid lock asks first; the
+/// lock itself is still taken by [`run`]).
+pub fn pid_lock_held(dir: &std::path::Path, name: &str) -> bool {
+    matches!(lock_pidfile(dir, name), Err(PidfileError::Held { .. }))
+}
+
 /// Holds an exclusive flock on `<state_dir>/<name>.pid` for the process's life.
 fn lock_pidfile(dir: &std::path::Path, name: &str) -> Result<std::fs::File, PidfileError> {
     use std::io::Write;

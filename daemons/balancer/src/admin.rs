@@ -93,7 +93,7 @@ pub fn page(shared: &Shared) -> String {
     );
     out.push_str("<table><tr><th>app / backend</th><th>state</th><th>active</th><th>requests</th><th>2xx</th><th>4xx</th><th>5xx</th><th>p50 ms</th><th>p99 ms</th></tr>");
     let table = shared.table.load();
-    let q = |v: Option<f64>| v.map(|x| format!("{x}")).unwrap_or_else(|| "-".into());
+    let q = crate::stats::q_text;
     for r in &table.routes {
         let s = &r.stats;
         let _ = write!(

@@ -82,6 +82,19 @@ pub(crate) fn plane() -> &'static Plane {
 
 fn start_plane(cfg: &ClusterConfig) -> anyhow::Result<()> {
     let settings = Settings::from_config(cfg)?;
+    // A second balancer on this state dir would accept connections on the
+    // supervisor's sockets for a moment and then fail its pid lock, dropping them:
+    // it stops here instead. (A successor in a handoff serves before it gets the
+    // lock, by design.)
+    if std::env::var_os("PADDOCK_TAKEOVER_WAIT_MS").is_none()
+        && paddock_daemon::pid_lock_held(&cfg.state_dir, "balancer")
+    {
+        tracing::error!(
+            "another paddock-balancer holds {} (one per node and state dir)",
+            cfg.state_dir.join("balancer.pid").display()
+        );
+        std::process::exit(paddock_daemon::exit::UNAVAILABLE);
+    }
     {
         use std::os::unix::fs::DirBuilderExt;
         std::fs::DirBuilder::new()
@@ -134,24 +147,21 @@ fn start_plane(cfg: &ClusterConfig) -> anyhow::Result<()> {
     let slots = Arc::new(tokio::sync::Semaphore::new(settings.max_connections));
     {
         let _g = rt.enter();
-        rt.spawn(listen::accept_loop(
-            shared.clone(),
-            http,
-            proxy::Proto::Http,
-            None,
-            slots.clone(),
-        ));
+        let mut public = vec![listen::Public {
+            listener: http,
+            proto: proxy::Proto::Http,
+            tls: None,
+        }];
         if let Some(l) = https {
             let acceptor =
                 tokio_rustls::TlsAcceptor::from(Arc::new(tls::server_config(resolver.clone())?));
-            rt.spawn(listen::accept_loop(
-                shared.clone(),
-                l,
-                proxy::Proto::Https,
-                Some(acceptor),
-                slots.clone(),
-            ));
+            public.push(listen::Public {
+                listener: l,
+                proto: proxy::Proto::Https,
+                tls: Some(acceptor),
+            });
         }
+        rt.spawn(listen::accept_loop(shared.clone(), public, slots));
         if let Some(l) = admin_l {
             rt.spawn(admin::serve(shared.clone(), l));
         }

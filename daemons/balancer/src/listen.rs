@@ -107,48 +107,83 @@ pub fn listener(
     Ok(l)
 }
 
-/// Accepts until shutdown starts; at most `max_connections` at once (the rest wait
-/// in the kernel's queue, as with HAProxy's maxconn).
-pub async fn accept_loop(
-    shared: Arc<Shared>,
-    listener: TcpListener,
+/// A public listener: what it speaks.
+pub struct Public {
+    pub listener: TcpListener,
+    pub proto: Proto,
+    pub tls: Option<tokio_rustls::TlsAcceptor>,
+}
+
+struct Ready {
+    listener: tokio::net::TcpListener,
     proto: Proto,
     tls: Option<tokio_rustls::TlsAcceptor>,
+    port: u16,
+}
+
+/// Accepts on the HTTP and HTTPS listeners until shutdown starts, at most
+/// `max_connections` at once: with every slot taken it accepts nothing, so the
+/// rest wait in the kernel's queue (HAProxy's maxconn). One loop for both, so one
+/// slot at most is held by a loop waiting for a connection.
+pub async fn accept_loop(
+    shared: Arc<Shared>,
+    public: Vec<Public>,
     slots: Arc<tokio::sync::Semaphore>,
 ) {
-    let port = listener.local_addr().map(|a| a.port()).unwrap_or(0);
-    let listener = match tokio::net::TcpListener::from_std(listener) {
-        Ok(l) => l,
-        Err(e) => {
-            tracing::error!("cannot register the {proto:?} listener: {e}");
-            return;
+    let mut ls = Vec::new();
+    for p in public {
+        let port = p.listener.local_addr().map(|a| a.port()).unwrap_or(0);
+        match tokio::net::TcpListener::from_std(p.listener) {
+            Ok(listener) => ls.push(Ready {
+                listener,
+                proto: p.proto,
+                tls: p.tls,
+                port,
+            }),
+            Err(e) => {
+                tracing::error!("cannot register the {:?} listener: {e}", p.proto);
+                return;
+            }
         }
-    };
+    }
+    let Some(first) = ls.first() else { return };
+    let second = ls.get(1);
     let mut stop = shared.shutdown.subscribe();
     loop {
         let permit = tokio::select! {
             p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
             _ = stopped(&mut stop) => return,
         };
-        let (stream, peer) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    // EMFILE and friends: back off a little, never spin.
-                    tracing::warn!("accept: {e}");
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                    continue;
+        let (l, accepted) = tokio::select! {
+            r = first.listener.accept() => (first, r),
+            r = async {
+                match second {
+                    Some(s) => s.listener.accept().await,
+                    None => std::future::pending().await,
                 }
-            },
+            } => (second.unwrap_or(first), r),
             _ = stopped(&mut stop) => return,
+        };
+        let (stream, peer) = match accepted {
+            Ok(x) => x,
+            Err(e) => {
+                // EMFILE and friends: back off a little, never spin.
+                tracing::warn!("accept: {e}");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
         };
         let _ = stream.set_nodelay(true);
         let sh = shared.clone();
-        let tls = tls.clone();
+        let tls = l.tls.clone();
+        let info = ConnInfo {
+            peer,
+            proto: l.proto,
+            port: l.port,
+        };
         tokio::spawn(async move {
             sh.global.connections_active.fetch_add(1, Relaxed);
             sh.global.connections_total.fetch_add(1, Relaxed);
-            let info = ConnInfo { peer, proto, port };
             match tls {
                 None => proxy::serve(sh.clone(), stream, info).await,
                 Some(acc) => {

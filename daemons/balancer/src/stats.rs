@@ -65,7 +65,8 @@ impl Counters {
             "status": {"1xx": s[0], "2xx": s[1], "3xx": s[2], "4xx": s[3], "5xx": s[4]},
             "bytes": self.bytes.load(Relaxed),
             "latency_ms": {
-                "p50": self.quantile_ms(0.5), "p90": self.quantile_ms(0.9), "p99": self.quantile_ms(0.99),
+                "p50": q_json(self.quantile_ms(0.5)), "p90": q_json(self.quantile_ms(0.9)),
+                "p99": q_json(self.quantile_ms(0.99)),
                 "buckets_le_ms": BUCKETS_US.iter().map(|b| *b as f64 / 1000.0).collect::<Vec<_>>(),
                 "counts": self.latency.iter().map(|c| c.load(Relaxed)).collect::<Vec<_>>(),
                 "sum_ms": self.latency_sum_us.load(Relaxed) as f64 / 1000.0,
@@ -114,6 +115,25 @@ impl Counters {
             out,
             "paddock_balancer_request_duration_seconds_count{{{labels}}} {cum}"
         );
+    }
+}
+
+/// A quantile for JSON: null with no requests, `"+Inf"` beyond the last bucket
+/// (JSON has no infinity).
+fn q_json(q: Option<f64>) -> serde_json::Value {
+    match q {
+        Some(x) if x.is_finite() => serde_json::json!(x),
+        Some(_) => serde_json::json!("+Inf"),
+        None => serde_json::Value::Null,
+    }
+}
+
+/// A quantile for people: `-` with no requests, `>10000` beyond the last bucket.
+pub fn q_text(q: Option<f64>) -> String {
+    match q {
+        Some(x) if x.is_finite() => format!("{x}"),
+        Some(_) => format!(">{}", BUCKETS_US[BUCKETS_US.len() - 1] / 1000),
+        None => "-".into(),
     }
 }
 
@@ -176,10 +196,16 @@ mod tests {
         }
         assert_eq!(c.quantile_ms(0.5), Some(0.5));
         assert_eq!(c.quantile_ms(0.99), Some(50.0));
+        let slow = Counters::default();
+        slow.record(200, 60_000_000, 0);
+        assert_eq!(slow.json()["latency_ms"]["p99"], "+Inf");
+        assert_eq!(q_text(slow.quantile_ms(0.99)), ">10000");
+        assert_eq!(q_text(None), "-");
         let j = c.json();
         assert_eq!(j["status"]["2xx"], 90);
         assert_eq!(j["status"]["5xx"], 10);
         assert_eq!(j["bytes"], 900);
+        assert_eq!(j["latency_ms"]["p50"], 0.5);
         let mut p = String::new();
         c.prometheus(&mut p, "app=\"a\"");
         assert!(
