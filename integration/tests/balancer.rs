@@ -50,6 +50,16 @@ impl Drop for Backend {
     }
 }
 
+/// A child process killed and reaped however the test ends.
+struct Reaped(Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 struct Bal {
     node: Node,
     http: SocketAddr,
@@ -800,6 +810,16 @@ fn an_upgrade_hands_the_listeners_over_under_load_without_a_failed_request() {
         },
     );
     assert!(paddock_harness::process_alive(new));
+    // Not a child of ours: stopped through a pidfd however the test ends.
+    struct Stop(Option<paddock_harness::pidfile::Proc>);
+    impl Drop for Stop {
+        fn drop(&mut self) {
+            if let Some(p) = &self.0 {
+                p.stop(Signal::SIGTERM, Duration::from_secs(5));
+            }
+        }
+    }
+    let _successor = Stop(paddock_harness::pidfile::Proc::open(new));
     // rpc is the successor's now, with the same routes.
     eventually(Duration::from_secs(10), "the successor's rpc", || {
         bal.call(kinds::ROUTES_LIST, json!({})).ok()
@@ -823,8 +843,7 @@ fn with_the_supervisor_holding_the_sockets_kill_9_of_the_balancer_refuses_no_con
     // The supervisor's part: it binds the listener once and hands it to each start.
     let listener = std::net::TcpListener::bind(bal.http).unwrap();
     let fd = listener.as_raw_fd();
-    let start = || -> Child {
-        use std::os::unix::process::CommandExt;
+    let start = || -> Reaped {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -838,22 +857,8 @@ fn with_the_supervisor_holding_the_sockets_kill_9_of_the_balancer_refuses_no_con
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log);
-        // SAFETY: only dup2 between fork and exec.
-        unsafe {
-            cmd.pre_exec(move || {
-                // dup2 onto itself keeps close-on-exec: clear it then.
-                let rc = if fd == 3 {
-                    libc::fcntl(3, libc::F_SETFD, 0)
-                } else {
-                    libc::dup2(fd, 3)
-                };
-                if rc < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        cmd.spawn().unwrap()
+        paddock_daemon::pass_fds(&mut cmd, &[fd]);
+        Reaped(cmd.spawn().unwrap())
     };
     let mut child = start();
     paddock_harness::wait_ping(
@@ -874,7 +879,7 @@ fn with_the_supervisor_holding_the_sockets_kill_9_of_the_balancer_refuses_no_con
     // before it accepts anything: exit 69, no connection taken and dropped.
     for _ in 0..3 {
         let mut doomed = start();
-        assert_eq!(doomed.wait().unwrap().code(), Some(69));
+        assert_eq!(doomed.0.wait().unwrap().code(), Some(69));
     }
     let before = fresh.finish();
     assert_eq!((before.failed, before.refused), (0, 0), "{before:?}");
@@ -886,15 +891,14 @@ fn with_the_supervisor_holding_the_sockets_kill_9_of_the_balancer_refuses_no_con
     );
     std::thread::sleep(Duration::from_millis(500));
     for _ in 0..2 {
-        child.kill().unwrap();
-        child.wait().unwrap();
+        child.0.kill().unwrap();
+        child.0.wait().unwrap();
         std::thread::sleep(Duration::from_millis(300));
         child = start();
         std::thread::sleep(Duration::from_millis(800));
     }
     let r = fresh.finish();
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(child);
     assert_eq!(r.refused, 0, "{r:?}");
     assert!(r.ok > 50, "{r:?}");
     // Requests cut by the kill itself are the only failures: a handful at most.
