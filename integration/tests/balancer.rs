@@ -265,7 +265,9 @@ fn routes_by_host_and_wildcard_with_clear_404_503_and_forwarded_headers() {
 
 #[test]
 fn backend_connections_are_pooled_and_reused() {
-    let bal = balancer("bal-pool", &[]);
+    // One proxy thread: each thread has its own pool (its connections' tasks run
+    // on it), so with one, every request must reuse the same backend connection.
+    let bal = balancer("bal-pool", &[("threads", toml::Value::Integer(1))]);
     let b1 = Backend::start("b1");
     bal.route("a", &["a.example.com"], &[("b1", &b1)]);
     let mut conns = std::collections::BTreeSet::new();

@@ -4,7 +4,9 @@
 //! stats and router log lines.
 //!
 //! Two halves. The **data plane** (`proxy`, `listen`, `pool`, `health`, `tls`) runs
-//! on its own multi-threaded tokio runtime, started before the daemon takes its pid
+//! on its own threads, one single-threaded tokio runtime each (a connection and
+//! its backend connections stay on the thread that accepted it), started before
+//! the daemon takes its pid
 //! lock (so a successor serves its inherited listeners while its predecessor still
 //! holds the lock) and drained after the lock is released. The **control plane**
 //! (`control`) is an ordinary BaseDaemon: rpc kinds, the schedulers' route tables,
@@ -64,8 +66,6 @@ pub fn hooks() -> Hooks {
 /// The data plane, started once per process before the daemon runtime.
 pub(crate) struct Plane {
     pub shared: Arc<proxy::Shared>,
-    /// Kept for the process's life: the proxy's worker threads.
-    pub _rt: tokio::runtime::Runtime,
     pub live: table::Live,
     pub resolver: Arc<tls::Resolver>,
     /// The listening sockets (dups, kept for a handoff).
@@ -82,6 +82,7 @@ pub(crate) fn plane() -> &'static Plane {
 
 fn start_plane(cfg: &ClusterConfig) -> anyhow::Result<()> {
     let settings = Settings::from_config(cfg)?;
+    pool::set_threads(settings.threads);
     // A second balancer on this state dir would accept connections on the
     // supervisor's sockets for a moment and then fail its pid lock, dropping them:
     // it stops here instead. (A successor in a handoff serves before it gets the
@@ -139,38 +140,66 @@ fn start_plane(cfg: &ClusterConfig) -> anyhow::Result<()> {
             fds.push((name.to_string(), l.as_fd_dup()?));
         }
     }
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(settings.threads)
-        .thread_name("proxy")
-        .enable_all()
-        .build()?;
     let slots = Arc::new(tokio::sync::Semaphore::new(settings.max_connections));
-    {
-        let _g = rt.enter();
+    let acceptor = match &https {
+        Some(_) => Some(tokio_rustls::TlsAcceptor::from(Arc::new(
+            tls::server_config(resolver.clone())?,
+        ))),
+        None => None,
+    };
+    // One single-threaded runtime per proxy thread, each accepting on its own dup
+    // of the listeners: a connection, its requests and its backend connections
+    // stay on the thread that accepted it (no cross-thread wake-ups, no work
+    // stealing on the hot path).
+    for i in 0..settings.threads {
         let mut public = vec![listen::Public {
-            listener: http,
+            listener: http.try_clone()?,
             proto: proxy::Proto::Http,
             tls: None,
         }];
-        if let Some(l) = https {
-            let acceptor =
-                tokio_rustls::TlsAcceptor::from(Arc::new(tls::server_config(resolver.clone())?));
+        if let (Some(l), Some(acc)) = (&https, &acceptor) {
             public.push(listen::Public {
-                listener: l,
+                listener: l.try_clone()?,
                 proto: proxy::Proto::Https,
-                tls: Some(acceptor),
+                tls: Some(acc.clone()),
             });
         }
-        rt.spawn(listen::accept_loop(shared.clone(), public, slots));
-        if let Some(l) = admin_l {
-            rt.spawn(admin::serve(shared.clone(), l));
-        }
-        rt.spawn(health::run(shared.clone()));
+        let (sh, slots) = (shared.clone(), slots.clone());
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        std::thread::Builder::new()
+            .name(format!("proxy-{i}"))
+            .spawn(move || {
+                pool::set_worker(i);
+                rt.block_on(async move {
+                    listen::accept_loop(sh, public, slots).await;
+                    // Shutdown: the connections this thread serves still run
+                    // until the process exits (`finish` waits for them).
+                    std::future::pending::<()>().await
+                })
+            })?;
     }
+    drop((http, https));
+    // Health checks and the admin port on a thread of their own.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let sh = shared.clone();
+    std::thread::Builder::new()
+        .name("proxy-checks".into())
+        .spawn(move || {
+            rt.block_on(async move {
+                if let Some(l) = admin_l {
+                    tokio::spawn(admin::serve(sh.clone(), l));
+                }
+                health::run(sh).await;
+                std::future::pending::<()>().await
+            })
+        })?;
     listen::signal_ready();
     let _ = PLANE.set(Plane {
         shared,
-        _rt: rt,
         live,
         resolver,
         fds,

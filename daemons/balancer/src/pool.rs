@@ -1,8 +1,12 @@
 //! Keep-alive connections to one backend: idle HTTP/1.1 senders ready for their
 //! next request, newest first (a warm connection is the likeliest still open).
+//! One idle list per proxy thread: a connection's task runs on the thread that
+//! made it, so a request reuses only its own thread's connections and never
+//! wakes another thread.
 
+use std::cell::Cell;
 use std::net::SocketAddr;
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
 use hyper::client::conn::http1::SendRequest;
@@ -12,23 +16,53 @@ use crate::proxy::ReqBody;
 
 pub type Sender = SendRequest<ReqBody>;
 
+static THREADS: OnceLock<usize> = OnceLock::new();
+
+thread_local! {
+    static WORKER: Cell<usize> = const { Cell::new(usize::MAX) };
+}
+
+/// Called once, before any pool exists: how many proxy threads there are.
+pub fn set_threads(n: usize) {
+    let _ = THREADS.set(n.max(1));
+}
+
+/// Called first on each proxy thread.
+pub fn set_worker(i: usize) {
+    WORKER.with(|w| w.set(i));
+}
+
+fn slot(n: usize) -> usize {
+    WORKER.with(|w| w.get()).min(n - 1)
+}
+
 pub struct Pool {
-    idle: Mutex<Vec<Sender>>,
+    /// One list per proxy thread, and one for any other thread.
+    idle: Box<[Mutex<Vec<Sender>>]>,
     cap: usize,
 }
 
 impl Pool {
     pub fn new(cap: usize) -> Pool {
+        let n = THREADS.get().copied().unwrap_or(1) + 1;
         Pool {
-            idle: Mutex::new(Vec::new()),
+            idle: (0..n).map(|_| Mutex::new(Vec::new())).collect(),
             cap,
         }
+    }
+
+    fn mine(&self) -> &Mutex<Vec<Sender>> {
+        &self.idle[slot(self.idle.len())]
     }
 
     /// A pooled connection the backend has not closed, ready for a request.
     pub async fn take(&self) -> Option<Sender> {
         loop {
-            let s = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop()?;
+            let s = self
+                .mine()
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .pop()?;
             if s.is_closed() {
                 continue;
             }
@@ -48,18 +82,23 @@ impl Pool {
         if s.is_closed() {
             return;
         }
-        let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+        let mut idle = self.mine().lock().unwrap_or_else(|e| e.into_inner());
         if idle.len() < self.cap {
             idle.push(s);
         }
     }
 
     pub fn clear(&self) {
-        self.idle.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        for l in self.idle.iter() {
+            l.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        }
     }
 
     pub fn idle(&self) -> usize {
-        self.idle.lock().unwrap_or_else(|e| e.into_inner()).len()
+        self.idle
+            .iter()
+            .map(|l| l.lock().unwrap_or_else(|e| e.into_inner()).len())
+            .sum()
     }
 }
 

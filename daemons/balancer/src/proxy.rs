@@ -757,14 +757,22 @@ async fn tunnel(client: hyper::upgrade::OnUpgrade, backend: hyper::upgrade::OnUp
 }
 
 /// Serves one client connection until it closes, or — once shutdown starts —
-/// until its request in flight is answered.
+/// until its request in flight is answered. A connection accepted but whose
+/// first request has not arrived yet is given that request (within the header
+/// deadline) before it is closed: a client on a fresh connection must never see
+/// it closed unanswered.
 pub async fn serve<I>(shared: Arc<Shared>, io: I, info: ConnInfo)
 where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let info = Arc::new(info);
     let sh = shared.clone();
-    let svc = service_fn(move |req| handle(sh.clone(), info.clone(), req));
+    let asked = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let seen = asked.clone();
+    let svc = service_fn(move |req| {
+        seen.store(true, Relaxed);
+        handle(sh.clone(), info.clone(), req)
+    });
     let mut b = hyper::server::conn::http1::Builder::new();
     b.timer(TokioTimer::new())
         .header_read_timeout(shared.settings.header_timeout)
@@ -775,12 +783,20 @@ where
     tokio::pin!(conn);
     let mut stop = shared.shutdown.subscribe();
     tokio::select! {
-        _ = conn.as_mut() => {}
-        _ = stopped(&mut stop) => {
-            conn.as_mut().graceful_shutdown();
-            let _ = tokio::time::timeout(Duration::from_secs(3600), conn).await;
-        }
+        _ = conn.as_mut() => return,
+        _ = stopped(&mut stop) => {}
     }
+    let first = async {
+        while !asked.load(Relaxed) {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    };
+    tokio::select! {
+        _ = conn.as_mut() => return,
+        _ = tokio::time::timeout(shared.settings.header_timeout, first) => {}
+    }
+    conn.as_mut().graceful_shutdown();
+    let _ = conn.await;
 }
 
 /// Resolves once shutdown has started (at once if it already has).

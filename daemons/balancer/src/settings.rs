@@ -28,7 +28,8 @@ pub struct BalancerSection {
     pub router_log: bool,
     /// Where routes and certificates are kept. Default: `<state dir>/balancer`.
     pub dir: Option<PathBuf>,
-    /// Worker threads of the proxy (0: one per CPU).
+    /// Proxy threads, each accepting and serving its own connections (0: one per
+    /// CPU).
     pub threads: usize,
     pub max_connections: usize,
     /// Request line and headers, in bytes (431 above it).
