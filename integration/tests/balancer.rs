@@ -5,7 +5,7 @@
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use nix::sys::signal::Signal;
 use paddock_integration::http::{self, Conn, Load};
@@ -528,34 +528,37 @@ fn a_drain_under_load_fails_nothing_lets_in_flight_finish_then_says_so() {
     let slow = Backend::start("slow");
     bal.route("s", &["s.example.com"], &[("slow", &slow)]);
     let http = bal.http;
-    let t0 = Instant::now();
-    let req = std::thread::spawn(move || {
-        (
-            http::get(http, "s.example.com", "/sleep/800").unwrap(),
-            Instant::now(),
-        )
+    let release = bal.node.dir.join("release");
+    let hold = format!("/hold{}", release.display());
+    let req = std::thread::spawn(move || http::get(http, "s.example.com", &hold).unwrap());
+    eventually(Duration::from_secs(5), "the request in flight", || {
+        let s = bal.ok(kinds::BALANCER_STATS, json!({}));
+        let a = s["apps"]
+            .as_array()?
+            .iter()
+            .find(|a| a["app"] == "s")?
+            .clone();
+        (a["backends"][0]["active"] == 1).then_some(())
     });
-    std::thread::sleep(Duration::from_millis(200));
     bal.ok(kinds::BACKEND_DRAIN, json!({"app": "s", "id": "slow"}));
     assert_eq!(
         bal.get("s.example.com", "/").status,
         503,
         "nothing new reaches a draining backend"
     );
+    assert!(
+        sub.next(Duration::from_millis(500)).unwrap().is_none(),
+        "drained while a request was in flight"
+    );
+    std::fs::write(&release, "").unwrap();
+    let resp = req.join().unwrap();
+    assert_eq!(resp.status, 200, "the request in flight finished");
     let ev = sub
         .next(Duration::from_secs(5))
         .unwrap()
         .expect("backend.drained");
-    let evt_at = Instant::now();
-    let (resp, done_at) = req.join().unwrap();
-    assert_eq!(resp.status, 200, "the request in flight finished");
     assert_eq!(ev.body["id"], "slow");
     assert_eq!(ev.body["closed"], 0);
-    assert!(
-        evt_at >= done_at - Duration::from_millis(50),
-        "the event came after the request ended"
-    );
-    assert!(evt_at - t0 >= Duration::from_millis(700));
 
     // A websocket outlives the drain: the deadline closes it, and the event says so.
     bal.route("ws", &["ws.example.com"], &[("w", &b2)]);
@@ -665,11 +668,15 @@ fn route_updates_under_load_fail_nothing_and_a_websocket_survives_them() {
 fn slowloris_clients_hold_nothing_up_and_are_cut_off() {
     let bal = balancer(
         "bal-slow",
-        &[("header_timeout_ms", toml::Value::Integer(1000))],
+        &[
+            ("header_timeout_ms", toml::Value::Integer(1000)),
+            ("max_connections", toml::Value::Integer(10)),
+        ],
     );
     let b1 = Backend::start("b1");
     bal.route("a", &["a.example.com"], &[("b1", &b1)]);
-    let mut slow: Vec<std::net::TcpStream> = (0..50)
+    // Twice as many slow clients as there are slots.
+    let mut slow: Vec<std::net::TcpStream> = (0..20)
         .map(|_| {
             let mut s = std::net::TcpStream::connect(bal.http).unwrap();
             use std::io::Write;
@@ -677,13 +684,12 @@ fn slowloris_clients_hold_nothing_up_and_are_cut_off() {
             s
         })
         .collect();
-    // Others are served meanwhile.
-    for _ in 0..20 {
+    // Others are still served: the header deadline frees the slots they took.
+    for _ in 0..5 {
         assert_eq!(bal.get("a.example.com", "/").status, 200);
     }
-    let started = Instant::now();
     // Each slow client trickles a byte every 200 ms; all are closed by the deadline.
-    let closed = eventually(Duration::from_secs(10), "slow clients cut off", || {
+    eventually(Duration::from_secs(15), "slow clients cut off", || {
         use std::io::{Read, Write};
         let mut open = 0;
         for s in slow.iter_mut() {
@@ -698,12 +704,8 @@ fn slowloris_clients_hold_nothing_up_and_are_cut_off() {
             }
         }
         std::thread::sleep(Duration::from_millis(200));
-        (open == 0).then_some(started.elapsed())
+        (open == 0).then_some(())
     });
-    assert!(
-        closed >= Duration::from_millis(500),
-        "cut off by the header deadline, not at once: {closed:?}"
-    );
     assert_eq!(bal.get("a.example.com", "/").status, 200);
 }
 
@@ -909,7 +911,8 @@ fn with_the_supervisor_holding_the_sockets_kill_9_of_the_balancer_refuses_no_con
 
 #[test]
 fn the_schedulers_fenced_table_routes_its_apps_and_leaves_operator_routes() {
-    let mut bal = balancer_node("bal-sched", &[("resync_ms", toml::Value::Integer(500))]);
+    // A resync far away: after the first snapshot, only published tables apply.
+    let mut bal = balancer_node("bal-sched", &[("resync_ms", toml::Value::Integer(600_000))]);
     let (b1, b2, b3) = (
         Backend::start("b1"),
         Backend::start("b2"),
@@ -1266,4 +1269,284 @@ fn the_cli_sets_lists_drains_and_shows_stats() {
     let drained = out(&["routes", "drain", "shop", "w1", "--wait"]);
     assert!(drained.contains("drained shop/w1"), "{drained}");
     assert_eq!(bal.get("shop.example.com", "/").status, 503);
+}
+
+#[test]
+fn a_client_that_goes_away_mid_request_leaves_nothing_counted_in_flight() {
+    let bal = balancer("bal-abort", &[]);
+    let b1 = Backend::start("b1");
+    bal.route("a", &["a.example.com"], &[("b1", &b1)]);
+    for _ in 0..3 {
+        let mut c = Conn::connect(bal.http).unwrap();
+        c.send(&http::get_req("a.example.com", "/sleep/1000"))
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+        drop(c);
+    }
+    let active = |bal: &Bal| {
+        let s = bal.ok(kinds::BALANCER_STATS, json!({}));
+        s["apps"][0]["backends"][0]["active"].as_u64().unwrap()
+    };
+    eventually(Duration::from_secs(10), "nothing in flight", || {
+        (active(&bal) == 0).then_some(())
+    });
+    // So a drain ends at once, with nothing cut.
+    let mut sub = Subscriber::connect(
+        &[tcp(bal.node.ports.balancer_pub)],
+        &[kinds::BACKEND_DRAINED],
+        bal.node.keys.clone(),
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    bal.ok(kinds::BACKEND_DRAIN, json!({"app": "a", "id": "b1"}));
+    let ev = sub
+        .next(Duration::from_secs(3))
+        .unwrap()
+        .expect("drained at once");
+    assert_eq!(ev.body["closed"], 0);
+}
+
+#[test]
+fn a_connection_whose_request_body_was_not_sent_whole_is_never_reused() {
+    // One thread, so the victim would get the attacker's pooled connection.
+    let bal = balancer("bal-early", &[("threads", toml::Value::Integer(1))]);
+    let b1 = Backend::start("b1");
+    bal.route("a", &["a.example.com"], &[("b1", &b1)]);
+    let mut attacker = Conn::connect(bal.http).unwrap();
+    attacker
+        .send(b"POST /early HTTP/1.1\r\nHost: a.example.com\r\nContent-Length: 1000000\r\n\r\n0123456789")
+        .unwrap();
+    let r = attacker.read(false).unwrap().unwrap();
+    assert_eq!(r.status, 401);
+    // The attacker keeps its connection open and sends nothing more.
+    let mut victim = Conn::connect(bal.http).unwrap();
+    victim
+        .stream()
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let r = victim
+        .request(&http::get_req("a.example.com", "/"))
+        .unwrap()
+        .unwrap();
+    assert_eq!((r.status, r.text().as_str()), (200, "b1 /\n"));
+    drop(attacker);
+}
+
+#[test]
+fn websockets_hold_their_connection_slot_and_outlive_a_handoff() {
+    let mut bal = balancer(
+        "bal-wsslot",
+        &[("max_connections", toml::Value::Integer(2))],
+    );
+    let b1 = Backend::start("b1");
+    bal.route("a", &["a.example.com"], &[("b1", &b1)]);
+    let mut ws1 = websocket(bal.http, "a.example.com");
+    let mut ws2 = websocket(bal.http, "a.example.com");
+    // Two tunnels take both slots: a third connection waits.
+    let mut third = Conn::connect(bal.http).unwrap();
+    third.send(&http::get_req("a.example.com", "/")).unwrap();
+    third
+        .stream()
+        .set_read_timeout(Some(Duration::from_millis(700)))
+        .unwrap();
+    let mut b = [0u8; 64];
+    assert!(
+        std::io::Read::read(third.stream(), &mut b).is_err(),
+        "served beyond max_connections"
+    );
+    drop(ws2.stream().shutdown(std::net::Shutdown::Both));
+    drop(ws2);
+    third
+        .stream()
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    assert_eq!(third.read(false).unwrap().unwrap().status, 200);
+    drop(third);
+    // An upgrade: the old process keeps the open tunnel until it closes.
+    let old = bal.node.pid("balancer");
+    bal.node.signal("balancer", Signal::SIGUSR2);
+    let pidfile = bal.node.dir.join("state/balancer.pid");
+    let new: i32 = eventually(Duration::from_secs(10), "the successor", || {
+        std::fs::read_to_string(&pidfile)
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+            .filter(|p| *p != old)
+    });
+    struct Stop(Option<paddock_harness::pidfile::Proc>);
+    impl Drop for Stop {
+        fn drop(&mut self) {
+            if let Some(p) = &self.0 {
+                p.stop(Signal::SIGTERM, Duration::from_secs(5));
+            }
+        }
+    }
+    let _successor = Stop(paddock_harness::pidfile::Proc::open(new));
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        paddock_harness::process_alive(old),
+        "the old process drains while a tunnel is open"
+    );
+    assert_eq!(
+        ws_echo(&mut ws1, b"across the handoff"),
+        b"across the handoff"
+    );
+    drop(ws1);
+    assert_eq!(
+        bal.node.wait_exit("balancer", Duration::from_secs(10)),
+        Some(0)
+    );
+}
+
+#[test]
+fn rpc_writes_around_an_upgrade_are_kept_or_refused_never_lost() {
+    let mut bal = balancer("bal-writes", &[]);
+    let old = bal.node.pid("balancer");
+    let mut acked = Vec::new();
+    let mut signalled = false;
+    for i in 0..80 {
+        if i == 20 {
+            bal.node.signal("balancer", Signal::SIGUSR2);
+            signalled = true;
+        }
+        let app = format!("c{i}");
+        match bal.call(
+            kinds::ROUTE_SET,
+            json!({"app": app, "domains": [format!("{app}.example.com")]}),
+        ) {
+            Ok(_) => acked.push(app),
+            Err(e) => assert!(signalled, "refused before the upgrade: {e}"),
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let pidfile = bal.node.dir.join("state/balancer.pid");
+    let new: i32 = eventually(Duration::from_secs(10), "the successor", || {
+        std::fs::read_to_string(&pidfile)
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+            .filter(|p| *p != old)
+    });
+    let _successor = paddock_harness::pidfile::Proc::open(new);
+    assert_eq!(
+        bal.node.wait_exit("balancer", Duration::from_secs(20)),
+        Some(0)
+    );
+    let list = eventually(Duration::from_secs(10), "the successor's rpc", || {
+        bal.call(kinds::ROUTES_LIST, json!({})).ok()
+    });
+    let have: Vec<&str> = list["apps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["app"].as_str().unwrap())
+        .collect();
+    for a in &acked {
+        assert!(
+            have.contains(&a.as_str()),
+            "{a} was acknowledged and lost: {have:?}"
+        );
+    }
+    assert!(acked.len() >= 20, "{acked:?}");
+    if let Some(p) = _successor {
+        p.stop(Signal::SIGTERM, Duration::from_secs(5));
+    }
+}
+
+#[test]
+fn an_upgrade_runs_the_binary_installed_since_the_start() {
+    let bal = balancer_node("bal-newbin", &[]);
+    let bin_dir = bal.node.dir.join("bin");
+    std::fs::create_dir_all(&bin_dir).unwrap();
+    let installed = bin_dir.join("paddock-balancer");
+    std::fs::copy(
+        paddock_harness::bin("paddock-balancer").unwrap(),
+        &installed,
+    )
+    .unwrap();
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(bal.node.log("balancer"))
+        .unwrap();
+    let child = Reaped(
+        Command::new(&installed)
+            .arg("--config")
+            .arg(&bal.node.config)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    );
+    paddock_harness::wait_ping(
+        &bal.node.rpc("balancer"),
+        bal.node.keys.clone(),
+        Duration::from_secs(20),
+    )
+    .unwrap();
+    // A package upgrade: the new binary is renamed over the running one.
+    let staged = bin_dir.join(".paddock-balancer.new");
+    std::fs::copy(paddock_harness::bin("paddock-balancer").unwrap(), &staged).unwrap();
+    std::fs::rename(&staged, &installed).unwrap();
+    let reply = bal.ok(kinds::BALANCER_UPGRADE, json!({}));
+    let new = reply["successor_pid"].as_i64().unwrap() as i32;
+    let exe = std::fs::read_link(format!("/proc/{new}/exe")).unwrap();
+    assert_eq!(exe, installed, "the successor runs the installed binary");
+    let p = paddock_harness::pidfile::Proc::open(new).unwrap();
+    drop(child);
+    p.stop(Signal::SIGTERM, Duration::from_secs(5));
+}
+
+#[test]
+fn the_backend_sees_the_host_that_was_routed_and_ambiguous_requests_are_refused() {
+    let bal = balancer("bal-host", &[]);
+    let (b1, b2) = (Backend::start("b1"), Backend::start("b2"));
+    bal.route("a", &["a.example.com"], &[("b1", &b1)]);
+    bal.route("b", &["b.example.com"], &[("b2", &b2)]);
+    // Absolute form wins over Host (RFC 9112), and the backend is told so.
+    let r = http::raw(
+        bal.http,
+        b"GET http://a.example.com/headers HTTP/1.1\r\nHost: b.example.com\r\n\r\n",
+    )
+    .unwrap();
+    assert_eq!(r.header("x-backend"), Some("b1"));
+    let h: Value = serde_json::from_slice(&r.body).unwrap();
+    assert_eq!(h["host"], "a.example.com");
+    // Two Host headers: 400.
+    let r = http::raw(
+        bal.http,
+        b"GET / HTTP/1.1\r\nHost: a.example.com\r\nHost: b.example.com\r\n\r\n",
+    )
+    .unwrap();
+    assert_eq!(r.status, 400);
+    assert!(r.text().contains("more than one Host"), "{}", r.text());
+    // A client cannot strip Host or framing headers by nominating them, and a
+    // second Connection header's names are honoured too; client forwarding
+    // headers are not passed on.
+    let r = http::raw(bal.http, b"GET /headers HTTP/1.1\r\nHost: a.example.com\r\nConnection: host, content-length\r\nConnection: x-secret\r\nX-Secret: 1\r\nForwarded: for=6.6.6.6\r\nX-Forwarded-Ssl: on\r\nX-Real-Ip: 6.6.6.6\r\n\r\n").unwrap();
+    let h: Value = serde_json::from_slice(&r.body).unwrap();
+    assert_eq!(h["host"], "a.example.com");
+    assert!(
+        h.get("x-secret").is_none()
+            && h.get("forwarded").is_none()
+            && h.get("x-forwarded-ssl").is_none(),
+        "{h}"
+    );
+    assert_eq!(h["x-real-ip"], "127.0.0.1");
+    // CONNECT is not proxied.
+    let r = http::raw(
+        bal.http,
+        b"CONNECT a.example.com:443 HTTP/1.1\r\nHost: a.example.com:443\r\n\r\n",
+    )
+    .unwrap();
+    assert_eq!(r.status, 405);
+    // A malformed chunked body is the client's fault: 400, the backend stays up.
+    for _ in 0..4 {
+        let r = http::raw(bal.http, b"POST / HTTP/1.1\r\nHost: a.example.com\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n").unwrap();
+        assert_eq!(r.status, 400, "{}", r.text());
+    }
+    assert_eq!(bal.backend_state("a", "b1"), "up");
 }

@@ -366,10 +366,13 @@ fn dev_holds_the_balancers_sockets_across_kill_9_and_adopts_an_upgrade() {
     let prober = std::thread::spawn(move || {
         let (mut ok, mut refused) = (0, 0);
         let until = std::time::Instant::now() + Duration::from_secs(4);
+        // Every request is answered (404: no route), the one cut by the kill
+        // aside: a connection made while no balancer runs waits in the held
+        // socket's queue and is served by the next one.
         while std::time::Instant::now() < until {
-            match std::net::TcpStream::connect_timeout(&http, Duration::from_secs(2)) {
-                Ok(_) => ok += 1,
-                Err(_) => refused += 1,
+            match paddock_integration::http::get(http, "nowhere.localhost", "/") {
+                Ok(r) if r.status == 404 => ok += 1,
+                _ => refused += 1,
             }
             std::thread::sleep(Duration::from_millis(5));
         }
@@ -387,7 +390,7 @@ fn dev_holds_the_balancers_sockets_across_kill_9_and_adopts_an_upgrade() {
             .filter(|p| *p != first && alive(*p))
     });
     let (connected, refused) = prober.join().unwrap();
-    assert_eq!(refused, 0, "{connected} connected");
+    assert!(refused <= 1, "{refused} not answered, {connected} answered");
     let r = paddock_integration::http::get(http, "nowhere.localhost", "/").unwrap();
     assert_eq!(r.status, 404, "the restarted balancer answers");
 

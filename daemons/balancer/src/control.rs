@@ -35,6 +35,12 @@ fn commit<R>(
     f: impl FnOnce(&mut Model) -> Result<R, WireError>,
 ) -> Result<R, WireError> {
     let mut s = st.borrow_mut();
+    if s.handing_over {
+        // The successor has read the routes already: a change now would be lost.
+        return Err(WireError::unavailable(
+            "the balancer is handing over to its successor; retry in a moment",
+        ));
+    }
     let mut next = s.model.clone();
     let r = f(&mut next)?;
     if next != s.model {
@@ -127,8 +133,24 @@ where
 
 pub(crate) async fn setup(ctx: Ctx, fds: Vec<(String, RawFd)>) -> anyhow::Result<Routes> {
     let p = plane();
+    // Read again now that the pid lock is ours: a predecessor may have changed
+    // the routes after this process first read them.
+    let model = match Model::load(&p.shared.settings.dir) {
+        Ok(m) => m,
+        Err(e) => {
+            tracing::warn!("{e:#}; keeping the routes read at start");
+            p.model.clone()
+        }
+    };
+    if model != p.model {
+        p.shared.table.store(Arc::new(
+            p.live
+                .build(&model, p.shared.settings.pool_idle_per_backend),
+        ));
+        p.resolver.set(&model.certs);
+    }
     let st: Shared = Rc::new(RefCell::new(State {
-        model: p.model.clone(),
+        model,
         dir: p.shared.settings.dir.clone(),
         handing_over: false,
     }));

@@ -83,6 +83,7 @@ pub(crate) fn plane() -> &'static Plane {
 fn start_plane(cfg: &ClusterConfig) -> anyhow::Result<()> {
     let settings = Settings::from_config(cfg)?;
     pool::set_threads(settings.threads);
+    pool::set_idle_ttl(settings.pool_idle_timeout);
     // A second balancer on this state dir would accept connections on the
     // supervisor's sockets for a moment and then fail its pid lock, dropping them:
     // it stops here instead. (A successor in a handoff serves before it gets the
@@ -197,6 +198,13 @@ fn start_plane(cfg: &ClusterConfig) -> anyhow::Result<()> {
                 std::future::pending::<()>().await
             })
         })?;
+    // Until the daemon runtime installs its handlers, SIGUSR2 (an upgrade) and
+    // SIGHUP (a reload) must not end this process, which serves already.
+    // SAFETY: sets two signals' disposition to ignore; no handler code runs.
+    unsafe {
+        libc::signal(libc::SIGUSR2, libc::SIG_IGN);
+        libc::signal(libc::SIGHUP, libc::SIG_IGN);
+    }
     listen::signal_ready();
     let _ = PLANE.set(Plane {
         shared,

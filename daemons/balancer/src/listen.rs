@@ -35,9 +35,8 @@ pub fn inherited() -> anyhow::Result<HashMap<String, OwnedFd>> {
             return Ok(out);
         }
     }
-    let names: Vec<String> = std::env::var("LISTEN_FDNAMES")
-        .map(|s| s.split(':').map(str::to_string).collect())
-        .unwrap_or_else(|_| NAMES.iter().map(|s| s.to_string()).collect());
+    let given = std::env::var("LISTEN_FDNAMES").unwrap_or_default();
+    let names = fd_names(n.clamp(0, 16) as usize, &given)?;
     for i in 0..n.clamp(0, 16) {
         let fd = 3 + i;
         // SAFETY: fcntl on an fd number only reads its flags.
@@ -58,6 +57,32 @@ pub fn inherited() -> anyhow::Result<HashMap<String, OwnedFd>> {
         std::env::remove_var(v);
     }
     Ok(out)
+}
+
+/// Which listener each passed fd is. Names we know are used as given; any other
+/// (systemd's default is the socket unit's name) falls back to the position:
+/// http, https, admin. Two fds of one name are refused.
+pub fn fd_names(n: usize, given: &str) -> anyhow::Result<Vec<String>> {
+    let given: Vec<&str> = if given.is_empty() {
+        Vec::new()
+    } else {
+        given.split(':').collect()
+    };
+    let names: Vec<String> = (0..n)
+        .map(|i| match given.get(i) {
+            Some(g) if NAMES.contains(g) => g.to_string(),
+            _ => NAMES
+                .get(i)
+                .map(|s| s.to_string())
+                .unwrap_or_else(|| format!("fd{}", 3 + i)),
+        })
+        .collect();
+    for (i, a) in names.iter().enumerate() {
+        if names[..i].contains(a) {
+            bail!("LISTEN_FDNAMES names two sockets `{a}` (one socket unit per listener: FileDescriptorName names every socket of its unit)");
+        }
+    }
+    Ok(names)
 }
 
 /// A listening TCP socket: the inherited one of that name, else bound to `addr`.
@@ -176,11 +201,7 @@ pub async fn accept_loop(
         let _ = stream.set_nodelay(true);
         let sh = shared.clone();
         let tls = l.tls.clone();
-        let info = ConnInfo {
-            peer,
-            proto: l.proto,
-            port: l.port,
-        };
+        let info = ConnInfo::new(peer, l.proto, l.port);
         tokio::spawn(async move {
             sh.global.connections_active.fetch_add(1, Relaxed);
             sh.global.connections_total.fetch_add(1, Relaxed);
@@ -206,7 +227,13 @@ pub async fn accept_loop(
 /// waits until it says it accepts on them (a byte on a pipe), or `timeout`.
 pub fn spawn_successor(fds: &[(String, RawFd)], timeout: Duration) -> anyhow::Result<u32> {
     let (rd, wr) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+    // After the binary was replaced (a package upgrade renames the new one into
+    // place), /proc/self/exe says "PATH (deleted)": PATH is the new binary.
     let exe = std::env::current_exe()?;
+    let exe = match exe.to_str().and_then(|s| s.strip_suffix(" (deleted)")) {
+        Some(s) => std::path::PathBuf::from(s),
+        None => exe,
+    };
     let mut cmd = std::process::Command::new(exe);
     cmd.args(std::env::args_os().skip(1))
         .env("LISTEN_FDS", fds.len().to_string())
@@ -260,4 +287,22 @@ pub fn signal_ready() {
     // SAFETY: the fd was handed to us for this one write; we own and close it.
     let f = unsafe { OwnedFd::from_raw_fd(fd) };
     let _ = nix::unistd::write(&f, b"1");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passed_fds_are_named_by_name_or_position() {
+        assert_eq!(fd_names(2, "").unwrap(), ["http", "https"]);
+        assert_eq!(fd_names(2, "https:http").unwrap(), ["https", "http"]);
+        assert_eq!(
+            fd_names(2, "paddock-balancer-http.socket:x").unwrap(),
+            ["http", "https"]
+        );
+        let e = fd_names(2, "https:https").unwrap_err().to_string();
+        assert!(e.contains("two sockets `https`"), "{e}");
+        assert_eq!(fd_names(4, "").unwrap()[3], "fd6");
+    }
 }

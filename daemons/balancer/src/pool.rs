@@ -7,7 +7,7 @@
 use std::cell::Cell;
 use std::net::SocketAddr;
 use std::sync::{Mutex, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
@@ -17,6 +17,14 @@ use crate::proxy::ReqBody;
 pub type Sender = SendRequest<ReqBody>;
 
 static THREADS: OnceLock<usize> = OnceLock::new();
+static IDLE_TTL: OnceLock<Duration> = OnceLock::new();
+
+/// How long an idle connection is kept: less than the shortest keep-alive a
+/// backend is likely to have (gunicorn closes after 2 s), so a request rarely
+/// meets a connection the backend is closing.
+pub fn set_idle_ttl(d: Duration) {
+    let _ = IDLE_TTL.set(d);
+}
 
 thread_local! {
     static WORKER: Cell<usize> = const { Cell::new(usize::MAX) };
@@ -36,9 +44,12 @@ fn slot(n: usize) -> usize {
     WORKER.with(|w| w.get()).min(n - 1)
 }
 
+/// One thread's idle connections, each with the time it went idle.
+type Idle = Mutex<Vec<(Sender, Instant)>>;
+
 pub struct Pool {
     /// One list per proxy thread, and one for any other thread.
-    idle: Box<[Mutex<Vec<Sender>>]>,
+    idle: Box<[Idle]>,
     cap: usize,
 }
 
@@ -51,28 +62,32 @@ impl Pool {
         }
     }
 
-    fn mine(&self) -> &Mutex<Vec<Sender>> {
+    fn mine(&self) -> &Idle {
         &self.idle[slot(self.idle.len())]
     }
 
     /// A pooled connection the backend has not closed, ready for a request.
     pub async fn take(&self) -> Option<Sender> {
+        let ttl = IDLE_TTL
+            .get()
+            .copied()
+            .unwrap_or(Duration::from_millis(1500));
         loop {
-            let s = self
+            let (mut s, since) = self
                 .mine()
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .pop()?;
-            if s.is_closed() {
+            if s.is_closed() || since.elapsed() > ttl {
                 continue;
             }
             if s.is_ready() {
                 return Some(s);
             }
-            // Its last response was read to the end; the connection task has not
-            // marked it idle yet.
-            let mut s = s;
-            if s.ready().await.is_ok() {
+            // Its last exchange ended whole; the connection task may not have
+            // marked it idle yet. Never wait long on one: a fresh connection is
+            // better than a request stuck behind another.
+            if let Ok(Ok(())) = tokio::time::timeout(Duration::from_millis(20), s.ready()).await {
                 return Some(s);
             }
         }
@@ -84,7 +99,7 @@ impl Pool {
         }
         let mut idle = self.mine().lock().unwrap_or_else(|e| e.into_inner());
         if idle.len() < self.cap {
-            idle.push(s);
+            idle.push((s, Instant::now()));
         }
     }
 

@@ -8,7 +8,8 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::AtomicBool;
+use std::sync::atomic::Ordering::{Relaxed, SeqCst};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -53,6 +54,40 @@ pub struct ConnInfo {
     pub peer: SocketAddr,
     pub proto: Proto,
     pub port: u16,
+    /// Tunnels (upgraded requests) of this connection still open: the connection's
+    /// slot and its place in `connections_active` are held until they end.
+    pub tunnels: std::sync::atomic::AtomicUsize,
+    pub tunnel_ended: tokio::sync::Notify,
+}
+
+impl ConnInfo {
+    pub fn new(peer: SocketAddr, proto: Proto, port: u16) -> ConnInfo {
+        ConnInfo {
+            peer,
+            proto,
+            port,
+            tunnels: std::sync::atomic::AtomicUsize::new(0),
+            tunnel_ended: tokio::sync::Notify::new(),
+        }
+    }
+}
+
+/// A request counted in flight on its backend from the moment it is picked
+/// until it is dropped, however it ends (answered, failed, or cancelled because
+/// the client went away).
+pub struct InFlight(Arc<Backend>);
+
+impl InFlight {
+    pub fn new(b: Arc<Backend>) -> InFlight {
+        b.outstanding.fetch_add(1, SeqCst);
+        InFlight(b)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.outstanding.fetch_sub(1, SeqCst);
+    }
 }
 
 // ---- bodies ---------------------------------------------------------------------
@@ -66,13 +101,16 @@ pub enum BodyError {
     Read(#[from] hyper::Error),
 }
 
-/// A request body on its way to a backend, counted against the size limit.
+/// A request body on its way to a backend, counted against the size limit;
+/// `ended` is set once it was sent whole (a backend connection goes back to the
+/// pool only then).
 pub enum ReqBody {
     Empty,
     Stream {
         inner: Incoming,
         limit: u64,
         seen: u64,
+        ended: Arc<AtomicBool>,
     },
 }
 
@@ -86,7 +124,12 @@ impl Body for ReqBody {
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         match self.get_mut() {
             ReqBody::Empty => Poll::Ready(None),
-            ReqBody::Stream { inner, limit, seen } => match Pin::new(inner).poll_frame(cx) {
+            ReqBody::Stream {
+                inner,
+                limit,
+                seen,
+                ended,
+            } => match Pin::new(&mut *inner).poll_frame(cx) {
                 Poll::Ready(Some(Ok(f))) => {
                     if let Some(d) = f.data_ref() {
                         *seen += d.len() as u64;
@@ -94,10 +137,16 @@ impl Body for ReqBody {
                             return Poll::Ready(Some(Err(BodyError::TooLarge)));
                         }
                     }
+                    if inner.is_end_stream() {
+                        ended.store(true, Relaxed);
+                    }
                     Poll::Ready(Some(Ok(f)))
                 }
                 Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
-                Poll::Ready(None) => Poll::Ready(None),
+                Poll::Ready(None) => {
+                    ended.store(true, Relaxed);
+                    Poll::Ready(None)
+                }
                 Poll::Pending => Poll::Pending,
             },
         }
@@ -214,9 +263,12 @@ struct LogCtx {
 struct Done {
     shared: Arc<Shared>,
     backend: Arc<Backend>,
+    _inflight: InFlight,
     route_stats: Arc<Counters>,
     sender: Option<Sender>,
     complete: bool,
+    /// The request body's end, when it had one.
+    req_ended: Option<Arc<AtomicBool>>,
     started: Instant,
     connect_us: u64,
     service_us: u64,
@@ -227,12 +279,14 @@ struct Done {
 
 impl Drop for Done {
     fn drop(&mut self) {
-        self.backend.outstanding.fetch_sub(1, Relaxed);
         let us = self.started.elapsed().as_micros() as u64;
         self.backend.stats.record(self.status, us, self.bytes);
         self.route_stats.record(self.status, us, self.bytes);
         if let Some(s) = self.sender.take() {
-            if self.complete {
+            // Only a connection whose request and response both went through whole
+            // is ready for another request; anything else is closed.
+            let req_done = self.req_ended.as_ref().is_none_or(|e| e.load(Relaxed));
+            if self.complete && req_done {
                 self.backend.pool.put(s);
             }
         }
@@ -302,26 +356,40 @@ static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-prot
 static X_FORWARDED_PORT: HeaderName = HeaderName::from_static("x-forwarded-port");
 static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+static FORWARDED: HeaderName = HeaderName::from_static("forwarded");
+static X_FORWARDED_SSL: HeaderName = HeaderName::from_static("x-forwarded-ssl");
+static X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
 /// Removes hop-by-hop headers: those `Connection` lists, and the standard ones.
 /// An upgrade keeps `Connection: upgrade` and `Upgrade`.
 fn strip_hop_by_hop(h: &mut HeaderMap, upgrade: bool) {
-    if let Some(c) = h.get(header::CONNECTION) {
-        if c.as_bytes() != b"keep-alive"
-            && c.as_bytes() != b"close"
-            && !(upgrade && c.as_bytes().eq_ignore_ascii_case(b"upgrade"))
-        {
-            let listed: Vec<HeaderName> = c
-                .to_str()
-                .unwrap_or("")
-                .split(',')
-                .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-                .filter(|n| !(upgrade && *n == header::UPGRADE))
-                .collect();
-            for n in listed {
-                h.remove(n);
-            }
+    let simple = |v: &HeaderValue| {
+        let b = v.as_bytes();
+        b.eq_ignore_ascii_case(b"keep-alive")
+            || b.eq_ignore_ascii_case(b"close")
+            || b.eq_ignore_ascii_case(b"upgrade")
+    };
+    // Every Connection header, every name each lists; never the headers that
+    // route or frame the request, whatever a client nominates.
+    if h.get_all(header::CONNECTION).iter().any(|v| !simple(v)) {
+        let listed: Vec<HeaderName> = h
+            .get_all(header::CONNECTION)
+            .iter()
+            .flat_map(|c| c.to_str().unwrap_or("").split(','))
+            .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+            .filter(|n| !(upgrade && *n == header::UPGRADE))
+            .filter(|n| {
+                ![
+                    header::HOST,
+                    header::CONTENT_LENGTH,
+                    header::TRANSFER_ENCODING,
+                ]
+                .contains(n)
+            })
+            .collect();
+        for n in listed {
+            h.remove(n);
         }
     }
     if upgrade {
@@ -346,15 +414,21 @@ fn is_upgrade(req: &Request<Incoming>) -> bool {
         })
 }
 
-/// The Host a request names: the absolute-form URI's authority, else `Host`.
-fn host_of(req: &Request<Incoming>) -> Option<&str> {
-    if let Some(a) = req.uri().authority() {
-        return Some(a.as_str());
+/// The Host a request names: the absolute-form URI's authority (RFC 9112
+/// §3.2.2: it wins over the Host header, which is then replaced), else its one
+/// `Host` header. `Err`: more than one Host header.
+fn host_of(req: &Request<Incoming>) -> Result<Option<&str>, ()> {
+    let mut hosts = req.headers().get_all(header::HOST).iter();
+    let first = hosts.next();
+    if hosts.next().is_some() {
+        return Err(());
     }
-    req.headers()
-        .get(header::HOST)
+    if let Some(a) = req.uri().authority() {
+        return Ok(Some(a.as_str()));
+    }
+    Ok(first
         .and_then(|h| h.to_str().ok())
-        .filter(|h| !h.is_empty())
+        .filter(|h| !h.is_empty()))
 }
 
 fn request_id(req: &Request<Incoming>) -> HeaderValue {
@@ -397,16 +471,35 @@ pub async fn handle(
 ) -> Result<Response<RespBody>, Infallible> {
     let started = Instant::now();
     let rid = request_id(&req);
+    let bad = |shared: &Shared, detail: &str, rid: &HeaderValue| {
+        shared.global.bad_requests.fetch_add(1, Relaxed);
+        page(StatusCode::BAD_REQUEST, "Bad Request", detail, Some(rid))
+    };
+    if req.method() == Method::CONNECT {
+        let mut r = page(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "Method Not Allowed",
+            "CONNECT is not served: this is a reverse proxy.",
+            Some(&rid),
+        );
+        r.headers_mut().insert(
+            header::ALLOW,
+            HeaderValue::from_static("GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"),
+        );
+        return Ok(r);
+    }
     let upgrade = is_upgrade(&req);
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
-    let Some(host) = host_of(&req) else {
-        shared.global.bad_requests.fetch_add(1, Relaxed);
-        return Ok(page(
-            StatusCode::BAD_REQUEST,
-            "Bad Request",
-            "The request has no Host header.",
-            Some(&rid),
-        ));
+    let host = match host_of(&req) {
+        Ok(Some(h)) => h,
+        Ok(None) => return Ok(bad(&shared, "The request has no Host header.", &rid)),
+        Err(()) => {
+            return Ok(bad(
+                &shared,
+                "The request has more than one Host header.",
+                &rid,
+            ))
+        }
     };
     let route = match shared.table.load().lookup(host) {
         Some(r) => r.clone(),
@@ -464,14 +557,15 @@ pub async fn handle(
     });
     let (mut parts, body) = req.into_parts();
     let bodiless = body.is_end_stream();
-    let mut body = if bodiless {
-        ReqBody::Empty
-    } else {
-        ReqBody::Stream {
+    let req_ended = (!bodiless).then(|| Arc::new(AtomicBool::new(false)));
+    let mut body = match &req_ended {
+        None => ReqBody::Empty,
+        Some(ended) => ReqBody::Stream {
             inner: body,
             limit: shared.settings.max_body_bytes,
             seen: 0,
-        }
+            ended: ended.clone(),
+        },
     };
     // The request as the backend gets it.
     let uri: Uri = parts
@@ -481,8 +575,14 @@ pub async fn handle(
         .unwrap_or_else(|| Uri::from_static("/"));
     let headers = &mut parts.headers;
     strip_hop_by_hop(headers, upgrade);
+    // The Host routed on is the Host the backend sees.
+    headers.insert(header::HOST, host_value.clone());
+    // Forwarding headers are ours to set: a client's own are not believed.
+    headers.remove(&FORWARDED);
+    headers.remove(&X_FORWARDED_SSL);
     let peer_ip =
         HeaderValue::from_str(&info.peer.ip().to_string()).unwrap_or(HeaderValue::from_static(""));
+    headers.insert(X_REAL_IP.clone(), peer_ip.clone());
     match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
         Some(prev) => {
             let v =
@@ -514,13 +614,6 @@ pub async fn handle(
             headers.insert(header::VIA, HeaderValue::from_static("1.1 paddock"));
         }
     }
-    if headers.get(header::HOST).is_none() {
-        if let Some(a) = parts.uri.authority() {
-            if let Ok(v) = HeaderValue::from_str(a.as_str()) {
-                headers.insert(header::HOST, v);
-            }
-        }
-    }
     // A copy for a retry after the request was sent: only a bodiless idempotent
     // request may be sent again.
     let resend = (bodiless && idempotent(&parts.method) && !upgrade).then(|| parts.headers.clone());
@@ -536,8 +629,11 @@ pub async fn handle(
     let s = &shared.settings;
     let mut tried: Vec<usize> = Vec::new();
     let max_attempts = route.backends.len().clamp(1, 3);
+    let mut fresh_retries = 0;
     let mut last_error = StatusCode::SERVICE_UNAVAILABLE;
     let mut last_detail = String::from("The app has no backend in rotation.");
+    let body_error =
+        |ended: &Option<Arc<AtomicBool>>| ended.as_ref().is_some_and(|e| !e.load(Relaxed));
     while tried.len() < max_attempts {
         let Some(backend) = route.pick(&tried).cloned() else {
             break;
@@ -546,14 +642,18 @@ pub async fn handle(
         if tried.len() > 1 {
             shared.global.retries.fetch_add(1, Relaxed);
         }
-        backend.outstanding.fetch_add(1, Relaxed);
+        let inflight = InFlight::new(backend.clone());
+        // A drain that began between the pick and the count: pick again, so
+        // `backend.drained` never fires with this request on its way.
+        if backend.draining.load(SeqCst) {
+            continue;
+        }
         let attempt_start = Instant::now();
         let (mut sender, fresh) = match backend.pool.take().await {
             Some(snd) => (snd, false),
             None => match pool::connect(backend.addr, s.connect_timeout).await {
                 Ok(snd) => (snd, true),
                 Err(e) => {
-                    backend.outstanding.fetch_sub(1, Relaxed);
                     backend.failed(s.eject_after);
                     last_error = StatusCode::BAD_GATEWAY;
                     last_detail = "The app's backends could not be reached.".into();
@@ -573,17 +673,31 @@ pub async fn handle(
                     *r.headers_mut() = h.clone();
                     r
                 }
-                None => {
-                    backend.outstanding.fetch_sub(1, Relaxed);
-                    break;
-                }
+                None => break,
             },
         };
         *out.body_mut() = std::mem::replace(&mut body, ReqBody::Empty);
         let sent = tokio::time::timeout(s.request_timeout, sender.try_send_request(out)).await;
         match sent {
+            Err(_) if body_error(&req_ended) => {
+                // The client's body did not arrive in time: not the backend's fault.
+                return Ok(error(
+                    &shared,
+                    &route,
+                    info.peer,
+                    &method,
+                    uri.path(),
+                    &rid,
+                    started,
+                    StatusCode::REQUEST_TIMEOUT,
+                    "Request Timeout",
+                    &format!(
+                        "The request body did not arrive within {} s.",
+                        s.request_timeout.as_secs_f64()
+                    ),
+                ));
+            }
             Err(_) => {
-                backend.outstanding.fetch_sub(1, Relaxed);
                 backend.failed(s.eject_after);
                 return Ok(error(
                     &shared,
@@ -602,45 +716,53 @@ pub async fn handle(
                 ));
             }
             Ok(Err(mut e)) => {
-                backend.outstanding.fetch_sub(1, Relaxed);
                 let unsent = e.take_message();
-                let too_large = std::error::Error::source(e.error()).is_some_and(|s| {
-                    s.downcast_ref::<BodyError>()
-                        .is_some_and(|b| matches!(b, BodyError::TooLarge))
-                });
-                if too_large {
-                    return Ok(error(
-                        &shared,
-                        &route,
-                        info.peer,
-                        &method,
-                        uri.path(),
-                        &rid,
-                        started,
-                        StatusCode::PAYLOAD_TOO_LARGE,
-                        "Payload Too Large",
-                        &format!(
-                            "The request body is larger than {} bytes.",
-                            s.max_body_bytes
-                        ),
-                    ));
+                let body_err = std::error::Error::source(e.error())
+                    .and_then(|s| s.downcast_ref::<BodyError>());
+                match body_err {
+                    Some(BodyError::TooLarge) => {
+                        return Ok(error(
+                            &shared,
+                            &route,
+                            info.peer,
+                            &method,
+                            uri.path(),
+                            &rid,
+                            started,
+                            StatusCode::PAYLOAD_TOO_LARGE,
+                            "Payload Too Large",
+                            &format!(
+                                "The request body is larger than {} bytes.",
+                                s.max_body_bytes
+                            ),
+                        ));
+                    }
+                    Some(BodyError::Read(_)) => {
+                        // A malformed or cut-off body from the client.
+                        shared.global.bad_requests.fetch_add(1, Relaxed);
+                        return Ok(error(&shared, &route, info.peer, &method, uri.path(), &rid, started, StatusCode::BAD_REQUEST, "Bad Request", "The request body could not be read (malformed chunked encoding, or the client stopped sending)."));
+                    }
+                    None => {}
                 }
-                if fresh || unsent.is_none() {
+                if fresh {
                     backend.failed(s.eject_after);
                 }
                 last_error = StatusCode::BAD_GATEWAY;
                 last_detail = "The app closed the connection without answering.".into();
                 tracing::debug!(app = %route.app, backend = %backend.id, "request failed: {}", e.error());
+                // A pooled connection the backend had closed is not the backend's
+                // fault: the same backend may be tried again on a fresh
+                // connection (once).
+                if !fresh && fresh_retries < 1 {
+                    fresh_retries += 1;
+                    tried.pop();
+                }
                 match unsent {
-                    // Nothing was sent: any method may go to another backend.
+                    // Nothing was sent: any method may go on.
                     Some(r) => {
                         let (p, b) = r.into_parts();
                         body = b;
                         next = Some(Request::from_parts(p, ReqBody::Empty));
-                        // Not this backend's fault when a pooled connection had closed.
-                        if !fresh {
-                            tried.pop();
-                        }
                         continue;
                     }
                     None if resend.is_some() => continue,
@@ -654,9 +776,11 @@ pub async fn handle(
                 let mut done = Done {
                     shared: shared.clone(),
                     backend: backend.clone(),
+                    _inflight: inflight,
                     route_stats: route.stats.clone(),
                     sender: None,
                     complete: false,
+                    req_ended: req_ended.clone(),
                     started,
                     connect_us,
                     service_us,
@@ -668,7 +792,9 @@ pub async fn handle(
                     (upgrade, status, client_upgrade)
                 {
                     let bu = hyper::upgrade::on(&mut resp);
-                    tokio::spawn(tunnel(cu, bu, done));
+                    // Counted now, before hyper ends this connection's future.
+                    info.tunnels.fetch_add(1, SeqCst);
+                    tokio::spawn(tunnel(cu, bu, done, info.clone()));
                     let (p, _) = resp.into_parts();
                     return Ok(Response::from_parts(p, RespBody::empty()));
                 }
@@ -735,18 +861,31 @@ fn error(
 }
 
 /// An upgraded connection: bytes both ways until either side closes or the
-/// backend's drain deadline passes.
-async fn tunnel(client: hyper::upgrade::OnUpgrade, backend: hyper::upgrade::OnUpgrade, done: Done) {
+/// backend's drain deadline passes. It keeps its client connection's slot.
+async fn tunnel(
+    client: hyper::upgrade::OnUpgrade,
+    backend: hyper::upgrade::OnUpgrade,
+    done: Done,
+    info: Arc<ConnInfo>,
+) {
+    struct Ended(Arc<ConnInfo>);
+    impl Drop for Ended {
+        fn drop(&mut self) {
+            self.0.tunnels.fetch_sub(1, SeqCst);
+            self.0.tunnel_ended.notify_waiters();
+        }
+    }
+    let _ended = Ended(info);
     let (c, b) = match tokio::join!(client, backend) {
         (Ok(c), Ok(b)) => (c, b),
         _ => return,
     };
     let mut c = TokioIo::new(c);
     let mut b = TokioIo::new(b);
-    let backend = done.backend.clone();
-    let closing = backend.close_now.notified();
+    let be = done.backend.clone();
+    let closing = be.close_now.notified();
     tokio::pin!(closing);
-    if done.backend.closing.load(Relaxed) {
+    if be.closing.load(Relaxed) {
         return;
     }
     tokio::select! {
@@ -766,37 +905,51 @@ where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let info = Arc::new(info);
+    let conn_info = info.clone();
     let sh = shared.clone();
     let asked = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let seen = asked.clone();
     let svc = service_fn(move |req| {
         seen.store(true, Relaxed);
-        handle(sh.clone(), info.clone(), req)
+        handle(sh.clone(), conn_info.clone(), req)
     });
     let mut b = hyper::server::conn::http1::Builder::new();
     b.timer(TokioTimer::new())
         .header_read_timeout(shared.settings.header_timeout)
-        .max_buf_size(shared.settings.max_header_bytes.max(8192))
+        .max_buf_size(shared.settings.max_header_bytes)
         .max_headers(shared.settings.max_headers)
         .keep_alive(true);
     let conn = b.serve_connection(TokioIo::new(io), svc).with_upgrades();
     tokio::pin!(conn);
     let mut stop = shared.shutdown.subscribe();
-    tokio::select! {
-        _ = conn.as_mut() => return,
-        _ = stopped(&mut stop) => {}
-    }
-    let first = async {
-        while !asked.load(Relaxed) {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+    let stopping = tokio::select! {
+        _ = conn.as_mut() => false,
+        _ = stopped(&mut stop) => true,
     };
-    tokio::select! {
-        _ = conn.as_mut() => return,
-        _ = tokio::time::timeout(shared.settings.header_timeout, first) => {}
+    if stopping {
+        let first = async {
+            while !asked.load(Relaxed) {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        };
+        let ended = tokio::select! {
+            _ = conn.as_mut() => true,
+            _ = tokio::time::timeout(shared.settings.header_timeout, first) => false,
+        };
+        if !ended {
+            conn.as_mut().graceful_shutdown();
+            let _ = conn.await;
+        }
     }
-    conn.as_mut().graceful_shutdown();
-    let _ = conn.await;
+    // An upgraded request's tunnel outlives hyper's connection future: this
+    // connection is over only when its tunnels are.
+    loop {
+        let ended = info.tunnel_ended.notified();
+        if info.tunnels.load(SeqCst) == 0 {
+            break;
+        }
+        ended.await;
+    }
 }
 
 /// Resolves once shutdown has started (at once if it already has).

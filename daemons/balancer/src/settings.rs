@@ -55,8 +55,11 @@ pub struct BalancerSection {
     pub health_fall: u32,
     /// How often the schedulers' route tables are fetched whole (`routes.snapshot`).
     pub resync_ms: Ms,
-    /// Idle pooled connections kept per backend.
+    /// Idle pooled connections kept per backend (and proxy thread).
     pub pool_idle_per_backend: usize,
+    /// An idle pooled connection older than this is closed, not reused (keep it
+    /// below the backends' own keep-alive timeout).
+    pub pool_idle_timeout_ms: Ms,
     /// An upgrade (SIGUSR2) hands over and the old process drains for up to this.
     pub handoff_drain_ms: Ms,
 }
@@ -87,6 +90,7 @@ impl Default for BalancerSection {
             health_fall: 3,
             resync_ms: Ms::from_millis(10_000),
             pool_idle_per_backend: 128,
+            pool_idle_timeout_ms: Ms::from_millis(1500),
             handoff_drain_ms: Ms::from_millis(30_000),
         }
     }
@@ -117,6 +121,7 @@ pub struct Settings {
     pub health_fall: u32,
     pub resync: Duration,
     pub pool_idle_per_backend: usize,
+    pub pool_idle_timeout: Duration,
     pub handoff_drain: Duration,
 }
 
@@ -178,11 +183,27 @@ impl Settings {
                 ));
             }
         }
-        if !(1024..=1024 * 1024).contains(&s.max_header_bytes) {
+        // hyper's read buffer cannot be smaller than 8 KiB.
+        if !(8192..=1024 * 1024).contains(&s.max_header_bytes) {
             return Err(cfg.invalid(
                 "daemons.balancer.max_header_bytes",
-                "must lie between 1024 and 1048576".into(),
+                "must lie between 8192 and 1048576".into(),
             ));
+        }
+        for (key, v) in [
+            ("header_timeout_ms", s.header_timeout_ms),
+            ("request_timeout_ms", s.request_timeout_ms),
+            ("connect_timeout_ms", s.connect_timeout_ms),
+            ("health_interval_ms", s.health_interval_ms),
+            ("health_timeout_ms", s.health_timeout_ms),
+            ("resync_ms", s.resync_ms),
+        ] {
+            if v.get() < Duration::from_millis(10) {
+                return Err(cfg.invalid(
+                    &format!("daemons.balancer.{key}"),
+                    "must be at least 10 ms".into(),
+                ));
+            }
         }
         let threads = if s.threads == 0 {
             std::thread::available_parallelism()
@@ -214,6 +235,7 @@ impl Settings {
             health_fall: s.health_fall,
             resync: s.resync_ms.get(),
             pool_idle_per_backend: s.pool_idle_per_backend,
+            pool_idle_timeout: s.pool_idle_timeout_ms.get(),
             handoff_drain: s.handoff_drain_ms.get(),
         })
     }
@@ -222,6 +244,42 @@ impl Settings {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn load(extra: &str) -> Result<Settings, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let text = format!(
+            "node = \"n\"\nsigning_key = \"k\"\n[keys]\nk = \"{}\"\n[cluster]\nheartbeats = [\"tcp://127.0.0.1:7111\"]\n[daemons.balancer]\nrpc = \"tcp://127.0.0.1:7105\"\n{extra}\n",
+            "00".repeat(32)
+        );
+        let p = dir.path().join("paddock.toml");
+        std::fs::write(&p, text).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+        Settings::from_config(&ClusterConfig::load(&p).unwrap())
+    }
+
+    #[test]
+    fn bad_settings_are_named() {
+        let e = load("").unwrap_err().to_string();
+        assert!(e.contains("daemons.balancer.http"), "{e}");
+        let ok = "http = \"tcp://127.0.0.1:8080\"\n";
+        assert!(load(ok).is_ok());
+        for (extra, key) in [
+            ("health_interval_ms = 0", "health_interval_ms"),
+            ("resync_ms = 5", "resync_ms"),
+            ("header_timeout_ms = 0", "header_timeout_ms"),
+            ("max_header_bytes = 4096", "max_header_bytes"),
+            ("max_connections = 0", "max_connections"),
+            ("https = \"localhost\"", "https"),
+            ("htp = \"tcp://127.0.0.1:1\"", "htp"),
+        ] {
+            let e = load(&format!("{ok}{extra}")).unwrap_err().to_string();
+            assert!(
+                e.contains(&format!("daemons.balancer.{key}")),
+                "{extra}: {e}"
+            );
+        }
+    }
 
     #[test]
     fn shipped_example_configs_have_a_valid_balancer_section() {

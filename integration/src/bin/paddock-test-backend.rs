@@ -7,6 +7,8 @@
 //! - `/health`: 503 while the file `$PADDOCK_TEST_BACKEND_SICK` exists, else 200;
 //! - `/ws`: a websocket handshake (101 with Sec-WebSocket-Accept), then every byte
 //!   received is sent back;
+//! - `/hold/FILE`: answers once FILE exists (released by the test);
+//! - `/early`: 401 at once, without reading the request body;
 //! - any request with a body: answers with the body's length.
 
 use std::convert::Infallible;
@@ -40,6 +42,23 @@ async fn answer(
             StatusCode::OK,
             format!("{id} slept {ms}\n").into_bytes(),
         ));
+    }
+    if let Some(file) = path.strip_prefix("/hold") {
+        // Answers once FILE exists (a test releases it), at most after 30 s.
+        for _ in 0..3000 {
+            if std::path::Path::new(file).exists() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        return Ok(resp(
+            StatusCode::OK,
+            format!("{id} released\n").into_bytes(),
+        ));
+    }
+    if path == "/early" {
+        // Answers before reading the request body (as an auth check does).
+        return Ok(resp(StatusCode::UNAUTHORIZED, b"early\n".to_vec()));
     }
     if path == "/headers" {
         let m: serde_json::Map<String, serde_json::Value> = req
