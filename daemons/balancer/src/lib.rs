@@ -148,24 +148,39 @@ fn start_plane(cfg: &ClusterConfig) -> anyhow::Result<()> {
         ))),
         None => None,
     };
-    // One single-threaded runtime per proxy thread, each accepting on its own dup
-    // of the listeners: a connection, its requests and its backend connections
-    // stay on the thread that accepted it (no cross-thread wake-ups, no work
-    // stealing on the hot path).
-    for i in 0..settings.threads {
-        let mut public = vec![listen::Public {
-            listener: http.try_clone()?,
-            proto: proxy::Proto::Http,
-            tls: None,
-        }];
-        if let (Some(l), Some(acc)) = (&https, &acceptor) {
-            public.push(listen::Public {
-                listener: l.try_clone()?,
-                proto: proxy::Proto::Https,
-                tls: Some(acc.clone()),
-            });
-        }
-        let (sh, slots) = (shared.clone(), slots.clone());
+    // One single-threaded runtime per proxy thread: a connection, its requests
+    // and its backend connections stay on the thread it was handed to (no
+    // cross-thread wake-ups, no work stealing on the hot path). Thread 0 also
+    // accepts, handing each connection to the least busy thread.
+    let mut public = vec![listen::Public {
+        listener: http.try_clone()?,
+        proto: proxy::Proto::Http,
+        tls: None,
+    }];
+    if let (Some(l), Some(acc)) = (&https, &acceptor) {
+        public.push(listen::Public {
+            listener: l.try_clone()?,
+            proto: proxy::Proto::Https,
+            tls: Some(acc.clone()),
+        });
+    }
+    let load: Arc<[std::sync::atomic::AtomicUsize]> = (0..settings.threads)
+        .map(|_| std::sync::atomic::AtomicUsize::new(0))
+        .collect();
+    let (senders, mut receivers): (Vec<_>, Vec<_>) = (0..settings.threads)
+        .map(|_| tokio::sync::mpsc::unbounded_channel())
+        .unzip();
+    let mut acceptor_part = Some((
+        public,
+        listen::Workers {
+            inboxes: senders,
+            load: load.clone(),
+        },
+    ));
+    for i in (0..settings.threads).rev() {
+        let inbox = receivers.pop().expect("one inbox per thread");
+        let accept = if i == 0 { acceptor_part.take() } else { None };
+        let (sh, slots, load) = (shared.clone(), slots.clone(), load.clone());
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
@@ -174,7 +189,10 @@ fn start_plane(cfg: &ClusterConfig) -> anyhow::Result<()> {
             .spawn(move || {
                 pool::set_worker(i);
                 rt.block_on(async move {
-                    listen::accept_loop(sh, public, slots).await;
+                    if let Some((public, workers)) = accept {
+                        tokio::spawn(listen::accept_loop(sh.clone(), public, slots, workers));
+                    }
+                    listen::serve_loop(sh, inbox, load, i).await;
                     // Shutdown: the connections this thread serves still run
                     // until the process exits (`finish` waits for them).
                     std::future::pending::<()>().await

@@ -146,14 +146,32 @@ struct Ready {
     port: u16,
 }
 
+/// An accepted connection on its way to the proxy thread that will serve it.
+pub struct Accepted {
+    stream: std::net::TcpStream,
+    peer: SocketAddr,
+    proto: Proto,
+    port: u16,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+/// The proxy threads' inboxes and how many connections each serves now.
+pub struct Workers {
+    pub inboxes: Vec<tokio::sync::mpsc::UnboundedSender<Accepted>>,
+    pub load: Arc<[std::sync::atomic::AtomicUsize]>,
+}
+
 /// Accepts on the HTTP and HTTPS listeners until shutdown starts, at most
 /// `max_connections` at once: with every slot taken it accepts nothing, so the
-/// rest wait in the kernel's queue (HAProxy's maxconn). One loop for both, so one
-/// slot at most is held by a loop waiting for a connection.
+/// rest wait in the kernel's queue (HAProxy's maxconn). Each connection goes to
+/// the proxy thread serving the fewest (the kernel would wake one thread for a
+/// burst of connections and leave the others idle).
 pub async fn accept_loop(
     shared: Arc<Shared>,
     public: Vec<Public>,
     slots: Arc<tokio::sync::Semaphore>,
+    workers: Workers,
 ) {
     let mut ls = Vec::new();
     for p in public {
@@ -199,9 +217,44 @@ pub async fn accept_loop(
             }
         };
         let _ = stream.set_nodelay(true);
+        let Ok(stream) = stream.into_std() else {
+            continue;
+        };
+        let w = (0..workers.inboxes.len())
+            .min_by_key(|i| workers.load[*i].load(Relaxed))
+            .unwrap_or(0);
+        let a = Accepted {
+            stream,
+            peer,
+            proto: l.proto,
+            port: l.port,
+            tls: l.tls.clone(),
+            permit,
+        };
+        workers.load[w].fetch_add(1, Relaxed);
+        if workers.inboxes[w].send(a).is_err() {
+            workers.load[w].fetch_sub(1, Relaxed);
+        }
+    }
+}
+
+/// One proxy thread's part: serves every connection it is handed, on its own
+/// runtime, until the acceptor is gone.
+pub async fn serve_loop(
+    shared: Arc<Shared>,
+    mut inbox: tokio::sync::mpsc::UnboundedReceiver<Accepted>,
+    load: Arc<[std::sync::atomic::AtomicUsize]>,
+    me: usize,
+) {
+    while let Some(a) = inbox.recv().await {
+        let Ok(stream) = tokio::net::TcpStream::from_std(a.stream) else {
+            load[me].fetch_sub(1, Relaxed);
+            continue;
+        };
         let sh = shared.clone();
-        let tls = l.tls.clone();
-        let info = ConnInfo::new(peer, l.proto, l.port);
+        let load = load.clone();
+        let info = ConnInfo::new(a.peer, a.proto, a.port);
+        let (tls, permit) = (a.tls, a.permit);
         tokio::spawn(async move {
             sh.global.connections_active.fetch_add(1, Relaxed);
             sh.global.connections_total.fetch_add(1, Relaxed);
@@ -218,6 +271,7 @@ pub async fn accept_loop(
                 }
             }
             sh.global.connections_active.fetch_sub(1, Relaxed);
+            load[me].fetch_sub(1, Relaxed);
             drop(permit);
         });
     }
