@@ -1550,3 +1550,69 @@ fn the_backend_sees_the_host_that_was_routed_and_ambiguous_requests_are_refused(
     }
     assert_eq!(bal.backend_state("a", "b1"), "up");
 }
+
+#[test]
+fn a_client_that_stops_reading_is_cut_off_at_the_send_timeout() {
+    let bal = balancer(
+        "bal-slowread",
+        &[("send_timeout_ms", toml::Value::Integer(1000))],
+    );
+    let b1 = Backend::start("b1");
+    bal.route("a", &["a.example.com"], &[("b1", &b1)]);
+    // 64 MiB asked for, none of it read.
+    let mut c = Conn::connect(bal.http).unwrap();
+    c.send(&http::get_req("a.example.com", "/big/67108864"))
+        .unwrap();
+    let active = |bal: &Bal| {
+        bal.ok(kinds::BALANCER_STATS, json!({}))["balancer"]["connections_active"]
+            .as_u64()
+            .unwrap()
+    };
+    eventually(Duration::from_secs(5), "the response under way", || {
+        (active(&bal) == 1).then_some(())
+    });
+    eventually(Duration::from_secs(15), "the slow reader cut off", || {
+        (active(&bal) == 0).then_some(())
+    });
+    let s = bal.ok(kinds::BALANCER_STATS, json!({}));
+    assert_eq!(s["apps"][0]["backends"][0]["active"], 0);
+    drop(c);
+    assert_eq!(bal.get("a.example.com", "/").status, 200);
+}
+
+#[test]
+fn an_http_health_check_ejects_a_sick_backend_and_readmits_it() {
+    let bal = balancer("bal-health", &[]);
+    let sick = bal.node.dir.join("sick");
+    let b1 = Backend::start_on(
+        "b1",
+        free_port().unwrap(),
+        &[("PADDOCK_TEST_BACKEND_SICK", sick.to_str().unwrap())],
+    );
+    let b2 = Backend::start("b2");
+    bal.ok(
+        kinds::ROUTE_SET,
+        json!({"app": "a", "domains": ["a.example.com"], "health": {"path": "/health"}}),
+    );
+    for (id, b) in [("b1", &b1), ("b2", &b2)] {
+        bal.ok(
+            kinds::BACKEND_ADD,
+            json!({"app": "a", "id": id, "addr": b.addr.to_string()}),
+        );
+    }
+    // Sick: it still accepts connections (a TCP check would pass), but /health says 503.
+    std::fs::write(&sick, "").unwrap();
+    eventually(Duration::from_secs(10), "b1 ejected by its checks", || {
+        (bal.backend_state("a", "b1") == "ejected").then_some(())
+    });
+    for _ in 0..20 {
+        assert_eq!(
+            bal.get("a.example.com", "/").header("x-backend"),
+            Some("b2")
+        );
+    }
+    std::fs::remove_file(&sick).unwrap();
+    eventually(Duration::from_secs(10), "b1 re-admitted", || {
+        (bal.backend_state("a", "b1") == "up").then_some(())
+    });
+}

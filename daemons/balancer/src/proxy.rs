@@ -895,6 +895,94 @@ async fn tunnel(
     drop(done);
 }
 
+/// A client connection whose writes may not stay blocked longer than `limit`: a
+/// client that stops reading (a slow reader) is cut off instead of holding its
+/// slot, its backend connection and its buffers for ever.
+pub struct Watched<I> {
+    io: I,
+    limit: Duration,
+    stalled: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<I> Watched<I> {
+    pub fn new(io: I, limit: Duration) -> Watched<I> {
+        Watched {
+            io,
+            limit,
+            stalled: None,
+        }
+    }
+
+    fn check<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        r: Poll<std::io::Result<T>>,
+    ) -> Poll<std::io::Result<T>> {
+        match r {
+            Poll::Pending => {
+                let limit = self.limit;
+                let s = self
+                    .stalled
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+                if std::future::Future::poll(s.as_mut(), cx).is_ready() {
+                    return Poll::Ready(Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "the client read nothing within the send timeout",
+                    )));
+                }
+                Poll::Pending
+            }
+            done => {
+                self.stalled = None;
+                done
+            }
+        }
+    }
+}
+
+impl<I: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Watched<I> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl<I: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Watched<I> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let r = Pin::new(&mut self.io).poll_write(cx, buf);
+        self.check(cx, r)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let r = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+        self.check(cx, r)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let r = Pin::new(&mut self.io).poll_flush(cx);
+        self.check(cx, r)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
 /// Serves one client connection until it closes, or — once shutdown starts —
 /// until its request in flight is answered. A connection accepted but whose
 /// first request has not arrived yet is given that request (within the header
@@ -919,6 +1007,7 @@ where
         .max_buf_size(shared.settings.max_header_bytes)
         .max_headers(shared.settings.max_headers)
         .keep_alive(true);
+    let io = Watched::new(io, shared.settings.send_timeout);
     let conn = b.serve_connection(TokioIo::new(io), svc).with_upgrades();
     tokio::pin!(conn);
     let mut stop = shared.shutdown.subscribe();

@@ -42,6 +42,8 @@ pub struct BalancerSection {
     pub header_timeout_ms: Ms,
     /// A backend must start its response within this (else 504).
     pub request_timeout_ms: Ms,
+    /// A client that reads nothing of its response for this long is cut off.
+    pub send_timeout_ms: Ms,
     pub connect_timeout_ms: Ms,
     /// A drained backend's requests and websockets left at this point are closed.
     pub drain_timeout_ms: Ms,
@@ -81,6 +83,7 @@ impl Default for BalancerSection {
             max_body_bytes: 100 * 1024 * 1024,
             header_timeout_ms: Ms::from_millis(10_000),
             request_timeout_ms: Ms::from_millis(30_000),
+            send_timeout_ms: Ms::from_millis(30_000),
             connect_timeout_ms: Ms::from_millis(3_000),
             drain_timeout_ms: Ms::from_millis(30_000),
             eject_after: 3,
@@ -112,6 +115,7 @@ pub struct Settings {
     pub max_body_bytes: u64,
     pub header_timeout: Duration,
     pub request_timeout: Duration,
+    pub send_timeout: Duration,
     pub connect_timeout: Duration,
     pub drain_timeout: Duration,
     pub eject_after: u32,
@@ -193,6 +197,7 @@ impl Settings {
         for (key, v) in [
             ("header_timeout_ms", s.header_timeout_ms),
             ("request_timeout_ms", s.request_timeout_ms),
+            ("send_timeout_ms", s.send_timeout_ms),
             ("connect_timeout_ms", s.connect_timeout_ms),
             ("health_interval_ms", s.health_interval_ms),
             ("health_timeout_ms", s.health_timeout_ms),
@@ -226,6 +231,7 @@ impl Settings {
             max_body_bytes: s.max_body_bytes,
             header_timeout: s.header_timeout_ms.get(),
             request_timeout: s.request_timeout_ms.get(),
+            send_timeout: s.send_timeout_ms.get(),
             connect_timeout: s.connect_timeout_ms.get(),
             drain_timeout: s.drain_timeout_ms.get(),
             eject_after: s.eject_after,
