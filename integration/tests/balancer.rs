@@ -437,6 +437,21 @@ fn https_picks_the_certificate_by_sni_and_refuses_an_unknown_name() {
     bal.ok(kinds::CERT_REMOVE, json!({"domains": ["b.example.com"]}));
     assert!(tls_get(bal.https, "b.example.com", &[&cb]).is_err());
     assert!(tls_get(bal.https, "a.example.com", &[&ca]).is_ok());
+    // A connection that leaves before any handshake is not a failure.
+    let before = bal.ok(kinds::BALANCER_STATS, json!({}))["balancer"].clone();
+    drop(std::net::TcpStream::connect(bal.https).unwrap());
+    let after = eventually(
+        Duration::from_secs(5),
+        "the abandoned connection counted",
+        || {
+            let b = bal.ok(kinds::BALANCER_STATS, json!({}))["balancer"].clone();
+            (b["tls_abandoned"].as_u64()? > before["tls_abandoned"].as_u64()?).then_some(b)
+        },
+    );
+    assert_eq!(
+        after["tls_handshake_failures"],
+        before["tls_handshake_failures"]
+    );
 }
 
 #[test]

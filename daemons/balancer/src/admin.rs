@@ -52,6 +52,7 @@ pub fn prometheus(shared: &Shared) -> String {
             "tls_handshake_failures_total",
             g.tls_handshake_failures.load(Relaxed),
         ),
+        ("tls_abandoned_total", g.tls_abandoned.load(Relaxed)),
         ("unknown_host_total", g.unknown_host.load(Relaxed)),
         ("retries_total", g.retries.load(Relaxed)),
         ("router_log_dropped_total", g.log_dropped.load(Relaxed)),

@@ -264,8 +264,26 @@ pub async fn serve_loop(
                     match tokio::time::timeout(sh.settings.header_timeout, acc.accept(stream)).await
                     {
                         Ok(Ok(s)) => proxy::serve(sh.clone(), s, info).await,
-                        _ => {
+                        // The client left (or never spoke) before a handshake:
+                        // a port probe, a browser's spare connection.
+                        Ok(Err(e))
+                            if matches!(
+                                e.kind(),
+                                std::io::ErrorKind::UnexpectedEof
+                                    | std::io::ErrorKind::ConnectionReset
+                                    | std::io::ErrorKind::BrokenPipe
+                            ) =>
+                        {
+                            sh.global.tls_abandoned.fetch_add(1, Relaxed);
+                        }
+                        Err(_) => {
+                            sh.global.tls_abandoned.fetch_add(1, Relaxed);
+                        }
+                        // A handshake that failed: no certificate for the name,
+                        // no common version or cipher, garbage.
+                        Ok(Err(e)) => {
                             sh.global.tls_handshake_failures.fetch_add(1, Relaxed);
+                            tracing::debug!(peer = %info.peer, "TLS handshake failed: {e}");
                         }
                     }
                 }

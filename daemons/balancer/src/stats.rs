@@ -143,6 +143,9 @@ pub struct Global {
     pub connections_active: AtomicU64,
     pub connections_total: AtomicU64,
     pub tls_handshake_failures: AtomicU64,
+    /// TLS connections closed (or silent past the header deadline) before any
+    /// handshake: not failures.
+    pub tls_abandoned: AtomicU64,
     pub unknown_host: AtomicU64,
     pub bad_requests: AtomicU64,
     pub retries: AtomicU64,
@@ -156,6 +159,7 @@ impl Global {
             "connections_active": self.connections_active.load(Relaxed),
             "connections_total": self.connections_total.load(Relaxed),
             "tls_handshake_failures": self.tls_handshake_failures.load(Relaxed),
+            "tls_abandoned": self.tls_abandoned.load(Relaxed),
             "unknown_host": self.unknown_host.load(Relaxed),
             "bad_requests": self.bad_requests.load(Relaxed),
             "retries": self.retries.load(Relaxed),
