@@ -373,9 +373,14 @@ fn supervise_inner(dir: &Path, on_ready: Option<fn(&Path)>) -> Result<()> {
     };
     let mut ready = false;
     let mut last_ready_check = Instant::now() - Duration::from_secs(1);
+    let mut last_reap = Instant::now();
     while !STOP.load(Ordering::SeqCst) {
         for p in procs.iter_mut() {
             tend(dir, &pg, &cfg_path, &held, p);
+        }
+        if last_reap.elapsed() > Duration::from_secs(1) {
+            last_reap = Instant::now();
+            reap_strays(&procs);
         }
         if !ready && last_ready_check.elapsed() > Duration::from_millis(200) {
             last_ready_check = Instant::now();
@@ -402,6 +407,45 @@ fn supervise_inner(dir: &Path, on_ready: Option<fn(&Path)>) -> Result<()> {
     stop_all(dir, &mut procs);
     eprintln!("stopped");
     Ok(())
+}
+
+/// This process is a subreaper, so orphans of the processes it started (a shim
+/// whose runner was restarted, say) become its children: reap those that ended,
+/// leaving alone the children it tracks (their owners wait for them).
+fn reap_strays(procs: &[Supervised]) {
+    let me = std::process::id() as i32;
+    let known: Vec<i32> = procs
+        .iter()
+        .filter_map(|p| {
+            p.child
+                .as_ref()
+                .map(|c| c.id() as i32)
+                .or(p.adopted.as_ref().map(|a| a.pid()))
+        })
+        .collect();
+    let Ok(entries) = fs::read_dir("/proc") else {
+        return;
+    };
+    for e in entries.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else {
+            continue;
+        };
+        if known.contains(&pid) {
+            continue;
+        }
+        let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        // "PID (COMM) STATE PPID …": COMM may hold spaces and parentheses.
+        let mut rest = stat.rsplit(')').next().unwrap_or("").split_whitespace();
+        let (state, ppid) = (rest.next(), rest.next().and_then(|p| p.parse::<i32>().ok()));
+        if state == Some("Z") && ppid == Some(me) {
+            let _ = nix::sys::wait::waitpid(
+                Pid::from_raw(pid),
+                Some(nix::sys::wait::WaitPidFlag::WNOHANG),
+            );
+        }
+    }
 }
 
 /// The balancer's public listening sockets, bound once by the supervisor and

@@ -474,3 +474,78 @@ fn dev_holds_the_balancers_sockets_across_kill_9_and_adopts_an_upgrade() {
     ok(paddock(&dir, &["dev", "down", "--dir", d]));
     assert!(!alive(third));
 }
+
+/// `paddock dev` is a subreaper (to watch an upgraded balancer), so a shim whose
+/// runner was killed becomes its child: when that shim ends, the supervisor reaps
+/// it, leaving no zombie.
+#[test]
+fn shims_orphaned_by_a_killed_runner_are_reaped_by_the_supervisor() {
+    let t = TestDir::new("dev-reap");
+    let dir = t.path().join("cluster");
+    let d = dir.to_str().unwrap();
+    let _down = Down(dir.clone());
+    ok(paddock(&dir, &["dev", "up", "--dir", d, "--detach"]));
+    let app_dir = t.path().join("app");
+    std::fs::create_dir_all(&app_dir).unwrap();
+    std::fs::copy(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/app.py"),
+        app_dir.join("app.py"),
+    )
+    .unwrap();
+    paddock_harness::allow_traverse(&app_dir).unwrap();
+    let out = ok(paddock(
+        &dir,
+        &[
+            "instance",
+            "start",
+            "--app",
+            "reap",
+            "--dir",
+            app_dir.to_str().unwrap(),
+            "--",
+            "/usr/bin/python3",
+            "-u",
+            "app.py",
+        ],
+    ));
+    let id = out.split_whitespace().nth(1).unwrap().to_string();
+    let supervisor = pid_of(&dir, "supervisor");
+    let runner = pid_of(&dir, "runner");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(runner),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    eventually(Duration::from_secs(15), "a new runner", || {
+        paddock_harness::pidfile::read_pid(&dir.join("state/runner.pid"))
+            .filter(|p| *p != runner && alive(*p))
+    });
+    // Its shim now has the supervisor as parent; stopping the instance ends it.
+    eventually(Duration::from_secs(20), "the instance stopped", || {
+        paddock(&dir, &["instance", "stop", &id])
+            .status
+            .success()
+            .then_some(())
+    });
+    let zombies = || -> Vec<i32> {
+        std::fs::read_dir("/proc")
+            .unwrap()
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+            .filter(|pid| {
+                let Ok(s) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+                    return false;
+                };
+                let mut r = s.rsplit(')').next().unwrap_or("").split_whitespace();
+                r.next() == Some("Z")
+                    && r.next().and_then(|p| p.parse::<i32>().ok()) == Some(supervisor)
+            })
+            .collect()
+    };
+    std::thread::sleep(Duration::from_secs(3));
+    eventually(
+        Duration::from_secs(10),
+        "no zombie under the supervisor",
+        || zombies().is_empty().then_some(()),
+    );
+}
