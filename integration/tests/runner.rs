@@ -153,11 +153,19 @@ fn processes_of(r: &Runner, id: &str) -> (Vec<i32>, Vec<i32>) {
         let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).ok()?;
         stat.rsplit(") ").next()?.split(' ').nth(1)?.parse().ok()
     };
-    let (forked, shims): (Vec<i32>, Vec<i32>) = shims
-        .iter()
-        .partition(|p| ppid(**p).is_some_and(|pp| shims.contains(&pp)));
-    apps.extend(forked);
-    (shims, apps)
+    // A shim's child between fork and exec still looks like the shim: it counts
+    // as the app. One that is gone by now (killed before its exec, as a stop
+    // right after a start does) counts as neither.
+    let parents: Vec<(i32, Option<i32>)> = shims.iter().map(|p| (*p, ppid(*p))).collect();
+    let mut real = Vec::new();
+    for (p, pp) in parents {
+        match pp {
+            Some(pp) if shims.contains(&pp) => apps.push(p),
+            Some(_) => real.push(p),
+            None => {}
+        }
+    }
+    (real, apps)
 }
 
 fn processes_of_raw(r: &Runner, id: &str) -> (Vec<i32>, Vec<i32>) {
