@@ -25,10 +25,35 @@ pub mod shared_pg;
 /// The daemons that exist, in start order. Later issues add theirs here.
 pub const DAEMONS: &[&str] = &["heartbeat", "locker", "runner", "balancer"];
 
-/// A port the OS says is free right now on 127.0.0.1.
+/// A port free right now on 127.0.0.1, from 10000–19999: below the kernel's
+/// ephemeral range (32768–60999), where the source ports of outgoing connections
+/// come from (a load test opens thousands; one took a port chosen for a daemon
+/// before the daemon bound it), and below the runner's app ports (20000–29999).
 pub fn free_port() -> Result<u16> {
-    let l = TcpListener::bind("127.0.0.1:0").context("cannot bind a free port")?;
-    Ok(l.local_addr()?.port())
+    Ok(bind_free()?.local_addr()?.port())
+}
+
+/// A listener on a free port of that range (held, so the port stays taken).
+fn bind_free() -> io::Result<TcpListener> {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static SEQ: AtomicU64 = AtomicU64::new(0);
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+        ^ ((std::process::id() as u64) << 32)
+        ^ SEQ.fetch_add(0x9E37_79B9_7F4A_7C15, Ordering::Relaxed);
+    let mut x = seed | 1;
+    for _ in 0..500 {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let port = 10_000 + (x % 10_000) as u16;
+        if let Ok(l) = TcpListener::bind(("127.0.0.1", port)) {
+            return Ok(l);
+        }
+    }
+    TcpListener::bind("127.0.0.1:0")
 }
 
 pub fn tcp(port: u16) -> String {
@@ -611,9 +636,7 @@ pub struct NodePorts {
 impl NodePorts {
     pub fn pick() -> Result<NodePorts> {
         // Hold all listeners until every port is chosen, so none repeats.
-        let ls: Vec<TcpListener> = (0..11)
-            .map(|_| TcpListener::bind("127.0.0.1:0"))
-            .collect::<io::Result<_>>()?;
+        let ls: Vec<TcpListener> = (0..11).map(|_| bind_free()).collect::<io::Result<_>>()?;
         let p = |i: usize| ls[i].local_addr().map(|a| a.port());
         Ok(NodePorts {
             heartbeat_rpc: p(0)?,
