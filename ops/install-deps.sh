@@ -1,12 +1,24 @@
 #!/usr/bin/env bash
 # Installs what a fresh Debian machine lacks to build and test Paddock. Idempotent:
 # does nothing when every package is already there.
+#   ops/install-deps.sh          what the build, the tests and `paddock dev` need
+#   ops/install-deps.sh --bench  that, and the benchmarks' competitors and tools
+#                                (supervisor, haproxy, nginx, wrk, openssl, curl)
 set -euo pipefail
 packages=(postgresql libzmq3-dev pkg-config git openssh-client procps python3 python3-zmq bsdutils)
+bench=0
+if [ "${1:-}" = "--bench" ]; then
+  bench=1
+  packages+=(supervisor haproxy wrk openssl curl)
+fi
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
 done
+# Any Debian nginx flavour serves the balancer benchmark; nginx-light is the smallest.
+if [ $bench = 1 ] && ! command -v nginx >/dev/null && [ ! -x /usr/sbin/nginx ]; then
+  missing+=(nginx-light)
+fi
 if [ ${#missing[@]} -eq 0 ]; then
   exit 0
 fi
@@ -20,3 +32,9 @@ $SUDO apt-get install -y -q --no-install-recommends "${missing[@]}"
 if command -v pg_lsclusters >/dev/null && pg_lsclusters -h 2>/dev/null | grep -q online; then
   $SUDO pg_ctlcluster --force "$(pg_lsclusters -h | awk 'NR==1{print $1}')" main stop || true
 fi
+# Likewise the benchmarks' competitors: the benchmarks run their own instances.
+for s in supervisor haproxy nginx; do
+  if [[ " ${missing[*]} " == *" $s"* ]]; then
+    $SUDO service "$s" stop >/dev/null 2>&1 || true
+  fi
+done

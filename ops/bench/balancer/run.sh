@@ -53,23 +53,7 @@ for m in $MODES; do
 done
 
 # ---- packages ---------------------------------------------------------------------
-installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
-missing=()
-for p in haproxy wrk openssl curl; do installed "$p" || missing+=("$p"); done
-# Any Debian nginx flavour will do; nginx-light is the smallest.
-if ! { installed nginx-light || installed nginx || installed nginx-core || installed nginx-full || installed nginx-extras; }; then
-  missing+=(nginx-light)
-fi
-if [ ${#missing[@]} -gt 0 ]; then
-  echo "installing: ${missing[*]}"
-  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO=sudo
-  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}" \
-    || { $SUDO apt-get update -q && $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"; }
-  # The packages start system-wide services; the benchmark runs its own instances.
-  for s in haproxy nginx; do
-    [[ " ${missing[*]} " == *" $s"* ]] && { $SUDO service "$s" stop >/dev/null 2>&1 || true; }
-  done
-fi
+ops/install-deps.sh --bench
 NGINX=$(command -v nginx || echo /usr/sbin/nginx)
 HAPROXY=$(command -v haproxy || echo /usr/sbin/haproxy)
 
