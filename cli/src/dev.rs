@@ -515,6 +515,20 @@ fn successor(dir: &Path, name: &str, old: i32) -> Option<Proc> {
     }
 }
 
+/// When `old` exited cleanly after an upgrade: watches its successor instead.
+fn adopt_successor(dir: &Path, p: &mut Supervised, old: i32) -> bool {
+    let Some(next) = successor(dir, &p.name, old) else {
+        return false;
+    };
+    eprintln!(
+        "{} upgraded: pid {old} handed over to pid {}",
+        p.name,
+        next.pid()
+    );
+    p.adopted = Some(next);
+    true
+}
+
 /// Restarts `p` if it died, with backoff (immediate first, then doubling to 5 s).
 fn tend(
     dir: &Path,
@@ -536,13 +550,7 @@ fn tend(
         p.adopted = None;
         let clean = matches!(st, Ok(nix::sys::wait::WaitStatus::Exited(_, 0)));
         // Upgraded again: follow the next successor.
-        if let Some(next) = clean.then(|| successor(dir, &p.name, old)).flatten() {
-            eprintln!(
-                "{} upgraded: pid {old} handed over to pid {}",
-                p.name,
-                next.pid()
-            );
-            p.adopted = Some(next);
+        if clean && adopt_successor(dir, p, old) {
             return;
         }
         eprintln!(
@@ -556,14 +564,8 @@ fn tend(
             Ok(None) => return,
             Ok(Some(st)) if st.success() && p.name == "balancer" => {
                 let old = child.id() as i32;
-                if let Some(next) = successor(dir, &p.name, old) {
-                    eprintln!(
-                        "{} upgraded: pid {old} handed over to pid {}",
-                        p.name,
-                        next.pid()
-                    );
+                if adopt_successor(dir, p, old) {
                     p.child = None;
-                    p.adopted = Some(next);
                     return;
                 }
                 eprintln!("balancer exited ({st}); restarting");

@@ -356,6 +356,29 @@ impl Node {
         }
     }
 
+    /// A log sink for `daemon`: a PULL socket on a free port, a CURVE server with
+    /// the cluster's server key as every Paddock socket is (a daemon's PUSH is a
+    /// CURVE client and talks to nothing else), written into the cluster file as
+    /// `[daemons.DAEMON] log_sink`. Restart the daemon to use it.
+    pub fn log_sink(&mut self, daemon: &str) -> zmq::Socket {
+        let port = free_port().unwrap();
+        let pull = zmq::Context::new().socket(zmq::PULL).unwrap();
+        let curve = self.file.curve.clone().expect("a CURVE cluster");
+        pull.set_curve_server(true).unwrap();
+        let secret =
+            paddock_wire::curve::Key::from_z85(curve.server_secret.unwrap().expose()).unwrap();
+        pull.set_curve_secretkey(secret.bytes()).unwrap();
+        pull.bind(&tcp(port)).unwrap();
+        self.file
+            .daemons
+            .get_mut(daemon)
+            .unwrap()
+            .other
+            .insert("log_sink".into(), toml::Value::String(tcp(port)));
+        self.save();
+        pull
+    }
+
     pub fn client(&self, daemon: &str) -> Client {
         Client::connect(&self.rpc(daemon), "user:test", self.keys.clone())
             .unwrap()

@@ -60,6 +60,18 @@ impl Drop for Reaped {
     }
 }
 
+/// A process the test did not start (an upgrade's successor): stopped through a
+/// pidfd however the test ends.
+struct Stopped(Option<paddock_harness::pidfile::Proc>);
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        if let Some(p) = &self.0 {
+            p.stop(Signal::SIGTERM, Duration::from_secs(5));
+        }
+    }
+}
+
 struct Bal {
     node: Node,
     http: SocketAddr,
@@ -133,6 +145,43 @@ impl Bal {
 
     fn get(&self, host: &str, path: &str) -> http::Resp {
         http::get(self.http, host, path).unwrap()
+    }
+
+    /// The balancer that holds the pid file once it is not `old` (an upgrade's
+    /// successor), and the guard that stops it.
+    fn successor(&self, old: i32) -> (i32, Stopped) {
+        let pidfile = self.node.dir.join("state/balancer.pid");
+        let new = eventually(
+            Duration::from_secs(10),
+            "the successor holding the pid file",
+            || paddock_harness::pidfile::read_pid(&pidfile).filter(|p| *p != old),
+        );
+        (new, Stopped(paddock_harness::pidfile::Proc::open(new)))
+    }
+
+    /// Adds `[daemons.scheduler]` (rpc and pub) to the cluster file, for the
+    /// stand-in scheduler.
+    fn add_test_scheduler(&mut self) {
+        self.node.add_daemon("scheduler");
+        let sched_pub = tcp(free_port().unwrap());
+        self.node
+            .file
+            .daemons
+            .get_mut("scheduler")
+            .unwrap()
+            .other
+            .insert("pub".into(), toml::Value::String(sched_pub));
+        self.node.save();
+    }
+
+    /// Starts `paddock-testsched` serving the table in `table`.
+    fn spawn_test_scheduler(&mut self, table: &std::path::Path, silent: bool) {
+        let tf = table.display().to_string();
+        let mut env = vec![("PADDOCK_TESTSCHED_TABLE", tf.as_str())];
+        if silent {
+            env.push(("PADDOCK_TESTSCHED_SILENT", "1"));
+        }
+        self.node.spawn_bin("scheduler", "paddock-testsched", &env);
     }
 
     fn backend_state(&self, app: &str, id: &str) -> String {
@@ -815,30 +864,8 @@ fn an_upgrade_hands_the_listeners_over_under_load_without_a_failed_request() {
         Some(0),
         "the old process drained and exited"
     );
-    let pidfile = bal.node.dir.join("state/balancer.pid");
-    let new: i32 = eventually(
-        Duration::from_secs(10),
-        "the successor holding the pid file",
-        || {
-            std::fs::read_to_string(&pidfile)
-                .ok()?
-                .trim()
-                .parse()
-                .ok()
-                .filter(|p| *p != old)
-        },
-    );
+    let (new, _successor) = bal.successor(old);
     assert!(paddock_harness::process_alive(new));
-    // Not a child of ours: stopped through a pidfd however the test ends.
-    struct Stop(Option<paddock_harness::pidfile::Proc>);
-    impl Drop for Stop {
-        fn drop(&mut self) {
-            if let Some(p) = &self.0 {
-                p.stop(Signal::SIGTERM, Duration::from_secs(5));
-            }
-        }
-    }
-    let _successor = Stop(paddock_harness::pidfile::Proc::open(new));
     // rpc is the successor's now, with the same routes.
     eventually(Duration::from_secs(10), "the successor's rpc", || {
         bal.call(kinds::ROUTES_LIST, json!({})).ok()
@@ -940,25 +967,11 @@ fn the_schedulers_fenced_table_routes_its_apps_and_leaves_operator_routes() {
         std::fs::write(&table_file, t.to_string()).unwrap();
     };
     write_table(5, &b1, "s.example.com");
-    bal.node.add_daemon("scheduler");
-    let sched_pub = tcp(free_port().unwrap());
-    bal.node
-        .file
-        .daemons
-        .get_mut("scheduler")
-        .unwrap()
-        .other
-        .insert("pub".into(), toml::Value::String(sched_pub));
-    bal.node.save();
+    bal.add_test_scheduler();
     bal.node.start("heartbeat");
     bal.node.start("balancer");
     bal.route("op", &["op.example.com"], &[("o1", &b3)]);
-    let tf = table_file.display().to_string();
-    bal.node.spawn_bin(
-        "scheduler",
-        "paddock-testsched",
-        &[("PADDOCK_TESTSCHED_TABLE", &tf)],
-    );
+    bal.spawn_test_scheduler(&table_file, false);
     eventually(
         Duration::from_secs(15),
         "the scheduler's app routed",
@@ -1012,28 +1025,11 @@ fn a_missed_table_event_heals_by_snapshot() {
     let b1 = Backend::start("b1");
     let table_file = bal.node.dir.join("table.json");
     std::fs::write(&table_file, json!({"token": 1, "apps": [{"app": "s", "domains": ["s.example.com"], "backends": [{"id": "w1", "addr": b1.addr.to_string()}]}]}).to_string()).unwrap();
-    bal.node.add_daemon("scheduler");
-    let sched_pub = tcp(free_port().unwrap());
-    bal.node
-        .file
-        .daemons
-        .get_mut("scheduler")
-        .unwrap()
-        .other
-        .insert("pub".into(), toml::Value::String(sched_pub));
-    bal.node.save();
+    bal.add_test_scheduler();
     bal.node.start("heartbeat");
     bal.node.start("balancer");
-    let tf = table_file.display().to_string();
     // Silent: it never publishes, only answers routes.snapshot.
-    bal.node.spawn_bin(
-        "scheduler",
-        "paddock-testsched",
-        &[
-            ("PADDOCK_TESTSCHED_TABLE", &tf),
-            ("PADDOCK_TESTSCHED_SILENT", "1"),
-        ],
-    );
+    bal.spawn_test_scheduler(&table_file, true);
     eventually(
         Duration::from_secs(15),
         "the table fetched by snapshot",
@@ -1105,23 +1101,8 @@ fn stats_prometheus_page_and_router_log_lines() {
 
 #[test]
 fn router_lines_are_pushed_to_the_log_sink_signed() {
-    let sink_port = free_port().unwrap();
     let mut bal = balancer_node("bal-sink", &[]);
-    let ctx = zmq::Context::new();
-    let pull = ctx.socket(zmq::PULL).unwrap();
-    let curve = bal.node.file.curve.clone().expect("a CURVE cluster");
-    pull.set_curve_server(true).unwrap();
-    let secret = paddock_wire::curve::Key::from_z85(curve.server_secret.unwrap().expose()).unwrap();
-    pull.set_curve_secretkey(secret.bytes()).unwrap();
-    pull.bind(&tcp(sink_port)).unwrap();
-    bal.node
-        .file
-        .daemons
-        .get_mut("balancer")
-        .unwrap()
-        .other
-        .insert("log_sink".into(), toml::Value::String(tcp(sink_port)));
-    bal.node.save();
+    let pull = bal.node.log_sink("balancer");
     bal.node.start("balancer");
     let b1 = Backend::start("b1");
     bal.route("a", &["a.example.com"], &[("b1", &b1)]);
@@ -1380,24 +1361,7 @@ fn websockets_hold_their_connection_slot_and_outlive_a_handoff() {
     // An upgrade: the old process keeps the open tunnel until it closes.
     let old = bal.node.pid("balancer");
     bal.node.signal("balancer", Signal::SIGUSR2);
-    let pidfile = bal.node.dir.join("state/balancer.pid");
-    let new: i32 = eventually(Duration::from_secs(10), "the successor", || {
-        std::fs::read_to_string(&pidfile)
-            .ok()?
-            .trim()
-            .parse()
-            .ok()
-            .filter(|p| *p != old)
-    });
-    struct Stop(Option<paddock_harness::pidfile::Proc>);
-    impl Drop for Stop {
-        fn drop(&mut self) {
-            if let Some(p) = &self.0 {
-                p.stop(Signal::SIGTERM, Duration::from_secs(5));
-            }
-        }
-    }
-    let _successor = Stop(paddock_harness::pidfile::Proc::open(new));
+    let (_, _successor) = bal.successor(old);
     std::thread::sleep(Duration::from_millis(500));
     assert!(
         paddock_harness::process_alive(old),
@@ -1435,16 +1399,7 @@ fn rpc_writes_around_an_upgrade_are_kept_or_refused_never_lost() {
         }
         std::thread::sleep(Duration::from_millis(10));
     }
-    let pidfile = bal.node.dir.join("state/balancer.pid");
-    let new: i32 = eventually(Duration::from_secs(10), "the successor", || {
-        std::fs::read_to_string(&pidfile)
-            .ok()?
-            .trim()
-            .parse()
-            .ok()
-            .filter(|p| *p != old)
-    });
-    let _successor = paddock_harness::pidfile::Proc::open(new);
+    let (_, _successor) = bal.successor(old);
     assert_eq!(
         bal.node.wait_exit("balancer", Duration::from_secs(20)),
         Some(0)
@@ -1465,9 +1420,6 @@ fn rpc_writes_around_an_upgrade_are_kept_or_refused_never_lost() {
         );
     }
     assert!(acked.len() >= 20, "{acked:?}");
-    if let Some(p) = _successor {
-        p.stop(Signal::SIGTERM, Duration::from_secs(5));
-    }
 }
 
 #[test]

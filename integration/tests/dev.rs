@@ -40,6 +40,14 @@ impl Drop for Down {
 
 use paddock_harness::process_alive as alive;
 
+/// The live process holding `DIR/state/NAME.pid` once it is not `old`.
+fn replaced(dir: &Path, name: &str, old: i32, what: &str, within: Duration) -> i32 {
+    let path = dir.join("state").join(format!("{name}.pid"));
+    eventually(within, what, || {
+        paddock_harness::pidfile::read_pid(&path).filter(|p| *p != old && alive(*p))
+    })
+}
+
 /// A process of the dev cluster, from the file that proves it: a daemon's flock'd
 /// pid file, PostgreSQL's postmaster.pid, the supervisor's dev.lock.
 fn pid_of(dir: &Path, name: &str) -> i32 {
@@ -385,10 +393,13 @@ fn dev_holds_the_balancers_sockets_across_kill_9_and_adopts_an_upgrade() {
         nix::sys::signal::Signal::SIGKILL,
     )
     .unwrap();
-    let second = eventually(Duration::from_secs(10), "a new balancer", || {
-        paddock_harness::pidfile::read_pid(&dir.join("state/balancer.pid"))
-            .filter(|p| *p != first && alive(*p))
-    });
+    let second = replaced(
+        &dir,
+        "balancer",
+        first,
+        "a new balancer",
+        Duration::from_secs(10),
+    );
     let (connected, refused) = prober.join().unwrap();
     assert!(refused <= 1, "{refused} not answered, {connected} answered");
     let r = paddock_integration::http::get(http, "nowhere.localhost", "/").unwrap();
@@ -400,10 +411,13 @@ fn dev_holds_the_balancers_sockets_across_kill_9_and_adopts_an_upgrade() {
         nix::sys::signal::Signal::SIGUSR2,
     )
     .unwrap();
-    let third = eventually(Duration::from_secs(15), "the successor", || {
-        paddock_harness::pidfile::read_pid(&dir.join("state/balancer.pid"))
-            .filter(|p| *p != second && alive(*p))
-    });
+    let third = replaced(
+        &dir,
+        "balancer",
+        second,
+        "the successor",
+        Duration::from_secs(15),
+    );
     eventually(Duration::from_secs(10), "the old balancer gone", || {
         (!alive(second)).then_some(())
     });
@@ -433,10 +447,13 @@ fn dev_holds_the_balancers_sockets_across_kill_9_and_adopts_an_upgrade() {
         nix::sys::signal::Signal::SIGUSR2,
     )
     .unwrap();
-    let fourth = eventually(Duration::from_secs(15), "the second successor", || {
-        paddock_harness::pidfile::read_pid(&dir.join("state/balancer.pid"))
-            .filter(|p| *p != third && alive(*p))
-    });
+    let fourth = replaced(
+        &dir,
+        "balancer",
+        third,
+        "the second successor",
+        Duration::from_secs(15),
+    );
     eventually(Duration::from_secs(10), "the adopted balancer gone", || {
         (!alive(third)).then_some(())
     });
@@ -457,13 +474,12 @@ fn dev_holds_the_balancers_sockets_across_kill_9_and_adopts_an_upgrade() {
         nix::sys::signal::Signal::SIGKILL,
     )
     .unwrap();
-    eventually(
-        Duration::from_secs(10),
+    replaced(
+        &dir,
+        "balancer",
+        third,
         "a balancer after the adopted one died",
-        || {
-            paddock_harness::pidfile::read_pid(&dir.join("state/balancer.pid"))
-                .filter(|p| *p != third && alive(*p))
-        },
+        Duration::from_secs(10),
     );
     assert_eq!(
         paddock_integration::http::get(http, "nowhere.localhost", "/")
@@ -516,10 +532,13 @@ fn shims_orphaned_by_a_killed_runner_are_reaped_by_the_supervisor() {
         nix::sys::signal::Signal::SIGKILL,
     )
     .unwrap();
-    eventually(Duration::from_secs(15), "a new runner", || {
-        paddock_harness::pidfile::read_pid(&dir.join("state/runner.pid"))
-            .filter(|p| *p != runner && alive(*p))
-    });
+    replaced(
+        &dir,
+        "runner",
+        runner,
+        "a new runner",
+        Duration::from_secs(15),
+    );
     // Its shim now has the supervisor as parent; stopping the instance ends it.
     eventually(Duration::from_secs(20), "the instance stopped", || {
         paddock(&dir, &["instance", "stop", &id])

@@ -600,25 +600,8 @@ fn one_off_commands_run_on_a_pty_as_the_app_user() {
 
 #[test]
 fn reload_signals_the_app_and_failed_health_restarts_it_and_logs_reach_the_sink() {
-    let sink_port = free_port().unwrap();
     let mut r = runner("rreload");
-    // The sink is a CURVE server with the cluster's server key, as every Paddock
-    // socket is: the runner's PUSH is a CURVE client and talks to nothing else.
-    let ctx = zmq::Context::new();
-    let pull = ctx.socket(zmq::PULL).unwrap();
-    let curve = r.node.file.curve.clone().expect("a CURVE cluster");
-    pull.set_curve_server(true).unwrap();
-    let secret = paddock_wire::curve::Key::from_z85(curve.server_secret.unwrap().expose()).unwrap();
-    pull.set_curve_secretkey(secret.bytes()).unwrap();
-    pull.bind(&tcp(sink_port)).unwrap();
-    r.node
-        .file
-        .daemons
-        .get_mut("runner")
-        .unwrap()
-        .other
-        .insert("log_sink".into(), toml::Value::String(tcp(sink_port)));
-    r.node.save();
+    let pull = r.node.log_sink("runner");
     r.node.kill9("runner");
     r.node.start("runner");
     r.c = r.node.client("runner");

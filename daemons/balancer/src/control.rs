@@ -78,17 +78,13 @@ struct AppRef {
     app: String,
 }
 
-fn one() -> u32 {
-    1
-}
-
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct BackendAdd {
     app: String,
     id: String,
     addr: String,
-    #[serde(default = "one")]
+    #[serde(default = "crate::model::one")]
     weight: u32,
 }
 

@@ -37,7 +37,8 @@ pub struct BackendSpec {
     pub draining: bool,
 }
 
-fn one() -> u32 {
+/// A weight's default (serde).
+pub(crate) fn one() -> u32 {
     1
 }
 
