@@ -24,6 +24,7 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use paddock_backoff::Backoff;
+use paddock_wire::keyring::UserKeys;
 use paddock_config::ClusterConfig;
 use paddock_wire::kinds::{self, Beat, Pong};
 use paddock_wire::{Code, Envelope, Inbound, ServerHandle, ServerSpec, SharedKeyring, WireError};
@@ -66,6 +67,10 @@ pub struct Spec {
     pub check: fn(&ClusterConfig) -> Result<(), paddock_config::ConfigError>,
     /// Named PUSH targets (name, endpoint) from the config, e.g. a log sink.
     pub push_to: fn(&ClusterConfig) -> Vec<(String, String)>,
+    /// The api only: the secret its user keys are derived from. With it, the rpc
+    /// socket also verifies user keys and admits the CURVE keys the daemon puts in
+    /// `Ctx::user_clients`; a user key reaches only `Routes::on_user` handlers.
+    pub user_keys: Option<fn(&ClusterConfig) -> Result<UserKeys, paddock_config::ConfigError>>,
 }
 
 /// A `Spec::push_to` for daemons that push nothing but beats.
@@ -79,7 +84,22 @@ pub fn no_check(_: &ClusterConfig) -> Result<(), paddock_config::ConfigError> {
 }
 
 pub type HandlerFuture = Pin<Box<dyn Future<Output = Result<Value, WireError>>>>;
-type Handler = Rc<dyn Fn(Envelope) -> HandlerFuture>;
+type HandlerFn = Rc<dyn Fn(Envelope, Caller) -> HandlerFuture>;
+
+/// Who signed a request: its key id, and whether that is a user key (the api's)
+/// rather than a cluster key.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    pub key_id: String,
+    pub user: bool,
+}
+
+#[derive(Clone)]
+struct Handler {
+    f: HandlerFn,
+    /// Whether a user key may send this kind.
+    users: bool,
+}
 type PullHandler = Rc<dyn Fn(Envelope)>;
 
 /// The kinds a daemon answers, beyond the built-in `ping` and `stats`.
@@ -94,7 +114,8 @@ impl Routes {
         Routes::default()
     }
 
-    /// Answers `kind` with `f`; its `Ok` value gets `ok: true` added.
+    /// Answers `kind` with `f`; its `Ok` value gets `ok: true` added. Only cluster
+    /// keys reach it: a user key gets `forbidden`.
     pub fn on<F, Fut>(mut self, kind: &str, f: F) -> Routes
     where
         F: Fn(Envelope) -> Fut + 'static,
@@ -102,7 +123,27 @@ impl Routes {
     {
         self.handlers.insert(
             kind.to_string(),
-            Rc::new(move |e| Box::pin(f(e)) as HandlerFuture),
+            Handler {
+                f: Rc::new(move |e, _| Box::pin(f(e)) as HandlerFuture),
+                users: false,
+            },
+        );
+        self
+    }
+
+    /// Answers `kind` with `f`, which is told who signed; user keys reach it too
+    /// (the api's kinds), so `f` must authorize them itself.
+    pub fn on_user<F, Fut>(mut self, kind: &str, f: F) -> Routes
+    where
+        F: Fn(Envelope, Caller) -> Fut + 'static,
+        Fut: Future<Output = Result<Value, WireError>> + 'static,
+    {
+        self.handlers.insert(
+            kind.to_string(),
+            Handler {
+                f: Rc::new(move |e, c| Box::pin(f(e, c)) as HandlerFuture),
+                users: true,
+            },
         );
         self
     }
@@ -162,9 +203,17 @@ pub struct Ctx {
     shutdown: watch::Receiver<bool>,
     stop: Arc<tokio::sync::Notify>,
     loop_restarts: Arc<Mutex<BTreeMap<String, u64>>>,
+    user_clients: Option<paddock_wire::curve::Admitted>,
 }
 
 impl Ctx {
+    /// The CURVE client keys of users that the rpc socket admits beside the
+    /// cluster's (only for a daemon with `Spec::user_keys`, under CURVE); the
+    /// daemon keeps it current.
+    pub fn user_clients(&self) -> Option<&paddock_wire::curve::Admitted> {
+        self.user_clients.as_ref()
+    }
+
     /// The current cluster file (replaced on SIGHUP).
     pub fn config(&self) -> Arc<ClusterConfig> {
         self.config.borrow().clone()
@@ -574,7 +623,18 @@ where
         ),
     }
     let admitted = node_keys.as_ref().map(|k| k.server.admitted.clone());
-    let keys = SharedKeyring::new(config.keyring.clone());
+    let keyring = match with_user_keys(&spec, &config) {
+        Ok(k) => k,
+        Err(e) => {
+            tracing::error!("{e}");
+            return exit::CONFIG;
+        }
+    };
+    let keys = SharedKeyring::new(keyring);
+    let user_clients = match (&spec.user_keys, &node_keys) {
+        (Some(_), Some(_)) => Some(paddock_wire::curve::Admitted::default()),
+        _ => None,
+    };
     let identity = format!("{}@{}", spec.name, config.node());
     let started = loop {
         let r = paddock_wire::server::start(
@@ -587,6 +647,7 @@ where
                 push_to: (spec.push_to)(&config),
                 limits: config.limits.clone(),
                 curve: node_keys.clone(),
+                rpc_clients: user_clients.clone(),
                 max_calls: paddock_wire::outgoing::DEFAULT_MAX_CALLS,
             },
             keys.clone(),
@@ -624,6 +685,7 @@ where
             shutdown: shutdown_rx,
             stop: Arc::new(tokio::sync::Notify::new()),
             loop_restarts: Arc::new(Mutex::new(BTreeMap::new())),
+            user_clients,
         };
         let routes = match setup(ctx.clone()).await {
             Ok(r) => r,
@@ -714,7 +776,12 @@ fn reload(
             {
                 tracing::warn!("the rpc endpoint changed; that takes a restart");
             }
-            keys.replace(new.keyring.clone());
+            match with_user_keys(&ctx.spec, &new) {
+                Ok(k) => keys.replace(k),
+                Err(e) => {
+                    tracing::warn!("SIGHUP: keeping the old keys: {e}");
+                }
+            }
             ctx.server.set_limits(new.limits.clone());
             ctx.server
                 .set_push_endpoints(new.file.cluster.heartbeats.clone());
@@ -723,6 +790,27 @@ fn reload(
             let _ = config_tx.send(Arc::new(new));
         }
         Err(e) => tracing::warn!("SIGHUP: keeping the old configuration: {e}"),
+    }
+}
+
+/// The config's keyring, plus the user keys of a daemon that has them.
+fn with_user_keys(
+    spec: &Spec,
+    config: &ClusterConfig,
+) -> Result<paddock_wire::Keyring, paddock_config::ConfigError> {
+    let k = config.keyring.clone();
+    match spec.user_keys {
+        None => Ok(k),
+        Some(f) => {
+            let users = f(config)?;
+            k.with_user_keys(users).map_err(|e| {
+                paddock_config::ConfigError::Invalid {
+                    path: config.path.clone(),
+                    key: "keys".into(),
+                    why: e.to_string(),
+                }
+            })
+        }
     }
 }
 
@@ -804,6 +892,19 @@ async fn dispatch(
                     continue;
                 }
                 let kind = req.env.kind.clone();
+                if req.user && !routes.handlers.get(&kind).is_some_and(|h| h.users) {
+                    // Check 7: a user key sends only the api's kinds (not even
+                    // `ping` or `stats`).
+                    let err = WireError::new(
+                        Code::Forbidden,
+                        format!(
+                            "a user key may not send `{kind}` to paddock-{}; only the api's customer kinds are open to user keys",
+                            ctx.spec.name
+                        ),
+                    );
+                    ctx.server.answer(req, Err(err));
+                    continue;
+                }
                 match kind.as_str() {
                     kinds::PING => {
                         let pong = Pong {
@@ -837,7 +938,13 @@ async fn dispatch(
                                 kind = %kind,
                                 from = ?req.env.from
                             );
-                            let fut = span.in_scope(|| h(req.env.clone())).instrument(span);
+                            let caller = Caller {
+                                key_id: req.key_id.clone(),
+                                user: req.user,
+                            };
+                            let fut = span
+                                .in_scope(|| (h.f)(req.env.clone(), caller))
+                                .instrument(span);
                             *inflight.borrow_mut() += 1;
                             let guard = InflightGuard(inflight.clone());
                             let server = ctx.server.clone();

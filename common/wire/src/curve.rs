@@ -123,25 +123,47 @@ pub fn client_socket(s: &zmq::Socket, keys: Option<&ClientKeys>) -> Result<(), z
     }
 }
 
-/// The client public keys one server admits; replaceable while it runs.
+/// The client public keys one server admits; replaceable while it runs. A view
+/// may add a second set (`with_extra`): the api's rpc socket admits the cluster's
+/// clients and, beside them, the keys it issued to users.
 #[derive(Clone, Debug, Default)]
-pub struct Admitted(Arc<RwLock<HashSet<Key>>>);
+pub struct Admitted {
+    keys: Arc<RwLock<HashSet<Key>>>,
+    extra: Option<Arc<RwLock<HashSet<Key>>>>,
+}
 
 impl Admitted {
     pub fn new(keys: impl IntoIterator<Item = Key>) -> Admitted {
-        Admitted(Arc::new(RwLock::new(keys.into_iter().collect())))
+        Admitted {
+            keys: Arc::new(RwLock::new(keys.into_iter().collect())),
+            extra: None,
+        }
     }
 
+    /// Replaces this set's own keys (never the extra set's).
     pub fn replace(&self, keys: impl IntoIterator<Item = Key>) {
-        *self.0.write().unwrap_or_else(|e| e.into_inner()) = keys.into_iter().collect();
+        *self.keys.write().unwrap_or_else(|e| e.into_inner()) = keys.into_iter().collect();
+    }
+
+    /// A view that admits this set's keys and `extra`'s; both stay replaceable.
+    pub fn with_extra(&self, extra: &Admitted) -> Admitted {
+        Admitted {
+            keys: self.keys.clone(),
+            extra: Some(extra.keys.clone()),
+        }
     }
 
     pub fn admits(&self, k: &Key) -> bool {
-        self.0.read().unwrap_or_else(|e| e.into_inner()).contains(k)
+        self.keys.read().unwrap_or_else(|e| e.into_inner()).contains(k)
+            || self
+                .extra
+                .as_ref()
+                .is_some_and(|x| x.read().unwrap_or_else(|e| e.into_inner()).contains(k))
     }
 
+    /// The number of this set's own keys.
     pub fn len(&self) -> usize {
-        self.0.read().unwrap_or_else(|e| e.into_inner()).len()
+        self.keys.read().unwrap_or_else(|e| e.into_inner()).len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -323,6 +345,14 @@ mod tests {
         assert!(!z.decide(b"other", b"CURVE", &[ka.0.to_vec()]));
         assert!(!z.decide(d.as_bytes(), b"CURVE", &[]));
         admitted.replace([kb]);
+        // A view with an extra set admits both; the base alone does not see it.
+        let (kc, _) = generate().unwrap();
+        let kc = Key::from_z85(&kc).unwrap();
+        let users = Admitted::new([kc]);
+        let both = admitted.with_extra(&users);
+        assert!(both.admits(&kc) && both.admits(&kb) && !admitted.admits(&kc));
+        users.replace([]);
+        assert!(!both.admits(&kc));
         assert!(z.decide(d.as_bytes(), b"CURVE", &[kb.0.to_vec()]));
         assert!(!z.decide(d.as_bytes(), b"CURVE", &[ka.0.to_vec()]));
     }

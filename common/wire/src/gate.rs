@@ -42,12 +42,13 @@ pub enum Admit {
     Fresh { env: Envelope, key_id: String },
     /// A resend of a request already answered: send this same reply again.
     Resend(Arc<(Vec<u8>, String)>),
-    /// Refused. `signed` is false when the message could not be authenticated.
+    /// Refused. `signer` is the key id that verified the message, `None` when it
+    /// could not be authenticated (the error then goes unsigned).
     Reject {
         err: WireError,
         re: Option<String>,
         kind: Option<String>,
-        signed: bool,
+        signer: Option<String>,
     },
 }
 
@@ -106,7 +107,7 @@ impl Gate {
             err: WireError::new(code, msg),
             re,
             kind,
-            signed: false,
+            signer: None,
         }
     }
 
@@ -125,7 +126,7 @@ impl Gate {
                 ),
                 re: None,
                 kind: None,
-                signed: false,
+                signer: None,
             };
         }
         let key_id = match keys.verify(payload, sig) {
@@ -164,7 +165,7 @@ impl Gate {
                     err,
                     re,
                     kind,
-                    signed: true,
+                    signer: Some(key_id),
                 };
             }
         };
@@ -181,7 +182,7 @@ impl Gate {
                 ),
                 re: Some(env.id),
                 kind: Some(env.kind),
-                signed: true,
+                signer: Some(key_id),
             };
         }
         let key = (key_id, env.id);
@@ -197,7 +198,7 @@ impl Gate {
                     ),
                     re: Some(key.1),
                     kind: Some(env.kind),
-                    signed: true,
+                    signer: Some(key.0),
                 }
             }
             Some(Entry {
@@ -212,7 +213,7 @@ impl Gate {
                     ),
                     re: Some(key.1),
                     kind: Some(env.kind),
-                    signed: true,
+                    signer: Some(key.0),
                 }
             }
             None => {}
@@ -236,7 +237,7 @@ impl Gate {
                 ),
                 re: Some(key.1),
                 kind: Some(env.kind),
-                signed: true,
+                signer: Some(key.0),
             };
         }
         self.bytes += cost;
@@ -317,7 +318,7 @@ mod tests {
 
     fn code(a: Admit) -> (Code, bool) {
         match a {
-            Admit::Reject { err, signed, .. } => (err.code, signed),
+            Admit::Reject { err, signer, .. } => (err.code, signer.is_some()),
             other => panic!("expected a rejection, got {other:?}"),
         }
     }

@@ -25,11 +25,82 @@ pub enum KeyError {
     NoSigningKey(String),
 }
 
+/// Key ids of user keys start with this; the api derives their secrets.
+pub const USER_KEY_PREFIX: &str = "user.";
+
+/// HKDF's salt for user keys: fixed, so every api derives the same secret from the
+/// same cluster-held secret and key id.
+const USER_KEY_SALT: &[u8] = b"paddock user key v1";
+
+/// The api's user keys: each key's secret is HKDF-SHA256(api secret, key id), so
+/// the database never holds a secret that verifies a user's request (it keeps only
+/// which key ids exist and are not revoked). docs/PROTOCOL.md, "User keys".
+#[derive(Clone)]
+pub struct UserKeys {
+    prk: ring::hkdf::Prk,
+}
+
+impl std::fmt::Debug for UserKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("UserKeys(***)")
+    }
+}
+
+struct Len32;
+
+impl ring::hkdf::KeyType for Len32 {
+    fn len(&self) -> usize {
+        32
+    }
+}
+
+impl UserKeys {
+    /// From the api's secret (hex, at least 32 bytes).
+    pub fn from_hex(secret_hex: &str) -> Result<UserKeys, KeyError> {
+        let secret =
+            hex::decode(secret_hex.trim()).map_err(|_| KeyError::NotHex("user_key_secret".into()))?;
+        if secret.len() < MIN_KEY_BYTES {
+            return Err(KeyError::TooShort {
+                id: "user_key_secret".into(),
+                len: secret.len(),
+            });
+        }
+        let salt = ring::hkdf::Salt::new(ring::hkdf::HKDF_SHA256, USER_KEY_SALT);
+        Ok(UserKeys {
+            prk: salt.extract(&secret),
+        })
+    }
+
+    /// Whether `id` has the form of a user key id (`user.` + 1-59 id characters).
+    pub fn is_user_key_id(id: &str) -> bool {
+        id.len() > USER_KEY_PREFIX.len() && id.starts_with(USER_KEY_PREFIX) && valid_key_id(id)
+    }
+
+    /// The secret of user key `id`; `None` for an id that is not a user key id.
+    pub fn secret(&self, id: &str) -> Option<[u8; 32]> {
+        if !Self::is_user_key_id(id) {
+            return None;
+        }
+        let info = [id.as_bytes()];
+        let okm = self.prk.expand(&info, Len32).ok()?;
+        let mut out = [0u8; 32];
+        okm.fill(&mut out).ok()?;
+        Some(out)
+    }
+
+    fn hmac_key(&self, id: &str) -> Option<hmac::Key> {
+        self.secret(id)
+            .map(|s| hmac::Key::new(hmac::HMAC_SHA256, &s))
+    }
+}
+
 /// Every key a process accepts, and the one it signs with.
 #[derive(Clone)]
 pub struct Keyring {
     keys: BTreeMap<String, hmac::Key>,
     signing: String,
+    /// The api's derived user keys (only the api has them).
+    users: Option<UserKeys>,
 }
 
 impl std::fmt::Debug for Keyring {
@@ -38,6 +109,7 @@ impl std::fmt::Debug for Keyring {
         f.debug_struct("Keyring")
             .field("ids", &self.keys.keys().collect::<Vec<_>>())
             .field("signing", &self.signing)
+            .field("user_keys", &self.users.is_some())
             .finish()
     }
 }
@@ -76,7 +148,41 @@ impl Keyring {
         Ok(Keyring {
             keys: map,
             signing: signing.to_string(),
+            users: None,
         })
+    }
+
+    /// Also accepts every user key `users` derives (the api). A cluster key id
+    /// that looks like a user key id would be ambiguous, so it is refused.
+    pub fn with_user_keys(mut self, users: UserKeys) -> Result<Keyring, KeyError> {
+        if let Some(id) = self.keys.keys().find(|id| UserKeys::is_user_key_id(id)) {
+            return Err(KeyError::BadId(format!(
+                "{id}` starts with `{USER_KEY_PREFIX}`, which names user keys; rename it"
+            )));
+        }
+        self.users = Some(users);
+        Ok(self)
+    }
+
+    /// Whether `id` is a user key this keyring derives (not a cluster key).
+    pub fn is_user_key(&self, id: &str) -> bool {
+        self.users.is_some() && !self.keys.contains_key(id) && UserKeys::is_user_key_id(id)
+    }
+
+    /// Signs a reply to a request verified under `key_id`: a user key's reply is
+    /// signed with that user's key (the only key the user has), any other with the
+    /// signing key.
+    pub fn sign_reply(&self, key_id: &str, payload: &[u8]) -> String {
+        match self.users.as_ref().filter(|_| self.is_user_key(key_id)) {
+            Some(u) => match u.hmac_key(key_id) {
+                Some(key) => {
+                    let tag = hmac::sign(&key, payload);
+                    format!("{key_id}:{}", hex::encode(tag.as_ref()))
+                }
+                None => self.sign(payload),
+            },
+            None => self.sign(payload),
+        }
     }
 
     pub fn signing_key_id(&self) -> &str {
@@ -102,9 +208,18 @@ impl Keyring {
     pub fn verify<'s>(&self, payload: &[u8], sig: &'s [u8]) -> Result<&'s str, Code> {
         let sig = std::str::from_utf8(sig).map_err(|_| Code::Malformed)?;
         let (id, hex_tag) = sig.split_once(':').ok_or(Code::Malformed)?;
-        let key = self.keys.get(id).ok_or(Code::UnknownKey)?;
         let tag = hex::decode(hex_tag).map_err(|_| Code::BadSignature)?;
-        hmac::verify(key, payload, &tag).map_err(|_| Code::BadSignature)?;
+        match self.keys.get(id) {
+            Some(key) => hmac::verify(key, payload, &tag).map_err(|_| Code::BadSignature)?,
+            None => {
+                let key = self
+                    .users
+                    .as_ref()
+                    .and_then(|u| u.hmac_key(id))
+                    .ok_or(Code::UnknownKey)?;
+                hmac::verify(&key, payload, &tag).map_err(|_| Code::BadSignature)?
+            }
+        }
         Ok(id)
     }
 }
@@ -181,6 +296,55 @@ mod tests {
             before.verify(b"x", sig_new.as_bytes()),
             Err(Code::UnknownKey)
         );
+    }
+
+    #[test]
+    fn user_keys_are_derived_and_replies_signed_with_them() {
+        let users = UserKeys::from_hex(VECTOR_SECRET).unwrap();
+        let api = Keyring::from_hex([("cluster", VECTOR_SECRET)], "cluster")
+            .unwrap()
+            .with_user_keys(users.clone())
+            .unwrap();
+        let id = "user.01JCT6S3W4F8D9X2QZ7N5K0BVA";
+        let secret = hex::encode(users.secret(id).unwrap());
+        // The same secret every time, and another for another id.
+        assert_eq!(secret, hex::encode(users.secret(id).unwrap()));
+        assert_ne!(secret, hex::encode(users.secret("user.other").unwrap()));
+        assert_ne!(secret, VECTOR_SECRET);
+        // The user's own keyring, as the CLI builds it from the credentials.
+        let user = Keyring::from_hex([(id, secret.as_str())], id).unwrap();
+        let sig = user.sign(b"hello");
+        assert_eq!(api.verify(b"hello", sig.as_bytes()), Ok(id));
+        assert!(api.is_user_key(id));
+        assert!(!api.is_user_key("cluster"));
+        // A reply to the user is signed with the user's key, so the user can check it.
+        let reply = api.sign_reply(id, b"answer");
+        assert_eq!(user.verify(b"answer", reply.as_bytes()), Ok(id));
+        assert!(api.sign_reply("cluster", b"x").starts_with("cluster:"));
+        // A forged secret does not verify; ids that are not user ids are unknown.
+        let forged = Keyring::from_hex([(id, VECTOR_SECRET)], id).unwrap();
+        assert_eq!(
+            api.verify(b"hello", forged.sign(b"hello").as_bytes()),
+            Err(Code::BadSignature)
+        );
+        let stranger = Keyring::from_hex([("other", VECTOR_SECRET)], "other").unwrap();
+        assert_eq!(
+            api.verify(b"x", stranger.sign(b"x").as_bytes()),
+            Err(Code::UnknownKey)
+        );
+        // A keyring without user keys (every daemon but the api) knows none of them.
+        let locker = Keyring::from_hex([("cluster", VECTOR_SECRET)], "cluster").unwrap();
+        assert_eq!(
+            locker.verify(b"hello", sig.as_bytes()),
+            Err(Code::UnknownKey)
+        );
+        assert!(!locker.is_user_key(id));
+        // A cluster key id that looks like a user key id is refused.
+        assert!(Keyring::from_hex([("user.x", VECTOR_SECRET)], "user.x")
+            .unwrap()
+            .with_user_keys(users)
+            .is_err());
+        assert!(UserKeys::from_hex("00ff").is_err());
     }
 
     #[test]

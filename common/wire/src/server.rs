@@ -42,6 +42,9 @@ pub struct ServerSpec {
     pub limits: Limits,
     /// CURVE keys for every socket; `None` runs in plaintext.
     pub curve: Option<NodeKeys>,
+    /// Client keys the rpc socket admits beyond `curve`'s (the api's users; never
+    /// admitted on `pull` or `pub`).
+    pub rpc_clients: Option<curve::Admitted>,
     /// Most outgoing calls in flight at once (`outgoing::DEFAULT_MAX_CALLS`).
     pub max_calls: usize,
 }
@@ -51,6 +54,8 @@ pub struct ServerSpec {
 pub struct Request {
     pub env: Envelope,
     pub key_id: String,
+    /// Signed with a user key (only the api derives those).
+    pub user: bool,
     routing: Vec<Vec<u8>>,
 }
 
@@ -267,7 +272,14 @@ pub fn start(spec: ServerSpec, keys: SharedKeyring, queue: usize) -> Result<Serv
     let server_keys = spec.curve.as_ref().map(|c| &c.server);
     let client_keys = spec.curve.as_ref().map(|c| c.client.clone());
     let router = ctx.socket(zmq::ROUTER)?;
-    curve::server_socket(&router, server_keys)?;
+    let rpc_keys = server_keys.map(|k| match &spec.rpc_clients {
+        Some(extra) => curve::ServerKeys {
+            secret: k.secret,
+            admitted: k.admitted.with_extra(extra),
+        },
+        None => k.clone(),
+    });
+    curve::server_socket(&router, rpc_keys.as_ref())?;
     router.set_linger(200)?;
     router.set_maxmsgsize(crate::outgoing::max_message(&spec.limits))?;
     router.set_heartbeat_ivl(2000)?;
@@ -543,6 +555,7 @@ impl Io {
             Admit::Fresh { env, key_id } => {
                 self.stats.requests.fetch_add(1, Ordering::Relaxed);
                 let req = Request {
+                    user: keys.is_user_key(&key_id),
                     env,
                     key_id,
                     routing,
@@ -575,17 +588,18 @@ impl Io {
                 err,
                 re,
                 kind,
-                signed,
+                signer,
             } => {
                 self.reject("request", &err);
-                if signed {
+                if let Some(signer) = signer {
                     let env = Envelope::reply_to(
                         &self.identity,
                         re.as_deref(),
                         kind.as_deref().unwrap_or("error"),
                         err.to_body(),
                     );
-                    let (p, s) = env.sign(&keys);
+                    let p = env.to_bytes();
+                    let s = keys.sign_reply(&signer, &p);
                     self.send_router(routing, p, s);
                 } else {
                     let (p, s) =
@@ -723,7 +737,8 @@ impl Io {
             .map(|e| e.code.is_transient())
             .unwrap_or(false);
         let env = Envelope::reply_to(&self.identity, Some(&re), &kind, body);
-        let (payload, sig) = env.sign(&self.keys.get());
+        let payload = env.to_bytes();
+        let sig = self.keys.get().sign_reply(key_id, &payload);
         if transient {
             // Nothing was done: let a resend of the same id be acted on later.
             self.rpc_gate.forget(key_id, &re);

@@ -34,6 +34,7 @@ fn start(name: &str, publish: bool, max_calls: usize) -> (Server, String, Option
             push_to: Vec::new(),
             limits: Limits::default(),
             curve: None,
+            rpc_clients: None,
             max_calls,
         },
         keyring(SECRET),

@@ -30,6 +30,7 @@ pub fn spec() -> Spec {
         version: env!("CARGO_PKG_VERSION"),
         pull: true,
         publish: true,
+        user_keys: None,
         check: |cfg| thresholds(cfg).map(|_| ()),
         push_to: paddock_daemon::no_push_to,
     }

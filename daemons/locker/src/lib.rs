@@ -34,6 +34,7 @@ pub fn spec() -> Spec {
         version: env!("CARGO_PKG_VERSION"),
         pull: false,
         publish: false,
+        user_keys: None,
         check,
         push_to: paddock_daemon::no_push_to,
     }

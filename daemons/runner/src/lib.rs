@@ -44,6 +44,7 @@ pub fn spec() -> Spec {
         version: env!("CARGO_PKG_VERSION"),
         pull: false,
         publish: true,
+        user_keys: None,
         check: |cfg| Settings::from_config(cfg).map(|_| ()),
         push_to: |cfg| {
             Settings::from_config(cfg)

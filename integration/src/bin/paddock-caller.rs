@@ -165,6 +165,7 @@ fn main() {
             publish: false,
             check: paddock_daemon::no_check,
             push_to: paddock_daemon::no_push_to,
+            user_keys: None,
         },
         setup,
     )

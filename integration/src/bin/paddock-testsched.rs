@@ -47,6 +47,7 @@ fn main() {
             publish: true,
             check: paddock_daemon::no_check,
             push_to: paddock_daemon::no_push_to,
+            user_keys: None,
         },
         setup,
     )
