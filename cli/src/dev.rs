@@ -241,8 +241,18 @@ fn cluster_file(dir: &Path, pg: &PgCluster) -> Result<ClusterFile> {
         // A DIR made before a daemon existed gets that daemon's table (free ports).
         let (fresh, _) =
             harness::node_file("dev", &dir.join("state"), ("k", "00"), None, &[], None)?;
-        for (name, sec) in fresh.daemons {
+        for (name, mut sec) in fresh.daemons {
+            if name == "api" {
+                // Not the placeholder key's derivation: a secret of its own.
+                sec.other.insert(
+                    "user_key_secret".into(),
+                    toml::Value::String(paddock_wire::keyring::generate_secret_hex()),
+                );
+            }
             f.daemons.entry(name).or_insert(sec);
+        }
+        if f.cluster.apps_domain.is_none() {
+            f.cluster.apps_domain = Some("localhost".into());
         }
         return Ok(f);
     }

@@ -5,6 +5,8 @@
 //! Architecture invariant: this crate reads and writes the file and validates it; it
 //! knows nothing of sockets or databases. A load error names the file and the key.
 
+pub mod credentials;
+
 use std::collections::BTreeMap;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -110,6 +112,10 @@ pub struct ClusterSection {
     /// How often every daemon beats, in milliseconds.
     #[serde(default = "default_beat_ms")]
     pub beat_interval_ms: u64,
+    /// Every app gets the domain `<app>.<apps_domain>` (`paddock dev up` writes
+    /// `localhost`). None: apps get no default domain.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub apps_domain: Option<String>,
 }
 
 fn default_beat_ms() -> u64 {
@@ -124,6 +130,7 @@ impl Default for ClusterSection {
             heartbeats: Vec::new(),
             registries: Vec::new(),
             beat_interval_ms: default_beat_ms(),
+            apps_domain: None,
         }
     }
 }

@@ -24,8 +24,8 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use paddock_backoff::Backoff;
-use paddock_wire::keyring::UserKeys;
 use paddock_config::ClusterConfig;
+use paddock_wire::keyring::UserKeys;
 use paddock_wire::kinds::{self, Beat, Pong};
 use paddock_wire::{Code, Envelope, Inbound, ServerHandle, ServerSpec, SharedKeyring, WireError};
 use serde_json::{json, Value};
@@ -803,13 +803,12 @@ fn with_user_keys(
         None => Ok(k),
         Some(f) => {
             let users = f(config)?;
-            k.with_user_keys(users).map_err(|e| {
-                paddock_config::ConfigError::Invalid {
+            k.with_user_keys(users)
+                .map_err(|e| paddock_config::ConfigError::Invalid {
                     path: config.path.clone(),
                     key: "keys".into(),
                     why: e.to_string(),
-                }
-            })
+                })
         }
     }
 }

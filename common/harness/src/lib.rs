@@ -23,7 +23,7 @@ pub mod pidfile;
 pub mod shared_pg;
 
 /// The daemons that exist, in start order. Later issues add theirs here.
-pub const DAEMONS: &[&str] = &["heartbeat", "locker", "runner", "balancer"];
+pub const DAEMONS: &[&str] = &["heartbeat", "locker", "runner", "balancer", "api"];
 
 /// A port free right now on 127.0.0.1, from 10000–19999: below the kernel's
 /// ephemeral range (32768–60999), where the source ports of outgoing connections
@@ -614,6 +614,20 @@ pub fn node_file(
         balancer.other.insert(k.into(), toml::Value::String(tcp(p)));
     }
     f.daemons.insert("balancer".into(), balancer);
+    let mut api = DaemonSection {
+        rpc: tcp(ports.api_rpc),
+        ..Default::default()
+    };
+    api.other
+        .insert("pub".into(), toml::Value::String(tcp(ports.api_pub)));
+    // Every api of a cluster derives user keys from the same secret: one per
+    // cluster, like the cluster key (here: from it, so a node's files agree).
+    api.other.insert(
+        "user_key_secret".into(),
+        toml::Value::String(user_key_secret(key.1)),
+    );
+    f.daemons.insert("api".into(), api);
+    f.cluster.apps_domain = Some("localhost".into());
     f.database = database_url.map(|url| DatabaseSection { url });
     Ok((f, ports))
 }
@@ -631,12 +645,22 @@ pub struct NodePorts {
     pub balancer_http: u16,
     pub balancer_https: u16,
     pub balancer_admin: u16,
+    pub api_rpc: u16,
+    pub api_pub: u16,
+}
+
+/// The api's `user_key_secret` for a cluster whose key is `cluster_key` (hex): a
+/// separate secret, HMAC-derived so that every node file written for one cluster
+/// has the same one.
+pub fn user_key_secret(cluster_key: &str) -> String {
+    let k = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, cluster_key.as_bytes());
+    hex::encode(ring::hmac::sign(&k, b"paddock api user_key_secret").as_ref())
 }
 
 impl NodePorts {
     pub fn pick() -> Result<NodePorts> {
         // Hold all listeners until every port is chosen, so none repeats.
-        let ls: Vec<TcpListener> = (0..11).map(|_| bind_free()).collect::<io::Result<_>>()?;
+        let ls: Vec<TcpListener> = (0..13).map(|_| bind_free()).collect::<io::Result<_>>()?;
         let p = |i: usize| ls[i].local_addr().map(|a| a.port());
         Ok(NodePorts {
             heartbeat_rpc: p(0)?,
@@ -650,6 +674,8 @@ impl NodePorts {
             balancer_http: p(8)?,
             balancer_https: p(9)?,
             balancer_admin: p(10)?,
+            api_rpc: p(11)?,
+            api_pub: p(12)?,
         })
     }
 }

@@ -154,7 +154,10 @@ impl Admitted {
     }
 
     pub fn admits(&self, k: &Key) -> bool {
-        self.keys.read().unwrap_or_else(|e| e.into_inner()).contains(k)
+        self.keys
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(k)
             || self
                 .extra
                 .as_ref()

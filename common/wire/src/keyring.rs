@@ -57,8 +57,8 @@ impl ring::hkdf::KeyType for Len32 {
 impl UserKeys {
     /// From the api's secret (hex, at least 32 bytes).
     pub fn from_hex(secret_hex: &str) -> Result<UserKeys, KeyError> {
-        let secret =
-            hex::decode(secret_hex.trim()).map_err(|_| KeyError::NotHex("user_key_secret".into()))?;
+        let secret = hex::decode(secret_hex.trim())
+            .map_err(|_| KeyError::NotHex("user_key_secret".into()))?;
         if secret.len() < MIN_KEY_BYTES {
             return Err(KeyError::TooShort {
                 id: "user_key_secret".into(),

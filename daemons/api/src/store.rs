@@ -1,0 +1,1961 @@
+//! The api's tables: every kind's SQL, each change in one transaction with its
+//! audit row. No state is kept in memory: any number of apis may share the database.
+
+use std::collections::BTreeMap;
+
+use deadpool_postgres::GenericClient;
+use paddock_db::{Db, PgError};
+use paddock_wire::keyring::{UserKeys, USER_KEY_PREFIX};
+use paddock_wire::{Code, WireError};
+use serde_json::{json, Map, Value};
+use tokio_postgres::types::ToSql;
+use tokio_postgres::Row;
+
+use crate::auth::{check_app, check_self, forbidden, Need, Role, Who};
+use crate::body::{limit, Body};
+use crate::names;
+use crate::sshkey;
+
+/// Defaults for a new process type's size (Heroku's standard-1X is 512 MB).
+pub const DEFAULT_MEMORY_MB: i32 = 512;
+pub const DEFAULT_PIDS: i32 = 256;
+
+pub struct Store {
+    db: Db,
+    users: UserKeys,
+    apps_domain: Option<String>,
+}
+
+/// A change that subscribers should hear of once it has committed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Changed {
+    pub app: String,
+    pub what: &'static str,
+}
+
+/// A reply and the changes it made.
+pub type Reply = (Value, Vec<Changed>);
+
+fn changed(app: &str, what: &'static str) -> Vec<Changed> {
+    vec![Changed {
+        app: app.to_string(),
+        what,
+    }]
+}
+
+/// A database failure before COMMIT: nothing was done.
+pub fn pg(e: PgError) -> WireError {
+    if let Some(db) = e.as_db_error() {
+        if db.code() == &tokio_postgres::error::SqlState::UNIQUE_VIOLATION {
+            return WireError::new(Code::Conflict, format!("already exists ({})", db.message()));
+        }
+    }
+    let why = paddock_db::chain(&e);
+    if paddock_db::is_transient(&e) {
+        WireError::unavailable(format!(
+            "the api's database is unavailable ({why}); nothing was done, retry shortly"
+        ))
+    } else {
+        WireError::internal(format!("database error: {why}"))
+    }
+}
+
+fn pool(e: paddock_db::DbError) -> WireError {
+    WireError::unavailable(format!(
+        "the api's database is unavailable ({}); nothing was done, retry shortly",
+        paddock_db::chain(&e)
+    ))
+}
+
+async fn commit(tx: deadpool_postgres::Transaction<'_>) -> Result<(), WireError> {
+    tx.commit().await.map_err(|e| {
+        WireError::new(
+            Code::UnknownOutcome,
+            format!(
+                "the api's database failed while committing ({}); the change may or may not have been made: look before repeating it",
+                paddock_db::chain(&e)
+            ),
+        )
+    })
+}
+
+async fn q(
+    c: &impl GenericClient,
+    sql: &str,
+    params: &[&(dyn ToSql + Sync)],
+) -> Result<Vec<Row>, WireError> {
+    let st = c.prepare_cached(sql).await.map_err(pg)?;
+    c.query(&st, params).await.map_err(pg)
+}
+
+async fn q1(
+    c: &impl GenericClient,
+    sql: &str,
+    params: &[&(dyn ToSql + Sync)],
+) -> Result<Option<Row>, WireError> {
+    Ok(q(c, sql, params).await?.into_iter().next())
+}
+
+async fn exec(
+    c: &impl GenericClient,
+    sql: &str,
+    params: &[&(dyn ToSql + Sync)],
+) -> Result<u64, WireError> {
+    let st = c.prepare_cached(sql).await.map_err(pg)?;
+    c.execute(&st, params).await.map_err(pg)
+}
+
+/// Writes the audit row of a change, in the change's transaction.
+async fn audit(
+    c: &impl GenericClient,
+    who: &Who,
+    kind: &str,
+    app: Option<&str>,
+    detail: Value,
+) -> Result<i64, WireError> {
+    let row = q1(
+        c,
+        "INSERT INTO api_audit (actor, key_id, kind, app, detail) VALUES ($1, $2, $3, $4, $5) RETURNING id",
+        &[&who.actor(), &who.key_id(), &kind, &app, &detail],
+    )
+    .await?
+    .ok_or_else(|| WireError::internal("audit insert returned nothing"))?;
+    Ok(row.get(0))
+}
+
+fn not_found(what: impl Into<String>) -> WireError {
+    WireError::new(Code::NotFound, what)
+}
+
+fn conflict(what: impl Into<String>) -> WireError {
+    WireError::new(Code::Conflict, what)
+}
+
+/// An app the caller may touch.
+struct AppRow {
+    id: i64,
+    name: String,
+    role: Option<Role>,
+}
+
+const MS: &str = "(extract(epoch from created_at) * 1000)::bigint";
+
+const RELEASE_COLS: &str =
+    "r.version, r.slug, r.process_types, r.config, r.healthchecks, r.description, \
+     r.created_by, r.status, r.status_message, (extract(epoch from r.created_at) * 1000)::bigint, \
+     a.current_release";
+
+fn release_json(r: &Row, with_config: bool) -> Value {
+    let version: i32 = r.get(0);
+    let config: Value = r.get(3);
+    let names: Vec<&String> = config
+        .as_object()
+        .map(|m| m.keys().collect())
+        .unwrap_or_default();
+    let current: Option<i32> = r.get(10);
+    let mut v = json!({
+        "version": version,
+        "slug": r.get::<_, Option<String>>(1),
+        "process_types": r.get::<_, Value>(2),
+        "config_names": names,
+        "healthchecks": r.get::<_, Value>(4),
+        "description": r.get::<_, String>(5),
+        "created_by": r.get::<_, String>(6),
+        "status": r.get::<_, String>(7),
+        "status_message": r.get::<_, String>(8),
+        "created_at": r.get::<_, i64>(9),
+        "current": current == Some(version),
+    });
+    if with_config {
+        v["config"] = config;
+    }
+    v
+}
+
+/// A fresh user key: id, HMAC secret (derived, never stored), CURVE keypair.
+struct NewKey {
+    key_id: String,
+    secret: String,
+    curve_public: String,
+    curve_secret: String,
+}
+
+impl Store {
+    pub fn new(db: Db, users: UserKeys, apps_domain: Option<String>) -> Store {
+        Store {
+            db,
+            users,
+            apps_domain,
+        }
+    }
+
+    async fn conn(&self) -> Result<paddock_db::Object, WireError> {
+        self.db.get().await.map_err(pool)
+    }
+
+    fn new_key(&self) -> Result<NewKey, WireError> {
+        let key_id = format!(
+            "{USER_KEY_PREFIX}{}",
+            ulid::Ulid::new().to_string().to_lowercase()
+        );
+        let secret = self
+            .users
+            .secret(&key_id)
+            .ok_or_else(|| WireError::internal("cannot derive a user key"))?;
+        let (curve_public, curve_secret) = paddock_wire::curve::generate()
+            .map_err(|e| WireError::internal(format!("cannot make a CURVE keypair: {e}")))?;
+        Ok(NewKey {
+            key_id,
+            secret: hex::encode(secret),
+            curve_public,
+            curve_secret,
+        })
+    }
+
+    /// Who signed: the cluster, or a live user key (else `unknown_key`).
+    pub async fn resolve(&self, key_id: &str, user: bool, from: &str) -> Result<Who, WireError> {
+        if !user {
+            return Ok(Who::Cluster {
+                from: from.to_string(),
+                key_id: key_id.to_string(),
+            });
+        }
+        let c = self.conn().await?;
+        let row = q1(
+            &c,
+            "SELECT u.id, u.name, u.admin, u.disabled, k.revoked_at IS NOT NULL
+             FROM api_keys k JOIN api_users u ON u.id = k.user_id WHERE k.key_id = $1",
+            &[&key_id],
+        )
+        .await?;
+        match row {
+            Some(r) if !r.get::<_, bool>(3) && !r.get::<_, bool>(4) => Ok(Who::User {
+                id: r.get(0),
+                name: r.get(1),
+                admin: r.get(2),
+                key_id: key_id.to_string(),
+            }),
+            Some(r) if r.get::<_, bool>(3) => Err(WireError::new(
+                Code::UnknownKey,
+                format!(
+                    "user {} is disabled; ask your operator",
+                    r.get::<_, String>(1)
+                ),
+            )),
+            Some(_) => Err(WireError::new(
+                Code::UnknownKey,
+                format!(
+                    "key {key_id} was revoked; log in again with new credentials (`paddock login`)"
+                ),
+            )),
+            None => Err(WireError::new(
+                Code::UnknownKey,
+                format!("key {key_id} is not known to this cluster's api"),
+            )),
+        }
+    }
+
+    /// The CURVE keys of every live user key (the rpc socket admits them).
+    pub async fn admitted_curve_keys(&self) -> Result<Vec<String>, WireError> {
+        let c = self.conn().await?;
+        let rows = q(
+            &c,
+            "SELECT k.curve_public FROM api_keys k JOIN api_users u ON u.id = k.user_id
+             WHERE k.revoked_at IS NULL AND NOT u.disabled",
+            &[],
+        )
+        .await?;
+        Ok(rows.iter().map(|r| r.get(0)).collect())
+    }
+
+    async fn app_for(
+        &self,
+        c: &impl GenericClient,
+        who: &Who,
+        name: &str,
+        need: Need,
+        what: &str,
+        lock: bool,
+    ) -> Result<AppRow, WireError> {
+        names::app(name).map_err(|_| not_found(format!("app {name:?} does not exist")))?;
+        let sql = if lock {
+            "SELECT a.id, a.name, (SELECT role FROM api_access WHERE app_id = a.id AND user_id = $2)
+             FROM api_apps a WHERE a.name = $1 FOR UPDATE OF a"
+        } else {
+            "SELECT a.id, a.name, (SELECT role FROM api_access WHERE app_id = a.id AND user_id = $2)
+             FROM api_apps a WHERE a.name = $1"
+        };
+        let uid = who.user_id().unwrap_or(-1);
+        let row = q1(c, sql, &[&name, &uid]).await?.ok_or_else(|| {
+            not_found(format!(
+                "app {name} does not exist (`paddock apps` lists yours)"
+            ))
+        })?;
+        let role = row
+            .get::<_, Option<String>>(2)
+            .and_then(|r| Role::parse(&r));
+        check_app(who, role, need, name, what)?;
+        Ok(AppRow {
+            id: row.get(0),
+            name: row.get(1),
+            role,
+        })
+    }
+
+    async fn user_id(&self, c: &impl GenericClient, name: &str) -> Result<i64, WireError> {
+        q1(c, "SELECT id FROM api_users WHERE name = $1", &[&name])
+            .await?
+            .map(|r| r.get(0))
+            .ok_or_else(|| not_found(format!("user {name} does not exist")))
+    }
+
+    /// The user a `user` field names, or the caller; refuses another's unless admin.
+    fn target_user<'a>(&self, who: &'a Who, b: &Body<'a>, what: &str) -> Result<String, WireError> {
+        match b.opt_str("user")? {
+            Some(u) => {
+                check_self(who, u, what)?;
+                Ok(u.to_string())
+            }
+            None => who
+                .user_name()
+                .map(str::to_string)
+                .ok_or_else(|| WireError::invalid("`user` is required when the cluster key asks")),
+        }
+    }
+
+    // ---- identity ----------------------------------------------------------
+
+    pub async fn whoami(&self, who: &Who) -> Result<Reply, WireError> {
+        Ok((
+            match who {
+                Who::Cluster { key_id, from } => {
+                    json!({"user": null, "cluster": true, "admin": true, "key_id": key_id, "from": from})
+                }
+                Who::User {
+                    name,
+                    admin,
+                    key_id,
+                    ..
+                } => json!({"user": name, "admin": admin, "key_id": key_id, "cluster": false}),
+            },
+            vec![],
+        ))
+    }
+
+    async fn insert_key(&self, c: &impl GenericClient, user_id: i64) -> Result<NewKey, WireError> {
+        let k = self.new_key()?;
+        exec(
+            c,
+            "INSERT INTO api_keys (key_id, user_id, curve_public) VALUES ($1, $2, $3)",
+            &[&k.key_id, &user_id, &k.curve_public],
+        )
+        .await?;
+        Ok(k)
+    }
+
+    fn key_reply(user: &str, admin: bool, k: &NewKey) -> Value {
+        json!({
+            "user": user,
+            "admin": admin,
+            "key_id": k.key_id,
+            "secret": k.secret,
+            "curve": {"client_public": k.curve_public, "client_secret": k.curve_secret},
+        })
+    }
+
+    pub async fn user_create(&self, who: &Who, v: &Value) -> Result<Reply, WireError> {
+        who.require_admin("create users")?;
+        let b = Body::of(v)?;
+        let name = b.str("name")?;
+        names::user(name)?;
+        let admin = b.opt_bool("admin")?.unwrap_or(false);
+        let mut c = self.conn().await?;
+        let tx = c.transaction().await.map_err(pg)?;
+        let row = q1(
+            &tx,
+            "INSERT INTO api_users (name, admin) VALUES ($1, $2) ON CONFLICT (name) DO NOTHING RETURNING id",
+            &[&name, &admin],
+        )
+        .await?
+        .ok_or_else(|| conflict(format!("user {name} already exists")))?;
+        let k = self.insert_key(&tx, row.get(0)).await?;
+        audit(
+            &tx,
+            who,
+            "user.create",
+            None,
+            json!({"user": name, "admin": admin, "key_id": k.key_id}),
+        )
+        .await?;
+        commit(tx).await?;
+        Ok((Self::key_reply(name, admin, &k), vec![]))
+    }
+
+    pub async fn user_list(&self, who: &Who) -> Result<Reply, WireError> {
+        who.require_admin("list users")?;
+        let c = self.conn().await?;
+        let rows = q(
+            &c,
+            &format!(
+                "SELECT name, admin, disabled, {MS},
+                   (SELECT count(*) FROM api_keys k WHERE k.user_id = u.id AND k.revoked_at IS NULL)
+                 FROM api_users u ORDER BY name"
+            ),
+            &[],
+        )
+        .await?;
+        let users: Vec<Value> = rows
+            .iter()
+            .map(|r| {
+                json!({"name": r.get::<_, String>(0), "admin": r.get::<_, bool>(1),
+                       "disabled": r.get::<_, bool>(2), "created_at": r.get::<_, i64>(3),
+                       "keys": r.get::<_, i64>(4)})
+            })
+            .collect();
+        Ok((json!({ "users": users }), vec![]))
+    }
+
+    pub async fn user_revoke(&self, who: &Who, v: &Value) -> Result<Reply, WireError> {
+        who.require_admin("revoke users")?;
+        let b = Body::of(v)?;
+        let name = b.str("name")?;
+        let mut c = self.conn().await?;
+        let tx = c.transaction().await.map_err(pg)?;
+        let uid = self.user_id(&tx, name).await?;
+        exec(
+            &tx,
+            "UPDATE api_users SET disabled = true WHERE id = $1",
+            &[&uid],
+        )
+        .await?;
+        let n = exec(
+            &tx,
+            "UPDATE api_keys SET revoked_at = now() WHERE user_id = $1 AND revoked_at IS NULL",
+            &[&uid],
+        )
+        .await?;
+        audit(
+            &tx,
+            who,
+            "user.revoke",
+            None,
+            json!({"user": name, "revoked_keys": n}),
+        )
+        .await?;
+        commit(tx).await?;
+        Ok((json!({ "revoked_keys": n }), vec![]))
+    }
+
+    pub async fn key_create(&self, who: &Who, v: &Value) -> Result<Reply, WireError> {
+        let b = Body::of(v)?;
+        let target = self.target_user(who, &b, "create keys")?;
+        let mut c = self.conn().await?;
+        let tx = c.transaction().await.map_err(pg)?;
+        let row = q1(
+            &tx,
+            "SELECT id, admin, disabled FROM api_users WHERE name = $1",
+            &[&target],
+        )
+        .await?
+        .ok_or_else(|| not_found(format!("user {target} does not exist")))?;
+        if row.get::<_, bool>(2) {
+            return Err(conflict(format!("user {target} is disabled")));
+        }
+        let k = self.insert_key(&tx, row.get(0)).await?;
+        audit(
+            &tx,
+            who,
+            "key.create",
+            None,
+            json!({"user": target, "key_id": k.key_id}),
+        )
+        .await?;
+        commit(tx).await?;
+        Ok((Self::key_reply(&target, row.get(1), &k), vec![]))
+    }
+
+    pub async fn key_rotate(&self, who: &Who) -> Result<Reply, WireError> {
+        let Who::User {
+            id,
+            name,
+            admin,
+            key_id,
+        } = who
+        else {
+            return Err(WireError::invalid(
+                "key.rotate replaces the calling user key; the cluster key is rotated in the cluster file",
+            ));
+        };
+        let mut c = self.conn().await?;
+        let tx = c.transaction().await.map_err(pg)?;
+        let k = self.insert_key(&tx, *id).await?;
+        exec(
+            &tx,
+            "UPDATE api_keys SET revoked_at = now() WHERE key_id = $1 AND revoked_at IS NULL",
+            &[key_id],
+        )
+        .await?;
+        audit(
+            &tx,
+            who,
+            "key.rotate",
+            None,
+            json!({"user": name, "revoked": key_id, "key_id": k.key_id}),
+        )
+        .await?;
+        commit(tx).await?;
+        Ok((Self::key_reply(name, *admin, &k), vec![]))
+    }
+
+    pub async fn key_list(&self, who: &Who, v: &Value) -> Result<Reply, WireError> {
+        let b = Body::of(v)?;
+        let target = self.target_user(who, &b, "list the keys")?;
+        let c = self.conn().await?;
+        let uid = self.user_id(&c, &target).await?;
+        let rows = q(
+            &c,
+            &format!(
+                "SELECT key_id, {MS}, (extract(epoch from revoked_at) * 1000)::bigint
+                 FROM api_keys WHERE user_id = $1 ORDER BY created_at"
+            ),
+            &[&uid],
+        )
+        .await?;
+        let keys: Vec<Value> = rows
+            .iter()
+            .map(|r| {
+                let id: String = r.get(0);
+                json!({"key_id": id, "created_at": r.get::<_, i64>(1),
+                       "revoked_at": r.get::<_, Option<i64>>(2), "current": id == who.key_id()})
+            })
+            .collect();
+        Ok((json!({ "keys": keys }), vec![]))
+    }
+
+    pub async fn key_revoke(&self, who: &Who, v: &Value) -> Result<Reply, WireError> {
+        let b = Body::of(v)?;
+        let key_id = b.str("key_id")?;
+        let mut c = self.conn().await?;
+        let tx = c.transaction().await.map_err(pg)?;
+        let row = q1(
+            &tx,
+            "SELECT u.name FROM api_keys k JOIN api_users u ON u.id = k.user_id WHERE k.key_id = $1 AND k.revoked_at IS NULL",
+            &[&key_id],
+        )
+        .await?
+        .ok_or_else(|| not_found(format!("key {key_id} does not exist or is already revoked")))?;
+        let owner: String = row.get(0);
+        check_self(who, &owner, "revoke the keys")?;
+        exec(
+            &tx,
+            "UPDATE api_keys SET revoked_at = now() WHERE key_id = $1",
+            &[&key_id],
+        )
+        .await?;
+        audit(
+            &tx,
+            who,
+            "key.revoke",
+            None,
+            json!({"user": owner, "key_id": key_id}),
+        )
+        .await?;
+        commit(tx).await?;
+        Ok((json!({}), vec![]))
+    }
+
+    pub async fn sshkey_add(&self, who: &Who, v: &Value) -> Result<Reply, WireError> {
+        let b = Body::of(v)?;
+        let target = self.target_user(who, &b, "add SSH keys")?;
+        let key = sshkey::parse(b.str("public_key")?)?;
+        let mut c = self.conn().await?;
+        let tx = c.transaction().await.map_err(pg)?;
+        let uid = self.user_id(&tx, &target).await?;
+        let done = q1(
+            &tx,
+            "INSERT INTO api_ssh_keys (fingerprint, user_id, algorithm, public_key, comment)
+             VALUES ($1, $2, $3, $4, $5) ON CONFLICT (fingerprint) DO NOTHING RETURNING 1",
+            &[
+                &key.fingerprint,
+                &uid,
+                &key.algorithm,
+                &key.public_key,
+                &key.comment,
+            ],
+        )
+        .await?;
+        if done.is_none() {
+            return Err(conflict(format!(
+                "SSH key {} is already added (to this or another user); each key belongs to one user",
+                key.fingerprint
+            )));
+        }
+        audit(
+            &tx,
+            who,
+            "sshkey.add",
+            None,
+            json!({"user": target, "fingerprint": key.fingerprint}),
+        )
+        .await?;
+        commit(tx).await?;
+        Ok((
+            json!({"fingerprint": key.fingerprint, "algorithm": key.algorithm, "comment": key.comment}),
+            vec![],
+        ))
+    }
+
+    pub async fn sshkey_list(&self, who: &Who, v: &Value) -> Result<Reply, WireError> {
+        let b = Body::of(v)?;
+        let target = self.target_user(who, &b, "list the SSH keys")?;
+        let c = self.conn().await?;
+        let uid = self.user_id(&c, &target).await?;
+        let rows = q(
+            &c,
+            &format!("SELECT fingerprint, algorithm, comment, {MS} FROM api_ssh_keys WHERE user_id = $1 ORDER BY created_at"),
+            &[&uid],
+        )
+        .await?;
+        let keys: Vec<Value> = rows
+            .iter()
+            .map(|r| {
+                json!({"fingerprint": r.get::<_, String>(0), "algorithm": r.get::<_, String>(1),
+                            "comment": r.get::<_, String>(2), "created_at": r.get::<_, i64>(3)})
+            })
+            .collect();
+        Ok((json!({ "keys": keys }), vec![]))
+    }
+
+    pub async fn sshkey_remove(&self, who: &Who, v: &Value) -> Result<Reply, WireError> {
+        let b = Body::of(v)?;
+        let fp = b.str("fingerprint")?;
+        let mut c = self.conn().await?;
+        let tx = c.transaction().await.map_err(pg)?;
+        let owner: String = q1(
+            &tx,
+            "SELECT u.name FROM api_ssh_keys s JOIN api_users u ON u.id = s.user_id WHERE s.fingerprint = $1",
+            &[&fp],
+        )
+        .await?
+        .map(|r| r.get(0))
+        .ok_or_else(|| not_found(format!("no SSH key has fingerprint {fp} (`paddock keys` lists yours)")))?;
+        check_self(who, &owner, "remove the SSH keys")?;
+        exec(
+            &tx,
+            "DELETE FROM api_ssh_keys WHERE fingerprint = $1",
+            &[&fp],
+        )
+        .await?;
+        audit(
+            &tx,
+            who,
+            "sshkey.remove",
+            None,
+            json!({"user": owner, "fingerprint": fp}),
+        )
+        .await?;
+        commit(tx).await?;
+        Ok((json!({}), vec![]))
+    }
+
+    pub async fn sshkey_lookup(&self, v: &Value) -> Result<Reply, WireError> {
+        let b = Body::of(v)?;
+        let fp = b.str("fingerprint")?;
+        let c = self.conn().await?;
+        let row = q1(
+            &c,
+            "SELECT u.name, s.public_key FROM api_ssh_keys s JOIN api_users u ON u.id = s.user_id
+             WHERE s.fingerprint = $1 AND NOT u.disabled",
+            &[&fp],
+        )
+        .await?
+        .ok_or_else(|| not_found(format!("no user has SSH key {fp}")))?;
+        Ok((
+            json!({"user": row.get::<_, String>(0), "public_key": row.get::<_, String>(1)}),
+            vec![],
+        ))
+    }
+
+    // ---- apps ----------------------------------------------------------------
+
+    pub async fn app_create(&self, who: &Who, v: &Value) -> Result<Reply, WireError> {
+        let b = Body::of(v)?;
+        let given = b.opt_str("name")?;
+        if let Some(n) = given {
+            names::app(n)?;
+        }
+        let owner = match (b.opt_str("owner")?, who) {
+            (Some(o), w) if w.is_admin() => o.to_string(),
+            (Some(o), Who::User { name, .. }) if o == name => o.to_string(),
+            (Some(_), _) => {
+                return Err(forbidden(
+                    "only an admin may create an app for another user",
+                ))
+            }
+            (None, Who::User { name, .. }) => name.clone(),
+            (None, Who::Cluster { .. }) => {
+                return Err(WireError::invalid(
+                    "`owner` is required when the cluster key creates an app",
+                ))
+            }
+        };
+        let mut c = self.conn().await?;
+        // A random name may collide: try a few.
+        for attempt in 0..8 {
+            let name = match given {
+                Some(n) => n.to_string(),
+                None => names::random_app_name(),
+            };
+            let tx = c.transaction().await.map_err(pg)?;
+            let uid = self.user_id(&tx, &owner).await?;
+            let Some(row) = q1(
+                &tx,
+                "INSERT INTO api_apps (name, owner_id, next_release, current_release) VALUES ($1, $2, 2, 1)
+                 ON CONFLICT (name) DO NOTHING RETURNING id",
+                &[&name, &uid],
+            )
+            .await?
+            else {
+                drop(tx);
+                if given.is_some() || attempt == 7 {
+                    return Err(conflict(format!("app name {name} is taken; choose another")));
+                }
+                continue;
+            };
+            let id: i64 = row.get(0);
+            exec(
+                &tx,
+                "INSERT INTO api_access (app_id, user_id, role) VALUES ($1, $2, 'owner')",
+                &[&id, &uid],
+            )
+            .await?;
+            exec(
+                &tx,
+                "INSERT INTO api_releases (app_id, version, description, created_by, status)
+                 VALUES ($1, 1, 'Initial release', $2, 'succeeded')",
+                &[&id, &who.actor()],
+            )
+            .await?;
+            let mut domains = vec![];
+            if let Some(d) = &self.apps_domain {
+                let dom = format!("{name}.{d}");
+                let ok = q1(
+                    &tx,
+                    "INSERT INTO api_domains (domain, app_id, is_default) VALUES ($1, $2, true)
+                     ON CONFLICT (domain) DO NOTHING RETURNING 1",
+                    &[&dom, &id],
+                )
+                .await?;
+                if ok.is_none() {
+                    return Err(conflict(format!(
+                        "the default domain {dom} already belongs to another app; choose another name"
+                    )));
+                }
+                domains.push(dom);
+            }
+            audit(&tx, who, "app.create", Some(&name), json!({"owner": owner})).await?;
+            commit(tx).await?;
+            let app = json!({"name": name, "owner": owner, "role": "owner", "domains": domains,
+                             "current_release": 1, "latest_release": 1});
+            return Ok((json!({ "app": app }), changed(&name, "created")));
+        }
+        unreachable!("the loop returns")
+    }
+
+    pub async fn app_list(&self, who: &Who, v: &Value) -> Result<Reply, WireError> {
+        let b = Body::of(v)?;
+        let all = b.opt_bool("all")?.unwrap_or(false);
+        if all {
+            who.require_admin("list every app")?;
+        }
+        let c = self.conn().await?;
+        let uid = who.user_id().unwrap_or(-1);
+        let every = all || who.user_id().is_none();
+        let rows = q(
+            &c,
+            &format!(
+                "SELECT a.name, u.name, (SELECT role FROM api_access WHERE app_id = a.id AND user_id = $1),
+                   a.current_release, a.next_release - 1, (extract(epoch from a.created_at) * 1000)::bigint
+                 FROM api_apps a JOIN api_users u ON u.id = a.owner_id
+                 WHERE $2 OR EXISTS (SELECT 1 FROM api_access x WHERE x.app_id = a.id AND x.user_id = $1)
+                 ORDER BY a.name"
+            ),
+            &[&uid, &every],
+        )
+        .await?;
+        let apps: Vec<Value> = rows
+            .iter()
+            .map(|r| json!({"name": r.get::<_, String>(0), "owner": r.get::<_, String>(1),
+                            "role": r.get::<_, Option<String>>(2), "current_release": r.get::<_, Option<i32>>(3),
+                            "latest_release": r.get::<_, i32>(4), "created_at": r.get::<_, i64>(5)}))
+            .collect();
+        Ok((json!({ "apps": apps }), vec![]))
+    }
+
+    pub async fn app_info(&self, who: &Who, v: &Value) -> Result<Reply, WireError> {
+        let b = Body::of(v)?;
+        let c = self.conn().await?;
+        let app = self
+            .app_for(&c, who, b.str("app")?, Need::Access, "see it", false)
+            .await?;
+        let row = q1(
+            &c,
+            "SELECT u.name, a.current_release, a.next_release - 1, (extract(epoch from a.created_at) * 1000)::bigint
+             FROM api_apps a JOIN api_users u ON u.id = a.owner_id WHERE a.id = $1",
+            &[&app.id],
+        )
+        .await?
+        .ok_or_else(|| not_found(format!("app {} does not exist", app.name)))?;
+        let domains = self.domains_of(&c, app.id).await?;
+        let formation = self.formation_of(&c, app.id).await?;
+        let access = self.access_of(&c, app.id).await?;
+        let info = json!({
+            "name": app.name,
+            "owner": row.get::<_, String>(0),
+            "role": app.role.map(|r| if r == Role::Owner { "owner" } else { "collaborator" }),
+            "current_release": row.get::<_, Option<i32>>(1),
+            "latest_release": row.get::<_, i32>(2),
+            "created_at": row.get::<_, i64>(3),
+            "domains": domains.iter().map(|d| d["domain"].clone()).collect::<Vec<_>>(),
+            "formation": formation,
+            "collaborators": access,
+        });
+        Ok((json!({ "app": info }), vec![]))
+    }
+
+    /// Deletes every row of the app (the caller cleans up other daemons after).
+    pub async fn app_destroy(
+        &self,
+        who: &Who,
+        v: &Value,
+    ) -> Result<(String, Vec<String>), WireError> {
+        let b = Body::of(v)?;
+        let name = b.str("app")?;
+        let confirm = b.opt_str("confirm")?.unwrap_or("");
+        let mut c = self.conn().await?;
+        let tx = c.transaction().await.map_err(pg)?;
+        let app = self
+            .app_for(&tx, who, name, Need::Owner, "destroy it", true)
+            .await?;
+        if confirm != app.name {
+            return Err(WireError::invalid(format!(
+                "destroying app {name} removes everything it has; repeat its name to confirm (--confirm {name})"
+            )));
+        }
+        let domains: Vec<String> = q(
+            &tx,
+            "SELECT domain FROM api_domains WHERE app_id = $1",
+            &[&app.id],
+        )
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+        exec(&tx, "DELETE FROM api_apps WHERE id = $1", &[&app.id]).await?;
+        audit(
+            &tx,
+            who,
+            "app.destroy",
+            Some(&app.name),
+            json!({"domains": domains}),
+        )
+        .await?;
+        commit(tx).await?;
+        Ok((app.name, domains))
+    }
+
+    async fn access_of(&self, c: &impl GenericClient, app: i64) -> Result<Vec<Value>, WireError> {
+        Ok(q(
+            c,
+            "SELECT u.name, x.role FROM api_access x JOIN api_users u ON u.id = x.user_id
+             WHERE x.app_id = $1 ORDER BY x.role DESC, u.name",
+            &[&app],
+        )
+        .await?
+        .iter()
+        .map(|r| json!({"user": r.get::<_, String>(0), "role": r.get::<_, String>(1)}))
+        .collect())
+    }
+
+    pub async fn access_list(&self, who: &Who, v: &Value) -> Result<Reply, WireError> {
+        let b = Body::of(v)?;
+        let c = self.conn().await?;
+        let app = self
+            .app_for(
+                &c,
+                who,
+                b.str("app")?,
+                Need::Access,
+                "see who has access",
+                false,
+            )
+            .await?;
+        Ok((
+            json!({ "access": self.access_of(&c, app.id).await? }),
+            vec![],
+        ))
+    }
+
+    pub async fn access_add(&self, who: &Who, v: &Value) -> Result<Reply, WireError> {
+        let b = Body::of(v)?;
+        let user = b.str("user")?;
+        let role = b.opt_str("role")?.unwrap_or("collaborator");
+        if role != "collaborator" {
+            return Err(WireError::invalid(format!(
+                "role {role:?} cannot be given: an app has one owner; add `collaborator`s"
+            )));
+        }
+        let mut c = self.conn().await?;
+        let tx = c.transaction().await.map_err(pg)?;
+        let app = self
+            .app_for(
+                &tx,
+                who,
+                b.str("app")?,
+                Need::Owner,
+                "add collaborators",
+                true,
+            )
+            .await?;
+        let uid = self.user_id(&tx, user).await?;
+        let done = q1(
+            &tx,
+            "INSERT INTO api_access (app_id, user_id, role) VALUES ($1, $2, 'collaborator')
+             ON CONFLICT DO NOTHING RETURNING 1",
+            &[&app.id, &uid],
+        )
+        .await?;
+        if done.is_none() {
+            return Err(conflict(format!(
+                "{user} already has access to {}",
+                app.name
+            )));
+        }
+        audit(
+            &tx,
+            who,
+            "access.add",
+            Some(&app.name),
+            json!({"user": user, "role": role}),
+        )
+        .await?;
+        commit(tx).await?;
+        Ok((json!({}), changed(&app.name, "access")))
+    }
+
+    pub async fn access_remove(&self, who: &Who, v: &Value) -> Result<Reply, WireError> {
+        let b = Body::of(v)?;
+        let user = b.str("user")?;
+        let mut c = self.conn().await?;
+        let tx = c.transaction().await.map_err(pg)?;
+        let app = self
+            .app_for(
+                &tx,
+                who,
+                b.str("app")?,
+                Need::Owner,
+                "remove collaborators",
+                true,
+            )
+            .await?;
+        let uid = self.user_id(&tx, user).await?;
+        let role: Option<String> = q1(
+            &tx,
+            "SELECT role FROM api_access WHERE app_id = $1 AND user_id = $2",
+            &[&app.id, &uid],
+        )
+        .await?
+        .map(|r| r.get(0));
+        match role.as_deref() {
+            None => return Err(not_found(format!("{user} has no access to {}", app.name))),
+            Some("owner") => {
+                return Err(WireError::invalid(format!(
+                    "{user} owns {}; the owner cannot be removed",
+                    app.name
+                )))
+            }
+            _ => {}
+        }
+        exec(
+            &tx,
+            "DELETE FROM api_access WHERE app_id = $1 AND user_id = $2",
+            &[&app.id, &uid],
+        )
+        .await?;
+        audit(
+            &tx,
+            who,
+            "access.remove",
+            Some(&app.name),
+            json!({"user": user}),
+        )
+        .await?;
+        commit(tx).await?;
+        Ok((json!({}), changed(&app.name, "access")))
+    }
+
+    // ---- config and releases -------------------------------------------------
+
+    pub async fn config_get(&self, who: &Who, v: &Value) -> Result<Reply, WireError> {
+        let b = Body::of(v)?;
+        let c = self.conn().await?;
+        let app = self
+            .app_for(
+                &c,
+                who,
+                b.str("app")?,
+                Need::Access,
+                "read its config",
+                false,
+            )
+            .await?;
+        let config: Value = q1(&c, "SELECT config FROM api_apps WHERE id = $1", &[&app.id])
+            .await?
+            .map(|r| r.get(0))
+            .unwrap_or_else(|| json!({}));
+        match b.opt_str("name")? {
+            None => Ok((json!({ "config": config }), vec![])),
+            Some(n) => match config.get(n) {
+                Some(val) => Ok((json!({"name": n, "value": val}), vec![])),
+                None => Err(not_found(format!(
+                    "config var {n} is not set on {}",
+                    app.name
+                ))),
+            },
+        }
+    }
+
+    /// Makes a new release from the locked app's latest one with `edit` applied, and
+    /// its audit row; `kind`/`detail` describe the change.
+    #[allow(clippy::too_many_arguments)]
+    async fn new_release(
+        &self,
+        tx: &deadpool_postgres::Transaction<'_>,
+        who: &Who,
+        app: &AppRow,
+        config: &BTreeMap<String, String>,
+        base: Option<i32>,
+        description: &str,
+        kind: &str,
+        detail: Value,
+    ) -> Result<Value, WireError> {
+        let config_json = Value::Object(
+            config
+                .iter()
+                .map(|(k, v)| (k.clone(), json!(v)))
+                .collect::<Map<_, _>>(),
+        );
+        // The slug, process types and health checks carry over from `base` (a
+        // rollback's target) or else from the latest release.
+        let from = match base {
+            Some(v) => v,
+            None => q1(
+                tx,
+                "SELECT next_release - 1 FROM api_apps WHERE id = $1",
+                &[&app.id],
+            )
+            .await?
+            .map(|r| r.get(0))
+            .unwrap_or(0),
+        };
+        let row = q1(
+            tx,
+            "WITH n AS (UPDATE api_apps SET next_release = next_release + 1, config = $2
+                        WHERE id = $1 RETURNING next_release - 1 AS v),
+                  prev AS (SELECT slug, process_types, healthchecks FROM api_releases WHERE app_id = $1 AND version = $3)
+             INSERT INTO api_releases (app_id, version, slug, process_types, config, healthchecks, description, created_by, status)
+             SELECT $1, n.v, prev.slug, COALESCE(prev.process_types, '{}'), $2, COALESCE(prev.healthchecks, '{}'), $4, $5,
+                    CASE WHEN prev.slug IS NULL THEN 'succeeded' ELSE 'pending' END
+             FROM n LEFT JOIN prev ON true
+             RETURNING version, slug IS NULL",
+            &[&app.id, &config_json, &from, &description, &who.actor()],
+        )
+        .await?
+        .ok_or_else(|| WireError::internal("release insert returned nothing"))?;
+        let version: i32 = row.get(0);
+        if row.get::<_, bool>(1) {
+            // Nothing to roll out: it is the current release at once.
+            exec(
+                tx,
+                "UPDATE api_apps SET current_release = $2 WHERE id = $1",
+                &[&app.id, &version],
+            )
+            .await?;
+        }
+        let mut detail = detail;
+        detail["version"] = json!(version);
+        audit(tx, who, kind, Some(&app.name), detail).await?;
+        self.release(tx, app.id, version, false).await
+    }
+
+    async fn release(
+        &self,
+        c: &impl GenericClient,
+        app: i64,
+        version: i32,
+        with_config: bool,
+    ) -> Result<Value, WireError> {
+        let row = q1(
+            c,
+            &format!("SELECT {RELEASE_COLS} FROM api_releases r JOIN api_apps a ON a.id = r.app_id WHERE r.app_id = $1 AND r.version = $2"),
+            &[&app, &version],
+        )
+        .await?
+        .ok_or_else(|| not_found(format!("release v{version} does not exist (`paddock releases` lists them)")))?;
+        Ok(release_json(&row, with_config))
+    }
+
+    async fn locked_config(
+        &self,
+        tx: &deadpool_postgres::Transaction<'_>,
+        app: i64,
+    ) -> Result<BTreeMap<String, String>, WireError> {
+        let config: Value = q1(tx, "SELECT config FROM api_apps WHERE id = $1", &[&app])
+            .await?
+            .map(|r| r.get(0))
+            .unwrap_or_else(|| json!({}));
+        Ok(config
+            .as_object()
+            .map(|m| {
+                m.iter()
+                    .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_string()))
+                    .collect()
+            })
+            .unwrap_or_default())
+    }
+
+    pub async fn config_set(&self, who: &Who, v: &Value) -> Result<Reply, WireError> {
+        let b = Body::of(v)?;
+        let vars = b
+            .opt("vars")
+            .and_then(Value::as_object)
+            .ok_or_else(|| WireError::invalid("`vars` must be an object of NAME: \"value\""))?;
+        if vars.is_empty() {
+            return Err(WireError::invalid(
+                "`vars` is empty: set at least one NAME=value",
+            ));
+        }
+        let mut set = BTreeMap::new();
+        for (k, val) in vars {
+            names::config_name(k)?;
+            let s = val
+                .as_str()
+                .ok_or_else(|| WireError::invalid(format!("config var {k} must be a string")))?;
+            set.insert(k.clone(), s.to_string());
+        }
+        names::config_sizes(&set)?;
+        let mut c = self.conn().await?;
+        let tx = c.transaction().await.map_err(pg)?;
+        let app = self
+            .app_for(
+                &tx,
+                who,
+                b.str("app")?,
+                Need::Access,
+                "change its config",
+                true,
+            )
+            .await?;
+        let mut config = self.locked_config(&tx, app.id).await?;
+        let names: Vec<&String> = set.keys().collect();
+        let description = format!(
+            "Set {}",
+            names
+                .iter()
+                .map(|s| s.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        let detail = json!({ "set": names });
+        config.extend(set.clone());
+        names::config_sizes(&config)?;
+        let release = self
+            .new_release(
+                &tx,
+                who,
+                &app,
+                &config,
+                None,
+                &description,
+                "config.set",
+                detail,
+            )
+            .await?;
+        commit(tx).await?;
+        Ok((json!({ "release": release }), changed(&app.name, "config")))
+    }
+
+    pub async fn config_unset(&self, who: &Who, v: &Value) -> Result<Reply, WireError> {
+        let b = Body::of(v)?;
+        let names: Vec<String> = b
+            .opt("names")
+            .and_then(Value::as_array)
+            .ok_or_else(|| WireError::invalid("`names` must be a list of config var names"))?
+            .iter()
+            .map(|n| {
+                n.as_str()
+                    .map(str::to_string)
+                    .ok_or_else(|| WireError::invalid("`names` must hold strings"))
+            })
+            .collect::<Result<_, _>>()?;
+        if names.is_empty() {
+            return Err(WireError::invalid(
+                "`names` is empty: name at least one var to unset",
+            ));
+        }
+        let mut c = self.conn().await?;
+        let tx = c.transaction().await.map_err(pg)?;
+        let app = self
+            .app_for(
+                &tx,
+                who,
+                b.str("app")?,
+                Need::Access,
+                "change its config",
+                true,
+            )
+            .await?;
+        let mut config = self.locked_config(&tx, app.id).await?;
+        let missing: Vec<&String> = names.iter().filter(|n| !config.contains_key(*n)).collect();
+        if !missing.is_empty() {
+            return Err(not_found(format!(
+                "{} not set on {}; nothing was changed",
+                missing
+                    .iter()
+                    .map(|s| s.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                app.name
+            )));
+        }
+        for n in &names {
+            config.remove(n);
+        }
+        let description = format!("Unset {}", names.join(", "));
+        let release = self
+            .new_release(
+                &tx,
+                who,
+                &app,
+                &config,
+                None,
+                &description,
+                "config.unset",
+                json!({ "unset": names }),
+            )
+            .await?;
+        commit(tx).await?;
+        Ok((json!({ "release": release }), changed(&app.name, "config")))
+    }
+
+    pub async fn release_list(&self, who: &Who, v: &Value) -> Result<Reply, WireError> {
+        let b = Body::of(v)?;
+        let n = limit(&b, 15, 1000)?;
+        let c = self.conn().await?;
+        let app = self
+            .app_for(
+                &c,
+                who,
+                b.str("app")?,
+                Need::Access,
+                "list its releases",
+                false,
+            )
+            .await?;
+        let rows = q(
+            &c,
+            &format!(
+                "SELECT {RELEASE_COLS} FROM api_releases r JOIN api_apps a ON a.id = r.app_id
+                      WHERE r.app_id = $1 ORDER BY r.version DESC LIMIT $2"
+            ),
+            &[&app.id, &n],
+        )
+        .await?;
+        let releases: Vec<Value> = rows.iter().map(|r| release_json(r, false)).collect();
+        Ok((json!({ "releases": releases }), vec![]))
+    }
+
+    pub async fn release_info(&self, who: &Who, v: &Value) -> Result<Reply, WireError> {
+        let b = Body::of(v)?;
+        let version = b
+            .version("version")?
+            .ok_or_else(|| WireError::invalid("`version` is required"))?;
+        let c = self.conn().await?;
+        let app = self
+            .app_for(
+                &c,
+                who,
+                b.str("app")?,
+                Need::Access,
+                "see its releases",
+                false,
+            )
+            .await?;
+        Ok((
+            json!({ "release": self.release(&c, app.id, version, true).await? }),
+            vec![],
+        ))
+    }
+
+    pub async fn rollback(&self, who: &Who, v: &Value) -> Result<Reply, WireError> {
+        let b = Body::of(v)?;
+        let wanted = b.version("version")?;
+        let mut c = self.conn().await?;
+        let tx = c.transaction().await.map_err(pg)?;
+        let app = self
+            .app_for(&tx, who, b.str("app")?, Need::Access, "roll it back", true)
+            .await?;
+        let target = match wanted {
+            Some(v) => v,
+            None => q1(
+                &tx,
+                "SELECT max(r.version) FROM api_releases r JOIN api_apps a ON a.id = r.app_id
+                 WHERE r.app_id = $1 AND r.version < a.current_release AND r.status = 'succeeded'",
+                &[&app.id],
+            )
+            .await?
+            .and_then(|r| r.get::<_, Option<i32>>(0))
+            .ok_or_else(|| {
+                not_found(format!(
+                    "{} has no release before its current one to roll back to",
+                    app.name
+                ))
+            })?,
+        };
+        let row = q1(
+            &tx,
+            "SELECT config FROM api_releases WHERE app_id = $1 AND version = $2",
+            &[&app.id, &target],
+        )
+        .await?
+        .ok_or_else(|| {
+            not_found(format!(
+                "release v{target} of {} does not exist (`paddock releases` lists them)",
+                app.name
+            ))
+        })?;
+        let config: Value = row.get(0);
+        let config: BTreeMap<String, String> = config
+            .as_object()
+            .map(|m| {
+                m.iter()
+                    .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_string()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let release = self
+            .new_release(
+                &tx,
+                who,
+                &app,
+                &config,
+                Some(target),
+                &format!("Rollback to v{target}"),
+                "rollback",
+                json!({ "to": target }),
+            )
+            .await?;
+        commit(tx).await?;
+        Ok((json!({ "release": release }), changed(&app.name, "release")))
+    }
+
+    pub async fn release_create(&self, who: &Who, v: &Value) -> Result<Reply, WireError> {
+        let b = Body::of(v)?;
+        let slug = b.str("slug")?;
+        if slug.is_empty()
+            || slug.len() > 200
+            || !slug
+                .bytes()
+                .all(|c| c.is_ascii_alphanumeric() || b":-_.".contains(&c))
+        {
+            return Err(WireError::invalid(
+                "`slug` must be a slug id like sha256:<hex>",
+            ));
+        }
+        let types = b
+            .opt("process_types")
+            .and_then(Value::as_object)
+            .ok_or_else(|| {
+                WireError::invalid("`process_types` must be an object of type: command")
+            })?;
+        for (t, cmd) in types {
+            names::process_type(t)?;
+            if !cmd.as_str().is_some_and(|s| !s.trim().is_empty()) {
+                return Err(WireError::invalid(format!(
+                    "process type {t} needs a command"
+                )));
+            }
+        }
+        let healthchecks = b.opt("healthchecks").cloned().unwrap_or_else(|| json!({}));
+        check_healthchecks(&healthchecks, types)?;
+        let description = b.opt_str("description")?.unwrap_or("Deploy");
+        let created_by = b
+            .opt_str("created_by")?
+            .map(str::to_string)
+            .unwrap_or_else(|| who.actor());
+        let mut c = self.conn().await?;
+        let tx = c.transaction().await.map_err(pg)?;
+        let app = self
+            .app_for(&tx, who, b.str("app")?, Need::Access, "release it", true)
+            .await?;
+        let row = q1(
+            &tx,
+            "WITH n AS (UPDATE api_apps SET next_release = next_release + 1 WHERE id = $1
+                        RETURNING next_release - 1 AS v, config)
+             INSERT INTO api_releases (app_id, version, slug, process_types, config, healthchecks, description, created_by, status)
+             SELECT $1, n.v, $2, $3, n.config, $4, $5, $6, 'pending' FROM n RETURNING version",
+            &[&app.id, &slug, &Value::Object(types.clone()), &healthchecks, &description, &created_by],
+        )
+        .await?
+        .ok_or_else(|| WireError::internal("release insert returned nothing"))?;
+        let version: i32 = row.get(0);
+        // New process types join the formation: web at 1 (as on Heroku), others at 0.
+        for t in types.keys() {
+            let qty: i32 = if t == "web" { 1 } else { 0 };
+            exec(
+                &tx,
+                "INSERT INTO api_formation (app_id, process_type, quantity, memory_mb, pids)
+                 VALUES ($1, $2, $3, $4, $5) ON CONFLICT DO NOTHING",
+                &[&app.id, t, &qty, &DEFAULT_MEMORY_MB, &DEFAULT_PIDS],
+            )
+            .await?;
+        }
+        audit(
+            &tx,
+            who,
+            "release.create",
+            Some(&app.name),
+            json!({"version": version, "slug": slug, "by": created_by}),
+        )
+        .await?;
+        let release = self.release(&tx, app.id, version, false).await?;
+        commit(tx).await?;
+        Ok((json!({ "release": release }), changed(&app.name, "release")))
+    }
+
+    pub async fn release_status(&self, who: &Who, v: &Value) -> Result<Reply, WireError> {
+        let b = Body::of(v)?;
+        let version = b
+            .version("version")?
+            .ok_or_else(|| WireError::invalid("`version` is required"))?;
+        let status = b.str("status")?;
+        if status != "succeeded" && status != "failed" {
+            return Err(WireError::invalid(
+                "`status` must be \"succeeded\" or \"failed\"",
+            ));
+        }
+        let message = b.opt_str("message")?.unwrap_or("");
+        let mut c = self.conn().await?;
+        let tx = c.transaction().await.map_err(pg)?;
+        let app = self
+            .app_for(
+                &tx,
+                who,
+                b.str("app")?,
+                Need::Access,
+                "set a release's status",
+                true,
+            )
+            .await?;
+        let now: String = q1(
+            &tx,
+            "SELECT status FROM api_releases WHERE app_id = $1 AND version = $2",
+            &[&app.id, &version],
+        )
+        .await?
+        .map(|r| r.get(0))
+        .ok_or_else(|| not_found(format!("release v{version} of {} does not exist", app.name)))?;
+        if now != "pending" {
+            return Err(conflict(format!(
+                "release v{version} of {} is already {now}",
+                app.name
+            )));
+        }
+        exec(
+            &tx,
+            "UPDATE api_releases SET status = $3, status_message = $4 WHERE app_id = $1 AND version = $2",
+            &[&app.id, &version, &status, &message],
+        )
+        .await?;
+        if status == "succeeded" {
+            exec(
+                &tx,
+                "UPDATE api_apps SET current_release = $2 WHERE id = $1 AND (current_release IS NULL OR current_release < $2)",
+                &[&app.id, &version],
+            )
+            .await?;
+        }
+        audit(
+            &tx,
+            who,
+            "release.status",
+            Some(&app.name),
+            json!({"version": version, "status": status}),
+        )
+        .await?;
+        let release = self.release(&tx, app.id, version, false).await?;
+        commit(tx).await?;
+        Ok((json!({ "release": release }), changed(&app.name, "release")))
+    }
+
+    // ---- formation -------------------------------------------------------------
+
+    async fn formation_of(
+        &self,
+        c: &impl GenericClient,
+        app: i64,
+    ) -> Result<Vec<Value>, WireError> {
+        let rows = q(
+            c,
+            "SELECT f.process_type, f.quantity, f.memory_mb, f.pids,
+                    (SELECT r.process_types ->> f.process_type FROM api_releases r
+                     WHERE r.app_id = f.app_id ORDER BY r.version DESC LIMIT 1)
+             FROM api_formation f WHERE f.app_id = $1 ORDER BY f.process_type",
+            &[&app],
+        )
+        .await?;
+        Ok(rows
+            .iter()
+            .map(|r| {
+                json!({"type": r.get::<_, String>(0), "quantity": r.get::<_, i32>(1),
+                            "memory_mb": r.get::<_, i32>(2), "pids": r.get::<_, i32>(3),
+                            "command": r.get::<_, Option<String>>(4)})
+            })
+            .collect())
+    }
+
+    pub async fn formation_get(&self, who: &Who, v: &Value) -> Result<Reply, WireError> {
+        let b = Body::of(v)?;
+        let c = self.conn().await?;
+        let app = self
+            .app_for(
+                &c,
+                who,
+                b.str("app")?,
+                Need::Access,
+                "see its formation",
+                false,
+            )
+            .await?;
+        Ok((
+            json!({ "formation": self.formation_of(&c, app.id).await? }),
+            vec![],
+        ))
+    }
+
+    pub async fn formation_scale(&self, who: &Who, v: &Value) -> Result<Reply, WireError> {
+        let b = Body::of(v)?;
+        let changes = b
+            .opt("changes")
+            .and_then(Value::as_array)
+            .filter(|a| !a.is_empty())
+            .ok_or_else(|| {
+                WireError::invalid("`changes` must be a non-empty list of {\"type\", \"quantity\"}")
+            })?;
+        let mut c = self.conn().await?;
+        let tx = c.transaction().await.map_err(pg)?;
+        let app = self
+            .app_for(&tx, who, b.str("app")?, Need::Access, "scale it", true)
+            .await?;
+        let types: Value = q1(
+            &tx,
+            "SELECT process_types FROM api_releases WHERE app_id = $1 ORDER BY version DESC LIMIT 1",
+            &[&app.id],
+        )
+        .await?
+        .map(|r| r.get(0))
+        .unwrap_or_else(|| json!({}));
+        let types = types.as_object().cloned().unwrap_or_default();
+        let mut detail = vec![];
+        for ch in changes {
+            let cb = Body::of(ch)?;
+            let t = cb.str("type")?;
+            if !types.contains_key(t) {
+                let known: Vec<&String> = types.keys().collect();
+                return Err(WireError::invalid(if known.is_empty() {
+                    format!("{} has no process types yet: push a build first", app.name)
+                } else {
+                    format!(
+                        "{} has no process type {t:?}; its types are {}",
+                        app.name,
+                        known
+                            .iter()
+                            .map(|s| s.as_str())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    )
+                }));
+            }
+            let range = |field: &str, lo: i64, hi: i64| -> Result<Option<i32>, WireError> {
+                match cb.opt_i64(field)? {
+                    None => Ok(None),
+                    Some(n) if (lo..=hi).contains(&n) => Ok(Some(n as i32)),
+                    Some(n) => Err(WireError::invalid(format!(
+                        "{t}: `{field}` must be {lo}-{hi}, not {n}"
+                    ))),
+                }
+            };
+            let qty = range("quantity", 0, 100)?;
+            let mem = range("memory_mb", 64, 65536)?;
+            let pids = range("pids", 16, 32768)?;
+            if qty.is_none() && mem.is_none() && pids.is_none() {
+                return Err(WireError::invalid(format!(
+                    "{t}: give a quantity, memory_mb or pids"
+                )));
+            }
+            exec(
+                &tx,
+                "INSERT INTO api_formation (app_id, process_type, quantity, memory_mb, pids)
+                 VALUES ($1, $2, COALESCE($3, 0), COALESCE($4, $6), COALESCE($5, $7))
+                 ON CONFLICT (app_id, process_type) DO UPDATE SET
+                   quantity = COALESCE($3, api_formation.quantity),
+                   memory_mb = COALESCE($4, api_formation.memory_mb),
+                   pids = COALESCE($5, api_formation.pids)",
+                &[
+                    &app.id,
+                    &t,
+                    &qty,
+                    &mem,
+                    &pids,
+                    &DEFAULT_MEMORY_MB,
+                    &DEFAULT_PIDS,
+                ],
+            )
+            .await?;
+            detail.push(json!({"type": t, "quantity": qty, "memory_mb": mem, "pids": pids}));
+        }
+        audit(
+            &tx,
+            who,
+            "formation.scale",
+            Some(&app.name),
+            json!({ "changes": detail }),
+        )
+        .await?;
+        let formation = self.formation_of(&tx, app.id).await?;
+        commit(tx).await?;
+        Ok((
+            json!({ "formation": formation }),
+            changed(&app.name, "formation"),
+        ))
+    }
+
+    // ---- domains ---------------------------------------------------------------
+
+    async fn domains_of(&self, c: &impl GenericClient, app: i64) -> Result<Vec<Value>, WireError> {
+        Ok(q(c, "SELECT domain, is_default FROM api_domains WHERE app_id = $1 ORDER BY is_default DESC, domain", &[&app])
+            .await?
+            .iter()
+            .map(|r| json!({"domain": r.get::<_, String>(0), "default": r.get::<_, bool>(1)}))
+            .collect())
+    }
+
+    pub async fn domain_list(&self, who: &Who, v: &Value) -> Result<Reply, WireError> {
+        let b = Body::of(v)?;
+        let c = self.conn().await?;
+        let app = self
+            .app_for(
+                &c,
+                who,
+                b.str("app")?,
+                Need::Access,
+                "list its domains",
+                false,
+            )
+            .await?;
+        Ok((
+            json!({ "domains": self.domains_of(&c, app.id).await? }),
+            vec![],
+        ))
+    }
+
+    pub async fn domain_add(&self, who: &Who, v: &Value) -> Result<Reply, WireError> {
+        let b = Body::of(v)?;
+        let d = names::canonical_domain(b.str("domain")?);
+        names::domain(&d, who.is_admin())?;
+        let mut c = self.conn().await?;
+        let tx = c.transaction().await.map_err(pg)?;
+        let app = self
+            .app_for(&tx, who, b.str("app")?, Need::Access, "add domains", true)
+            .await?;
+        let done = q1(
+            &tx,
+            "INSERT INTO api_domains (domain, app_id) VALUES ($1, $2) ON CONFLICT DO NOTHING RETURNING 1",
+            &[&d, &app.id],
+        )
+        .await?;
+        if done.is_none() {
+            let other: Option<String> = q1(
+                &tx,
+                "SELECT a.name FROM api_domains d JOIN api_apps a ON a.id = d.app_id WHERE d.domain = $1",
+                &[&d],
+            )
+            .await?
+            .map(|r| r.get(0));
+            return Err(conflict(match other {
+                Some(o) if o == app.name => format!("{d} is already a domain of {o}"),
+                Some(o) if who.is_admin() => format!("{d} already belongs to app {o}"),
+                _ => format!("{d} already belongs to another app"),
+            }));
+        }
+        audit(
+            &tx,
+            who,
+            "domain.add",
+            Some(&app.name),
+            json!({ "domain": d }),
+        )
+        .await?;
+        commit(tx).await?;
+        Ok((json!({ "domain": d }), changed(&app.name, "domains")))
+    }
+
+    pub async fn domain_remove(&self, who: &Who, v: &Value) -> Result<Reply, WireError> {
+        let b = Body::of(v)?;
+        let d = names::canonical_domain(b.str("domain")?);
+        let mut c = self.conn().await?;
+        let tx = c.transaction().await.map_err(pg)?;
+        let app = self
+            .app_for(
+                &tx,
+                who,
+                b.str("app")?,
+                Need::Access,
+                "remove domains",
+                true,
+            )
+            .await?;
+        let row = q1(
+            &tx,
+            "SELECT is_default FROM api_domains WHERE domain = $1 AND app_id = $2",
+            &[&d, &app.id],
+        )
+        .await?
+        .ok_or_else(|| not_found(format!("{d} is not a domain of {}", app.name)))?;
+        if row.get::<_, bool>(0) {
+            return Err(WireError::invalid(format!(
+                "{d} is {}'s default domain and stays with it",
+                app.name
+            )));
+        }
+        exec(&tx, "DELETE FROM api_domains WHERE domain = $1", &[&d]).await?;
+        audit(
+            &tx,
+            who,
+            "domain.remove",
+            Some(&app.name),
+            json!({ "domain": d }),
+        )
+        .await?;
+        commit(tx).await?;
+        Ok((json!({}), changed(&app.name, "domains")))
+    }
+
+    // ---- audit -----------------------------------------------------------------
+
+    pub async fn audit_list(&self, who: &Who, v: &Value) -> Result<Reply, WireError> {
+        let b = Body::of(v)?;
+        let n = limit(&b, 15, 1000)?;
+        let before = b.opt_i64("before")?.unwrap_or(i64::MAX);
+        let c = self.conn().await?;
+        let app = match b.opt_str("app")? {
+            Some(a) => Some(
+                self.app_for(&c, who, a, Need::Access, "read its audit log", false)
+                    .await?
+                    .name,
+            ),
+            None => None,
+        };
+        let actor = match b.opt_str("user")? {
+            Some(u) => Some(format!("user:{u}")),
+            None => None,
+        };
+        if app.is_none() && !who.is_admin() {
+            // A user without an app reads only their own entries.
+            let me = format!("user:{}", who.user_name().unwrap_or_default());
+            if actor.as_deref().is_some_and(|a| a != me) {
+                return Err(forbidden("only an admin may read another user's audit entries outside an app you can access"));
+            }
+            return self.audit_rows(&c, None, Some(me), before, n).await;
+        }
+        self.audit_rows(&c, app, actor, before, n).await
+    }
+
+    async fn audit_rows(
+        &self,
+        c: &impl GenericClient,
+        app: Option<String>,
+        actor: Option<String>,
+        before: i64,
+        n: i64,
+    ) -> Result<Reply, WireError> {
+        let rows = q(
+            c,
+            "SELECT id, (extract(epoch from at) * 1000)::bigint, actor, key_id, kind, app, detail FROM api_audit
+             WHERE ($1::text IS NULL OR app = $1) AND ($2::text IS NULL OR actor = $2) AND id < $3
+             ORDER BY id DESC LIMIT $4",
+            &[&app, &actor, &before, &n],
+        )
+        .await?;
+        let entries: Vec<Value> = rows
+            .iter()
+            .map(|r| json!({"id": r.get::<_, i64>(0), "at": r.get::<_, i64>(1), "actor": r.get::<_, String>(2),
+                            "key_id": r.get::<_, String>(3), "kind": r.get::<_, String>(4),
+                            "app": r.get::<_, Option<String>>(5), "detail": r.get::<_, Value>(6)}))
+            .collect();
+        Ok((json!({ "entries": entries }), vec![]))
+    }
+
+    pub async fn audit_append(&self, who: &Who, v: &Value) -> Result<Reply, WireError> {
+        let b = Body::of(v)?;
+        let actor = b.str("actor")?;
+        let kind = b.str("kind")?;
+        if actor.is_empty() || actor.len() > 200 || kind.is_empty() || kind.len() > 100 {
+            return Err(WireError::invalid(
+                "`actor` (1-200) and `kind` (1-100) must be given",
+            ));
+        }
+        let app = b.opt_str("app")?;
+        let detail = b.opt("detail").cloned().unwrap_or_else(|| json!({}));
+        if !detail.is_object() {
+            return Err(WireError::invalid("`detail` must be an object"));
+        }
+        let c = self.conn().await?;
+        let row = q1(
+            &c,
+            "INSERT INTO api_audit (actor, key_id, kind, app, detail) VALUES ($1, $2, $3, $4, $5) RETURNING id",
+            &[&actor, &who.key_id(), &kind, &app, &detail],
+        )
+        .await?
+        .ok_or_else(|| WireError::internal("audit insert returned nothing"))?;
+        Ok((json!({ "id": row.get::<_, i64>(0) }), vec![]))
+    }
+
+    // ---- desired state for the scheduler ---------------------------------------
+
+    async fn state_of(
+        &self,
+        c: &impl GenericClient,
+        id: i64,
+        name: &str,
+    ) -> Result<Value, WireError> {
+        let cur: Option<i32> = q1(
+            c,
+            "SELECT current_release FROM api_apps WHERE id = $1",
+            &[&id],
+        )
+        .await?
+        .and_then(|r| r.get(0));
+        let current = match cur {
+            Some(v) => Some(self.release(c, id, v, true).await?),
+            None => None,
+        };
+        let pending: Option<i32> = q1(
+            c,
+            "SELECT max(version) FROM api_releases WHERE app_id = $1 AND status = 'pending' AND version > COALESCE($2, 0)",
+            &[&id, &cur],
+        )
+        .await?
+        .and_then(|r| r.get(0));
+        let pending = match pending {
+            Some(v) => Some(self.release(c, id, v, true).await?),
+            None => None,
+        };
+        let formation = self.formation_of(c, id).await?;
+        let domains: Vec<Value> = self
+            .domains_of(c, id)
+            .await?
+            .into_iter()
+            .map(|d| d["domain"].clone())
+            .collect();
+        // Health checks of the release being rolled out, else the current one's; a
+        // process type with none is checked by a TCP connect to $PORT.
+        let of = pending.as_ref().or(current.as_ref());
+        let mut checks = Map::new();
+        if let Some(r) = of {
+            let given = r["healthchecks"].as_object().cloned().unwrap_or_default();
+            for t in r["process_types"]
+                .as_object()
+                .map(|m| m.keys().cloned().collect::<Vec<_>>())
+                .unwrap_or_default()
+            {
+                let c = given
+                    .get(&t)
+                    .cloned()
+                    .unwrap_or_else(|| json!([{"type": "tcp"}]));
+                checks.insert(t, c);
+            }
+        }
+        Ok(
+            json!({"name": name, "current": current, "pending": pending, "formation": formation,
+                  "domains": domains, "healthchecks": checks}),
+        )
+    }
+
+    pub async fn app_state(&self, v: &Value) -> Result<Reply, WireError> {
+        let b = Body::of(v)?;
+        let name = b.str("app")?;
+        let c = self.conn().await?;
+        let id: i64 = q1(&c, "SELECT id FROM api_apps WHERE name = $1", &[&name])
+            .await?
+            .map(|r| r.get(0))
+            .ok_or_else(|| not_found(format!("app {name} does not exist")))?;
+        Ok((json!({ "app": self.state_of(&c, id, name).await? }), vec![]))
+    }
+
+    pub async fn apps_state(&self) -> Result<Reply, WireError> {
+        let c = self.conn().await?;
+        let rows = q(&c, "SELECT id, name FROM api_apps ORDER BY name", &[]).await?;
+        let mut apps = vec![];
+        for r in rows {
+            apps.push(self.state_of(&c, r.get(0), &r.get::<_, String>(1)).await?);
+        }
+        Ok((json!({ "apps": apps }), vec![]))
+    }
+}
+
+/// Dokku's `healthchecks` from app.json: `{"web": [{"type", "path", "timeout",
+/// "attempts"}]}`, for process types the release has.
+fn check_healthchecks(h: &Value, types: &Map<String, Value>) -> Result<(), WireError> {
+    let m = h.as_object().ok_or_else(|| {
+        WireError::invalid("`healthchecks` must be an object of process type: [checks]")
+    })?;
+    for (t, checks) in m {
+        if !types.contains_key(t) {
+            return Err(WireError::invalid(format!(
+                "healthchecks name process type {t}, which the release does not have"
+            )));
+        }
+        let list = checks
+            .as_array()
+            .ok_or_else(|| WireError::invalid(format!("healthchecks.{t} must be a list")))?;
+        for c in list {
+            let cb = Body::of(c)?;
+            if let Some(p) = cb.opt_str("path")? {
+                if !p.starts_with('/')
+                    || p.len() > 1024
+                    || p.chars().any(|c| c.is_control() || c == ' ')
+                {
+                    return Err(WireError::invalid(format!(
+                        "healthchecks.{t}: path {p:?} must start with / and hold no spaces"
+                    )));
+                }
+            }
+            if let Some(n) = cb.opt_i64("timeout")? {
+                if !(1..=120).contains(&n) {
+                    return Err(WireError::invalid(format!(
+                        "healthchecks.{t}: timeout must be 1-120 seconds"
+                    )));
+                }
+            }
+            if let Some(n) = cb.opt_i64("attempts")? {
+                if !(1..=60).contains(&n) {
+                    return Err(WireError::invalid(format!(
+                        "healthchecks.{t}: attempts must be 1-60"
+                    )));
+                }
+            }
+        }
+    }
+    Ok(())
+}
