@@ -1,11 +1,9 @@
 //! paddock-api against a real PostgreSQL and real daemon processes: user keys,
 //! the authorization matrix, releases under concurrency, audit, crash safety.
 
-use std::time::Duration;
-
 use paddock_integration::api::*;
 use paddock_integration::*;
-use paddock_wire::{Client, ClientError, Code};
+use paddock_wire::{ClientError, Code};
 use serde_json::{json, Value};
 
 fn code(r: Result<Value, ClientError>) -> Code {
@@ -40,4 +38,7 @@ fn a_user_key_works_end_to_end() {
         .call("config.set", json!({"app": "myapp", "vars": {"A": "1"}}))
         .unwrap();
     assert_eq!(r["release"]["version"], 2);
+    let bob = create_user(&n, "bob", false);
+    let r = user_client(&bob).call("app.info", json!({"app": "myapp"}));
+    assert_eq!(code(r), Code::Forbidden);
 }

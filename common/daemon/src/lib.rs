@@ -70,8 +70,11 @@ pub struct Spec {
     /// The api only: the secret its user keys are derived from. With it, the rpc
     /// socket also verifies user keys and admits the CURVE keys the daemon puts in
     /// `Ctx::user_clients`; a user key reaches only `Routes::on_user` handlers.
-    pub user_keys: Option<fn(&ClusterConfig) -> Result<UserKeys, paddock_config::ConfigError>>,
+    pub user_keys: Option<UserKeysFn>,
 }
+
+/// Reads a daemon's user-key secret from the cluster file (see `Spec::user_keys`).
+pub type UserKeysFn = fn(&ClusterConfig) -> Result<UserKeys, paddock_config::ConfigError>;
 
 /// A `Spec::push_to` for daemons that push nothing but beats.
 pub fn no_push_to(_: &ClusterConfig) -> Vec<(String, String)> {

@@ -773,13 +773,11 @@ impl Store {
         let every = all || who.user_id().is_none();
         let rows = q(
             &c,
-            &format!(
-                "SELECT a.name, u.name, (SELECT role FROM api_access WHERE app_id = a.id AND user_id = $1),
-                   a.current_release, a.next_release - 1, (extract(epoch from a.created_at) * 1000)::bigint
-                 FROM api_apps a JOIN api_users u ON u.id = a.owner_id
-                 WHERE $2 OR EXISTS (SELECT 1 FROM api_access x WHERE x.app_id = a.id AND x.user_id = $1)
-                 ORDER BY a.name"
-            ),
+            "SELECT a.name, u.name, (SELECT role FROM api_access WHERE app_id = a.id AND user_id = $1),
+               a.current_release, a.next_release - 1, (extract(epoch from a.created_at) * 1000)::bigint
+             FROM api_apps a JOIN api_users u ON u.id = a.owner_id
+             WHERE $2 OR EXISTS (SELECT 1 FROM api_access x WHERE x.app_id = a.id AND x.user_id = $1)
+             ORDER BY a.name",
             &[&uid, &every],
         )
         .await?;
@@ -1380,7 +1378,7 @@ impl Store {
             })?;
         for (t, cmd) in types {
             names::process_type(t)?;
-            if !cmd.as_str().is_some_and(|s| !s.trim().is_empty()) {
+            if cmd.as_str().is_none_or(|s| s.trim().is_empty()) {
                 return Err(WireError::invalid(format!(
                     "process type {t} needs a command"
                 )));
@@ -1766,10 +1764,7 @@ impl Store {
             ),
             None => None,
         };
-        let actor = match b.opt_str("user")? {
-            Some(u) => Some(format!("user:{u}")),
-            None => None,
-        };
+        let actor = b.opt_str("user")?.map(|u| format!("user:{u}"));
         if app.is_none() && !who.is_admin() {
             // A user without an app reads only their own entries.
             let me = format!("user:{}", who.user_name().unwrap_or_default());
