@@ -95,8 +95,10 @@ struct Api {
     ready: std::cell::Cell<bool>,
     ctx: Ctx,
     cleanup_timeout: Duration,
-    /// Wakes the admitted-keys refresher after a change to keys.
-    keys_changed: tokio::sync::Notify,
+    /// The users' CURVE keys the rpc socket admits (`None` in plaintext).
+    admitted: Option<paddock_wire::curve::Admitted>,
+    /// One refresh of `admitted` at a time, so an older read never replaces a newer.
+    refreshing: tokio::sync::Mutex<()>,
 }
 
 impl Api {
@@ -166,7 +168,11 @@ impl Api {
             env.kind.as_str(),
             "user.create" | "user.revoke" | "key.create" | "key.rotate" | "key.revoke"
         ) {
-            self.keys_changed.notify_one();
+            // Before the reply goes out: a client given a new key connects at once,
+            // and libzmq does not retry a CURVE handshake the ZAP handler refused.
+            if let Err(e) = self.refresh_admitted().await {
+                tracing::warn!("{e:#}; the refresher retries");
+            }
         }
         for c in changes {
             self.ctx
@@ -174,6 +180,24 @@ impl Api {
                 .publish(APP_CHANGED, json!({"app": c.app, "what": c.what}));
         }
         Ok(reply)
+    }
+
+    /// Re-reads the CURVE keys of the live user keys into the rpc socket's set.
+    async fn refresh_admitted(&self) -> anyhow::Result<()> {
+        let Some(admitted) = &self.admitted else {
+            return Ok(());
+        };
+        let _one = self.refreshing.lock().await;
+        let keys = self
+            .store
+            .admitted_curve_keys()
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot read the users' CURVE keys: {}", e.message))?;
+        admitted.replace(
+            keys.iter()
+                .filter_map(|k| paddock_wire::curve::Key::from_z85(k).ok()),
+        );
+        Ok(())
     }
 
     /// `app.destroy`: the rows go in one transaction; then the app's balancer
@@ -233,7 +257,8 @@ pub async fn setup(ctx: Ctx) -> anyhow::Result<Routes> {
         ready: std::cell::Cell::new(false),
         ctx: ctx.clone(),
         cleanup_timeout: s.cleanup_timeout,
-        keys_changed: tokio::sync::Notify::new(),
+        admitted: ctx.user_clients().cloned(),
+        refreshing: tokio::sync::Mutex::new(()),
     });
 
     // Migrate before serving; retried with backoff while the database is down.
@@ -244,7 +269,7 @@ pub async fn setup(ctx: Ctx) -> anyhow::Result<Routes> {
             if !a.ready.get() {
                 paddock_db::migrate(&url).await?;
                 a.ready.set(true);
-                a.keys_changed.notify_one();
+                a.refresh_admitted().await?;
                 tracing::info!("api database ready");
             }
             std::future::pending().await
@@ -252,27 +277,17 @@ pub async fn setup(ctx: Ctx) -> anyhow::Result<Routes> {
     });
 
     // The users' CURVE keys the rpc socket admits: re-read every admit_refresh
-    // (other apis change them too) and at once after a change made here.
-    if let Some(admitted) = ctx.user_clients().cloned() {
+    // (other apis change them too), and by `handle` at once after a change here.
+    if api.admitted.is_some() {
         let (a, every) = (api.clone(), s.admit_refresh);
         ctx.spawn_loop("admit-users", LoopKind::Resilient, move || {
-            let (a, admitted) = (a.clone(), admitted.clone());
+            let a = a.clone();
             async move {
                 loop {
                     if a.ready.get() {
-                        let keys = a.store.admitted_curve_keys().await.map_err(|e| {
-                            anyhow::anyhow!("cannot read the users' CURVE keys: {}", e.message)
-                        })?;
-                        let keys: Vec<_> = keys
-                            .iter()
-                            .filter_map(|k| paddock_wire::curve::Key::from_z85(k).ok())
-                            .collect();
-                        admitted.replace(keys);
+                        a.refresh_admitted().await?;
                     }
-                    tokio::select! {
-                        _ = tokio::time::sleep(every) => {}
-                        _ = a.keys_changed.notified() => {}
-                    }
+                    tokio::time::sleep(every).await;
                 }
             }
         });
