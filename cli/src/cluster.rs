@@ -5,7 +5,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Subcommand;
-use comfy_table::{presets::UTF8_FULL_CONDENSED, Table};
+use comfy_table::presets::{NOTHING, UTF8_FULL_CONDENSED};
+use comfy_table::Table;
 use paddock_config::ClusterConfig;
 use paddock_locker::client::AcquireOptions;
 use paddock_wire::kinds::{self, LockGrant, LockList, Pong, ServiceList, ServiceState};
@@ -16,6 +17,8 @@ pub struct Opts {
     pub config: Option<PathBuf>,
     pub json: bool,
     pub timeout: Duration,
+    /// `-a/--app`, when given (see `identity::app` for the default).
+    pub app: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -56,11 +59,9 @@ fn user() -> String {
     )
 }
 
+/// The cluster file for an operator's verb (`identity::cluster` says which).
 pub(crate) fn load(opts: &Opts) -> Result<ClusterConfig> {
-    let path = ClusterConfig::locate(opts.config.as_deref());
-    ClusterConfig::load(&path).map_err(|e| {
-        anyhow!("{e}\n(pass --config FILE or set PADDOCK_CONFIG; `paddock dev up --dir DIR` writes DIR/paddock.toml)")
-    })
+    crate::identity::cluster(opts)
 }
 
 pub(crate) fn client(cfg: &ClusterConfig, endpoint: &str, timeout: Duration) -> Result<Client> {
@@ -130,8 +131,11 @@ fn ago(ms: i64) -> String {
 
 pub(crate) fn table(header: &[&str]) -> Table {
     let mut t = Table::new();
-    t.load_preset(UTF8_FULL_CONDENSED);
-    if !std::io::IsTerminal::is_terminal(&std::io::stdout()) {
+    // Borders on a terminal only: piped output is plain columns for grep and awk.
+    if std::io::IsTerminal::is_terminal(&std::io::stdout()) {
+        t.load_preset(UTF8_FULL_CONDENSED);
+    } else {
+        t.load_preset(NOTHING);
         t.force_no_tty();
     }
     t.set_header(header.to_vec());

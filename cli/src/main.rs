@@ -1,8 +1,11 @@
-//! `paddock`: the operator's command line.
+//! `paddock`: the customer's and the operator's command line.
 
+mod api;
 mod balancer;
 mod cluster;
 mod dev;
+mod identity;
+mod out;
 mod runner;
 
 use std::path::PathBuf;
@@ -10,11 +13,29 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]
-#[command(name = "paddock", version, about = "Drive a Paddock cluster")]
+#[command(
+    name = "paddock",
+    version,
+    about = "Drive a Paddock cluster: your apps (as a customer) or the cluster (as its operator)",
+    after_help = "Who signs: --config FILE, else $PADDOCK_CONFIG, else your credentials file \
+                  ($XDG_CONFIG_HOME/paddock/credentials, written by `paddock login`), else \
+                  /etc/paddock/paddock.toml, else ./.paddock-dev/paddock.toml. \
+                  The app: -a APP, else the app of the git remote named `paddock`."
+)]
 struct Cli {
-    /// The cluster file (else $PADDOCK_CONFIG, else /etc/paddock/paddock.toml).
+    /// A cluster file (the operator's) or a credentials file (a user's); see below
+    /// for what is used without it.
     #[arg(long, short = 'c', global = true)]
     config: Option<PathBuf>,
+    /// The app (default: the app of the git remote named `paddock` in this repo).
+    #[arg(
+        short = 'a',
+        long = "app",
+        id = "global_app",
+        value_name = "APP",
+        global = true
+    )]
+    app: Option<String>,
     /// Print JSON instead of tables and sentences.
     #[arg(long, global = true)]
     json: bool,
@@ -27,6 +48,86 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Cmd {
+    /// Store your credentials (the document your operator gave you) for later commands.
+    Login {
+        /// The credentials document (default: read it from stdin).
+        #[arg(long, value_name = "FILE")]
+        credentials: Option<PathBuf>,
+    },
+    /// Forget your stored credentials.
+    Logout,
+    /// Who this command signs as.
+    Whoami,
+    /// Your user key.
+    Auth {
+        #[command(subcommand)]
+        cmd: api::AuthCmd,
+    },
+    /// Your apps (no verb), or create, show, destroy one.
+    Apps {
+        /// Every app in the cluster (admins).
+        #[arg(long)]
+        all: bool,
+        #[command(subcommand)]
+        cmd: Option<api::AppsCmd>,
+    },
+    /// The app's config vars (no verb), or get, set, unset them.
+    Config {
+        #[command(subcommand)]
+        cmd: Option<api::ConfigCmd>,
+    },
+    /// The app's releases, newest first (no verb), or one release.
+    Releases {
+        /// How many to show.
+        #[arg(short = 'n', long = "num", default_value_t = api::LIST_DEFAULT)]
+        num: u32,
+        #[command(subcommand)]
+        cmd: Option<api::ReleasesCmd>,
+    },
+    /// Make a new release from vN's code and config (default: the one before the current).
+    Rollback {
+        /// vN
+        version: Option<String>,
+    },
+    /// The app's process types and their quantities (no verb), or scale them.
+    Ps {
+        #[command(subcommand)]
+        cmd: Option<api::PsCmd>,
+    },
+    /// The app's domains (no verb), or add, remove one.
+    Domains {
+        #[command(subcommand)]
+        cmd: Option<api::DomainsCmd>,
+    },
+    /// Who may use the app (no verb), or add, remove a collaborator.
+    Access {
+        #[command(subcommand)]
+        cmd: Option<api::AccessCmd>,
+    },
+    /// Your SSH public keys, for git push (no verb), or add, remove one.
+    Keys {
+        #[command(subcommand)]
+        cmd: Option<api::KeysCmd>,
+    },
+    /// The audit log: the app's (-a or the git remote), else your own entries.
+    Audit {
+        /// How many entries to show.
+        #[arg(short = 'n', long = "num", default_value_t = api::LIST_DEFAULT)]
+        num: u32,
+        /// Only this user's entries.
+        #[arg(long)]
+        user: Option<String>,
+    },
+    /// Users (operator): list them (no verb), create one, revoke one.
+    Users {
+        #[command(subcommand)]
+        cmd: Option<api::UsersCmd>,
+    },
+    /// App instances on runners (operator): ps, run, start, stop, restart, reload, logs.
+    Instance {
+        #[command(subcommand)]
+        cmd: runner::InstanceCmd,
+    },
     /// A local cluster on this machine, for development.
     Dev {
         #[command(subcommand)]
@@ -46,15 +147,6 @@ enum Cmd {
         #[command(subcommand)]
         cmd: cluster::LockCmd,
     },
-    /// Every app instance on every runner.
-    Ps,
-    /// Start, stop, restart, reload an app instance, or read its logs.
-    Instance {
-        #[command(subcommand)]
-        cmd: runner::InstanceCmd,
-    },
-    /// Run a one-off command in an app's environment on a PTY (an operator's tool).
-    Run(runner::RunArgs),
     /// The balancer's routes: list them (no verb), set, remove, add/drain/remove backends.
     Routes {
         /// The balancer on this node (default: this node's, else the newest alive one).
@@ -137,17 +229,27 @@ fn main() {
                 config: cli.config,
                 json: cli.json,
                 timeout: std::time::Duration::from_millis(cli.timeout_ms),
+                app: cli.app,
             };
             match other {
+                Cmd::Login { credentials } => api::login(&opts, credentials),
+                Cmd::Logout => api::logout(&opts),
+                Cmd::Whoami => api::whoami(&opts),
+                Cmd::Auth { cmd } => api::auth(&opts, cmd),
+                Cmd::Apps { all, cmd } => api::apps(&opts, cmd, all),
+                Cmd::Config { cmd } => api::config(&opts, cmd),
+                Cmd::Releases { num, cmd } => api::releases(&opts, cmd, num),
+                Cmd::Rollback { version } => api::rollback(&opts, version),
+                Cmd::Ps { cmd } => api::ps(&opts, cmd),
+                Cmd::Domains { cmd } => api::domains(&opts, cmd),
+                Cmd::Access { cmd } => api::access(&opts, cmd),
+                Cmd::Keys { cmd } => api::keys(&opts, cmd),
+                Cmd::Audit { num, user } => api::audit(&opts, num, user),
+                Cmd::Users { cmd } => api::users(&opts, cmd),
                 Cmd::Status => cluster::status(&opts),
                 Cmd::Ping { daemon, node } => cluster::ping(&opts, &daemon, node.as_deref()),
                 Cmd::Lock { cmd } => cluster::lock(&opts, cmd),
-                Cmd::Ps => runner::ps(&opts),
                 Cmd::Instance { cmd } => runner::instance(&opts, cmd),
-                Cmd::Run(a) => match runner::run(&opts, a) {
-                    Ok(code) => std::process::exit(code),
-                    Err(e) => Err(e),
-                },
                 Cmd::Routes { node, cmd } => balancer::routes(&opts, node.as_deref(), cmd),
                 Cmd::Balancer { node, cmd } => balancer::balancer(&opts, node.as_deref(), cmd),
                 Cmd::Certs { node, cmd } => balancer::certs(&opts, node.as_deref(), cmd),

@@ -1,4 +1,4 @@
-//! Verbs for app instances on runners: ps, instance, run.
+//! Verbs for app instances on runners: `paddock instance ps|run|start|…`.
 
 use std::io::{Read, Write};
 use std::time::Duration;
@@ -15,7 +15,11 @@ use crate::cluster::{client, load, registry, table, Opts};
 
 #[derive(Debug, Subcommand)]
 pub enum InstanceCmd {
-    /// Start an app instance on a runner; prints its id and port.
+    /// Every app instance on every runner.
+    Ps,
+    /// Run a one-off command in an app's environment on a PTY (-a APP).
+    Run(RunArgs),
+    /// Start an app instance (-a APP) on a runner; prints its id and port.
     Start(StartArgs),
     /// Stop an instance (stop signal, grace period, then SIGKILL to everything it started).
     Stop { id: String },
@@ -36,8 +40,6 @@ pub enum InstanceCmd {
 
 #[derive(Debug, Args)]
 pub struct StartArgs {
-    #[arg(long)]
-    app: String,
     #[arg(long, default_value = "web")]
     proc: String,
     /// The app's code directory (absolute; must be readable by the app's user).
@@ -69,8 +71,7 @@ pub struct StartArgs {
 
 #[derive(Debug, Args)]
 pub struct RunArgs {
-    #[arg(long)]
-    app: String,
+    /// The app's code directory (absolute; must be readable by the app's user).
     #[arg(long)]
     dir: String,
     #[arg(long = "env", short = 'e')]
@@ -134,7 +135,7 @@ fn owner(cfg: &ClusterConfig, opts: &Opts, id: &str) -> Result<String> {
             return Ok(ep);
         }
     }
-    bail!("no runner has an instance `{id}` (see `paddock ps`)")
+    bail!("no runner has an instance `{id}` (see `paddock instance ps`)")
 }
 
 fn env_map(pairs: &[String]) -> Result<serde_json::Map<String, Value>> {
@@ -200,9 +201,16 @@ pub fn ps(opts: &Opts) -> Result<()> {
 }
 
 pub fn instance(opts: &Opts, cmd: InstanceCmd) -> Result<()> {
+    let cmd = match cmd {
+        InstanceCmd::Ps => return ps(opts),
+        InstanceCmd::Run(a) => std::process::exit(run(opts, a)?),
+        other => other,
+    };
     let cfg = load(opts)?;
     match cmd {
+        InstanceCmd::Ps | InstanceCmd::Run(_) => unreachable!("handled above"),
         InstanceCmd::Start(a) => {
+            let app = crate::identity::app(opts)?;
             let ep = pick(&cfg, opts, a.node.as_deref())?;
             let health = match (&a.health_http, a.health_none) {
                 (Some(p), _) => json!({"http": p}),
@@ -220,7 +228,7 @@ pub fn instance(opts: &Opts, cmd: InstanceCmd) -> Result<()> {
                 }
             }
             let (command, argv) = command_fields(&a.command);
-            let body = json!({"app": a.app, "proc": a.proc, "dir": a.dir, "command": command, "argv": argv,
+            let body = json!({"app": app, "proc": a.proc, "dir": a.dir, "command": command, "argv": argv,
                               "env": env_map(&a.env)?, "health": health, "limits": limits});
             let v = client(&cfg, &ep, opts.timeout)?.call(kinds::INSTANCE_START, body)?;
             if opts.json {
@@ -365,8 +373,9 @@ fn term_size() -> (u16, u16) {
     }
 }
 
-/// `paddock run`: a one-off command on a PTY; returns its exit code.
+/// `paddock instance run`: a one-off command on a PTY; returns its exit code.
 pub fn run(opts: &Opts, a: RunArgs) -> Result<i32> {
+    let app = crate::identity::app(opts)?;
     let cfg = load(opts)?;
     let ep = pick(&cfg, opts, a.node.as_deref())?;
     let (cols, rows) = term_size();
@@ -374,7 +383,7 @@ pub fn run(opts: &Opts, a: RunArgs) -> Result<i32> {
     let (command, argv) = command_fields(&a.command);
     let v = c.call(
         kinds::RUN_START,
-        json!({"app": a.app, "dir": a.dir, "command": command, "argv": argv, "env": env_map(&a.env)?, "cols": cols, "rows": rows}),
+        json!({"app": app, "dir": a.dir, "command": command, "argv": argv, "env": env_map(&a.env)?, "cols": cols, "rows": rows}),
     )?;
     let id = v["id"]
         .as_str()

@@ -685,7 +685,7 @@ fn the_cli_starts_lists_logs_stops_and_runs() {
     let text = String::from_utf8_lossy(&out.stdout).to_string();
     let id = text.split_whitespace().nth(1).unwrap().to_string();
     r.wait_state(&id, "up", Duration::from_secs(20));
-    let ps = String::from_utf8_lossy(&paddock(&r.node, &["ps"]).stdout).to_string();
+    let ps = String::from_utf8_lossy(&paddock(&r.node, &["instance", "ps"]).stdout).to_string();
     assert!(
         ps.contains(&id) && ps.contains("cliapp") && ps.contains("up"),
         "{ps}"
@@ -694,10 +694,12 @@ fn the_cli_starts_lists_logs_stops_and_runs() {
         String::from_utf8_lossy(&paddock(&r.node, &["instance", "logs", &id]).stdout).to_string();
     assert!(logs.contains("app starting"), "{logs}");
 
-    // paddock run: the remote side has a PTY even when ours is a pipe; exit codes propagate.
+    // paddock instance run: the remote side has a PTY even when ours is a pipe; exit codes propagate.
     let out = paddock(
         &r.node,
-        &["run", "--app", "cliapp", "--dir", &dir, "--", "tty"],
+        &[
+            "instance", "run", "-a", "cliapp", "--dir", &dir, "--", "tty",
+        ],
     );
     assert!(
         String::from_utf8_lossy(&out.stdout).contains("/dev/pts/"),
@@ -707,7 +709,7 @@ fn the_cli_starts_lists_logs_stops_and_runs() {
     let out = paddock(
         &r.node,
         &[
-            "run", "--app", "cliapp", "--dir", &dir, "--", "sh", "-c", "exit 5",
+            "instance", "run", "--app", "cliapp", "--dir", &dir, "--", "sh", "-c", "exit 5",
         ],
     );
     assert_eq!(out.status.code(), Some(5), "{out:?}");
@@ -716,7 +718,8 @@ fn the_cli_starts_lists_logs_stops_and_runs() {
     let out = paddock(
         &r.node,
         &[
-            "run", "--app", "cliapp", "--dir", &dir, "--", "printf", "%s|", "a  b", "$HOME", "x;y",
+            "instance", "run", "--app", "cliapp", "--dir", &dir, "--", "printf", "%s|", "a  b",
+            "$HOME", "x;y",
         ],
     );
     assert_eq!(
@@ -728,7 +731,7 @@ fn the_cli_starts_lists_logs_stops_and_runs() {
     // On a real terminal (script(1) gives one): raw mode while running, restored after.
     let bin = paddock_harness::bin("paddock").unwrap();
     let inner = format!(
-        "{} run --app cliapp --dir {dir} -- 'python3 -c \"import sys;print(sys.stdin.isatty())\"'; stty -a",
+        "{} instance run --app cliapp --dir {dir} -- 'python3 -c \"import sys;print(sys.stdin.isatty())\"'; stty -a",
         bin.display()
     );
     let out = std::process::Command::new("script")

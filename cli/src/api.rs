@@ -1,0 +1,1052 @@
+//! The customer's verbs (and the operator's `users`), in Heroku's shape: each
+//! is one or two api kinds (docs/PROTOCOL.md, "api"), signed with the identity
+//! `identity::resolve` finds. `--json` prints the api's reply as it came.
+
+use std::io::{IsTerminal, Read};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::Subcommand;
+use paddock_config::credentials::{UserCredentials, UserCurve};
+use paddock_config::Secret;
+use paddock_wire::{Client, ClientError, Code};
+use serde_json::{json, Value};
+
+use crate::cluster::{self, Opts};
+use crate::identity::{self, Identity};
+use crate::out::{self, Table};
+
+/// How many entries a list shows unless `-n` says otherwise.
+pub const LIST_DEFAULT: u32 = 15;
+
+#[derive(Debug, Subcommand)]
+pub enum AuthCmd {
+    /// Replace your user key with a fresh one (stored in your credentials file);
+    /// the old key is revoked at once.
+    Rotate,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AppsCmd {
+    /// Create an app; with no NAME, a random one (adjective-noun-1234).
+    Create { name: Option<String> },
+    /// An app's owner, releases, domains, formation and collaborators.
+    Info,
+    /// Destroy an app and everything it has (instances, routes, domains, releases).
+    Destroy {
+        /// The app's name again, to confirm.
+        #[arg(long)]
+        confirm: Option<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ConfigCmd {
+    /// Print one config var's value, bare (nothing else, for scripts).
+    Get { name: String },
+    /// Set config vars: KEY=VALUE…; makes a new release.
+    Set {
+        #[arg(required = true, value_name = "KEY=VALUE")]
+        vars: Vec<String>,
+    },
+    /// Remove config vars; makes a new release.
+    Unset {
+        #[arg(required = true, value_name = "KEY")]
+        names: Vec<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ReleasesCmd {
+    /// One release: who made it, why, its process types and config.
+    Info {
+        /// vN (or N).
+        version: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PsCmd {
+    /// Change process quantities (and sizes): web=2 worker=1, or web=2:512 for
+    /// 512 MB each. All or nothing.
+    Scale {
+        #[arg(required = true, value_name = "TYPE=QTY[:MB]")]
+        changes: Vec<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DomainsCmd {
+    /// Route a host name to the app.
+    Add { domain: String },
+    /// Stop routing a host name to the app (not its default domain).
+    Remove { domain: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AccessCmd {
+    /// Give USER access to the app as a collaborator.
+    Add {
+        user: String,
+        #[arg(long, default_value = "collaborator")]
+        role: String,
+    },
+    /// Take USER's access away.
+    Remove { user: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KeysCmd {
+    /// Add an SSH public key (for git push); default ~/.ssh/id_ed25519.pub.
+    Add { file: Option<PathBuf> },
+    /// Remove an SSH key by its fingerprint (SHA256:…, as `paddock keys` shows).
+    Remove { fingerprint: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum UsersCmd {
+    /// Create a user; prints their credentials document (shown this once).
+    Create {
+        name: String,
+        #[arg(long)]
+        admin: bool,
+        /// The api endpoint to write into the document (default: the one this
+        /// command talked to); for users who reach the api by another address.
+        #[arg(long, value_name = "tcp://HOST:PORT")]
+        api: Option<String>,
+    },
+    /// Revoke every key of a user and disable them.
+    Revoke { name: String },
+}
+
+/// A connection to the api as the resolved identity.
+pub struct Api {
+    c: Client,
+    pub id: Identity,
+    pub endpoint: String,
+}
+
+impl Api {
+    pub fn connect(opts: &Opts) -> Result<Api> {
+        let id = identity::resolve(opts)?;
+        let (c, endpoint) = match &id {
+            Identity::User { creds, path, .. } => {
+                let keys = creds
+                    .credentials()
+                    .map_err(|e| anyhow!("credentials {}: {e}", path.display()))?;
+                let c = Client::connect(&creds.api, &format!("user:{}", creds.user), keys)?
+                    .with_timeout(opts.timeout)
+                    .with_resend_every(Duration::from_millis(500).min(opts.timeout));
+                (c, creds.api.clone())
+            }
+            Identity::Cluster { cfg, .. } => {
+                let ep = cluster::find(cfg, "api", None, opts.timeout)
+                    .context("finding the api (its [daemons.api] rpc in the cluster file, else the registry)")?;
+                (cluster::client(cfg, &ep, opts.timeout)?, ep)
+            }
+        };
+        Ok(Api { c, id, endpoint })
+    }
+
+    pub fn call(&mut self, kind: &str, body: Value) -> Result<Value> {
+        self.c.call(kind, body).map_err(|e| self.explain(e))
+    }
+
+    /// A refusal's message as the api wrote it (it names what was refused and
+    /// what to do); a transport failure with what it may mean for this identity.
+    fn explain(&self, e: ClientError) -> anyhow::Error {
+        let user = matches!(self.id, Identity::User { .. });
+        match e {
+            ClientError::Remote(w) if w.code == Code::UnknownKey && user => anyhow!(
+                "{}: the api does not know your key (revoked, or rotated elsewhere); log in again with a current credentials file",
+                w.message
+            ),
+            ClientError::Remote(w) => anyhow!("{}", w.message),
+            ClientError::NotConnected { .. } | ClientError::Timeout { .. } if user => anyhow!(
+                "{e}\n(the api refuses connections from a revoked key: if your key was rotated or revoked, log in again with a current credentials file)"
+            ),
+            other => anyhow!(other),
+        }
+    }
+}
+
+fn json_out(v: &Value) -> Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
+fn s(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        Value::Null => "-".into(),
+        other => other.to_string(),
+    }
+}
+
+fn version_arg(v: &str) -> Result<i64> {
+    v.strip_prefix('v')
+        .unwrap_or(v)
+        .parse::<i64>()
+        .ok()
+        .filter(|n| *n > 0)
+        .ok_or_else(|| {
+            anyhow!("`{v}` is not a release version: write vN, as `paddock releases` shows")
+        })
+}
+
+// ---- identity ---------------------------------------------------------------
+
+pub fn login(opts: &Opts, file: Option<PathBuf>) -> Result<()> {
+    let (text, name) = match &file {
+        Some(f) => (
+            std::fs::read_to_string(f).with_context(|| format!("cannot read {}", f.display()))?,
+            f.clone(),
+        ),
+        None => {
+            let stdin = std::io::stdin();
+            if stdin.is_terminal() {
+                eprintln!(
+                    "Paste the credentials document your operator gave you, then press Ctrl-D:"
+                );
+            }
+            let mut t = String::new();
+            stdin
+                .lock()
+                .read_to_string(&mut t)
+                .context("reading stdin")?;
+            (t, PathBuf::from("<stdin>"))
+        }
+    };
+    let creds = UserCredentials::parse(&text, &name)?;
+    // Check the key works before storing it.
+    let keys = creds.credentials().map_err(|e| anyhow!(e))?;
+    let mut c = Client::connect(&creds.api, &format!("user:{}", creds.user), keys)?
+        .with_timeout(opts.timeout);
+    let me = c.call("whoami", json!({})).map_err(|e| match e {
+        ClientError::Remote(w) if w.code == Code::UnknownKey => anyhow!(
+            "the api at {} does not know key {} (revoked or rotated?): ask your operator for a new credentials document",
+            creds.api,
+            creds.key_id
+        ),
+        ClientError::Remote(w) => anyhow!("{}", w.message),
+        other => anyhow!(
+            "{other}\n(nothing was stored; check the api address, or the key was revoked: a revoked key cannot connect)"
+        ),
+    })?;
+    if me["user"].as_str() != Some(creds.user.as_str()) {
+        bail!(
+            "the api says this key belongs to {}, not {}: the document was edited; ask your operator for a new one",
+            s(&me["user"]),
+            creds.user
+        );
+    }
+    let dest = identity::credentials_path()?;
+    creds.write(&dest)?;
+    if opts.json {
+        return json_out(
+            &json!({"user": creds.user, "key_id": creds.key_id, "api": creds.api, "file": dest}),
+        );
+    }
+    println!(
+        "Logged in as {} (api {}); credentials stored in {}",
+        creds.user,
+        creds.api,
+        dest.display()
+    );
+    if opts.config.is_some()
+        || std::env::var_os(paddock_config::ENV_PATH).is_some_and(|v| !v.is_empty())
+    {
+        eprintln!(
+            "note: --config or $PADDOCK_CONFIG is set and comes before your credentials; unset it to act as {}",
+            creds.user
+        );
+    }
+    Ok(())
+}
+
+pub fn logout(opts: &Opts) -> Result<()> {
+    let path = identity::credentials_path()?;
+    let existed = match std::fs::remove_file(&path) {
+        Ok(()) => true,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
+        Err(e) => return Err(anyhow!("cannot remove {}: {e}", path.display())),
+    };
+    if opts.json {
+        return json_out(&json!({"removed": existed, "file": path}));
+    }
+    if existed {
+        println!(
+            "Logged out: removed {} (the key itself stays valid; `paddock auth rotate` first if the file may have been copied)",
+            path.display()
+        );
+    } else {
+        println!("Not logged in ({} does not exist)", path.display());
+    }
+    Ok(())
+}
+
+pub fn whoami(opts: &Opts) -> Result<()> {
+    let mut api = Api::connect(opts)?;
+    let mut v = api.call("whoami", json!({}))?;
+    if opts.json {
+        v["file"] = json!(api.id.path());
+        return json_out(&v);
+    }
+    if v["cluster"] == true {
+        println!("the cluster key {}", s(&v["key_id"]));
+    } else if v["admin"] == true {
+        println!("{} (admin)", s(&v["user"]));
+    } else {
+        println!("{}", s(&v["user"]));
+    }
+    eprintln!(
+        "signed with key {} from {}",
+        s(&v["key_id"]),
+        api.id.path().display()
+    );
+    Ok(())
+}
+
+pub fn auth(opts: &Opts, cmd: AuthCmd) -> Result<()> {
+    let AuthCmd::Rotate = cmd;
+    let mut api = Api::connect(opts)?;
+    let (old, path) = match &api.id {
+        Identity::User { creds, path, .. } => (creds.clone(), path.clone()),
+        Identity::Cluster { cfg, .. } => bail!(
+            "`paddock auth rotate` replaces a user key, but this command signs with the cluster key of {} (log in, or leave out --config / unset PADDOCK_CONFIG)",
+            cfg.path.display()
+        ),
+    };
+    let v = api.call("key.rotate", json!({}))?;
+    let new = creds_from_reply(
+        &v,
+        &old.api,
+        old.curve.as_ref().map(|c| c.server_public.as_str()),
+    )?;
+    if let Err(e) = new.write(&path) {
+        // The old key is gone already: the new one must not be lost with the file.
+        print!("{}", new.to_toml());
+        bail!(
+            "{e}\nthe new key {} is active and {} is revoked: save the document above and run `paddock login` with it",
+            new.key_id,
+            old.key_id
+        );
+    }
+    if opts.json {
+        return json_out(
+            &json!({"user": new.user, "key_id": new.key_id, "revoked": old.key_id, "file": path}),
+        );
+    }
+    println!(
+        "Rotated {}'s key: {} is stored in {}; {} is revoked",
+        new.user,
+        new.key_id,
+        path.display(),
+        old.key_id
+    );
+    Ok(())
+}
+
+/// The credentials document for the key in a `user.create` / `key.rotate` reply.
+fn creds_from_reply(v: &Value, api: &str, server_public: Option<&str>) -> Result<UserCredentials> {
+    let f = |k: &str| -> Result<String> {
+        v[k].as_str()
+            .map(str::to_string)
+            .ok_or_else(|| anyhow!("the api's reply has no {k}"))
+    };
+    let curve = match (server_public, v["curve"]["client_public"].as_str()) {
+        (Some(sp), Some(cp)) => Some(UserCurve {
+            server_public: sp.to_string(),
+            client_public: cp.to_string(),
+            client_secret: Secret::new(
+                v["curve"]["client_secret"]
+                    .as_str()
+                    .ok_or_else(|| anyhow!("the api's reply has no curve.client_secret"))?,
+            ),
+        }),
+        _ => None,
+    };
+    Ok(UserCredentials {
+        api: api.to_string(),
+        user: f("user")?,
+        key_id: f("key_id")?,
+        secret: Secret::new(f("secret")?),
+        curve,
+    })
+}
+
+pub fn users(opts: &Opts, cmd: Option<UsersCmd>) -> Result<()> {
+    let mut api = Api::connect(opts)?;
+    match cmd {
+        None => {
+            let v = api.call("user.list", json!({}))?;
+            if opts.json {
+                return json_out(&v);
+            }
+            let mut t = Table::new(&["NAME", "ADMIN", "DISABLED", "KEYS", "CREATED"]);
+            for u in v["users"].as_array().into_iter().flatten() {
+                t.row(vec![
+                    s(&u["name"]),
+                    yes(&u["admin"]),
+                    yes(&u["disabled"]),
+                    s(&u["keys"]),
+                    u["created_at"].as_i64().map(out::time).unwrap_or_default(),
+                ]);
+            }
+            t.print();
+        }
+        Some(UsersCmd::Create {
+            name,
+            admin,
+            api: endpoint,
+        }) => {
+            let v = api.call("user.create", json!({"name": name, "admin": admin}))?;
+            let server_public = match &api.id {
+                Identity::Cluster { cfg, .. } => {
+                    cfg.file.curve.as_ref().map(|c| c.server_public.clone())
+                }
+                Identity::User { creds, .. } => {
+                    creds.curve.as_ref().map(|c| c.server_public.clone())
+                }
+            };
+            let endpoint = endpoint.unwrap_or_else(|| api.endpoint.clone());
+            if endpoint.contains("://*:") || endpoint.contains("://0.0.0.0:") {
+                eprintln!("warning: the api endpoint {endpoint} is a bind address; pass --api tcp://HOST:PORT with the address users reach it by");
+            }
+            let creds = creds_from_reply(&v, &endpoint, server_public.as_deref())?;
+            if opts.json {
+                json_out(&serde_json::to_value(&creds)?)?;
+            } else {
+                print!("{}", creds.to_toml());
+            }
+            eprintln!(
+                "Created user {name}{}. Above are their credentials, shown this once: hand them over privately; they run `paddock login --credentials FILE`.",
+                if admin { " (admin)" } else { "" }
+            );
+        }
+        Some(UsersCmd::Revoke { name }) => {
+            let v = api.call("user.revoke", json!({"name": name}))?;
+            if opts.json {
+                return json_out(&v);
+            }
+            println!(
+                "Revoked {name}: {} key(s) revoked, the user is disabled",
+                s(&v["revoked_keys"])
+            );
+        }
+    }
+    Ok(())
+}
+
+fn yes(v: &Value) -> String {
+    if v == &Value::Bool(true) { "yes" } else { "no" }.into()
+}
+
+// ---- apps -------------------------------------------------------------------
+
+pub fn apps(opts: &Opts, cmd: Option<AppsCmd>, all: bool) -> Result<()> {
+    match cmd {
+        None => {
+            let mut api = Api::connect(opts)?;
+            let v = api.call("app.list", json!({"all": all}))?;
+            if opts.json {
+                return json_out(&v);
+            }
+            let list = v["apps"].as_array().cloned().unwrap_or_default();
+            if list.is_empty() {
+                println!("You have no apps (create one: paddock apps create NAME)");
+                return Ok(());
+            }
+            let mut t = Table::new(&["NAME", "OWNER", "ROLE", "RELEASE"]);
+            for a in &list {
+                t.row(vec![
+                    s(&a["name"]),
+                    s(&a["owner"]),
+                    s(&a["role"]),
+                    release_cell(&a["current_release"], &a["latest_release"]),
+                ]);
+            }
+            t.print();
+        }
+        Some(AppsCmd::Create { name }) => {
+            let mut api = Api::connect(opts)?;
+            let name = name.or_else(|| opts.app.clone());
+            let body = match &name {
+                Some(n) => json!({"name": n}),
+                None => json!({}),
+            };
+            let v = api.call("app.create", body)?;
+            if opts.json {
+                return json_out(&v);
+            }
+            let app = &v["app"];
+            println!("Creating {}... done", s(&app["name"]));
+            for d in app["domains"].as_array().into_iter().flatten() {
+                println!("http://{}/", s(d));
+            }
+        }
+        Some(AppsCmd::Info) => {
+            let app = identity::app(opts)?;
+            let mut api = Api::connect(opts)?;
+            let v = api.call("app.info", json!({"app": app}))?;
+            if opts.json {
+                return json_out(&v);
+            }
+            let a = &v["app"];
+            out::heading(&s(&a["name"]));
+            let list = |k: &str, f: &dyn Fn(&Value) -> String| {
+                a[k].as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(f)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
+            out::fields(&[
+                ("Owner", s(&a["owner"])),
+                ("Your role", s(&a["role"])),
+                ("Current release", vname(&a["current_release"])),
+                ("Latest release", vname(&a["latest_release"])),
+                ("Domains", list("domains", &s)),
+                (
+                    "Formation",
+                    list("formation", &|f| {
+                        format!("{}={}", s(&f["type"]), s(&f["quantity"]))
+                    }),
+                ),
+                (
+                    "Collaborators",
+                    list("collaborators", &|c| {
+                        format!("{} ({})", s(&c["user"]), s(&c["role"]))
+                    }),
+                ),
+                (
+                    "Created",
+                    a["created_at"].as_i64().map(out::time).unwrap_or_default(),
+                ),
+            ]);
+        }
+        Some(AppsCmd::Destroy { confirm }) => {
+            let app = match (&opts.app, identity::remote_app()?, &confirm) {
+                (Some(a), _, _) => a.clone(),
+                (None, Some(a), _) => a,
+                (None, None, Some(c)) => c.clone(),
+                (None, None, None) => bail!(
+                    "no app given: pass -a APP or run inside a git repo with a `paddock` remote"
+                ),
+            };
+            match &confirm {
+                Some(c) if *c == app => {}
+                Some(c) => bail!(
+                    "--confirm {c} does not match the app {app}: nothing was destroyed"
+                ),
+                None => bail!(
+                    "this destroys {app} and everything it has (releases, config, domains, instances) and cannot be undone; to proceed, run: paddock apps destroy -a {app} --confirm {app}"
+                ),
+            }
+            let mut api = Api::connect(opts)?;
+            let v = api.call("app.destroy", json!({"app": app, "confirm": app}))?;
+            if opts.json {
+                return json_out(&v);
+            }
+            println!("Destroying {app}... done");
+        }
+    }
+    Ok(())
+}
+
+fn vname(v: &Value) -> String {
+    match v.as_i64() {
+        Some(n) => format!("v{n}"),
+        None => "-".into(),
+    }
+}
+
+fn release_cell(current: &Value, latest: &Value) -> String {
+    if current == latest {
+        vname(current)
+    } else {
+        format!("{} (latest {})", vname(current), vname(latest))
+    }
+}
+
+// ---- config, releases, rollback ---------------------------------------------
+
+pub fn config(opts: &Opts, cmd: Option<ConfigCmd>) -> Result<()> {
+    let app = identity::app(opts)?;
+    let mut api = Api::connect(opts)?;
+    match cmd {
+        None => {
+            let v = api.call("config.get", json!({"app": app}))?;
+            if opts.json {
+                return json_out(&v);
+            }
+            out::heading(&format!("{app} Config Vars"));
+            let map = v["config"].as_object().cloned().unwrap_or_default();
+            let w = map.keys().map(|k| k.len() + 1).max().unwrap_or(0);
+            for (k, val) in &map {
+                println!(
+                    "{:<w$} {}",
+                    format!("{k}:"),
+                    val.as_str().unwrap_or_default()
+                );
+            }
+        }
+        Some(ConfigCmd::Get { name }) => {
+            let v = api.call("config.get", json!({"app": app, "name": name}))?;
+            if opts.json {
+                return json_out(&v);
+            }
+            println!("{}", v["value"].as_str().unwrap_or_default());
+        }
+        Some(ConfigCmd::Set { vars }) => {
+            let mut map = serde_json::Map::new();
+            let mut names = Vec::new();
+            for kv in &vars {
+                let (k, val) = kv
+                    .split_once('=')
+                    .ok_or_else(|| anyhow!("`{kv}` is not KEY=VALUE: nothing was set"))?;
+                names.push(k.to_string());
+                map.insert(k.to_string(), json!(val));
+            }
+            let v = api.call("config.set", json!({"app": app, "vars": map}))?;
+            if opts.json {
+                return json_out(&v);
+            }
+            println!(
+                "Setting {} on {app}... done, {}",
+                names.join(", "),
+                vname(&v["release"]["version"])
+            );
+        }
+        Some(ConfigCmd::Unset { names }) => {
+            let v = api.call("config.unset", json!({"app": app, "names": names}))?;
+            if opts.json {
+                return json_out(&v);
+            }
+            println!(
+                "Unsetting {} on {app}... done, {}",
+                names.join(", "),
+                vname(&v["release"]["version"])
+            );
+        }
+    }
+    Ok(())
+}
+
+fn status_cell(r: &Value) -> String {
+    let mut st = s(&r["status"]);
+    if r["current"] == true {
+        st.push_str(", current");
+    }
+    st
+}
+
+pub fn releases(opts: &Opts, cmd: Option<ReleasesCmd>, num: u32) -> Result<()> {
+    let app = identity::app(opts)?;
+    let mut api = Api::connect(opts)?;
+    match cmd {
+        None => {
+            let v = api.call("release.list", json!({"app": app, "limit": num}))?;
+            if opts.json {
+                return json_out(&v);
+            }
+            let list = v["releases"].as_array().cloned().unwrap_or_default();
+            let current = list.iter().find(|r| r["current"] == true);
+            out::heading(&format!(
+                "{app} Releases{}",
+                current
+                    .map(|r| format!(" - Current: {}", vname(&r["version"])))
+                    .unwrap_or_default()
+            ));
+            let mut t = Table::new(&["VERSION", "DESCRIPTION", "BY", "WHEN", "STATUS"]);
+            for r in &list {
+                t.row(vec![
+                    vname(&r["version"]),
+                    s(&r["description"]),
+                    s(&r["created_by"]),
+                    r["created_at"].as_i64().map(out::time).unwrap_or_default(),
+                    status_cell(r),
+                ]);
+            }
+            t.print();
+            if list.len() as u32 == num {
+                eprintln!("(the latest {num}; -n N for more)");
+            }
+        }
+        Some(ReleasesCmd::Info { version }) => {
+            let n = version_arg(&version)?;
+            let v = api.call("release.info", json!({"app": app, "version": n}))?;
+            if opts.json {
+                return json_out(&v);
+            }
+            let r = &v["release"];
+            out::heading(&format!("{app} Release {}", vname(&r["version"])));
+            let types = r["process_types"]
+                .as_object()
+                .map(|m| {
+                    m.iter()
+                        .map(|(k, c)| format!("{k}: {}", s(c)))
+                        .collect::<Vec<_>>()
+                        .join("; ")
+                })
+                .unwrap_or_default();
+            out::fields(&[
+                ("Description", s(&r["description"])),
+                ("By", s(&r["created_by"])),
+                (
+                    "When",
+                    r["created_at"].as_i64().map(out::time).unwrap_or_default(),
+                ),
+                ("Status", status_cell(r)),
+                ("Message", s(&r["status_message"])),
+                ("Slug", s(&r["slug"])),
+                ("Process types", types),
+            ]);
+            if let Some(cfg) = r["config"].as_object() {
+                out::heading(&format!("{} Config Vars", vname(&r["version"])));
+                let w = cfg.keys().map(|k| k.len() + 1).max().unwrap_or(0);
+                for (k, val) in cfg {
+                    println!(
+                        "{:<w$} {}",
+                        format!("{k}:"),
+                        val.as_str().unwrap_or_default()
+                    );
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+pub fn rollback(opts: &Opts, version: Option<String>) -> Result<()> {
+    let app = identity::app(opts)?;
+    let mut body = json!({"app": app});
+    if let Some(v) = &version {
+        body["version"] = json!(version_arg(v)?);
+    }
+    let mut api = Api::connect(opts)?;
+    let v = api.call("rollback", body)?;
+    if opts.json {
+        return json_out(&v);
+    }
+    let r = &v["release"];
+    let to = version
+        .map(|v| format!("v{}", v.trim_start_matches('v')))
+        .unwrap_or_else(|| "the previous release".into());
+    println!(
+        "Rolling back {app} to {to}... done, {}",
+        vname(&r["version"])
+    );
+    Ok(())
+}
+
+// ---- formation --------------------------------------------------------------
+
+fn formation_table(list: &Value) {
+    let mut t = Table::new(&["TYPE", "QUANTITY", "MEMORY", "PIDS", "COMMAND"]);
+    for f in list.as_array().into_iter().flatten() {
+        t.row(vec![
+            s(&f["type"]),
+            s(&f["quantity"]),
+            format!("{} MB", s(&f["memory_mb"])),
+            s(&f["pids"]),
+            s(&f["command"]),
+        ]);
+    }
+    t.print();
+}
+
+/// `web=2`, `worker=1:512` → a `formation.scale` change.
+fn scale_change(arg: &str) -> Result<Value> {
+    let bad = || {
+        anyhow!("`{arg}` is not TYPE=QUANTITY or TYPE=QUANTITY:MEMORY_MB (web=2, worker=1:512): nothing was changed")
+    };
+    let (t, rest) = arg.split_once('=').ok_or_else(bad)?;
+    let (qty, mem) = match rest.split_once(':') {
+        Some((q, m)) => (q, Some(m)),
+        None => (rest, None),
+    };
+    let mut c = json!({"type": t});
+    if !qty.is_empty() {
+        c["quantity"] = json!(qty.parse::<u32>().map_err(|_| bad())?);
+    }
+    if let Some(m) = mem {
+        let m = m.trim_end_matches(['M', 'B', 'm', 'b']);
+        c["memory_mb"] = json!(m.parse::<u32>().map_err(|_| bad())?);
+    }
+    if t.is_empty() || c.as_object().is_some_and(|o| o.len() == 1) {
+        return Err(bad());
+    }
+    Ok(c)
+}
+
+pub fn ps(opts: &Opts, cmd: Option<PsCmd>) -> Result<()> {
+    let app = identity::app(opts)?;
+    match cmd {
+        None => {
+            let mut api = Api::connect(opts)?;
+            let v = api.call("formation.get", json!({"app": app}))?;
+            if opts.json {
+                return json_out(&v);
+            }
+            out::heading(&format!("{app} Formation"));
+            if v["formation"].as_array().is_none_or(|l| l.is_empty()) {
+                println!("No process types yet: they come with the first build");
+            } else {
+                formation_table(&v["formation"]);
+            }
+        }
+        Some(PsCmd::Scale { changes }) => {
+            let list = changes
+                .iter()
+                .map(|c| scale_change(c))
+                .collect::<Result<Vec<_>>>()?;
+            let mut api = Api::connect(opts)?;
+            let v = api.call("formation.scale", json!({"app": app, "changes": list}))?;
+            if opts.json {
+                return json_out(&v);
+            }
+            let now: Vec<String> = v["formation"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|f| {
+                    format!(
+                        "{} at {}:{}MB",
+                        s(&f["type"]),
+                        s(&f["quantity"]),
+                        s(&f["memory_mb"])
+                    )
+                })
+                .collect();
+            println!("Scaling {app}... done, now running {}", now.join(", "));
+        }
+    }
+    Ok(())
+}
+
+// ---- domains, access --------------------------------------------------------
+
+pub fn domains(opts: &Opts, cmd: Option<DomainsCmd>) -> Result<()> {
+    let app = identity::app(opts)?;
+    let mut api = Api::connect(opts)?;
+    match cmd {
+        None => {
+            let v = api.call("domain.list", json!({"app": app}))?;
+            if opts.json {
+                return json_out(&v);
+            }
+            out::heading(&format!("{app} Domains"));
+            for d in v["domains"].as_array().into_iter().flatten() {
+                if d["default"] == true {
+                    println!("{} (default)", s(&d["domain"]));
+                } else {
+                    println!("{}", s(&d["domain"]));
+                }
+            }
+        }
+        Some(DomainsCmd::Add { domain }) => {
+            let v = api.call("domain.add", json!({"app": app, "domain": domain}))?;
+            if opts.json {
+                return json_out(&v);
+            }
+            println!("Adding {domain} to {app}... done");
+        }
+        Some(DomainsCmd::Remove { domain }) => {
+            let v = api.call("domain.remove", json!({"app": app, "domain": domain}))?;
+            if opts.json {
+                return json_out(&v);
+            }
+            println!("Removing {domain} from {app}... done");
+        }
+    }
+    Ok(())
+}
+
+pub fn access(opts: &Opts, cmd: Option<AccessCmd>) -> Result<()> {
+    let app = identity::app(opts)?;
+    let mut api = Api::connect(opts)?;
+    match cmd {
+        None => {
+            let v = api.call("access.list", json!({"app": app}))?;
+            if opts.json {
+                return json_out(&v);
+            }
+            out::heading(&format!("{app} Access List"));
+            let mut t = Table::new(&["USER", "ROLE"]);
+            for a in v["access"].as_array().into_iter().flatten() {
+                t.row(vec![s(&a["user"]), s(&a["role"])]);
+            }
+            t.print();
+        }
+        Some(AccessCmd::Add { user, role }) => {
+            let v = api.call(
+                "access.add",
+                json!({"app": app, "user": user, "role": role}),
+            )?;
+            if opts.json {
+                return json_out(&v);
+            }
+            println!("Adding {user} to {app} as {role}... done");
+        }
+        Some(AccessCmd::Remove { user }) => {
+            let v = api.call("access.remove", json!({"app": app, "user": user}))?;
+            if opts.json {
+                return json_out(&v);
+            }
+            println!("Removing {user} from {app}... done");
+        }
+    }
+    Ok(())
+}
+
+// ---- SSH keys -----------------------------------------------------------------
+
+fn default_ssh_key() -> Result<PathBuf> {
+    let home = std::env::var_os("HOME")
+        .ok_or_else(|| anyhow!("$HOME is not set: name the key file, paddock keys add FILE"))?;
+    Ok(Path::new(&home).join(".ssh/id_ed25519.pub"))
+}
+
+pub fn keys(opts: &Opts, cmd: Option<KeysCmd>) -> Result<()> {
+    match cmd {
+        None => {
+            let mut api = Api::connect(opts)?;
+            let v = api.call("sshkey.list", json!({}))?;
+            if opts.json {
+                return json_out(&v);
+            }
+            let list = v["keys"].as_array().cloned().unwrap_or_default();
+            if list.is_empty() {
+                println!("You have no SSH keys (add one: paddock keys add ~/.ssh/id_ed25519.pub)");
+                return Ok(());
+            }
+            let mut t = Table::new(&["FINGERPRINT", "ALGORITHM", "COMMENT", "ADDED"]);
+            for k in &list {
+                t.row(vec![
+                    s(&k["fingerprint"]),
+                    s(&k["algorithm"]),
+                    s(&k["comment"]),
+                    k["created_at"].as_i64().map(out::time).unwrap_or_default(),
+                ]);
+            }
+            t.print();
+        }
+        Some(KeysCmd::Add { file }) => {
+            let file = match file {
+                Some(f) => f,
+                None => default_ssh_key()?,
+            };
+            let text = std::fs::read_to_string(&file).map_err(|e| {
+                anyhow!("cannot read {}: {e} (make a key with `ssh-keygen -t ed25519`, or name the public key file)", file.display())
+            })?;
+            if text.contains("PRIVATE KEY") {
+                bail!(
+                    "{} is a private key: add the public half ({}.pub); never hand out the private key",
+                    file.display(),
+                    file.display()
+                );
+            }
+            let mut api = Api::connect(opts)?;
+            let v = api.call("sshkey.add", json!({"public_key": text.trim()}))?;
+            if opts.json {
+                return json_out(&v);
+            }
+            println!(
+                "Uploading SSH key {}... done, {} ({})",
+                file.display(),
+                s(&v["fingerprint"]),
+                s(&v["algorithm"])
+            );
+        }
+        Some(KeysCmd::Remove { fingerprint }) => {
+            let mut api = Api::connect(opts)?;
+            let v = api.call("sshkey.remove", json!({"fingerprint": fingerprint}))?;
+            if opts.json {
+                return json_out(&v);
+            }
+            println!("Removing SSH key {fingerprint}... done");
+        }
+    }
+    Ok(())
+}
+
+// ---- audit ------------------------------------------------------------------
+
+pub fn audit(opts: &Opts, num: u32, user: Option<String>) -> Result<()> {
+    // The app when one is named or the repo has a `paddock` remote; else the
+    // caller's own entries (an admin's: everyone's).
+    let app = match &opts.app {
+        Some(a) => Some(a.clone()),
+        None => identity::remote_app()?,
+    };
+    let mut body = json!({"limit": num});
+    if let Some(a) = &app {
+        body["app"] = json!(a);
+    }
+    if let Some(u) = &user {
+        body["user"] = json!(u);
+    }
+    let mut api = Api::connect(opts)?;
+    let v = api.call("audit.list", body)?;
+    if opts.json {
+        return json_out(&v);
+    }
+    let list = v["entries"].as_array().cloned().unwrap_or_default();
+    out::heading(&match &app {
+        Some(a) => format!("{a} Audit Log"),
+        None => "Audit Log".into(),
+    });
+    let mut t = Table::new(&["WHEN", "ACTOR", "KIND", "APP", "DETAIL"]);
+    for e in &list {
+        t.row(vec![
+            e["at"].as_i64().map(out::time).unwrap_or_default(),
+            s(&e["actor"]),
+            s(&e["kind"]),
+            s(&e["app"]),
+            match &e["detail"] {
+                Value::Object(m) if m.is_empty() => String::new(),
+                d => d.to_string(),
+            },
+        ]);
+    }
+    t.print();
+    if list.len() as u32 == num {
+        eprintln!("(the latest {num}; -n N for more)");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scale_arguments() {
+        assert_eq!(
+            scale_change("web=2").unwrap(),
+            json!({"type": "web", "quantity": 2})
+        );
+        assert_eq!(
+            scale_change("worker=1:512").unwrap(),
+            json!({"type": "worker", "quantity": 1, "memory_mb": 512})
+        );
+        assert_eq!(
+            scale_change("web=:1024MB").unwrap(),
+            json!({"type": "web", "memory_mb": 1024})
+        );
+        for bad in ["web", "web=", "=2", "web=two", "web=2:big"] {
+            assert!(scale_change(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn versions() {
+        assert_eq!(version_arg("v7").unwrap(), 7);
+        assert_eq!(version_arg("7").unwrap(), 7);
+        assert!(version_arg("v0").is_err());
+        assert!(version_arg("latest").is_err());
+    }
+}
