@@ -496,12 +496,12 @@ pub fn apps(opts: &Opts, cmd: Option<AppsCmd>, all: bool) -> Result<()> {
             let a = &v["app"];
             out::heading(&s(&a["name"]));
             let list = |k: &str, f: &dyn Fn(&Value) -> String| {
-                a[k].as_array()
-                    .into_iter()
-                    .flatten()
-                    .map(f)
-                    .collect::<Vec<_>>()
-                    .join(", ")
+                let items: Vec<String> = a[k].as_array().into_iter().flatten().map(f).collect();
+                if items.is_empty() {
+                    "-".to_string()
+                } else {
+                    items.join(", ")
+                }
             };
             out::fields(&[
                 ("Owner", s(&a["owner"])),
@@ -732,13 +732,18 @@ pub fn rollback(opts: &Opts, version: Option<String>) -> Result<()> {
         return json_out(&v);
     }
     let r = &v["release"];
-    let to = version
-        .map(|v| format!("v{}", v.trim_start_matches('v')))
-        .unwrap_or_else(|| "the previous release".into());
-    println!(
-        "Rolling back {app} to {to}... done, {}",
-        vname(&r["version"])
-    );
+    match version {
+        Some(to) => println!(
+            "Rolling back {app} to v{}... done, {}",
+            to.trim_start_matches('v'),
+            vname(&r["version"])
+        ),
+        None => println!(
+            "Rolling back {app}... done, {} ({})",
+            vname(&r["version"]),
+            s(&r["description"])
+        ),
+    }
     Ok(())
 }
 
