@@ -14,7 +14,7 @@ use paddock_wire::{Client, ClientError, Code};
 use serde_json::{json, Value};
 
 use crate::cluster::{self, Opts};
-use crate::identity::{self, Identity};
+use crate::identity::{self, Identity, Source};
 use crate::out::{self, Table};
 
 /// How many entries a list shows unless `-n` says otherwise.
@@ -162,6 +162,22 @@ impl Api {
                 "{}: the api does not know your key (revoked, or rotated elsewhere); log in again with a current credentials file",
                 w.message
             ),
+            ClientError::Remote(w)
+                if w.code == Code::Forbidden && self.id.source() == Source::Credentials =>
+            {
+                match identity::cluster_file_nearby() {
+                    // An operator who is also logged in as a user signs as that
+                    // user by default: tell them how to use the cluster key.
+                    Some(f) => anyhow!(
+                        "{}\n(you are signing as your user from {}; to use the cluster key of {}, pass --config {})",
+                        w.message,
+                        self.id.path().display(),
+                        f.display(),
+                        f.display()
+                    ),
+                    None => anyhow!("{}", w.message),
+                }
+            }
             ClientError::Remote(w) => anyhow!("{}", w.message),
             ClientError::NotConnected { .. } | ClientError::Timeout { .. } if user => anyhow!(
                 "{e}\n(the api refuses connections from a revoked key: if your key was rotated or revoked, log in again with a current credentials file)"

@@ -107,6 +107,19 @@ fn load_cluster(path: &Path, source: Source) -> Result<Identity> {
 fn load_user(path: &Path, source: Source) -> Result<Identity> {
     let creds = UserCredentials::load(path)
         .map_err(|e| anyhow!("{e}\n(log in again: `paddock login --credentials FILE`)"))?;
+    // The file is a password: say so when others can read it (the CLI still
+    // works, as ssh does not for a private key, because refusing would not
+    // take back what was already readable).
+    use std::os::unix::fs::PermissionsExt;
+    if let Ok(m) = std::fs::metadata(path) {
+        if m.permissions().mode() & 0o077 != 0 {
+            eprintln!(
+                "warning: {} can be read by others (mode {:o}): chmod 600 it, and `paddock auth rotate` if someone may have copied it",
+                path.display(),
+                m.permissions().mode() & 0o777
+            );
+        }
+    }
     Ok(Identity::User {
         creds,
         path: path.to_path_buf(),
@@ -175,6 +188,14 @@ fn find(opts: &Opts, with_credentials: bool) -> Result<Identity> {
     bail!(
         "no cluster file: pass --config FILE or set PADDOCK_CONFIG (looked for {DEFAULT_PATH} and ./{DEV_PATH}; `paddock dev up` writes one)"
     )
+}
+
+/// A cluster file the CLI would use if the credentials file were not there.
+pub fn cluster_file_nearby() -> Option<PathBuf> {
+    [DEFAULT_PATH, DEV_PATH]
+        .into_iter()
+        .map(PathBuf::from)
+        .find(|p| p.exists())
 }
 
 /// The app a verb is about: `-a APP`, else the app of the git remote named

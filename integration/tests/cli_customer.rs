@@ -551,3 +551,74 @@ fn auth_rotate_stores_a_fresh_key_and_the_old_one_is_refused() {
     assert!(out.starts_with("Revoked alice"), "{out}");
     cu.err(&["whoami", "--timeout-ms", "1500"]);
 }
+
+#[test]
+fn who_signs_follows_the_documented_order() {
+    let cl = cluster("cli-identity");
+    // An operator's checkout right after ops/dev-up.sh: ./.paddock-dev/paddock.toml.
+    let op = Customer::new(&cl.t.path().join("operator"));
+    std::fs::create_dir_all(op.cwd.join(".paddock-dev")).unwrap();
+    let dev_file = op.cwd.join(".paddock-dev/paddock.toml");
+    std::fs::copy(&cl.node.config, &dev_file).unwrap();
+    let text = |o: &Output| {
+        (
+            String::from_utf8_lossy(&o.stdout).to_string(),
+            String::from_utf8_lossy(&o.stderr).to_string(),
+        )
+    };
+
+    // Not logged in: the dev cluster's file signs, and the CLI says so.
+    let o = op.run(&["whoami"]);
+    let (out, errs) = text(&o);
+    assert!(o.status.success(), "{errs}");
+    assert_eq!(out, "the cluster key cluster-1\n");
+    assert!(
+        errs.contains(&format!("paddock: using {}", dev_file.display())),
+        "{errs}"
+    );
+    let o = op.run(&["users", "create", "carol"]);
+    let (doc, errs) = text(&o);
+    assert!(o.status.success(), "{errs}");
+    let carol_file = cl.t.path().join("carol.credentials");
+    std::fs::write(&carol_file, &doc).unwrap();
+
+    // Logged in: the credentials come before the dev cluster's file.
+    op.ok(&["login", "--credentials", carol_file.to_str().unwrap()]);
+    assert_eq!(op.ok(&["whoami"]), "carol\n");
+    // ... so an operator's verb on the api is refused, with how to use the cluster key.
+    let e = op.err(&["users"]);
+    assert!(
+        e.contains("only an admin may list users")
+            && e.contains(&format!("pass --config {}", ".paddock-dev/paddock.toml")),
+        "{e}"
+    );
+    // --config and $PADDOCK_CONFIG come first, and name either kind of file.
+    let cfg = cl.node.config.to_str().unwrap();
+    assert_eq!(
+        op.ok(&["whoami", "--config", cfg]),
+        "the cluster key cluster-1\n"
+    );
+    let o = op
+        .cmd_in(&op.cwd, &["whoami"])
+        .env("PADDOCK_CONFIG", &carol_file)
+        .output()
+        .unwrap();
+    assert_eq!(ok(&["whoami"], o), "carol\n");
+    // Verbs for other daemons skip the credentials file and use the cluster file.
+    let o = op.run(&["ping", "api"]);
+    let (out, errs) = text(&o);
+    assert!(
+        o.status.success() && out.starts_with("api@node-a answered"),
+        "{out}{errs}"
+    );
+    assert!(errs.contains("paddock: using"), "{errs}");
+    let e = op.err(&["ping", "api", "--config", carol_file.to_str().unwrap()]);
+    assert!(e.contains("needs the cluster file"), "{e}");
+
+    // A credentials file others can read still works, with a warning.
+    std::fs::set_permissions(op.credentials(), std::fs::Permissions::from_mode(0o644)).unwrap();
+    let o = op.run(&["whoami"]);
+    let (out, errs) = text(&o);
+    assert_eq!(out, "carol\n");
+    assert!(errs.contains("can be read by others"), "{errs}");
+}
