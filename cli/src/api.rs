@@ -804,7 +804,10 @@ fn scale_change(arg: &str) -> Result<Value> {
 }
 
 pub fn ps(opts: &Opts, cmd: Option<PsCmd>) -> Result<()> {
-    let app = identity::app(opts)?;
+    // `paddock ps` was the operator's list of instances before it moved.
+    let app = identity::app(opts).map_err(|e| {
+        anyhow!("{e}\n(every instance on every runner, for operators: `paddock instance ps`)")
+    })?;
     match cmd {
         None => {
             let mut api = Api::connect(opts)?;
