@@ -1604,11 +1604,12 @@ impl Store {
             exec(
                 &tx,
                 "INSERT INTO api_formation (app_id, process_type, quantity, memory_mb, pids)
-                 VALUES ($1, $2, COALESCE($3, 0), COALESCE($4, $6), COALESCE($5, $7))
+                 VALUES ($1, $2, COALESCE($3::integer, 0), COALESCE($4::integer, $6::integer),
+                         COALESCE($5::integer, $7::integer))
                  ON CONFLICT (app_id, process_type) DO UPDATE SET
-                   quantity = COALESCE($3, api_formation.quantity),
-                   memory_mb = COALESCE($4, api_formation.memory_mb),
-                   pids = COALESCE($5, api_formation.pids)",
+                   quantity = COALESCE($3::integer, api_formation.quantity),
+                   memory_mb = COALESCE($4::integer, api_formation.memory_mb),
+                   pids = COALESCE($5::integer, api_formation.pids)",
                 &[
                     &app.id,
                     &t,
