@@ -108,16 +108,18 @@ impl Api {
                 "the api has not finished migrating its database yet; retry shortly",
             ));
         }
+        // The key first (check 2: a revoked key is `unknown_key` whatever it asks),
+        // then what it may send (check 7).
+        let who = self
+            .store
+            .resolve(&caller.key_id, caller.user, &env.from)
+            .await?;
         if caller.user && CLUSTER_KINDS.contains(&env.kind.as_str()) {
             return Err(auth::forbidden(format!(
                 "`{}` is for the cluster's own daemons; a user key may not send it",
                 env.kind
             )));
         }
-        let who = self
-            .store
-            .resolve(&caller.key_id, caller.user, &env.from)
-            .await?;
         let s = &self.store;
         let b = &env.body;
         let (reply, changes): Reply = match env.kind.as_str() {
