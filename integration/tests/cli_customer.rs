@@ -412,6 +412,34 @@ fn build_release(n: &Node, app: &str) {
 }
 
 #[test]
+fn ps_scale_changes_quantities_and_sizes() {
+    let cl = cluster("cli-scale");
+    let (cu, _, _) = logged_in(&cl, "alice");
+    cu.ok(&["apps", "create", "myapp"]);
+    build_release(&cl.node, "myapp");
+    let out = cu.ok(&["ps", "scale", "web=2", "worker=1:1024", "-a", "myapp"]);
+    assert_eq!(
+        out,
+        "Scaling myapp... done, now running web at 2:512MB, worker at 1:1024MB\n"
+    );
+    let f = cu.json(&["ps", "-a", "myapp", "--json"]);
+    let row = |t: &str| {
+        f["formation"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|x| x["type"] == t)
+            .map(|x| (x["quantity"].clone(), x["memory_mb"].clone()))
+    };
+    assert_eq!(row("web"), Some((json!(2), json!(512))), "{f}");
+    assert_eq!(row("worker"), Some((json!(1), json!(1024))), "{f}");
+    // All or nothing: a bad change leaves the others as they were.
+    cu.err(&["ps", "scale", "web=3", "worker=101", "-a", "myapp"]);
+    let f = cu.json(&["ps", "-a", "myapp", "--json"]);
+    assert!(f.to_string().contains("\"quantity\":2"), "{f}");
+}
+
+#[test]
 fn the_app_comes_from_the_paddock_git_remote_and_errors_say_what_to_do() {
     let cl = cluster("cli-remote");
     let (cu, alice, _) = logged_in(&cl, "alice");
