@@ -263,6 +263,20 @@ pub async fn setup(ctx: Ctx) -> anyhow::Result<Routes> {
         refreshing: tokio::sync::Mutex::new(()),
     });
 
+    // The rpc socket is bound already and refuses every user until their CURVE keys
+    // are read, and libzmq never retries a refused handshake: a user's connection
+    // that comes back after an api restart stays dead. So read them first, before
+    // migrating (after a restart the table is there), keeping the window short. A
+    // database that is down or not migrated yet only delays this (the loop below
+    // reads them again).
+    if api.admitted.is_some() {
+        match tokio::time::timeout(Duration::from_secs(1), api.refresh_admitted()).await {
+            Ok(Ok(())) => tracing::debug!("users' CURVE keys read before migrating"),
+            Ok(Err(e)) => tracing::debug!("users' CURVE keys not read yet: {e:#}"),
+            Err(_) => tracing::debug!("users' CURVE keys not read yet: the database is slow"),
+        }
+    }
+
     // Migrate before serving; retried with backoff while the database is down.
     let (a, url) = (api.clone(), s.database_url.clone());
     ctx.spawn_loop("migrate", LoopKind::Resilient, move || {
