@@ -1044,16 +1044,19 @@ impl Store {
                 .collect::<Map<_, _>>(),
         );
         // The slug, process types and health checks carry over from `base` (a
-        // rollback's target) or else from the latest release.
+        // rollback's target) or else from the newest release that did not fail: a
+        // deploy under way (its code goes out with the new config), else the
+        // current one. Never a failed build, which a config change must not roll
+        // out again.
         let from = match base {
             Some(v) => v,
             None => q1(
                 tx,
-                "SELECT next_release - 1 FROM api_apps WHERE id = $1",
+                "SELECT max(version) FROM api_releases WHERE app_id = $1 AND status <> 'failed'",
                 &[&app.id],
             )
             .await?
-            .map(|r| r.get(0))
+            .and_then(|r| r.get::<_, Option<i32>>(0))
             .unwrap_or(0),
         };
         let row = q1(
@@ -1672,6 +1675,13 @@ impl Store {
         let b = Body::of(v)?;
         let d = names::canonical_domain(b.str("domain")?);
         names::domain(&d, who.is_admin())?;
+        if let Some(ad) = &self.apps_domain {
+            if !who.is_admin() && (d == *ad || d.ends_with(&format!(".{ad}"))) {
+                return Err(WireError::invalid(format!(
+                    "{d} is under {ad}, the platform's domain for apps: each app has <app>.{ad} already; add a domain of your own"
+                )));
+            }
+        }
         let mut c = self.conn().await?;
         let tx = c.transaction().await.map_err(pg)?;
         let app = self
