@@ -1509,13 +1509,14 @@ fn bad_input_gets_a_clear_error_and_changes_nothing() {
         "{}",
         e.message
     );
+    // An admin may add names under apps_domain, but not another app's default.
     refused(
         &mut w,
-        &mut b,
+        &mut boss_c,
         "domain.add",
         json!({"app": "other", "domain": "shop.localhost"}),
         Code::Conflict,
-        "another app",
+        "belongs to app shop",
     );
     refused(
         &mut w,
@@ -1543,6 +1544,23 @@ fn bad_input_gets_a_clear_error_and_changes_nothing() {
         Code::Forbidden,
         "admin",
     );
+    // Names under the platform's apps_domain are the platform's: every app has its
+    // own there, and `admin.localhost` must not become someone's.
+    for taken in [
+        "admin.localhost",
+        "future-app.localhost",
+        "a.b.localhost",
+        "localhost.localhost",
+    ] {
+        refused(
+            &mut w,
+            &mut a,
+            "domain.add",
+            json!({"app": "shop", "domain": taken}),
+            Code::Invalid,
+            "localhost",
+        );
+    }
     refused(
         &mut w,
         &mut a,
@@ -1724,5 +1742,113 @@ fn bad_input_gets_a_clear_error_and_changes_nothing() {
     assert_eq!(
         a.call("app.info", json!({"app": "shop"})).unwrap()["app"]["name"],
         "shop"
+    );
+}
+
+// ---- releases and the scheduler's view ----------------------------------------------
+
+/// A config change is a release of the newest code that did not fail: after a
+/// failed deploy it keeps the running slug (a failed build is never rolled out
+/// again by a config change); during a deploy it takes the deploy's slug. The
+/// scheduler's `app.state` shows the current and pending releases, the formation
+/// (web=1 from the first web release), the domains and the default health checks.
+#[test]
+fn config_changes_build_on_the_newest_release_that_did_not_fail() {
+    let w = ApiCluster::start("api-releases", &[]);
+    let alice = create_user(&w.node, "alice", false);
+    let mut a = user_client(&alice);
+    let mut cl = w.cluster();
+    a.call("app.create", json!({"name": "deploys"})).unwrap();
+    let build = |cl: &mut Client, slug: &str| -> i64 {
+        cl.call(
+            "release.create",
+            json!({"app": "deploys", "slug": slug, "description": format!("Deploy {slug}"),
+                   "process_types": {"web": format!("run {slug}")},
+                   "healthchecks": {"web": [{"type": "startup", "path": "/health", "timeout": 5, "attempts": 3}]}}),
+        )
+        .unwrap()["release"]["version"]
+            .as_i64()
+            .unwrap()
+    };
+    let status = |cl: &mut Client, v: i64, s: &str| {
+        cl.call(
+            "release.status",
+            json!({"app": "deploys", "version": v, "status": s}),
+        )
+        .unwrap()
+    };
+    let good = build(&mut cl, "sha256:aaaa");
+    assert_eq!(good, 2);
+    status(&mut cl, good, "succeeded");
+    assert_eq!(
+        code(cl.call(
+            "release.status",
+            json!({"app": "deploys", "version": good, "status": "failed"})
+        )),
+        Code::Conflict,
+        "only a pending release changes status"
+    );
+    let bad = build(&mut cl, "sha256:bbbb");
+    status(&mut cl, bad, "failed");
+    let r = a
+        .call("config.set", json!({"app": "deploys", "vars": {"X": "1"}}))
+        .unwrap()["release"]
+        .clone();
+    assert_eq!(r["version"], 4);
+    assert_eq!(
+        r["slug"], "sha256:aaaa",
+        "a config change reused a failed build"
+    );
+    assert_eq!(r["process_types"], json!({"web": "run sha256:aaaa"}));
+    assert_eq!(r["status"], "pending");
+    // During a deploy, a config change goes with the code being deployed.
+    let next = build(&mut cl, "sha256:cccc");
+    let r = a
+        .call("config.set", json!({"app": "deploys", "vars": {"Y": "2"}}))
+        .unwrap()["release"]
+        .clone();
+    assert_eq!(r["slug"], "sha256:cccc");
+    assert_eq!(r["config_names"], json!(["X", "Y"]));
+
+    let state = cl.call("app.state", json!({"app": "deploys"})).unwrap()["app"].clone();
+    assert_eq!(state["current"]["version"], good);
+    assert_eq!(state["current"]["config"], json!({}));
+    assert_eq!(state["pending"]["version"], next + 1);
+    assert_eq!(state["pending"]["config"], json!({"X": "1", "Y": "2"}));
+    assert_eq!(state["domains"], json!(["deploys.localhost"]));
+    assert_eq!(state["formation"][0]["type"], "web");
+    assert_eq!(state["formation"][0]["quantity"], 1);
+    assert_eq!(
+        state["healthchecks"]["web"][0]["path"], "/health",
+        "{state}"
+    );
+    // The current release succeeds: the pointer moves; an older success does not
+    // move it back.
+    status(&mut cl, next + 1, "succeeded");
+    status(&mut cl, next, "succeeded");
+    let info = a.call("app.info", json!({"app": "deploys"})).unwrap();
+    assert_eq!(info["app"]["current_release"], next + 1);
+    // A rollback with no version goes to the release before the current one.
+    let r = a.call("rollback", json!({"app": "deploys"})).unwrap()["release"].clone();
+    assert_eq!(r["description"], format!("Rollback to v{next}"));
+    assert_eq!(r["slug"], "sha256:cccc");
+    assert_eq!(r["config_names"], json!(["X"]));
+    let all = cl.call("apps.state", json!({})).unwrap();
+    assert_eq!(all["apps"][0]["name"], "deploys");
+    // A process type with no health check of its own gets a TCP connect.
+    cl.call(
+        "release.create",
+        json!({"app": "deploys", "slug": "sha256:dddd", "description": "d",
+               "process_types": {"web": "run", "worker": "work"}}),
+    )
+    .unwrap();
+    let state = cl.call("app.state", json!({"app": "deploys"})).unwrap()["app"].clone();
+    assert_eq!(state["healthchecks"]["worker"], json!([{"type": "tcp"}]));
+    assert_eq!(state["healthchecks"]["web"], json!([{"type": "tcp"}]));
+    let f = a.call("formation.get", json!({"app": "deploys"})).unwrap();
+    assert_eq!(
+        f["formation"],
+        json!([{"type": "web", "quantity": 1, "memory_mb": 512, "pids": 256, "command": "run"},
+               {"type": "worker", "quantity": 0, "memory_mb": 512, "pids": 256, "command": "work"}])
     );
 }
