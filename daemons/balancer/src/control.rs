@@ -267,6 +267,12 @@ async fn handoff(ctx: &Ctx, st: &Shared, fds: Vec<(String, RawFd)>) -> Result<u3
                 successor = pid,
                 "upgrade: the successor serves the listeners; draining this process"
             );
+            // Tell systemd now, not when the successor gets the pid lock: an idle
+            // predecessor may exit first, and systemd would take the unit for
+            // stopped and kill the successor with it.
+            if std::env::var_os("NOTIFY_SOCKET").is_some() {
+                let _ = sd_notify::notify(false, &[sd_notify::NotifyState::MainPid(pid)]);
+            }
             let c = ctx.clone();
             actix_rt::spawn(async move {
                 // Let the reply go out first.
@@ -410,6 +416,10 @@ fn spawn_scheduler_sync(ctx: &Ctx, st: &Shared) {
                 return;
             }
             let services = c.calls().services("scheduler").await.unwrap_or_default();
+            // A scheduler that was gone (suspect, dead, or the registry out of
+            // reach) and is back may have published while this one could not
+            // hear it: it is snapshotted again at once, as a new one is.
+            last_snapshot.retain(|inc, _| services.iter().any(|s| &s.incarnation == inc));
             for svc in services {
                 if let Some(pub_ep) = svc.endpoints.get("pub") {
                     if !subscribed.contains(pub_ep) {
@@ -448,7 +458,11 @@ fn spawn_scheduler_sync(ctx: &Ctx, st: &Shared) {
                         .await
                     {
                         Ok(v) => apply_table(&st, &format!("scheduler@{}", svc.node), &v),
-                        Err(e) => tracing::debug!("routes.snapshot from {rpc}: {e}"),
+                        Err(e) => {
+                            // Asked again at the next tick, not a whole resync later.
+                            last_snapshot.remove(&svc.incarnation);
+                            tracing::debug!("routes.snapshot from {rpc}: {e}")
+                        }
                     }
                 }
             }

@@ -82,7 +82,26 @@ pub(crate) fn plane() -> &'static Plane {
 }
 
 fn start_plane(cfg: &ClusterConfig) -> anyhow::Result<()> {
-    let settings = Settings::from_config(cfg)?;
+    // Until the daemon runtime installs its handlers, SIGUSR2 (an upgrade) and
+    // SIGHUP (a reload) must not end this process: from the first accepted
+    // connection on, it serves.
+    // SAFETY: sets two signals' disposition to ignore; no handler code runs.
+    unsafe {
+        libc::signal(libc::SIGUSR2, libc::SIG_IGN);
+        libc::signal(libc::SIGHUP, libc::SIG_IGN);
+    }
+    // What the daemon runtime would refuse later (exit 78) is refused here,
+    // before this process serves and, as an upgrade's successor, says it is
+    // ready: a successor that fails on an edited cluster file must fail while
+    // its predecessor still serves, so the upgrade is refused and nothing is lost.
+    let settings = match preflight(cfg) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!("{e}");
+            std::process::exit(paddock_daemon::exit::CONFIG);
+        }
+    };
+    raise_nofile(&settings);
     pool::set_threads(settings.threads);
     pool::set_idle_ttl(settings.pool_idle_timeout);
     // A second balancer on this state dir would accept connections on the
@@ -217,13 +236,6 @@ fn start_plane(cfg: &ClusterConfig) -> anyhow::Result<()> {
                 std::future::pending::<()>().await
             })
         })?;
-    // Until the daemon runtime installs its handlers, SIGUSR2 (an upgrade) and
-    // SIGHUP (a reload) must not end this process, which serves already.
-    // SAFETY: sets two signals' disposition to ignore; no handler code runs.
-    unsafe {
-        libc::signal(libc::SIGUSR2, libc::SIG_IGN);
-        libc::signal(libc::SIGHUP, libc::SIG_IGN);
-    }
     listen::signal_ready();
     let _ = PLANE.set(Plane {
         shared,
@@ -234,6 +246,41 @@ fn start_plane(cfg: &ClusterConfig) -> anyhow::Result<()> {
         log_rx: Mutex::new(log_rx),
     });
     Ok(())
+}
+
+fn preflight(cfg: &ClusterConfig) -> anyhow::Result<Settings> {
+    cfg.daemon("balancer")?;
+    let s = Settings::from_config(cfg)?;
+    if cfg.node_keys()?.is_some() {
+        paddock_wire::curve::require()?;
+    }
+    Ok(s)
+}
+
+/// Every proxied request holds two descriptors (client and backend) and the
+/// pools keep idle ones: the soft RLIMIT_NOFILE (1024 under systemd's default)
+/// would run out long before `max_connections`. Raise it to the hard limit and
+/// say so when even that is too small.
+fn raise_nofile(s: &Settings) {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return;
+    };
+    if soft < hard {
+        if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            tracing::warn!("cannot raise the open-file limit from {soft} to {hard}: {e}");
+        }
+    }
+    let now = getrlimit(Resource::RLIMIT_NOFILE)
+        .map(|l| l.0)
+        .unwrap_or(soft);
+    let need = s.max_connections as u64 * 2;
+    if now < need {
+        tracing::warn!(
+            "the open-file limit is {now}, below the {need} that max_connections = {} needs (two descriptors per connection); raise LimitNOFILE (systemd) or ulimit -n",
+            s.max_connections
+        );
+    }
 }
 
 trait DupFd {

@@ -232,8 +232,12 @@ pub async fn accept_loop(
             permit,
         };
         workers.load[w].fetch_add(1, Relaxed);
+        // Counted active from here, not from when its thread picks it up: a
+        // shutdown waits for a connection still in an inbox too.
+        shared.global.connections_active.fetch_add(1, Relaxed);
         if workers.inboxes[w].send(a).is_err() {
             workers.load[w].fetch_sub(1, Relaxed);
+            shared.global.connections_active.fetch_sub(1, Relaxed);
         }
     }
 }
@@ -249,6 +253,7 @@ pub async fn serve_loop(
     while let Some(a) = inbox.recv().await {
         let Ok(stream) = tokio::net::TcpStream::from_std(a.stream) else {
             load[me].fetch_sub(1, Relaxed);
+            shared.global.connections_active.fetch_sub(1, Relaxed);
             continue;
         };
         let sh = shared.clone();
@@ -256,7 +261,6 @@ pub async fn serve_loop(
         let info = ConnInfo::new(a.peer, a.proto, a.port);
         let (tls, permit) = (a.tls, a.permit);
         tokio::spawn(async move {
-            sh.global.connections_active.fetch_add(1, Relaxed);
             sh.global.connections_total.fetch_add(1, Relaxed);
             match tls {
                 None => proxy::serve(sh.clone(), stream, info).await,

@@ -87,9 +87,9 @@ pub struct Model {
     pub token: u64,
 }
 
-/// One app in a scheduler's `routes.table`.
+/// One app in a scheduler's `routes.table`. Unknown fields are ignored (the
+/// protocol grows by adding fields: a newer scheduler's table must still apply).
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
-#[serde(deny_unknown_fields)]
 pub struct TableApp {
     pub app: String,
     pub domains: Vec<String>,
@@ -100,7 +100,6 @@ pub struct TableApp {
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
-#[serde(deny_unknown_fields)]
 pub struct TableBackend {
     pub id: String,
     pub addr: String,
@@ -209,13 +208,39 @@ fn check_health(h: &HealthSpec) -> Result<(), WireError> {
 
 impl Model {
     /// Reads `<dir>/routes.json`; a missing file is an empty model.
+    /// Reads `routes.json`; when it cannot be read as one (a disk fault, a hand
+    /// edit), the copy of the one before the last save (`routes.json.prev`), so
+    /// a balancer with a damaged file still comes back with its routes. The bad
+    /// file is kept aside as `routes.json.bad` for the operator.
     pub fn load(dir: &Path) -> anyhow::Result<Model> {
         let p = dir.join("routes.json");
-        match std::fs::read(&p) {
-            Ok(b) => serde_json::from_slice(&b)
-                .map_err(|e| anyhow::anyhow!("{}: not a routes file: {e}", p.display())),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Model::default()),
-            Err(e) => Err(anyhow::anyhow!("cannot read {}: {e}", p.display())),
+        let read = |p: &Path| -> anyhow::Result<Option<Model>> {
+            match std::fs::read(p) {
+                Ok(b) => serde_json::from_slice(&b)
+                    .map(Some)
+                    .map_err(|e| anyhow::anyhow!("{}: not a routes file: {e}", p.display())),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+                Err(e) => Err(anyhow::anyhow!("cannot read {}: {e}", p.display())),
+            }
+        };
+        match read(&p) {
+            Ok(m) => Ok(m.unwrap_or_default()),
+            Err(bad) => {
+                let prev = dir.join("routes.json.prev");
+                match read(&prev) {
+                    Ok(Some(m)) => {
+                        let aside = dir.join("routes.json.bad");
+                        let _ = std::fs::rename(&p, &aside);
+                        tracing::error!(
+                            "{bad:#}; started from {} (the routes before the last change) and moved the bad file to {}",
+                            prev.display(),
+                            aside.display()
+                        );
+                        Ok(m)
+                    }
+                    _ => Err(bad),
+                }
+            }
         }
     }
 
@@ -234,7 +259,13 @@ impl Model {
             .open(&tmp)?;
         f.write_all(&serde_json::to_vec_pretty(self).map_err(std::io::Error::other)?)?;
         f.sync_all()?;
-        std::fs::rename(&tmp, dir.join("routes.json"))?;
+        // The file being replaced stays as routes.json.prev (a hard link: same
+        // inode, same 0600), what `load` falls back to if the new one is damaged.
+        let cur = dir.join("routes.json");
+        let prev = dir.join("routes.json.prev");
+        let _ = std::fs::remove_file(&prev);
+        let _ = std::fs::hard_link(&cur, &prev);
+        std::fs::rename(&tmp, cur)?;
         std::fs::File::open(dir)?.sync_all()
     }
 
@@ -615,5 +646,27 @@ mod tests {
         assert_eq!(mode & 0o777, 0o600);
         assert!(!format!("{m:?}").contains("SECRETKEY"));
         assert!(!m.listing().to_string().contains("SECRETKEY"));
+    }
+
+    #[test]
+    fn a_damaged_routes_file_falls_back_to_the_one_before_the_last_change() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut m = Model::default();
+        m.set_route("a", &domains(&["a.example.com"]), None)
+            .unwrap();
+        m.save(dir.path()).unwrap();
+        let first = m.clone();
+        m.set_route("b", &domains(&["b.example.com"]), None)
+            .unwrap();
+        m.save(dir.path()).unwrap();
+        assert_eq!(Model::load(dir.path()).unwrap(), m);
+        std::fs::write(dir.path().join("routes.json"), b"{\"apps\": {tru").unwrap();
+        assert_eq!(Model::load(dir.path()).unwrap(), first);
+        assert!(dir.path().join("routes.json.bad").exists());
+        // With neither file readable, the start fails and says which file.
+        std::fs::write(dir.path().join("routes.json"), b"junk").unwrap();
+        std::fs::write(dir.path().join("routes.json.prev"), b"junk").unwrap();
+        let e = Model::load(dir.path()).unwrap_err().to_string();
+        assert!(e.contains("routes.json: not a routes file"), "{e}");
     }
 }

@@ -128,6 +128,17 @@ pub enum ConnectError {
     Handshake(SocketAddr, hyper::Error),
 }
 
+impl ConnectError {
+    /// The failure is this process's (out of file descriptors or kernel
+    /// buffers), not the backend's: it must not count against the backend.
+    pub fn is_local(&self) -> bool {
+        matches!(self, ConnectError::Io(_, e) if matches!(
+            e.raw_os_error(),
+            Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+        ))
+    }
+}
+
 /// A new keep-alive connection to `addr`; its connection task runs on the proxy's
 /// runtime and ends when either side closes.
 pub async fn connect(addr: SocketAddr, timeout: Duration) -> Result<Sender, ConnectError> {

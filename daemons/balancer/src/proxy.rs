@@ -174,8 +174,23 @@ pub struct RespBody(RespKind);
 
 enum RespKind {
     Full(Option<Bytes>),
-    Proxied { inner: Incoming, done: Done },
+    Proxied {
+        inner: Incoming,
+        done: Done,
+        /// Armed only while the backend sends nothing (the common small response
+        /// never arms it): a backend stalled mid-body is cut off after
+        /// `request_timeout`, and a drain deadline is noticed within a second.
+        stall: Option<Stall>,
+    },
 }
+
+struct Stall {
+    since: Instant,
+    tick: Pin<Box<tokio::time::Sleep>>,
+}
+
+/// How often a stalled body looks at its backend's drain deadline.
+const STALL_TICK: Duration = Duration::from_secs(1);
 
 impl RespBody {
     fn full(b: impl Into<Bytes>) -> RespBody {
@@ -191,7 +206,7 @@ impl Drop for RespBody {
     fn drop(&mut self) {
         // A body hyper never polled because it was empty (HEAD, 204, 304) still
         // ended cleanly: the connection may go back to the pool.
-        if let RespKind::Proxied { inner, done } = &mut self.0 {
+        if let RespKind::Proxied { inner, done, .. } = &mut self.0 {
             if inner.is_end_stream() {
                 done.complete = true;
             }
@@ -209,12 +224,13 @@ impl Body for RespBody {
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match &mut self.get_mut().0 {
             RespKind::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
-            RespKind::Proxied { inner, done } => {
+            RespKind::Proxied { inner, done, stall } => {
                 if done.backend.closing.load(Relaxed) {
                     return Poll::Ready(Some(Err("the backend's drain deadline passed".into())));
                 }
                 match Pin::new(inner).poll_frame(cx) {
                     Poll::Ready(Some(Ok(f))) => {
+                        *stall = None;
                         if let Some(d) = f.data_ref() {
                             done.bytes += d.len() as u64;
                         }
@@ -225,7 +241,30 @@ impl Body for RespBody {
                         done.complete = true;
                         Poll::Ready(None)
                     }
-                    Poll::Pending => Poll::Pending,
+                    Poll::Pending => {
+                        let limit = done.shared.settings.request_timeout;
+                        let st = stall.get_or_insert_with(|| Stall {
+                            since: Instant::now(),
+                            tick: Box::pin(tokio::time::sleep(STALL_TICK.min(limit))),
+                        });
+                        while std::future::Future::poll(st.tick.as_mut(), cx).is_ready() {
+                            if st.since.elapsed() >= limit {
+                                return Poll::Ready(Some(Err(format!(
+                                    "the backend sent nothing for {} s mid-body",
+                                    limit.as_secs_f64()
+                                )
+                                .into())));
+                            }
+                            if done.backend.closing.load(Relaxed) {
+                                return Poll::Ready(Some(Err(
+                                    "the backend's drain deadline passed".into(),
+                                )));
+                            }
+                            let next = tokio::time::Instant::now() + STALL_TICK.min(limit);
+                            st.tick.as_mut().reset(next);
+                        }
+                        Poll::Pending
+                    }
                 }
             }
         }
@@ -501,6 +540,13 @@ pub async fn handle(
             ))
         }
     };
+    if !crate::table::valid_host(host) {
+        return Ok(bad(
+            &shared,
+            "The Host header is not a valid host name (a DNS name or IP address, then at most :PORT).",
+            &rid,
+        ));
+    }
     let route = match shared.table.load().lookup(host) {
         Some(r) => r.clone(),
         None => {
@@ -629,6 +675,9 @@ pub async fn handle(
     let s = &shared.settings;
     let mut tried: Vec<usize> = Vec::new();
     let max_attempts = route.backends.len().clamp(1, 3);
+    // Panic mode (every backend ejected) still tries them; if that fails too the
+    // answer is the 503 of an app with no healthy backend, not a 502.
+    let none_healthy = !route.backends.iter().any(|b| b.in_rotation());
     let mut fresh_retries = 0;
     let mut last_error = StatusCode::SERVICE_UNAVAILABLE;
     let mut last_detail = String::from("The app has no backend in rotation.");
@@ -653,6 +702,23 @@ pub async fn handle(
             Some(snd) => (snd, false),
             None => match pool::connect(backend.addr, s.connect_timeout).await {
                 Ok(snd) => (snd, true),
+                Err(e) if e.is_local() => {
+                    // Out of file descriptors here: no backend is to blame and
+                    // another attempt would fail the same way.
+                    tracing::warn!(app = %route.app, backend = %backend.id, "{e} (the balancer's own limit; raise LimitNOFILE or lower max_connections)");
+                    return Ok(error(
+                        &shared,
+                        &route,
+                        info.peer,
+                        &method,
+                        uri.path(),
+                        &rid,
+                        started,
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "Service Unavailable",
+                        "The balancer is out of resources for a moment; retry shortly.",
+                    ));
+                }
                 Err(e) => {
                     backend.failed(s.eject_after);
                     last_error = StatusCode::BAD_GATEWAY;
@@ -677,7 +743,33 @@ pub async fn handle(
             },
         };
         *out.body_mut() = std::mem::replace(&mut body, ReqBody::Empty);
-        let sent = tokio::time::timeout(s.request_timeout, sender.try_send_request(out)).await;
+        // The drain deadline also ends a request still waiting for its response
+        // head (registered before the flag is read, so no close is missed).
+        let closing = backend.close_now.notified();
+        tokio::pin!(closing);
+        let sent = if backend.closing.load(Relaxed) {
+            None
+        } else {
+            tokio::select! {
+                biased;
+                r = tokio::time::timeout(s.request_timeout, sender.try_send_request(out)) => Some(r),
+                _ = &mut closing => None,
+            }
+        };
+        let Some(sent) = sent else {
+            return Ok(error(
+                &shared,
+                &route,
+                info.peer,
+                &method,
+                uri.path(),
+                &rid,
+                started,
+                StatusCode::BAD_GATEWAY,
+                "Bad Gateway",
+                "The app's backend was drained and had not answered by the drain deadline.",
+            ));
+        };
         match sent {
             Err(_) if body_error(&req_ended) => {
                 // The client's body did not arrive in time: not the backend's fault.
@@ -804,9 +896,19 @@ pub async fn handle(
                 p.headers.remove(header::TRANSFER_ENCODING);
                 return Ok(Response::from_parts(
                     p,
-                    RespBody(RespKind::Proxied { inner, done }),
+                    RespBody(RespKind::Proxied {
+                        inner,
+                        done,
+                        stall: None,
+                    }),
                 ));
             }
+        }
+    }
+    if none_healthy {
+        last_error = StatusCode::SERVICE_UNAVAILABLE;
+        if !route.backends.is_empty() {
+            last_detail = "No backend of the app is healthy right now; retry shortly.".into();
         }
     }
     Ok(error(

@@ -195,6 +195,51 @@ pub struct Table {
     pub routes: Vec<Arc<Route>>,
 }
 
+/// Whether a Host value (or an absolute-form URI's authority) is a host a
+/// browser could send: a DNS name or IPv4 address (letters, digits, `-`, `_`,
+/// `.`), or a bracketed IPv6 literal, then at most a numeric port. Anything else
+/// (`a.example.com:x@evil.com`, `a/b`, userinfo, spaces) is refused with a 400
+/// rather than routed on a prefix and forwarded as written.
+pub fn valid_host(host: &str) -> bool {
+    let (name, port) = if let Some(rest) = host.strip_prefix('[') {
+        let Some(end) = rest.find(']') else {
+            return false;
+        };
+        let literal = &rest[..end];
+        if literal.is_empty()
+            || !literal
+                .bytes()
+                .all(|b| b.is_ascii_hexdigit() || b == b':' || b == b'.')
+        {
+            return false;
+        }
+        match &rest[end + 1..] {
+            "" => return true,
+            p => match p.strip_prefix(':') {
+                Some(p) => ("x", Some(p)),
+                None => return false,
+            },
+        }
+    } else {
+        match host.rsplit_once(':') {
+            Some((n, p)) => (n, Some(p)),
+            None => (host, None),
+        }
+    };
+    let name_ok = !name.is_empty()
+        && name.len() <= 253
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+    let port_ok = port.is_none_or(|p| {
+        !p.is_empty()
+            && p.len() <= 5
+            && p.bytes().all(|b| b.is_ascii_digit())
+            && p.parse::<u32>().is_ok_and(|n| n <= 65535)
+    });
+    name_ok && port_ok
+}
+
 /// Strips the port and a trailing dot from a Host value and lowercases it (only
 /// when needed, so the common case allocates nothing).
 pub fn host_key(host: &str) -> std::borrow::Cow<'_, str> {
@@ -346,6 +391,38 @@ mod tests {
         m.add_backend("a", "1", "127.0.0.1:1", 1).unwrap();
         m.add_backend("a", "2", "127.0.0.1:2", 1).unwrap();
         m
+    }
+
+    #[test]
+    fn only_host_names_and_addresses_with_a_numeric_port_are_valid_hosts() {
+        for ok in [
+            "a.example.com",
+            "A.Example.Com:8080",
+            "a.example.com.",
+            "localhost:1",
+            "127.0.0.1:65535",
+            "[::1]",
+            "[::1]:443",
+            "my_app.localhost",
+        ] {
+            assert!(valid_host(ok), "{ok} should be valid");
+        }
+        for bad in [
+            "",
+            "a.example.com:x@evil.com",
+            "evil.com/.apps.example.com",
+            "user@a.example.com",
+            "a.example.com:",
+            "a.example.com:65536",
+            "a.example.com:123456",
+            "a example.com",
+            "[::1",
+            "[::1]x",
+            "[zz::1]",
+            "a.example.com:80:80",
+        ] {
+            assert!(!valid_host(bad), "{bad:?} should be refused");
+        }
     }
 
     #[test]
