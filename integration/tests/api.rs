@@ -1852,3 +1852,131 @@ fn config_changes_build_on_the_newest_release_that_did_not_fail() {
                {"type": "worker", "quantity": 0, "memory_mb": 512, "pids": 256, "command": "work"}])
     );
 }
+
+// ---- people, keys and access over time -------------------------------------------
+
+/// Rotating a key ends the old one at once; revoking a user ends every key of
+/// theirs, their open connections and their SSH keys' matches; removing a
+/// collaborator ends their access; random app names follow the rules; the audit
+/// log pages with `before`.
+#[test]
+fn keys_users_and_access_end_when_revoked_or_removed() {
+    let w = ApiCluster::start("api-lifecycle", &[]);
+    let alice = create_user(&w.node, "alice", false);
+    let bob = create_user(&w.node, "bob", false);
+    let boss = create_user(&w.node, "boss", true);
+    let mut a = user_client(&alice);
+    let mut admin = user_client(&boss);
+
+    // Rotation: the new key works, the old one is dead on its open connection.
+    let rotated = creds_from(&w.node, &a.call("key.rotate", json!({})).unwrap());
+    assert_ne!(rotated.key_id, alice.key_id);
+    let e = remote_err(a.call("whoami", json!({})));
+    assert_eq!(e.code, Code::UnknownKey);
+    assert!(e.message.contains("revoked"), "{}", e.message);
+    let mut a = user_client(&rotated);
+    let keys = a.call("key.list", json!({})).unwrap()["keys"].clone();
+    let keys = keys.as_array().unwrap();
+    assert_eq!(keys.len(), 2);
+    assert!(keys[0]["revoked_at"].is_i64() && keys[0]["current"] == false);
+    assert!(keys[1]["revoked_at"].is_null() && keys[1]["current"] == true);
+
+    // Random names: valid, distinct, and the app is the caller's.
+    let mut names = BTreeSet::new();
+    for _ in 0..5 {
+        let app = a.call("app.create", json!({})).unwrap()["app"].clone();
+        let n = app["name"].as_str().unwrap().to_string();
+        assert!(
+            n.len() <= 28
+                && n.starts_with(|c: char| c.is_ascii_lowercase())
+                && n.chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+                && !n.ends_with('-'),
+            "{n}"
+        );
+        assert_eq!(app["owner"], "alice");
+        names.insert(n);
+    }
+    assert_eq!(names.len(), 5);
+    let app = names.iter().next().unwrap().clone();
+
+    // A collaborator removed loses access at once.
+    let mut b = user_client(&bob);
+    a.call("access.add", json!({"app": app, "user": "bob"}))
+        .unwrap();
+    b.call("config.get", json!({ "app": app })).unwrap();
+    assert_eq!(
+        b.call("app.list", json!({})).unwrap()["apps"][0]["role"],
+        "collaborator"
+    );
+    a.call("access.remove", json!({"app": app, "user": "bob"}))
+        .unwrap();
+    assert_eq!(
+        code(b.call("config.get", json!({ "app": app }))),
+        Code::Forbidden
+    );
+    assert_eq!(b.call("app.list", json!({})).unwrap()["apps"], json!([]));
+
+    // Revoking a user: every key, open connections, SSH key matches.
+    let fp = a
+        .call(
+            "sshkey.add",
+            json!({"public_key": random_ed25519("alice@laptop")}),
+        )
+        .unwrap()["fingerprint"]
+        .clone();
+    let mut cl = w.cluster();
+    assert_eq!(
+        cl.call("sshkey.lookup", json!({ "fingerprint": fp }))
+            .unwrap()["user"],
+        "alice"
+    );
+    let second = creds_from(&w.node, &a.call("key.create", json!({})).unwrap());
+    let r = admin.call("user.revoke", json!({"name": "alice"})).unwrap();
+    assert_eq!(r["revoked_keys"], 2);
+    let e = remote_err(a.call("app.list", json!({})));
+    assert_eq!(e.code, Code::UnknownKey);
+    assert!(e.message.contains("disabled"), "{}", e.message);
+    let fresh = user_client(&second)
+        .with_timeout(Duration::from_millis(1500))
+        .call("whoami", json!({}));
+    assert!(
+        matches!(fresh, Err(ref e) if e.code().is_none() || e.code() == Some(&Code::UnknownKey)),
+        "{fresh:?}"
+    );
+    assert_eq!(
+        code(cl.call("sshkey.lookup", json!({ "fingerprint": fp }))),
+        Code::NotFound
+    );
+    assert_eq!(
+        code(admin.call("key.create", json!({"user": "alice"}))),
+        Code::Conflict
+    );
+    let users = admin.call("user.list", json!({})).unwrap()["users"].clone();
+    let al = users
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|u| u["name"] == "alice")
+        .unwrap()
+        .clone();
+    assert_eq!(al["disabled"], true);
+    assert_eq!(al["keys"], 0);
+
+    // The audit log pages: `before` gives the entries older than an id.
+    let page1 = admin.call("audit.list", json!({"limit": 3})).unwrap()["entries"].clone();
+    let page1 = page1.as_array().unwrap();
+    assert_eq!(page1.len(), 3);
+    let last = page1[2]["id"].as_i64().unwrap();
+    let page2 = admin
+        .call("audit.list", json!({"limit": 3, "before": last}))
+        .unwrap()["entries"]
+        .clone();
+    let ids: Vec<i64> = page1
+        .iter()
+        .chain(page2.as_array().unwrap())
+        .map(|e| e["id"].as_i64().unwrap())
+        .collect();
+    assert!(ids.windows(2).all(|p| p[0] > p[1]), "{ids:?}");
+    assert_eq!(ids.len(), 6);
+}
