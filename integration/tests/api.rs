@@ -1980,3 +1980,139 @@ fn keys_users_and_access_end_when_revoked_or_removed() {
     assert!(ids.windows(2).all(|p| p[0] > p[1]), "{ids:?}");
     assert_eq!(ids.len(), 6);
 }
+
+// ---- destroying an app -----------------------------------------------------------
+
+/// `app.destroy` removes every row of the app in one go, removes its balancer
+/// route and stops its runner instances (found through the registry), reports
+/// each, and leaves other apps' instances alone; its name and domain are free again.
+#[test]
+fn destroying_an_app_removes_its_rows_routes_and_instances() {
+    let mut w = ApiCluster::start("api-destroy", &["heartbeat", "runner", "balancer"]);
+    let app_dir = w.t.path().join("appdir");
+    std::fs::create_dir_all(&app_dir).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&app_dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    paddock_harness::allow_traverse(&app_dir).unwrap();
+    let alice = create_user(&w.node, "alice", false);
+    let boss = create_user(&w.node, "boss", true);
+    let mut a = user_client(&alice);
+    for app in ["doomed", "keeper"] {
+        a.call("app.create", json!({ "name": app })).unwrap();
+        a.call("config.set", json!({"app": app, "vars": {"A": "1"}}))
+            .unwrap();
+    }
+    let mut runner = w.node.client("runner");
+    let mut bal = w.node.client("balancer");
+    let mut ids = BTreeMap::new();
+    for app in ["doomed", "keeper"] {
+        let r = runner
+            .call(
+                "instance.start",
+                json!({"app": app, "proc": "web", "dir": app_dir, "argv": ["sleep", "1000"],
+                       "health": {"none": true}}),
+            )
+            .unwrap();
+        ids.insert(app, r["id"].as_str().unwrap().to_string());
+        bal.call(
+            "route.set",
+            json!({"app": app, "domains": [format!("{app}.localhost")]}),
+        )
+        .unwrap();
+    }
+    let mut hb = w.node.client("heartbeat");
+    eventually(
+        Duration::from_secs(10),
+        "runner and balancer registered",
+        || {
+            let l = hb.call("registry.list", json!({})).unwrap();
+            let alive = |d: &str| {
+                l["services"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|s| s["daemon"] == d && s["state"] == "alive")
+            };
+            (alive("runner") && alive("balancer")).then_some(())
+        },
+    );
+
+    let r = a
+        .call("app.destroy", json!({"app": "doomed", "confirm": "doomed"}))
+        .unwrap();
+    let cleanup = &r["cleanup"];
+    assert_eq!(cleanup["domains"], json!(["doomed.localhost"]), "{r}");
+    assert_eq!(cleanup["routes"][0]["result"], "done", "{r}");
+    let inst = cleanup["instances"].as_array().unwrap();
+    assert_eq!(inst.len(), 1, "{r}");
+    assert_eq!(inst[0]["id"], ids["doomed"].as_str());
+    assert_eq!(inst[0]["result"], "done");
+
+    let routes = bal.call("routes.list", json!({})).unwrap();
+    let apps: Vec<&str> = routes["apps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["app"].as_str().unwrap())
+        .collect();
+    assert_eq!(apps, ["keeper"]);
+    eventually(Duration::from_secs(15), "doomed's instance stopped", || {
+        let l = runner.call("instance.list", json!({})).unwrap();
+        let state = |id: &str| {
+            l["instances"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|i| i["id"] == id)
+                .map(|i| i["state"].as_str().unwrap().to_string())
+        };
+        let keeper = state(&ids["keeper"]);
+        assert!(
+            !matches!(keeper.as_deref(), Some("stopping" | "stopped") | None),
+            "keeper's instance: {keeper:?}"
+        );
+        (state(&ids["doomed"]).as_deref() == Some("stopped")).then_some(())
+    });
+
+    // No row of the app is left but its audit trail.
+    let left = w.sql(
+        "SELECT (SELECT count(*) FROM api_apps WHERE name = 'doomed')
+              + (SELECT count(*) FROM api_domains WHERE domain LIKE 'doomed.%')
+              + (SELECT count(*) FROM api_releases r WHERE NOT EXISTS (SELECT 1 FROM api_apps a WHERE a.id = r.app_id))
+              + (SELECT count(*) FROM api_access x WHERE NOT EXISTS (SELECT 1 FROM api_apps a WHERE a.id = x.app_id))",
+    )[0]
+    .get::<_, i64>(0);
+    assert_eq!(left, 0);
+    assert_eq!(
+        code(w.cluster().call("app.state", json!({"app": "doomed"}))),
+        Code::NotFound
+    );
+    assert!(w
+        .audit_after(0)
+        .iter()
+        .any(|r| r["kind"] == "app.destroy" && r["app"] == "doomed"));
+    // The name and its domain are free again.
+    user_client(&boss)
+        .call(
+            "domain.add",
+            json!({"app": "keeper", "domain": "doomed.localhost"}),
+        )
+        .unwrap();
+    let again = a.call("app.create", json!({"name": "doomed"}));
+    assert_eq!(
+        code(again),
+        Code::Conflict,
+        "its default domain is keeper's now"
+    );
+    user_client(&boss)
+        .call(
+            "domain.remove",
+            json!({"app": "keeper", "domain": "doomed.localhost"}),
+        )
+        .unwrap();
+    let again = a.call("app.create", json!({"name": "doomed"})).unwrap();
+    assert_eq!(again["app"]["current_release"], 1);
+    runner
+        .call("instance.stop", json!({"id": ids["keeper"]}))
+        .unwrap();
+}
