@@ -961,6 +961,26 @@ fn the_database_holds_no_secret_that_verifies_a_user_request() {
         );
     }
 
+    // Nor does the api's log hold any of them.
+    let raw_log = std::fs::read_to_string(w.node.log("api")).unwrap();
+    for k in &keys {
+        let cs = k.curve.as_ref().unwrap().client_secret.expose();
+        assert!(
+            !raw_log.contains(cs),
+            "a CURVE secret (Z85) is in the api's log"
+        );
+    }
+    let log = raw_log.to_lowercase();
+    for (what, bytes) in &secrets {
+        assert!(!log.contains(&hex(bytes)), "{what} is in the api's log");
+        for f in b64_forms(bytes) {
+            assert!(
+                !log.contains(&f.to_lowercase()),
+                "{what} is in the api's log"
+            );
+        }
+    }
+
     // Nothing stored, in any decoding, signs a request as alice's key does or
     // derives her key.
     let probe = br#"{"v":1,"id":"01JCT6S3W4F8D9X2QZ7N5K0BVA","ts":1,"from":"user:alice","kind":"config.set","body":{}}"#;
