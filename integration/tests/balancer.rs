@@ -531,6 +531,78 @@ fn kill_9_of_one_of_two_backends_under_load_fails_no_request() {
 }
 
 #[test]
+fn a_request_a_backend_took_is_resent_only_when_bodiless_and_idempotent() {
+    let bal = balancer("bal-retry", &[]);
+    // `a` weighs 100 against `b`'s 1, so it is always picked first.
+    let route = |a: &Backend, b: &Backend| {
+        bal.ok(
+            kinds::ROUTE_SET,
+            json!({"app": "r", "domains": ["r.example.com"]}),
+        );
+        for (id, be, w) in [("a", a, 100), ("b", b, 1)] {
+            bal.ok(
+                kinds::BACKEND_ADD,
+                json!({"app": "r", "id": id, "addr": be.addr.to_string(), "weight": w}),
+            );
+        }
+    };
+    let (a, b) = (Backend::start("a"), Backend::start("b"));
+    route(&a, &b);
+    assert_eq!(bal.get("r.example.com", "/").header("x-backend"), Some("a"));
+    // A GET that `a` read and died holding: sent again, to `b`.
+    let r = bal.get("r.example.com", "/vanish/a");
+    assert_eq!(
+        (r.status, r.header("x-backend")),
+        (200, Some("b")),
+        "{}",
+        r.text()
+    );
+    // A POST that a backend read and died holding is never sent again: 502.
+    bal.ok(kinds::ROUTE_REMOVE, json!({"app": "r"}));
+    let (a, b2) = (Backend::start("a2"), Backend::start("b2"));
+    route(&a, &b2);
+    let post = b"POST /vanish/a2 HTTP/1.1\r\nHost: r.example.com\r\nContent-Length: 5\r\n\r\nhello";
+    let r = http::raw(bal.http, post).unwrap();
+    assert_eq!(r.status, 502, "{}", r.text());
+    assert!(
+        r.text().contains("closed the connection without answering"),
+        "{}",
+        r.text()
+    );
+    let stats = bal.ok(kinds::BALANCER_STATS, json!({}));
+    let app = stats["apps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["app"] == "r")
+        .unwrap();
+    let b2_requests = app["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["id"] == "b")
+        .map(|x| x["stats"]["requests"].as_u64().unwrap())
+        .unwrap();
+    assert_eq!(
+        b2_requests, 0,
+        "the POST reached the second backend: {stats}"
+    );
+    // A POST that nothing was sent of (the first backend refuses connections)
+    // goes to the other backend.
+    drop(a);
+    let post = b"POST / HTTP/1.1\r\nHost: r.example.com\r\nContent-Length: 5\r\n\r\nhello";
+    let r = http::raw(bal.http, post).unwrap();
+    assert_eq!(
+        (r.status, r.header("x-backend")),
+        (200, Some("b2")),
+        "{}",
+        r.text()
+    );
+    assert_eq!(r.text(), "b2 got 5 bytes\n");
+    drop(b);
+}
+
+#[test]
 fn when_every_backend_is_ejected_they_are_tried_anyway() {
     // Health checks too slow to matter here: only panic mode can serve.
     let bal = balancer(
@@ -805,11 +877,24 @@ fn hostile_and_oversize_requests_get_their_status_and_a_clear_body() {
     );
 
     let st = |raw: &[u8]| http::raw(bal.http, raw).map(|r| r.status).unwrap_or(0);
-    assert_eq!(st(b"GARBAGE\r\n\r\n"), 400);
-    assert_eq!(
-        st(b"GET / HTTP/1.1\r\nHost: a.example.com\r\nBad Header\r\n\r\n"),
-        400
-    );
+    // What hyper's parser refuses gets a page that says what was wrong too.
+    for (raw, status, says) in [
+        (&b"GARBAGE\r\n\r\n"[..], 400, "not valid HTTP/1.1"),
+        (
+            b"GET / HTTP/1.1\r\nHost: a.example.com\r\nBad Header\r\n\r\n",
+            400,
+            "not valid HTTP/1.1",
+        ),
+        (
+            b"POST / HTTP/1.1\r\nHost: a.example.com\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab",
+            400,
+            "Content-Length",
+        ),
+    ] {
+        let r = http::raw(bal.http, raw).unwrap();
+        assert_eq!(r.status, status, "{}", String::from_utf8_lossy(raw));
+        assert!(r.text().contains(says), "{}", r.text());
+    }
     assert_eq!(st(b"GET / HTTP/1.1\r\n\r\n"), 400, "no Host");
     // A Host that is not a host name is refused, not routed on its prefix.
     for raw in [
@@ -825,7 +910,13 @@ fn hostile_and_oversize_requests_get_their_status_and_a_clear_body() {
         "GET / HTTP/1.1\r\nHost: a.example.com\r\nX-Big: {}\r\n\r\n",
         "y".repeat(20_000)
     );
-    assert_eq!(st(big.as_bytes()), 431);
+    let r = http::raw(bal.http, big.as_bytes()).unwrap();
+    assert_eq!(r.status, 431);
+    assert!(
+        r.text().contains("header section is larger"),
+        "{}",
+        r.text()
+    );
     let many: String = (0..200).map(|i| format!("X-H{i}: v\r\n")).collect();
     assert_eq!(
         st(format!("GET / HTTP/1.1\r\nHost: a.example.com\r\n{many}\r\n").as_bytes()),
@@ -865,6 +956,65 @@ fn hostile_and_oversize_requests_get_their_status_and_a_clear_body() {
             .is_none(),
         "still running"
     );
+}
+
+#[test]
+fn after_an_upgrade_drained_waits_for_the_predecessors_requests() {
+    let mut bal = balancer("bal-drain-up", &[]);
+    let slow = Backend::start("slow");
+    bal.route("s", &["s.example.com"], &[("slow", &slow)]);
+    let old = bal.node.pid("balancer");
+    // A request in flight on the old process when it hands over.
+    let release = bal.node.dir.join("release");
+    let hold = format!("/hold{}", release.display());
+    let http = bal.http;
+    let req = std::thread::spawn(move || http::get(http, "s.example.com", &hold).unwrap());
+    eventually(Duration::from_secs(5), "the request in flight", || {
+        let s = bal.ok(kinds::BALANCER_STATS, json!({}));
+        (s["apps"][0]["backends"][0]["active"] == 1).then_some(())
+    });
+    bal.node.signal("balancer", Signal::SIGUSR2);
+    let (new, _successor) = bal.successor(old);
+    eventually(Duration::from_secs(10), "the successor's rpc", || {
+        bal.call(kinds::ROUTES_LIST, json!({})).ok()
+    });
+    let mut sub = Subscriber::connect(
+        &[tcp(bal.node.ports.balancer_pub)],
+        &[kinds::BACKEND_DRAINED],
+        bal.node.keys.clone(),
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    // The successor has nothing in flight to `slow`; the old process has.
+    bal.ok(kinds::BACKEND_DRAIN, json!({"app": "s", "id": "slow"}));
+    assert!(
+        sub.next(Duration::from_millis(1000)).unwrap().is_none(),
+        "drained while the predecessor still had a request in flight"
+    );
+    assert!(
+        paddock_harness::process_alive(old),
+        "the old process still drains"
+    );
+    std::fs::write(&release, "").unwrap();
+    assert_eq!(
+        req.join().unwrap().status,
+        200,
+        "the request in flight finished"
+    );
+    let ev = sub
+        .next(Duration::from_secs(10))
+        .unwrap()
+        .expect("backend.drained once the predecessor is gone");
+    assert_eq!(ev.body["id"], "slow");
+    assert_eq!(
+        bal.node.wait_exit("balancer", Duration::from_secs(10)),
+        Some(0),
+        "the old process exited"
+    );
+    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(new), Signal::SIGTERM);
+    eventually(Duration::from_secs(20), "the successor stopped", || {
+        (!paddock_harness::process_alive(new)).then_some(())
+    });
 }
 
 #[test]

@@ -329,6 +329,12 @@ fn spawn_drain_watcher(ctx: &Ctx) {
                     if left > 0 && !timed_out {
                         continue;
                     }
+                    // After an upgrade the predecessor may still have requests
+                    // in flight to it: `drained` waits until it is gone (its
+                    // own drain is bounded by handoff_drain_ms).
+                    if !timed_out && p.handed.predecessor_running() {
+                        continue;
+                    }
                     if left > 0 {
                         b.close();
                     }

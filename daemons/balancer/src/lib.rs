@@ -73,6 +73,8 @@ pub(crate) struct Plane {
     pub fds: Vec<(String, OwnedFd)>,
     pub model: model::Model,
     pub log_rx: Mutex<Option<tokio::sync::mpsc::Receiver<proxy::RouterLine>>>,
+    /// What an upgrade's predecessor handed over (its pidfd).
+    pub handed: listen::Handed,
 }
 
 static PLANE: OnceLock<Plane> = OnceLock::new();
@@ -94,6 +96,7 @@ fn start_plane(cfg: &ClusterConfig) -> anyhow::Result<()> {
     // before this process serves and, as an upgrade's successor, says it is
     // ready: a successor that fails on an edited cluster file must fail while
     // its predecessor still serves, so the upgrade is refused and nothing is lost.
+    let mut handed = listen::take_handed();
     let settings = match preflight(cfg) {
         Ok(s) => s,
         Err(e) => {
@@ -236,8 +239,9 @@ fn start_plane(cfg: &ClusterConfig) -> anyhow::Result<()> {
                 std::future::pending::<()>().await
             })
         })?;
-    listen::signal_ready();
+    handed.signal_ready();
     let _ = PLANE.set(Plane {
+        handed,
         shared,
         live,
         resolver,

@@ -322,6 +322,7 @@ pub fn spawn_successor(fds: &[(String, RawFd)], timeout: Duration) -> anyhow::Re
         )
         .env("PADDOCK_READY_FD", (3 + fds.len()).to_string())
         .env("PADDOCK_TAKEOVER_WAIT_MS", "30000")
+        .env("PADDOCK_PREDECESSOR_PID", std::process::id().to_string())
         .env_remove("LISTEN_PID")
         .stdin(std::process::Stdio::null());
     let mut sources: Vec<RawFd> = fds.iter().map(|(_, fd)| *fd).collect();
@@ -350,19 +351,57 @@ pub fn spawn_successor(fds: &[(String, RawFd)], timeout: Duration) -> anyhow::Re
     Ok(pid)
 }
 
-/// Tells the process that started this one (`PADDOCK_READY_FD`) that the listeners
-/// are served.
-pub fn signal_ready() {
-    let Some(fd) = std::env::var("PADDOCK_READY_FD")
+/// What an upgrade's predecessor handed this process: the pipe to say "ready"
+/// on, and a pidfd of the predecessor itself. Taken from the environment once,
+/// first thing, while this process has no other thread (changing the
+/// environment is only sound then).
+pub struct Handed {
+    ready: Option<OwnedFd>,
+    predecessor: Option<OwnedFd>,
+}
+
+pub fn take_handed() -> Handed {
+    let ready = std::env::var("PADDOCK_READY_FD")
         .ok()
         .and_then(|v| v.parse::<RawFd>().ok())
-    else {
-        return;
-    };
+        // SAFETY: the fd was handed to us for one write; we own and close it.
+        .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) });
+    let predecessor = std::env::var("PADDOCK_PREDECESSOR_PID")
+        .ok()
+        .and_then(|v| v.parse::<libc::pid_t>().ok())
+        .and_then(|pid| {
+            // SAFETY: pidfd_open takes a pid and flags and returns a new fd
+            // (close-on-exec by the kernel's rule for pidfds) or -1.
+            let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+            // SAFETY: a non-negative return is a new fd we own.
+            (fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+        });
     std::env::remove_var("PADDOCK_READY_FD");
-    // SAFETY: the fd was handed to us for this one write; we own and close it.
-    let f = unsafe { OwnedFd::from_raw_fd(fd) };
-    let _ = nix::unistd::write(&f, b"1");
+    std::env::remove_var("PADDOCK_PREDECESSOR_PID");
+    Handed { ready, predecessor }
+}
+
+impl Handed {
+    /// Tells the process that started this one that the listeners are served.
+    pub fn signal_ready(&mut self) {
+        if let Some(f) = self.ready.take() {
+            let _ = nix::unistd::write(&f, b"1");
+        }
+    }
+
+    /// Whether the predecessor of an upgrade still runs (and may still have
+    /// requests in flight to a backend this process sees drained).
+    pub fn predecessor_running(&self) -> bool {
+        let Some(fd) = &self.predecessor else {
+            return false;
+        };
+        let mut p = [nix::poll::PollFd::new(
+            std::os::fd::AsFd::as_fd(fd),
+            nix::poll::PollFlags::POLLIN,
+        )];
+        // A pidfd is readable once its process has exited.
+        !matches!(nix::poll::poll(&mut p, nix::poll::PollTimeout::ZERO), Ok(n) if n > 0)
+    }
 }
 
 #[cfg(test)]

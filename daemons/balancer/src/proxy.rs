@@ -1000,10 +1000,18 @@ async fn tunnel(
 /// A client connection whose writes may not stay blocked longer than `limit`: a
 /// client that stops reading (a slow reader) is cut off instead of holding its
 /// slot, its backend connection and its buffers for ever.
+///
+/// It also gives hyper's own error answers a body. hyper answers a request it
+/// cannot parse (400), whose head is too large (431) or whose URI is too long
+/// (414) by itself, with an empty body and no handler called; those heads are
+/// replaced by a page that says what was wrong, as every other error has.
 pub struct Watched<I> {
     io: I,
     limit: Duration,
     stalled: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// A page written in place of hyper's bare error head: (bytes, written).
+    page: Option<(Bytes, usize)>,
+    global: Option<Arc<Shared>>,
 }
 
 impl<I> Watched<I> {
@@ -1012,7 +1020,15 @@ impl<I> Watched<I> {
             io,
             limit,
             stalled: None,
+            page: None,
+            global: None,
         }
+    }
+
+    /// Counts rewritten parser errors in `shared`'s `bad_requests`.
+    pub fn counting(mut self, shared: Arc<Shared>) -> Watched<I> {
+        self.global = Some(shared);
+        self
     }
 
     fn check<T>(
@@ -1052,12 +1068,108 @@ impl<I: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Watched<I> {
     }
 }
 
+/// hyper's answer to a request it could not parse: a status line, then exactly
+/// `connection: close`, `content-length: 0` and `date`, and nothing else. Our own
+/// pages and proxied responses always carry other headers.
+fn bare_error_status(buf: &[u8]) -> Option<StatusCode> {
+    const TAIL: &[u8] = b"\r\nconnection: close\r\ncontent-length: 0\r\ndate: ";
+    let rest = buf.strip_prefix(b"HTTP/1.1 ")?;
+    let code = std::str::from_utf8(rest.get(..3)?)
+        .ok()?
+        .parse::<u16>()
+        .ok()?;
+    let status = StatusCode::from_u16(code).ok()?;
+    if !matches!(code, 400 | 414 | 431 | 501 | 505) {
+        return None;
+    }
+    let line_end = rest.windows(2).position(|w| w == b"\r\n")?;
+    let after = rest[line_end..].strip_prefix(TAIL)?;
+    // An IMF-fixdate is 29 bytes, then the end of the head.
+    (after.len() == 29 + 4 && after.ends_with(b"\r\n\r\n") && !after[..29].contains(&b'\r'))
+        .then_some(status)
+}
+
+fn parser_error_page(status: StatusCode) -> Bytes {
+    let detail = match status.as_u16() {
+        431 => "The request's header section is larger than this balancer accepts (too many or too long header fields).",
+        414 => "The request's URI is longer than this balancer accepts.",
+        505 => "The request's HTTP version is not supported; send HTTP/1.1.",
+        501 => "The request uses a feature this balancer does not implement.",
+        _ => "The request is not valid HTTP/1.1 (a malformed request line or header, an invalid or repeated Content-Length, or a bad Transfer-Encoding).",
+    };
+    let mut r = page(status, reason(status), detail, None);
+    let RespKind::Full(Some(body)) = std::mem::replace(&mut r.body_mut().0, RespKind::Full(None))
+    else {
+        return Bytes::new();
+    };
+    let mut head = format!("HTTP/1.1 {} {}\r\n", status.as_u16(), reason(status));
+    for (k, v) in r.headers() {
+        head.push_str(k.as_str());
+        head.push_str(": ");
+        head.push_str(v.to_str().unwrap_or(""));
+        head.push_str("\r\n");
+    }
+    head.push_str(&format!(
+        "connection: close\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    ));
+    let mut out = head.into_bytes();
+    out.extend_from_slice(&body);
+    Bytes::from(out)
+}
+
+impl<I: tokio::io::AsyncWrite + Unpin> Watched<I> {
+    /// Writes what is left of a replacement page; Ready(Ok) once it is all out.
+    fn drain_page(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        while let Some((bytes, done)) = &mut self.page {
+            if *done >= bytes.len() {
+                self.page = None;
+                break;
+            }
+            let chunk = bytes.slice(*done..);
+            let r = Pin::new(&mut self.io).poll_write(cx, &chunk);
+            match self.check(cx, r) {
+                Poll::Ready(Ok(0)) => {
+                    return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into()))
+                }
+                Poll::Ready(Ok(n)) => {
+                    if let Some((_, done)) = &mut self.page {
+                        *done += n;
+                    }
+                }
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    /// Takes `buf` in place of writing it when it is hyper's bare error head.
+    fn replaced(&mut self, buf: &[u8]) -> bool {
+        let Some(status) = bare_error_status(buf) else {
+            return false;
+        };
+        if let Some(sh) = &self.global {
+            sh.global.bad_requests.fetch_add(1, Relaxed);
+        }
+        self.page = Some((parser_error_page(status), 0));
+        true
+    }
+}
+
 impl<I: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Watched<I> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
+        match self.drain_page(cx) {
+            Poll::Ready(Ok(())) => {}
+            other => return other.map(|r| r.map(|()| 0)),
+        }
+        if self.replaced(buf) {
+            return Poll::Ready(Ok(buf.len()));
+        }
         let r = Pin::new(&mut self.io).poll_write(cx, buf);
         self.check(cx, r)
     }
@@ -1067,6 +1179,16 @@ impl<I: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Watched<I> {
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
+        match self.drain_page(cx) {
+            Poll::Ready(Ok(())) => {}
+            other => return other.map(|r| r.map(|()| 0)),
+        }
+        // hyper's error head goes out alone, as one buffer.
+        if let [one] = bufs {
+            if self.replaced(one) {
+                return Poll::Ready(Ok(one.len()));
+            }
+        }
         let r = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
         self.check(cx, r)
     }
@@ -1076,11 +1198,19 @@ impl<I: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Watched<I> {
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.drain_page(cx) {
+            Poll::Ready(Ok(())) => {}
+            other => return other,
+        }
         let r = Pin::new(&mut self.io).poll_flush(cx);
         self.check(cx, r)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.drain_page(cx) {
+            Poll::Ready(Ok(())) => {}
+            other => return other,
+        }
         Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }
@@ -1109,7 +1239,7 @@ where
         .max_buf_size(shared.settings.max_header_bytes)
         .max_headers(shared.settings.max_headers)
         .keep_alive(true);
-    let io = Watched::new(io, shared.settings.send_timeout);
+    let io = Watched::new(io, shared.settings.send_timeout).counting(shared.clone());
     let conn = b.serve_connection(TokioIo::new(io), svc).with_upgrades();
     tokio::pin!(conn);
     let mut stop = shared.shutdown.subscribe();
@@ -1146,4 +1276,48 @@ where
 /// Resolves once shutdown has started (at once if it already has).
 pub async fn stopped(rx: &mut tokio::sync::watch::Receiver<bool>) {
     let _ = rx.wait_for(|s| *s).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_hypers_bare_error_heads_are_replaced_by_a_page() {
+        let date = "Sun, 06 Dec 2026 06:23:55 GMT";
+        for (code, reason) in [
+            (400, "Bad Request"),
+            (431, "Request Header Fields Too Large"),
+            (414, "URI Too Long"),
+        ] {
+            let head = format!(
+                "HTTP/1.1 {code} {reason}\r\nconnection: close\r\ncontent-length: 0\r\ndate: {date}\r\n\r\n"
+            );
+            assert_eq!(
+                bare_error_status(head.as_bytes()).map(|s| s.as_u16()),
+                Some(code)
+            );
+            let page = parser_error_page(StatusCode::from_u16(code).unwrap());
+            let text = String::from_utf8_lossy(&page);
+            assert!(text.starts_with(&format!("HTTP/1.1 {code} ")), "{text}");
+            let (head, body) = text.split_once("\r\n\r\n").unwrap();
+            assert!(
+                head.contains(&format!("content-length: {}", body.len())),
+                "{text}"
+            );
+            assert!(body.contains("<h1>"), "{text}");
+        }
+        // A response with anything more (a body, another header, another
+        // status) is left alone.
+        for other in [
+            format!("HTTP/1.1 400 Bad Request\r\nconnection: close\r\ncontent-length: 3\r\ndate: {date}\r\n\r\n"),
+            format!("HTTP/1.1 400 Bad Request\r\nconnection: close\r\ncontent-length: 0\r\ndate: {date}\r\nx: y\r\n\r\n"),
+            format!("HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 0\r\ndate: {date}\r\n\r\n"),
+            format!("HTTP/1.1 404 Not Found\r\nconnection: close\r\ncontent-length: 0\r\ndate: {date}\r\n\r\n"),
+            format!("HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\ndate: {date}\r\n\r\n"),
+            "HTTP/1.1 4".to_string(),
+        ] {
+            assert_eq!(bare_error_status(other.as_bytes()), None, "{other}");
+        }
+    }
 }

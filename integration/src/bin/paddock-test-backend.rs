@@ -9,6 +9,9 @@
 //!   received is sent back;
 //! - `/hold/FILE`: answers once FILE exists (released by the test);
 //! - `/early`: 401 at once, without reading the request body;
+//! - `/vanish/ID`: on backend ID, reads the whole request, then the process
+//!   exits without answering (a backend that dies holding a request); any other
+//!   backend answers it as usual;
 //! - any request with a body: answers with the body's length.
 
 use std::convert::Infallible;
@@ -55,6 +58,10 @@ async fn answer(
             StatusCode::OK,
             format!("{id} released\n").into_bytes(),
         ));
+    }
+    if path.strip_prefix("/vanish/") == Some(id.as_str()) {
+        let _ = req.into_body().collect().await;
+        std::process::exit(3);
     }
     if path == "/early" {
         // Answers before reading the request body (as an auth check does).
