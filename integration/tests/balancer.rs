@@ -457,6 +457,14 @@ fn https_picks_the_certificate_by_sni_and_refuses_an_unknown_name() {
         json!({"domains": ["c.example.com"], "cert_pem": "junk", "key_pem": kb}),
     );
     assert_eq!(code, "invalid");
+    // a's certificate set for c, a name it does not cover: refused, so c can
+    // never be served a's certificate.
+    let (code, msg) = bal.err_code(
+        kinds::CERT_SET,
+        json!({"domains": ["c.example.com"], "cert_pem": ca, "key_pem": ka}),
+    );
+    assert_eq!(code, "invalid");
+    assert!(msg.contains("does not cover \"c.example.com\""), "{msg}");
 
     let (leaf_a, resp) = tls_get(bal.https, "a.example.com", &[&ca]).unwrap();
     assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");

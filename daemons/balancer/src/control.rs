@@ -202,6 +202,7 @@ pub(crate) async fn setup(ctx: Ctx, fds: Vec<(String, RawFd)>) -> anyhow::Result
     routes = route(routes, &st, kinds::CERT_SET, |st, env| {
         let b: CertSet = body(env)?;
         crate::tls::certified_key(&b.cert_pem, &b.key_pem).map_err(WireError::invalid)?;
+        crate::tls::covers(&b.cert_pem, &b.domains).map_err(WireError::invalid)?;
         let domains = commit(st, |m| {
             m.set_cert(&b.domains, b.cert_pem.clone(), b.key_pem.clone())
         })?;
@@ -249,6 +250,13 @@ fn sd_notify_mainpid() -> std::io::Result<()> {
 /// Starts a successor with the listening sockets; once it serves them, this
 /// process stops accepting, releases rpc and the pid lock, and drains.
 async fn handoff(ctx: &Ctx, st: &Shared, fds: Vec<(String, RawFd)>) -> Result<u32, WireError> {
+    if ctx.is_shutting_down() {
+        // A successor now would outlive the stop that was asked for.
+        return Err(WireError::new(
+            Code::Conflict,
+            "this balancer is stopping; start a new one instead of upgrading",
+        ));
+    }
     if std::mem::replace(&mut st.borrow_mut().handing_over, true) {
         return Err(WireError::new(
             Code::Conflict,

@@ -94,6 +94,30 @@ pub fn certified_key(cert_pem: &str, key_pem: &str) -> Result<CertifiedKey, Stri
     Ok(ck)
 }
 
+/// Checks that the leaf certificate of `cert_pem` is valid for every domain in
+/// `domains` (a wildcard domain `*.a.example.com` needs a wildcard certificate
+/// for it), so a certificate can never be set for a name it does not cover.
+pub fn covers(cert_pem: &str, domains: &[String]) -> Result<(), String> {
+    let leaf = rustls_pemfile::certs(&mut cert_pem.as_bytes())
+        .next()
+        .ok_or("cert_pem holds no CERTIFICATE block")?
+        .map_err(|e| format!("cert_pem is not PEM: {e}"))?;
+    let cert = webpki::EndEntityCert::try_from(&leaf)
+        .map_err(|e| format!("cert_pem's first certificate cannot be read: {e:?}"))?;
+    for d in domains {
+        // A name only a wildcard certificate for `d` covers.
+        let name = match d.strip_prefix("*.") {
+            Some(parent) => format!("paddock-check-0.{parent}"),
+            None => d.clone(),
+        };
+        let server_name = rustls::pki_types::ServerName::try_from(name.as_str())
+            .map_err(|_| format!("{d:?} is not a DNS name"))?;
+        cert.verify_is_valid_for_subject_name(&server_name)
+            .map_err(|_| format!("the certificate does not cover {d:?} (its subject alternative names do not name it)"))?;
+    }
+    Ok(())
+}
+
 /// The server side of TLS: 1.2 and 1.3 only, HTTP/1.1 by ALPN.
 pub fn server_config(resolver: Arc<Resolver>) -> anyhow::Result<rustls::ServerConfig> {
     let mut c = rustls::ServerConfig::builder_with_provider(Arc::new(
