@@ -1257,6 +1257,15 @@ fn stats_prometheus_page_and_router_log_lines() {
     assert_eq!(s["balancer"]["unknown_host"], 1);
     let m = http::get(bal.admin, "admin", "/metrics").unwrap();
     assert_eq!(m.status, 200);
+    // Prometheus text format: one group per family, after its TYPE line.
+    assert_eq!(
+        m.text()
+            .matches("# TYPE paddock_balancer_requests_total counter")
+            .count(),
+        1,
+        "{}",
+        m.text()
+    );
     assert!(
         m.text()
             .contains("paddock_balancer_requests_total{app=\"a\"} 5"),

@@ -81,7 +81,15 @@ pub struct Gate {
     /// (ts + skew after which the id can be forgotten, key), in arrival order.
     order: VecDeque<(i64, CacheKey)>,
     bytes: usize,
+    /// Entries and bytes each user key holds: one person's flood may fill at
+    /// most `1 / USER_SHARE` of the cache, so it cannot lock every other caller
+    /// (cluster daemons included) out with `unavailable`.
+    per_user: HashMap<String, (usize, usize)>,
 }
+
+/// The share of the replay cache one user key may hold (a sixteenth: 6,250
+/// messages inside the window at the default limits).
+const USER_SHARE: usize = 16;
 
 impl Gate {
     pub fn new(limits: Limits) -> Gate {
@@ -90,6 +98,27 @@ impl Gate {
             seen: HashMap::new(),
             order: VecDeque::new(),
             bytes: 0,
+            per_user: HashMap::new(),
+        }
+    }
+
+    /// Charges (or with `add` false, refunds) `cost` bytes, and one entry when
+    /// `entry`, to `key_id` if it is a user key.
+    fn charge_user(&mut self, key_id: &str, cost: usize, entry: bool, add: bool) {
+        if !crate::keyring::UserKeys::is_user_key_id(key_id) {
+            return;
+        }
+        let n = usize::from(entry);
+        if add {
+            let e = self.per_user.entry(key_id.to_string()).or_default();
+            e.0 += n;
+            e.1 += cost;
+        } else if let Some(e) = self.per_user.get_mut(key_id) {
+            e.0 = e.0.saturating_sub(n);
+            e.1 = e.1.saturating_sub(cost);
+            if e.0 == 0 {
+                self.per_user.remove(key_id);
+            }
         }
     }
 
@@ -240,7 +269,27 @@ impl Gate {
                 signer: Some(key.0),
             };
         }
+        if crate::keyring::UserKeys::is_user_key_id(&key.0) {
+            let (n, b) = self.per_user.get(&key.0).copied().unwrap_or_default();
+            if n >= self.limits.cache_entries / USER_SHARE
+                || b + cost > self.limits.cache_bytes / USER_SHARE
+            {
+                return Admit::Reject {
+                    err: WireError::new(
+                        Code::Unavailable,
+                        format!(
+                            "too many requests with key {} in the last {} ms ({n}); slow down and retry",
+                            key.0, self.limits.skew_ms
+                        ),
+                    ),
+                    re: Some(key.1),
+                    kind: Some(env.kind),
+                    signer: Some(key.0),
+                };
+            }
+        }
         self.bytes += cost;
+        self.charge_user(&key.0, cost, true, true);
         self.seen.insert(
             key.clone(),
             Entry {
@@ -261,6 +310,7 @@ impl Gate {
     /// gets the same answer.
     pub fn answered(&mut self, key_id: &str, id: &str, payload: &[u8], sig: &str) {
         let key = (key_id.to_string(), id.to_string());
+        let mut charged = 0;
         if let Some(entry) = self.seen.get_mut(&key) {
             let extra = payload.len() + sig.len();
             entry.seen = if payload.len() <= self.limits.max_cached_reply
@@ -268,10 +318,14 @@ impl Gate {
             {
                 self.bytes += extra;
                 entry.cost += extra;
+                charged = extra;
                 Seen::Answered(Arc::new((payload.to_vec(), sig.to_string())))
             } else {
                 Seen::Forgotten
             };
+        }
+        if charged > 0 {
+            self.charge_user(key_id, charged, false, true);
         }
     }
 
@@ -279,6 +333,7 @@ impl Gate {
     pub fn forget(&mut self, key_id: &str, id: &str) {
         if let Some(e) = self.seen.remove(&(key_id.to_string(), id.to_string())) {
             self.bytes -= e.cost;
+            self.charge_user(key_id, e.cost, true, false);
         }
     }
 
@@ -290,6 +345,7 @@ impl Gate {
             if let Some((_, key)) = self.order.pop_front() {
                 if let Some(e) = self.seen.remove(&key) {
                     self.bytes -= e.cost;
+                    self.charge_user(&key.0, e.cost, true, false);
                 }
             }
         }
@@ -388,6 +444,56 @@ mod tests {
             code(g.admit(&k, &p, s.as_bytes(), now)),
             (Code::Stale, true)
         );
+    }
+
+    #[test]
+    fn one_user_key_may_fill_only_its_share_of_the_cache() {
+        let secret = generate_secret_hex();
+        let users = crate::keyring::UserKeys::from_hex(&secret).unwrap();
+        let api = Keyring::from_hex([("cluster", secret.as_str())], "cluster")
+            .unwrap()
+            .with_user_keys(users.clone())
+            .unwrap();
+        let id = "user.01JCT6S3W4F8D9X2QZ7N5K0BVA";
+        let user =
+            Keyring::from_hex([(id, hex::encode(users.secret(id).unwrap()).as_str())], id).unwrap();
+        let mut g = Gate::new(Limits {
+            cache_entries: 10 * USER_SHARE,
+            ..Limits::default()
+        });
+        let now = now_ms();
+        for _ in 0..10 {
+            let (p, s) = Envelope::new("user:a", "whoami", json!({})).sign(&user);
+            let a = g.admit(&api, &p, s.as_bytes(), now);
+            assert!(matches!(a, Admit::Fresh { .. }), "{a:?}");
+        }
+        let (p, s) = Envelope::new("user:a", "whoami", json!({})).sign(&user);
+        match g.admit(&api, &p, s.as_bytes(), now) {
+            Admit::Reject { err, .. } => {
+                assert_eq!(err.code, Code::Unavailable);
+                assert!(
+                    err.message.contains("too many requests with key"),
+                    "{}",
+                    err.message
+                );
+            }
+            other => panic!("the user's 11th message was admitted: {other:?}"),
+        }
+        // The cluster's own messages still get in: the cache is far from full.
+        let (p, s) = Envelope::new("t@n", "ping", json!({})).sign(&api);
+        assert!(matches!(
+            g.admit(&api, &p, s.as_bytes(), now),
+            Admit::Fresh { .. }
+        ));
+        // Once the window has passed the user's share is free again.
+        let later = now + 31_000;
+        let mut fresh = Envelope::new("user:a", "whoami", json!({}));
+        fresh.ts = later;
+        let (p, s) = fresh.sign(&user);
+        assert!(matches!(
+            g.admit(&api, &p, s.as_bytes(), later),
+            Admit::Fresh { .. }
+        ));
     }
 
     #[test]

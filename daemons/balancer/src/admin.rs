@@ -43,21 +43,65 @@ pub fn stats_json(shared: &Shared) -> Value {
 }
 
 pub fn prometheus(shared: &Shared) -> String {
-    let mut out = String::with_capacity(4096);
+    let mut out = crate::stats::Families::default();
     let g = &shared.global;
-    for (name, v) in [
-        ("connections_active", g.connections_active.load(Relaxed)),
-        ("connections_total", g.connections_total.load(Relaxed)),
+    for (name, kind, help, v) in [
         (
-            "tls_handshake_failures_total",
+            "paddock_balancer_connections_active",
+            "gauge",
+            "Client connections open",
+            g.connections_active.load(Relaxed),
+        ),
+        (
+            "paddock_balancer_connections_total",
+            "counter",
+            "Client connections accepted",
+            g.connections_total.load(Relaxed),
+        ),
+        (
+            "paddock_balancer_tls_handshake_failures_total",
+            "counter",
+            "TLS handshakes that failed",
             g.tls_handshake_failures.load(Relaxed),
         ),
-        ("tls_abandoned_total", g.tls_abandoned.load(Relaxed)),
-        ("unknown_host_total", g.unknown_host.load(Relaxed)),
-        ("retries_total", g.retries.load(Relaxed)),
-        ("router_log_dropped_total", g.log_dropped.load(Relaxed)),
+        (
+            "paddock_balancer_tls_abandoned_total",
+            "counter",
+            "TLS connections closed before any handshake",
+            g.tls_abandoned.load(Relaxed),
+        ),
+        (
+            "paddock_balancer_unknown_host_total",
+            "counter",
+            "Requests for a host no app is routed for",
+            g.unknown_host.load(Relaxed),
+        ),
+        (
+            "paddock_balancer_bad_requests_total",
+            "counter",
+            "Requests refused as malformed",
+            g.bad_requests.load(Relaxed),
+        ),
+        (
+            "paddock_balancer_retries_total",
+            "counter",
+            "Requests sent again to another backend",
+            g.retries.load(Relaxed),
+        ),
+        (
+            "paddock_balancer_router_log_dropped_total",
+            "counter",
+            "Router log lines dropped on a full queue",
+            g.log_dropped.load(Relaxed),
+        ),
+        (
+            "paddock_balancer_stale_tables_total",
+            "counter",
+            "Scheduler route tables ignored for a stale fencing token",
+            g.stale_tables.load(Relaxed),
+        ),
     ] {
-        let _ = writeln!(out, "paddock_balancer_{name} {v}");
+        out.add(name, kind, help, "", "", v);
     }
     let table = shared.table.load();
     for r in &table.routes {
@@ -66,19 +110,25 @@ pub fn prometheus(shared: &Shared) -> String {
         for b in &r.backends {
             let l = format!("app=\"{app}\",backend=\"{}\"", label(&b.id));
             b.stats.prometheus(&mut out, &l);
-            let _ = writeln!(
-                out,
-                "paddock_balancer_backend_active{{{l}}} {}",
-                b.outstanding.load(Relaxed)
+            out.add(
+                "paddock_balancer_backend_active",
+                "gauge",
+                "Requests in flight to the backend",
+                "",
+                &l,
+                b.outstanding.load(Relaxed),
             );
-            let _ = writeln!(
-                out,
-                "paddock_balancer_backend_up{{{l}}} {}",
-                u8::from(b.state() == "up")
+            out.add(
+                "paddock_balancer_backend_up",
+                "gauge",
+                "1 when the backend is in rotation",
+                "",
+                &l,
+                u8::from(b.state() == "up"),
             );
         }
     }
-    out
+    out.render()
 }
 
 pub fn page(shared: &Shared) -> String {

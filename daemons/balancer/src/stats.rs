@@ -74,26 +74,36 @@ impl Counters {
         })
     }
 
-    /// Prometheus lines for these counters with `labels` (already escaped).
-    pub fn prometheus(&self, out: &mut String, labels: &str) {
-        let _ = writeln!(
-            out,
-            "paddock_balancer_requests_total{{{labels}}} {}",
-            self.requests.load(Relaxed)
+    /// Prometheus samples for these counters with `labels` (already escaped).
+    pub fn prometheus(&self, out: &mut Families, labels: &str) {
+        out.add(
+            "paddock_balancer_requests_total",
+            "counter",
+            "Requests answered",
+            "",
+            labels,
+            self.requests.load(Relaxed),
         );
         for (i, c) in self.status.iter().enumerate() {
-            let _ = writeln!(
-                out,
-                "paddock_balancer_responses_total{{{labels},class=\"{}xx\"}} {}",
-                i + 1,
-                c.load(Relaxed)
+            out.add(
+                "paddock_balancer_responses_total",
+                "counter",
+                "Responses by status class",
+                "",
+                &format!("{labels},class=\"{}xx\"", i + 1),
+                c.load(Relaxed),
             );
         }
-        let _ = writeln!(
-            out,
-            "paddock_balancer_response_bytes_total{{{labels}}} {}",
-            self.bytes.load(Relaxed)
+        out.add(
+            "paddock_balancer_response_bytes_total",
+            "counter",
+            "Response body bytes sent",
+            "",
+            labels,
+            self.bytes.load(Relaxed),
         );
+        const H: &str = "paddock_balancer_request_duration_seconds";
+        const HELP: &str = "Time from the request to the end of its response";
         let mut cum = 0;
         for (i, c) in self.latency.iter().enumerate() {
             cum += c.load(Relaxed);
@@ -101,20 +111,24 @@ impl Counters {
                 .get(i)
                 .map(|b| format!("{}", *b as f64 / 1e6))
                 .unwrap_or_else(|| "+Inf".into());
-            let _ = writeln!(
-                out,
-                "paddock_balancer_request_duration_seconds_bucket{{{labels},le=\"{le}\"}} {cum}"
+            out.add(
+                H,
+                "histogram",
+                HELP,
+                "_bucket",
+                &format!("{labels},le=\"{le}\""),
+                cum,
             );
         }
-        let _ = writeln!(
-            out,
-            "paddock_balancer_request_duration_seconds_sum{{{labels}}} {}",
-            self.latency_sum_us.load(Relaxed) as f64 / 1e6
+        out.add(
+            H,
+            "histogram",
+            HELP,
+            "_sum",
+            labels,
+            self.latency_sum_us.load(Relaxed) as f64 / 1e6,
         );
-        let _ = writeln!(
-            out,
-            "paddock_balancer_request_duration_seconds_count{{{labels}}} {cum}"
-        );
+        out.add(H, "histogram", HELP, "_count", labels, cum);
     }
 }
 
@@ -138,6 +152,64 @@ pub fn q_text(q: Option<f64>) -> String {
 }
 
 /// Balancer-wide counters.
+/// Prometheus text exposition, grouped by metric family: every sample of a
+/// family together after its `# HELP` and `# TYPE` lines, as the format requires
+/// (samples are added app by app and backend by backend, in any order).
+#[derive(Default)]
+pub struct Families {
+    fams: Vec<Family>,
+}
+
+struct Family {
+    name: &'static str,
+    kind: &'static str,
+    help: &'static str,
+    samples: String,
+}
+
+impl Families {
+    /// One sample of family `name`: `name` + `suffix` (`_bucket`, `_sum`, …),
+    /// with `labels` (already escaped; may be empty).
+    pub fn add(
+        &mut self,
+        name: &'static str,
+        kind: &'static str,
+        help: &'static str,
+        suffix: &str,
+        labels: &str,
+        value: impl std::fmt::Display,
+    ) {
+        let i = match self.fams.iter().position(|f| f.name == name) {
+            Some(i) => i,
+            None => {
+                self.fams.push(Family {
+                    name,
+                    kind,
+                    help,
+                    samples: String::new(),
+                });
+                self.fams.len() - 1
+            }
+        };
+        let out = &mut self.fams[i].samples;
+        if labels.is_empty() {
+            let _ = writeln!(out, "{name}{suffix} {value}");
+        } else {
+            let _ = writeln!(out, "{name}{suffix}{{{labels}}} {value}");
+        }
+    }
+
+    pub fn render(&self) -> String {
+        let mut out = String::with_capacity(4096);
+        for f in &self.fams {
+            let _ = writeln!(out, "# HELP {} {}", f.name, f.help);
+            let _ = writeln!(out, "# TYPE {} {}", f.name, f.kind);
+            out.push_str(&f.samples);
+        }
+        out
+    }
+}
+
 #[derive(Default)]
 pub struct Global {
     pub connections_active: AtomicU64,
@@ -210,8 +282,19 @@ mod tests {
         assert_eq!(j["status"]["5xx"], 10);
         assert_eq!(j["bytes"], 900);
         assert_eq!(j["latency_ms"]["p50"], 0.5);
-        let mut p = String::new();
-        c.prometheus(&mut p, "app=\"a\"");
+        let mut f = Families::default();
+        c.prometheus(&mut f, "app=\"a\"");
+        c.prometheus(&mut f, "app=\"b\"");
+        let p = f.render();
+        // One group per family, its HELP and TYPE first.
+        assert_eq!(
+            p.matches("# TYPE paddock_balancer_requests_total counter")
+                .count(),
+            1
+        );
+        let at = |s: &str| p.find(s).unwrap_or_else(|| panic!("{s} in {p}"));
+        assert!(at("requests_total{app=\"b\"}") < at("# TYPE paddock_balancer_responses_total"));
+        assert!(p.contains("# TYPE paddock_balancer_request_duration_seconds histogram"));
         assert!(
             p.contains("paddock_balancer_requests_total{app=\"a\"} 100"),
             "{p}"
