@@ -45,9 +45,12 @@ pub enum AppsCmd {
 pub enum ConfigCmd {
     /// Print one config var's value, bare (nothing else, for scripts).
     Get { name: String },
-    /// Set config vars: KEY=VALUE…; makes a new release.
+    /// Set config vars: KEY=VALUE…; makes a new release. KEY=@FILE takes the
+    /// value from FILE and KEY=- from stdin (byte for byte, a trailing newline
+    /// included), keeping secrets out of the process list and shell history;
+    /// KEY=@@… is a value starting with a literal @.
     Set {
-        #[arg(required = true, value_name = "KEY=VALUE")]
+        #[arg(required = true, value_name = "KEY=VALUE|KEY=@FILE|KEY=-")]
         vars: Vec<String>,
     },
     /// Remove config vars; makes a new release.
@@ -188,8 +191,27 @@ impl Api {
 }
 
 fn json_out(v: &Value) -> Result<()> {
-    println!("{}", serde_json::to_string_pretty(v)?);
+    println!("{}", json_text(v)?);
     Ok(())
+}
+
+/// Pretty JSON with DEL and the C1 controls written as `\u007f`, `\u009b`…
+/// too (serde_json escapes only C0): the same JSON value, safe on a terminal.
+fn json_text(v: &Value) -> Result<String> {
+    let text = serde_json::to_string_pretty(v)?;
+    if !text.chars().any(|c| c.is_control()) {
+        return Ok(text);
+    }
+    // Outside strings JSON has only spaces and newlines: any other control
+    // character is inside a string, where `\uXXXX` means the same.
+    Ok(text
+        .chars()
+        .map(|c| match c {
+            '\n' | ' ' => c.to_string(),
+            c if c.is_control() => format!("\\u{:04x}", c as u32),
+            c => c.to_string(),
+        })
+        .collect())
 }
 
 fn s(v: &Value) -> String {
@@ -264,12 +286,12 @@ pub fn login(opts: &Opts, file: Option<PathBuf>) -> Result<()> {
             &json!({"user": creds.user, "key_id": creds.key_id, "api": creds.api, "file": dest}),
         );
     }
-    println!(
+    out::say(&format!(
         "Logged in as {} (api {}); credentials stored in {}",
         creds.user,
         creds.api,
         dest.display()
-    );
+    ));
     if opts.config.is_some()
         || std::env::var_os(paddock_config::ENV_PATH).is_some_and(|v| !v.is_empty())
     {
@@ -310,17 +332,17 @@ pub fn whoami(opts: &Opts) -> Result<()> {
         return json_out(&v);
     }
     if v["cluster"] == true {
-        println!("the cluster key {}", s(&v["key_id"]));
+        out::say(&format!("the cluster key {}", s(&v["key_id"])));
     } else if v["admin"] == true {
-        println!("{} (admin)", s(&v["user"]));
+        out::say(&format!("{} (admin)", s(&v["user"])));
     } else {
-        println!("{}", s(&v["user"]));
+        out::say(&s(&v["user"]));
     }
-    eprintln!(
+    out::say_err(&format!(
         "signed with key {} from {}",
         s(&v["key_id"]),
         api.id.path().display()
-    );
+    ));
     Ok(())
 }
 
@@ -342,7 +364,7 @@ pub fn auth(opts: &Opts, cmd: AuthCmd) -> Result<()> {
     )?;
     if let Err(e) = new.write(&path) {
         // The old key is gone already: the new one must not be lost with the file.
-        print!("{}", new.to_toml());
+        out::say(new.to_toml().trim_end());
         bail!(
             "{e}\nthe new key {} is active and {} is revoked: save the document above and run `paddock login` with it",
             new.key_id,
@@ -354,13 +376,13 @@ pub fn auth(opts: &Opts, cmd: AuthCmd) -> Result<()> {
             &json!({"user": new.user, "key_id": new.key_id, "revoked": old.key_id, "file": path}),
         );
     }
-    println!(
+    out::say(&format!(
         "Rotated {}'s key: {} is stored in {}; {} is revoked",
         new.user,
         new.key_id,
         path.display(),
         old.key_id
-    );
+    ));
     Ok(())
 }
 
@@ -434,7 +456,7 @@ pub fn users(opts: &Opts, cmd: Option<UsersCmd>) -> Result<()> {
             if opts.json {
                 json_out(&serde_json::to_value(&creds)?)?;
             } else {
-                print!("{}", creds.to_toml());
+                out::say(creds.to_toml().trim_end());
             }
             eprintln!(
                 "Created user {name}{}. Above are their credentials, shown this once: hand them over privately; they run `paddock login --credentials FILE`.",
@@ -446,10 +468,10 @@ pub fn users(opts: &Opts, cmd: Option<UsersCmd>) -> Result<()> {
             if opts.json {
                 return json_out(&v);
             }
-            println!(
+            out::say(&format!(
                 "Revoked {name}: {} key(s) revoked, the user is disabled",
                 s(&v["revoked_keys"])
-            );
+            ));
         }
     }
     Ok(())
@@ -497,9 +519,9 @@ pub fn apps(opts: &Opts, cmd: Option<AppsCmd>, all: bool) -> Result<()> {
                 return json_out(&v);
             }
             let app = &v["app"];
-            println!("Creating {}... done", s(&app["name"]));
+            out::say(&format!("Creating {}... done", s(&app["name"])));
             for d in app["domains"].as_array().into_iter().flatten() {
-                println!("http://{}/", s(d));
+                out::say(&format!("http://{}/", s(d)));
             }
         }
         Some(AppsCmd::Info) => {
@@ -566,7 +588,7 @@ pub fn apps(opts: &Opts, cmd: Option<AppsCmd>, all: bool) -> Result<()> {
             if opts.json {
                 return json_out(&v);
             }
-            println!("Destroying {app}... done");
+            out::say(&format!("Destroying {app}... done"));
         }
     }
     Ok(())
@@ -599,56 +621,96 @@ pub fn config(opts: &Opts, cmd: Option<ConfigCmd>) -> Result<()> {
                 return json_out(&v);
             }
             out::heading(&format!("{app} Config Vars"));
-            let map = v["config"].as_object().cloned().unwrap_or_default();
-            let w = map.keys().map(|k| k.len() + 1).max().unwrap_or(0);
-            for (k, val) in &map {
-                println!(
-                    "{:<w$} {}",
-                    format!("{k}:"),
-                    val.as_str().unwrap_or_default()
-                );
-            }
+            out::vars(&v["config"].as_object().cloned().unwrap_or_default());
         }
         Some(ConfigCmd::Get { name }) => {
             let v = api.call("config.get", json!({"app": app, "name": name}))?;
             if opts.json {
                 return json_out(&v);
             }
-            println!("{}", v["value"].as_str().unwrap_or_default());
+            out::value(v["value"].as_str().unwrap_or_default());
         }
         Some(ConfigCmd::Set { vars }) => {
-            let mut map = serde_json::Map::new();
-            let mut names = Vec::new();
-            for kv in &vars {
-                let (k, val) = kv
-                    .split_once('=')
-                    .ok_or_else(|| anyhow!("`{kv}` is not KEY=VALUE: nothing was set"))?;
-                names.push(k.to_string());
-                map.insert(k.to_string(), json!(val));
-            }
+            let (names, map) = config_vars(&vars, read_stdin_value)?;
             let v = api.call("config.set", json!({"app": app, "vars": map}))?;
             if opts.json {
                 return json_out(&v);
             }
-            println!(
+            out::say(&format!(
                 "Setting {} on {app}... done, {}",
                 names.join(", "),
                 vname(&v["release"]["version"])
-            );
+            ));
         }
         Some(ConfigCmd::Unset { names }) => {
             let v = api.call("config.unset", json!({"app": app, "names": names}))?;
             if opts.json {
                 return json_out(&v);
             }
-            println!(
+            out::say(&format!(
                 "Unsetting {} on {app}... done, {}",
                 names.join(", "),
                 vname(&v["release"]["version"])
-            );
+            ));
         }
     }
     Ok(())
+}
+
+/// `config set`'s arguments as names and a `config.set` vars map: `K=V` is V;
+/// `K=@FILE` is FILE's contents and `K=-` stdin's (`read_stdin`), exactly, a
+/// trailing newline included; `K=@@…` is `@…` (a value starting with a literal @).
+fn config_vars(
+    vars: &[String],
+    mut read_stdin: impl FnMut(&str) -> Result<String>,
+) -> Result<(Vec<String>, serde_json::Map<String, Value>)> {
+    let mut map = serde_json::Map::new();
+    let mut names = Vec::new();
+    let mut stdin_for: Option<&str> = None;
+    for kv in vars {
+        let (k, val) = kv.split_once('=').ok_or_else(|| {
+            anyhow!("`{kv}` is not KEY=VALUE (or KEY=@FILE, KEY=-): nothing was set")
+        })?;
+        let value = if val == "-" {
+            if let Some(first) = stdin_for {
+                bail!("both {first}=- and {k}=- read stdin: only one value can come from stdin; use KEY=@FILE for the others (nothing was set)");
+            }
+            stdin_for = Some(k);
+            read_stdin(k)?
+        } else if let Some(lit) = val.strip_prefix("@@") {
+            format!("@{lit}")
+        } else if let Some(file) = val.strip_prefix('@') {
+            if file.is_empty() {
+                bail!("`{kv}`: name the file after @ (KEY=@FILE), or write KEY=@@ for the value `@` (nothing was set)");
+            }
+            let bytes = std::fs::read(file)
+                .with_context(|| format!("{k}=@{file}: cannot read {file} (nothing was set; a value starting with @ is written @@…)"))?;
+            String::from_utf8(bytes).map_err(|_| {
+                anyhow!("{k}=@{file}: {file} is not UTF-8 text; config values are text (nothing was set)")
+            })?
+        } else {
+            val.to_string()
+        };
+        names.push(k.to_string());
+        map.insert(k.to_string(), json!(value));
+    }
+    Ok((names, map))
+}
+
+/// The value of `KEY=-`: all of stdin, byte for byte.
+fn read_stdin_value(key: &str) -> Result<String> {
+    let stdin = std::io::stdin();
+    if stdin.is_terminal() {
+        eprintln!("Type or paste the value of {key}, then press Ctrl-D (twice if it does not end with a newline):");
+    }
+    let mut bytes = Vec::new();
+    stdin
+        .lock()
+        .read_to_end(&mut bytes)
+        .with_context(|| format!("{key}=-: reading stdin"))?;
+    String::from_utf8(bytes).map_err(|_| {
+        anyhow!("{key}=-: stdin is not UTF-8 text; config values are text (nothing was set)")
+    })
 }
 
 fn status_cell(r: &Value) -> String {
@@ -722,14 +784,7 @@ pub fn releases(opts: &Opts, cmd: Option<ReleasesCmd>, num: u32) -> Result<()> {
             ]);
             if let Some(cfg) = r["config"].as_object() {
                 out::heading(&format!("{} Config Vars", vname(&r["version"])));
-                let w = cfg.keys().map(|k| k.len() + 1).max().unwrap_or(0);
-                for (k, val) in cfg {
-                    println!(
-                        "{:<w$} {}",
-                        format!("{k}:"),
-                        val.as_str().unwrap_or_default()
-                    );
-                }
+                out::vars(cfg);
             }
         }
     }
@@ -749,16 +804,16 @@ pub fn rollback(opts: &Opts, version: Option<String>) -> Result<()> {
     }
     let r = &v["release"];
     match version {
-        Some(to) => println!(
+        Some(to) => out::say(&format!(
             "Rolling back {app} to v{}... done, {}",
             to.trim_start_matches('v'),
             vname(&r["version"])
-        ),
-        None => println!(
+        )),
+        None => out::say(&format!(
             "Rolling back {app}... done, {} ({})",
             vname(&r["version"]),
             s(&r["description"])
-        ),
+        )),
     }
     Ok(())
 }
@@ -845,7 +900,10 @@ pub fn ps(opts: &Opts, cmd: Option<PsCmd>) -> Result<()> {
                     )
                 })
                 .collect();
-            println!("Scaling {app}... done, now running {}", now.join(", "));
+            out::say(&format!(
+                "Scaling {app}... done, now running {}",
+                now.join(", ")
+            ));
         }
     }
     Ok(())
@@ -865,9 +923,9 @@ pub fn domains(opts: &Opts, cmd: Option<DomainsCmd>) -> Result<()> {
             out::heading(&format!("{app} Domains"));
             for d in v["domains"].as_array().into_iter().flatten() {
                 if d["default"] == true {
-                    println!("{} (default)", s(&d["domain"]));
+                    out::say(&format!("{} (default)", s(&d["domain"])));
                 } else {
-                    println!("{}", s(&d["domain"]));
+                    out::say(&s(&d["domain"]));
                 }
             }
         }
@@ -876,14 +934,14 @@ pub fn domains(opts: &Opts, cmd: Option<DomainsCmd>) -> Result<()> {
             if opts.json {
                 return json_out(&v);
             }
-            println!("Adding {domain} to {app}... done");
+            out::say(&format!("Adding {domain} to {app}... done"));
         }
         Some(DomainsCmd::Remove { domain }) => {
             let v = api.call("domain.remove", json!({"app": app, "domain": domain}))?;
             if opts.json {
                 return json_out(&v);
             }
-            println!("Removing {domain} from {app}... done");
+            out::say(&format!("Removing {domain} from {app}... done"));
         }
     }
     Ok(())
@@ -913,14 +971,14 @@ pub fn access(opts: &Opts, cmd: Option<AccessCmd>) -> Result<()> {
             if opts.json {
                 return json_out(&v);
             }
-            println!("Adding {user} to {app} as {role}... done");
+            out::say(&format!("Adding {user} to {app} as {role}... done"));
         }
         Some(AccessCmd::Remove { user }) => {
             let v = api.call("access.remove", json!({"app": app, "user": user}))?;
             if opts.json {
                 return json_out(&v);
             }
-            println!("Removing {user} from {app}... done");
+            out::say(&format!("Removing {user} from {app}... done"));
         }
     }
     Ok(())
@@ -978,12 +1036,12 @@ pub fn keys(opts: &Opts, cmd: Option<KeysCmd>) -> Result<()> {
             if opts.json {
                 return json_out(&v);
             }
-            println!(
+            out::say(&format!(
                 "Uploading SSH key {}... done, {} ({})",
                 file.display(),
                 s(&v["fingerprint"]),
                 s(&v["algorithm"])
-            );
+            ));
         }
         Some(KeysCmd::Remove { fingerprint }) => {
             let mut api = Api::connect(opts)?;
@@ -991,7 +1049,7 @@ pub fn keys(opts: &Opts, cmd: Option<KeysCmd>) -> Result<()> {
             if opts.json {
                 return json_out(&v);
             }
-            println!("Removing SSH key {fingerprint}... done");
+            out::say(&format!("Removing SSH key {fingerprint}... done"));
         }
     }
     Ok(())
@@ -1064,6 +1122,64 @@ mod tests {
         for bad in ["web", "web=", "=2", "web=two", "web=2:big"] {
             assert!(scale_change(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn config_values_from_files_stdin_and_literal_at() {
+        let dir = std::env::temp_dir().join(format!("paddock-config-vars-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("secret");
+        std::fs::write(&f, "s3cret\n").unwrap();
+        let args: Vec<String> = [
+            "A=1".to_string(),
+            format!("B=@{}", f.display()),
+            "C=-".into(),
+            "D=@@handle".into(),
+            "E=@@".into(),
+            "F=x=y".into(),
+        ]
+        .into();
+        let mut asked = Vec::new();
+        let (names, map) = config_vars(&args, |k| {
+            asked.push(k.to_string());
+            Ok("from\nstdin".into())
+        })
+        .unwrap();
+        assert_eq!(names, ["A", "B", "C", "D", "E", "F"]);
+        assert_eq!(
+            Value::Object(map),
+            json!({"A": "1", "B": "s3cret\n", "C": "from\nstdin", "D": "@handle", "E": "@", "F": "x=y"})
+        );
+        assert_eq!(asked, ["C"]);
+
+        let stdin = |_: &str| Ok(String::new());
+        let e = config_vars(&["A=-".into(), "B=-".into()], stdin).unwrap_err();
+        assert!(
+            e.to_string().contains("only one value can come from stdin"),
+            "{e}"
+        );
+        let e = config_vars(&["A=@".into()], stdin).unwrap_err();
+        assert!(e.to_string().contains("KEY=@FILE"), "{e}");
+        let missing = format!("A=@{}", dir.join("nope").display());
+        let e = config_vars(&[missing], stdin).unwrap_err();
+        assert!(format!("{e:#}").contains("cannot read"), "{e:#}");
+        std::fs::write(&f, b"\xff\xfe").unwrap();
+        let e = config_vars(&[format!("A=@{}", f.display())], stdin).unwrap_err();
+        assert!(e.to_string().contains("not UTF-8"), "{e}");
+        assert!(config_vars(&["NOEQUALS".into()], stdin).is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn json_output_escapes_del_and_c1() {
+        let v = json!({"d": "a\u{1b}[2J\u{7f}\u{9b}31m\u{85}\tz", "n": 1});
+        let text = json_text(&v).unwrap();
+        assert!(!text.chars().any(|c| c.is_control() && c != '\n'), "{text}");
+        assert!(
+            text.contains(r#""a\u001b[2J\u007f\u009b31m\u0085\tz""#),
+            "{text}"
+        );
+        assert_eq!(serde_json::from_str::<Value>(&text).unwrap(), v);
     }
 
     #[test]

@@ -258,7 +258,8 @@ fn main() {
         }
     };
     if let Err(e) = result {
-        eprintln!("error: {e:#}");
+        // The api's messages are shown as it wrote them, escaped on a terminal.
+        out::say_err(&format!("error: {e:#}"));
         std::process::exit(1);
     }
 }

@@ -650,3 +650,138 @@ fn who_signs_follows_the_documented_order() {
     assert_eq!(out, "carol\n");
     assert!(errs.contains("can be read by others"), "{errs}");
 }
+
+/// `paddock ARGS` under a pseudo-terminal (util-linux `script`), as a person at a
+/// terminal runs it: stdout and stderr both go to the terminal; returns what it
+/// showed (with `\r\n` line ends turned back to `\n`).
+fn on_a_terminal(cu: &Customer, args: &[&str]) -> String {
+    let mut line = String::from("exec \"$PADDOCK_BIN\"");
+    let mut c = Command::new("script");
+    for (i, a) in args.iter().enumerate() {
+        line.push_str(&format!(" \"$ARG{i}\""));
+        c.env(format!("ARG{i}"), a);
+    }
+    let o = c
+        .args(["-qec", &line, "/dev/null"])
+        .current_dir(&cu.cwd)
+        .env("SHELL", "/bin/sh")
+        .env("PADDOCK_BIN", bin())
+        .env_remove("PADDOCK_CONFIG")
+        .env("HOME", &cu.home)
+        .env("XDG_CONFIG_HOME", cu.xdg())
+        .stdin(Stdio::null())
+        .output()
+        .expect("util-linux `script` runs a command under a pseudo-terminal");
+    String::from_utf8_lossy(&o.stdout).replace("\r\n", "\n")
+}
+
+/// `paddock ARGS` with `input` on its stdin.
+fn with_stdin(cu: &Customer, args: &[&str], input: &[u8]) -> Output {
+    let mut child = cu
+        .cmd_in(&cu.cwd, args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(child.stdin.as_mut().unwrap(), input).unwrap();
+    drop(child.stdin.take());
+    child.wait_with_output().unwrap()
+}
+
+#[test]
+fn config_values_come_from_files_or_stdin_and_control_characters_reach_no_terminal() {
+    let cl = cluster("cli-values");
+    let (cu, _, _) = logged_in(&cl, "alice");
+    cu.ok(&["apps", "create", "myapp"]);
+
+    // KEY=@FILE: the file's contents exactly, trailing newline and all; the
+    // value holds what a collaborator could use against a terminal (ESC, BEL,
+    // DEL, CSI as the C1 character U+009B).
+    let hostile = "line one\n\x1b]0;pwned\x07\x1b[2J\x7f\u{9b}31mred\n";
+    let file = cu.cwd.join("token.txt");
+    std::fs::write(&file, hostile).unwrap();
+    let arg = format!("TOKEN=@{}", file.display());
+    assert_eq!(
+        cu.ok(&["config", "set", &arg, "-a", "myapp"]),
+        "Setting TOKEN on myapp... done, v2\n"
+    );
+    // Piped, `config get` is the value byte for byte (and println's newline).
+    assert_eq!(
+        cu.ok(&["config", "get", "TOKEN", "-a", "myapp"]),
+        format!("{hostile}\n")
+    );
+
+    // KEY=-: stdin, exactly (no trailing newline here).
+    let secret = "p@ss word\t\u{85}=x";
+    let args = ["config", "set", "PASSWORD=-", "PLAIN=1", "-a", "myapp"];
+    let out = ok(&args, with_stdin(&cu, &args, secret.as_bytes()));
+    assert_eq!(out, "Setting PASSWORD, PLAIN on myapp... done, v3\n");
+    assert_eq!(
+        cu.ok(&["config", "get", "PASSWORD", "-a", "myapp"]),
+        format!("{secret}\n")
+    );
+    // Only one value may come from stdin; nothing is set then.
+    let args = ["config", "set", "A=-", "B=-", "-a", "myapp"];
+    let e = err(&args, with_stdin(&cu, &args, b"x"));
+    assert!(e.contains("only one value can come from stdin"), "{e}");
+    // @@ is a literal @; a missing file sets nothing.
+    cu.ok(&["config", "set", "HANDLE=@@alice", "-a", "myapp"]);
+    assert_eq!(
+        cu.ok(&["config", "get", "HANDLE", "-a", "myapp"]),
+        "@alice\n"
+    );
+    let e = cu.err(&["config", "set", "X=@/nonexistent/file", "-a", "myapp"]);
+    assert!(e.contains("cannot read /nonexistent/file"), "{e}");
+    let names = cu.json(&["config", "-a", "myapp", "--json"]);
+    assert_eq!(
+        names["config"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .collect::<Vec<_>>(),
+        ["HANDLE", "PASSWORD", "PLAIN", "TOKEN"],
+        "{names}"
+    );
+
+    // On a terminal nothing reaches it raw: `config get` keeps the value's
+    // lines but escapes the rest; `config` and `releases` escape newlines too.
+    let shown = on_a_terminal(&cu, &["config", "get", "TOKEN", "-a", "myapp"]);
+    assert_eq!(
+        shown,
+        "line one\n\\u{1b}]0;pwned\\u{7}\\u{1b}[2J\\u{7f}\\u{9b}31mred\n\n"
+    );
+    let shown = on_a_terminal(&cu, &["config", "-a", "myapp"]);
+    assert!(
+        shown.contains(
+            "TOKEN:    line one\\u{a}\\u{1b}]0;pwned\\u{7}\\u{1b}[2J\\u{7f}\\u{9b}31mred\\u{a}\n"
+        ),
+        "{shown}"
+    );
+    let shown = on_a_terminal(&cu, &["releases", "info", "v2", "-a", "myapp"]);
+    assert!(shown.contains("TOKEN: line one\\u{a}\\u{1b}]0;"), "{shown}");
+    for args in [
+        &["config", "-a", "myapp"][..],
+        &["config", "get", "PASSWORD", "-a", "myapp"][..],
+        &["releases", "info", "v2", "-a", "myapp"][..],
+        &["config", "--json", "-a", "myapp"][..],
+    ] {
+        let shown = on_a_terminal(&cu, args);
+        assert!(
+            !shown
+                .chars()
+                .any(|c| c.is_control() && c != '\n' && c != '\t'),
+            "{args:?} sent control characters to the terminal: {shown:?}"
+        );
+    }
+    // The api's error messages too (it repeats the name it refused).
+    let shown = on_a_terminal(&cu, &["config", "get", "NO\x1b[2JPE", "-a", "myapp"]);
+    assert!(
+        shown.starts_with("error: ") && shown.contains("NO"),
+        "{shown}"
+    );
+    assert!(
+        !shown.chars().any(|c| c.is_control() && c != '\n'),
+        "{shown:?}"
+    );
+}
