@@ -281,6 +281,7 @@ pub fn login(opts: &Opts, file: Option<PathBuf>) -> Result<()> {
     }
     let dest = identity::credentials_path()?;
     creds.write(&dest)?;
+    identity::warn_folder(&dest);
     if opts.json {
         return json_out(
             &json!({"user": creds.user, "key_id": creds.key_id, "api": creds.api, "file": dest}),
@@ -362,6 +363,7 @@ pub fn auth(opts: &Opts, cmd: AuthCmd) -> Result<()> {
         &old.api,
         old.curve.as_ref().map(|c| c.server_public.as_str()),
     )?;
+    // (Its folder was checked when the file was loaded.)
     if let Err(e) = new.write(&path) {
         // The old key is gone already: the new one must not be lost with the file.
         out::say(new.to_toml().trim_end());

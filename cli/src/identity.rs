@@ -120,11 +120,20 @@ fn load_user(path: &Path, source: Source) -> Result<Identity> {
             );
         }
     }
+    warn_folder(path);
     Ok(Identity::User {
         creds,
         path: path.to_path_buf(),
         source,
     })
+}
+
+/// Warns on stderr when others may write to the folder of a credentials file
+/// (they could swap the file for one of theirs, or remove it).
+pub fn warn_folder(path: &Path) {
+    if let Some(w) = UserCredentials::folder_warning(path) {
+        eprintln!("warning: {w}");
+    }
 }
 
 fn note(id: &Identity) {

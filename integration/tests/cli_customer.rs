@@ -785,3 +785,42 @@ fn config_values_come_from_files_or_stdin_and_control_characters_reach_no_termin
         "{shown:?}"
     );
 }
+
+#[test]
+fn a_credentials_folder_others_may_write_to_is_warned_about() {
+    let cl = cluster("cli-folder");
+    let (_, file) = cl.user("alice");
+    let cu = Customer::new(&cl.t.path().join("alice"));
+    // A folder that existed before, open to everyone (as a shared or careless
+    // $XDG_CONFIG_HOME may be): used as it is, with a warning each time.
+    let folder = cu.credentials().parent().unwrap().to_path_buf();
+    std::fs::create_dir_all(&folder).unwrap();
+    std::fs::set_permissions(&folder, std::fs::Permissions::from_mode(0o777)).unwrap();
+    // A symlink planted where the old code wrote its temp file.
+    let theirs = cl.t.path().join("theirs");
+    std::fs::write(&theirs, "untouched").unwrap();
+    std::os::unix::fs::symlink(&theirs, folder.join("credentials.tmp")).unwrap();
+
+    let args = ["login", "--credentials", file.to_str().unwrap()];
+    let o = cu.run(&args);
+    let errs = String::from_utf8_lossy(&o.stderr).to_string();
+    ok(&args, o);
+    assert!(
+        errs.contains(&format!(
+            "warning: {} can be written by anyone (mode 777)",
+            folder.display()
+        )) && errs.contains("chmod 700"),
+        "{errs}"
+    );
+    assert_eq!(std::fs::read_to_string(&theirs).unwrap(), "untouched");
+    let meta = std::fs::symlink_metadata(cu.credentials()).unwrap();
+    assert!(meta.file_type().is_file());
+    assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+    // Every command that uses the file says so too, until the folder is fixed.
+    let o = cu.run(&["whoami"]);
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "alice\n");
+    assert!(String::from_utf8_lossy(&o.stderr).contains("can be written by anyone"));
+    std::fs::set_permissions(&folder, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let o = cu.run(&["whoami"]);
+    assert!(!String::from_utf8_lossy(&o.stderr).contains("warning"));
+}

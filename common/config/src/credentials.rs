@@ -94,6 +94,12 @@ impl UserCredentials {
     }
 
     /// Writes the file with mode 0600, atomically, making its folder (0700).
+    ///
+    /// The document goes to a temp file with a random name in the same folder,
+    /// created with `O_CREAT|O_EXCL|O_NOFOLLOW|O_CLOEXEC` and mode 0600 (so a
+    /// file or symlink someone planted is never opened or followed), then is
+    /// renamed over `path`. An existing folder is used as it is: see
+    /// `folder_warning` for one others may write to.
     pub fn write(&self, path: &Path) -> Result<(), CredentialsError> {
         use std::io::Write;
         use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
@@ -101,25 +107,73 @@ impl UserCredentials {
             path: path.to_path_buf(),
             why: e.to_string(),
         };
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(dir)
-                .map_err(err)?;
+        let dir = match path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            Some(dir) => {
+                std::fs::DirBuilder::new()
+                    .recursive(true)
+                    .mode(0o700)
+                    .create(dir)
+                    .map_err(err)?;
+                dir.to_path_buf()
+            }
+            None => PathBuf::from("."),
+        };
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "credentials".into());
+        let (tmp, mut f) = {
+            let mut tries = 0;
+            loop {
+                let tmp = dir.join(format!(".{name}.{:016x}.tmp", rand::random::<u64>()));
+                match std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_CLOEXEC)
+                    .open(&tmp)
+                {
+                    Ok(f) => break (tmp, f),
+                    Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && tries < 8 => {
+                        tries += 1
+                    }
+                    Err(e) => return Err(err(e)),
+                }
+            }
+        };
+        let written = (|| {
+            f.write_all(self.to_toml().as_bytes())?;
+            // The umask cannot have widened 0600, but a narrower one must not
+            // leave the owner unable to read the file either.
+            f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, path)
+        })();
+        if let Err(e) = written {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(err(e));
         }
-        let tmp = path.with_extension("tmp");
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)
-            .map_err(err)?;
-        f.write_all(self.to_toml().as_bytes()).map_err(err)?;
-        f.sync_all().map_err(err)?;
-        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o600)).map_err(err)?;
-        std::fs::rename(&tmp, path).map_err(err)
+        Ok(())
+    }
+
+    /// A warning when the folder `path` is in (the credentials file's) may be
+    /// written by its group or by others: they could replace or remove the
+    /// file. None when it cannot be read or is private.
+    pub fn folder_warning(path: &Path) -> Option<String> {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = match path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            Some(d) => d,
+            None => Path::new("."),
+        };
+        let mode = std::fs::metadata(dir).ok()?.permissions().mode();
+        (mode & 0o022 != 0).then(|| {
+            format!(
+                "{} can be written by {} (mode {:o}): they could replace your credentials file; chmod 700 it",
+                dir.display(),
+                if mode & 0o002 != 0 { "anyone" } else { "its group" },
+                mode & 0o7777
+            )
+        })
     }
 
     /// The keyring and CURVE keys a client signs and connects with.
@@ -179,5 +233,80 @@ mod tests {
         assert!(UserCredentials::parse(&bad, &p).is_err());
         let bad = c.to_toml().replace("tcp://", "http://");
         assert!(UserCredentials::parse(&bad, &p).is_err());
+    }
+
+    fn sample() -> UserCredentials {
+        UserCredentials {
+            api: "tcp://127.0.0.1:7000".into(),
+            user: "alice".into(),
+            key_id: "user.01jct6s3w4f8d9x2qz7n5k0bva".into(),
+            secret: Secret::new(paddock_wire::keyring::generate_secret_hex()),
+            curve: None,
+        }
+    }
+
+    #[test]
+    fn planted_symlinks_are_not_followed() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let folder = dir.path().join("paddock");
+        std::fs::create_dir(&folder).unwrap();
+        let p = folder.join("credentials");
+        // What someone else may have planted: symlinks at the names the old
+        // code wrote through (credentials.tmp) pointing at a file of theirs.
+        let target = dir.path().join("theirs");
+        std::fs::write(&target, "untouched").unwrap();
+        std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o644)).unwrap();
+        for name in ["credentials.tmp", ".credentials.tmp", "credentials~"] {
+            std::os::unix::fs::symlink(&target, folder.join(name)).unwrap();
+        }
+        let c = sample();
+        c.write(&p).unwrap();
+        assert_eq!(std::fs::read_to_string(&target).unwrap(), "untouched");
+        assert_eq!(
+            std::fs::metadata(&target).unwrap().permissions().mode() & 0o777,
+            0o644
+        );
+        assert!(std::fs::symlink_metadata(folder.join("credentials.tmp"))
+            .unwrap()
+            .file_type()
+            .is_symlink());
+        let meta = std::fs::symlink_metadata(&p).unwrap();
+        assert!(meta.file_type().is_file());
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+        assert_eq!(UserCredentials::load(&p).unwrap(), c);
+        // Written twice, the folder holds no temp file.
+        c.write(&p).unwrap();
+        let mut names: Vec<String> = std::fs::read_dir(&folder)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        assert_eq!(
+            names,
+            [
+                ".credentials.tmp",
+                "credentials",
+                "credentials.tmp",
+                "credentials~"
+            ]
+        );
+    }
+
+    #[test]
+    fn a_folder_others_may_write_to_is_warned_about() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("paddock/credentials");
+        sample().write(&p).unwrap();
+        assert_eq!(UserCredentials::folder_warning(&p), None);
+        let folder = p.parent().unwrap();
+        for (mode, who) in [(0o770, "its group"), (0o777, "anyone"), (0o1733, "anyone")] {
+            std::fs::set_permissions(folder, std::fs::Permissions::from_mode(mode)).unwrap();
+            let w = UserCredentials::folder_warning(&p).unwrap_or_else(|| panic!("{mode:o}"));
+            assert!(w.contains(who) && w.contains("chmod 700"), "{w}");
+        }
+        std::fs::set_permissions(folder, std::fs::Permissions::from_mode(0o755)).unwrap();
+        assert_eq!(UserCredentials::folder_warning(&p), None);
     }
 }
