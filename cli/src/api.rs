@@ -195,23 +195,9 @@ fn json_out(v: &Value) -> Result<()> {
     Ok(())
 }
 
-/// Pretty JSON with DEL and the C1 controls written as `\u007f`, `\u009b`…
-/// too (serde_json escapes only C0): the same JSON value, safe on a terminal.
+/// Pretty JSON, DEL and C1 controls escaped (`out::safe_json`).
 fn json_text(v: &Value) -> Result<String> {
-    let text = serde_json::to_string_pretty(v)?;
-    if !text.chars().any(|c| c.is_control()) {
-        return Ok(text);
-    }
-    // Outside strings JSON has only spaces and newlines: any other control
-    // character is inside a string, where `\uXXXX` means the same.
-    Ok(text
-        .chars()
-        .map(|c| match c {
-            '\n' | ' ' => c.to_string(),
-            c if c.is_control() => format!("\\u{:04x}", c as u32),
-            c => c.to_string(),
-        })
-        .collect())
+    Ok(out::safe_json(serde_json::to_string_pretty(v)?))
 }
 
 fn s(v: &Value) -> String {

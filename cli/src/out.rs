@@ -82,6 +82,36 @@ pub fn value(text: &str) {
     say(text);
 }
 
+/// serde_json's text with DEL and the C1 controls written as `\u007f`,
+/// `\u009b`… too (serde_json escapes only C0): the same JSON value, safe on a
+/// terminal.
+pub fn safe_json(text: String) -> String {
+    if !text.chars().any(|c| c.is_control() && c != '\n') {
+        return text;
+    }
+    // Outside strings serde_json writes only spaces and newlines: any other
+    // control character is inside a string, where `\uXXXX` means the same.
+    let mut s = String::with_capacity(text.len() + 16);
+    for c in text.chars() {
+        if c.is_control() && c != '\n' {
+            let _ = write!(s, "\\u{:04x}", c as u32);
+        } else {
+            s.push(c);
+        }
+    }
+    s
+}
+
+/// An instance's log line as `instance logs` prints it: the app's output is
+/// escaped on a terminal (an app must not drive the operator's terminal).
+pub fn log_line(when: &str, stream: &str, line: &str, tty: bool) -> String {
+    if tty {
+        format!("{when} {} {}", escape(stream, false), escape(line, false))
+    } else {
+        format!("{when} {stream} {line}")
+    }
+}
+
 /// `=== text`
 pub fn heading(text: &str) {
     println!("=== {}", term(text));
@@ -270,6 +300,19 @@ mod tests {
             "Owner:     eve\\u{1b}[8m\nBell\\u{7}: x\n"
         );
         assert_eq!(render_fields(&f, false), "Owner: eve\x1b[8m\nBell\x07: x\n");
+    }
+
+    #[test]
+    fn app_log_lines_are_escaped_on_a_terminal() {
+        let l = "GET / 200 \x1b]52;c;ZXZpbA==\x07\u{9b}6n";
+        assert_eq!(
+            log_line("12:00:00", "stdout", l, true),
+            "12:00:00 stdout GET / 200 \\u{1b}]52;c;ZXZpbA==\\u{7}\\u{9b}6n"
+        );
+        assert_eq!(
+            log_line("12:00:00", "stdout", l, false),
+            format!("12:00:00 stdout {l}")
+        );
     }
 
     #[test]

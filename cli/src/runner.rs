@@ -12,6 +12,7 @@ use paddock_wire::now_ms;
 use serde_json::{json, Value};
 
 use crate::cluster::{client, load, registry, table, Opts};
+use crate::out;
 
 #[derive(Debug, Subcommand)]
 pub enum InstanceCmd {
@@ -181,13 +182,13 @@ pub fn ps(opts: &Opts) -> Result<()> {
                 (s, _) => s.to_string(),
             };
             t.add_row(vec![
-                i.id.clone(),
-                i.app.clone(),
-                i.proc.clone(),
-                i.node.clone(),
+                out::term(&i.id).into_owned(),
+                out::term(&i.app).into_owned(),
+                out::term(&i.proc).into_owned(),
+                out::term(&i.node).into_owned(),
                 i.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
                 i.port.to_string(),
-                state,
+                out::term(&state).into_owned(),
                 i.restarts.to_string(),
                 uptime(i.uptime_ms),
             ]);
@@ -257,6 +258,7 @@ pub fn instance(opts: &Opts, cmd: InstanceCmd) -> Result<()> {
             let mut c = client(&cfg, &ep, opts.timeout)?;
             let mut last_ts = 0i64;
             let mut seen_at_last = 0usize;
+            let tty = out::is_tty();
             loop {
                 let l: LogLines = serde_json::from_value(c.call(
                     kinds::INSTANCE_LOGS,
@@ -279,10 +281,10 @@ pub fn instance(opts: &Opts, cmd: InstanceCmd) -> Result<()> {
                     }
                     seen_at_last = same_ts;
                     if opts.json {
-                        println!("{}", serde_json::to_string(line)?);
+                        println!("{}", out::safe_json(serde_json::to_string(line)?));
                     } else {
                         let t = chrono_like(line.ts);
-                        println!("{t} {} {}", line.stream, line.line);
+                        println!("{}", out::log_line(&t, &line.stream, &line.line, tty));
                     }
                 }
                 if !follow {
