@@ -128,3 +128,17 @@ pub fn settings(cfg: &ClusterConfig) -> Result<Settings, ConfigError> {
         apps_domain,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shipped_example_configs_have_a_valid_api_section() {
+        for (p, cfg) in paddock_config::shipped_examples() {
+            let s = settings(&cfg).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+            assert_eq!(s.pool_size, 16, "{}", p.display());
+            assert_eq!(s.apps_domain.as_deref(), Some("apps.example.com"));
+        }
+    }
+}

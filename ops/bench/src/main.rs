@@ -8,6 +8,9 @@
 //!   counted as verified by the daemon itself (`stats.pulled`).
 //! - `lock`: `lock.acquire` + `lock.release` cycles per second against
 //!   paddock-locker on a real PostgreSQL; acquire latency p50/p99.
+//! - `api`: a customer's reads (`config.get`, `release.list`) and release-making
+//!   writes (`config.set`) against one paddock-api on a real PostgreSQL (fsync on),
+//!   signed with the user's own key over CURVE, as the CLI sends them.
 //!
 //! Run with `ops/bench/run.sh` (builds release first). Figures go to stdout.
 
@@ -382,6 +385,112 @@ fn bench_lock(n: usize, clients: usize) -> Result<()> {
     Ok(())
 }
 
+/// `n` calls of `kind` with `body` from `clients` threads, each with its own
+/// connection; latency per call and calls per second over the whole run.
+fn api_load(
+    creds: &paddock_config::credentials::UserCredentials,
+    kind: &'static str,
+    body: serde_json::Value,
+    n: usize,
+    clients: usize,
+) -> Result<(Summary, f64)> {
+    let per = n / clients;
+    let t = Instant::now();
+    let threads: Vec<_> = (0..clients)
+        .map(|i| {
+            let (creds, body) = (creds.clone(), body.clone());
+            std::thread::spawn(move || -> Result<Vec<Duration>> {
+                let keys = creds.credentials().map_err(anyhow::Error::msg)?;
+                let mut c = Client::connect(&creds.api, &format!("user:{}", creds.user), keys)?
+                    .with_timeout(Duration::from_secs(10));
+                let mut lat = Vec::with_capacity(per);
+                for j in 0..per {
+                    let mut b = body.clone();
+                    if kind == "config.set" {
+                        // A new value each time, so every call makes a new release.
+                        b["vars"] = json!({ format!("BENCH_{i}"): format!("{j}") });
+                    }
+                    let t = Instant::now();
+                    c.call(kind, b).with_context(|| format!("{kind} #{j}"))?;
+                    lat.push(t.elapsed());
+                }
+                Ok(lat)
+            })
+        })
+        .collect();
+    let mut all = Vec::new();
+    for th in threads {
+        all.extend(th.join().expect("bench thread")?);
+    }
+    let rate = all.len() as f64 / t.elapsed().as_secs_f64();
+    Ok((summarize(all), rate))
+}
+
+fn bench_api(reads: usize, writes: usize) -> Result<()> {
+    let d = Daemons::start_with(true, &["api"], true)?;
+    let rpc = d.file.daemons["api"].rpc.clone();
+    let mut admin = Client::connect(&rpc, "user:bench-operator", d.keys())?
+        .with_timeout(Duration::from_secs(20));
+    let u = admin.call("user.create", json!({"name": "bench", "admin": false}))?;
+    let s = |v: &serde_json::Value| v.as_str().unwrap_or_default().to_string();
+    let curve = d.file.curve.as_ref().context("a CURVE cluster")?;
+    let creds = paddock_config::credentials::UserCredentials {
+        api: rpc.clone(),
+        user: s(&u["user"]),
+        key_id: s(&u["key_id"]),
+        secret: paddock_config::Secret::new(s(&u["secret"])),
+        curve: Some(paddock_config::credentials::UserCurve {
+            server_public: curve.server_public.clone(),
+            client_public: s(&u["curve"]["client_public"]),
+            client_secret: paddock_config::Secret::new(s(&u["curve"]["client_secret"])),
+        }),
+    };
+    // The api admits a new user's CURVE key within its refresh; wait for it.
+    let keys = creds.credentials().map_err(anyhow::Error::msg)?;
+    let mut c = Client::connect(&rpc, "user:bench", keys)?.with_timeout(Duration::from_secs(20));
+    c.call("app.create", json!({"name": "benchapp"}))?;
+    // An app with a realistic config (20 vars) and release history (21 releases).
+    for i in 0..20 {
+        c.call(
+            "config.set",
+            json!({"app": "benchapp", "vars": {format!("VAR_{i}"): "x".repeat(64)}}),
+        )?;
+    }
+    println!("api: one paddock-api, PostgreSQL with fsync on, user key over CURVE, an app with 20 config vars and 21 releases");
+    for clients in [1, 4] {
+        for (kind, body) in [
+            ("config.get", json!({"app": "benchapp"})),
+            ("release.list", json!({"app": "benchapp"})),
+        ] {
+            // A short warm-up, unmeasured.
+            api_load(&creds, kind, body.clone(), 200, clients)?;
+            let (sm, rate) = api_load(&creds, kind, body, reads, clients)?;
+            println!(
+                "  {kind:<13} {clients} client(s): {rate:>6.0} req/s  p50 {:.2} ms  p99 {:.2} ms  mean {:.2} ms   (goal: p99 < 5 ms, >= 2000 req/s)",
+                sm.p50.as_secs_f64() * 1e3,
+                sm.p99.as_secs_f64() * 1e3,
+                sm.mean.as_secs_f64() * 1e3
+            );
+        }
+    }
+    for clients in [1, 4] {
+        let (sm, rate) = api_load(
+            &creds,
+            "config.set",
+            json!({"app": "benchapp"}),
+            writes,
+            clients,
+        )?;
+        println!(
+            "  config.set    {clients} client(s): {rate:>6.0} req/s  p50 {:.2} ms  p99 {:.2} ms  mean {:.2} ms   (a new release each; goal: p99 < 25 ms)",
+            sm.p50.as_secs_f64() * 1e3,
+            sm.p99.as_secs_f64() * 1e3,
+            sm.mean.as_secs_f64() * 1e3
+        );
+    }
+    Ok(())
+}
+
 /// The last `(ns, pid)` line of a stamp file.
 fn last_stamp(path: &std::path::Path) -> Option<(i128, i32)> {
     let text = std::fs::read_to_string(path).ok()?;
@@ -546,7 +655,7 @@ fn bench_runner(n: usize, spacing: Duration) -> Result<()> {
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let which: Vec<&str> = if args.is_empty() {
-        vec!["codec", "rpc", "curve", "push", "lock", "runner"]
+        vec!["codec", "rpc", "curve", "push", "lock", "api", "runner"]
     } else {
         args.iter().map(String::as_str).collect()
     };
@@ -560,6 +669,7 @@ fn main() -> Result<()> {
                 bench_lock(4_000, 1)?;
                 bench_lock(4_000, 4)?;
             }
+            "api" => bench_api(10_000, 1_000)?,
             "runner" => {
                 let n = std::env::var("PADDOCK_BENCH_KILLS")
                     .ok()
@@ -571,7 +681,9 @@ fn main() -> Result<()> {
                     .unwrap_or(1200);
                 bench_runner(n, Duration::from_millis(spacing))?
             }
-            other => bail!("unknown benchmark `{other}` (codec, rpc, curve, push, lock, runner)"),
+            other => {
+                bail!("unknown benchmark `{other}` (codec, rpc, curve, push, lock, api, runner)")
+            }
         }
     }
     Ok(())
