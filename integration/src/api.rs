@@ -100,6 +100,24 @@ pub fn random_ed25519(comment: &str) -> String {
     )
 }
 
+/// Waits until the api has migrated its database: it answers `ping` before that,
+/// and `unavailable` to its own kinds until then.
+pub fn wait_migrated(node: &Node) {
+    let mut c = node.client("api");
+    let until = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        match c.call("whoami", json!({})) {
+            Err(ClientError::Remote(e))
+                if e.code == Code::Unavailable && std::time::Instant::now() < until =>
+            {
+                std::thread::sleep(Duration::from_millis(50))
+            }
+            Ok(_) => return,
+            Err(e) => panic!("the api did not finish migrating: {e}"),
+        }
+    }
+}
+
 /// A per-table digest of every `api_*` table: equal digests, equal contents.
 pub type Snapshot = BTreeMap<String, String>;
 
@@ -124,6 +142,7 @@ impl ApiCluster {
             node.start(d);
         }
         node.start("api");
+        wait_migrated(&node);
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
