@@ -85,7 +85,9 @@ CREATE TABLE api_domains (
 CREATE INDEX api_domains_app ON api_domains (app_id);
 
 -- Kept when an app or user goes: the log outlives what it describes. No values of
--- config vars or secrets ever go into detail.
+-- config vars or secrets ever go into detail. An app's log is found by app_id (no
+-- foreign key: the rows outlive the app), never by name: a destroyed app's name
+-- may be taken again, and its new owner must not read the old app's log.
 CREATE TABLE api_audit (
     id      bigserial PRIMARY KEY,
     at      timestamptz NOT NULL DEFAULT now(),
@@ -93,7 +95,8 @@ CREATE TABLE api_audit (
     key_id  text NOT NULL,
     kind    text NOT NULL,
     app     text,
+    app_id  bigint,
     detail  jsonb NOT NULL DEFAULT '{}'
 );
-CREATE INDEX api_audit_app ON api_audit (app, id);
+CREATE INDEX api_audit_app ON api_audit (app_id, id);
 CREATE INDEX api_audit_actor ON api_audit (actor, id);

@@ -2136,3 +2136,120 @@ fn destroying_an_app_removes_its_rows_routes_and_instances() {
         .call("instance.stop", json!({"id": ids["keeper"]}))
         .unwrap();
 }
+
+// ---- review fixes ------------------------------------------------------------------
+
+/// The entries' `(kind, actor)`, newest first.
+fn kinds_and_actors(r: &Value) -> Vec<(String, String)> {
+    r["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["kind"].as_str().unwrap().to_string(),
+                e["actor"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+fn pairs(v: &[(&str, &str)]) -> Vec<(String, String)> {
+    v.iter()
+        .map(|(k, a)| (k.to_string(), a.to_string()))
+        .collect()
+}
+
+/// An app's audit log is that app's (by id), not every app's that ever had its
+/// name: after alice destroys `shop` and bob creates another `shop`, bob reads only
+/// his app's entries; the old rows stay, for alice (her own entries) and admins.
+#[test]
+fn a_reused_app_name_does_not_show_the_previous_apps_audit_log() {
+    let mut w = ApiCluster::start("api-audit-reuse", &[]);
+    let alice = create_user(&w.node, "alice", false);
+    let bob = create_user(&w.node, "bob", false);
+    let boss = create_user(&w.node, "boss", true);
+    let mut a = user_client(&alice);
+    a.call("app.create", json!({"name": "shop"})).unwrap();
+    a.call(
+        "config.set",
+        json!({"app": "shop", "vars": {"ALICES_SECRET_PLAN": "x"}}),
+    )
+    .unwrap();
+    a.call("app.destroy", json!({"app": "shop", "confirm": "shop"}))
+        .unwrap();
+    // A row another daemon appends after the app went names no app of bob's.
+    w.cluster()
+        .call(
+            "audit.append",
+            json!({"actor": "user:alice", "kind": "git.push", "app": "shop"}),
+        )
+        .unwrap();
+
+    let mut b = user_client(&bob);
+    b.call("app.create", json!({"name": "shop"})).unwrap();
+    b.call("config.set", json!({"app": "shop", "vars": {"B": "1"}}))
+        .unwrap();
+    w.cluster()
+        .call(
+            "audit.append",
+            json!({"actor": "user:bob", "kind": "git.push", "app": "shop"}),
+        )
+        .unwrap();
+    let bobs = pairs(&[
+        ("git.push", "user:bob"),
+        ("config.set", "user:bob"),
+        ("app.create", "user:bob"),
+    ]);
+    let log = b
+        .call("audit.list", json!({"app": "shop", "limit": 1000}))
+        .unwrap();
+    assert_eq!(kinds_and_actors(&log), bobs, "bob reads alice's old app");
+    assert!(!log.to_string().contains("ALICES_SECRET_PLAN"));
+    // An admin's app filter is the app too; the old rows are there without it.
+    let mut boss_c = user_client(&boss);
+    let log = boss_c
+        .call("audit.list", json!({"app": "shop", "limit": 1000}))
+        .unwrap();
+    assert_eq!(kinds_and_actors(&log), bobs);
+    let alices = pairs(&[
+        ("git.push", "user:alice"),
+        ("app.destroy", "user:alice"),
+        ("config.set", "user:alice"),
+        ("app.create", "user:alice"),
+    ]);
+    let log = boss_c
+        .call("audit.list", json!({"user": "alice", "limit": 1000}))
+        .unwrap();
+    assert_eq!(kinds_and_actors(&log), alices);
+    assert!(log["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|e| e["app"] == "shop"));
+    let all = boss_c.call("audit.list", json!({"limit": 1000})).unwrap();
+    let shop_rows = all["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["app"] == "shop")
+        .count();
+    assert_eq!(shop_rows, alices.len() + bobs.len());
+    // Alice reads her own entries (no app: her own), not bob's app.
+    let mine = a.call("audit.list", json!({"limit": 1000})).unwrap();
+    assert_eq!(kinds_and_actors(&mine), alices);
+    assert_eq!(
+        code(a.call("audit.list", json!({"app": "shop"}))),
+        Code::Forbidden
+    );
+    // Two apps' ids, none missing for a row made while its app was there.
+    let ids = w.sql(
+        "SELECT count(DISTINCT app_id), count(*) FILTER (WHERE app_id IS NULL) FROM api_audit WHERE app = 'shop'",
+    );
+    assert_eq!(ids[0].get::<_, i64>(0), 2);
+    assert_eq!(
+        ids[0].get::<_, i64>(1),
+        1,
+        "only the row appended while no app had the name"
+    );
+}

@@ -105,18 +105,21 @@ async fn exec(
     c.execute(&st, params).await.map_err(pg)
 }
 
-/// Writes the audit row of a change, in the change's transaction.
+/// Writes the audit row of a change, in the change's transaction. The app is
+/// recorded by id as well as name: its log is read by id, so a later app of the
+/// same name never sees it.
 async fn audit(
     c: &impl GenericClient,
     who: &Who,
     kind: &str,
-    app: Option<&str>,
+    app: Option<&AppRow>,
     detail: Value,
 ) -> Result<i64, WireError> {
+    let (app_id, app) = (app.map(|a| a.id), app.map(|a| a.name.as_str()));
     let row = q1(
         c,
-        "INSERT INTO api_audit (actor, key_id, kind, app, detail) VALUES ($1, $2, $3, $4, $5) RETURNING id",
-        &[&who.actor(), &who.key_id(), &kind, &app, &detail],
+        "INSERT INTO api_audit (actor, key_id, kind, app, app_id, detail) VALUES ($1, $2, $3, $4, $5, $6) RETURNING id",
+        &[&who.actor(), &who.key_id(), &kind, &app, &app_id, &detail],
     )
     .await?
     .ok_or_else(|| WireError::internal("audit insert returned nothing"))?;
@@ -753,7 +756,12 @@ impl Store {
                 }
                 domains.push(dom);
             }
-            audit(&tx, who, "app.create", Some(&name), json!({"owner": owner})).await?;
+            let row = AppRow {
+                id,
+                name: name.clone(),
+                role: Some(Role::Owner),
+            };
+            audit(&tx, who, "app.create", Some(&row), json!({"owner": owner})).await?;
             commit(tx).await?;
             let app = json!({"name": name, "owner": owner, "role": "owner", "domains": domains,
                              "current_release": 1, "latest_release": 1});
@@ -854,7 +862,7 @@ impl Store {
             &tx,
             who,
             "app.destroy",
-            Some(&app.name),
+            Some(&app),
             json!({"domains": domains}),
         )
         .await?;
@@ -933,7 +941,7 @@ impl Store {
             &tx,
             who,
             "access.add",
-            Some(&app.name),
+            Some(&app),
             json!({"user": user, "role": role}),
         )
         .await?;
@@ -980,14 +988,7 @@ impl Store {
             &[&app.id, &uid],
         )
         .await?;
-        audit(
-            &tx,
-            who,
-            "access.remove",
-            Some(&app.name),
-            json!({"user": user}),
-        )
-        .await?;
+        audit(&tx, who, "access.remove", Some(&app), json!({"user": user})).await?;
         commit(tx).await?;
         Ok((json!({}), changed(&app.name, "access")))
     }
@@ -1085,7 +1086,7 @@ impl Store {
         }
         let mut detail = detail;
         detail["version"] = json!(version);
-        audit(tx, who, kind, Some(&app.name), detail).await?;
+        audit(tx, who, kind, Some(app), detail).await?;
         self.release(tx, app.id, version, false).await
     }
 
@@ -1425,7 +1426,7 @@ impl Store {
             &tx,
             who,
             "release.create",
-            Some(&app.name),
+            Some(&app),
             json!({"version": version, "slug": slug, "by": created_by}),
         )
         .await?;
@@ -1490,7 +1491,7 @@ impl Store {
             &tx,
             who,
             "release.status",
-            Some(&app.name),
+            Some(&app),
             json!({"version": version, "status": status}),
         )
         .await?;
@@ -1630,7 +1631,7 @@ impl Store {
             &tx,
             who,
             "formation.scale",
-            Some(&app.name),
+            Some(&app),
             json!({ "changes": detail }),
         )
         .await?;
@@ -1707,14 +1708,7 @@ impl Store {
                 _ => format!("{d} already belongs to another app"),
             }));
         }
-        audit(
-            &tx,
-            who,
-            "domain.add",
-            Some(&app.name),
-            json!({ "domain": d }),
-        )
-        .await?;
+        audit(&tx, who, "domain.add", Some(&app), json!({ "domain": d })).await?;
         commit(tx).await?;
         Ok((json!({ "domain": d }), changed(&app.name, "domains")))
     }
@@ -1752,7 +1746,7 @@ impl Store {
             &tx,
             who,
             "domain.remove",
-            Some(&app.name),
+            Some(&app),
             json!({ "domain": d }),
         )
         .await?;
@@ -1767,11 +1761,12 @@ impl Store {
         let n = limit(&b, 15, 1000)?;
         let before = b.opt_i64("before")?.unwrap_or(i64::MAX);
         let c = self.conn().await?;
+        // An app's log is that app's, by id: not a destroyed app's of the same name.
         let app = match b.opt_str("app")? {
             Some(a) => Some(
                 self.app_for(&c, who, a, Need::Access, "read its audit log", false)
                     .await?
-                    .name,
+                    .id,
             ),
             None => None,
         };
@@ -1790,7 +1785,7 @@ impl Store {
     async fn audit_rows(
         &self,
         c: &impl GenericClient,
-        app: Option<String>,
+        app: Option<i64>,
         actor: Option<String>,
         before: i64,
         n: i64,
@@ -1798,7 +1793,7 @@ impl Store {
         let rows = q(
             c,
             "SELECT id, (extract(epoch from at) * 1000)::bigint, actor, key_id, kind, app, detail FROM api_audit
-             WHERE ($1::text IS NULL OR app = $1) AND ($2::text IS NULL OR actor = $2) AND id < $3
+             WHERE ($1::bigint IS NULL OR app_id = $1) AND ($2::text IS NULL OR actor = $2) AND id < $3
              ORDER BY id DESC LIMIT $4",
             &[&app, &actor, &before, &n],
         )
@@ -1829,7 +1824,8 @@ impl Store {
         let c = self.conn().await?;
         let row = q1(
             &c,
-            "INSERT INTO api_audit (actor, key_id, kind, app, detail) VALUES ($1, $2, $3, $4, $5) RETURNING id",
+            "INSERT INTO api_audit (actor, key_id, kind, app, app_id, detail)
+             VALUES ($1, $2, $3, $4, (SELECT id FROM api_apps WHERE name = $4), $5) RETURNING id",
             &[&actor, &who.key_id(), &kind, &app, &detail],
         )
         .await?
