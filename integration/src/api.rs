@@ -161,8 +161,7 @@ impl ApiCluster {
         self.node.client("api")
     }
 
-    /// A query on the test's database (made once the api has migrated it).
-    pub fn sql(&mut self, query: &str) -> Vec<tokio_postgres::Row> {
+    fn connect(&mut self) {
         if self.db.is_none() {
             let c = self
                 .rt
@@ -170,10 +169,26 @@ impl ApiCluster {
                 .expect("connect to the test database");
             self.db = Some(c);
         }
+    }
+
+    /// A query on the test's database (made once the api has migrated it).
+    pub fn sql(&mut self, query: &str) -> Vec<tokio_postgres::Row> {
+        self.connect();
         let db = self.db.as_ref().unwrap();
         self.rt
             .block_on(db.query(query, &[]))
             .unwrap_or_else(|e| panic!("{query}: {e}"))
+    }
+
+    /// Statements run as one simple query on the same connection as `sql`; a
+    /// `BEGIN` stays open until a later `batch("COMMIT")`, so a test can hold row
+    /// locks while the api works.
+    pub fn batch(&mut self, statements: &str) {
+        self.connect();
+        let db = self.db.as_ref().unwrap();
+        self.rt
+            .block_on(db.batch_execute(statements))
+            .unwrap_or_else(|e| panic!("{statements}: {e}"))
     }
 
     /// The names of the api's tables.

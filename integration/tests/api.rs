@@ -2253,3 +2253,106 @@ fn a_reused_app_name_does_not_show_the_previous_apps_audit_log() {
         "only the row appended while no app had the name"
     );
 }
+
+/// `key.rotate` revokes the calling key in its own transaction before it makes a
+/// new one: of many concurrent rotations of one key exactly one gets a new key
+/// (the others `unknown_key`), and the user is left with exactly one live key.
+#[test]
+fn concurrent_rotations_of_one_key_make_exactly_one_new_key() {
+    let w = ApiCluster::start("api-rotate-race", &[]);
+    let mut cur = create_user(&w.node, "alice", false);
+    for round in 0..3 {
+        let n = 8;
+        let start = Arc::new(Barrier::new(n));
+        let threads: Vec<_> = (0..n)
+            .map(|_| {
+                let (cur, start) = (cur.clone(), start.clone());
+                std::thread::spawn(move || {
+                    let mut c = user_client(&cur).with_timeout(Duration::from_secs(20));
+                    c.call("whoami", json!({})).unwrap();
+                    start.wait();
+                    c.call("key.rotate", json!({}))
+                })
+            })
+            .collect();
+        let mut won = vec![];
+        for t in threads {
+            match t.join().unwrap() {
+                Ok(v) => won.push(v),
+                Err(ClientError::Remote(e)) if e.code == Code::UnknownKey => {
+                    assert!(e.message.contains("revoked"), "{}", e.message)
+                }
+                Err(e) => panic!("round {round}: key.rotate: {e}"),
+            }
+        }
+        assert_eq!(
+            won.len(),
+            1,
+            "round {round}: {} rotations of one key succeeded",
+            won.len()
+        );
+        let next = creds_from(&w.node, &won[0]);
+        let keys = w
+            .cluster()
+            .call("key.list", json!({"user": "alice"}))
+            .unwrap();
+        let live: Vec<&str> = keys["keys"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|k| k["revoked_at"].is_null())
+            .map(|k| k["key_id"].as_str().unwrap())
+            .collect();
+        assert_eq!(live, [next.key_id.as_str()], "round {round}");
+        user_client(&next).call("whoami", json!({})).unwrap();
+        cur = next;
+    }
+}
+
+/// A key revoked after `key.rotate` checked it, but before the rotation's
+/// transaction revokes it, gets no successor: the test holds the key row's lock
+/// with the revoking UPDATE `key.revoke` makes (as another api would), lets the
+/// rotation reach that row, then commits.
+#[test]
+fn a_key_revoked_while_it_is_rotated_gets_no_successor() {
+    let mut w = ApiCluster::start("api-rotate-revoke", &[]);
+    let alice = create_user(&w.node, "alice", false);
+    let spare = create_key(&w.node, "alice");
+    let last = w.last_audit_id();
+    w.batch(&format!(
+        "BEGIN; UPDATE api_keys SET revoked_at = now() WHERE key_id = '{}'",
+        spare.key_id
+    ));
+    let rotating = {
+        let spare = spare.clone();
+        std::thread::spawn(move || {
+            user_client(&spare)
+                .with_timeout(Duration::from_secs(20))
+                .call("key.rotate", json!({}))
+        })
+    };
+    let mut waited = 0;
+    loop {
+        let waiting: i64 = w.sql("SELECT count(*) FROM pg_locks WHERE NOT granted")[0].get(0);
+        if waiting > 0 {
+            break;
+        }
+        waited += 1;
+        assert!(
+            waited < 200 && !rotating.is_finished(),
+            "the rotation never waited for the key's row"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    w.batch("COMMIT");
+    let e = remote_err(rotating.join().unwrap());
+    assert_eq!(e.code, Code::UnknownKey, "{}", e.message);
+    assert!(e.message.contains("revoked"), "{}", e.message);
+    let live: Vec<String> = w
+        .sql("SELECT key_id FROM api_keys WHERE revoked_at IS NULL ORDER BY key_id")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(live, [alice.key_id.as_str()]);
+    assert!(w.audit_after(last).is_empty());
+}

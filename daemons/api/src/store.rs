@@ -456,7 +456,7 @@ impl Store {
         let tx = c.transaction().await.map_err(pg)?;
         let row = q1(
             &tx,
-            "SELECT id, admin, disabled FROM api_users WHERE name = $1",
+            "SELECT id, admin, disabled FROM api_users WHERE name = $1 FOR SHARE",
             &[&target],
         )
         .await?
@@ -491,13 +491,41 @@ impl Store {
         };
         let mut c = self.conn().await?;
         let tx = c.transaction().await.map_err(pg)?;
-        let k = self.insert_key(&tx, *id).await?;
-        exec(
+        // `resolve` checked the key before this transaction; it may have been
+        // revoked (or rotated by a concurrent call) since. So the user row is
+        // locked (a `user.revoke` waits, or has disabled it) and the calling key is
+        // revoked first: only the one call that revokes it gets a new key.
+        let disabled: bool = q1(
             &tx,
-            "UPDATE api_keys SET revoked_at = now() WHERE key_id = $1 AND revoked_at IS NULL",
-            &[key_id],
+            "SELECT disabled FROM api_users WHERE id = $1 FOR SHARE",
+            &[id],
         )
-        .await?;
+        .await?
+        .map(|r| r.get(0))
+        .unwrap_or(true);
+        if disabled {
+            return Err(WireError::new(
+                Code::UnknownKey,
+                format!("user {name} is disabled; ask your operator"),
+            ));
+        }
+        if q1(
+            &tx,
+            "UPDATE api_keys SET revoked_at = now()
+             WHERE key_id = $1 AND user_id = $2 AND revoked_at IS NULL RETURNING 1",
+            &[key_id, id],
+        )
+        .await?
+        .is_none()
+        {
+            return Err(WireError::new(
+                Code::UnknownKey,
+                format!(
+                    "key {key_id} was revoked (or rotated) meanwhile; log in again with new credentials (`paddock login`)"
+                ),
+            ));
+        }
+        let k = self.insert_key(&tx, *id).await?;
         audit(
             &tx,
             who,
