@@ -2356,3 +2356,106 @@ fn a_key_revoked_while_it_is_rotated_gets_no_successor() {
     assert_eq!(live, [alice.key_id.as_str()]);
     assert!(w.audit_after(last).is_empty());
 }
+
+/// Domains: a name under another app's wildcard is that app's traffic, so only an
+/// admin may give it to another app (and the other app is not named); an IP
+/// address is not a domain; a domain is removed only from its own app.
+#[test]
+fn domains_under_another_apps_wildcard_or_like_ip_addresses_are_refused() {
+    let mut w = ApiCluster::start("api-domains", &[]);
+    let alice = create_user(&w.node, "alice", false);
+    let bob = create_user(&w.node, "bob", false);
+    let boss = create_user(&w.node, "boss", true);
+    let (mut a, mut b, mut admin) = (user_client(&alice), user_client(&bob), user_client(&boss));
+    a.call("app.create", json!({"name": "shop"})).unwrap();
+    b.call("app.create", json!({"name": "other"})).unwrap();
+    admin
+        .call(
+            "domain.add",
+            json!({"app": "shop", "domain": "*.shop.example"}),
+        )
+        .unwrap();
+    for covered in ["x.shop.example", "a.b.shop.example"] {
+        let before = w.snapshot();
+        let e = remote_err(b.call("domain.add", json!({"app": "other", "domain": covered})));
+        assert_eq!(e.code, Code::Conflict, "{covered}: {}", e.message);
+        assert!(e.message.contains("wildcard"), "{}", e.message);
+        let rest = e.message.replace(covered, "").replace("*.shop.example", "");
+        assert!(!rest.contains("shop"), "names the other app: {}", e.message);
+        assert_eq!(w.snapshot(), before);
+    }
+    // Not covered: the wildcard's base, another name.
+    b.call(
+        "domain.add",
+        json!({"app": "other", "domain": "shop.example"}),
+    )
+    .unwrap();
+    b.call(
+        "domain.add",
+        json!({"app": "other", "domain": "x.other.example"}),
+    )
+    .unwrap();
+    // The wildcard's own app may add names under it; an admin may carve one out.
+    a.call(
+        "domain.add",
+        json!({"app": "shop", "domain": "www.shop.example"}),
+    )
+    .unwrap();
+    admin
+        .call(
+            "domain.add",
+            json!({"app": "other", "domain": "x.shop.example"}),
+        )
+        .unwrap();
+
+    // IP addresses and all-digit top-level labels are not domains, for anyone.
+    for ip in ["10.0.0.1", "127.0.0.1", "192.168.1.300", "example.123"] {
+        for c in [&mut a, &mut admin] {
+            refused(
+                &mut w,
+                c,
+                "domain.add",
+                json!({"app": "shop", "domain": ip}),
+                Code::Invalid,
+                "not valid",
+            );
+        }
+    }
+    a.call(
+        "domain.add",
+        json!({"app": "shop", "domain": "1.2.shop2.example"}),
+    )
+    .unwrap();
+
+    // Another app's domain is not removed through this one.
+    refused(
+        &mut w,
+        &mut a,
+        "domain.remove",
+        json!({"app": "shop", "domain": "x.shop.example"}),
+        Code::NotFound,
+        "not a domain of shop",
+    );
+    b.call(
+        "domain.remove",
+        json!({"app": "other", "domain": "x.shop.example"}),
+    )
+    .unwrap();
+    let left: Vec<String> = w
+        .sql("SELECT domain FROM api_domains ORDER BY domain COLLATE \"C\"")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(
+        left,
+        [
+            "*.shop.example",
+            "1.2.shop2.example",
+            "other.localhost",
+            "shop.example",
+            "shop.localhost",
+            "www.shop.example",
+            "x.other.example"
+        ]
+    );
+}

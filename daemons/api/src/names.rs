@@ -158,6 +158,13 @@ pub fn domain(d: &str, wildcard: bool) -> Result<(), WireError> {
     if labels.len() < 2 {
         return bad("it needs at least two labels, like example.com");
     }
+    // No top-level domain is all digits: `10.0.0.1` is an IP address, not a name.
+    if labels
+        .last()
+        .is_some_and(|l| !l.is_empty() && l.bytes().all(|c| c.is_ascii_digit()))
+    {
+        return bad("its last label is all digits (an IP address is not a domain)");
+    }
     for l in labels {
         let b = l.as_bytes();
         if b.is_empty() || b.len() > 63 {
@@ -381,6 +388,8 @@ mod tests {
         assert!(domain("myapp.localhost", false).is_ok());
         assert!(domain("a.example.com", false).is_ok());
         assert!(domain("*.example.com", true).is_ok());
+        assert!(domain("1.2.example.com", false).is_ok());
+        assert!(domain("a.b2", false).is_ok());
         let e = domain("*.example.com", false).unwrap_err();
         assert_eq!(e.code, paddock_wire::Code::Forbidden);
         for bad in [
@@ -391,6 +400,9 @@ mod tests {
             "-a.com",
             "a_b.com",
             "a.com/x",
+            "10.0.0.1",
+            "*.10.0.0",
+            "example.123",
         ] {
             assert!(domain(bad, true).is_err(), "{bad}");
         }

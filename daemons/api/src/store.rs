@@ -1716,6 +1716,28 @@ impl Store {
         let app = self
             .app_for(&tx, who, b.str("app")?, Need::Access, "add domains", true)
             .await?;
+        // A name under another app's wildcard (`x.shop.example` when another app has
+        // `*.shop.example`, which only an admin could add) would take traffic that
+        // app was given: only an admin may carve it out. The other app is not named.
+        if !who.is_admin() {
+            let covering: Vec<String> = d
+                .match_indices('.')
+                .map(|(i, _)| format!("*{}", &d[i..]))
+                .collect();
+            let wild: Option<String> = q1(
+                &tx,
+                "SELECT domain FROM api_domains WHERE domain = ANY($1) AND app_id <> $2
+                 ORDER BY length(domain) DESC LIMIT 1",
+                &[&covering, &app.id],
+            )
+            .await?
+            .map(|r| r.get(0));
+            if let Some(w) = wild {
+                return Err(conflict(format!(
+                    "{d} is covered by the wildcard domain {w} of another app; only an admin may add it"
+                )));
+            }
+        }
         let done = q1(
             &tx,
             "INSERT INTO api_domains (domain, app_id) VALUES ($1, $2) ON CONFLICT DO NOTHING RETURNING 1",
@@ -1769,7 +1791,12 @@ impl Store {
                 app.name
             )));
         }
-        exec(&tx, "DELETE FROM api_domains WHERE domain = $1", &[&d]).await?;
+        exec(
+            &tx,
+            "DELETE FROM api_domains WHERE domain = $1 AND app_id = $2",
+            &[&d, &app.id],
+        )
+        .await?;
         audit(
             &tx,
             who,
