@@ -82,6 +82,10 @@ enum Rule {
     Admin,
     /// The user named in the body (the owner here), admins, the cluster.
     SelfOwner,
+    /// A key of the owner's named by its id or fingerprint: the owner, admins, the
+    /// cluster; to anyone else it is `not_found`, as if it did not exist (whose
+    /// key it is is not told).
+    OwnKey,
     /// The app's owner or a collaborator, admins, the cluster.
     Access,
     /// The app's owner, admins, the cluster.
@@ -104,7 +108,8 @@ impl Rule {
             (Rule::Rotate, Cluster) => Some(Code::Invalid),
             (_, Cluster) | (_, Admin) | (Rule::Any, _) | (Rule::Rotate, _) => None,
             (Rule::Admin, _) => forbidden,
-            (Rule::SelfOwner | Rule::Owner, Owner) => None,
+            (Rule::SelfOwner | Rule::Owner | Rule::OwnKey, Owner) => None,
+            (Rule::OwnKey, _) => Some(Code::NotFound),
             (Rule::SelfOwner | Rule::Owner, _) => forbidden,
             (Rule::Access, Owner | Collaborator) => None,
             (Rule::Access, _) => forbidden,
@@ -217,7 +222,7 @@ fn cases() -> Vec<Case> {
         c("key.list", SelfOwner, None, |_, _| json!({"user": "owner"})),
         c(
             "key.revoke",
-            SelfOwner,
+            OwnKey,
             Some("key.revoke"),
             |f, _| json!({"key_id": f.owner_key()}),
         ),
@@ -235,7 +240,7 @@ fn cases() -> Vec<Case> {
         ),
         c(
             "sshkey.remove",
-            SelfOwner,
+            OwnKey,
             Some("sshkey.remove"),
             |f, _| json!({"fingerprint": f.owner_ssh_key()}),
         ),
@@ -505,6 +510,7 @@ fn the_authorization_matrix_for_every_kind_and_caller() {
                         (_, Rule::ClusterOnly) => case.kind.to_string(),
                         (_, Rule::Admin) => "admin".to_string(),
                         (_, Rule::SelfOwner) => "owner".to_string(),
+                        (_, Rule::OwnKey) => "no such".to_string(),
                         (_, Rule::Rotate) => "key.rotate".to_string(),
                         _ => body["app"].as_str().unwrap_or_default().to_string(),
                     };
@@ -2457,5 +2463,89 @@ fn domains_under_another_apps_wildcard_or_like_ip_addresses_are_refused() {
             "www.shop.example",
             "x.other.example"
         ]
+    );
+}
+
+/// Removing someone else's SSH key or revoking someone else's key is `not_found`,
+/// worded as for a key that does not exist: the answer does not tell whose it is.
+/// Admins still may.
+#[test]
+fn key_errors_do_not_tell_whose_key_it_is() {
+    let mut w = ApiCluster::start("api-key-owners", &[]);
+    let alice = create_user(&w.node, "alice", false);
+    let bob = create_user(&w.node, "bob", false);
+    let boss = create_user(&w.node, "boss", true);
+    let (mut a, mut b) = (user_client(&alice), user_client(&bob));
+    let fp = a
+        .call(
+            "sshkey.add",
+            json!({"public_key": random_ed25519("alice@laptop")}),
+        )
+        .unwrap()["fingerprint"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let spare = create_key(&w.node, "alice");
+    let nobody_fp = "SHA256:AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA";
+    let nobody_key = "user.01aaaaaaaaaaaaaaaaaaaaaaaa";
+
+    let message = |w: &mut ApiCluster, c: &mut Client, kind: &str, body: Value| -> String {
+        let before = w.snapshot();
+        let e = remote_err(c.call(kind, body.clone()));
+        assert_eq!(e.code, Code::NotFound, "{kind} {body}: {}", e.message);
+        assert_eq!(w.snapshot(), before, "{kind} {body} changed the tables");
+        assert!(!e.message.contains("alice"), "{}", e.message);
+        e.message
+    };
+    let theirs = message(
+        &mut w,
+        &mut b,
+        "sshkey.remove",
+        json!({ "fingerprint": fp }),
+    );
+    let none = message(
+        &mut w,
+        &mut b,
+        "sshkey.remove",
+        json!({ "fingerprint": nobody_fp }),
+    );
+    assert!(theirs.contains("no such SSH key"), "{theirs}");
+    assert_eq!(theirs.replace(&fp, "FP"), none.replace(nobody_fp, "FP"));
+
+    let theirs = message(
+        &mut w,
+        &mut b,
+        "key.revoke",
+        json!({ "key_id": spare.key_id }),
+    );
+    let none = message(
+        &mut w,
+        &mut b,
+        "key.revoke",
+        json!({ "key_id": nobody_key }),
+    );
+    assert!(theirs.contains("no such key"), "{theirs}");
+    assert_eq!(
+        theirs.replace(&spare.key_id, "ID"),
+        none.replace(nobody_key, "ID")
+    );
+
+    // The owner and admins may.
+    let mut admin = user_client(&boss);
+    admin
+        .call("sshkey.remove", json!({ "fingerprint": fp }))
+        .unwrap();
+    admin
+        .call("key.revoke", json!({ "key_id": spare.key_id }))
+        .unwrap();
+    let mine = create_key(&w.node, "alice");
+    a.call("key.revoke", json!({ "key_id": mine.key_id }))
+        .unwrap();
+    // Revoked already: `not_found` again.
+    message(
+        &mut w,
+        &mut a,
+        "key.revoke",
+        json!({ "key_id": mine.key_id }),
     );
 }

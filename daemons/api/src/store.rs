@@ -568,15 +568,22 @@ impl Store {
         let key_id = b.str("key_id")?;
         let mut c = self.conn().await?;
         let tx = c.transaction().await.map_err(pg)?;
-        let row = q1(
+        // Another user's key is `not_found` like a key that does not exist: a key id
+        // does not tell a stranger whose it is.
+        let owner: String = q1(
             &tx,
-            "SELECT u.name FROM api_keys k JOIN api_users u ON u.id = k.user_id WHERE k.key_id = $1 AND k.revoked_at IS NULL",
+            "SELECT u.name FROM api_keys k JOIN api_users u ON u.id = k.user_id
+             WHERE k.key_id = $1 AND k.revoked_at IS NULL FOR UPDATE OF k",
             &[&key_id],
         )
         .await?
-        .ok_or_else(|| not_found(format!("key {key_id} does not exist or is already revoked")))?;
-        let owner: String = row.get(0);
-        check_self(who, &owner, "revoke the keys")?;
+        .map(|r| r.get::<_, String>(0))
+        .filter(|owner| who.is_admin() || who.user_name() == Some(owner))
+        .ok_or_else(|| {
+            not_found(format!(
+                "no such key: {key_id} is not a live key of yours (`key.list` shows them)"
+            ))
+        })?;
         exec(
             &tx,
             "UPDATE api_keys SET revoked_at = now() WHERE key_id = $1",
@@ -662,15 +669,22 @@ impl Store {
         let fp = b.str("fingerprint")?;
         let mut c = self.conn().await?;
         let tx = c.transaction().await.map_err(pg)?;
+        // Another user's key is `not_found` like one nobody has: a fingerprint does
+        // not tell a stranger whose key it is.
         let owner: String = q1(
             &tx,
-            "SELECT u.name FROM api_ssh_keys s JOIN api_users u ON u.id = s.user_id WHERE s.fingerprint = $1",
+            "SELECT u.name FROM api_ssh_keys s JOIN api_users u ON u.id = s.user_id
+             WHERE s.fingerprint = $1 FOR UPDATE OF s",
             &[&fp],
         )
         .await?
-        .map(|r| r.get(0))
-        .ok_or_else(|| not_found(format!("no SSH key has fingerprint {fp} (`paddock keys` lists yours)")))?;
-        check_self(who, &owner, "remove the SSH keys")?;
+        .map(|r| r.get::<_, String>(0))
+        .filter(|owner| who.is_admin() || who.user_name() == Some(owner))
+        .ok_or_else(|| {
+            not_found(format!(
+                "no such SSH key: {fp} is not one of yours (`paddock keys` lists them)"
+            ))
+        })?;
         exec(
             &tx,
             "DELETE FROM api_ssh_keys WHERE fingerprint = $1",
