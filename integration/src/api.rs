@@ -118,6 +118,32 @@ pub fn wait_migrated(node: &Node) {
     }
 }
 
+/// An `ssh-rsa` public key line whose modulus has exactly `bits` bits (random and
+/// odd, not a product of primes: only its size matters to the api). ssh-keygen
+/// makes no key over 16384 bits, so the test of that limit needs one made here.
+pub fn rsa_of_bits(bits: usize, comment: &str) -> String {
+    assert!(bits >= 9);
+    let len = bits.div_ceil(8);
+    let mut n = vec![0u8; len];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut n).unwrap();
+    let top = (bits - 1) % 8;
+    n[0] &= 0xff >> (7 - top);
+    n[0] |= 1 << top;
+    n[len - 1] |= 1;
+    if n[0] & 0x80 != 0 {
+        n.insert(0, 0);
+    }
+    let mut blob = Vec::new();
+    for part in [&b"ssh-rsa"[..], &[1, 0, 1][..], &n[..]] {
+        blob.extend_from_slice(&(part.len() as u32).to_be_bytes());
+        blob.extend_from_slice(part);
+    }
+    format!(
+        "ssh-rsa {} {comment}",
+        base64::engine::general_purpose::STANDARD.encode(blob)
+    )
+}
+
 /// A per-table digest of every `api_*` table: equal digests, equal contents.
 pub type Snapshot = BTreeMap<String, String>;
 

@@ -791,6 +791,13 @@ fn changes_are_published_as_app_changed() {
         )
         .unwrap();
     wait_event(&mut sub, "pubapp", "release");
+    // Only a release that succeeded is rolled back to.
+    cl.call(
+        "release.status",
+        json!({"app": "pubapp", "version": build["release"]["version"], "status": "succeeded"}),
+    )
+    .unwrap();
+    wait_event(&mut sub, "pubapp", "release");
     c.call(
         "rollback",
         json!({"app": "pubapp", "version": build["release"]["version"]}),
@@ -2548,4 +2555,112 @@ fn key_errors_do_not_tell_whose_key_it_is() {
         "key.revoke",
         json!({ "key_id": mine.key_id }),
     );
+}
+
+/// Limits: `formation.scale` takes at most 50 changes, each type once, checked
+/// against the newest release that did not fail; a rollback goes only to a release
+/// that succeeded; an RSA SSH key has at most 16384 bits, as OpenSSH allows.
+#[test]
+fn formation_rollback_and_ssh_key_limits() {
+    let mut w = ApiCluster::start("api-limits", &[]);
+    let alice = create_user(&w.node, "alice", false);
+    let mut a = user_client(&alice);
+    let mut cl = w.cluster();
+    a.call("app.create", json!({"name": "lim"})).unwrap();
+    let build = |cl: &mut Client, slug: &str, types: Value| -> i64 {
+        cl.call(
+            "release.create",
+            json!({"app": "lim", "slug": slug, "description": "d", "process_types": types}),
+        )
+        .unwrap()["release"]["version"]
+            .as_i64()
+            .unwrap()
+    };
+    let status = |cl: &mut Client, v: i64, s: &str| {
+        cl.call(
+            "release.status",
+            json!({"app": "lim", "version": v, "status": s}),
+        )
+        .unwrap();
+    };
+    let good = build(&mut cl, "sha256:aa", json!({"web": "w", "worker": "k"}));
+    status(&mut cl, good, "succeeded");
+    let bad = build(&mut cl, "sha256:bb", json!({"web": "w", "clock": "c"}));
+    status(&mut cl, bad, "failed");
+
+    // The failed build's types are not the app's; the running release's are.
+    refused(
+        &mut w,
+        &mut a,
+        "formation.scale",
+        json!({"app": "lim", "changes": [{"type": "clock", "quantity": 1}]}),
+        Code::Invalid,
+        "clock",
+    );
+    a.call(
+        "formation.scale",
+        json!({"app": "lim", "changes": [{"type": "worker", "quantity": 2}]}),
+    )
+    .expect("a type of the running release");
+    refused(
+        &mut w,
+        &mut a,
+        "formation.scale",
+        json!({"app": "lim", "changes": [{"type": "web", "quantity": 1}, {"type": "web", "quantity": 3}]}),
+        Code::Invalid,
+        "twice",
+    );
+    let many: Vec<Value> = (0..51)
+        .map(|i| json!({"type": format!("t{i}"), "quantity": 1}))
+        .collect();
+    refused(
+        &mut w,
+        &mut a,
+        "formation.scale",
+        json!({"app": "lim", "changes": many}),
+        Code::Invalid,
+        "at most 50",
+    );
+
+    // Rollback: not to a failed release, nor to one not finished.
+    refused(
+        &mut w,
+        &mut a,
+        "rollback",
+        json!({"app": "lim", "version": bad}),
+        Code::Conflict,
+        "failed",
+    );
+    let pending = build(&mut cl, "sha256:cc", json!({"web": "w"}));
+    refused(
+        &mut w,
+        &mut a,
+        "rollback",
+        json!({"app": "lim", "version": pending}),
+        Code::Conflict,
+        "not finished",
+    );
+    let r = a
+        .call("rollback", json!({"app": "lim", "version": good}))
+        .unwrap();
+    assert_eq!(r["release"]["slug"], "sha256:aa");
+
+    // RSA keys: 16384 bits at most.
+    let ok = a
+        .call(
+            "sshkey.add",
+            json!({"public_key": rsa_of_bits(16384, "big@host")}),
+        )
+        .expect("a 16384-bit RSA key");
+    assert_eq!(ok["algorithm"], "ssh-rsa");
+    for bits in [16385, 20000] {
+        refused(
+            &mut w,
+            &mut a,
+            "sshkey.add",
+            json!({"public_key": rsa_of_bits(bits, "huge@host")}),
+            Code::Invalid,
+            &format!("{bits} bits"),
+        );
+    }
 }

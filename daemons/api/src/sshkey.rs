@@ -1,5 +1,5 @@
 //! Users' SSH public keys (for `git push`): parsed with the `ssh-key` crate,
-//! checked (ed25519, ecdsa, rsa of at least 2048 bits) and fingerprinted.
+//! checked (ed25519, ecdsa, rsa of 2048-16384 bits) and fingerprinted.
 
 use paddock_wire::WireError;
 use ssh_key::public::KeyData;
@@ -19,6 +19,8 @@ pub struct SshKey {
 }
 
 pub const MIN_RSA_BITS: usize = 2048;
+/// OpenSSH's limit (`SSH_RSA_MAXIMUM_MODULUS_SIZE`): sshd refuses larger keys.
+pub const MAX_RSA_BITS: usize = 16384;
 
 /// Parses one OpenSSH public key line (`ssh-ed25519 AAAA… comment`).
 pub fn parse(line: &str) -> Result<SshKey, WireError> {
@@ -55,6 +57,11 @@ pub fn parse(line: &str) -> Result<SshKey, WireError> {
             if bits < MIN_RSA_BITS {
                 return Err(WireError::invalid(format!(
                     "this RSA key has {bits} bits; at least {MIN_RSA_BITS} are required (or use `ssh-keygen -t ed25519`)"
+                )));
+            }
+            if bits > MAX_RSA_BITS {
+                return Err(WireError::invalid(format!(
+                    "this RSA key has {bits} bits; at most {MAX_RSA_BITS} are accepted, as by OpenSSH (or use `ssh-keygen -t ed25519`)"
                 )));
             }
         }

@@ -20,6 +20,9 @@ use crate::sshkey;
 pub const DEFAULT_MEMORY_MB: i32 = 512;
 pub const DEFAULT_PIDS: i32 = 256;
 
+/// At most this many entries in one `formation.scale`.
+pub const MAX_SCALE_CHANGES: usize = 50;
+
 pub struct Store {
     db: Db,
     users: UserKeys,
@@ -1368,7 +1371,7 @@ impl Store {
         };
         let row = q1(
             &tx,
-            "SELECT config FROM api_releases WHERE app_id = $1 AND version = $2",
+            "SELECT config, status FROM api_releases WHERE app_id = $1 AND version = $2",
             &[&app.id, &target],
         )
         .await?
@@ -1378,6 +1381,23 @@ impl Store {
                 app.name
             ))
         })?;
+        // Only to a release that succeeded: a failed one would be rolled out again,
+        // a pending one is not finished.
+        match row.get::<_, &str>(1) {
+            "succeeded" => {}
+            "failed" => {
+                return Err(conflict(format!(
+                    "release v{target} of {} failed; roll back to one that succeeded (`paddock releases` lists them)",
+                    app.name
+                )))
+            }
+            other => {
+                return Err(conflict(format!(
+                    "release v{target} of {} is not finished ({other}); roll back to one that succeeded",
+                    app.name
+                )))
+            }
+        }
         let config: Value = row.get(0);
         let config: BTreeMap<String, String> = config
             .as_object()
@@ -1596,14 +1616,23 @@ impl Store {
             .ok_or_else(|| {
                 WireError::invalid("`changes` must be a non-empty list of {\"type\", \"quantity\"}")
             })?;
+        if changes.len() > MAX_SCALE_CHANGES {
+            return Err(WireError::invalid(format!(
+                "`changes` has {} entries; at most {MAX_SCALE_CHANGES}, one per process type",
+                changes.len()
+            )));
+        }
         let mut c = self.conn().await?;
         let tx = c.transaction().await.map_err(pg)?;
         let app = self
             .app_for(&tx, who, b.str("app")?, Need::Access, "scale it", true)
             .await?;
+        // The process types of the newest release that did not fail (as a config
+        // change builds on): a failed build's types never run.
         let types: Value = q1(
             &tx,
-            "SELECT process_types FROM api_releases WHERE app_id = $1 ORDER BY version DESC LIMIT 1",
+            "SELECT process_types FROM api_releases WHERE app_id = $1 AND status <> 'failed'
+             ORDER BY version DESC LIMIT 1",
             &[&app.id],
         )
         .await?
@@ -1611,9 +1640,15 @@ impl Store {
         .unwrap_or_else(|| json!({}));
         let types = types.as_object().cloned().unwrap_or_default();
         let mut detail = vec![];
+        let mut seen = std::collections::BTreeSet::new();
         for ch in changes {
             let cb = Body::of(ch)?;
             let t = cb.str("type")?;
+            if !seen.insert(t) {
+                return Err(WireError::invalid(format!(
+                    "process type {t:?} is given twice in `changes`; give each type once"
+                )));
+            }
             if !types.contains_key(t) {
                 let known: Vec<&String> = types.keys().collect();
                 return Err(WireError::invalid(if known.is_empty() {
