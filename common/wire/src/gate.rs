@@ -81,15 +81,22 @@ pub struct Gate {
     /// (ts + skew after which the id can be forgotten, key), in arrival order.
     order: VecDeque<(i64, CacheKey)>,
     bytes: usize,
-    /// Entries and bytes each user key holds: one person's flood may fill at
-    /// most `1 / USER_SHARE` of the cache, so it cannot lock every other caller
-    /// (cluster daemons included) out with `unavailable`.
+    /// Entries and bytes (cached replies included) each user key holds: one
+    /// person's flood may take at most `1 / USER_SHARE` of the cache's ids, and
+    /// have at most that share of its bytes in cached replies, so it cannot lock
+    /// every other caller (cluster daemons included) out with `unavailable`.
     per_user: HashMap<String, (usize, usize)>,
 }
 
-/// The share of the replay cache one user key may hold (a sixteenth: 6,250
-/// messages inside the window at the default limits).
-const USER_SHARE: usize = 16;
+/// The share of the replay cache one user key may hold (a quarter: 25,000
+/// message ids inside the window at the default limits).
+const USER_SHARE: usize = 4;
+
+/// Cached replies may fill at most this share of `cache_bytes`, so admitting a
+/// new id always finds room however large the replies were (a reply that does
+/// not fit is not cached: a resend of its request is then `replay`).
+const REPLY_SHARE_NUM: usize = 3;
+const REPLY_SHARE_DEN: usize = 4;
 
 impl Gate {
     pub fn new(limits: Limits) -> Gate {
@@ -270,10 +277,8 @@ impl Gate {
             };
         }
         if crate::keyring::UserKeys::is_user_key_id(&key.0) {
-            let (n, b) = self.per_user.get(&key.0).copied().unwrap_or_default();
-            if n >= self.limits.cache_entries / USER_SHARE
-                || b + cost > self.limits.cache_bytes / USER_SHARE
-            {
+            let n = self.per_user.get(&key.0).map(|e| e.0).unwrap_or_default();
+            if n >= self.limits.cache_entries / USER_SHARE {
                 return Admit::Reject {
                     err: WireError::new(
                         Code::Unavailable,
@@ -311,10 +316,18 @@ impl Gate {
     pub fn answered(&mut self, key_id: &str, id: &str, payload: &[u8], sig: &str) {
         let key = (key_id.to_string(), id.to_string());
         let mut charged = 0;
+        let user_room = if crate::keyring::UserKeys::is_user_key_id(key_id) {
+            let held = self.per_user.get(key_id).map(|e| e.1).unwrap_or_default();
+            (self.limits.cache_bytes / USER_SHARE).saturating_sub(held)
+        } else {
+            usize::MAX
+        };
+        let reply_limit = self.limits.cache_bytes / REPLY_SHARE_DEN * REPLY_SHARE_NUM;
         if let Some(entry) = self.seen.get_mut(&key) {
             let extra = payload.len() + sig.len();
             entry.seen = if payload.len() <= self.limits.max_cached_reply
-                && self.bytes + extra <= self.limits.cache_bytes
+                && self.bytes + extra <= reply_limit
+                && extra <= user_room
             {
                 self.bytes += extra;
                 entry.cost += extra;
@@ -492,6 +505,32 @@ mod tests {
         let (p, s) = fresh.sign(&user);
         assert!(matches!(
             g.admit(&api, &p, s.as_bytes(), later),
+            Admit::Fresh { .. }
+        ));
+    }
+
+    #[test]
+    fn cached_replies_never_leave_no_room_to_admit_a_new_id() {
+        let k = keys();
+        let mut g = Gate::new(Limits {
+            cache_bytes: 64 * 1024,
+            ..Limits::default()
+        });
+        let now = now_ms();
+        // Twenty 4 KB replies would fill the 64 KiB whole; they may take at
+        // most three quarters of it.
+        for _ in 0..20 {
+            let (p, s) = Envelope::new("t@n", "ping", json!({})).sign(&k);
+            let Admit::Fresh { env, key_id } = g.admit(&k, &p, s.as_bytes(), now) else {
+                panic!("refused while filling");
+            };
+            g.answered(&key_id, &env.id, &[b'x'; 4000], "k:00");
+        }
+        assert!(g.cached_bytes() <= 56 * 1024, "{}", g.cached_bytes());
+        // New ids are still admitted.
+        let (p, s) = Envelope::new("t@n", "ping", json!({})).sign(&k);
+        assert!(matches!(
+            g.admit(&k, &p, s.as_bytes(), now),
             Admit::Fresh { .. }
         ));
     }

@@ -170,6 +170,7 @@ impl Api {
             env.kind.as_str(),
             "user.create" | "user.revoke" | "key.create" | "key.rotate" | "key.revoke"
         ) {
+            self.store.forget_keys();
             // Before the reply goes out: a client given a new key connects at once,
             // and libzmq does not retry a CURVE handshake the ZAP handler refused.
             if let Err(e) = self.refresh_admitted().await {

@@ -27,6 +27,24 @@ pub struct Store {
     db: Db,
     users: UserKeys,
     apps_domain: Option<String>,
+    /// Live user keys recently resolved, so a busy customer's every request
+    /// does not read its key first (`KEY_CACHE_TTL`; see `resolve`).
+    keys: std::cell::RefCell<KeyCache>,
+}
+
+/// How long a resolved live key is trusted without reading it again. A key
+/// revoked (or a user disabled) through this api is refused at once (the cache
+/// is cleared before the reply); through another api, within this.
+const KEY_CACHE_TTL: std::time::Duration = std::time::Duration::from_secs(1);
+/// Entries at most; past it the cache starts again empty.
+const KEY_CACHE_MAX: usize = 10_000;
+
+#[derive(Default)]
+struct KeyCache {
+    live: std::collections::HashMap<String, (Who, std::time::Instant)>,
+    /// Bumped by every clear: a lookup that began before a clear does not
+    /// store what it read (it may predate the revocation).
+    generation: u64,
 }
 
 /// A change that subscribers should hear of once it has committed.
@@ -151,6 +169,14 @@ const RELEASE_COLS: &str =
      r.created_by, r.status, r.status_message, (extract(epoch from r.created_at) * 1000)::bigint, \
      a.current_release";
 
+/// `RELEASE_COLS` for lists: the config's names only (an object with null
+/// values), so a list does not carry every release's values from the database.
+const RELEASE_LIST_COLS: &str = "r.version, r.slug, r.process_types, \
+     (SELECT coalesce(jsonb_object_agg(k, null), '{}'::jsonb) FROM jsonb_object_keys(r.config) k), \
+     r.healthchecks, r.description, \
+     r.created_by, r.status, r.status_message, (extract(epoch from r.created_at) * 1000)::bigint, \
+     a.current_release";
+
 fn release_json(r: &Row, with_config: bool) -> Value {
     let version: i32 = r.get(0);
     let config: Value = r.get(3);
@@ -192,7 +218,15 @@ impl Store {
             db,
             users,
             apps_domain,
+            keys: Default::default(),
         }
+    }
+
+    /// Forgets every resolved key: after any change to keys or users.
+    pub fn forget_keys(&self) {
+        let mut k = self.keys.borrow_mut();
+        k.live.clear();
+        k.generation += 1;
     }
 
     async fn conn(&self) -> Result<paddock_db::Object, WireError> {
@@ -226,6 +260,15 @@ impl Store {
                 key_id: key_id.to_string(),
             });
         }
+        let generation = {
+            let k = self.keys.borrow();
+            if let Some((who, at)) = k.live.get(key_id) {
+                if at.elapsed() < KEY_CACHE_TTL {
+                    return Ok(who.clone());
+                }
+            }
+            k.generation
+        };
         let c = self.conn().await?;
         let row = q1(
             &c,
@@ -235,12 +278,23 @@ impl Store {
         )
         .await?;
         match row {
-            Some(r) if !r.get::<_, bool>(3) && !r.get::<_, bool>(4) => Ok(Who::User {
-                id: r.get(0),
-                name: r.get(1),
-                admin: r.get(2),
-                key_id: key_id.to_string(),
-            }),
+            Some(r) if !r.get::<_, bool>(3) && !r.get::<_, bool>(4) => {
+                let who = Who::User {
+                    id: r.get(0),
+                    name: r.get(1),
+                    admin: r.get(2),
+                    key_id: key_id.to_string(),
+                };
+                let mut k = self.keys.borrow_mut();
+                if k.generation == generation {
+                    if k.live.len() >= KEY_CACHE_MAX {
+                        k.live.clear();
+                    }
+                    k.live
+                        .insert(key_id.to_string(), (who.clone(), std::time::Instant::now()));
+                }
+                Ok(who)
+            }
             Some(r) if r.get::<_, bool>(3) => Err(WireError::new(
                 Code::UnknownKey,
                 format!(
@@ -1312,7 +1366,7 @@ impl Store {
         let rows = q(
             &c,
             &format!(
-                "SELECT {RELEASE_COLS} FROM api_releases r JOIN api_apps a ON a.id = r.app_id
+                "SELECT {RELEASE_LIST_COLS} FROM api_releases r JOIN api_apps a ON a.id = r.app_id
                       WHERE r.app_id = $1 ORDER BY r.version DESC LIMIT $2"
             ),
             &[&app.id, &n],

@@ -385,10 +385,11 @@ fn bench_lock(n: usize, clients: usize) -> Result<()> {
     Ok(())
 }
 
-/// `n` calls of `kind` with `body` from `clients` threads, each with its own
-/// connection; latency per call and calls per second over the whole run.
+/// `n` calls of `kind` with `body` from `clients` threads, each its own user
+/// (`users[i]`) on its own connection; latency per call and calls per second over
+/// the whole run.
 fn api_load(
-    creds: &paddock_config::credentials::UserCredentials,
+    users: &[paddock_config::credentials::UserCredentials],
     kind: &'static str,
     body: serde_json::Value,
     n: usize,
@@ -396,8 +397,10 @@ fn api_load(
 ) -> Result<(Summary, f64)> {
     let per = n / clients;
     let t = Instant::now();
-    let threads: Vec<_> = (0..clients)
-        .map(|i| {
+    let threads: Vec<_> = users[..clients]
+        .iter()
+        .enumerate()
+        .map(|(i, creds)| {
             let (creds, body) = (creds.clone(), body.clone());
             std::thread::spawn(move || -> Result<Vec<Duration>> {
                 let keys = creds.credentials().map_err(anyhow::Error::msg)?;
@@ -431,23 +434,45 @@ fn bench_api(reads: usize, writes: usize) -> Result<()> {
     let rpc = d.file.daemons["api"].rpc.clone();
     let mut admin = Client::connect(&rpc, "user:bench-operator", d.keys())?
         .with_timeout(Duration::from_secs(20));
-    let u = admin.call("user.create", json!({"name": "bench", "admin": false}))?;
+    let curve = d.file.curve.clone().context("a CURVE cluster")?;
     let s = |v: &serde_json::Value| v.as_str().unwrap_or_default().to_string();
-    let curve = d.file.curve.as_ref().context("a CURVE cluster")?;
-    let creds = paddock_config::credentials::UserCredentials {
-        api: rpc.clone(),
-        user: s(&u["user"]),
-        key_id: s(&u["key_id"]),
-        secret: paddock_config::Secret::new(s(&u["secret"])),
-        curve: Some(paddock_config::credentials::UserCurve {
-            server_public: curve.server_public.clone(),
-            client_public: s(&u["curve"]["client_public"]),
-            client_secret: paddock_config::Secret::new(s(&u["curve"]["client_secret"])),
-        }),
+    let mut made = 0;
+    // `n` new people with access to the app: each client thread of each round is
+    // its own customer, as an api serving many sees them (one key may hold only
+    // a quarter of the replay cache, so one person cannot do every round).
+    let mut people = |n: usize,
+                      owner: Option<&mut Client>|
+     -> Result<Vec<paddock_config::credentials::UserCredentials>> {
+        let mut out = Vec::new();
+        for _ in 0..n {
+            let u = admin.call("user.create", json!({"name": format!("bench{made}")}))?;
+            made += 1;
+            out.push(paddock_config::credentials::UserCredentials {
+                api: rpc.clone(),
+                user: s(&u["user"]),
+                key_id: s(&u["key_id"]),
+                secret: paddock_config::Secret::new(s(&u["secret"])),
+                curve: Some(paddock_config::credentials::UserCurve {
+                    server_public: curve.server_public.clone(),
+                    client_public: s(&u["curve"]["client_public"]),
+                    client_secret: paddock_config::Secret::new(s(&u["curve"]["client_secret"])),
+                }),
+            });
+        }
+        if let Some(o) = owner {
+            for u in &out {
+                o.call(
+                    "access.add",
+                    json!({"app": "benchapp", "user": u.user, "role": "collaborator"}),
+                )?;
+            }
+        }
+        Ok(out)
     };
-    // The api admits a new user's CURVE key within its refresh; wait for it.
-    let keys = creds.credentials().map_err(anyhow::Error::msg)?;
-    let mut c = Client::connect(&rpc, "user:bench", keys)?.with_timeout(Duration::from_secs(20));
+    let owner = people(1, None)?.remove(0);
+    let keys = owner.credentials().map_err(anyhow::Error::msg)?;
+    let mut c = Client::connect(&rpc, &format!("user:{}", owner.user), keys)?
+        .with_timeout(Duration::from_secs(20));
     c.call("app.create", json!({"name": "benchapp"}))?;
     // An app with a realistic config (20 vars) and release history (21 releases).
     for i in 0..20 {
@@ -456,15 +481,16 @@ fn bench_api(reads: usize, writes: usize) -> Result<()> {
             json!({"app": "benchapp", "vars": {format!("VAR_{i}"): "x".repeat(64)}}),
         )?;
     }
-    println!("api: one paddock-api, PostgreSQL with fsync on, user key over CURVE, an app with 20 config vars and 21 releases");
+    println!("api: one paddock-api, PostgreSQL with fsync on, user keys over CURVE (one user per client), an app with 20 config vars and 21 releases");
     for clients in [1, 4] {
         for (kind, body) in [
             ("config.get", json!({"app": "benchapp"})),
             ("release.list", json!({"app": "benchapp"})),
         ] {
+            let users = people(clients, Some(&mut c))?;
             // A short warm-up, unmeasured.
-            api_load(&creds, kind, body.clone(), 200, clients)?;
-            let (sm, rate) = api_load(&creds, kind, body, reads, clients)?;
+            api_load(&users, kind, body.clone(), 200, clients)?;
+            let (sm, rate) = api_load(&users, kind, body, reads, clients)?;
             println!(
                 "  {kind:<13} {clients} client(s): {rate:>6.0} req/s  p50 {:.2} ms  p99 {:.2} ms  mean {:.2} ms   (goal: p99 < 5 ms, >= 2000 req/s)",
                 sm.p50.as_secs_f64() * 1e3,
@@ -474,8 +500,9 @@ fn bench_api(reads: usize, writes: usize) -> Result<()> {
         }
     }
     for clients in [1, 4] {
+        let users = people(clients, Some(&mut c))?;
         let (sm, rate) = api_load(
-            &creds,
+            &users,
             "config.set",
             json!({"app": "benchapp"}),
             writes,
