@@ -362,6 +362,21 @@ impl Store {
         })
     }
 
+    /// A connection and the app `b` names, which `who` must have access to
+    /// (owner, collaborator, admin or the cluster) to `what`.
+    async fn readable(
+        &self,
+        who: &Who,
+        b: &Body<'_>,
+        what: &str,
+    ) -> Result<(paddock_db::Object, AppRow), WireError> {
+        let c = self.conn().await?;
+        let app = self
+            .app_for(&c, who, b.str("app")?, Need::Access, what, false)
+            .await?;
+        Ok((c, app))
+    }
+
     async fn user_id(&self, c: &impl GenericClient, name: &str) -> Result<i64, WireError> {
         q1(c, "SELECT id FROM api_users WHERE name = $1", &[&name])
             .await?
@@ -984,17 +999,7 @@ impl Store {
 
     pub async fn access_list(&self, who: &Who, v: &Value) -> Result<Reply, WireError> {
         let b = Body::of(v)?;
-        let c = self.conn().await?;
-        let app = self
-            .app_for(
-                &c,
-                who,
-                b.str("app")?,
-                Need::Access,
-                "see who has access",
-                false,
-            )
-            .await?;
+        let (c, app) = self.readable(who, &b, "see who has access").await?;
         Ok((
             json!({ "access": self.access_of(&c, app.id).await? }),
             vec![],
@@ -1096,17 +1101,7 @@ impl Store {
 
     pub async fn config_get(&self, who: &Who, v: &Value) -> Result<Reply, WireError> {
         let b = Body::of(v)?;
-        let c = self.conn().await?;
-        let app = self
-            .app_for(
-                &c,
-                who,
-                b.str("app")?,
-                Need::Access,
-                "read its config",
-                false,
-            )
-            .await?;
+        let (c, app) = self.readable(who, &b, "read its config").await?;
         let config: Value = q1(&c, "SELECT config FROM api_apps WHERE id = $1", &[&app.id])
             .await?
             .map(|r| r.get(0))
@@ -1352,17 +1347,7 @@ impl Store {
     pub async fn release_list(&self, who: &Who, v: &Value) -> Result<Reply, WireError> {
         let b = Body::of(v)?;
         let n = limit(&b, 15, 1000)?;
-        let c = self.conn().await?;
-        let app = self
-            .app_for(
-                &c,
-                who,
-                b.str("app")?,
-                Need::Access,
-                "list its releases",
-                false,
-            )
-            .await?;
+        let (c, app) = self.readable(who, &b, "list its releases").await?;
         let rows = q(
             &c,
             &format!(
@@ -1381,17 +1366,7 @@ impl Store {
         let version = b
             .version("version")?
             .ok_or_else(|| WireError::invalid("`version` is required"))?;
-        let c = self.conn().await?;
-        let app = self
-            .app_for(
-                &c,
-                who,
-                b.str("app")?,
-                Need::Access,
-                "see its releases",
-                false,
-            )
-            .await?;
+        let (c, app) = self.readable(who, &b, "see its releases").await?;
         Ok((
             json!({ "release": self.release(&c, app.id, version, true).await? }),
             vec![],
@@ -1644,17 +1619,7 @@ impl Store {
 
     pub async fn formation_get(&self, who: &Who, v: &Value) -> Result<Reply, WireError> {
         let b = Body::of(v)?;
-        let c = self.conn().await?;
-        let app = self
-            .app_for(
-                &c,
-                who,
-                b.str("app")?,
-                Need::Access,
-                "see its formation",
-                false,
-            )
-            .await?;
+        let (c, app) = self.readable(who, &b, "see its formation").await?;
         Ok((
             json!({ "formation": self.formation_of(&c, app.id).await? }),
             vec![],
@@ -1786,17 +1751,7 @@ impl Store {
 
     pub async fn domain_list(&self, who: &Who, v: &Value) -> Result<Reply, WireError> {
         let b = Body::of(v)?;
-        let c = self.conn().await?;
-        let app = self
-            .app_for(
-                &c,
-                who,
-                b.str("app")?,
-                Need::Access,
-                "list its domains",
-                false,
-            )
-            .await?;
+        let (c, app) = self.readable(who, &b, "list its domains").await?;
         Ok((
             json!({ "domains": self.domains_of(&c, app.id).await? }),
             vec![],
