@@ -2076,10 +2076,12 @@ fn destroying_an_app_removes_its_rows_routes_and_instances() {
     let cleanup = &r["cleanup"];
     assert_eq!(cleanup["domains"], json!(["doomed.localhost"]), "{r}");
     assert_eq!(cleanup["routes"][0]["result"], "done", "{r}");
+    // One runner, asked to purge the app: it stops the instance (purged once
+    // it has stopped).
     let inst = cleanup["instances"].as_array().unwrap();
     assert_eq!(inst.len(), 1, "{r}");
-    assert_eq!(inst[0]["id"], ids["doomed"].as_str());
-    assert_eq!(inst[0]["result"], "done");
+    assert_eq!(inst[0]["instances"], json!([ids["doomed"]]), "{r}");
+    assert_eq!(inst[0]["result"], "stopping", "{r}");
 
     let routes = bal.call("routes.list", json!({})).unwrap();
     let apps: Vec<&str> = routes["apps"]
@@ -2104,8 +2106,13 @@ fn destroying_an_app_removes_its_rows_routes_and_instances() {
             !matches!(keeper.as_deref(), Some("stopping" | "stopped") | None),
             "keeper's instance: {keeper:?}"
         );
-        (state(&ids["doomed"]).as_deref() == Some("stopped")).then_some(())
+        // Purged: the record is gone, not merely stopped.
+        state(&ids["doomed"]).is_none().then_some(())
     });
+    // The app's account is gone with it; keeper's stays.
+    let account = |app: &str| nix::unistd::User::from_name(&format!("pdk-{app}")).unwrap();
+    assert!(account("doomed").is_none(), "pdk-doomed still exists");
+    assert!(account("keeper").is_some());
 
     // No row of the app is left but its audit trail.
     let left = w.sql(

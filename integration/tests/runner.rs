@@ -1237,6 +1237,48 @@ fn stopped_instances_are_removed_after_the_keep_time() {
     assert!(!home.exists(), "{}", home.display());
 }
 
+#[test]
+fn app_purge_stops_forgets_and_removes_the_apps_account() {
+    let mut r = runner("rpurge");
+    // Unique per run: the account is system-wide.
+    let app = format!(
+        "purge{}",
+        &ulid::Ulid::new().to_string().to_lowercase()[20..]
+    );
+    let (id, _) = r.start(&app, json!({}));
+    r.wait_state(&id, "up", Duration::from_secs(20));
+    let (other, _) = r.start("purgekeep", json!({}));
+    r.wait_state(&other, "up", Duration::from_secs(20));
+    let dir = inst_dir(&r, &id);
+    let home = r.node.dir.join("apps").join(&id);
+    let account = |a: &str| nix::unistd::User::from_name(&format!("pdk-{a}")).unwrap();
+    assert!(account(&app).is_some() && dir.exists() && home.exists());
+    let e =
+        r.c.call("app.purge", json!({"app": "Not An App"}))
+            .unwrap_err();
+    assert!(e.to_string().contains("not an app name"), "{e}");
+    // Running: it is stopped first, and purged once stopped.
+    let v = r.c.call("app.purge", json!({"app": app})).unwrap();
+    assert_eq!(
+        (v["purged"].clone(), v["stopping"].clone()),
+        (json!(false), json!([id])),
+        "{v}"
+    );
+    eventually(Duration::from_secs(30), "the app purged", || {
+        let l: InstanceList =
+            serde_json::from_value(r.c.call("instance.list", json!({})).unwrap()).unwrap();
+        (l.instances.iter().all(|i| i.id != id) && account(&app).is_none()).then_some(())
+    });
+    assert!(!dir.exists(), "{}", dir.display());
+    assert!(!home.exists(), "{}", home.display());
+    // Another app is untouched; a second purge finds nothing left to do.
+    r.wait_state(&other, "up", Duration::from_secs(5));
+    let v = r.c.call("app.purge", json!({"app": app})).unwrap();
+    assert_eq!(v["purged"], true, "{v}");
+    assert_eq!(v["user_removed"], false, "{v}");
+    r.c.call("instance.stop", json!({"id": other})).unwrap();
+}
+
 /// A new runner finds what the first runner and shim left: a version-less record
 /// (the spec under `req`, no `version`) and a shim whose Hello has no `proto`. It
 /// adopts the running app as it is (same pid, no restart), stops it through the old

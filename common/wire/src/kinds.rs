@@ -154,6 +154,15 @@ pub const INSTANCE_UP: &str = "instance.up";
 pub const INSTANCE_DOWN: &str = "instance.down";
 pub const INSTANCE_CRASHED: &str = "instance.crashed";
 pub const LOG_LINE: &str = "log.line";
+/// Forgets an app on this runner once none of its instances runs: their records,
+/// logs, homes and cgroups, and the app's account (`app.destroy` sends it).
+pub const APP_PURGE: &str = "app.purge";
+
+/// Body of `app.purge`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct AppPurge {
+    pub app: String,
+}
 
 /// `instance.start` body. Optional fields take the runner's configured defaults.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

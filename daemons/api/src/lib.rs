@@ -219,23 +219,22 @@ impl Api {
                 .await;
             routes.push(json!({"balancer": ep, "result": outcome(r)}));
         }
+        // Every runner stops the app's instances and, once they have stopped,
+        // forgets them and removes the app's account (`app.purge`).
         let mut instances = vec![];
         for ep in calls.find("runner").await.unwrap_or_default() {
-            let list = calls.call(&ep, kinds::INSTANCE_LIST, json!({}), t).await;
-            let Ok(list) = list else {
-                instances.push(json!({"runner": ep, "result": outcome(list)}));
-                continue;
-            };
-            for i in list["instances"].as_array().into_iter().flatten() {
-                if i["app"].as_str() != Some(app.as_str()) {
-                    continue;
+            let r = calls
+                .call(&ep, kinds::APP_PURGE, json!({ "app": app }), t)
+                .await;
+            let entry = match r {
+                Ok(v) => {
+                    json!({"runner": ep, "result": if v["purged"] == true { "done" } else { "stopping" },
+                                "instances": v.get("instances_removed").or(v.get("stopping")).cloned().unwrap_or(json!([])),
+                                "user_removed": v.get("user_removed").cloned().unwrap_or(json!(false))})
                 }
-                let id = i["id"].clone();
-                let r = calls
-                    .call(&ep, kinds::INSTANCE_STOP, json!({ "id": id }), t)
-                    .await;
-                instances.push(json!({"runner": ep, "id": id, "result": outcome(r)}));
-            }
+                Err(e) => json!({"runner": ep, "result": e.to_string()}),
+            };
+            instances.push(entry);
         }
         tracing::info!(app = %app, "app destroyed");
         Ok((

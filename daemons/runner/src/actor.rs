@@ -148,6 +148,9 @@ pub struct Runner {
     pub hierarchy: cgroup::Hierarchy,
     pub shim_bin: PathBuf,
     instances: HashMap<String, Inst>,
+    /// Apps `app.purge` was asked for while instances still ran: purged once
+    /// every one has stopped.
+    purging: std::collections::BTreeSet<String>,
 }
 
 impl Runner {
@@ -165,6 +168,7 @@ impl Runner {
             hierarchy,
             shim_bin,
             instances: HashMap::new(),
+            purging: Default::default(),
         }
     }
 }
@@ -177,6 +181,22 @@ impl Actor for Runner {
         let every = (self.settings.stopped_keep / 2)
             .clamp(Duration::from_millis(50), Duration::from_secs(60));
         ctx.run_interval(every, |act, _| act.sweep_stopped());
+        ctx.run_interval(Duration::from_millis(200), |act, ctx| {
+            let apps: Vec<String> = act.purging.iter().cloned().collect();
+            for app in apps {
+                match act.purge_app(ctx, &app) {
+                    Ok(v) if v["purged"] == false => {}
+                    Ok(_) => {
+                        act.purging.remove(&app);
+                    }
+                    Err(e) => {
+                        // Asked again by the next app.purge (the api's destroy).
+                        tracing::warn!(app = %app, "purge not finished: {}", e.message);
+                        act.purging.remove(&app);
+                    }
+                }
+            }
+        });
     }
 }
 
@@ -324,19 +344,74 @@ impl Runner {
             .map(|i| i.rec.id.clone())
             .collect();
         for id in old {
-            let Some(inst) = self.instances.remove(&id) else {
-                continue;
-            };
-            inst.cgroup.remove();
-            for d in [inst.dir.clone(), self.settings.apps_dir.join(&id)] {
-                if let Err(e) = std::fs::remove_dir_all(&d) {
-                    if e.kind() != std::io::ErrorKind::NotFound {
-                        tracing::warn!(instance = %id, "cannot remove {}: {e}", d.display());
-                    }
+            self.forget(&id);
+        }
+    }
+
+    /// Removes a stopped instance: its cgroups and directories (record, logs,
+    /// home, tmp).
+    fn forget(&mut self, id: &str) {
+        let Some(inst) = self.instances.remove(id) else {
+            return;
+        };
+        inst.cgroup.remove();
+        for d in [inst.dir.clone(), self.settings.apps_dir.join(id)] {
+            if let Err(e) = std::fs::remove_dir_all(&d) {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    tracing::warn!(instance = %id, "cannot remove {}: {e}", d.display());
                 }
             }
-            tracing::info!(instance = %id, "stopped instance removed");
         }
+        tracing::info!(instance = %id, "stopped instance removed");
+    }
+
+    /// `app.purge`: once every instance of the app has stopped, forgets them and
+    /// removes the app's account, so a later app of the same name starts with
+    /// nothing of this one's.
+    fn purge_app(&mut self, ctx: &mut Context<Self>, app: &str) -> Result<Value, WireError> {
+        if !crate::users::valid_app(app) {
+            return Err(WireError::invalid(format!("{app:?} is not an app name")));
+        }
+        let mine: Vec<&Inst> = self
+            .instances
+            .values()
+            .filter(|i| i.rec.spec.app == app)
+            .collect();
+        let running: Vec<(String, bool)> = mine
+            .iter()
+            .filter(|i| i.m.state != State::Stopped || i.shim_alive())
+            .map(|i| (i.rec.id.clone(), i.m.state != State::Stopped))
+            .collect();
+        if !running.is_empty() {
+            // Stop them (each with its grace period); the purge finishes once
+            // the last has stopped.
+            for (id, ask) in &running {
+                if *ask {
+                    let shim_alive = self.get(id)?.shim_alive();
+                    self.step(ctx, id, Event::StopAsked { shim_alive });
+                }
+            }
+            self.purging.insert(app.to_string());
+            let ids: Vec<&String> = running.iter().map(|(id, _)| id).collect();
+            return Ok(json!({"app": app, "purged": false, "stopping": ids}));
+        }
+        let ids: Vec<String> = mine.iter().map(|i| i.rec.id.clone()).collect();
+        for id in &ids {
+            self.forget(id);
+        }
+        let user_removed = crate::users::remove_user(app).map_err(|e| {
+            WireError::new(
+                Code::Conflict,
+                format!(
+                    "the instances of {app} are gone but its account is not: {:#}",
+                    anyhow::Error::new(e)
+                ),
+            )
+        })?;
+        tracing::info!(app = %app, instances = ids.len(), user_removed, "app purged");
+        Ok(
+            json!({"app": app, "purged": true, "instances_removed": ids, "user_removed": user_removed}),
+        )
     }
 
     fn spawn_shim(&mut self, ctx: &mut Context<Self>, id: &str) {
@@ -622,6 +697,10 @@ impl Runner {
                     .collect();
                 v.sort_by(|a, b| a.id.cmp(&b.id));
                 Ok(kinds::to_body(&InstanceList { instances: v }))
+            }
+            kinds::APP_PURGE => {
+                let req: kinds::AppPurge = body(&env)?;
+                self.purge_app(ctx, &req.app)
             }
             kinds::INSTANCE_LOGS => {
                 let req: InstanceLogs = body(&env)?;

@@ -104,6 +104,7 @@ pub async fn setup(ctx: Ctx) -> anyhow::Result<Routes> {
         kinds::INSTANCE_RELOAD,
         kinds::INSTANCE_LOGS,
         kinds::INSTANCE_LIST,
+        kinds::APP_PURGE,
     ];
     pty::routes(Routes::new().forward(&kinds, runner, actor::Call), pty)
 }

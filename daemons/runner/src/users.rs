@@ -16,6 +16,10 @@ pub enum UserError {
     UseraddFailed { name: String, stderr: String },
     #[error("account {0} is missing after useradd")]
     Missing(String),
+    #[error("cannot run userdel")]
+    Userdel(#[source] std::io::Error),
+    #[error("userdel {name} failed: {stderr}")]
+    UserdelFailed { name: String, stderr: String },
 }
 
 /// Why the app's user cannot use a directory; the message names the directory
@@ -78,6 +82,29 @@ pub fn ensure_user(app: &str) -> Result<(u32, u32), UserError> {
         Ok(Some(u)) if u.uid.as_raw() != 0 => Ok((u.uid.as_raw(), u.gid.as_raw())),
         _ => Err(UserError::Missing(name)),
     }
+}
+
+/// Removes the app's account and its group; `false` when there was none.
+/// userdel refuses while a process of the account runs (a one-off, say).
+pub fn remove_user(app: &str) -> Result<bool, UserError> {
+    let name = user_name(app);
+    match nix::unistd::User::from_name(&name) {
+        Ok(Some(u)) if u.uid.is_root() => return Err(UserError::Root(name)),
+        Ok(Some(_)) => {}
+        _ => return Ok(false),
+    }
+    let out = Command::new("userdel")
+        .arg(&name)
+        .output()
+        .map_err(UserError::Userdel)?;
+    // 6: no such user (another runner on this node, or by hand, was first).
+    if !out.status.success() && out.status.code() != Some(6) {
+        return Err(UserError::UserdelFailed {
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+            name,
+        });
+    }
+    Ok(out.status.success())
 }
 
 fn allows(meta: &std::fs::Metadata, uid: u32, gid: u32, bits: u32) -> bool {
