@@ -2671,3 +2671,74 @@ fn formation_rollback_and_ssh_key_limits() {
         );
     }
 }
+
+/// The database restarts under the api: while it is down a change is
+/// `unavailable` (and not made); once it is back the api serves again with every
+/// acknowledged change, and versions go on without a gap.
+#[test]
+fn a_database_restart_loses_no_acknowledged_change() {
+    let t = TestDir::new("api-dbdown");
+    let pg_dir = t.path().join("db");
+    std::fs::create_dir_all(&pg_dir).unwrap();
+    let pg = Postgres::private(&pg_dir);
+    let key = test_key();
+    let mut n = Node::new(t.path(), "node-a", &key, &[], Some(pg.url()));
+    n.start("api");
+    let alice = create_user(&n, "alice", false);
+    let mut c = user_client(&alice);
+    c.call("app.create", json!({"name": "steady"})).unwrap();
+    for i in 0..5 {
+        c.call(
+            "config.set",
+            json!({"app": "steady", "vars": {format!("K{i}"): format!("v{i}")}}),
+        )
+        .unwrap();
+    }
+    let port = pg.cluster.port;
+    drop(pg); // a fast shutdown
+    c.set_timeout(Duration::from_secs(2));
+    let e = c
+        .call(
+            "config.set",
+            json!({"app": "steady", "vars": {"DOWN": "1"}}),
+        )
+        .unwrap_err();
+    assert!(
+        matches!(e.code(), Some(Code::Unavailable) | None),
+        "not unavailable (or no answer) while the database is down: {e}"
+    );
+    let pg = paddock_harness::PgCluster::init(
+        &pg_dir,
+        &paddock_harness::PgOptions {
+            fast: true,
+            port: Some(port),
+        },
+    )
+    .unwrap();
+    let mut child = pg.start(&t.path().join("logs/postgres2.log")).unwrap();
+    c.set_timeout(Duration::from_secs(5));
+    let config = eventually(Duration::from_secs(20), "the api serving again", || {
+        c.call("config.get", json!({"app": "steady"})).ok()
+    });
+    let want: Value = (0..5)
+        .map(|i| (format!("K{i}"), json!(format!("v{i}"))))
+        .collect::<serde_json::Map<_, _>>()
+        .into();
+    assert_eq!(
+        config["config"], want,
+        "acknowledged changes after the restart"
+    );
+    let r = c
+        .call(
+            "config.set",
+            json!({"app": "steady", "vars": {"AFTER": "1"}}),
+        )
+        .unwrap();
+    // v1 (created) and five changes made v6; the refused change made none.
+    assert_eq!(r["release"]["version"], 7, "{r}");
+    paddock_harness::stop_child(
+        &mut child,
+        nix::sys::signal::Signal::SIGINT,
+        Duration::from_secs(10),
+    );
+}
