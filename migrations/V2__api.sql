@@ -96,7 +96,11 @@ CREATE TABLE api_audit (
     kind    text NOT NULL,
     app     text,
     app_id  bigint,
-    detail  jsonb NOT NULL DEFAULT '{}'
+    detail  jsonb NOT NULL DEFAULT '{}',
+    -- The id of the message that made the change: a resend of it after the api
+    -- restarted (its replay cache gone) is refused instead of acted on twice.
+    request_id text
 );
+CREATE UNIQUE INDEX api_audit_request ON api_audit (key_id, request_id) WHERE request_id IS NOT NULL;
 CREATE INDEX api_audit_app ON api_audit (app_id, id);
 CREATE INDEX api_audit_actor ON api_audit (actor, id);

@@ -2742,3 +2742,52 @@ fn a_database_restart_loses_no_acknowledged_change() {
         Duration::from_secs(10),
     );
 }
+
+/// A change whose reply was lost when the api died is resent with the same id
+/// and signature (as every client does): the restarted api, whose replay cache
+/// is empty, answers `replay` from the audit log instead of making it twice.
+#[test]
+fn a_change_resent_after_the_api_restarted_is_not_made_twice() {
+    let t = TestDir::new("api-resend");
+    let pg = Postgres::start(t.path());
+    let key = test_key();
+    let mut n = Node::new(t.path(), "node-a", &key, &[], Some(pg.url()));
+    n.start("api");
+    let alice = create_user(&n, "alice", false);
+    let mut c = user_client(&alice);
+    c.call("app.create", json!({"name": "once"})).unwrap();
+    let keys = paddock_wire::Keyring::from_hex(
+        [(alice.key_id.as_str(), alice.secret.expose())],
+        &alice.key_id,
+    )
+    .unwrap();
+    let env = Envelope::new(
+        "user:alice",
+        "config.set",
+        json!({"app": "once", "vars": {"A": "1"}}),
+    );
+    let (payload, sig) = env.sign(&keys);
+    let first = c.call_signed(&env.id, &payload, sig.as_bytes()).unwrap();
+    assert_eq!(first.body["ok"], true, "{}", first.body);
+    assert_eq!(first.body["release"]["version"], 2);
+    n.kill9("api");
+    n.start("api");
+    // Until it has migrated, the restarted api answers `unavailable` (nothing
+    // done, the id forgotten), so the same bytes are sent again.
+    let again = eventually(Duration::from_secs(10), "the restarted api", || {
+        user_client(&alice)
+            .call_signed(&env.id, &payload, sig.as_bytes())
+            .ok()
+            .filter(|r| r.body["error"]["code"] != "unavailable")
+    });
+    assert_eq!(again.body["ok"], false, "acted on twice: {}", again.body);
+    assert_eq!(again.body["error"]["code"], "replay", "{}", again.body);
+    let releases = user_client(&alice)
+        .call("release.list", json!({"app": "once"}))
+        .unwrap();
+    assert_eq!(
+        releases["releases"].as_array().unwrap().len(),
+        2,
+        "{releases}"
+    );
+}

@@ -314,7 +314,10 @@ pub async fn setup(ctx: Ctx) -> anyhow::Result<Routes> {
         let a = api.clone();
         routes = routes.on_user(kind, move |env: Envelope, caller: Caller| {
             let a = a.clone();
-            async move { a.handle(env, caller).await }
+            async move {
+                let id = env.id.clone();
+                store::REQUEST_ID.scope(id, a.handle(env, caller)).await
+            }
         });
     }
     Ok(routes)

@@ -126,6 +126,12 @@ async fn exec(
     c.execute(&st, params).await.map_err(pg)
 }
 
+tokio::task_local! {
+    /// The id of the message being answered (set by `Api::handle`): every change
+    /// records it with its audit row.
+    pub static REQUEST_ID: String;
+}
+
 /// Writes the audit row of a change, in the change's transaction. The app is
 /// recorded by id as well as name: its log is read by id, so a later app of the
 /// same name never sees it.
@@ -137,14 +143,51 @@ async fn audit(
     detail: Value,
 ) -> Result<i64, WireError> {
     let (app_id, app) = (app.map(|a| a.id), app.map(|a| a.name.as_str()));
-    let row = q1(
-        c,
-        "INSERT INTO api_audit (actor, key_id, kind, app, app_id, detail) VALUES ($1, $2, $3, $4, $5, $6) RETURNING id",
-        &[&who.actor(), &who.key_id(), &kind, &app, &app_id, &detail],
-    )
-    .await?
-    .ok_or_else(|| WireError::internal("audit insert returned nothing"))?;
+    let request = REQUEST_ID.try_with(String::clone).ok();
+    let st = c
+        .prepare_cached(
+            "INSERT INTO api_audit (actor, key_id, kind, app, app_id, detail, request_id)
+             VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING id",
+        )
+        .await
+        .map_err(pg)?;
+    let rows = c
+        .query(
+            &st,
+            &[
+                &who.actor(),
+                &who.key_id(),
+                &kind,
+                &app,
+                &app_id,
+                &detail,
+                &request,
+            ],
+        )
+        .await
+        .map_err(|e| audit_error(e, request.as_deref()))?;
+    let row = rows
+        .into_iter()
+        .next()
+        .ok_or_else(|| WireError::internal("audit insert returned nothing"))?;
     Ok(row.get(0))
+}
+
+/// An audit insert's error: the same message made a change already, before this
+/// api's replay cache began (it restarted before the reply went out), is a
+/// `replay`, never a second change.
+fn audit_error(e: PgError, request: Option<&str>) -> WireError {
+    if e.as_db_error().and_then(|d| d.constraint()) == Some("api_audit_request") {
+        WireError::new(
+            Code::Replay,
+            format!(
+                "message {} was already acted on (the api restarted before it could answer); look at the result before repeating it",
+                request.unwrap_or("?")
+            ),
+        )
+    } else {
+        pg(e)
+    }
 }
 
 fn not_found(what: impl Into<String>) -> WireError {
@@ -1935,14 +1978,24 @@ impl Store {
             return Err(WireError::invalid("`detail` must be an object"));
         }
         let c = self.conn().await?;
-        let row = q1(
-            &c,
-            "INSERT INTO api_audit (actor, key_id, kind, app, app_id, detail)
-             VALUES ($1, $2, $3, $4, (SELECT id FROM api_apps WHERE name = $4), $5) RETURNING id",
-            &[&actor, &who.key_id(), &kind, &app, &detail],
-        )
-        .await?
-        .ok_or_else(|| WireError::internal("audit insert returned nothing"))?;
+        let request = REQUEST_ID.try_with(String::clone).ok();
+        let st = c
+            .prepare_cached(
+                "INSERT INTO api_audit (actor, key_id, kind, app, app_id, detail, request_id)
+                 VALUES ($1, $2, $3, $4, (SELECT id FROM api_apps WHERE name = $4), $5, $6) RETURNING id",
+            )
+            .await
+            .map_err(pg)?;
+        let row = c
+            .query(
+                &st,
+                &[&actor, &who.key_id(), &kind, &app, &detail, &request],
+            )
+            .await
+            .map_err(|e| audit_error(e, request.as_deref()))?
+            .into_iter()
+            .next()
+            .ok_or_else(|| WireError::internal("audit insert returned nothing"))?;
         Ok((json!({ "id": row.get::<_, i64>(0) }), vec![]))
     }
 
