@@ -402,7 +402,24 @@ fn creds_from_reply(v: &Value, api: &str, server_public: Option<&str>) -> Result
     })
 }
 
-pub fn users(opts: &Opts, cmd: Option<UsersCmd>) -> Result<()> {
+/// The newest `num` entries of a list (by `created_at`, newest first), and how
+/// many there were in all.
+fn newest(list: Vec<Value>, num: u32) -> (Vec<Value>, usize) {
+    let total = list.len();
+    let mut list = list;
+    list.sort_by_key(|v| std::cmp::Reverse(v["created_at"].as_i64().unwrap_or(0)));
+    list.truncate(num as usize);
+    (list, total)
+}
+
+/// Says on stderr that a list was cut to `shown` of `total`.
+fn cut_note(shown: usize, total: usize) {
+    if shown < total {
+        eprintln!("(the newest {shown} of {total}; -n N for more)");
+    }
+}
+
+pub fn users(opts: &Opts, cmd: Option<UsersCmd>, num: u32) -> Result<()> {
     let mut api = Api::connect(opts)?;
     match cmd {
         None => {
@@ -410,8 +427,11 @@ pub fn users(opts: &Opts, cmd: Option<UsersCmd>) -> Result<()> {
             if opts.json {
                 return json_out(&v);
             }
+            let (mut list, total) =
+                newest(v["users"].as_array().cloned().unwrap_or_default(), num);
+            list.sort_by(|a, b| s(&a["name"]).cmp(&s(&b["name"])));
             let mut t = Table::new(&["NAME", "ADMIN", "DISABLED", "KEYS", "CREATED"]);
-            for u in v["users"].as_array().into_iter().flatten() {
+            for u in &list {
                 t.row(vec![
                     s(&u["name"]),
                     yes(&u["admin"]),
@@ -421,6 +441,7 @@ pub fn users(opts: &Opts, cmd: Option<UsersCmd>) -> Result<()> {
                 ]);
             }
             t.print();
+            cut_note(list.len(), total);
         }
         Some(UsersCmd::Create {
             name,
@@ -471,7 +492,7 @@ fn yes(v: &Value) -> String {
 
 // ---- apps -------------------------------------------------------------------
 
-pub fn apps(opts: &Opts, cmd: Option<AppsCmd>, all: bool) -> Result<()> {
+pub fn apps(opts: &Opts, cmd: Option<AppsCmd>, all: bool, num: u32) -> Result<()> {
     match cmd {
         None => {
             let mut api = Api::connect(opts)?;
@@ -484,6 +505,8 @@ pub fn apps(opts: &Opts, cmd: Option<AppsCmd>, all: bool) -> Result<()> {
                 println!("You have no apps (create one: paddock apps create NAME)");
                 return Ok(());
             }
+            let (mut list, total) = newest(list, num);
+            list.sort_by(|a, b| s(&a["name"]).cmp(&s(&b["name"])));
             let mut t = Table::new(&["NAME", "OWNER", "ROLE", "RELEASE"]);
             for a in &list {
                 t.row(vec![
@@ -494,6 +517,7 @@ pub fn apps(opts: &Opts, cmd: Option<AppsCmd>, all: bool) -> Result<()> {
                 ]);
             }
             t.print();
+            cut_note(list.len(), total);
         }
         Some(AppsCmd::Create { name }) => {
             let mut api = Api::connect(opts)?;
@@ -980,7 +1004,7 @@ fn default_ssh_key() -> Result<PathBuf> {
     Ok(Path::new(&home).join(".ssh/id_ed25519.pub"))
 }
 
-pub fn keys(opts: &Opts, cmd: Option<KeysCmd>) -> Result<()> {
+pub fn keys(opts: &Opts, cmd: Option<KeysCmd>, num: u32) -> Result<()> {
     match cmd {
         None => {
             let mut api = Api::connect(opts)?;
@@ -993,6 +1017,7 @@ pub fn keys(opts: &Opts, cmd: Option<KeysCmd>) -> Result<()> {
                 println!("You have no SSH keys (add one: paddock keys add ~/.ssh/id_ed25519.pub)");
                 return Ok(());
             }
+            let (list, total) = newest(list, num);
             let mut t = Table::new(&["FINGERPRINT", "ALGORITHM", "COMMENT", "ADDED"]);
             for k in &list {
                 t.row(vec![
@@ -1003,6 +1028,7 @@ pub fn keys(opts: &Opts, cmd: Option<KeysCmd>) -> Result<()> {
                 ]);
             }
             t.print();
+            cut_note(list.len(), total);
         }
         Some(KeysCmd::Add { file }) => {
             let file = match file {

@@ -68,6 +68,9 @@ enum Cmd {
         /// Every app in the cluster (admins).
         #[arg(long)]
         all: bool,
+        /// How many to show (the newest first).
+        #[arg(short = 'n', long = "num", default_value_t = api::LIST_DEFAULT)]
+        num: u32,
         #[command(subcommand)]
         cmd: Option<api::AppsCmd>,
     },
@@ -106,6 +109,9 @@ enum Cmd {
     },
     /// Your SSH public keys, for git push (no verb), or add, remove one.
     Keys {
+        /// How many to show (the newest first).
+        #[arg(short = 'n', long = "num", default_value_t = api::LIST_DEFAULT)]
+        num: u32,
         #[command(subcommand)]
         cmd: Option<api::KeysCmd>,
     },
@@ -120,6 +126,9 @@ enum Cmd {
     },
     /// Users (operator): list them (no verb), create one, revoke one.
     Users {
+        /// How many to show (the newest first).
+        #[arg(short = 'n', long = "num", default_value_t = api::LIST_DEFAULT)]
+        num: u32,
         #[command(subcommand)]
         cmd: Option<api::UsersCmd>,
     },
@@ -236,16 +245,16 @@ fn main() {
                 Cmd::Logout => api::logout(&opts),
                 Cmd::Whoami => api::whoami(&opts),
                 Cmd::Auth { cmd } => api::auth(&opts, cmd),
-                Cmd::Apps { all, cmd } => api::apps(&opts, cmd, all),
+                Cmd::Apps { all, num, cmd } => api::apps(&opts, cmd, all, num),
                 Cmd::Config { cmd } => api::config(&opts, cmd),
                 Cmd::Releases { num, cmd } => api::releases(&opts, cmd, num),
                 Cmd::Rollback { version } => api::rollback(&opts, version),
                 Cmd::Ps { cmd } => api::ps(&opts, cmd),
                 Cmd::Domains { cmd } => api::domains(&opts, cmd),
                 Cmd::Access { cmd } => api::access(&opts, cmd),
-                Cmd::Keys { cmd } => api::keys(&opts, cmd),
+                Cmd::Keys { num, cmd } => api::keys(&opts, cmd, num),
                 Cmd::Audit { num, user } => api::audit(&opts, num, user),
-                Cmd::Users { cmd } => api::users(&opts, cmd),
+                Cmd::Users { num, cmd } => api::users(&opts, cmd, num),
                 Cmd::Status => cluster::status(&opts),
                 Cmd::Ping { daemon, node } => cluster::ping(&opts, &daemon, node.as_deref()),
                 Cmd::Lock { cmd } => cluster::lock(&opts, cmd),

@@ -824,3 +824,34 @@ fn a_credentials_folder_others_may_write_to_is_warned_about() {
     let o = cu.run(&["whoami"]);
     assert!(!String::from_utf8_lossy(&o.stderr).contains("warning"));
 }
+
+#[test]
+fn lists_show_the_newest_fifteen_unless_n_says_otherwise() {
+    let cl = cluster("cli-lists");
+    let (cu, _, _) = logged_in(&cl, "dave");
+    for app in ["alpha", "bravo", "charlie"] {
+        cu.ok(&["apps", "create", app]);
+    }
+    // The newest two, by name, and a note on stderr saying some were left out.
+    let o = cu.run(&["apps", "-n", "2"]);
+    assert!(o.status.success());
+    let out = String::from_utf8_lossy(&o.stdout);
+    let names: Vec<&str> = out
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split_whitespace().next())
+        .collect();
+    assert_eq!(names, ["bravo", "charlie"], "{out}");
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("(the newest 2 of 3; -n N for more)"),
+        "{o:?}"
+    );
+    // By default (15) all three, and no note.
+    let o = cu.run(&["apps"]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(out.lines().count(), 4, "{out}");
+    assert!(
+        !String::from_utf8_lossy(&o.stderr).contains("newest"),
+        "{o:?}"
+    );
+}
