@@ -874,6 +874,9 @@ fn hostile_and_oversize_requests_get_their_status_and_a_clear_body() {
             ("max_body_bytes", toml::Value::Integer(1000)),
             ("request_timeout_ms", toml::Value::Integer(500)),
             ("max_header_bytes", toml::Value::Integer(8192)),
+            // Active checks far apart: the dead backend is still in rotation
+            // when it is asked (a 502); once checks eject it, it is a 503.
+            ("health_interval_ms", toml::Value::Integer(60_000)),
         ],
     );
     let b1 = Backend::start("b1");

@@ -635,7 +635,7 @@ where
     };
     let keys = SharedKeyring::new(keyring);
     let user_clients = match (&spec.user_keys, &node_keys) {
-        (Some(_), Some(_)) => Some(paddock_wire::curve::Admitted::default()),
+        (Some(_), Some(_)) => Some(paddock_wire::curve::Admitted::pending()),
         _ => None,
     };
     let identity = format!("{}@{}", spec.name, config.node());

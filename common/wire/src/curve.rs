@@ -126,10 +126,30 @@ pub fn client_socket(s: &zmq::Socket, keys: Option<&ClientKeys>) -> Result<(), z
 /// The client public keys one server admits; replaceable while it runs. A view
 /// may add a second set (`with_extra`): the api's rpc socket admits the cluster's
 /// clients and, beside them, the keys it issued to users.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct Admitted {
     keys: Arc<RwLock<HashSet<Key>>>,
     extra: Option<Arc<RwLock<HashSet<Key>>>>,
+    /// False until a set made with `pending` is first filled (`replace`): a key it
+    /// does not admit yet may be one it will, so the ZAP handler holds the
+    /// handshake (see `zap_loop`) rather than refusing it, which libzmq never
+    /// retries. Of a view, the extra set's.
+    loaded: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Default for Admitted {
+    fn default() -> Admitted {
+        Admitted::new([])
+    }
+}
+
+/// What the ZAP handler answers a client key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Verdict {
+    Admit,
+    Refuse,
+    /// Not admitted yet, but the set that could admit it is not loaded yet.
+    Wait,
 }
 
 impl Admitted {
@@ -137,12 +157,22 @@ impl Admitted {
         Admitted {
             keys: Arc::new(RwLock::new(keys.into_iter().collect())),
             extra: None,
+            loaded: Arc::new(std::sync::atomic::AtomicBool::new(true)),
         }
     }
 
-    /// Replaces this set's own keys (never the extra set's).
+    /// An empty set that will be filled once its keys are read (the api's users,
+    /// from its database, after its sockets are bound).
+    pub fn pending() -> Admitted {
+        let a = Admitted::new([]);
+        a.loaded.store(false, std::sync::atomic::Ordering::SeqCst);
+        a
+    }
+
+    /// Replaces this set's own keys (never the extra set's); the set is loaded.
     pub fn replace(&self, keys: impl IntoIterator<Item = Key>) {
         *self.keys.write().unwrap_or_else(|e| e.into_inner()) = keys.into_iter().collect();
+        self.loaded.store(true, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// A view that admits this set's keys and `extra`'s; both stay replaceable.
@@ -150,6 +180,17 @@ impl Admitted {
         Admitted {
             keys: self.keys.clone(),
             extra: Some(extra.keys.clone()),
+            loaded: extra.loaded.clone(),
+        }
+    }
+
+    fn verdict(&self, k: &Key) -> Verdict {
+        if self.admits(k) {
+            Verdict::Admit
+        } else if self.loaded.load(std::sync::atomic::Ordering::SeqCst) {
+            Verdict::Refuse
+        } else {
+            Verdict::Wait
         }
     }
 
@@ -226,7 +267,9 @@ impl Zap {
         {
             let mut started = self.started.lock().unwrap_or_else(|e| e.into_inner());
             if !*started {
-                let rep = zmq_context().socket(zmq::REP).map_err(CurveError::Zap)?;
+                // ROUTER, not REP: a request it cannot decide yet is held while
+                // the next ones are answered (libzmq's ZAP client is a REQ).
+                let rep = zmq_context().socket(zmq::ROUTER).map_err(CurveError::Zap)?;
                 rep.set_linger(0).map_err(CurveError::Zap)?;
                 rep.bind("inproc://zeromq.zap.01")
                     .map_err(CurveError::Zap)?;
@@ -246,47 +289,44 @@ impl Zap {
         Ok(domain)
     }
 
+    #[cfg(test)]
     fn decide(&self, domain: &[u8], mechanism: &[u8], credentials: &[Vec<u8>]) -> bool {
+        self.verdict(domain, mechanism, credentials) == Verdict::Admit
+    }
+
+    fn verdict(&self, domain: &[u8], mechanism: &[u8], credentials: &[Vec<u8>]) -> Verdict {
         if mechanism != b"CURVE" {
-            return false;
+            return Verdict::Refuse;
         }
         let Some(key) = credentials
             .first()
             .and_then(|k| <[u8; 32]>::try_from(&k[..]).ok())
         else {
-            return false;
+            return Verdict::Refuse;
         };
         let domain = String::from_utf8_lossy(domain);
         self.domains
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .get(domain.as_ref())
-            .is_some_and(|a| a.admits(&Key(key)))
+            .map_or(Verdict::Refuse, |a| a.verdict(&Key(key)))
     }
 }
 
-/// Answers ZAP requests forever: `[version][request id][domain][address]
-/// [identity][mechanism][credentials…]` → `[version][request id][status code]
-/// [status text][user id][metadata]`.
+/// How long a handshake is held for a key set that is not loaded yet; then it
+/// is refused.
+const ZAP_HOLD: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Answers ZAP requests forever: `[routing id][empty][version][request id]
+/// [domain][address][identity][mechanism][credentials…]` → `[routing id][empty]
+/// [version][request id][status code][status text][user id][metadata]`. A
+/// request whose key set is not loaded yet (`Verdict::Wait`) is held, up to
+/// `ZAP_HOLD`, and decided again as the set fills, while others are answered.
 fn zap_loop(rep: zmq::Socket) {
     let mut denied_logged = 0u32;
     let mut window = std::time::Instant::now();
-    loop {
-        let frames = match rep.recv_multipart(0) {
-            Ok(f) => f,
-            Err(zmq::Error::EINTR) => continue,
-            Err(e) => {
-                // The context is gone (process exit): nothing is left to guard.
-                tracing::debug!("ZAP handler stops: {e}");
-                return;
-            }
-        };
-        if frames.len() < 6 {
-            // Not a ZAP request; a REP socket must still answer something.
-            let _ = rep.send_multipart([&b"1.0"[..], b"", b"500", b"bad ZAP request", b"", b""], 0);
-            continue;
-        }
-        let ok = zap().decide(&frames[2], &frames[5], &frames[6..]);
+    let mut held: Vec<(Vec<Vec<u8>>, std::time::Instant)> = Vec::new();
+    let mut answer = |frames: &[Vec<u8>], ok: bool| {
         let (code, text): (&[u8], &[u8]) = if ok {
             (b"200", b"OK")
         } else {
@@ -300,20 +340,85 @@ fn zap_loop(rep: zmq::Socket) {
             if denied_logged < 10 {
                 denied_logged += 1;
                 let key = frames
-                    .get(6)
+                    .get(8)
                     .and_then(|k| <[u8; 32]>::try_from(&k[..]).ok())
                     .map(|k| Key(k).to_z85())
                     .unwrap_or_else(|| "(none)".into());
                 tracing::warn!(
-                    peer = %String::from_utf8_lossy(&frames[3]).escape_debug(),
+                    peer = %String::from_utf8_lossy(&frames[5]).escape_debug(),
                     client_key = %key,
                     "refused a connection: its CURVE client key is not admitted"
                 );
             }
         }
         let user: &[u8] = b"";
-        if let Err(e) = rep.send_multipart([&b"1.0"[..], &frames[1], code, text, user, b""], 0) {
+        let reply = [
+            &frames[0][..],
+            b"",
+            b"1.0",
+            &frames[3],
+            code,
+            text,
+            user,
+            b"",
+        ];
+        if let Err(e) = rep.send_multipart(reply, 0) {
             tracing::warn!("ZAP reply not sent: {e}");
+        }
+    };
+    loop {
+        // Held requests: decided again now (their set may have filled).
+        let now = std::time::Instant::now();
+        held.retain(
+            |(frames, since)| match zap().verdict(&frames[4], &frames[7], &frames[8..]) {
+                Verdict::Wait if now.duration_since(*since) < ZAP_HOLD => true,
+                v => {
+                    answer(frames, v == Verdict::Admit);
+                    false
+                }
+            },
+        );
+        let timeout = if held.is_empty() { -1 } else { 20 };
+        match rep.poll(zmq::POLLIN, timeout) {
+            Ok(0) => continue,
+            Ok(_) => {}
+            Err(zmq::Error::EINTR) => continue,
+            Err(e) => {
+                tracing::debug!("ZAP handler stops: {e}");
+                return;
+            }
+        }
+        let frames = match rep.recv_multipart(zmq::DONTWAIT) {
+            Ok(f) => f,
+            Err(zmq::Error::EINTR | zmq::Error::EAGAIN) => continue,
+            Err(e) => {
+                // The context is gone (process exit): nothing is left to guard.
+                tracing::debug!("ZAP handler stops: {e}");
+                return;
+            }
+        };
+        if frames.len() < 8 || !frames[1].is_empty() {
+            // Not a ZAP request; answer its sender something all the same.
+            if let Some(id) = frames.first() {
+                let _ = rep.send_multipart(
+                    [
+                        &id[..],
+                        b"",
+                        b"1.0",
+                        b"",
+                        b"500",
+                        b"bad ZAP request",
+                        b"",
+                        b"",
+                    ],
+                    0,
+                );
+            }
+            continue;
+        }
+        match zap().verdict(&frames[4], &frames[7], &frames[8..]) {
+            Verdict::Wait => held.push((frames, std::time::Instant::now())),
+            v => answer(&frames, v == Verdict::Admit),
         }
     }
 }
@@ -331,6 +436,46 @@ mod tests {
         assert!(format!("{:?}", Key::from_z85(&secret).unwrap()).contains("***"));
         assert!(Key::from_z85("short").is_err());
         assert!(Key::from_z85(&"~".repeat(40)).is_err());
+    }
+
+    /// A client that connects before its key is loaded (the api just restarted,
+    /// its users not read yet) is held, then let in once the set is filled:
+    /// libzmq would never retry a refused handshake.
+    #[test]
+    fn a_handshake_waits_for_a_pending_set_then_is_admitted() {
+        let (spub, ssec) = generate().unwrap();
+        let (cpub, csec) = generate().unwrap();
+        let server_key = Key::from_z85(&ssec).unwrap();
+        let client_key = Key::from_z85(&cpub).unwrap();
+        let cluster = Admitted::new([]);
+        let users = Admitted::pending();
+        let view = cluster.with_extra(&users);
+        let ctx = zmq_context();
+        let server = ctx.socket(zmq::ROUTER).unwrap();
+        server_socket(
+            &server,
+            Some(&ServerKeys {
+                secret: server_key,
+                admitted: view,
+            }),
+        )
+        .unwrap();
+        server.bind("tcp://127.0.0.1:*").unwrap();
+        let ep = server.get_last_endpoint().unwrap().unwrap();
+        let client = ctx.socket(zmq::DEALER).unwrap();
+        ClientKeys::from_z85(&spub, &cpub, &csec)
+            .unwrap()
+            .apply(&client)
+            .unwrap();
+        client.connect(&ep).unwrap();
+        client.send("hello", 0).unwrap();
+        // Held: nothing arrives while the set is not loaded...
+        assert_eq!(server.poll(zmq::POLLIN, 300).unwrap(), 0);
+        // ...and once it is, with the key, the handshake completes.
+        users.replace([client_key]);
+        assert_eq!(server.poll(zmq::POLLIN, 3000).unwrap(), 1, "never admitted");
+        let m = server.recv_multipart(0).unwrap();
+        assert_eq!(m.last().unwrap(), b"hello");
     }
 
     #[test]
