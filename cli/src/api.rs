@@ -427,8 +427,7 @@ pub fn users(opts: &Opts, cmd: Option<UsersCmd>, num: u32) -> Result<()> {
             if opts.json {
                 return json_out(&v);
             }
-            let (mut list, total) =
-                newest(v["users"].as_array().cloned().unwrap_or_default(), num);
+            let (mut list, total) = newest(v["users"].as_array().cloned().unwrap_or_default(), num);
             list.sort_by(|a, b| s(&a["name"]).cmp(&s(&b["name"])));
             let mut t = Table::new(&["NAME", "ADMIN", "DISABLED", "KEYS", "CREATED"]);
             for u in &list {
