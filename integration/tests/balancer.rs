@@ -734,6 +734,92 @@ fn a_drain_under_load_fails_nothing_lets_in_flight_finish_then_says_so() {
     assert_eq!(n, 0, "the tunnel was closed at the deadline");
 }
 
+#[test]
+fn a_backend_stalled_mid_body_is_cut_off_and_a_drain_deadline_ends_a_request_awaiting_its_head() {
+    use std::io::{Read, Write};
+    let bal = balancer(
+        "bal-stall",
+        &[
+            ("request_timeout_ms", toml::Value::Integer(2000)),
+            ("drain_timeout_ms", toml::Value::Integer(600)),
+        ],
+    );
+    let (b1, b2) = (Backend::start("b1"), Backend::start("b2"));
+    bal.route("st", &["st.example.com"], &[("b1", &b1)]);
+    bal.route("hd", &["hd.example.com"], &[("b2", &b2)]);
+
+    // A backend that sends 10 of the 100 bytes it promised, then nothing: the
+    // client's connection is closed (after request_timeout), not held for ever.
+    let mut c = std::net::TcpStream::connect(bal.http).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    c.write_all(b"GET /stall HTTP/1.1\r\nHost: st.example.com\r\n\r\n")
+        .unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match c.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) => panic!(
+                "still open after 20 s ({e}); got {:?}",
+                String::from_utf8_lossy(&got)
+            ),
+        }
+    }
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(
+        text.ends_with("0123456789"),
+        "only what the backend sent: {text}"
+    );
+    eventually(Duration::from_secs(5), "nothing in flight to b1", || {
+        let s = bal.ok(kinds::BALANCER_STATS, json!({}));
+        let a = s["apps"]
+            .as_array()?
+            .iter()
+            .find(|a| a["app"] == "st")?
+            .clone();
+        (a["backends"][0]["active"] == 0).then_some(())
+    });
+
+    // A request still waiting for its response head when the drain deadline
+    // passes is ended then (a 502 saying so), not left to request_timeout.
+    let mut sub = Subscriber::connect(
+        &[tcp(bal.node.ports.balancer_pub)],
+        &[kinds::BACKEND_DRAINED],
+        bal.node.keys.clone(),
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let never = bal.node.dir.join("never-released");
+    let hold = format!("/hold{}", never.display());
+    let http = bal.http;
+    let req = std::thread::spawn(move || http::get(http, "hd.example.com", &hold).unwrap());
+    eventually(Duration::from_secs(5), "the request in flight", || {
+        let s = bal.ok(kinds::BALANCER_STATS, json!({}));
+        let a = s["apps"]
+            .as_array()?
+            .iter()
+            .find(|a| a["app"] == "hd")?
+            .clone();
+        (a["backends"][0]["active"] == 1).then_some(())
+    });
+    bal.ok(kinds::BACKEND_DRAIN, json!({"app": "hd", "id": "b2"}));
+    let r = req.join().unwrap();
+    assert_eq!(r.status, 502, "{}", r.text());
+    assert!(
+        r.text().contains("drained and had not answered"),
+        "{}",
+        r.text()
+    );
+    let ev = sub
+        .next(Duration::from_secs(5))
+        .unwrap()
+        .expect("backend.drained");
+    assert_eq!(ev.body["id"], "b2");
+    assert_eq!(ev.body["closed"], 1, "{}", ev.body);
+}
+
 fn load_counts(bal: &Bal, id: &str) -> u64 {
     let s = bal.ok(kinds::BALANCER_STATS, json!({}));
     s["apps"][0]["backends"]

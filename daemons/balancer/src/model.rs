@@ -649,6 +649,18 @@ mod tests {
     }
 
     #[test]
+    fn a_newer_schedulers_table_with_fields_unknown_here_still_applies() {
+        let t: TableApp = serde_json::from_value(serde_json::json!({
+            "app": "a", "domains": ["a.example.com"], "canary": {"share": 5},
+            "backends": [{"id": "w1", "addr": "127.0.0.1:1", "zone": "eu-1"}],
+        }))
+        .unwrap();
+        let mut m = Model::default();
+        assert!(m.apply_table(1, &[t]).unwrap());
+        assert_eq!(m.apps["a"].backends.len(), 1);
+    }
+
+    #[test]
     fn a_damaged_routes_file_falls_back_to_the_one_before_the_last_change() {
         let dir = tempfile::tempdir().unwrap();
         let mut m = Model::default();

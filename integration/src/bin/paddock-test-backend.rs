@@ -9,6 +9,8 @@
 //!   received is sent back;
 //! - `/hold/FILE`: answers once FILE exists (released by the test);
 //! - `/early`: 401 at once, without reading the request body;
+//! - `/stall`: a 200 head promising 100 bytes, 10 of them, then nothing (the
+//!   connection stays open for 10 minutes): a backend stalled mid-body;
 //! - `/vanish/ID`: on backend ID, reads the whole request, then the process
 //!   exits without answering (a backend that dies holding a request); any other
 //!   backend answers it as usual;
@@ -172,6 +174,17 @@ fn main() {
             conns += 1;
             let conn = conns;
             tokio::spawn(async move {
+                let mut first = [0u8; 11];
+                if matches!(s.peek(&mut first).await, Ok(11)) && &first == b"GET /stall " {
+                    let mut s = s;
+                    let mut buf = [0u8; 4096];
+                    let _ = s.read(&mut buf).await;
+                    let _ = s
+                        .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n0123456789")
+                        .await;
+                    tokio::time::sleep(Duration::from_secs(600)).await;
+                    return;
+                }
                 let svc = hyper::service::service_fn(move |r| answer(id.clone(), conn, r));
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(TokioIo::new(s), svc)
