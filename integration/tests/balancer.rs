@@ -1716,6 +1716,32 @@ fn rpc_writes_around_an_upgrade_are_kept_or_refused_never_lost() {
 }
 
 #[test]
+fn an_upgrade_onto_a_broken_cluster_file_is_refused_and_the_old_one_serves_on() {
+    let mut bal = balancer("bal-badup", &[]);
+    let b1 = Backend::start("b1");
+    bal.route("a", &["a.example.com"], &[("b1", &b1)]);
+    let old = bal.node.pid("balancer");
+    // The file is edited into one the successor cannot start with (a misspelt
+    // key in the balancer's own table).
+    bal.node
+        .file
+        .daemons
+        .get_mut("balancer")
+        .unwrap()
+        .other
+        .insert("max_conections".into(), toml::Value::Integer(5));
+    bal.node.save();
+    let (code, msg) = bal.err_code(kinds::BALANCER_UPGRADE, json!({}));
+    assert_eq!(code, "internal", "{msg}");
+    assert!(msg.contains("upgrade failed"), "{msg}");
+    // The old process still holds everything and serves.
+    assert!(paddock_harness::process_alive(old));
+    assert_eq!(bal.node.pid("balancer"), old);
+    assert_eq!(bal.get("a.example.com", "/").status, 200);
+    bal.ok(kinds::ROUTES_LIST, json!({}));
+}
+
+#[test]
 fn an_upgrade_runs_the_binary_installed_since_the_start() {
     let bal = balancer_node("bal-newbin", &[]);
     let bin_dir = bal.node.dir.join("bin");
