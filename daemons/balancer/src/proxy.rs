@@ -673,6 +673,21 @@ pub async fn handle(
         r
     });
     let s = &shared.settings;
+    // One of our own pages for this routed request, counted and logged.
+    let fail = |status: StatusCode, detail: &str| -> Result<Response<RespBody>, Infallible> {
+        Ok(error(
+            &shared,
+            &route,
+            info.peer,
+            &method,
+            uri.path(),
+            &rid,
+            started,
+            status,
+            reason(status),
+            detail,
+        ))
+    };
     let mut tried: Vec<usize> = Vec::new();
     let max_attempts = route.backends.len().clamp(1, 3);
     // Panic mode (every backend ejected) still tries them; if that fails too the
@@ -706,18 +721,10 @@ pub async fn handle(
                     // Out of file descriptors here: no backend is to blame and
                     // another attempt would fail the same way.
                     tracing::warn!(app = %route.app, backend = %backend.id, "{e} (the balancer's own limit; raise LimitNOFILE or lower max_connections)");
-                    return Ok(error(
-                        &shared,
-                        &route,
-                        info.peer,
-                        &method,
-                        uri.path(),
-                        &rid,
-                        started,
+                    return fail(
                         StatusCode::SERVICE_UNAVAILABLE,
-                        "Service Unavailable",
                         "The balancer is out of resources for a moment; retry shortly.",
-                    ));
+                    );
                 }
                 Err(e) => {
                     backend.failed(s.eject_after);
@@ -757,55 +764,31 @@ pub async fn handle(
             }
         };
         let Some(sent) = sent else {
-            return Ok(error(
-                &shared,
-                &route,
-                info.peer,
-                &method,
-                uri.path(),
-                &rid,
-                started,
+            return fail(
                 StatusCode::BAD_GATEWAY,
-                "Bad Gateway",
                 "The app's backend was drained and had not answered by the drain deadline.",
-            ));
+            );
         };
         match sent {
             Err(_) if body_error(&req_ended) => {
                 // The client's body did not arrive in time: not the backend's fault.
-                return Ok(error(
-                    &shared,
-                    &route,
-                    info.peer,
-                    &method,
-                    uri.path(),
-                    &rid,
-                    started,
+                return fail(
                     StatusCode::REQUEST_TIMEOUT,
-                    "Request Timeout",
                     &format!(
                         "The request body did not arrive within {} s.",
                         s.request_timeout.as_secs_f64()
                     ),
-                ));
+                );
             }
             Err(_) => {
                 backend.failed(s.eject_after);
-                return Ok(error(
-                    &shared,
-                    &route,
-                    info.peer,
-                    &method,
-                    uri.path(),
-                    &rid,
-                    started,
+                return fail(
                     StatusCode::GATEWAY_TIMEOUT,
-                    "Gateway Timeout",
                     &format!(
                         "The app did not answer within {} s.",
                         s.request_timeout.as_secs_f64()
                     ),
-                ));
+                );
             }
             Ok(Err(mut e)) => {
                 let unsent = e.take_message();
@@ -813,26 +796,18 @@ pub async fn handle(
                     .and_then(|s| s.downcast_ref::<BodyError>());
                 match body_err {
                     Some(BodyError::TooLarge) => {
-                        return Ok(error(
-                            &shared,
-                            &route,
-                            info.peer,
-                            &method,
-                            uri.path(),
-                            &rid,
-                            started,
+                        return fail(
                             StatusCode::PAYLOAD_TOO_LARGE,
-                            "Payload Too Large",
                             &format!(
                                 "The request body is larger than {} bytes.",
                                 s.max_body_bytes
                             ),
-                        ));
+                        );
                     }
                     Some(BodyError::Read(_)) => {
                         // A malformed or cut-off body from the client.
                         shared.global.bad_requests.fetch_add(1, Relaxed);
-                        return Ok(error(&shared, &route, info.peer, &method, uri.path(), &rid, started, StatusCode::BAD_REQUEST, "Bad Request", "The request body could not be read (malformed chunked encoding, or the client stopped sending)."));
+                        return fail(StatusCode::BAD_REQUEST, "The request body could not be read (malformed chunked encoding, or the client stopped sending).");
                     }
                     None => {}
                 }
@@ -911,18 +886,7 @@ pub async fn handle(
             last_detail = "No backend of the app is healthy right now; retry shortly.".into();
         }
     }
-    Ok(error(
-        &shared,
-        &route,
-        info.peer,
-        &method,
-        uri.path(),
-        &rid,
-        started,
-        last_error,
-        reason(last_error),
-        &last_detail,
-    ))
+    fail(last_error, &last_detail)
 }
 
 fn reason(s: StatusCode) -> &'static str {
