@@ -109,19 +109,11 @@ impl Gate {
         }
     }
 
-    /// Charges (or with `add` false, refunds) `cost` bytes, and one entry when
-    /// `entry`, to `key_id` if it is a user key.
-    fn charge_user(&mut self, key_id: &str, cost: usize, entry: bool, add: bool) {
-        if !crate::keyring::UserKeys::is_user_key_id(key_id) {
-            return;
-        }
-        let n = usize::from(entry);
-        if add {
-            let e = self.per_user.entry(key_id.to_string()).or_default();
-            e.0 += n;
-            e.1 += cost;
-        } else if let Some(e) = self.per_user.get_mut(key_id) {
-            e.0 = e.0.saturating_sub(n);
+    /// Gives back what entry `(key_id, …)` held of its user key's share (a key
+    /// that is not a user key has no row).
+    fn refund_user(&mut self, key_id: &str, cost: usize) {
+        if let Some(e) = self.per_user.get_mut(key_id) {
+            e.0 = e.0.saturating_sub(1);
             e.1 = e.1.saturating_sub(cost);
             if e.0 == 0 {
                 self.per_user.remove(key_id);
@@ -276,7 +268,8 @@ impl Gate {
                 signer: Some(key.0),
             };
         }
-        if crate::keyring::UserKeys::is_user_key_id(&key.0) {
+        let user = crate::keyring::UserKeys::is_user_key_id(&key.0);
+        if user {
             let n = self.per_user.get(&key.0).map(|e| e.0).unwrap_or_default();
             if n >= self.limits.cache_entries / USER_SHARE {
                 return Admit::Reject {
@@ -294,7 +287,11 @@ impl Gate {
             }
         }
         self.bytes += cost;
-        self.charge_user(&key.0, cost, true, true);
+        if user {
+            let e = self.per_user.entry(key.0.clone()).or_default();
+            e.0 += 1;
+            e.1 += cost;
+        }
         self.seen.insert(
             key.clone(),
             Entry {
@@ -316,11 +313,10 @@ impl Gate {
     pub fn answered(&mut self, key_id: &str, id: &str, payload: &[u8], sig: &str) {
         let key = (key_id.to_string(), id.to_string());
         let mut charged = 0;
-        let user_room = if crate::keyring::UserKeys::is_user_key_id(key_id) {
-            let held = self.per_user.get(key_id).map(|e| e.1).unwrap_or_default();
-            (self.limits.cache_bytes / USER_SHARE).saturating_sub(held)
-        } else {
-            usize::MAX
+        // A user key's admitted ids have a row in `per_user`; other keys none.
+        let user_room = match self.per_user.get(key_id) {
+            Some(e) => (self.limits.cache_bytes / USER_SHARE).saturating_sub(e.1),
+            None => usize::MAX,
         };
         let reply_limit = self.limits.cache_bytes / REPLY_SHARE_DEN * REPLY_SHARE_NUM;
         if let Some(entry) = self.seen.get_mut(&key) {
@@ -337,8 +333,8 @@ impl Gate {
                 Seen::Forgotten
             };
         }
-        if charged > 0 {
-            self.charge_user(key_id, charged, false, true);
+        if let Some(e) = self.per_user.get_mut(key_id) {
+            e.1 += charged;
         }
     }
 
@@ -346,7 +342,7 @@ impl Gate {
     pub fn forget(&mut self, key_id: &str, id: &str) {
         if let Some(e) = self.seen.remove(&(key_id.to_string(), id.to_string())) {
             self.bytes -= e.cost;
-            self.charge_user(key_id, e.cost, true, false);
+            self.refund_user(key_id, e.cost);
         }
     }
 
@@ -358,7 +354,7 @@ impl Gate {
             if let Some((_, key)) = self.order.pop_front() {
                 if let Some(e) = self.seen.remove(&key) {
                     self.bytes -= e.cost;
-                    self.charge_user(&key.0, e.cost, true, false);
+                    self.refund_user(&key.0, e.cost);
                 }
             }
         }
