@@ -122,6 +122,23 @@ impl Postgres {
         self.cluster.url(&self.db)
     }
 
+    /// Stops a private server (a fast shutdown), as a database outage does.
+    pub fn stop(&mut self) {
+        assert!(
+            self.shared.is_none(),
+            "only a private server may be stopped"
+        );
+        if let Some(mut child) = self.child.take() {
+            harness::stop_postgres(&mut child, Signal::SIGINT, Duration::from_secs(10));
+        }
+    }
+
+    /// Starts a server stopped by `stop` again: the same data, the same port.
+    pub fn restart(&mut self, log: &Path) {
+        assert!(self.child.is_none(), "the server is running");
+        self.child = Some(self.cluster.start(log).expect("postgres starts again"));
+    }
+
     /// A fresh empty database on the same server (its name is made unique on the
     /// shared server; the URL names it).
     pub fn fresh_db(&self, name: &str) -> String {

@@ -2680,7 +2680,7 @@ fn a_database_restart_loses_no_acknowledged_change() {
     let t = TestDir::new("api-dbdown");
     let pg_dir = t.path().join("db");
     std::fs::create_dir_all(&pg_dir).unwrap();
-    let pg = Postgres::private(&pg_dir);
+    let mut pg = Postgres::private(&pg_dir);
     let key = test_key();
     let mut n = Node::new(t.path(), "node-a", &key, &[], Some(pg.url()));
     n.start("api");
@@ -2694,8 +2694,7 @@ fn a_database_restart_loses_no_acknowledged_change() {
         )
         .unwrap();
     }
-    let port = pg.cluster.port;
-    drop(pg); // a fast shutdown
+    pg.stop();
     c.set_timeout(Duration::from_secs(2));
     let e = c
         .call(
@@ -2707,15 +2706,7 @@ fn a_database_restart_loses_no_acknowledged_change() {
         matches!(e.code(), Some(Code::Unavailable) | None),
         "not unavailable (or no answer) while the database is down: {e}"
     );
-    let pg = paddock_harness::PgCluster::init(
-        &pg_dir,
-        &paddock_harness::PgOptions {
-            fast: true,
-            port: Some(port),
-        },
-    )
-    .unwrap();
-    let mut child = pg.start(&t.path().join("logs/postgres2.log")).unwrap();
+    pg.restart(&t.path().join("logs/postgres2.log"));
     c.set_timeout(Duration::from_secs(5));
     let config = eventually(Duration::from_secs(20), "the api serving again", || {
         c.call("config.get", json!({"app": "steady"})).ok()
@@ -2736,11 +2727,6 @@ fn a_database_restart_loses_no_acknowledged_change() {
         .unwrap();
     // v1 (created) and five changes made v6; the refused change made none.
     assert_eq!(r["release"]["version"], 7, "{r}");
-    paddock_harness::stop_child(
-        &mut child,
-        nix::sys::signal::Signal::SIGINT,
-        Duration::from_secs(10),
-    );
 }
 
 /// A change whose reply was lost when the api died is resent with the same id

@@ -184,7 +184,8 @@ impl Bal {
         self.node.spawn_bin("scheduler", "paddock-testsched", &env);
     }
 
-    fn backend_state(&self, app: &str, id: &str) -> String {
+    /// Backend `id` of `app` as `balancer.stats` shows it (null if absent).
+    fn backend(&self, app: &str, id: &str) -> Value {
         let s = self.ok(kinds::BALANCER_STATS, json!({}));
         s["apps"]
             .as_array()
@@ -199,8 +200,32 @@ impl Bal {
                     .find(|b| b["id"] == id)
                     .cloned()
             })
-            .map(|b| b["state"].as_str().unwrap().to_string())
             .unwrap_or_default()
+    }
+
+    fn backend_state(&self, app: &str, id: &str) -> String {
+        self.backend(app, id)["state"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    }
+
+    /// `GET /hold<release>` to `host` on a thread of its own, returned once it is
+    /// in flight to backend `id` of `app` (the test backend answers it when the
+    /// file `release` exists).
+    fn held_request(
+        &self,
+        app: &str,
+        id: &str,
+        host: &'static str,
+        release: &std::path::Path,
+    ) -> std::thread::JoinHandle<http::Resp> {
+        let (addr, hold) = (self.http, format!("/hold{}", release.display()));
+        let req = std::thread::spawn(move || http::get(addr, host, &hold).unwrap());
+        eventually(Duration::from_secs(5), "the request in flight", || {
+            (self.backend(app, id)["active"] == 1).then_some(())
+        });
+        req
     }
 }
 
@@ -684,19 +709,8 @@ fn a_drain_under_load_fails_nothing_lets_in_flight_finish_then_says_so() {
     // One backend, a slow request in flight: the drain waits for it.
     let slow = Backend::start("slow");
     bal.route("s", &["s.example.com"], &[("slow", &slow)]);
-    let http = bal.http;
     let release = bal.node.dir.join("release");
-    let hold = format!("/hold{}", release.display());
-    let req = std::thread::spawn(move || http::get(http, "s.example.com", &hold).unwrap());
-    eventually(Duration::from_secs(5), "the request in flight", || {
-        let s = bal.ok(kinds::BALANCER_STATS, json!({}));
-        let a = s["apps"]
-            .as_array()?
-            .iter()
-            .find(|a| a["app"] == "s")?
-            .clone();
-        (a["backends"][0]["active"] == 1).then_some(())
-    });
+    let req = bal.held_request("s", "slow", "s.example.com", &release);
     bal.ok(kinds::BACKEND_DRAIN, json!({"app": "s", "id": "slow"}));
     assert_eq!(
         bal.get("s.example.com", "/").status,
@@ -773,13 +787,7 @@ fn a_backend_stalled_mid_body_is_cut_off_and_a_drain_deadline_ends_a_request_awa
         "only what the backend sent: {text}"
     );
     eventually(Duration::from_secs(5), "nothing in flight to b1", || {
-        let s = bal.ok(kinds::BALANCER_STATS, json!({}));
-        let a = s["apps"]
-            .as_array()?
-            .iter()
-            .find(|a| a["app"] == "st")?
-            .clone();
-        (a["backends"][0]["active"] == 0).then_some(())
+        (bal.backend("st", "b1")["active"] == 0).then_some(())
     });
 
     // A request still waiting for its response head when the drain deadline
@@ -792,18 +800,7 @@ fn a_backend_stalled_mid_body_is_cut_off_and_a_drain_deadline_ends_a_request_awa
     .unwrap();
     std::thread::sleep(Duration::from_millis(300));
     let never = bal.node.dir.join("never-released");
-    let hold = format!("/hold{}", never.display());
-    let http = bal.http;
-    let req = std::thread::spawn(move || http::get(http, "hd.example.com", &hold).unwrap());
-    eventually(Duration::from_secs(5), "the request in flight", || {
-        let s = bal.ok(kinds::BALANCER_STATS, json!({}));
-        let a = s["apps"]
-            .as_array()?
-            .iter()
-            .find(|a| a["app"] == "hd")?
-            .clone();
-        (a["backends"][0]["active"] == 1).then_some(())
-    });
+    let req = bal.held_request("hd", "b2", "hd.example.com", &never);
     bal.ok(kinds::BACKEND_DRAIN, json!({"app": "hd", "id": "b2"}));
     let r = req.join().unwrap();
     assert_eq!(r.status, 502, "{}", r.text());
@@ -1063,13 +1060,7 @@ fn after_an_upgrade_drained_waits_for_the_predecessors_requests() {
     let old = bal.node.pid("balancer");
     // A request in flight on the old process when it hands over.
     let release = bal.node.dir.join("release");
-    let hold = format!("/hold{}", release.display());
-    let http = bal.http;
-    let req = std::thread::spawn(move || http::get(http, "s.example.com", &hold).unwrap());
-    eventually(Duration::from_secs(5), "the request in flight", || {
-        let s = bal.ok(kinds::BALANCER_STATS, json!({}));
-        (s["apps"][0]["backends"][0]["active"] == 1).then_some(())
-    });
+    let req = bal.held_request("s", "slow", "s.example.com", &release);
     bal.node.signal("balancer", Signal::SIGUSR2);
     let (new, _successor) = bal.successor(old);
     eventually(Duration::from_secs(10), "the successor's rpc", || {

@@ -318,29 +318,20 @@ fn locker_serves_unavailable_while_the_database_is_down_and_recovers() {
     let t = TestDir::new("dbdown");
     let pg_dir = t.path().join("db");
     std::fs::create_dir_all(&pg_dir).unwrap();
-    let pg = Postgres::private(&pg_dir);
+    let mut pg = Postgres::private(&pg_dir);
     let key = test_key();
     let mut n = Node::new(t.path(), "node-a", &key, &[], Some(pg.url()));
     n.start("locker");
     let mut c = n.client("locker");
     acquire(&mut c, "before", "a", 60_000, 0).unwrap();
-    let port = pg.cluster.port;
-    drop(pg); // fast shutdown
-              // The client retries `unavailable` until its deadline, then reports it.
+    pg.stop();
+    // The client retries `unavailable` until its deadline, then reports it.
     c.set_timeout(Duration::from_secs(2));
     let err = c.call("lock.list", json!({})).unwrap_err();
     assert_eq!(err.code(), Some(&Code::Unavailable), "{err}");
     // The daemon still answers ping while its database is gone.
     c.call("ping", json!({})).unwrap();
-    let pg = paddock_harness::PgCluster::init(
-        &pg_dir,
-        &paddock_harness::PgOptions {
-            fast: true,
-            port: Some(port),
-        },
-    )
-    .unwrap();
-    let mut child = pg.start(&t.path().join("logs/postgres2.log")).unwrap();
+    pg.restart(&t.path().join("logs/postgres2.log"));
     let l: LockList = eventually(Duration::from_secs(15), "the locker to reconnect", || {
         c.call("lock.list", json!({}))
             .ok()
@@ -348,11 +339,6 @@ fn locker_serves_unavailable_while_the_database_is_down_and_recovers() {
     });
     assert_eq!(l.locks.len(), 1, "the acknowledged grant survived: {l:?}");
     assert_eq!(l.locks[0].name, "before");
-    paddock_harness::stop_child(
-        &mut child,
-        nix::sys::signal::Signal::SIGINT,
-        Duration::from_secs(10),
-    );
 }
 
 /// Renews sent right at a lease's expiry race acquires by someone else, many
