@@ -23,7 +23,16 @@ pub mod pidfile;
 pub mod shared_pg;
 
 /// The daemons that exist, in start order. Later issues add theirs here.
-pub const DAEMONS: &[&str] = &["heartbeat", "locker", "runner", "balancer", "api"];
+pub const DAEMONS: &[&str] = &[
+    "heartbeat",
+    "locker",
+    "runner",
+    "balancer",
+    "api",
+    "blobstore",
+    "deployer",
+    "gitserver",
+];
 
 /// A port free right now on 127.0.0.1, from 10000–19999: below the kernel's
 /// ephemeral range (32768–60999), where the source ports of outgoing connections
@@ -627,6 +636,32 @@ pub fn node_file(
         toml::Value::String(user_key_secret(key.1)),
     );
     f.daemons.insert("api".into(), api);
+    for (name, port) in [
+        ("blobstore", ports.blobstore_rpc),
+        ("deployer", ports.deployer_rpc),
+    ] {
+        f.daemons.insert(
+            name.into(),
+            DaemonSection {
+                rpc: tcp(port),
+                ..Default::default()
+            },
+        );
+    }
+    // The gitserver runs its own sshd on a loopback port; `ssh` is the URL users see.
+    let mut git = DaemonSection {
+        rpc: tcp(ports.gitserver_rpc),
+        ..Default::default()
+    };
+    git.other.insert(
+        "ssh_listen".into(),
+        toml::Value::String(format!("127.0.0.1:{}", ports.gitserver_ssh)),
+    );
+    git.other.insert(
+        "ssh".into(),
+        toml::Value::String(format!("ssh://git@127.0.0.1:{}", ports.gitserver_ssh)),
+    );
+    f.daemons.insert("gitserver".into(), git);
     f.cluster.apps_domain = Some("localhost".into());
     f.database = database_url.map(|url| DatabaseSection { url });
     Ok((f, ports))
@@ -647,6 +682,10 @@ pub struct NodePorts {
     pub balancer_admin: u16,
     pub api_rpc: u16,
     pub api_pub: u16,
+    pub blobstore_rpc: u16,
+    pub deployer_rpc: u16,
+    pub gitserver_rpc: u16,
+    pub gitserver_ssh: u16,
 }
 
 /// The api's `user_key_secret` for a cluster whose key is `cluster_key` (hex): a
@@ -660,7 +699,7 @@ pub fn user_key_secret(cluster_key: &str) -> String {
 impl NodePorts {
     pub fn pick() -> Result<NodePorts> {
         // Hold all listeners until every port is chosen, so none repeats.
-        let ls: Vec<TcpListener> = (0..13).map(|_| bind_free()).collect::<io::Result<_>>()?;
+        let ls: Vec<TcpListener> = (0..17).map(|_| bind_free()).collect::<io::Result<_>>()?;
         let p = |i: usize| ls[i].local_addr().map(|a| a.port());
         Ok(NodePorts {
             heartbeat_rpc: p(0)?,
@@ -676,6 +715,10 @@ impl NodePorts {
             balancer_admin: p(10)?,
             api_rpc: p(11)?,
             api_pub: p(12)?,
+            blobstore_rpc: p(13)?,
+            deployer_rpc: p(14)?,
+            gitserver_rpc: p(15)?,
+            gitserver_ssh: p(16)?,
         })
     }
 }

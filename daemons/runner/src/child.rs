@@ -20,6 +20,104 @@ pub struct Prepared {
     pub nofile: u64,
     pub nproc: Option<u64>,
     pub dir: CString,
+    /// Where the app's files appear at [`APP_ROOT`], in a mount namespace of the
+    /// child's own; `None` leaves the child in its parent's namespace.
+    pub mount: Option<AppMount>,
+}
+
+/// The one path every build and every release instance sees its app at, on any
+/// node, so absolute paths baked into a slug (a venv's scripts) keep working.
+pub const APP_ROOT: &str = "/app";
+
+/// How the app's files are put at `/app` in the child's private mount namespace.
+pub enum AppMount {
+    /// `src` bind-mounted at `/app`: a build's working tree (writable by the build).
+    Bind { src: CString },
+    /// An overlay of a read-only unpacked slug (`lower`) and a per-start writable
+    /// layer (`upper`, `work` on the same filesystem): the instance may write to
+    /// `/app`, and a fresh `upper` at each start throws those writes away.
+    Overlay { options: CString },
+}
+
+impl AppMount {
+    pub fn bind(src: &Path) -> std::io::Result<AppMount> {
+        Ok(AppMount::Bind { src: cstring(src)? })
+    }
+
+    pub fn overlay(lower: &Path, upper: &Path, work: &Path) -> std::io::Result<AppMount> {
+        for p in [lower, upper, work] {
+            // overlayfs splits its options on ',' and ':' and has no escape for them.
+            let s = p.as_os_str().as_bytes();
+            if s.iter().any(|b| matches!(b, b',' | b':' | b'\\' | 0)) {
+                return Err(std::io::Error::other(format!(
+                    "{} cannot be an overlay layer (it holds ',', ':' or '\\')",
+                    p.display()
+                )));
+            }
+        }
+        let options = format!(
+            "lowerdir={},upperdir={},workdir={}",
+            lower.display(),
+            upper.display(),
+            work.display()
+        );
+        Ok(AppMount::Overlay {
+            options: CString::new(options).map_err(std::io::Error::other)?,
+        })
+    }
+
+    /// In the child, still as root: a mount namespace of its own in which nothing
+    /// propagates back to the host, then the app's files at `/app`.
+    fn apply(&self) -> std::io::Result<()> {
+        let target = c"/app";
+        // SAFETY: unshare and mount with NUL-terminated strings prepared before
+        // the fork (or static); they only make syscalls.
+        unsafe {
+            if libc::unshare(libc::CLONE_NEWNS) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if libc::mount(
+                std::ptr::null(),
+                c"/".as_ptr(),
+                std::ptr::null(),
+                libc::MS_REC | libc::MS_PRIVATE,
+                std::ptr::null(),
+            ) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            let r = match self {
+                AppMount::Bind { src } => libc::mount(
+                    src.as_ptr(),
+                    target.as_ptr(),
+                    std::ptr::null(),
+                    libc::MS_BIND | libc::MS_REC,
+                    std::ptr::null(),
+                ),
+                AppMount::Overlay { options } => libc::mount(
+                    c"overlay".as_ptr(),
+                    target.as_ptr(),
+                    c"overlay".as_ptr(),
+                    libc::MS_NOSUID | libc::MS_NODEV,
+                    options.as_ptr().cast(),
+                ),
+            };
+            if r != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Makes the empty, root-owned `/app` that mounts go on, once per host.
+pub fn ensure_app_root() -> std::io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    match std::fs::DirBuilder::new().mode(0o755).create(APP_ROOT) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(e),
+    }
 }
 
 pub fn cstring(p: &Path) -> std::io::Result<CString> {
@@ -49,7 +147,14 @@ impl Prepared {
             nofile,
             nproc,
             dir: cstring(dir)?,
+            mount: None,
         })
+    }
+
+    /// The child's files at `/app` (see [`AppMount`]); `dir` should then be inside `/app`.
+    pub fn with_mount(mut self, mount: AppMount) -> Prepared {
+        self.mount = Some(mount);
+        self
     }
 
     /// Runs in the child, after fork, before exec. The caller has made the child a
@@ -66,6 +171,9 @@ impl Prepared {
         setrlimit(Resource::RLIMIT_CORE, 0, 0)?;
         if let Some(n) = self.nproc {
             setrlimit(Resource::RLIMIT_NPROC, n, n)?;
+        }
+        if let Some(m) = &self.mount {
+            m.apply()?;
         }
         // SAFETY: umask cannot fail.
         unsafe { libc::umask(0o077) };
