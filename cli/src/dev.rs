@@ -224,6 +224,15 @@ fn print_summary(dir: &Path) {
         let url = http.replace("tcp://", "http://");
         println!("  apps at    {url}/ (route with `paddock routes set APP DOMAIN`; curl -H 'Host: DOMAIN' {url}/)");
     }
+    if let Some(ssh) = cfg
+        .file
+        .daemons
+        .get("gitserver")
+        .and_then(|g| g.other.get("ssh"))
+        .and_then(|v| v.as_str())
+    {
+        println!("  git push   {ssh}/APP.git (after `paddock apps create APP`: git remote add paddock {ssh}/APP.git)");
+    }
     println!();
     println!("export PADDOCK_CONFIG={}", cfg_path.display());
     println!("paddock status");

@@ -1,20 +1,34 @@
 //! paddock-gitserver: `git push` over OpenSSH.
+//!
+//! The root daemon holds the cluster key and runs its own sshd. sshd's helpers —
+//! the AuthorizedKeysCommand (`paddock-gitserver keys`), the forced command
+//! (`serve`) and the repositories' pre-receive hook (`hook`) — run as the `git`
+//! account, cannot read the cluster file, and only talk to this daemon over a unix
+//! socket that checks its caller with SO_PEERCRED. A push stores the pushed tree in
+//! the blobstore, takes the app's build lease on the locker, has a deployer build
+//! it, and relays the build's log to the pusher as it comes; a failed build makes
+//! the hook fail, so git moves no ref.
+//!
+//! Architecture invariant: nothing the `git` account runs holds a secret or decides
+//! anything; every decision (which key, which user, which app, may they push) is
+//! made here or by the api, from the socket's request and the peer's uid.
 
+pub mod helpers;
+pub mod proto;
+pub mod repos;
+pub mod rules;
+pub mod server;
+pub mod settings;
+pub mod sshd;
+
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::sync::Arc;
+
+use anyhow::Context;
 use paddock_config::{ClusterConfig, ConfigError};
-use paddock_daemon::{Ctx, Routes, Spec};
-use serde::Deserialize;
+use paddock_daemon::{Ctx, LoopKind, Routes, Spec};
 
-pub const NAME: &str = "gitserver";
-
-/// `[daemons.gitserver]` as the file has it.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct GitserverSection {
-    /// The URL users add as their git remote, e.g. `ssh://git@127.0.0.1:2222`.
-    pub ssh: Option<String>,
-    /// Where this gitserver's own sshd listens, e.g. `127.0.0.1:2222`.
-    pub ssh_listen: Option<String>,
-}
+pub use settings::{settings, GitserverSection, Settings, NAME};
 
 pub fn spec() -> Spec {
     Spec {
@@ -29,9 +43,103 @@ pub fn spec() -> Spec {
 }
 
 fn check(cfg: &ClusterConfig) -> Result<(), ConfigError> {
-    cfg.section::<GitserverSection>(NAME).map(|_| ())
+    settings(cfg).map(|_| ())
 }
 
-pub async fn setup(_ctx: Ctx) -> anyhow::Result<Routes> {
+/// Finds the git the helpers will run (an absolute path: sshd's PATH is not ours).
+fn find_git() -> anyhow::Result<std::path::PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into());
+    std::env::split_paths(&path)
+        .map(|d| d.join("git"))
+        .find(|p| p.is_file() && crate::sshd::root_safe(p))
+        .context("no root-owned git on PATH (install git)")
+}
+
+/// Lets other accounts pass through (o+x, never read) every existing parent of
+/// `dir`: the `git` account must reach the socket and the repositories under it.
+fn passable(dir: &std::path::Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let mut p = dir.parent();
+    while let Some(d) = p {
+        if let Ok(m) = std::fs::metadata(d) {
+            if m.mode() & 0o001 == 0 {
+                std::fs::set_permissions(
+                    d,
+                    std::fs::Permissions::from_mode((m.mode() & 0o7777) | 0o001),
+                )
+                .with_context(|| format!("letting the git account pass through {}", d.display()))?;
+                tracing::info!(dir = %d.display(), "made passable (o+x) for the git account");
+            }
+        }
+        p = d.parent();
+    }
+    Ok(())
+}
+
+pub async fn setup(ctx: Ctx) -> anyhow::Result<Routes> {
+    let cfg = ctx.config();
+    let s = settings(&cfg)?;
+    let (uid, gid) = sshd::ensure_account(&s.user)?;
+    let helper = sshd::helper_binary()?;
+    let git = find_git()?;
+
+    // Our directory: root's, passable by `git` (it reaches the socket and repos).
+    passable(&s.dir)?;
+    for d in [&s.dir, &s.repos()] {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o755)
+            .create(d)?;
+        std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755))?;
+    }
+    let hook = format!(
+        "#!/bin/sh\n# Written by paddock-gitserver.\nexec {} hook --socket {}\n",
+        helper.display(),
+        s.socket().display()
+    );
+    let repos = repos::Repos {
+        root: s.repos(),
+        uid,
+        gid,
+        git,
+        hook,
+    };
+
+    let socket = s.socket();
+    let _ = std::fs::remove_file(&socket);
+    let listener = tokio::net::UnixListener::bind(&socket)
+        .with_context(|| format!("binding {}", socket.display()))?;
+    // Anyone may connect; the peer's uid decides (root and `git` only).
+    std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o666))?;
+    let server = Arc::new(server::Server::new(
+        ctx.calls().clone(),
+        repos,
+        helper.clone(),
+        socket.clone(),
+        uid,
+        ctx.identity(),
+    ));
+    let listener = std::rc::Rc::new(listener);
+    ctx.spawn_loop("socket", LoopKind::Critical, move || {
+        let (l, server) = (listener.clone(), server.clone());
+        async move {
+            loop {
+                let (stream, _) = l.accept().await?;
+                tokio::task::spawn_local(server.clone().connection(stream));
+            }
+        }
+    });
+
+    if let Some(listen) = s.ssh_listen {
+        let config = sshd::prepare(&s, listen, &helper)?;
+        let sshd_bin = s.sshd.clone();
+        ctx.spawn_loop("sshd", LoopKind::Resilient, move || {
+            let (bin, config) = (sshd_bin.clone(), config.clone());
+            async move { sshd::run(&bin, &config).await }
+        });
+        tracing::info!(%listen, "sshd for git pushes");
+    } else {
+        tracing::info!("no ssh_listen: this gitserver runs no sshd of its own");
+    }
     Ok(Routes::new())
 }

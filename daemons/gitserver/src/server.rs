@@ -1,0 +1,573 @@
+//! The daemon's side of the helpers' unix socket: key lookups, push authorization,
+//! and the push itself (source to the blobstore, the build lease, the deployer's
+//! log relayed to the pusher line by line).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use paddock_daemon::calls::Calls;
+use serde_json::{json, Value};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::UnixStream;
+
+use crate::proto::{PushLine, Reply, Request, MAX_LINE};
+use crate::repos::Repos;
+use crate::rules::{self, RefUpdate, Service};
+
+/// The biggest source tree a push may send (the `git archive` tar).
+pub const MAX_SOURCE: u64 = 1 << 30;
+/// How long `serve`'s grant stays usable by its push's hook.
+const GRANT_TTL: Duration = Duration::from_secs(3600);
+/// The build lease: renewed well inside its TTL while the build runs.
+const LEASE_TTL_MS: u64 = 30_000;
+const LEASE_RENEW: Duration = Duration::from_secs(10);
+
+struct Grant {
+    user: String,
+    app: String,
+    expires: Instant,
+}
+
+pub struct Server {
+    pub calls: Calls,
+    pub repos: Repos,
+    pub helper: std::path::PathBuf,
+    pub socket: std::path::PathBuf,
+    pub git_uid: u32,
+    pub identity: String,
+    grants: Mutex<HashMap<String, Grant>>,
+}
+
+impl Server {
+    pub fn new(
+        calls: Calls,
+        repos: Repos,
+        helper: std::path::PathBuf,
+        socket: std::path::PathBuf,
+        git_uid: u32,
+        identity: String,
+    ) -> Server {
+        Server {
+            calls,
+            repos,
+            helper,
+            socket,
+            git_uid,
+            identity,
+            grants: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Serves one helper connection. Only root and the `git` account may talk.
+    pub async fn connection(self: Arc<Self>, stream: UnixStream) {
+        let uid = match stream.peer_cred() {
+            Ok(c) => c.uid(),
+            Err(_) => return,
+        };
+        if uid != 0 && uid != self.git_uid {
+            tracing::warn!(
+                uid,
+                "refused a connection to the gitserver socket from a stranger"
+            );
+            return;
+        }
+        let (rd, mut wr) = stream.into_split();
+        let mut rd = BufReader::new(rd);
+        let mut line = Vec::new();
+        let n = match (&mut rd)
+            .take(MAX_LINE as u64)
+            .read_until(b'\n', &mut line)
+            .await
+        {
+            Ok(n) => n,
+            Err(_) => return,
+        };
+        if n == 0 || line.last() != Some(&b'\n') {
+            return;
+        }
+        let req: Request = match serde_json::from_slice(&line) {
+            Ok(r) => r,
+            Err(_) => {
+                let _ = send(
+                    &mut wr,
+                    &refuse("the git service could not read the request"),
+                )
+                .await;
+                return;
+            }
+        };
+        match req {
+            Request::Keys { fingerprint } => {
+                let r = self.keys(&fingerprint).await;
+                let _ = send(&mut wr, &r).await;
+            }
+            Request::Authorize {
+                fingerprint,
+                service,
+                app,
+            } => {
+                let r = self.authorize(&fingerprint, &service, &app).await;
+                let _ = send(&mut wr, &r).await;
+            }
+            Request::Push { token, refs } => {
+                let outcome = self.push(&token, refs, rd, &mut wr).await;
+                let (ok, message) = match outcome {
+                    Ok(m) => (true, m),
+                    Err(m) => (false, m),
+                };
+                let _ = send(
+                    &mut wr,
+                    &PushLine::Done {
+                        done: true,
+                        ok,
+                        message,
+                    },
+                )
+                .await;
+            }
+        }
+    }
+
+    async fn api(
+        &self,
+        kind: &str,
+        body: Value,
+    ) -> Result<Value, paddock_daemon::calls::CallError> {
+        self.calls.call_daemon(kind_daemon(kind), kind, body).await
+    }
+
+    /// sshd asks for a key: its authorized_keys line if a user has it.
+    async fn keys(&self, fingerprint: &str) -> Reply {
+        if !valid_fingerprint(fingerprint) {
+            return refuse("not a SHA256 fingerprint");
+        }
+        let v = match self
+            .api("sshkey.lookup", json!({ "fingerprint": fingerprint }))
+            .await
+        {
+            Ok(v) => v,
+            Err(e) => {
+                if !is_not_found(&e) {
+                    tracing::warn!("key lookup failed: {}", paddock_daemon::chain(&e));
+                }
+                return refuse("unknown key");
+            }
+        };
+        let Some(key) = v["public_key"].as_str().and_then(key_text) else {
+            return refuse("unknown key");
+        };
+        Reply {
+            ok: true,
+            line: Some(format!(
+                "command=\"{} serve --socket {} {}\",restrict {}",
+                self.helper.display(),
+                self.socket.display(),
+                fingerprint,
+                key
+            )),
+            ..Default::default()
+        }
+    }
+
+    /// The forced command asks whether this key may run `service` on `app`.
+    async fn authorize(&self, fingerprint: &str, service: &str, app: &str) -> Reply {
+        let Some(service) = Service::from_name(service) else {
+            return refuse("unknown git service");
+        };
+        if !valid_fingerprint(fingerprint) || !rules::valid_app(app) {
+            return refuse("not an app's repository");
+        }
+        let v = match self
+            .api(
+                "push.authorize",
+                json!({ "fingerprint": fingerprint, "app": app }),
+            )
+            .await
+        {
+            Ok(v) => v,
+            Err(e) => return refuse(&call_message(&e, app)),
+        };
+        let user = v["user"].as_str().unwrap_or_default().to_string();
+        let repo = match self.repos.ensure(app) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(app, "could not make the repository: {e:#}");
+                return refuse("the app's repository could not be prepared; try again");
+            }
+        };
+        let token = hex::encode(rand::random::<[u8; 24]>());
+        if service == Service::ReceivePack {
+            let mut g = self.grants.lock().unwrap_or_else(|e| e.into_inner());
+            let now = Instant::now();
+            g.retain(|_, v| v.expires > now);
+            g.insert(
+                token.clone(),
+                Grant {
+                    user: user.clone(),
+                    app: app.to_string(),
+                    expires: now + GRANT_TTL,
+                },
+            );
+        }
+        tracing::info!(user, app, service = service.name(), "git access granted");
+        Reply {
+            ok: true,
+            repo: Some(repo.display().to_string()),
+            git: Some(self.repos.git.display().to_string()),
+            token: Some(token),
+            ..Default::default()
+        }
+    }
+
+    /// A push's pre-receive: the tar of the pushed commit follows on `rd`.
+    async fn push<R, W>(
+        &self,
+        token: &str,
+        refs: Vec<crate::proto::PushRef>,
+        rd: R,
+        wr: &mut W,
+    ) -> Result<String, String>
+    where
+        R: tokio::io::AsyncRead + Unpin,
+        W: tokio::io::AsyncWrite + Unpin,
+    {
+        let grant = {
+            let mut g = self.grants.lock().unwrap_or_else(|e| e.into_inner());
+            g.remove(token)
+                .filter(|g| g.expires > Instant::now())
+                .ok_or("this push was not authorized by Paddock's git service")?
+        };
+        let updates: Vec<RefUpdate> = refs
+            .iter()
+            .filter_map(|r| RefUpdate::parse(&format!("{} {} {}", r.old, r.new, r.name)))
+            .collect();
+        if updates.len() != refs.len() {
+            return Err("the hook sent a ref update that is not one".into());
+        }
+        let deploy = rules::deploy_ref(&updates)?.clone();
+        let app = grant.app.clone();
+        let log = |line: String| PushLine::Log { line };
+        let started = Instant::now();
+        let _ = send(
+            wr,
+            &log(format!("-----> Receiving {} for {app}", short(&deploy.new))),
+        )
+        .await;
+        let source = paddock_blob::put_reader(&self.calls, rd.take(MAX_SOURCE))
+            .await
+            .map_err(|e| format!("could not store the pushed source: {e}"))?;
+        tracing::info!(
+            app,
+            user = grant.user,
+            commit = deploy.new,
+            size = source.size,
+            "source stored"
+        );
+
+        // One build per app at a time, across every gitserver: a locker lease.
+        let lease = Lease::acquire(&self.calls, &app, &self.identity, token, wr).await?;
+        let renew = lease.keep_renewed(self.calls.clone());
+        let result = self
+            .build(&app, &grant.user, &deploy, &source.sha256, wr)
+            .await;
+        renew.abort();
+        lease.release(&self.calls).await;
+        let message = result?;
+        Ok(format!(
+            "{message} ({:.1} s)",
+            started.elapsed().as_secs_f64()
+        ))
+    }
+
+    async fn build<W>(
+        &self,
+        app: &str,
+        user: &str,
+        deploy: &RefUpdate,
+        source: &str,
+        wr: &mut W,
+    ) -> Result<String, String>
+    where
+        W: tokio::io::AsyncWrite + Unpin,
+    {
+        let started = self
+            .calls
+            .call_daemon(
+                "deployer",
+                "build.start",
+                json!({
+                    "app": app,
+                    "commit": deploy.new,
+                    "source": source,
+                    "ref": deploy.name,
+                    "pusher": user,
+                }),
+            )
+            .await
+            .map_err(|e| format!("the build could not start: {}", paddock_daemon::chain(&e)))?;
+        let build = started["build"]
+            .as_str()
+            .ok_or("the deployer gave no build id")?
+            .to_string();
+        let endpoint = self
+            .calls
+            .find("deployer")
+            .await
+            .map_err(|e| format!("the deployer went away: {e}"))?
+            .remove(0);
+        let mut after = 0u64;
+        let mut failures = 0;
+        loop {
+            let r = self
+                .calls
+                .call(
+                    &endpoint,
+                    "build.log",
+                    json!({ "build": build, "after": after, "wait_ms": 20_000 }),
+                    Duration::from_secs(30),
+                )
+                .await;
+            let v = match r {
+                Ok(v) => {
+                    failures = 0;
+                    v
+                }
+                Err(e) => {
+                    failures += 1;
+                    if failures > 5 {
+                        return Err(format!(
+                            "lost the build's log ({e}); see `paddock builds info {build}`"
+                        ));
+                    }
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    continue;
+                }
+            };
+            for l in v["lines"].as_array().into_iter().flatten() {
+                if let Some(l) = l.as_str() {
+                    // A pusher that hung up does not stop the build.
+                    let _ = send(
+                        wr,
+                        &PushLine::Log {
+                            line: l.to_string(),
+                        },
+                    )
+                    .await;
+                }
+            }
+            after = v["next"].as_u64().unwrap_or(after);
+            if v["done"].as_bool() == Some(true) {
+                return match v["status"].as_str() {
+                    Some("succeeded") => Ok(match v["release"]["version"].as_i64() {
+                        Some(n) => format!("-----> Released v{n} of {app}"),
+                        None => format!("-----> Built {app}"),
+                    }),
+                    _ => {
+                        let step = v["error"]["step"].as_str().unwrap_or("build");
+                        let msg = v["error"]["message"].as_str().unwrap_or("the build failed");
+                        Err(format!(
+                            " !     Push rejected: {step} failed: {msg} (build {build}; nothing was deployed)"
+                        ))
+                    }
+                };
+            }
+        }
+    }
+}
+
+/// The push lease `push/APP` on the locker, taken for the build and release only.
+struct Lease {
+    name: String,
+    token: i64,
+}
+
+impl Lease {
+    async fn acquire<W>(
+        calls: &Calls,
+        app: &str,
+        identity: &str,
+        push: &str,
+        wr: &mut W,
+    ) -> Result<Lease, String>
+    where
+        W: tokio::io::AsyncWrite + Unpin,
+    {
+        let name = format!("push/{app}");
+        let owner = format!("{identity}/{}", &push[..12.min(push.len())]);
+        let mut told = false;
+        let deadline = Instant::now() + Duration::from_secs(3600);
+        loop {
+            let wait = if told { 5_000 } else { 0 };
+            let r = calls
+                .call_daemon_timeout(
+                    "locker",
+                    "lock.acquire",
+                    json!({ "name": name, "owner": owner, "ttl_ms": LEASE_TTL_MS, "wait_ms": wait }),
+                    Duration::from_millis(wait + 5_000),
+                )
+                .await;
+            match r {
+                Ok(v) => {
+                    let token = v["token"].as_i64().ok_or("the locker gave no token")?;
+                    return Ok(Lease { name, token });
+                }
+                Err(e) if is_code(&e, "held") => {
+                    if !told {
+                        told = true;
+                        let _ = send(
+                            wr,
+                            &PushLine::Log {
+                                line: format!(
+                                    "-----> Another push to {app} is building; waiting for it to finish"
+                                ),
+                            },
+                        )
+                        .await;
+                    }
+                }
+                Err(e) => {
+                    return Err(format!(
+                        "could not take the build lease: {}",
+                        paddock_daemon::chain(&e)
+                    ))
+                }
+            }
+            if Instant::now() > deadline {
+                return Err("waited an hour for another push's build; try again".into());
+            }
+        }
+    }
+
+    fn keep_renewed(&self, calls: Calls) -> tokio::task::JoinHandle<()> {
+        let (name, token) = (self.name.clone(), self.token);
+        tokio::task::spawn_local(async move {
+            loop {
+                tokio::time::sleep(LEASE_RENEW).await;
+                if let Err(e) = calls
+                    .call_daemon(
+                        "locker",
+                        "lock.renew",
+                        json!({ "name": name, "token": token, "ttl_ms": LEASE_TTL_MS }),
+                    )
+                    .await
+                {
+                    tracing::warn!(
+                        lease = name,
+                        "renewing the build lease failed: {}",
+                        paddock_daemon::chain(&e)
+                    );
+                }
+            }
+        })
+    }
+
+    async fn release(&self, calls: &Calls) {
+        if let Err(e) = calls
+            .call_daemon(
+                "locker",
+                "lock.release",
+                json!({ "name": self.name, "token": self.token }),
+            )
+            .await
+        {
+            tracing::warn!(
+                lease = self.name,
+                "releasing the build lease failed (it expires by itself): {}",
+                paddock_daemon::chain(&e)
+            );
+        }
+    }
+}
+
+fn kind_daemon(_kind: &str) -> &'static str {
+    "api"
+}
+
+fn refuse(message: &str) -> Reply {
+    Reply {
+        ok: false,
+        message: Some(message.to_string()),
+        ..Default::default()
+    }
+}
+
+async fn send<W, T>(wr: &mut W, v: &T) -> std::io::Result<()>
+where
+    W: tokio::io::AsyncWrite + Unpin,
+    T: serde::Serialize,
+{
+    let mut b = serde_json::to_vec(v).map_err(std::io::Error::other)?;
+    b.push(b'\n');
+    wr.write_all(&b).await?;
+    wr.flush().await
+}
+
+fn short(commit: &str) -> &str {
+    &commit[..commit.len().min(10)]
+}
+
+/// `SHA256:` and unpadded base64, as sshd's `%f` gives it.
+pub fn valid_fingerprint(fp: &str) -> bool {
+    fp.strip_prefix("SHA256:").is_some_and(|b| {
+        (40..=50).contains(&b.len())
+            && b.bytes()
+                .all(|c| c.is_ascii_alphanumeric() || c == b'+' || c == b'/')
+    })
+}
+
+/// `TYPE BASE64` of a stored public key, without its comment, checked to be
+/// nothing sshd would read as options.
+fn key_text(stored: &str) -> Option<String> {
+    let mut it = stored.split_whitespace();
+    let (t, b) = (it.next()?, it.next()?);
+    let t_ok = t
+        .bytes()
+        .all(|c| c.is_ascii_alphanumeric() || b"-@.".contains(&c));
+    let b_ok = b
+        .bytes()
+        .all(|c| c.is_ascii_alphanumeric() || b"+/=".contains(&c));
+    (t_ok && b_ok).then(|| format!("{t} {b}"))
+}
+
+fn is_code(e: &paddock_daemon::calls::CallError, code: &str) -> bool {
+    use paddock_daemon::calls::CallError;
+    use paddock_wire::ClientError;
+    matches!(e, CallError::Call(ClientError::Remote(w)) if w.code.as_str() == code)
+}
+
+fn is_not_found(e: &paddock_daemon::calls::CallError) -> bool {
+    is_code(e, "not_found")
+}
+
+/// What the pusher reads when the api says no (or cannot say).
+fn call_message(e: &paddock_daemon::calls::CallError, app: &str) -> String {
+    let text = paddock_daemon::chain(e);
+    if is_code(e, "forbidden") || is_not_found(e) {
+        // The api's own words: "user X may not push to app Y", "no such app".
+        text
+    } else {
+        tracing::warn!(app, "push authorization failed: {text}");
+        "Paddock could not check your access right now; try again shortly".into()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fingerprints_and_keys_are_checked_before_they_reach_sshd() {
+        assert!(valid_fingerprint(
+            "SHA256:uNiVztksCsDhcc0u9e8BujQXVUpKZIDTMczCvj3tD2s"
+        ));
+        assert!(!valid_fingerprint("SHA256:abc\" ,command=\"sh"));
+        assert!(!valid_fingerprint("MD5:aa:bb"));
+        assert_eq!(
+            key_text("ssh-ed25519 AAAAC3Nz+/= a comment").as_deref(),
+            Some("ssh-ed25519 AAAAC3Nz+/=")
+        );
+        assert_eq!(key_text("ssh-ed25519 AAA\",command=\"x"), None);
+        assert_eq!(key_text("ssh-ed25519"), None);
+    }
+}

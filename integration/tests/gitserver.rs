@@ -1,0 +1,265 @@
+//! `git push` over the gitserver's own sshd, with real OpenSSH, real git and real
+//! daemons: who may push, what they may ask for, and what a push builds.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+use paddock_integration::api::*;
+use paddock_integration::*;
+use serde_json::{json, Value};
+
+/// A node with everything a push needs, plus a user `alice` who owns app `shop`.
+struct Git {
+    c: ApiCluster,
+    alice_key: PathBuf,
+}
+
+fn keygen(dir: &Path, name: &str) -> (PathBuf, String) {
+    let key = dir.join(name);
+    let st = Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-C", name, "-f"])
+        .arg(&key)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let public = std::fs::read_to_string(key.with_extension("pub")).unwrap();
+    (key, public.trim().to_string())
+}
+
+impl Git {
+    fn start(name: &str) -> Git {
+        let c = ApiCluster::start(
+            name,
+            &["heartbeat", "locker", "blobstore", "deployer", "gitserver"],
+        );
+        let alice = create_user(&c.node, "alice", false);
+        let (alice_key, public) = keygen(c.t.path(), "alice");
+        let a = user_client(&alice);
+        a.call("sshkey.add", json!({ "public_key": public }))
+            .unwrap();
+        a.call("app.create", json!({ "name": "shop" })).unwrap();
+        Git { c, alice_key }
+    }
+
+    fn url(&self, repo: &str) -> String {
+        format!(
+            "ssh://git@127.0.0.1:{}/{repo}",
+            self.c.node.ports.gitserver_ssh
+        )
+    }
+
+    fn ssh_command(key: &Path) -> String {
+        format!(
+            "ssh -i {} -o IdentitiesOnly=yes -o BatchMode=yes -o StrictHostKeyChecking=no \
+             -o UserKnownHostsFile=/dev/null -o LogLevel=ERROR",
+            key.display()
+        )
+    }
+
+    /// `ssh git@host [COMMAND]` with `key`.
+    fn ssh(&self, key: &Path, command: Option<&str>) -> Output {
+        let mut c = Command::new("sh");
+        let cmd = format!(
+            "{} -p {} git@127.0.0.1 {}",
+            Self::ssh_command(key),
+            self.c.node.ports.gitserver_ssh,
+            command.map(|c| format!("'{c}'")).unwrap_or_default()
+        );
+        c.args(["-c", &cmd]).stdin(Stdio::null());
+        c.output().unwrap()
+    }
+
+    /// `git ARGS` in `dir` with `key` for ssh.
+    fn git(&self, dir: &Path, key: &Path, args: &[&str]) -> Output {
+        Command::new("git")
+            .args(args)
+            .current_dir(dir)
+            .env("GIT_SSH_COMMAND", Self::ssh_command(key))
+            .env("GIT_TERMINAL_PROMPT", "0")
+            .env("HOME", dir)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    }
+
+    fn repo_head(&self, app: &str, branch: &str) -> Option<String> {
+        let repo = self
+            .c
+            .node
+            .dir
+            .join(format!("state/gitserver/repos/{app}.git"));
+        let out = Command::new("git")
+            .args(["--git-dir"])
+            .arg(&repo)
+            .args(["rev-parse", "--verify", "-q", branch])
+            .output()
+            .unwrap();
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+    }
+}
+
+/// A git work tree with `files` committed on `main`.
+fn work_tree(base: &Path, name: &str, files: &[(&str, &str)]) -> PathBuf {
+    let dir = base.join(name);
+    std::fs::create_dir_all(&dir).unwrap();
+    let run = |args: &[&str]| {
+        let out = Command::new("git")
+            .args(args)
+            .current_dir(&dir)
+            .env("HOME", &dir)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "git {args:?}: {}", text(&out));
+    };
+    run(&["init", "-q", "-b", "main"]);
+    run(&["config", "user.email", "t@example.com"]);
+    run(&["config", "user.name", "t"]);
+    for (f, body) in files {
+        let p = dir.join(f);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, body).unwrap();
+    }
+    run(&["add", "-A"]);
+    run(&["commit", "-q", "-m", "first"]);
+    dir
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+fn head(dir: &Path) -> String {
+    let o = Command::new("git")
+        .args(["rev-parse", "HEAD"])
+        .current_dir(dir)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&o.stdout).trim().to_string()
+}
+
+const HELLO: &[(&str, &str)] = &[
+    ("Procfile", "web: python3 server.py\n"),
+    (
+        "server.py",
+        "import http.server, os\n\
+         class H(http.server.BaseHTTPRequestHandler):\n\
+         \x20   def do_GET(self):\n\
+         \x20       self.send_response(200); self.end_headers(); self.wfile.write(b'hello')\n\
+         http.server.HTTPServer(('0.0.0.0', int(os.environ['PORT'])), H).serve_forever()\n",
+    ),
+];
+
+#[test]
+fn only_known_keys_with_access_get_git_and_nothing_else() {
+    let g = Git::start("git-refusals");
+    let base = g.c.t.path().to_path_buf();
+
+    // An unknown key: sshd finds no authorized key at all.
+    let (stranger_key, _) = keygen(&base, "nobody");
+    let o = g.ssh(&stranger_key, Some("git-receive-pack 'shop.git'"));
+    assert!(!o.status.success());
+    assert!(text(&o).contains("Permission denied"), "{}", text(&o));
+
+    // A known user's key without access to the app.
+    let bob = create_user(&g.c.node, "bob", false);
+    let (bob_key, bob_pub) = keygen(&base, "bob");
+    user_client(&bob)
+        .call("sshkey.add", json!({ "public_key": bob_pub }))
+        .unwrap();
+    let o = g.ssh(&bob_key, Some("git-receive-pack 'shop.git'"));
+    assert!(!o.status.success());
+    assert!(text(&o).contains("may not push"), "{}", text(&o));
+
+    // Alice may push, but gets no shell and no other command or path.
+    for cmd in [
+        None,
+        Some("id"),
+        Some("sh -c id"),
+        Some("git-receive-pack '../shop.git'"),
+        Some("git-receive-pack 'shop.git' 'x'"),
+        Some("git-upload-archive 'shop.git'"),
+    ] {
+        let o = g.ssh(&g.alice_key, cmd);
+        assert!(!o.status.success(), "{cmd:?} succeeded: {}", text(&o));
+        let t = text(&o);
+        assert!(
+            t.contains("no shell")
+                || t.contains("not an app's repository")
+                || t.contains("one quoted repository"),
+            "{cmd:?}: {t}"
+        );
+        assert!(!t.contains("uid="), "{cmd:?} ran a command: {t}");
+    }
+    // An app that does not exist.
+    let o = g.ssh(&g.alice_key, Some("git-receive-pack 'nope.git'"));
+    assert!(!o.status.success());
+
+    // A branch other than main/master is refused and moves no ref.
+    let w = work_tree(&base, "w1", HELLO);
+    let o = g.git(
+        &w,
+        &g.alice_key,
+        &["push", &g.url("shop.git"), "main:feature"],
+    );
+    assert!(!o.status.success(), "{}", text(&o));
+    assert!(
+        text(&o).contains("deploys only the main or master"),
+        "{}",
+        text(&o)
+    );
+    assert_eq!(g.repo_head("shop", "refs/heads/feature"), None);
+}
+
+/// Waits for the build records: the release the push made.
+fn release(g: &Git, app: &str) -> Value {
+    g.c.cluster()
+        .call("app.state", json!({ "app": app }))
+        .unwrap()["app"]["current"]
+        .clone()
+}
+
+#[test]
+fn a_push_builds_a_release_and_a_failed_build_moves_no_ref() {
+    let g = Git::start("git-push");
+    let base = g.c.t.path().to_path_buf();
+    let w = work_tree(&base, "hello", HELLO);
+    let o = g.git(&w, &g.alice_key, &["push", &g.url("shop.git"), "main"]);
+    let t = text(&o);
+    assert!(o.status.success(), "{t}");
+    assert!(t.contains("remote: -----> "), "no build log relayed: {t}");
+    assert!(t.contains("Released v2"), "{t}");
+    assert_eq!(g.repo_head("shop", "refs/heads/main"), Some(head(&w)));
+    let r = release(&g, "shop");
+    assert_eq!(r["version"], 2, "{r}");
+    assert_eq!(r["process_types"]["web"], "python3 server.py", "{r}");
+    assert!(r["slug"].as_str().is_some_and(|s| s.len() == 64), "{r}");
+
+    // A build that fails: the push is rejected, the ref stays, no new release.
+    let before = head(&w);
+    std::fs::write(w.join("Procfile"), "").unwrap();
+    std::fs::remove_file(w.join("server.py")).unwrap();
+    let o = Command::new("git")
+        .args(["commit", "-qam", "break it"])
+        .current_dir(&w)
+        .env("HOME", &w)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    let o = g.git(&w, &g.alice_key, &["push", &g.url("shop.git"), "main"]);
+    let t = text(&o);
+    assert!(!o.status.success(), "{t}");
+    assert!(t.contains("pre-receive hook declined"), "{t}");
+    assert_eq!(g.repo_head("shop", "refs/heads/main"), Some(before));
+    assert_eq!(release(&g, "shop")["version"], 2);
+
+    // Deleting the deploy branch is refused.
+    let o = g.git(&w, &g.alice_key, &["push", &g.url("shop.git"), ":main"]);
+    assert!(!o.status.success(), "{}", text(&o));
+    assert!(g.repo_head("shop", "refs/heads/main").is_some());
+}
