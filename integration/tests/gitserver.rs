@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
 use paddock_integration::api::*;
-use paddock_integration::*;
+
 use serde_json::{json, Value};
 
 /// A node with everything a push needs, plus a user `alice` who owns app `shop`.
@@ -34,7 +34,7 @@ impl Git {
         );
         let alice = create_user(&c.node, "alice", false);
         let (alice_key, public) = keygen(c.t.path(), "alice");
-        let a = user_client(&alice);
+        let mut a = user_client(&alice);
         a.call("sshkey.add", json!({ "public_key": public }))
             .unwrap();
         a.call("app.create", json!({ "name": "shop" })).unwrap();
@@ -56,16 +56,13 @@ impl Git {
         )
     }
 
-    /// `ssh git@host [COMMAND]` with `key`.
+    /// `ssh git@host [COMMAND]` with `key` (ssh sends COMMAND as one string).
     fn ssh(&self, key: &Path, command: Option<&str>) -> Output {
-        let mut c = Command::new("sh");
-        let cmd = format!(
-            "{} -p {} git@127.0.0.1 {}",
-            Self::ssh_command(key),
-            self.c.node.ports.gitserver_ssh,
-            command.map(|c| format!("'{c}'")).unwrap_or_default()
-        );
-        c.args(["-c", &cmd]).stdin(Stdio::null());
+        let mut c = Command::new("ssh");
+        c.args(Self::ssh_command(key).split_whitespace().skip(1))
+            .args(["-p", &self.c.node.ports.gitserver_ssh.to_string(), "git@127.0.0.1"])
+            .args(command)
+            .stdin(Stdio::null());
         c.output().unwrap()
     }
 
@@ -169,7 +166,8 @@ fn only_known_keys_with_access_get_git_and_nothing_else() {
     // A known user's key without access to the app.
     let bob = create_user(&g.c.node, "bob", false);
     let (bob_key, bob_pub) = keygen(&base, "bob");
-    user_client(&bob)
+    let mut b = user_client(&bob);
+    b
         .call("sshkey.add", json!({ "public_key": bob_pub }))
         .unwrap();
     let o = g.ssh(&bob_key, Some("git-receive-pack 'shop.git'"));
