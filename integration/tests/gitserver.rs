@@ -1,16 +1,20 @@
 //! `git push` over the gitserver's own sshd, with real OpenSSH, real git and real
 //! daemons: who may push, what they may ask for, and what a push builds.
 
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 use std::process::{Command, Output, Stdio};
 
 use paddock_integration::api::*;
+use paddock_integration::eventually;
 
 use serde_json::{json, Value};
 
 /// A node with everything a push needs, plus a user `alice` who owns app `shop`.
 struct Git {
     c: ApiCluster,
+    alice: paddock_config::credentials::UserCredentials,
     alice_key: PathBuf,
 }
 
@@ -38,7 +42,11 @@ impl Git {
         a.call("sshkey.add", json!({ "public_key": public }))
             .unwrap();
         a.call("app.create", json!({ "name": "shop" })).unwrap();
-        Git { c, alice_key }
+        Git {
+            c,
+            alice,
+            alice_key,
+        }
     }
 
     fn url(&self, repo: &str) -> String {
@@ -194,6 +202,23 @@ fn only_known_keys_with_access_get_git_and_nothing_else() {
         );
         assert!(!t.contains("uid="), "{cmd:?} ran a command: {t}");
     }
+    // Repositories follow apps: made at app.create (before any push), removed at
+    // app.destroy.
+    let repos = g.c.node.dir.join("state/gitserver/repos");
+    let mut a = user_client(&g.alice);
+    a.call("app.create", json!({ "name": "brief" })).unwrap();
+    eventually(Duration::from_secs(10), "brief.git made", || {
+        repos.join("brief.git/HEAD").exists().then_some(())
+    });
+    let hook = repos.join("brief.git/hooks/pre-receive");
+    let m = std::fs::metadata(&hook).unwrap();
+    assert_eq!((m.uid(), m.mode() & 0o7777), (0, 0o755), "the hook is root's");
+    a.call("app.destroy", json!({ "app": "brief", "confirm": "brief" }))
+        .unwrap();
+    eventually(Duration::from_secs(10), "brief.git removed", || {
+        (!repos.join("brief.git").exists()).then_some(())
+    });
+
     // An app that does not exist.
     let o = g.ssh(&g.alice_key, Some("git-receive-pack 'nope.git'"));
     assert!(!o.status.success());

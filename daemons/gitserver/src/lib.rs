@@ -55,6 +55,94 @@ fn find_git() -> anyhow::Result<std::path::PathBuf> {
         .context("no root-owned git on PATH (install git)")
 }
 
+/// Repositories follow the apps: made when an app is created, removed when it is
+/// destroyed (the api's `app.changed`), and reconciled with `apps.state` at start
+/// and every 30 s, so a missed event heals.
+fn spawn_app_sync(ctx: &Ctx, server: Arc<server::Server>) {
+    use std::collections::HashSet;
+    let c = ctx.clone();
+    actix_rt::spawn(async move {
+        let mut subscribed: HashSet<String> = HashSet::new();
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(1);
+        loop {
+            if c.is_shutting_down() {
+                return;
+            }
+            for svc in c.calls().services("api").await.unwrap_or_default() {
+                let Some(ep) = svc.endpoints.get("pub") else { continue };
+                if subscribed.contains(ep) {
+                    continue;
+                }
+                match c.calls().subscribe(ep, "app.changed") {
+                    Ok(mut events) => {
+                        subscribed.insert(ep.clone());
+                        let (server, tx) = (server.clone(), tx.clone());
+                        actix_rt::spawn(async move {
+                            while let Some(env) = events.recv().await {
+                                let app = env.body["app"].as_str().unwrap_or_default();
+                                match env.body["what"].as_str() {
+                                    Some("created") => {
+                                        if let Err(e) = server.repos.ensure(app) {
+                                            tracing::warn!(app, "could not make the repository: {e:#}");
+                                        }
+                                    }
+                                    Some("destroyed") => {
+                                        let _ = tx.try_send(());
+                                    }
+                                    _ => {}
+                                }
+                            }
+                        });
+                    }
+                    Err(e) => tracing::warn!("cannot subscribe to {ep}: {e}"),
+                }
+            }
+            let reconciled = match reconcile_repos(&c, &server).await {
+                Ok(()) => true,
+                Err(e) => {
+                    tracing::debug!("repositories not reconciled this time: {e:#}");
+                    false
+                }
+            };
+            // Until an api is found and heard, look again every second.
+            let tick = if reconciled && !subscribed.is_empty() { 30 } else { 1 };
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(tick), rx.recv()).await;
+        }
+    });
+}
+
+async fn reconcile_repos(c: &Ctx, server: &server::Server) -> anyhow::Result<()> {
+    let asked = std::time::SystemTime::now();
+    let v = c
+        .calls()
+        .call_daemon("api", "apps.state", serde_json::json!({}))
+        .await?;
+    let apps: std::collections::HashSet<String> = v["apps"]
+        .as_array()
+        .context("apps.state gave no apps")?
+        .iter()
+        .filter_map(|a| a["name"].as_str().map(String::from))
+        .collect();
+    for app in &apps {
+        server.repos.ensure(app)?;
+    }
+    for entry in std::fs::read_dir(&server.repos.root)? {
+        let entry = entry?;
+        let name = entry.file_name().to_string_lossy().to_string();
+        let Some(app) = name.strip_suffix(".git") else { continue };
+        // A repository made after the listing belongs to an app newer than it.
+        let older = entry
+            .metadata()
+            .and_then(|m| m.modified())
+            .is_ok_and(|t| t < asked);
+        if !apps.contains(app) && older {
+            tracing::info!(app, "removing the repository of a destroyed app");
+            server.repos.remove(app)?;
+        }
+    }
+    Ok(())
+}
+
 /// Lets other accounts pass through (o+x, never read) every existing parent of
 /// `dir`: the `git` account must reach the socket and the repositories under it.
 fn passable(dir: &std::path::Path) -> anyhow::Result<()> {
@@ -119,6 +207,7 @@ pub async fn setup(ctx: Ctx) -> anyhow::Result<Routes> {
         uid,
         ctx.identity(),
     ));
+    spawn_app_sync(&ctx, server.clone());
     let listener = std::rc::Rc::new(listener);
     ctx.spawn_loop("socket", LoopKind::Critical, move || {
         let (l, server) = (listener.clone(), server.clone());
