@@ -18,7 +18,8 @@ use crate::out;
 pub enum InstanceCmd {
     /// Every app instance on every runner.
     Ps,
-    /// Run a one-off command in an app's environment on a PTY (-a APP).
+    /// Run a one-off command in an app's environment on a PTY (-a APP), from a
+    /// directory on the node or from a release (--release SHA --version N).
     Run(RunArgs),
     /// Start an app instance (-a APP) on a runner; prints its id and port.
     Start(StartArgs),
@@ -39,13 +40,63 @@ pub enum InstanceCmd {
     },
 }
 
+/// A release to run instead of a directory: its slug, fetched and unpacked by the
+/// runner, at `/app`, with the release's config vars.
+#[derive(Debug, Args)]
+pub struct ReleaseArgs {
+    /// The release's slug (its sha256); with --version.
+    #[arg(
+        long = "release",
+        value_name = "SHA256",
+        requires = "release_version",
+        conflicts_with = "dir"
+    )]
+    release: Option<String>,
+    /// The release's version number; with --release.
+    #[arg(long = "version", value_name = "N", requires = "release")]
+    release_version: Option<u32>,
+}
+
+impl ReleaseArgs {
+    /// `{"release": {…}}` or `{"dir": …}` and the command fields; a release may
+    /// leave the command out (an instance then runs its process type's command).
+    fn fields(
+        &self,
+        dir: &Option<String>,
+        command: &[String],
+    ) -> Result<serde_json::Map<String, Value>> {
+        let mut m = serde_json::Map::new();
+        match (&self.release, self.release_version, dir) {
+            (Some(sha), Some(v), _) => {
+                m.insert("release".into(), json!({"slug": sha, "version": v}));
+            }
+            (None, None, Some(d)) => {
+                m.insert("dir".into(), json!(d));
+            }
+            _ => bail!("give --dir DIR, or --release SHA256 --version N"),
+        }
+        if command.is_empty() {
+            if self.release.is_none() {
+                bail!("give the command after `--`");
+            }
+        } else {
+            let (command, argv) = command_fields(command);
+            m.insert("command".into(), json!(command));
+            m.insert("argv".into(), json!(argv));
+        }
+        Ok(m)
+    }
+}
+
 #[derive(Debug, Args)]
 pub struct StartArgs {
     #[arg(long, default_value = "web")]
     proc: String,
     /// The app's code directory (absolute; must be readable by the app's user).
     #[arg(long)]
-    dir: String,
+    dir: Option<String>,
+    #[command(flatten)]
+    release: ReleaseArgs,
     /// KEY=VALUE, repeatable.
     #[arg(long = "env", short = 'e')]
     env: Vec<String>,
@@ -66,7 +117,8 @@ pub struct StartArgs {
     node: Option<String>,
     /// One argument: a command line, Procfile style (run by `sh` when it has
     /// shell syntax). Several: the program and its arguments, exec'd as given.
-    #[arg(last = true, required = true)]
+    /// With --release it may be left out: the release's command for --proc.
+    #[arg(last = true)]
     command: Vec<String>,
 }
 
@@ -74,7 +126,13 @@ pub struct StartArgs {
 pub struct RunArgs {
     /// The app's code directory (absolute; must be readable by the app's user).
     #[arg(long)]
-    dir: String,
+    dir: Option<String>,
+    #[command(flatten)]
+    release: ReleaseArgs,
+    /// No terminal: output (stdout and stderr) is printed as it comes, nothing
+    /// is read from stdin.
+    #[arg(long)]
+    no_pty: bool,
     #[arg(long = "env", short = 'e')]
     env: Vec<String>,
     #[arg(long)]
@@ -228,10 +286,23 @@ pub fn instance(opts: &Opts, cmd: InstanceCmd) -> Result<()> {
                     limits.insert(k.into(), v.into());
                 }
             }
-            let (command, argv) = command_fields(&a.command);
-            let body = json!({"app": app, "proc": a.proc, "dir": a.dir, "command": command, "argv": argv,
-                              "env": env_map(&a.env)?, "health": health, "limits": limits});
-            let v = client(&cfg, &ep, opts.timeout)?.call(kinds::INSTANCE_START, body)?;
+            let mut body = a.release.fields(&a.dir, &a.command)?;
+            for (k, v) in [
+                ("app", json!(app)),
+                ("proc", json!(a.proc)),
+                ("env", Value::Object(env_map(&a.env)?)),
+                ("health", health),
+                ("limits", Value::Object(limits)),
+            ] {
+                body.insert(k.into(), v);
+            }
+            let body = Value::Object(body);
+            // A release's slug may be fetched and unpacked first.
+            let timeout = match a.release.release {
+                Some(_) => opts.timeout.max(Duration::from_secs(120)),
+                None => opts.timeout,
+            };
+            let v = client(&cfg, &ep, timeout)?.call(kinds::INSTANCE_START, body)?;
             if opts.json {
                 println!("{v}");
             } else {
@@ -382,19 +453,27 @@ pub fn run(opts: &Opts, a: RunArgs) -> Result<i32> {
     let ep = pick(&cfg, opts, a.node.as_deref())?;
     let (cols, rows) = term_size();
     let mut c = client(&cfg, &ep, opts.timeout)?;
-    let (command, argv) = command_fields(&a.command);
-    let v = c.call(
-        kinds::RUN_START,
-        json!({"app": app, "dir": a.dir, "command": command, "argv": argv, "env": env_map(&a.env)?, "cols": cols, "rows": rows}),
-    )?;
+    let mut body = a.release.fields(&a.dir, &a.command)?;
+    for (k, v) in [
+        ("app", json!(app)),
+        ("env", Value::Object(env_map(&a.env)?)),
+        ("cols", json!(cols)),
+        ("rows", json!(rows)),
+        ("pty", json!(!a.no_pty)),
+    ] {
+        body.insert(k.into(), v);
+    }
+    // A release's slug may be fetched and unpacked first.
+    c.set_timeout(opts.timeout.max(Duration::from_secs(120)));
+    let v = c.call(kinds::RUN_START, Value::Object(body))?;
     let id = v["id"]
         .as_str()
         .context("run.start reply has no id")?
         .to_string();
-    let raw = Raw::enter();
+    let raw = (!a.no_pty).then(Raw::enter);
     let b64 = &base64::engine::general_purpose::STANDARD;
     // Input: stdin → run.input (its own connection); EOF on a pipe becomes ^D.
-    {
+    if !a.no_pty {
         let (cfg, ep, id) = (cfg.clone(), ep.clone(), id.clone());
         let timeout = opts.timeout;
         std::thread::spawn(move || {
@@ -422,7 +501,7 @@ pub fn run(opts: &Opts, a: RunArgs) -> Result<i32> {
         });
     }
     // Window size changes.
-    if raw.saved.is_some() {
+    if raw.as_ref().is_some_and(|r| r.saved.is_some()) {
         let (cfg, ep, id) = (cfg.clone(), ep.clone(), id.clone());
         let timeout = opts.timeout;
         std::thread::spawn(move || {

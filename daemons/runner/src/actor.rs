@@ -235,6 +235,15 @@ struct HealthResult {
 #[rtype(result = "Result<Value, WireError>")]
 pub struct Call(pub paddock_wire::Envelope);
 
+/// `instance.start` in the release form, once its slug is unpacked on this node
+/// and the request completed from the release (`dir` `/app`, command, config).
+#[derive(Message)]
+#[rtype(result = "Result<Value, WireError>")]
+pub struct StartRelease {
+    pub req: InstanceStart,
+    pub release: store::ReleaseSpec,
+}
+
 impl Runner {
     /// The one way an instance's state changes: its machine steps, then the
     /// effects are carried out in order.
@@ -408,6 +417,13 @@ impl Runner {
                 ),
             )
         })?;
+        // Its cached slugs go with its account (a later account may get its uid).
+        let slugs = self.settings.instances_dir.join("slugs").join(app);
+        if let Err(e) = std::fs::remove_dir_all(&slugs) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!(app = %app, "cannot remove {}: {e}", slugs.display());
+            }
+        }
         tracing::info!(app = %app, instances = ids.len(), user_removed, "app purged");
         Ok(
             json!({"app": app, "purged": true, "instances_removed": ids, "user_removed": user_removed}),
@@ -608,6 +624,7 @@ impl Runner {
         &mut self,
         ctx: &mut Context<Self>,
         req: InstanceStart,
+        release: Option<store::ReleaseSpec>,
     ) -> Result<Value, WireError> {
         provision::check(&req)?;
         let port = self
@@ -619,7 +636,7 @@ impl Runner {
             req.proc,
             &ulid::Ulid::new().to_string().to_lowercase()[16..]
         );
-        let p = provision::provision(&self.settings, &self.hierarchy, &id, req, port)?;
+        let p = provision::provision(&self.settings, &self.hierarchy, &id, req, port, release)?;
         let inst = Inst::new(p.rec, p.dir, p.cgroup, &self.settings);
         let span = inst.span();
         self.instances.insert(id.clone(), inst);
@@ -655,7 +672,7 @@ impl Runner {
         env: paddock_wire::Envelope,
     ) -> Result<Value, WireError> {
         match env.kind.as_str() {
-            kinds::INSTANCE_START => self.start_instance(ctx, body(&env)?),
+            kinds::INSTANCE_START => self.start_instance(ctx, body(&env)?, None),
             kinds::INSTANCE_STOP => {
                 let req: InstanceId = body(&env)?;
                 let shim_alive = self.get(&req.id)?.shim_alive();
@@ -818,6 +835,13 @@ impl Handler<HealthResult> for Runner {
             },
         };
         self.step(ctx, &m.id, ev);
+    }
+}
+
+impl Handler<StartRelease> for Runner {
+    type Result = Result<Value, WireError>;
+    fn handle(&mut self, m: StartRelease, ctx: &mut Context<Self>) -> Self::Result {
+        self.start_instance(ctx, m.req, Some(m.release))
     }
 }
 

@@ -26,6 +26,7 @@ pub mod link;
 pub mod machine;
 pub mod provision;
 pub mod pty;
+pub mod release;
 pub mod settings;
 pub mod shim;
 pub mod shim_proto;
@@ -34,7 +35,7 @@ pub mod users;
 
 use actix::prelude::*;
 use paddock_daemon::{Ctx, Routes, Spec};
-use paddock_wire::kinds;
+use paddock_wire::{kinds, WireError};
 
 pub use settings::{RunnerSection, Settings};
 
@@ -70,6 +71,10 @@ pub async fn setup(ctx: Ctx) -> anyhow::Result<Routes> {
         std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o711))?;
     }
     std::fs::create_dir_all(settings.instances_dir.join("instances"))?;
+    // Where release instances and one-offs see their app, in mount namespaces of
+    // their own.
+    child::ensure_app_root()?;
+    let releases = release::Releases::new(ctx.calls().clone(), &settings.instances_dir);
     let hierarchy = cgroup::Hierarchy::detect(&settings.cgroup_root);
     tracing::info!(
         cgroups = hierarchy.name(),
@@ -82,6 +87,7 @@ pub async fn setup(ctx: Ctx) -> anyhow::Result<Routes> {
         .ok_or_else(|| anyhow::anyhow!("paddock-shim not found next to paddock-runner"))?;
     let pty = pty::Runs::new(
         settings.apps_dir.clone(),
+        settings.instances_dir.join("runs"),
         hierarchy.clone(),
         pty::Defaults {
             nofile: settings.nofile,
@@ -98,7 +104,6 @@ pub async fn setup(ctx: Ctx) -> anyhow::Result<Routes> {
     )
     .start();
     let kinds = [
-        kinds::INSTANCE_START,
         kinds::INSTANCE_STOP,
         kinds::INSTANCE_RESTART,
         kinds::INSTANCE_RELOAD,
@@ -106,7 +111,26 @@ pub async fn setup(ctx: Ctx) -> anyhow::Result<Routes> {
         kinds::INSTANCE_LIST,
         kinds::APP_PURGE,
     ];
-    pty::routes(Routes::new().forward(&kinds, runner, actor::Call), pty)
+    // `instance.start`: the `dir` form goes straight to the actor; the release
+    // form first reads its release and has its slug on this node (waiting here,
+    // never in the actor), then goes to the actor completed.
+    let (start_to, start_releases) = (runner.clone(), releases.clone());
+    let routes = Routes::new()
+        .on(kinds::INSTANCE_START, move |env| {
+            let (runner, releases) = (start_to.clone(), start_releases.clone());
+            async move {
+                let sent = match env.body.get("release") {
+                    None | Some(serde_json::Value::Null) => runner.send(actor::Call(env)).await,
+                    Some(_) => {
+                        let (req, release) = releases.instance_start(&env.body).await?;
+                        runner.send(actor::StartRelease { req, release }).await
+                    }
+                };
+                sent.map_err(|e| WireError::internal(format!("actor mailbox closed: {e}")))?
+            }
+        })
+        .forward(&kinds, runner, actor::Call);
+    pty::routes(routes, pty, releases)
 }
 
 #[cfg(test)]

@@ -9,9 +9,10 @@ use paddock_wire::kinds::InstanceStart;
 use paddock_wire::{now_ms, WireError};
 
 use crate::cgroup;
+use crate::child::APP_ROOT;
 use crate::settings::Settings;
-use crate::shim_proto::ShimSpec;
-use crate::store::{self, AppSpec, Record, RECORD_VERSION};
+use crate::shim_proto::{OverlaySpec, ShimSpec};
+use crate::store::{self, AppSpec, Record, ReleaseSpec, RECORD_VERSION};
 use crate::users;
 
 /// A provisioned instance, ready for its shim.
@@ -93,19 +94,24 @@ fn mkdir(d: &Path, owner: Option<(u32, u32)>) -> Result<(), WireError> {
 }
 
 /// Makes everything for a new instance `id` of `req` on `port` (checked with
-/// [`check`] first).
+/// [`check`] first). With `release`, the instance runs that release's unpacked
+/// slug at `/app` (`req.dir` is `/app`, its env already holds the release's config).
 pub fn provision(
     s: &Settings,
     hierarchy: &cgroup::Hierarchy,
     id: &str,
     req: InstanceStart,
     port: u16,
+    release: Option<ReleaseSpec>,
 ) -> Result<Provisioned, WireError> {
     let dir = PathBuf::from(&req.dir);
     let (uid, gid) =
         users::ensure_user(&req.app).map_err(|e| WireError::internal(crate::chain(&e)))?;
-    users::check_readable_dir(&dir, uid, gid).map_err(|e| WireError::invalid(e.to_string()))?;
-    let spec = AppSpec::from(req);
+    if release.is_none() {
+        users::check_readable_dir(&dir, uid, gid).map_err(|e| WireError::invalid(e.to_string()))?;
+    }
+    let mut spec = AppSpec::from(req);
+    spec.release = release;
     let idir = instance_dir(s, id);
     let base = s.apps_dir.join(id);
     let (home, tmp) = (base.join("home"), base.join("tmp"));
@@ -134,16 +140,29 @@ pub fn provision(
     env.insert("PATH".into(), "/usr/local/bin:/usr/bin:/bin".into());
     env.insert("LANG".into(), "C.UTF-8".into());
     env.extend(spec.env.clone());
-    env.insert("HOME".into(), home.display().to_string());
+    // A release's HOME is its `/app`, as on Heroku.
+    let home_env = match spec.release {
+        Some(_) => APP_ROOT.to_string(),
+        None => home.display().to_string(),
+    };
+    env.insert("HOME".into(), home_env);
     env.insert("TMPDIR".into(), tmp.display().to_string());
     env.insert("PORT".into(), port.to_string());
     env.insert("PADDOCK_APP".into(), spec.app.clone());
     env.insert("PADDOCK_PROC".into(), spec.proc.clone());
     env.insert("PADDOCK_INSTANCE".into(), id.to_string());
+    // A release sources its `.profile.d` first (then execs the command itself).
+    let argv = match spec.release {
+        Some(_) => Some(crate::release::profile_wrapped(
+            &spec.command,
+            spec.argv.as_deref(),
+        )),
+        None => spec.argv.clone(),
+    };
     let shim_spec = ShimSpec {
         id: id.to_string(),
         command: spec.command.clone(),
-        argv: spec.argv.clone(),
+        argv,
         dir,
         env,
         uid,
@@ -159,6 +178,10 @@ pub fn provision(
         oom_counter: cg.oom_counter.clone(),
         log_file: idir.join("app.log"),
         log_max_bytes: s.log_max_bytes,
+        app_mount: spec.release.as_ref().map(|r| OverlaySpec {
+            lower: r.lower.clone(),
+            layers: idir.join("layers"),
+        }),
     };
     store::write_json(&idir.join("spec.json"), &shim_spec)
         .map_err(|e| WireError::internal(format!("cannot write spec: {e}")))?;

@@ -1,6 +1,9 @@
-//! One-off commands on a pseudo-terminal (`run.*`): started in an app's
-//! environment as the app's user, with input, output and window size relayed over
-//! ZeroMQ requests (output by long polling), and the exit status returned.
+//! One-off commands (`run.*`): started in an app's environment as the app's
+//! user, on a pseudo-terminal (input, output and window size relayed over ZeroMQ
+//! requests, output by long polling) or, with `"pty": false`, with stdout and
+//! stderr captured into the same output and no input; the exit status returned.
+//! A one-off of a release (`"release"` instead of `"dir"`) runs at `/app` as a
+//! release instance does, with a writable layer of its own.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -32,7 +35,11 @@ const MAX_REPLY: usize = 256 << 10;
 const INPUT_WAIT: Duration = Duration::from_secs(2);
 
 struct Run {
+    /// The terminal's master side, or (without a terminal) the output pipe's
+    /// read end.
     master: Rc<AsyncFd<OwnedFd>>,
+    /// On a terminal: input and resizing are possible.
+    tty: bool,
     pid: i32,
     /// The one-off's own cgroup: its limits, and the exact kill.
     cgroup: cgroup::InstanceCgroup,
@@ -52,10 +59,21 @@ pub struct Defaults {
     pub memory_mb: Option<u64>,
 }
 
+/// How a one-off runs, beyond its request.
+#[derive(Debug, Clone, Default)]
+pub struct RunOpts {
+    /// Without a terminal: stdin is /dev/null, stdout and stderr one pipe.
+    pub no_pty: bool,
+    /// A release's unpacked slug, seen at `/app` (the request's `dir` is `/app`).
+    pub lower: Option<PathBuf>,
+}
+
 #[derive(Clone)]
 pub struct Runs {
     runs: Rc<RefCell<HashMap<String, Run>>>,
     apps_dir: PathBuf,
+    /// Root-only: each release one-off's overlay layers, `<layers>/<id>/`.
+    layers: PathBuf,
     hierarchy: Rc<cgroup::Hierarchy>,
     defaults: Defaults,
 }
@@ -86,22 +104,28 @@ fn open_pty(ws: &libc::winsize) -> nix::Result<(OwnedFd, OwnedFd)> {
 }
 
 impl Runs {
-    pub fn new(apps_dir: PathBuf, hierarchy: cgroup::Hierarchy, defaults: Defaults) -> Runs {
+    pub fn new(
+        apps_dir: PathBuf,
+        layers: PathBuf,
+        hierarchy: cgroup::Hierarchy,
+        defaults: Defaults,
+    ) -> Runs {
         Runs {
             runs: Rc::new(RefCell::new(HashMap::new())),
             apps_dir,
+            layers,
             hierarchy: Rc::new(hierarchy),
             defaults,
         }
     }
 
-    fn start(&self, req: RunStart) -> Result<Value, WireError> {
+    fn start(&self, req: RunStart, opts: RunOpts) -> Result<Value, WireError> {
         if !users::valid_app(&req.app) {
             return Err(WireError::invalid(
                 "`app` must be 1-28 characters of [a-z0-9-]",
             ));
         }
-        let argv: Vec<String> = match (&req.argv, req.command.trim()) {
+        let mut argv: Vec<String> = match (&req.argv, req.command.trim()) {
             (Some(a), "") if !a.is_empty() => a.clone(),
             (None, c) if !c.is_empty() => vec![
                 "/bin/sh".into(),
@@ -119,11 +143,35 @@ impl Runs {
             .as_ref()
             .map(|a| a.join(" "))
             .unwrap_or_else(|| req.command.clone());
+        if opts.lower.is_some() {
+            // A release sources its `.profile.d` first, then execs the command.
+            argv = crate::release::profile_wrapped(&req.command, req.argv.as_deref());
+        }
         let dir = PathBuf::from(&req.dir);
         let (uid, gid) =
             users::ensure_user(&req.app).map_err(|e| WireError::internal(crate::chain(&e)))?;
-        users::check_readable_dir(&dir, uid, gid).map_err(|e| WireError::invalid(e.to_string()))?;
+        if opts.lower.is_none() {
+            users::check_readable_dir(&dir, uid, gid)
+                .map_err(|e| WireError::invalid(e.to_string()))?;
+        }
         let id = format!("run-{}", ulid::Ulid::new().to_string().to_lowercase());
+        let layers = self.layers.join(&id);
+        let mount = match &opts.lower {
+            Some(lower) => {
+                let made = crate::release::fresh_layers(&layers, (uid, gid))
+                    .and_then(|(upper, work)| child::AppMount::overlay(lower, &upper, &work));
+                match made {
+                    Ok(m) => Some(m),
+                    Err(e) => {
+                        let _ = std::fs::remove_dir_all(&layers);
+                        return Err(WireError::internal(format!(
+                            "cannot make the one-off's /app layers: {e}"
+                        )));
+                    }
+                }
+            }
+            None => None,
+        };
         let home = self.apps_dir.join(&id);
         {
             use std::os::unix::fs::DirBuilderExt;
@@ -156,7 +204,7 @@ impl Runs {
             .chain(&cg.late_procs)
             .cloned()
             .collect();
-        let prepared = child::Prepared::new(
+        let mut prepared = child::Prepared::new(
             &join,
             uid,
             gid,
@@ -165,47 +213,75 @@ impl Runs {
             &dir,
         )
         .map_err(|e| WireError::internal(e.to_string()))?;
-        let ws = libc::winsize {
-            ws_row: req.rows,
-            ws_col: req.cols,
-            ws_xpixel: 0,
-            ws_ypixel: 0,
+        if let Some(m) = mount {
+            prepared = prepared.with_mount(m);
+        }
+        let tty = !opts.no_pty;
+        let clone = |fd: &OwnedFd| {
+            fd.try_clone()
+                .map_err(|e| WireError::internal(e.to_string()))
         };
-        let (master, slave) =
-            open_pty(&ws).map_err(|e| WireError::internal(format!("openpty: {e}")))?;
+        // stdin, stdout, stderr and the side the runner reads.
+        let (stdin, stdout, stderr, master) = if tty {
+            let ws = libc::winsize {
+                ws_row: req.rows,
+                ws_col: req.cols,
+                ws_xpixel: 0,
+                ws_ypixel: 0,
+            };
+            let (master, slave) =
+                open_pty(&ws).map_err(|e| WireError::internal(format!("openpty: {e}")))?;
+            (
+                std::process::Stdio::from(clone(&slave)?),
+                std::process::Stdio::from(clone(&slave)?),
+                std::process::Stdio::from(slave),
+                master,
+            )
+        } else {
+            // One pipe for both streams keeps their order as the command wrote it.
+            let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+                .map_err(|e| WireError::internal(format!("pipe: {e}")))?;
+            (
+                std::process::Stdio::null(),
+                std::process::Stdio::from(clone(&w)?),
+                std::process::Stdio::from(w),
+                r,
+            )
+        };
         let mut cmd = tokio::process::Command::new(&argv[0]);
         cmd.args(&argv[1..])
             .env_clear()
             .env("PATH", "/usr/local/bin:/usr/bin:/bin")
-            .env("LANG", "C.UTF-8")
-            .env(
+            .env("LANG", "C.UTF-8");
+        if tty {
+            cmd.env(
                 "TERM",
                 req.env
                     .get("TERM")
                     .map(String::as_str)
                     .unwrap_or("xterm-256color"),
+            );
+        }
+        cmd.envs(&req.env)
+            .env(
+                "HOME",
+                if opts.lower.is_some() {
+                    PathBuf::from(child::APP_ROOT)
+                } else {
+                    home.clone()
+                },
             )
-            .envs(&req.env)
-            .env("HOME", &home)
             .env("TMPDIR", &home)
             .env("PADDOCK_APP", &req.app)
-            .stdin(std::process::Stdio::from(
-                slave
-                    .try_clone()
-                    .map_err(|e| WireError::internal(e.to_string()))?,
-            ))
-            .stdout(std::process::Stdio::from(
-                slave
-                    .try_clone()
-                    .map_err(|e| WireError::internal(e.to_string()))?,
-            ))
-            .stderr(std::process::Stdio::from(slave));
+            .stdin(stdin)
+            .stdout(stdout)
+            .stderr(stderr);
         // SAFETY: only async-signal-safe syscalls on memory prepared before the fork
         // (the runner has other threads, so nothing here allocates).
         unsafe {
             cmd.pre_exec(move || {
                 nix::unistd::setsid()?;
-                if libc::ioctl(0, libc::TIOCSCTTY as _, 0) != 0 {
+                if tty && libc::ioctl(0, libc::TIOCSCTTY as _, 0) != 0 {
                     return Err(std::io::Error::last_os_error());
                 }
                 prepared.apply()
@@ -216,9 +292,13 @@ impl Runs {
             Err(e) => {
                 cg.remove();
                 let _ = std::fs::remove_dir_all(&home);
+                let _ = std::fs::remove_dir_all(&layers);
                 return Err(WireError::invalid(format!("cannot start `{shown}`: {e}")));
             }
         };
+        // The child's ends are closed here (dropped with `cmd`), so the output
+        // ends once the command and whatever it left are gone.
+        drop(cmd);
         let pid = child.id().unwrap_or(0) as i32;
         nix::fcntl::fcntl(
             master.as_raw_fd(),
@@ -236,6 +316,7 @@ impl Runs {
             id.clone(),
             Run {
                 master: master.clone(),
+                tty,
                 pid,
                 cgroup: cg,
                 buf: Vec::new(),
@@ -302,6 +383,8 @@ impl Runs {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
             cg_dirs.remove();
+            // Its `/app` layer: nothing of it is in use once its processes are gone.
+            let _ = std::fs::remove_dir_all(&layers);
             // Forget the run a while after it ended (its output was fetched by then).
             tokio::time::sleep(Duration::from_secs(300)).await;
             runs.borrow_mut().remove(&rid);
@@ -325,7 +408,16 @@ impl Runs {
         let data = base64::engine::general_purpose::STANDARD
             .decode(&req.data)
             .map_err(|e| WireError::invalid(format!("`data` is not base64: {e}")))?;
-        let master = self.with(&req.id, |r| r.master.clone())?;
+        let (master, tty) = self.with(&req.id, |r| (r.master.clone(), r.tty))?;
+        if !tty {
+            return Err(WireError::new(
+                Code::Conflict,
+                format!(
+                    "run `{}` has no terminal (\"pty\": false): it takes no input",
+                    req.id
+                ),
+            ));
+        }
         let deadline = tokio::time::Instant::now() + INPUT_WAIT;
         let mut off = 0;
         while off < data.len() {
@@ -350,7 +442,13 @@ impl Runs {
     }
 
     fn resize(&self, req: RunResize) -> Result<Value, WireError> {
-        let fd = self.with(&req.id, |r| r.master.get_ref().as_raw_fd())?;
+        let (fd, tty) = self.with(&req.id, |r| (r.master.get_ref().as_raw_fd(), r.tty))?;
+        if !tty {
+            return Err(WireError::new(
+                Code::Conflict,
+                format!("run `{}` has no terminal (\"pty\": false)", req.id),
+            ));
+        }
         let ws = libc::winsize {
             ws_row: req.rows,
             ws_col: req.cols,
@@ -427,12 +525,39 @@ impl Runs {
 }
 
 /// Adds the `run.*` kinds.
-pub fn routes(routes: Routes, runs: Runs) -> anyhow::Result<Routes> {
+pub fn routes(
+    routes: Routes,
+    runs: Runs,
+    releases: crate::release::Releases,
+) -> anyhow::Result<Routes> {
     let (a, b, c, d, e) = (runs.clone(), runs.clone(), runs.clone(), runs.clone(), runs);
     Ok(routes
         .on(kinds::RUN_START, move |env| {
-            let r = a.clone();
-            async move { r.start(body(&env)?) }
+            let (r, releases) = (a.clone(), releases.clone());
+            async move {
+                let no_pty = match env.body.get("pty") {
+                    None | Some(Value::Null) => false,
+                    Some(Value::Bool(b)) => !b,
+                    Some(_) => return Err(WireError::invalid("`pty` must be true or false")),
+                };
+                match env.body.get("release") {
+                    None | Some(Value::Null) => r.start(
+                        body(&env)?,
+                        RunOpts {
+                            no_pty,
+                            lower: None,
+                        },
+                    ),
+                    Some(_) => {
+                        let (req, lower) = releases.run_start(&env.body).await?;
+                        let opts = RunOpts {
+                            no_pty,
+                            lower: Some(lower),
+                        };
+                        r.start(req, opts)
+                    }
+                }
+            }
         })
         .on(kinds::RUN_INPUT, move |env| {
             let r = b.clone();

@@ -548,7 +548,7 @@ pub fn program(spec: &ShimSpec) -> Vec<String> {
 /// user and group, its `dir` entered as that user, default signals, nothing but
 /// stdio inherited, a clean environment.
 fn spawn(spec: &ShimSpec) -> std::io::Result<(i32, OwnedFd, OwnedFd)> {
-    let prepared = crate::child::Prepared::new(
+    let mut prepared = crate::child::Prepared::new(
         &spec.cgroup_procs,
         spec.uid,
         spec.gid,
@@ -556,6 +556,12 @@ fn spawn(spec: &ShimSpec) -> std::io::Result<(i32, OwnedFd, OwnedFd)> {
         spec.nproc,
         &spec.dir,
     )?;
+    if let Some(m) = &spec.app_mount {
+        // A new, empty writable layer at every start: what the app wrote to
+        // `/app` last time is gone, as on Heroku.
+        let (upper, work) = crate::release::fresh_layers(&m.layers, (spec.uid, spec.gid))?;
+        prepared = prepared.with_mount(crate::child::AppMount::overlay(&m.lower, &upper, &work)?);
+    }
     let (out_r, out_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
     let (err_r, err_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
     for fd in [&out_r, &err_r] {

@@ -45,6 +45,20 @@ pub struct ShimSpec {
     pub oom_counter: Option<PathBuf>,
     pub log_file: PathBuf,
     pub log_max_bytes: u64,
+    /// Release instances: the unpacked slug seen at `/app` through an overlay
+    /// whose writable layer is made new, empty, before every start (absent from
+    /// `dir`-form instances and from specs written before releases).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub app_mount: Option<OverlaySpec>,
+}
+
+/// Where a release instance's `/app` comes from.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct OverlaySpec {
+    /// The unpacked slug (read-only layer).
+    pub lower: PathBuf,
+    /// A root-only directory for the per-start `upper`/`work` pairs.
+    pub layers: PathBuf,
 }
 
 /// The exact way to kill every process of an instance.

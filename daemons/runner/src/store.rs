@@ -44,6 +44,20 @@ pub struct AppSpec {
     pub start_timeout_ms: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub health_interval_ms: Option<u64>,
+    /// The release form: the release it runs, seen at `/app` (absent from records
+    /// of `dir`-form instances and from records written before releases).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub release: Option<ReleaseSpec>,
+}
+
+/// The release an instance runs, as the runner keeps it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReleaseSpec {
+    /// The slug's sha256 (64 lowercase hex).
+    pub slug: String,
+    pub version: i64,
+    /// The unpacked slug, the overlay's read-only layer.
+    pub lower: PathBuf,
 }
 
 impl From<InstanceStart> for AppSpec {
@@ -63,6 +77,7 @@ impl From<InstanceStart> for AppSpec {
             stop_grace_ms: r.stop_grace_ms,
             start_timeout_ms: r.start_timeout_ms,
             health_interval_ms: r.health_interval_ms,
+            release: None,
         }
     }
 }
@@ -200,6 +215,7 @@ mod tests {
                 stop_grace_ms: None,
                 start_timeout_ms: None,
                 health_interval_ms: None,
+                release: None,
             },
             port: 20001,
             uid: 1001,
