@@ -40,6 +40,9 @@ pub enum DevCmd {
         /// Return once everything is healthy, leaving the supervisor running.
         #[arg(long)]
         detach: bool,
+        /// Blobstores to run: 1, or 2 for a pair that replicates every slug.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=2))]
+        blobstores: u8,
     },
     /// Stop everything `dev up` started under DIR, PostgreSQL included.
     Down {
@@ -68,7 +71,11 @@ pub enum DevCmd {
 
 pub fn run(cmd: DevCmd) -> Result<()> {
     match cmd {
-        DevCmd::Up { dir, detach } => up(&absolute(&dir)?, detach),
+        DevCmd::Up {
+            dir,
+            detach,
+            blobstores,
+        } => up(&absolute(&dir)?, detach, blobstores),
         DevCmd::Down { dir } => down(&absolute(&dir)?),
         DevCmd::Logs {
             dir,
@@ -137,7 +144,7 @@ fn prepare(dir: &Path) -> Result<()> {
     Ok(())
 }
 
-fn up(dir: &Path, detach: bool) -> Result<()> {
+fn up(dir: &Path, detach: bool, blobstores: u8) -> Result<()> {
     if let Some(p) = running_supervisor(dir)? {
         bail!(
             "a dev cluster is already running in {} (supervisor pid {}); run `paddock dev down --dir {}` first",
@@ -148,6 +155,8 @@ fn up(dir: &Path, detach: bool) -> Result<()> {
     }
     prepare(dir)?;
     let _ = fs::remove_file(dir.join("dev.ready"));
+    // Read by the supervisor (which `--detach` starts as another process).
+    fs::write(dir.join("blobstores"), blobstores.to_string())?;
     if !detach {
         return supervise(dir, Some(print_summary));
     }
@@ -286,6 +295,9 @@ extern "C" fn on_stop(_: i32) {
 
 struct Supervised {
     name: String,
+    /// The second of a blobstore pair: the blobstore binary with a state dir and
+    /// rpc endpoint of its own (environment overrides of the one cluster file).
+    env: Vec<(String, String)>,
     child: Option<Child>,
     /// A balancer's successor after an upgrade: not started by us, but ours to
     /// watch (this process is a subreaper, so it is reparented here).
@@ -293,6 +305,56 @@ struct Supervised {
     restarts: u32,
     started: Instant,
     next_start: Option<Instant>,
+}
+
+fn cfg_rpc(cfg_path: &Path, daemon: &str) -> Option<String> {
+    let cfg = ClusterConfig::load(cfg_path).ok()?;
+    cfg.file.daemons.get(daemon).map(|s| s.rpc.clone())
+}
+
+/// With `dev up --blobstores 2`: the pair's second member, `blobstore-2`, with its
+/// own node name (`dev-b`), state dir (`state/blobstore-2`) and rpc port (kept in
+/// `blobstore-2.port`).
+/// It finds its peer, as in production, through the heartbeat registry.
+fn second_blobstore(dir: &Path) -> Result<Option<Supervised>> {
+    let n: u8 = fs::read_to_string(dir.join("blobstores"))
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(1);
+    if n < 2 {
+        return Ok(None);
+    }
+    let port_file = dir.join("blobstore-2.port");
+    let port = fs::read_to_string(&port_file)
+        .ok()
+        .and_then(|p| p.trim().parse::<u16>().ok())
+        .filter(|p| std::net::TcpListener::bind(("127.0.0.1", *p)).is_ok())
+        .map(Ok)
+        .unwrap_or_else(harness::free_port)?;
+    fs::write(&port_file, port.to_string())?;
+    let state = state_dir(dir).join("blobstore-2");
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&state)?;
+    Ok(Some(Supervised {
+        name: "blobstore-2".into(),
+        // A node name of its own too: the registry takes a second incarnation of
+        // one daemon on one node for a restart of the first.
+        env: vec![
+            ("PADDOCK__NODE".into(), "dev-b".into()),
+            ("PADDOCK__STATE_DIR".into(), state.display().to_string()),
+            (
+                "PADDOCK__DAEMONS__BLOBSTORE__RPC".into(),
+                harness::tcp(port),
+            ),
+        ],
+        child: None,
+        adopted: None,
+        restarts: 0,
+        started: Instant::now(),
+        next_start: Some(Instant::now()),
+    }))
 }
 
 /// Runs the cluster in this process until SIGTERM/SIGINT, restarting what dies.
@@ -342,6 +404,7 @@ fn supervise_inner(dir: &Path, on_ready: Option<fn(&Path)>) -> Result<()> {
     let pg_child = pg.start(&logs.join("postgres.log"))?;
     let mut procs: Vec<Supervised> = vec![Supervised {
         name: "postgres".into(),
+        env: Vec::new(),
         child: Some(pg_child),
         adopted: None,
         restarts: 0,
@@ -374,12 +437,28 @@ fn supervise_inner(dir: &Path, on_ready: Option<fn(&Path)>) -> Result<()> {
     for d in DAEMONS {
         procs.push(Supervised {
             name: d.to_string(),
+            env: Vec::new(),
             child: None,
             adopted: None,
             restarts: 0,
             started: Instant::now(),
             next_start: Some(Instant::now()),
         });
+    }
+    let mut pings: Vec<String> = DAEMONS
+        .iter()
+        .filter_map(|d| cfg_rpc(&cfg_path, d))
+        .collect();
+    match second_blobstore(dir) {
+        Ok(Some(p)) => {
+            pings.push(p.env[2].1.clone());
+            procs.push(p);
+        }
+        Ok(None) => {}
+        Err(e) => {
+            stop_all(dir, &mut procs);
+            return Err(e);
+        }
     }
     let cfg = ClusterConfig::load(&cfg_path)?;
     let keys = cfg.credentials();
@@ -403,15 +482,10 @@ fn supervise_inner(dir: &Path, on_ready: Option<fn(&Path)>) -> Result<()> {
         }
         if !ready && last_ready_check.elapsed() > Duration::from_millis(200) {
             last_ready_check = Instant::now();
-            ready = DAEMONS.iter().all(|d| {
-                cfg.file
-                    .daemons
-                    .get(*d)
-                    .map(|s| {
-                        harness::wait_ping(&s.rpc, keys.clone(), Duration::from_millis(100)).is_ok()
-                    })
-                    .unwrap_or(false)
-            });
+            ready = pings.len() >= DAEMONS.len()
+                && pings.iter().all(|rpc| {
+                    harness::wait_ping(rpc, keys.clone(), Duration::from_millis(100)).is_ok()
+                });
             if ready {
                 fs::write(dir.join("dev.ready"), "")?;
                 eprintln!("all daemons answer ping");
@@ -626,6 +700,13 @@ fn tend(
         pg.start(&log)
     } else if p.name == "balancer" && !held.is_empty() {
         spawn_balancer(cfg_path, &log, held)
+    } else if !p.env.is_empty() {
+        let env: Vec<(&str, &str)> = p
+            .env
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        harness::spawn_daemon_env("blobstore", cfg_path, &log, &env)
     } else {
         harness::spawn_daemon(&p.name, cfg_path, &log)
     };
@@ -697,10 +778,9 @@ fn down(dir: &Path) -> Result<()> {
     // is ours, stopped in the supervisor's order: daemons (a runner would restart
     // what it lost), app instances' shims (each takes its app along), PostgreSQL.
     let state = state_dir(dir);
-    let mut pidfiles: Vec<PathBuf> = fs::read_dir(&state)
-        .into_iter()
-        .flatten()
-        .flatten()
+    let mut pidfiles: Vec<PathBuf> = [state.clone(), state.join("blobstore-2")]
+        .iter()
+        .flat_map(|d| fs::read_dir(d).into_iter().flatten().flatten())
         .map(|e| e.path())
         .filter(|p| p.extension().is_some_and(|x| x == "pid"))
         .collect();
