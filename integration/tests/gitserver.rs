@@ -3,8 +3,8 @@
 
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 use std::process::{Command, Output, Stdio};
+use std::time::Duration;
 
 use paddock_integration::api::*;
 use paddock_integration::eventually;
@@ -68,7 +68,11 @@ impl Git {
     fn ssh(&self, key: &Path, command: Option<&str>) -> Output {
         let mut c = Command::new("ssh");
         c.args(Self::ssh_command(key).split_whitespace().skip(1))
-            .args(["-p", &self.c.node.ports.gitserver_ssh.to_string(), "git@127.0.0.1"])
+            .args([
+                "-p",
+                &self.c.node.ports.gitserver_ssh.to_string(),
+                "git@127.0.0.1",
+            ])
             .args(command)
             .stdin(Stdio::null());
         c.output().unwrap()
@@ -175,8 +179,7 @@ fn only_known_keys_with_access_get_git_and_nothing_else() {
     let bob = create_user(&g.c.node, "bob", false);
     let (bob_key, bob_pub) = keygen(&base, "bob");
     let mut b = user_client(&bob);
-    b
-        .call("sshkey.add", json!({ "public_key": bob_pub }))
+    b.call("sshkey.add", json!({ "public_key": bob_pub }))
         .unwrap();
     let o = g.ssh(&bob_key, Some("git-receive-pack 'shop.git'"));
     assert!(!o.status.success());
@@ -212,7 +215,11 @@ fn only_known_keys_with_access_get_git_and_nothing_else() {
     });
     let hook = repos.join("brief.git/hooks/pre-receive");
     let m = std::fs::metadata(&hook).unwrap();
-    assert_eq!((m.uid(), m.mode() & 0o7777), (0, 0o755), "the hook is root's");
+    assert_eq!(
+        (m.uid(), m.mode() & 0o7777),
+        (0, 0o755),
+        "the hook is root's"
+    );
     a.call("app.destroy", json!({ "app": "brief", "confirm": "brief" }))
         .unwrap();
     eventually(Duration::from_secs(10), "brief.git removed", || {
