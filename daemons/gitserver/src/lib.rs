@@ -69,7 +69,9 @@ fn spawn_app_sync(ctx: &Ctx, server: Arc<server::Server>) {
                 return;
             }
             for svc in c.calls().services("api").await.unwrap_or_default() {
-                let Some(ep) = svc.endpoints.get("pub") else { continue };
+                let Some(ep) = svc.endpoints.get("pub") else {
+                    continue;
+                };
                 if subscribed.contains(ep) {
                     continue;
                 }
@@ -83,7 +85,10 @@ fn spawn_app_sync(ctx: &Ctx, server: Arc<server::Server>) {
                                 match env.body["what"].as_str() {
                                     Some("created") => {
                                         if let Err(e) = server.repos.ensure(app) {
-                                            tracing::warn!(app, "could not make the repository: {e:#}");
+                                            tracing::warn!(
+                                                app,
+                                                "could not make the repository: {e:#}"
+                                            );
                                         }
                                     }
                                     Some("destroyed") => {
@@ -105,7 +110,11 @@ fn spawn_app_sync(ctx: &Ctx, server: Arc<server::Server>) {
                 }
             };
             // Until an api is found and heard, look again every second.
-            let tick = if reconciled && !subscribed.is_empty() { 30 } else { 1 };
+            let tick = if reconciled && !subscribed.is_empty() {
+                30
+            } else {
+                1
+            };
             let _ = tokio::time::timeout(std::time::Duration::from_secs(tick), rx.recv()).await;
         }
     });
@@ -129,7 +138,9 @@ async fn reconcile_repos(c: &Ctx, server: &server::Server) -> anyhow::Result<()>
     for entry in std::fs::read_dir(&server.repos.root)? {
         let entry = entry?;
         let name = entry.file_name().to_string_lossy().to_string();
-        let Some(app) = name.strip_suffix(".git") else { continue };
+        let Some(app) = name.strip_suffix(".git") else {
+            continue;
+        };
         // A repository made after the listing belongs to an app newer than it.
         let older = entry
             .metadata()

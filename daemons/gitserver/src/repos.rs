@@ -64,6 +64,8 @@ impl Repos {
                 ("receive.fsckObjects", "true"),
                 ("core.logAllRefUpdates", "true"),
                 ("gc.auto", "0"),
+                // A push's pack is bounded like the tree built from it.
+                ("receive.maxInputSize", "1073741824"),
             ] {
                 self.as_git(&["config", k, v], &tmp)?;
             }

@@ -75,13 +75,13 @@ impl Server {
         let (rd, mut wr) = stream.into_split();
         let mut rd = BufReader::new(rd);
         let mut line = Vec::new();
-        let n = match (&mut rd)
-            .take(MAX_LINE as u64)
-            .read_until(b'\n', &mut line)
-            .await
-        {
-            Ok(n) => n,
-            Err(_) => return,
+        // The helpers send their one line at once; a connection that does not is
+        // not one of them and holds nothing for long.
+        let mut limited = (&mut rd).take(MAX_LINE as u64);
+        let read = limited.read_until(b'\n', &mut line);
+        let n = match tokio::time::timeout(Duration::from_secs(10), read).await {
+            Ok(Ok(n)) => n,
+            _ => return,
         };
         if n == 0 || line.last() != Some(&b'\n') {
             return;
@@ -254,9 +254,15 @@ impl Server {
             &log(format!("-----> Receiving {} for {app}", short(&deploy.new))),
         )
         .await;
-        let source = paddock_blob::put_reader(&self.calls, rd.take(MAX_SOURCE))
+        let source = paddock_blob::put_reader(&self.calls, rd.take(MAX_SOURCE + 1))
             .await
             .map_err(|e| format!("could not store the pushed source: {e}"))?;
+        if source.size > MAX_SOURCE {
+            return Err(format!(
+                "the pushed tree is larger than {} MiB; leave big files out of the repository",
+                MAX_SOURCE >> 20
+            ));
+        }
         tracing::info!(
             app,
             user = grant.user,
