@@ -275,6 +275,11 @@ pub fn unpack(
                 // Bounded by the header's size (the tar reader stops there).
                 let copied = std::io::copy(&mut e, &mut f).map_err(UnpackError::Format)?;
                 n.bytes += copied;
+                // The build's times: Python's bytecode caches compare them.
+                if let Ok(t) = e.header().mtime() {
+                    let _ =
+                        f.set_modified(std::time::UNIX_EPOCH + std::time::Duration::from_secs(t));
+                }
                 f.set_permissions(std::fs::Permissions::from_mode(owner_mode(mode, false)))
                     .map_err(|source| UnpackError::Write {
                         path: path.clone(),

@@ -182,6 +182,17 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_spec_written_before_releases_has_no_app_mount() {
+        let old = r#"{"id":"a-web-1","command":"python3 app.py","dir":"/srv/a","env":{},
+            "uid":1001,"gid":1001,"nofile":4096,"nproc":null,"cgroup_procs":[],
+            "cgroup_kill":null,"oom_counter":null,"log_file":"/x/app.log","log_max_bytes":1024}"#;
+        let spec: ShimSpec = serde_json::from_str(old).unwrap();
+        assert_eq!(spec.app_mount, None);
+        let text = serde_json::to_string(&spec).unwrap();
+        assert!(!text.contains("app_mount"), "{text}");
+    }
+
+    #[test]
     fn the_first_shims_hello_without_a_version_is_protocol_0() {
         let ev: ShimEvent =
             serde_json::from_str(r#"{"ev":"hello","pid":12,"started_ns":5,"last_exit":null}"#)

@@ -241,6 +241,26 @@ mod tests {
     }
 
     #[test]
+    fn a_release_instance_round_trips_and_older_records_have_no_release() {
+        let t = tempfile::tempdir().unwrap();
+        let dir = t.path().join("shop-web-2");
+        std::fs::create_dir(&dir).unwrap();
+        let mut r = record("shop-web-2");
+        r.spec.release = Some(ReleaseSpec {
+            slug: "ab".repeat(32),
+            version: 7,
+            lower: PathBuf::from("/var/lib/paddock/runner/slugs/shop/abab"),
+        });
+        save(&dir, &r).unwrap();
+        assert_eq!(load(&dir).unwrap(), r);
+        r.spec.release = None;
+        save(&dir, &r).unwrap();
+        let text = std::fs::read_to_string(dir.join("instance.json")).unwrap();
+        assert!(!text.contains("release"), "{text}");
+        assert_eq!(load(&dir).unwrap().spec.release, None);
+    }
+
+    #[test]
     fn the_first_runners_version_less_record_is_read() {
         let t = tempfile::tempdir().unwrap();
         let dir = t.path().join("old-web-1");
