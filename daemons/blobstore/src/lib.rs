@@ -81,6 +81,13 @@ fn lock(u: &SharedUpload) -> MutexGuard<'_, Upload> {
     u.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// What a stored copy was found to be.
+enum Copy {
+    Good(FileId),
+    Missing,
+    Corrupt,
+}
+
 /// The blobstore's state, shared by its handlers and loops on the actix thread.
 pub struct Blobstore {
     s: Settings,
@@ -301,7 +308,8 @@ impl Blobstore {
         }
         let sha = c.sha256.clone();
         // A blob already here is not stored twice: its bytes are the same by name.
-        if let Some(id) = self.stat_id(&sha).await? {
+        // A corrupt copy is replaced by the upload (when that is right).
+        if let Copy::Good(id) = self.check_copy(&sha).await? {
             if id.size == c.size {
                 self.discard(&c.upload).await;
                 self.collected.borrow_mut().remove(&sha);
@@ -389,30 +397,39 @@ impl Blobstore {
         copies
     }
 
-    /// Makes sure the stored copy is whole and right (hashing it when its file
-    /// changed since last checked), repairing it from a peer when it is missing
-    /// or corrupt and `repair` allows.
+    /// Whether the stored copy is there and whole: its sha256 is computed again
+    /// when its file changed since it was last found right.
+    async fn check_copy(&self, sha256: &str) -> Result<Copy, WireError> {
+        let Some(id) = self.stat_id(sha256).await? else {
+            return Ok(Copy::Missing);
+        };
+        if self.verified.borrow().get(sha256) == Some(&id) {
+            return Ok(Copy::Good(id));
+        }
+        let path = store::blob_path(&self.s.dir, sha256);
+        let p = path.clone();
+        let (got, id) = blocking(move || store::hash_file(&p))
+            .await?
+            .map_err(disk(format!("read {}", path.display())))?;
+        if got == sha256 {
+            self.verified.borrow_mut().insert(sha256.to_string(), id);
+            return Ok(Copy::Good(id));
+        }
+        self.verified.borrow_mut().remove(sha256);
+        tracing::warn!(
+            sha256,
+            "the stored blob is corrupt (its bytes hash to {got})"
+        );
+        Ok(Copy::Corrupt)
+    }
+
+    /// Makes sure the stored copy is whole and right, repairing it from a peer
+    /// when it is missing or corrupt and `repair` allows.
     async fn ensure_good(&self, sha256: &str, repair: bool) -> Result<(), WireError> {
-        let corrupt = match self.stat_id(sha256).await? {
-            None => false,
-            Some(id) if self.verified.borrow().get(sha256) == Some(&id) => return Ok(()),
-            Some(_) => {
-                let path = store::blob_path(&self.s.dir, sha256);
-                let p = path.clone();
-                let (got, id) = blocking(move || store::hash_file(&p))
-                    .await?
-                    .map_err(disk(format!("read {}", path.display())))?;
-                if got == sha256 {
-                    self.verified.borrow_mut().insert(sha256.to_string(), id);
-                    return Ok(());
-                }
-                self.verified.borrow_mut().remove(sha256);
-                tracing::warn!(
-                    sha256,
-                    "the stored blob is corrupt (its bytes hash to {got})"
-                );
-                true
-            }
+        let corrupt = match self.check_copy(sha256).await? {
+            Copy::Good(_) => return Ok(()),
+            Copy::Missing => false,
+            Copy::Corrupt => true,
         };
         let what = if corrupt { "corrupt" } else { "missing" };
         if repair {
