@@ -1,15 +1,49 @@
-//! paddock-deployer: builds pushed commits with buildpacks into slugs and releases.
+//! paddock-deployer: builds pushed commits with buildpacks into slugs and
+//! releases (docs/design/PUSH.md).
+//!
+//! `build.start` records a build and runs it in the background: the source blob
+//! fetched and unpacked at `/app`, buildpacks detected and compiled, process
+//! types found, the slug compressed and stored, the release recorded with the
+//! api and its release phase run on a runner. Every line of the build's log goes
+//! to an in-memory buffer (long-polled by `build.log`) and, in batches, to the
+//! `deployer_builds` table, which keeps every build's outcome and log.
+//!
+//! Architecture invariant: build code (buildpacks, the app's own scripts, tar on
+//! the pushed source) never runs as root: only in the [`sandbox`], as the app's
+//! own user, in the build's cgroups, with `/app` and a private `/tmp` mounted in
+//! a namespace of its own. The deployer itself reads from a build's tree only
+//! small regular files (never through a symlink) and the finished slug.
+
+pub mod build;
+pub mod buildpacks;
+pub mod procfile;
+pub mod sandbox;
+pub mod settings;
+pub mod store;
+
+use std::cell::{Cell, RefCell};
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
 
 use paddock_config::{ClusterConfig, ConfigError};
-use paddock_daemon::{Ctx, Routes, Spec};
-use serde::Deserialize;
+use paddock_daemon::{Ctx, LoopKind, Routes, Spec};
+use paddock_db::Db;
+use paddock_runner::cgroup::{Hierarchy, Limits};
+use paddock_wire::{Code, Envelope, WireError};
+use serde_json::{json, Map, Value};
+use tokio::sync::Notify;
 
-pub const NAME: &str = "deployer";
+pub use settings::{settings, DeployerSection, Settings, NAME};
 
-/// `[daemons.deployer]` as the file has it.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct DeployerSection {}
+/// Log lines kept per build; later lines are counted and dropped.
+pub const MAX_LOG_LINES: usize = 50_000;
+/// Lines in one `build.log` reply at most.
+const MAX_REPLY_LINES: usize = 2_000;
+/// How long a finished build stays in memory for `build.log` long-polls.
+const KEEP_LIVE: Duration = Duration::from_secs(600);
+const FLUSH_EVERY: Duration = Duration::from_millis(250);
 
 pub fn spec() -> Spec {
     Spec {
@@ -24,9 +58,635 @@ pub fn spec() -> Spec {
 }
 
 fn check(cfg: &ClusterConfig) -> Result<(), ConfigError> {
-    cfg.section::<DeployerSection>(NAME).map(|_| ())
+    settings(cfg).map(|_| ())
 }
 
-pub async fn setup(_ctx: Ctx) -> anyhow::Result<Routes> {
-    Ok(Routes::new())
+/// What `build.start` asked for.
+#[derive(Debug, Clone)]
+pub struct Job {
+    pub id: String,
+    pub app: String,
+    pub commit: String,
+    /// The source blob's sha256 (64 lowercase hex).
+    pub source: String,
+    pub git_ref: String,
+    pub pusher: String,
+}
+
+/// A build this deployer runs (or ran lately): its log and state in memory.
+struct Live {
+    app: String,
+    lines: Vec<String>,
+    dropped: usize,
+    flushed: usize,
+    step: &'static str,
+    done: bool,
+    status: &'static str,
+    error: Option<Value>,
+    release: Option<Value>,
+    changed: Rc<Notify>,
+}
+
+/// The deployer's state, shared by the handlers and the builds (one thread).
+pub struct Deployer {
+    pub settings: Settings,
+    store: store::Store,
+    calls: paddock_daemon::calls::Calls,
+    hierarchy: Hierarchy,
+    ready: Cell<bool>,
+    builds: RefCell<HashMap<String, Live>>,
+    running_apps: RefCell<HashSet<String>>,
+}
+
+impl Deployer {
+    pub fn calls(&self) -> &paddock_daemon::calls::Calls {
+        &self.calls
+    }
+
+    /// Appends one line to a build's log and wakes its readers.
+    pub fn push_line(&self, id: &str, line: String) {
+        let mut b = self.builds.borrow_mut();
+        let Some(l) = b.get_mut(id) else { return };
+        if l.lines.len() >= MAX_LOG_LINES {
+            l.dropped += 1;
+            return;
+        }
+        l.lines.push(line);
+        l.changed.notify_waiters();
+    }
+
+    pub fn set_step(&self, id: &str, step: &'static str) {
+        if let Some(l) = self.builds.borrow_mut().get_mut(id) {
+            l.step = step;
+        }
+    }
+
+    /// A cluster kind of the api; the error is said for a person.
+    pub async fn api(&self, kind: &str, body: Value, timeout: Duration) -> Result<Value, String> {
+        let timeout = timeout.max(Duration::from_secs(2));
+        self.calls
+            .call_daemon_timeout("api", kind, body, timeout)
+            .await
+            .map_err(|e| paddock_daemon::chain(&e))
+    }
+
+    /// `<dir>/cache/<app>`, the app user's own; a cache left by an earlier
+    /// account of the same name (another uid) is dropped.
+    pub fn app_cache(&self, app: &str, uid: u32, gid: u32) -> std::io::Result<std::path::PathBuf> {
+        use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+        let d = self.settings.dir.join("cache").join(app);
+        if let Ok(m) = std::fs::symlink_metadata(&d) {
+            if !m.is_dir() || m.uid() != uid {
+                if m.is_dir() {
+                    std::fs::remove_dir_all(&d)?;
+                } else {
+                    std::fs::remove_file(&d)?;
+                }
+            }
+        }
+        match std::fs::DirBuilder::new().mode(0o700).create(&d) {
+            Ok(()) => std::os::unix::fs::chown(&d, Some(uid), Some(gid))?,
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(e),
+        }
+        Ok(d)
+    }
+
+    /// Writes the lines not yet in the database.
+    async fn flush(&self, id: &str) {
+        let (lines, step) = {
+            let b = self.builds.borrow();
+            let Some(l) = b.get(id) else { return };
+            (l.lines[l.flushed..].to_vec(), l.step)
+        };
+        if lines.is_empty() {
+            return;
+        }
+        match self.store.append(id, &lines, step).await {
+            Ok(()) => {
+                if let Some(l) = self.builds.borrow_mut().get_mut(id) {
+                    l.flushed += lines.len();
+                }
+            }
+            Err(e) => {
+                tracing::warn!(build = %id, "cannot save log lines (retried): {}", paddock_db::chain(&e))
+            }
+        }
+    }
+}
+
+fn dir_0700(p: &Path, mode: u32) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(mode)
+        .create(p)?;
+    std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode))
+}
+
+pub async fn setup(ctx: Ctx) -> anyhow::Result<Routes> {
+    let s = settings(&ctx.config())?;
+    dir_0700(&s.dir, 0o700)?;
+    dir_0700(&s.dir.join("builds"), 0o700)?;
+    dir_0700(&s.dir.join("cache"), 0o700)?;
+    buildpacks::install(&s.dir.join("buildpacks"))?;
+    paddock_runner::child::ensure_app_root()?;
+    let hierarchy = Hierarchy::detect(&s.cgroup_root);
+    if hierarchy == Hierarchy::None {
+        tracing::warn!(
+            "no writable cgroups under {}: builds run without memory, pids and CPU limits",
+            s.cgroup_root.display()
+        );
+    }
+    // Builds a stopped deployer left: their processes are killed, trees removed.
+    if let Ok(rd) = std::fs::read_dir(s.dir.join("builds")) {
+        for e in rd.flatten() {
+            let id = e.file_name().to_string_lossy().into_owned();
+            if let Ok(cg) = hierarchy.create(
+                &format!("build-{id}"),
+                &Limits {
+                    memory_mb: None,
+                    pids: None,
+                    cpu_weight: None,
+                },
+            ) {
+                paddock_runner::shim::kill_cgroup(cg.kill.as_ref());
+                std::thread::sleep(Duration::from_millis(50));
+                cg.remove();
+            }
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
+    let db = Db::new(&s.database_url, s.pool_size)?;
+    let dep = Rc::new(Deployer {
+        store: store::Store::new(db),
+        calls: ctx.calls().clone(),
+        hierarchy,
+        ready: Cell::new(false),
+        builds: RefCell::new(HashMap::new()),
+        running_apps: RefCell::new(HashSet::new()),
+        settings: s,
+    });
+
+    let d = dep.clone();
+    ctx.spawn_loop("migrate", LoopKind::Resilient, move || {
+        let d = d.clone();
+        async move {
+            if d.ready.get() {
+                return std::future::pending().await;
+            }
+            paddock_db::migrate(&d.settings.database_url).await?;
+            let n = d.store.fail_orphans(&d.settings.node).await?;
+            if n > 0 {
+                tracing::info!(
+                    builds = n,
+                    "marked builds left running by an earlier deployer failed"
+                );
+            }
+            d.ready.set(true);
+            tracing::info!("build database ready");
+            std::future::pending().await
+        }
+    });
+
+    let (a, b, c, e) = (dep.clone(), dep.clone(), dep.clone(), dep);
+    Ok(Routes::new()
+        .on("build.start", move |env| {
+            let d = a.clone();
+            async move { start(d, env).await }
+        })
+        .on("build.log", move |env| {
+            let d = b.clone();
+            async move { log(d, env).await }
+        })
+        .on("build.list", move |env| {
+            let d = c.clone();
+            async move { list(d, env).await }
+        })
+        .on("build.info", move |env| {
+            let d = e.clone();
+            async move { info(d, env).await }
+        }))
+}
+
+fn ready(d: &Deployer) -> Result<(), WireError> {
+    if d.ready.get() {
+        Ok(())
+    } else {
+        Err(WireError::unavailable(
+            "the deployer has not finished migrating its database yet; retry shortly",
+        ))
+    }
+}
+
+fn str_field<'a>(b: &'a Value, k: &str) -> Result<&'a str, WireError> {
+    b.get(k)
+        .and_then(Value::as_str)
+        .ok_or_else(|| WireError::invalid(format!("`{k}` must be a string")))
+}
+
+fn opt_str<'a>(b: &'a Value, k: &str) -> Result<&'a str, WireError> {
+    match b.get(k) {
+        None | Some(Value::Null) => Ok(""),
+        Some(Value::String(s)) => Ok(s),
+        Some(_) => Err(WireError::invalid(format!("`{k}` must be a string"))),
+    }
+}
+
+fn valid_id(id: &str) -> bool {
+    (1..=64).contains(&id.len())
+        && id
+            .bytes()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-')
+}
+
+async fn start(d: Rc<Deployer>, env: Envelope) -> Result<Value, WireError> {
+    ready(&d)?;
+    let b = &env.body;
+    let app = str_field(b, "app")?;
+    if !paddock_runner::users::valid_app(app) {
+        return Err(WireError::invalid(
+            "`app` must be 1-28 characters of [a-z0-9-]",
+        ));
+    }
+    let commit = str_field(b, "commit")?;
+    if commit.is_empty() || commit.len() > 100 || commit.chars().any(char::is_control) {
+        return Err(WireError::invalid(
+            "`commit` must be the pushed commit's id",
+        ));
+    }
+    let source = str_field(b, "source")?;
+    let source = source
+        .strip_prefix("sha256:")
+        .unwrap_or(source)
+        .to_ascii_lowercase();
+    if source.len() != 64 || !source.bytes().all(|c| c.is_ascii_hexdigit()) {
+        return Err(WireError::invalid(
+            "`source` must be the sha256 of the source tar in the blobstore (64 hex digits)",
+        ));
+    }
+    let git_ref = opt_str(b, "ref")?;
+    let pusher = opt_str(b, "pusher")?;
+    if git_ref.len() > 300 || pusher.len() > 200 {
+        return Err(WireError::invalid("`ref` or `pusher` is too long"));
+    }
+    let id = match opt_str(b, "build")? {
+        "" => ulid::Ulid::new().to_string().to_lowercase(),
+        given if valid_id(given) => given.to_string(),
+        _ => {
+            return Err(WireError::invalid(
+                "`build` must be 1-64 characters of [a-z0-9-]",
+            ))
+        }
+    };
+    if !d.running_apps.borrow_mut().insert(app.to_string()) {
+        return Err(WireError::new(
+            Code::Conflict,
+            format!("app {app} is already being built; wait for it to finish"),
+        ));
+    }
+    let job = Job {
+        id: id.clone(),
+        app: app.to_string(),
+        commit: commit.to_string(),
+        source,
+        git_ref: git_ref.to_string(),
+        pusher: pusher.to_string(),
+    };
+    let inserted = d
+        .store
+        .insert(&store::NewBuild {
+            id: &job.id,
+            app: &job.app,
+            commit: &job.commit,
+            source: &job.source,
+            git_ref: &job.git_ref,
+            pusher: &job.pusher,
+            node: &d.settings.node,
+        })
+        .await;
+    if let Err(e) = inserted {
+        d.running_apps.borrow_mut().remove(app);
+        return Err(e);
+    }
+    d.builds.borrow_mut().insert(
+        id.clone(),
+        Live {
+            app: job.app.clone(),
+            lines: Vec::new(),
+            dropped: 0,
+            flushed: 0,
+            step: "source",
+            done: false,
+            status: "running",
+            error: None,
+            release: None,
+            changed: Rc::new(Notify::new()),
+        },
+    );
+    tracing::info!(build = %id, app = %job.app, commit = %job.commit, "build started");
+    actix_rt::spawn(run_build(d, job));
+    Ok(json!({ "build": id }))
+}
+
+/// The build task: steps, then the outcome recorded before readers see `done`.
+async fn run_build(d: Rc<Deployer>, job: Job) {
+    let began = Instant::now();
+    let id = job.id.clone();
+    let flushing = Rc::new(Cell::new(true));
+    let flusher = {
+        let (d, id, on) = (d.clone(), id.clone(), flushing.clone());
+        actix_rt::spawn(async move {
+            while on.get() {
+                tokio::time::sleep(FLUSH_EVERY).await;
+                d.flush(&id).await;
+            }
+        })
+    };
+    let mut run = None;
+    let result = match prepare(&d, &job).await {
+        Ok(r) => {
+            let r = run.insert(r);
+            r.steps().await
+        }
+        Err(f) => Err(f),
+    };
+    let mut durations = run
+        .as_ref()
+        .map(|r| r.durations.clone())
+        .unwrap_or_default();
+    durations.insert("total".into(), json!(began.elapsed().as_millis() as u64));
+    let (status, error, release) = match &result {
+        Ok(release) => {
+            let v = release["version"].as_i64().unwrap_or(0);
+            d.push_line(&id, format!("-----> Released v{v}"));
+            d.push_line(
+                &id,
+                format!(
+                    "       Build {id} succeeded in {:.1} s",
+                    began.elapsed().as_secs_f64()
+                ),
+            );
+            ("succeeded", None, Some(release.clone()))
+        }
+        Err(f) => {
+            d.push_line(
+                &id,
+                format!(" !     Build failed at step {}: {}", f.step, f.message),
+            );
+            (
+                "failed",
+                Some(json!({"step": f.step, "message": f.message})),
+                run.as_ref().and_then(|r| r.release.clone()),
+            )
+        }
+    };
+    if let Some(n) = d
+        .builds
+        .borrow()
+        .get(&id)
+        .map(|l| l.dropped)
+        .filter(|n| *n > 0)
+    {
+        tracing::info!(build = %id, "{n} log lines over the limit were dropped");
+    }
+    flushing.set(false);
+    let _ = flusher.await;
+    let step = match &result {
+        Ok(_) => None,
+        Err(f) => Some(f.step),
+    };
+    let outcome = store::Outcome {
+        status,
+        step,
+        error: error.clone(),
+        release: release.clone(),
+        durations: Value::Object(durations),
+    };
+    // The outcome is saved before readers are told, so `build.info` after a
+    // `done` agrees with it; the database may be failing over, so retry a while.
+    for attempt in 0..20 {
+        d.flush(&id).await;
+        match d.store.finish(&id, &outcome).await {
+            Ok(()) => break,
+            Err(e) => {
+                tracing::warn!(build = %id, attempt, "cannot record the build's outcome: {}", paddock_db::chain(&e));
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    }
+    if let Some(l) = d.builds.borrow_mut().get_mut(&id) {
+        l.done = true;
+        l.status = status;
+        l.error = error;
+        l.release = release;
+        if let Some(s) = step {
+            l.step = s;
+        }
+        l.changed.notify_waiters();
+    }
+    tracing::info!(build = %id, app = %job.app, status, "build finished");
+    if let Some(r) = run {
+        r.sandbox.kill_all().await;
+        for _ in 0..50 {
+            if r.sandbox.cgroup.pids().is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        r.sandbox.cgroup.remove();
+        let root = r.paths.root.clone();
+        let _ = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(root)).await;
+    } else {
+        let root = build::Paths::new(&d.settings.dir, &id).root;
+        let _ = std::fs::remove_dir_all(root);
+    }
+    d.running_apps.borrow_mut().remove(&job.app);
+    if let Err(e) = d.store.prune(&job.app, d.settings.keep_builds).await {
+        tracing::warn!(app = %job.app, "cannot prune old builds: {}", paddock_db::chain(&e));
+    }
+    tokio::time::sleep(KEEP_LIVE).await;
+    d.builds.borrow_mut().remove(&id);
+}
+
+/// The build's account, cgroup and sandbox.
+async fn prepare(d: &Rc<Deployer>, job: &Job) -> Result<build::Run, build::Failure> {
+    let f = |m: String| build::Failure {
+        step: "source",
+        message: m,
+    };
+    let app = job.app.clone();
+    let (uid, gid) = tokio::task::spawn_blocking(move || paddock_runner::users::ensure_user(&app))
+        .await
+        .map_err(|e| f(e.to_string()))?
+        .map_err(|e| {
+            f(format!(
+                "cannot get the app's account: {}",
+                paddock_daemon::chain(&e)
+            ))
+        })?;
+    let s = &d.settings;
+    let cgroup = d
+        .hierarchy
+        .create(
+            &format!("build-{}", job.id),
+            &Limits {
+                memory_mb: Some(s.build_memory_mb),
+                pids: Some(s.build_pids),
+                cpu_weight: Some(s.build_cpu_weight),
+            },
+        )
+        .map_err(|e| f(format!("cannot create the build's cgroups: {e}")))?;
+    let paths = build::Paths::new(&s.dir, &job.id);
+    let env = vec![
+        ("PATH".into(), "/usr/local/bin:/usr/bin:/bin".into()),
+        ("HOME".into(), "/app".into()),
+        ("LANG".into(), "C.UTF-8".into()),
+        ("TMPDIR".into(), "/tmp".into()),
+        ("STACK".into(), "paddock-1".into()),
+        ("SOURCE_VERSION".into(), job.commit.clone()),
+        ("PADDOCK_APP".into(), job.app.clone()),
+        ("PADDOCK_BUILD".into(), job.id.clone()),
+    ];
+    let sandbox = sandbox::Sandbox {
+        uid,
+        gid,
+        app_dir: paths.app.clone(),
+        tmp_dir: paths.tmp.clone(),
+        cache_dir: s.dir.join("cache").join(&job.app),
+        buildpacks_dir: s.dir.join("buildpacks"),
+        cgroup,
+        pids: s.build_pids,
+        env,
+    };
+    Ok(build::Run {
+        dep: d.clone(),
+        job: job.clone(),
+        paths,
+        sandbox,
+        deadline: Instant::now() + s.build_timeout,
+        durations: Map::new(),
+        config: Default::default(),
+        release: None,
+    })
+}
+
+async fn log(d: Rc<Deployer>, env: Envelope) -> Result<Value, WireError> {
+    let b = &env.body;
+    let id = str_field(b, "build")?.to_string();
+    let after = match b.get("after") {
+        None | Some(Value::Null) => 0,
+        Some(v) => v
+            .as_u64()
+            .ok_or_else(|| WireError::invalid("`after` must be a line count"))?
+            as usize,
+    };
+    let wait = match b.get("wait_ms") {
+        None | Some(Value::Null) => 0,
+        Some(v) => v
+            .as_u64()
+            .filter(|w| *w <= 25_000)
+            .ok_or_else(|| WireError::invalid("`wait_ms` must be 0-25000"))?,
+    };
+    let until = tokio::time::Instant::now() + Duration::from_millis(wait);
+    loop {
+        let changed = {
+            let builds = d.builds.borrow();
+            match builds.get(&id) {
+                None => None,
+                Some(l)
+                    if l.lines.len() > after || l.done || tokio::time::Instant::now() >= until =>
+                {
+                    return Ok(log_reply(l, &id, after))
+                }
+                Some(l) => Some(l.changed.clone()),
+            }
+        };
+        let Some(changed) = changed else {
+            return log_from_db(&d, &id, after).await;
+        };
+        let _ = tokio::time::timeout_at(until, changed.notified()).await;
+    }
+}
+
+fn log_reply(l: &Live, id: &str, after: usize) -> Value {
+    let from = after.min(l.lines.len());
+    let to = (from + MAX_REPLY_LINES).min(l.lines.len());
+    let mut v = json!({
+        "build": id,
+        "app": l.app,
+        "lines": l.lines[from..to],
+        "next": to,
+        "done": l.done && to == l.lines.len(),
+        "status": l.status,
+        "step": l.step,
+    });
+    if let Some(r) = &l.release {
+        v["release"] = r.clone();
+    }
+    if let Some(e) = &l.error {
+        v["error"] = e.clone();
+    }
+    v
+}
+
+async fn log_from_db(d: &Deployer, id: &str, after: usize) -> Result<Value, WireError> {
+    ready(d)?;
+    let (mut row, log) = d
+        .store
+        .info(id)
+        .await?
+        .ok_or_else(|| WireError::new(Code::NotFound, format!("no build {id}")))?;
+    let lines: Vec<&str> = log.lines().collect();
+    let from = after.min(lines.len());
+    let to = (from + MAX_REPLY_LINES).min(lines.len());
+    let running = row["status"] == "running";
+    row["lines"] = json!(lines[from..to]);
+    row["next"] = json!(to);
+    row["done"] = json!(!running && to == lines.len());
+    row["build"] = json!(id);
+    Ok(row)
+}
+
+async fn list(d: Rc<Deployer>, env: Envelope) -> Result<Value, WireError> {
+    ready(&d)?;
+    let app = str_field(&env.body, "app")?;
+    let limit = match env.body.get("limit") {
+        None | Some(Value::Null) => 50,
+        Some(v) => v
+            .as_i64()
+            .filter(|n| (1..=1000).contains(n))
+            .ok_or_else(|| WireError::invalid("`limit` must be 1-1000"))?,
+    };
+    let mut builds = d.store.list(app, limit).await?;
+    for b in &mut builds {
+        live_step(&d, b);
+    }
+    Ok(json!({ "builds": builds }))
+}
+
+/// A running build's step as this deployer knows it now (the row lags a little).
+fn live_step(d: &Deployer, b: &mut Value) {
+    let id = b["id"].as_str().unwrap_or_default().to_string();
+    if let Some(l) = d.builds.borrow().get(&id) {
+        if !l.done {
+            b["step"] = json!(l.step);
+        }
+    }
+}
+
+async fn info(d: Rc<Deployer>, env: Envelope) -> Result<Value, WireError> {
+    ready(&d)?;
+    let id = str_field(&env.body, "build")?;
+    let (mut row, log) = d
+        .store
+        .info(id)
+        .await?
+        .ok_or_else(|| WireError::new(Code::NotFound, format!("no build {id}")))?;
+    live_step(&d, &mut row);
+    let live_log = d.builds.borrow().get(id).map(|l| l.lines.join("\n") + "\n");
+    row["log"] = json!(live_log
+        .filter(|_| row["status"] == "running")
+        .unwrap_or(log));
+    Ok(json!({ "build": row }))
 }

@@ -181,6 +181,7 @@ impl Actor for Runner {
         let every = (self.settings.stopped_keep / 2)
             .clamp(Duration::from_millis(50), Duration::from_secs(60));
         ctx.run_interval(every, |act, _| act.sweep_stopped());
+        ctx.run_interval(Duration::from_secs(600), |act, _| act.sweep_slugs());
         ctx.run_interval(Duration::from_millis(200), |act, ctx| {
             let apps: Vec<String> = act.purging.iter().cloned().collect();
             for app in apps {
@@ -333,6 +334,30 @@ impl Runner {
             let shim_alive = inst.shim_alive();
             self.instances.insert(id.clone(), inst);
             self.step(ctx, &id, Event::Adopted { shim_alive });
+        }
+    }
+
+    /// Removes cached slugs that no instance here runs and that were not used
+    /// lately (release::sweep_cache).
+    fn sweep_slugs(&mut self) {
+        let in_use = self
+            .instances
+            .values()
+            .filter(|i| i.m.state != State::Stopped)
+            .filter_map(|i| {
+                let r = i.rec.spec.release.as_ref()?;
+                Some((i.rec.spec.app.clone(), r.slug.clone()))
+            })
+            .collect();
+        let removed = crate::release::sweep_cache(
+            &self.settings.instances_dir.join("slugs"),
+            &in_use,
+            crate::release::KEEP_PER_APP,
+            crate::release::UNUSED_KEEP,
+            std::time::SystemTime::now(),
+        );
+        for p in removed {
+            tracing::info!("unused cached slug removed: {}", p.display());
         }
     }
 

@@ -523,7 +523,12 @@ impl Releases {
         match std::fs::symlink_metadata(&dest) {
             // Made for this account: an account made again (same name, another
             // uid) must not get files owned by a uid someone else may have now.
-            Ok(m) if m.is_dir() && m.uid() == owner.0 && m.gid() == owner.1 => return Ok(dest),
+            Ok(m) if m.is_dir() && m.uid() == owner.0 && m.gid() == owner.1 => {
+                // Its time says when it was last used (the cache sweep keeps it).
+                let _ = std::fs::File::open(&dest)
+                    .and_then(|f| f.set_modified(std::time::SystemTime::now()));
+                return Ok(dest);
+            }
             Ok(_) => {
                 tracing::info!(
                     app,
@@ -722,6 +727,77 @@ impl Releases {
     }
 }
 
+/// How long a cached slug no instance runs is kept after its last use (a start
+/// may be about to use it; a one-off may be running it).
+pub const UNUSED_KEEP: std::time::Duration = std::time::Duration::from_secs(3600);
+/// Unused slugs kept per app however old: the newest ones, for a rollback or the
+/// next one-off.
+pub const KEEP_PER_APP: usize = 2;
+/// A fetch or unpack left behind by a runner that died meanwhile.
+const STALE_TEMP: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+
+/// Removes cached slugs that no instance in `in_use` ((app, sha256)) runs, except
+/// each app's `keep` most recently used ones and those used within
+/// `unused_keep`; and temporary files of fetches that ended long ago. Says what
+/// it removed.
+pub fn sweep_cache(
+    root: &Path,
+    in_use: &std::collections::BTreeSet<(String, String)>,
+    keep: usize,
+    unused_keep: std::time::Duration,
+    now: std::time::SystemTime,
+) -> Vec<PathBuf> {
+    let mut removed = Vec::new();
+    let age = |p: &Path| {
+        std::fs::symlink_metadata(p)
+            .and_then(|m| m.modified())
+            .map(|t| (t, now.duration_since(t).unwrap_or_default()))
+            .ok()
+    };
+    let Ok(apps) = std::fs::read_dir(root) else {
+        return removed;
+    };
+    for app in apps.flatten() {
+        let app_name = app.file_name().to_string_lossy().to_string();
+        let Ok(entries) = std::fs::read_dir(app.path()) else {
+            continue;
+        };
+        let mut slugs: Vec<(std::time::SystemTime, std::time::Duration, PathBuf, String)> =
+            Vec::new();
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().to_string();
+            let Some((t, old)) = age(&e.path()) else {
+                continue;
+            };
+            if name.starts_with('.') {
+                if old > STALE_TEMP {
+                    let p = e.path();
+                    let gone = match std::fs::symlink_metadata(&p) {
+                        Ok(m) if m.is_dir() => std::fs::remove_dir_all(&p),
+                        _ => std::fs::remove_file(&p),
+                    };
+                    if gone.is_ok() {
+                        removed.push(p);
+                    }
+                }
+                continue;
+            }
+            slugs.push((t, old, e.path(), name));
+        }
+        // Newest first: the first `keep` stay whatever their age.
+        slugs.sort_by_key(|s| std::cmp::Reverse(s.0));
+        for (_, old, path, sha) in slugs.into_iter().skip(keep) {
+            if old < unused_keep || in_use.contains(&(app_name.clone(), sha)) {
+                continue;
+            }
+            if std::fs::remove_dir_all(&path).is_ok() {
+                removed.push(path);
+            }
+        }
+    }
+    removed
+}
+
 /// A fresh, empty pair of overlay layers under `parent` (root-only): `upper`
 /// owned by the app's user (it is the root of `/app`), `work` root's. Older
 /// pairs there are removed first (best effort: a pair still in use by a process
@@ -874,6 +950,42 @@ mod tests {
         let t = tempfile::tempdir().unwrap();
         let e = unpack(&z[..], t.path(), me(), 6000).unwrap_err();
         assert!(matches!(e, UnpackError::TooLarge(6000)), "{e}");
+    }
+
+    #[test]
+    fn the_cache_sweep_keeps_what_runs_the_newest_and_the_recently_used() {
+        let t = tempfile::tempdir().unwrap();
+        let root = t.path();
+        let now = std::time::SystemTime::now();
+        let hours = |h: u64| now - std::time::Duration::from_secs(h * 3600);
+        let mk = |app: &str, name: &str, at: std::time::SystemTime| {
+            let p = root.join(app).join(name);
+            std::fs::create_dir_all(&p).unwrap();
+            std::fs::write(p.join("f"), "x").unwrap();
+            std::fs::File::open(&p).unwrap().set_modified(at).unwrap();
+        };
+        mk("a", "s1", hours(1)); // newest
+        mk("a", "s2", hours(2)); // second newest
+        mk("a", "s3", hours(3)); // old, but an instance runs it
+        mk("a", "s4", hours(4)); // old and unused: removed
+        mk("a", ".s5.tmp", hours(1)); // a fetch in progress
+        mk("a", ".s6.tmp", hours(48)); // a fetch of a runner that died
+        mk("b", "s1", hours(9)); // another app's only slug
+        let in_use = [("a".to_string(), "s3".to_string())].into();
+        let removed = sweep_cache(root, &in_use, 2, UNUSED_KEEP, now);
+        let mut names: Vec<String> = removed
+            .iter()
+            .map(|p| p.strip_prefix(root).unwrap().display().to_string())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["a/.s6.tmp", "a/s4"]);
+        for kept in ["a/s1", "a/s2", "a/s3", "a/.s5.tmp", "b/s1"] {
+            assert!(root.join(kept).exists(), "{kept}");
+        }
+        // Used within the keep time: kept even beyond the newest two.
+        mk("a", "s7", hours(0));
+        mk("a", "s8", hours(0));
+        assert!(sweep_cache(root, &in_use, 2, UNUSED_KEEP * 3, now).is_empty());
     }
 
     #[test]

@@ -1,0 +1,710 @@
+//! One build, from the pushed source to a release: the steps, their log lines
+//! and their failures. Build code only ever runs in the [`Sandbox`].
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use serde_json::{json, Map, Value};
+
+use crate::procfile::{self, BuildpackRef};
+use crate::sandbox::{Ended, Sandbox};
+use crate::{Deployer, Job};
+
+/// Why a build failed: the step and a message for the person who pushed.
+#[derive(Debug)]
+pub struct Failure {
+    pub step: &'static str,
+    pub message: String,
+}
+
+fn fail(step: &'static str, message: impl Into<String>) -> Failure {
+    Failure {
+        step,
+        message: message.into(),
+    }
+}
+
+/// A buildpack chosen for the build: its name (what detect said) and where the
+/// sandbox finds it.
+struct Pack {
+    label: String,
+    dir: String,
+}
+
+/// The paths of one build on the host.
+pub struct Paths {
+    pub root: PathBuf,
+    pub app: PathBuf,
+    pub tmp: PathBuf,
+}
+
+impl Paths {
+    pub fn new(dir: &Path, id: &str) -> Paths {
+        let root = dir.join("builds").join(id);
+        Paths {
+            app: root.join("app"),
+            tmp: root.join("tmp"),
+            root,
+        }
+    }
+}
+
+fn mkdir(p: &Path, mode: u32, owner: Option<(u32, u32)>) -> std::io::Result<()> {
+    match std::fs::DirBuilder::new().mode(mode).create(p) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(e),
+    }
+    std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode))?;
+    if let Some((u, g)) = owner {
+        std::os::unix::fs::chown(p, Some(u), Some(g))?;
+    }
+    Ok(())
+}
+
+/// Reads a small regular file of the build tree as root, never through a symlink
+/// and never blocking on a FIFO; `None` when it is missing or not a regular file.
+pub fn read_tree_file(p: &Path, max: u64) -> Result<Option<String>, String> {
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(p);
+    let mut f = match f {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
+            return Err(format!("{} is a symlink", name(p)))
+        }
+        Err(e) => return Err(format!("cannot read {}: {e}", name(p))),
+    };
+    let meta = f
+        .metadata()
+        .map_err(|e| format!("cannot read {}: {e}", name(p)))?;
+    if !meta.is_file() {
+        return Err(format!("{} is not a regular file", name(p)));
+    }
+    if meta.size() > max {
+        return Err(format!("{} is larger than {max} bytes", name(p)));
+    }
+    let mut s = String::new();
+    f.read_to_string(&mut s)
+        .map_err(|e| format!("cannot read {}: {e}", name(p)))?;
+    Ok(Some(s))
+}
+
+fn name(p: &Path) -> String {
+    p.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+fn human(bytes: u64) -> String {
+    if bytes >= 1 << 20 {
+        format!("{:.1} MB", bytes as f64 / (1 << 20) as f64)
+    } else {
+        format!("{:.1} KB", bytes as f64 / 1024.0)
+    }
+}
+
+/// A build in progress: the job, its sandbox, and its clock.
+pub struct Run {
+    pub dep: Rc<Deployer>,
+    pub job: Job,
+    pub paths: Paths,
+    pub sandbox: Sandbox,
+    pub deadline: Instant,
+    pub durations: Map<String, Value>,
+    pub config: BTreeMap<String, String>,
+    pub release: Option<Value>,
+}
+
+impl Run {
+    fn log(&self, line: impl Into<String>) {
+        self.dep.push_line(&self.job.id, line.into());
+    }
+
+    fn step(&self, step: &'static str) {
+        self.dep.set_step(&self.job.id, step);
+    }
+
+    fn timed(&mut self, step: &str, began: Instant) {
+        self.durations
+            .insert(step.to_string(), json!(began.elapsed().as_millis() as u64));
+    }
+
+    fn left(&self) -> Duration {
+        self.deadline.saturating_duration_since(Instant::now())
+    }
+
+    /// Runs a command in the sandbox with its output in the log.
+    async fn sandboxed(
+        &self,
+        step: &'static str,
+        what: &str,
+        argv: &[&str],
+        capture: bool,
+    ) -> Result<String, Failure> {
+        let dep = self.dep.clone();
+        let id = self.job.id.clone();
+        let line = move |l: String| dep.push_line(&id, l);
+        let ooms = self.sandbox.oom_kills();
+        let (ended, out) = self
+            .sandbox
+            .run(argv, self.deadline, capture, &line)
+            .await
+            .map_err(|e| fail(step, format!("cannot run {what}: {e}")))?;
+        if ended.ok() {
+            return Ok(out);
+        }
+        let s = &self.dep.settings;
+        let message = if ended == Ended::TimedOut {
+            format!(
+                "{what} ran past the build's time limit ({} s) and was stopped",
+                s.build_timeout.as_secs()
+            )
+        } else if self.sandbox.oom_kills() > ooms {
+            format!(
+                "{what} ran out of memory (the build's limit is {} MB) and was killed",
+                s.build_memory_mb
+            )
+        } else {
+            format!("{what} {ended}")
+        };
+        Err(fail(step, message))
+    }
+
+    /// Every step in order; the release object at the end.
+    pub async fn steps(&mut self) -> Result<Value, Failure> {
+        let t = Instant::now();
+        self.step("source");
+        self.source().await?;
+        self.timed("source", t);
+
+        let t = Instant::now();
+        self.step("detect");
+        let packs = self.detect().await?;
+        self.timed("detect", t);
+
+        let t = Instant::now();
+        self.step("compile");
+        for p in &packs {
+            let compile = format!("{}/bin/compile", p.dir);
+            let what = format!("the {} buildpack's bin/compile", p.label);
+            self.sandboxed(
+                "compile",
+                &what,
+                &[&compile, "/app", "/tmp/cache", "/tmp/env"],
+                false,
+            )
+            .await?;
+        }
+        self.timed("compile", t);
+
+        let t = Instant::now();
+        self.step("process-types");
+        let (types, healthchecks) = self.process_types(&packs).await?;
+        self.timed("process-types", t);
+
+        let t = Instant::now();
+        self.step("slug");
+        let (sha, size) = self.slug().await?;
+        self.timed("slug", t);
+
+        let t = Instant::now();
+        self.step("release");
+        let short: String = self.job.commit.chars().take(7).collect();
+        let mut body = json!({
+            "app": self.job.app,
+            "slug": format!("sha256:{sha}"),
+            "process_types": types,
+            "description": format!("Deploy {short}"),
+            "created_by": self.job.pusher,
+        });
+        if let Some(h) = healthchecks {
+            body["healthchecks"] = h;
+        }
+        let reply = self
+            .dep
+            .api("release.create", body, self.left())
+            .await
+            .map_err(|e| {
+                fail(
+                    "release",
+                    format!("the api did not record the release: {e}"),
+                )
+            })?;
+        let release = reply["release"].clone();
+        let version = release["version"].as_i64().unwrap_or(0);
+        self.release = Some(release.clone());
+        self.log(format!(
+            "-----> Release v{version} created (slug {}…, {})",
+            &sha[..12],
+            human(size)
+        ));
+        self.timed("release", t);
+
+        if types.contains_key("release") {
+            let t = Instant::now();
+            self.step("release-phase");
+            let r = self
+                .release_phase(&sha, version, types["release"].as_str().unwrap_or(""))
+                .await;
+            self.timed("release-phase", t);
+            if let Err(f) = r {
+                let _ = self
+                    .dep
+                    .api(
+                        "release.status",
+                        json!({"app": self.job.app, "version": version, "status": "failed",
+                               "message": f.message}),
+                        Duration::from_secs(10),
+                    )
+                    .await;
+                return Err(f);
+            }
+        }
+        let reply = self
+            .dep
+            .api(
+                "release.status",
+                json!({"app": self.job.app, "version": version, "status": "succeeded"}),
+                Duration::from_secs(10).max(self.left().min(Duration::from_secs(30))),
+            )
+            .await
+            .map_err(|e| {
+                fail(
+                    "release",
+                    format!("the api did not mark v{version} succeeded: {e}"),
+                )
+            })?;
+        self.release = Some(reply["release"].clone());
+        Ok(reply["release"].clone())
+    }
+
+    /// Directories, config, the source blob, unpacked at /app.
+    async fn source(&mut self) -> Result<(), Failure> {
+        let (uid, gid) = (self.sandbox.uid, self.sandbox.gid);
+        let owner = Some((uid, gid));
+        let p = &self.paths;
+        let made = (|| -> std::io::Result<()> {
+            mkdir(&p.root, 0o700, None)?;
+            mkdir(&p.app, 0o755, owner)?;
+            mkdir(&p.tmp, 0o700, owner)?;
+            mkdir(&p.tmp.join("cache"), 0o700, owner)?;
+            mkdir(&p.tmp.join("buildpacks"), 0o755, None)?;
+            mkdir(&p.tmp.join(".app"), 0o755, None)?;
+            mkdir(&p.tmp.join("env"), 0o700, owner)?;
+            Ok(())
+        })();
+        made.map_err(|e| {
+            fail(
+                "source",
+                format!("cannot make the build's directories: {e}"),
+            )
+        })?;
+        self.dep
+            .app_cache(&self.job.app, uid, gid)
+            .map_err(|e| fail("source", format!("cannot prepare the build cache: {e}")))?;
+
+        // The app's config, for ENV_DIR.
+        let state = self
+            .dep
+            .api(
+                "app.state",
+                json!({"app": self.job.app}),
+                Duration::from_secs(10),
+            )
+            .await
+            .map_err(|e| fail("source", format!("cannot read the app's config: {e}")))?;
+        let app = &state["app"];
+        let config = [&app["current"]["config"], &app["pending"]["config"]]
+            .into_iter()
+            .find_map(|c| c.as_object())
+            .cloned()
+            .unwrap_or_default();
+        for (k, v) in &config {
+            let v = v.as_str().unwrap_or_default().to_string();
+            self.config.insert(k.clone(), v);
+        }
+        let env = self.paths.tmp.join("env");
+        for (k, v) in &self.config {
+            if k.is_empty() || k.contains('/') || k.starts_with('.') {
+                continue;
+            }
+            let f = env.join(k);
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&f)
+                .and_then(|mut fh| std::io::Write::write_all(&mut fh, v.as_bytes()))
+                .and_then(|()| std::os::unix::fs::chown(&f, Some(uid), Some(gid)))
+                .map_err(|e| fail("source", format!("cannot write ENV_DIR: {e}")))?;
+        }
+
+        let tar = self.paths.tmp.join("source.tar");
+        let got = tokio::time::timeout(
+            self.left(),
+            paddock_blob::get_file(self.dep.calls(), &self.job.source, &tar),
+        )
+        .await
+        .map_err(|_| {
+            fail(
+                "source",
+                "fetching the source ran past the build's time limit",
+            )
+        })?
+        .map_err(|e| {
+            fail(
+                "source",
+                format!(
+                    "cannot fetch the pushed source {}: {}",
+                    self.job.source,
+                    paddock_daemon::chain(&e)
+                ),
+            )
+        })?;
+        std::os::unix::fs::chown(&tar, Some(uid), Some(gid))
+            .map_err(|e| fail("source", format!("cannot hand the source over: {e}")))?;
+        let short: String = self.job.commit.chars().take(7).collect();
+        self.log(format!(
+            "-----> Building {} ({short}, {}) as {}",
+            self.job.app,
+            human(got),
+            paddock_runner::users::user_name(&self.job.app)
+        ));
+        self.sandboxed(
+            "source",
+            "unpacking the source",
+            &["/bin/bash", "/tmp/buildpacks/_paddock/unpack"],
+            false,
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// The buildpacks to run: named by `.buildpacks` or `BUILDPACK_URL`, else the
+    /// first built-in whose detect passes.
+    async fn detect(&mut self) -> Result<Vec<Pack>, Failure> {
+        let listed = read_tree_file(&self.paths.app.join(".buildpacks"), 64 << 10)
+            .map_err(|e| fail("detect", e))?;
+        let refs: Vec<BuildpackRef> = match (listed, self.config.get("BUILDPACK_URL")) {
+            (Some(text), _) => procfile::parse_buildpacks_file(&text)
+                .map_err(|e| fail("detect", format!(".buildpacks: {e}")))?,
+            (None, Some(url)) if !url.trim().is_empty() => vec![procfile::parse_buildpack_ref(url)
+                .map_err(|e| fail("detect", format!("BUILDPACK_URL: {e}")))?],
+            _ => vec![],
+        };
+        if refs.is_empty() {
+            for b in procfile::BUILTINS {
+                let dir = format!("{}/{b}", crate::buildpacks::MOUNTED);
+                if let Some(label) = self.detect_one(&dir).await? {
+                    self.log(format!("-----> {label} app detected"));
+                    return Ok(vec![Pack { label, dir }]);
+                }
+            }
+            return Err(fail(
+                "detect",
+                "no buildpack detected this app: add a Procfile, requirements.txt or \
+                 pyproject.toml (Python), package.json (Node.js) or public/index.html \
+                 (a static site), or name a buildpack in .buildpacks or BUILDPACK_URL",
+            ));
+        }
+        let mut packs = Vec::new();
+        for (n, r) in refs.iter().enumerate() {
+            let dir = match r {
+                BuildpackRef::Builtin(b) => format!("{}/{b}", crate::buildpacks::MOUNTED),
+                BuildpackRef::Local(p) => {
+                    let (uid, gid) = (self.sandbox.uid, self.sandbox.gid);
+                    paddock_runner::users::check_readable_dir(Path::new(p), uid, gid)
+                        .map_err(|e| fail("detect", format!("buildpack {p}: {e}")))?;
+                    p.clone()
+                }
+                BuildpackRef::Blob(sha) => self.fetch_buildpack(n, sha).await?,
+            };
+            let label = self.detect_one(&dir).await?.ok_or_else(|| {
+                fail(
+                    "detect",
+                    format!("the buildpack {dir} does not detect this app (its bin/detect failed)"),
+                )
+            })?;
+            self.log(format!("-----> {label} app detected"));
+            packs.push(Pack { label, dir });
+        }
+        Ok(packs)
+    }
+
+    /// `bin/detect /app`: `Some(name)` when it passes.
+    async fn detect_one(&self, dir: &str) -> Result<Option<String>, Failure> {
+        let detect = format!("{dir}/bin/detect");
+        let dep = self.dep.clone();
+        let id = self.job.id.clone();
+        let line = move |l: String| dep.push_line(&id, format!("       {l}"));
+        let (ended, out) = self
+            .sandbox
+            .run(&[&detect, "/app"], self.deadline, true, &line)
+            .await
+            .map_err(|e| fail("detect", format!("cannot run {detect}: {e}")))?;
+        match ended {
+            Ended::Exit(0) => {
+                let label = out.lines().next().unwrap_or("").trim().to_string();
+                Ok(Some(if label.is_empty() {
+                    "Buildpack".to_string()
+                } else {
+                    label
+                }))
+            }
+            Ended::TimedOut => Err(fail(
+                "detect",
+                format!("{detect} ran past the build's time limit"),
+            )),
+            _ => Ok(None),
+        }
+    }
+
+    /// An uploaded buildpack: its blob (a tar) unpacked at `/tmp/buildpack-N`.
+    async fn fetch_buildpack(&self, n: usize, sha: &str) -> Result<String, Failure> {
+        let tar = self.paths.tmp.join(format!("buildpack-{n}.tar"));
+        paddock_blob::get_file(self.dep.calls(), sha, &tar)
+            .await
+            .map_err(|e| {
+                fail(
+                    "detect",
+                    format!(
+                        "cannot fetch buildpack sha256:{sha}: {}",
+                        paddock_daemon::chain(&e)
+                    ),
+                )
+            })?;
+        std::os::unix::fs::chown(&tar, Some(self.sandbox.uid), Some(self.sandbox.gid))
+            .map_err(|e| fail("detect", e.to_string()))?;
+        let dir = format!("/tmp/buildpack-{n}");
+        let script = format!(
+            "set -e; mkdir -p {dir}; tar -xf /tmp/buildpack-{n}.tar -C {dir} --no-same-owner; \
+             rm -f /tmp/buildpack-{n}.tar; \
+             if [ ! -d {dir}/bin ] && [ $(ls -A {dir} | wc -l) = 1 ]; then echo {dir}/$(ls -A {dir}); else echo {dir}; fi"
+        );
+        let out = self
+            .sandboxed(
+                "detect",
+                "unpacking the buildpack",
+                &["/bin/bash", "-c", &script],
+                true,
+            )
+            .await?;
+        Ok(out.trim().to_string())
+    }
+
+    /// The Procfile's types over the buildpacks' defaults; health checks from app.json.
+    async fn process_types(
+        &mut self,
+        packs: &[Pack],
+    ) -> Result<(Map<String, Value>, Option<Value>), Failure> {
+        let mut defaults = BTreeMap::new();
+        for p in packs {
+            let release = format!("{}/bin/release", p.dir);
+            let what = format!("the {} buildpack's bin/release", p.label);
+            let yaml = self
+                .sandboxed("process-types", &what, &[&release, "/app"], true)
+                .await?;
+            let d = procfile::parse_release_yaml(&yaml).map_err(|e| fail("process-types", e))?;
+            defaults.extend(d);
+        }
+        let procfile = read_tree_file(&self.paths.app.join("Procfile"), 256 << 10)
+            .map_err(|e| fail("process-types", e))?;
+        let declared = match &procfile {
+            Some(text) => procfile::parse_procfile(text).map_err(|e| fail("process-types", e))?,
+            None => BTreeMap::new(),
+        };
+        self.log("-----> Discovering process types");
+        if !declared.is_empty() {
+            self.log(format!(
+                "       Procfile declares types     -> {}",
+                declared.keys().cloned().collect::<Vec<_>>().join(", ")
+            ));
+        }
+        let defaulted: Vec<String> = defaults
+            .keys()
+            .filter(|k| !declared.contains_key(*k))
+            .cloned()
+            .collect();
+        if !defaulted.is_empty() {
+            self.log(format!(
+                "       Default types for buildpack -> {}",
+                defaulted.join(", ")
+            ));
+        }
+        let mut types = Map::new();
+        for (k, v) in defaults.into_iter().chain(declared) {
+            types.insert(k, json!(v));
+        }
+        if types.is_empty() {
+            return Err(fail(
+                "process-types",
+                "no process types: the app has no Procfile and its buildpack gives no default; \
+                 add a Procfile such as `web: python app.py`",
+            ));
+        }
+        let healthchecks = match read_tree_file(&self.paths.app.join("app.json"), 1 << 20)
+            .map_err(|e| fail("process-types", e))?
+        {
+            Some(text) => {
+                let v: Value = serde_json::from_str(&text)
+                    .map_err(|e| fail("process-types", format!("app.json is not JSON: {e}")))?;
+                v.get("healthchecks").cloned()
+            }
+            None => None,
+        };
+        Ok((types, healthchecks))
+    }
+
+    /// The slug: compressed in the sandbox, then hashed and stored.
+    async fn slug(&mut self) -> Result<(String, u64), Failure> {
+        self.log("-----> Compressing the slug");
+        self.sandboxed(
+            "slug",
+            "compressing the slug",
+            &["/bin/bash", "/tmp/buildpacks/_paddock/slug"],
+            false,
+        )
+        .await?;
+        // Nothing of the build runs any more (its cgroup was killed), and the
+        // build's directories are root's: the file is what the build left.
+        let path = self.paths.tmp.join("slug.tar.zst");
+        let p = path.clone();
+        let (sha, size) = tokio::task::spawn_blocking(move || -> std::io::Result<(String, u64)> {
+            let mut f = std::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+                .open(&p)?;
+            if !f.metadata()?.is_file() {
+                return Err(std::io::Error::other("not a regular file"));
+            }
+            let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+            let mut buf = vec![0u8; 1 << 16];
+            let mut size = 0u64;
+            loop {
+                let n = f.read(&mut buf)?;
+                if n == 0 {
+                    break;
+                }
+                size += n as u64;
+                ctx.update(&buf[..n]);
+            }
+            Ok((hex::encode(ctx.finish().as_ref()), size))
+        })
+        .await
+        .map_err(|e| fail("slug", e.to_string()))?
+        .map_err(|e| fail("slug", format!("cannot read the slug: {e}")))?;
+        self.log(format!("       Done: {}", human(size)));
+        let stored =
+            tokio::time::timeout(self.left(), paddock_blob::put_file(self.dep.calls(), &path))
+                .await
+                .map_err(|_| fail("slug", "storing the slug ran past the build's time limit"))?
+                .map_err(|e| {
+                    fail(
+                        "slug",
+                        format!("cannot store the slug: {}", paddock_daemon::chain(&e)),
+                    )
+                })?;
+        if stored.sha256 != sha {
+            return Err(fail(
+                "slug",
+                format!(
+                    "the blobstore stored the slug as {} but it hashes to {sha}",
+                    stored.sha256
+                ),
+            ));
+        }
+        Ok((sha, size))
+    }
+
+    /// The `release` process type, once, as a one-off of the new release on a
+    /// runner (no PTY); its output goes to the build log.
+    async fn release_phase(&self, sha: &str, version: i64, command: &str) -> Result<(), Failure> {
+        self.log(format!("-----> Running the release command: {command}"));
+        let calls = self.dep.calls();
+        let runner = calls
+            .find("runner")
+            .await
+            .map_err(|e| fail("release-phase", format!("cannot find a runner: {e}")))?;
+        let started = calls
+            .call(
+                &runner[0],
+                "run.start",
+                json!({"app": self.job.app, "release": {"slug": sha, "version": version},
+                       "command": command, "pty": false}),
+                Duration::from_secs(60),
+            )
+            .await
+            .map_err(|e| {
+                fail(
+                    "release-phase",
+                    format!("the runner did not start the release command: {e}"),
+                )
+            })?;
+        let id = started["id"].as_str().unwrap_or_default().to_string();
+        let limit = Instant::now() + self.dep.settings.release_timeout;
+        let deadline = limit.min(self.deadline);
+        let mut offset = 0u64;
+        let mut pending = Vec::new();
+        loop {
+            if Instant::now() >= deadline {
+                let _ = calls
+                    .call(
+                        &runner[0],
+                        "run.kill",
+                        json!({"id": id}),
+                        Duration::from_secs(5),
+                    )
+                    .await;
+                return Err(fail(
+                    "release-phase",
+                    "the release command ran past its time limit and was killed",
+                ));
+            }
+            let out = calls
+                .call(
+                    &runner[0],
+                    "run.output",
+                    json!({"id": id, "offset": offset, "wait_ms": 20_000}),
+                    Duration::from_secs(30),
+                )
+                .await
+                .map_err(|e| {
+                    fail(
+                        "release-phase",
+                        format!("lost the release command's output: {e}"),
+                    )
+                })?;
+            let data = base64::engine::general_purpose::STANDARD
+                .decode(out["data"].as_str().unwrap_or_default())
+                .unwrap_or_default();
+            pending.extend_from_slice(&data);
+            while let Some(i) = pending.iter().position(|b| *b == b'\n') {
+                let l: Vec<u8> = pending.drain(..=i).collect();
+                let s = String::from_utf8_lossy(&l);
+                self.log(format!("       {}", s.trim_end_matches(['\n', '\r'])));
+            }
+            offset = out["next_offset"].as_u64().unwrap_or(offset);
+            if out["done"].as_bool() == Some(true) {
+                if !pending.is_empty() {
+                    self.log(format!("       {}", String::from_utf8_lossy(&pending)));
+                }
+                let code = out["exit_code"].as_i64().unwrap_or(-1);
+                if code != 0 {
+                    return Err(fail(
+                        "release-phase",
+                        format!("the release command `{command}` exited with status {code}"),
+                    ));
+                }
+                return Ok(());
+            }
+        }
+    }
+}

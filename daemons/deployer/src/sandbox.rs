@@ -1,0 +1,293 @@
+//! Where build code runs: as the app's own user, in the build's cgroups, in a
+//! mount namespace of its own where the build tree is `/app` and a private
+//! `/tmp` holds the app's cache (`/tmp/cache`), its config (`/tmp/env`) and the
+//! built-in buildpacks (`/tmp/buildpacks`, read-only). The runner's
+//! [`paddock_runner::child::Prepared`] does the rest: cgroups joined, rlimits,
+//! `/app` mounted, privileges dropped (and checked), no fd above stdio.
+
+use std::ffi::CString;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Instant;
+
+use paddock_runner::cgroup::InstanceCgroup;
+use paddock_runner::child::{self, AppMount, Prepared};
+use tokio::io::{AsyncBufReadExt, BufReader};
+
+/// Longest log line kept; the rest of a longer line is cut.
+pub const MAX_LINE: usize = 4096;
+
+/// How a sandboxed command ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ended {
+    Exit(i32),
+    Signal(i32),
+    TimedOut,
+}
+
+impl Ended {
+    pub fn ok(self) -> bool {
+        self == Ended::Exit(0)
+    }
+}
+
+impl std::fmt::Display for Ended {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Ended::Exit(c) => write!(f, "exited with status {c}"),
+            Ended::Signal(9) => write!(f, "was killed (signal 9)"),
+            Ended::Signal(s) => write!(f, "was killed by signal {s}"),
+            Ended::TimedOut => write!(f, "ran out of time"),
+        }
+    }
+}
+
+/// One build's sandbox: the host directories it mounts and who it runs as.
+pub struct Sandbox {
+    pub uid: u32,
+    pub gid: u32,
+    /// Appears at `/app`.
+    pub app_dir: PathBuf,
+    /// Appears at `/tmp`.
+    pub tmp_dir: PathBuf,
+    /// Appears at `/tmp/cache`.
+    pub cache_dir: PathBuf,
+    /// Appears at `/tmp/buildpacks`, read-only.
+    pub buildpacks_dir: PathBuf,
+    pub cgroup: InstanceCgroup,
+    pub pids: u64,
+    pub env: Vec<(String, String)>,
+}
+
+struct Mount {
+    src: CString,
+    target: CString,
+    flags: libc::c_ulong,
+    read_only: bool,
+}
+
+fn bind(src: &Path, target: &Path, rec: bool, read_only: bool) -> std::io::Result<Mount> {
+    Ok(Mount {
+        src: child::cstring(src)?,
+        target: child::cstring(target)?,
+        flags: libc::MS_BIND | if rec { libc::MS_REC } else { 0 },
+        read_only,
+    })
+}
+
+impl Mount {
+    /// In the child, as root, in its own mount namespace.
+    fn apply(&self) -> std::io::Result<()> {
+        // SAFETY: mount with NUL-terminated strings prepared before the fork.
+        unsafe {
+            if libc::mount(
+                self.src.as_ptr(),
+                self.target.as_ptr(),
+                std::ptr::null(),
+                self.flags,
+                std::ptr::null(),
+            ) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            if self.read_only
+                && libc::mount(
+                    std::ptr::null(),
+                    self.target.as_ptr(),
+                    std::ptr::null(),
+                    libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY | libc::MS_NOSUID,
+                    std::ptr::null(),
+                ) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+        }
+        Ok(())
+    }
+}
+
+/// In the child: a private mount namespace, then the mounts in order.
+fn private_mounts(mounts: &[Mount]) -> std::io::Result<()> {
+    // SAFETY: unshare and mount with static strings; they only make syscalls.
+    unsafe {
+        if libc::unshare(libc::CLONE_NEWNS) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        if libc::mount(
+            std::ptr::null(),
+            c"/".as_ptr(),
+            std::ptr::null(),
+            libc::MS_REC | libc::MS_PRIVATE,
+            std::ptr::null(),
+        ) != 0
+        {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    for m in mounts {
+        m.apply()?;
+    }
+    Ok(())
+}
+
+impl Sandbox {
+    /// Runs `argv` in the sandbox (cwd `/app`) until it ends or `deadline`.
+    /// stderr lines, and stdout lines unless `capture`, go to `line` as they come;
+    /// with `capture`, stdout is returned instead (at most 1 MiB).
+    pub async fn run(
+        &self,
+        argv: &[&str],
+        deadline: Instant,
+        capture: bool,
+        line: &dyn Fn(String),
+    ) -> std::io::Result<(Ended, String)> {
+        // The mounts cover /tmp, where the build's own directories may live (a
+        // test's temp dir), so everything is first bound onto mount points inside
+        // the build's tmp and that whole tree (MS_REC) onto /tmp last; `/app` is
+        // then bound by `Prepared` from `/tmp/.app` in its own new namespace (a
+        // bind's source must be in the caller's namespace, so no fd from the
+        // parent would do).
+        let mounts = vec![
+            bind(&self.app_dir, &self.tmp_dir.join(".app"), false, false)?,
+            bind(&self.cache_dir, &self.tmp_dir.join("cache"), false, false)?,
+            bind(
+                &self.buildpacks_dir,
+                &self.tmp_dir.join("buildpacks"),
+                false,
+                true,
+            )?,
+            bind(&self.tmp_dir, Path::new("/tmp"), true, false)?,
+        ];
+        let join: Vec<PathBuf> = self
+            .cgroup
+            .procs
+            .iter()
+            .chain(&self.cgroup.shim_procs)
+            .chain(&self.cgroup.late_procs)
+            .cloned()
+            .collect();
+        let prepared = Prepared::new(
+            &join,
+            self.uid,
+            self.gid,
+            4096,
+            Some(self.pids.saturating_mul(8)),
+            Path::new(child::APP_ROOT),
+        )?
+        .with_mount(AppMount::bind(Path::new("/tmp/.app"))?);
+        let mut cmd = tokio::process::Command::new(argv[0]);
+        cmd.args(&argv[1..])
+            .env_clear()
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        // SAFETY: only async-signal-safe syscalls on memory prepared before the
+        // fork (the deployer has other threads, so nothing here allocates).
+        unsafe {
+            cmd.pre_exec(move || {
+                nix::unistd::setsid()?;
+                private_mounts(&mounts)?;
+                prepared.apply()
+            });
+        }
+        let mut proc = cmd.spawn()?;
+        let mut out = BufReader::new(proc.stdout.take().expect("piped"));
+        let mut err = BufReader::new(proc.stderr.take().expect("piped"));
+        let (mut ob, mut eb) = (Vec::new(), Vec::new());
+        let (mut o_done, mut e_done) = (false, false);
+        let mut captured = String::new();
+        let mut status: Option<Ended> = None;
+        let deadline = tokio::time::Instant::from_std(deadline);
+        let emit = |buf: &mut Vec<u8>| {
+            let mut s = String::from_utf8_lossy(buf).into_owned();
+            buf.clear();
+            while s.ends_with('\n') || s.ends_with('\r') {
+                s.pop();
+            }
+            if s.len() > MAX_LINE {
+                let mut cut = MAX_LINE;
+                while !s.is_char_boundary(cut) {
+                    cut -= 1;
+                }
+                s.truncate(cut);
+                s.push('…');
+            }
+            s
+        };
+        while !(o_done && e_done && status.is_some()) {
+            tokio::select! {
+                r = out.read_until(b'\n', &mut ob), if !o_done => match r {
+                    Ok(n) if n > 0 => {
+                        let l = emit(&mut ob);
+                        if capture {
+                            if captured.len() < 1 << 20 {
+                                captured.push_str(&l);
+                                captured.push('\n');
+                            }
+                        } else {
+                            line(l);
+                        }
+                    }
+                    _ => {
+                        if !ob.is_empty() {
+                            let l = emit(&mut ob);
+                            if capture { captured.push_str(&l) } else { line(l) }
+                        }
+                        o_done = true;
+                    }
+                },
+                r = err.read_until(b'\n', &mut eb), if !e_done => match r {
+                    Ok(n) if n > 0 => line(emit(&mut eb)),
+                    _ => {
+                        if !eb.is_empty() {
+                            line(emit(&mut eb));
+                        }
+                        e_done = true;
+                    }
+                },
+                st = proc.wait(), if status.is_none() => {
+                    use std::os::unix::process::ExitStatusExt;
+                    let st = st?;
+                    status = Some(match (st.code(), st.signal()) {
+                        (Some(c), _) => Ended::Exit(c),
+                        (None, Some(s)) => Ended::Signal(s),
+                        _ => Ended::Exit(255),
+                    });
+                    // What the command left behind (a daemon holding the pipes)
+                    // ends with it.
+                    self.kill_all().await;
+                },
+                _ = tokio::time::sleep_until(deadline) => {
+                    self.kill_all().await;
+                    let _ = proc.wait().await;
+                    return Ok((Ended::TimedOut, captured));
+                }
+            }
+        }
+        Ok((status.unwrap_or(Ended::Exit(255)), captured))
+    }
+
+    /// SIGKILL to every process of the build, exactly (freeze, kill, thaw on v1).
+    pub async fn kill_all(&self) {
+        let kill = self.cgroup.kill.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            paddock_runner::shim::kill_cgroup(kill.as_ref());
+        })
+        .await;
+    }
+
+    /// OOM kills in the build's memory cgroup so far (v1 `oom_kill`, v2 `oom_kill`).
+    pub fn oom_kills(&self) -> u64 {
+        let Some(p) = &self.cgroup.oom_counter else {
+            return 0;
+        };
+        std::fs::read_to_string(p)
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| l.strip_prefix("oom_kill "))
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap_or(0)
+    }
+}

@@ -1,0 +1,131 @@
+//! `[daemons.deployer]`: the section as written, and its validation into
+//! [`Settings`].
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use paddock_config::{ClusterConfig, ConfigError, Ms};
+use serde::Deserialize;
+
+pub const NAME: &str = "deployer";
+
+/// `[daemons.deployer]` as the file has it (`rpc` is read by paddock-config). An
+/// unknown key fails the start (exit 78) naming `daemons.deployer.KEY`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DeployerSection {
+    /// Builds, per-app caches and the installed buildpacks. Default
+    /// `<state_dir>/deployer`.
+    pub dir: Option<PathBuf>,
+    /// A whole build's time limit (fetch to release phase), 10 s to 2 h.
+    pub build_timeout_ms: Ms,
+    /// The build's cgroup memory limit, 64 MiB to 64 GiB.
+    pub build_memory_mb: u64,
+    /// The build's cgroup pids limit, 16 to 65536.
+    pub build_pids: u64,
+    /// Relative CPU weight of builds, 1-10000 (100 is an instance's default).
+    pub build_cpu_weight: u64,
+    /// Finished builds kept per app (their records and logs), 1-10000.
+    pub keep_builds: u32,
+    /// PostgreSQL connections, 1-64.
+    pub pool_size: u32,
+    /// The cgroup filesystem root.
+    pub cgroup_root: PathBuf,
+    /// How long the release phase (`release:` process type) may run, 1 s to 1 h.
+    pub release_timeout_ms: Ms,
+}
+
+impl Default for DeployerSection {
+    fn default() -> Self {
+        DeployerSection {
+            dir: None,
+            build_timeout_ms: Ms::from_millis(900_000),
+            build_memory_mb: 1024,
+            build_pids: 512,
+            build_cpu_weight: 100,
+            keep_builds: 100,
+            pool_size: 4,
+            cgroup_root: PathBuf::from("/sys/fs/cgroup"),
+            release_timeout_ms: Ms::from_millis(600_000),
+        }
+    }
+}
+
+/// The deployer's validated settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Settings {
+    pub database_url: String,
+    pub dir: PathBuf,
+    pub build_timeout: Duration,
+    pub build_memory_mb: u64,
+    pub build_pids: u64,
+    pub build_cpu_weight: u64,
+    pub keep_builds: u32,
+    pub pool_size: usize,
+    pub cgroup_root: PathBuf,
+    pub release_timeout: Duration,
+    pub node: String,
+}
+
+impl DeployerSection {
+    pub fn validate(&self, cfg: &ClusterConfig) -> Result<Settings, ConfigError> {
+        let url = cfg.database_url()?;
+        paddock_db::parse_url(url)
+            .map_err(|e| cfg.invalid("database.url", paddock_db::chain(&e)))?;
+        let range = |key: &str, v: u64, lo: u64, hi: u64| {
+            if (lo..=hi).contains(&v) {
+                Ok(())
+            } else {
+                Err(cfg.invalid(
+                    &format!("daemons.{NAME}.{key}"),
+                    format!("must be {lo}-{hi}, not {v}"),
+                ))
+            }
+        };
+        let timeout = self.build_timeout_ms.get();
+        range(
+            "build_timeout_ms",
+            timeout.as_millis() as u64,
+            10_000,
+            7_200_000,
+        )?;
+        let release_timeout = self.release_timeout_ms.get();
+        range(
+            "release_timeout_ms",
+            release_timeout.as_millis() as u64,
+            1_000,
+            3_600_000,
+        )?;
+        range("build_memory_mb", self.build_memory_mb, 64, 65_536)?;
+        range("build_pids", self.build_pids, 16, 65_536)?;
+        range("build_cpu_weight", self.build_cpu_weight, 1, 10_000)?;
+        range("keep_builds", self.keep_builds as u64, 1, 10_000)?;
+        range("pool_size", self.pool_size as u64, 1, 64)?;
+        let dir = self.dir.clone().unwrap_or_else(|| cfg.state_dir.join(NAME));
+        if !dir.is_absolute() {
+            return Err(cfg.invalid(
+                &format!("daemons.{NAME}.dir"),
+                format!("must be an absolute path, not {}", dir.display()),
+            ));
+        }
+        Ok(Settings {
+            database_url: url.to_string(),
+            dir,
+            build_timeout: timeout,
+            build_memory_mb: self.build_memory_mb,
+            build_pids: self.build_pids,
+            build_cpu_weight: self.build_cpu_weight,
+            keep_builds: self.keep_builds,
+            pool_size: self.pool_size as usize,
+            cgroup_root: self.cgroup_root.clone(),
+            release_timeout,
+            node: cfg.node().to_string(),
+        })
+    }
+}
+
+/// The deployer's settings from the cluster file: what `Spec::check` runs before
+/// any socket is bound, and what setup uses.
+pub fn settings(cfg: &ClusterConfig) -> Result<Settings, ConfigError> {
+    cfg.section::<DeployerSection>(NAME)?.validate(cfg)
+}

@@ -1,0 +1,667 @@
+//! paddock-deployer with real daemons (heartbeat, api on PostgreSQL, blobstore):
+//! buildpack builds of stdlib Python, Flask (PyPI; the second build reuses the
+//! cached virtualenv without running pip), Node.js and static apps; failures
+//! named by step with no release made; builds confined by their cgroups; and a
+//! build that cannot read another app's files or the cluster file.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use paddock_integration::api::*;
+use paddock_integration::*;
+use paddock_wire::{Client, Code};
+use serde_json::{json, Value};
+
+struct World {
+    node: Node,
+    owner: Client,
+    _pg: Postgres,
+    t: TestDir,
+}
+
+/// A node with heartbeat, api, blobstore and deployer; `deployer` adds keys to
+/// `[daemons.deployer]`.
+fn world(name: &str, deployer: &[(&str, toml::Value)]) -> World {
+    let t = TestDir::new(name);
+    // Local buildpacks in the test dir must be reachable by the apps' users.
+    std::fs::set_permissions(t.path(), std::fs::Permissions::from_mode(0o711)).unwrap();
+    let pg = Postgres::start(t.path());
+    let mut node = Node::new(t.path(), "node-a", &test_key(), &[], Some(pg.url()));
+    {
+        let d = node.file.daemons.get_mut("deployer").unwrap();
+        for (k, v) in deployer {
+            d.other.insert(k.to_string(), v.clone());
+        }
+    }
+    node.save();
+    node.start("heartbeat");
+    node.start("api");
+    wait_migrated(&node);
+    node.start("blobstore");
+    node.start("deployer");
+    let alice = create_user(&node, "alice", false);
+    let owner = user_client(&alice);
+    World {
+        node,
+        owner,
+        _pg: pg,
+        t,
+    }
+}
+
+/// What a finished build said.
+struct Built {
+    id: String,
+    lines: Vec<String>,
+    last: Value,
+    took: Duration,
+}
+
+impl Built {
+    fn log(&self) -> String {
+        self.lines.join("\n")
+    }
+    fn has(&self, s: &str) -> bool {
+        self.lines.iter().any(|l| l.contains(s))
+    }
+}
+
+impl World {
+    fn app(&mut self, name: &str) {
+        self.owner
+            .call("app.create", json!({ "name": name }))
+            .unwrap();
+    }
+
+    fn config(&mut self, app: &str, vars: Value) {
+        self.owner
+            .call("config.set", json!({"app": app, "vars": vars}))
+            .unwrap();
+    }
+
+    /// `files` as a tar in the blobstore (as the gitserver puts `git archive`).
+    fn source(&self, files: &[(&str, &str)]) -> String {
+        let dir = self.t.path().join(format!("src-{}", ulid::Ulid::new()));
+        for (p, text) in files {
+            let f = dir.join(p);
+            std::fs::create_dir_all(f.parent().unwrap()).unwrap();
+            std::fs::write(&f, text).unwrap();
+        }
+        let tar = dir.with_extension("tar");
+        let st = Command::new("tar")
+            .arg("-C")
+            .arg(&dir)
+            .arg("-cf")
+            .arg(&tar)
+            .arg(".")
+            .status()
+            .unwrap();
+        assert!(st.success());
+        let mut c = self.node.client("blobstore");
+        paddock_blob::put_file_blocking(&mut c, &tar)
+            .unwrap()
+            .sha256
+    }
+
+    fn deployer(&self) -> Client {
+        self.node
+            .client("deployer")
+            .with_timeout(Duration::from_secs(30))
+    }
+
+    fn start(&self, app: &str, source: &str) -> String {
+        let r = self
+            .deployer()
+            .call(
+                "build.start",
+                json!({"app": app, "commit": "0123456789abcdef", "source": source,
+                       "ref": "refs/heads/main", "pusher": "alice"}),
+            )
+            .unwrap();
+        r["build"].as_str().unwrap().to_string()
+    }
+
+    /// Follows `build.log` to the end, as the gitserver does.
+    fn follow(&self, id: &str) -> Built {
+        let began = Instant::now();
+        let mut c = self.deployer();
+        let mut lines = Vec::new();
+        let mut next = 0;
+        loop {
+            assert!(
+                began.elapsed() < Duration::from_secs(600),
+                "build {id} did not end"
+            );
+            let r = c
+                .call(
+                    "build.log",
+                    json!({"build": id, "after": next, "wait_ms": 20000}),
+                )
+                .unwrap();
+            for l in r["lines"].as_array().unwrap() {
+                let l = l.as_str().unwrap().to_string();
+                println!("remote: {l}");
+                lines.push(l);
+            }
+            next = r["next"].as_u64().unwrap();
+            if r["done"] == true {
+                return Built {
+                    id: id.to_string(),
+                    lines,
+                    last: r,
+                    took: began.elapsed(),
+                };
+            }
+        }
+    }
+
+    fn build(&self, app: &str, files: &[(&str, &str)]) -> Built {
+        let src = self.source(files);
+        let id = self.start(app, &src);
+        self.follow(&id)
+    }
+
+    fn releases(&mut self, app: &str) -> Vec<Value> {
+        self.owner
+            .call("release.list", json!({ "app": app }))
+            .unwrap()["releases"]
+            .as_array()
+            .unwrap()
+            .clone()
+    }
+
+    /// The slug's member names.
+    fn slug_files(&self, release: &Value) -> Vec<String> {
+        let sha = release["slug"].as_str().unwrap();
+        let sha = sha.strip_prefix("sha256:").unwrap_or(sha);
+        let dest = self.t.path().join(format!("slug-{sha}.tar.zst"));
+        let mut c = self.node.client("blobstore");
+        paddock_blob::get_file_blocking(&mut c, sha, &dest).unwrap();
+        let out = Command::new("tar")
+            .arg("--zstd")
+            .arg("-tf")
+            .arg(&dest)
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        String::from_utf8(out.stdout)
+            .unwrap()
+            .lines()
+            .map(|l| l.trim_start_matches("./").to_string())
+            .collect()
+    }
+
+    /// A buildpack at `<test dir>/<name>` whose scripts are these bash bodies.
+    fn buildpack(&self, name: &str, detect: &str, compile: &str, release: &str) -> PathBuf {
+        let bp = self.t.path().join(name);
+        std::fs::create_dir_all(bp.join("bin")).unwrap();
+        for (s, body) in [
+            ("detect", detect),
+            ("compile", compile),
+            ("release", release),
+        ] {
+            let f = bp.join("bin").join(s);
+            std::fs::write(&f, format!("#!/usr/bin/env bash\n{body}\n")).unwrap();
+            std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        std::fs::set_permissions(&bp, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::set_permissions(bp.join("bin"), std::fs::Permissions::from_mode(0o755)).unwrap();
+        bp
+    }
+
+    fn deployer_dir(&self) -> PathBuf {
+        self.node.dir.join("state").join("deployer")
+    }
+}
+
+fn succeeded(b: &Built) -> Value {
+    assert_eq!(
+        b.last["status"],
+        "succeeded",
+        "build {} failed: {}\n{}",
+        b.id,
+        b.last["error"],
+        b.log()
+    );
+    b.last["release"].clone()
+}
+
+#[test]
+fn a_stdlib_app_with_a_procfile_is_released_and_its_build_kept() {
+    let mut w = world("deployer-stdlib", &[]);
+    w.app("plain");
+    let files = [
+        (
+            "Procfile",
+            "web: python3 app.py\nworker: python3 worker.py\n",
+        ),
+        ("app.py", "print('hello')\n"),
+        ("worker.py", "print('work')\n"),
+        (".slugignore", "/docs\n*.psd\n"),
+        ("docs/big.txt", "not shipped\n"),
+        ("art.psd", "not shipped\n"),
+        (
+            "app.json",
+            r#"{"healthchecks": {"web": [{"type": "startup", "path": "/health", "timeout": 5, "attempts": 3}]}}"#,
+        ),
+    ];
+    let b = w.build("plain", &files);
+    let release = succeeded(&b);
+    assert!(b.has("-----> Procfile app detected"), "{}", b.log());
+    assert!(
+        b.has("Procfile declares types     -> web, worker"),
+        "{}",
+        b.log()
+    );
+    assert!(b.has("-----> Released v2"), "{}", b.log());
+    assert_eq!(release["version"], 2);
+    assert_eq!(release["status"], "succeeded");
+    assert_eq!(
+        release["process_types"],
+        json!({"web": "python3 app.py", "worker": "python3 worker.py"})
+    );
+    let rels = w.releases("plain");
+    let v2 = rels.iter().find(|r| r["version"] == 2).unwrap();
+    assert_eq!(v2["status"], "succeeded");
+    let files = w.slug_files(&release);
+    assert!(files.iter().any(|f| f == "app.py"), "{files:?}");
+    assert!(
+        !files
+            .iter()
+            .any(|f| f.starts_with("docs/") || f.ends_with(".psd")),
+        "{files:?}"
+    );
+    // Health checks from app.json went into the release.
+    let info = w
+        .owner
+        .call("release.info", json!({"app": "plain", "version": 2}))
+        .unwrap();
+    assert_eq!(
+        info["release"]["healthchecks"]["web"][0]["path"], "/health",
+        "{info}"
+    );
+
+    // The build's record: list and info (with the log), durations per step.
+    let mut d = w.deployer();
+    let list = d.call("build.list", json!({"app": "plain"})).unwrap();
+    let first = &list["builds"][0];
+    assert_eq!(first["id"], b.id.as_str());
+    assert_eq!(first["status"], "succeeded");
+    assert_eq!(first["pusher"], "alice");
+    assert_eq!(first["release"]["version"], 2);
+    for step in [
+        "source",
+        "detect",
+        "compile",
+        "process-types",
+        "slug",
+        "release",
+        "total",
+    ] {
+        assert!(first["durations"][step].is_u64(), "{step}: {first}");
+    }
+    let info = d.call("build.info", json!({"build": b.id})).unwrap();
+    let log = info["build"]["log"].as_str().unwrap();
+    assert!(log.contains("-----> Procfile app detected"), "{log}");
+    assert!(log.contains("-----> Released v2"), "{log}");
+
+    // A warm push of the same kind of app: the figure is printed, not asserted.
+    let b2 = w.build(
+        "plain",
+        &[
+            ("Procfile", "web: python3 app.py\n"),
+            ("app.py", "print(2)\n"),
+        ],
+    );
+    succeeded(&b2);
+    println!("warm stdlib push to a new release: {:?}", b2.took);
+    assert_eq!(b2.last["release"]["version"], 3);
+}
+
+#[test]
+fn a_flask_app_is_built_with_pip_then_from_the_cached_virtualenv() {
+    let mut w = world("deployer-flask", &[]);
+    w.app("flask");
+    let app_py = "from flask import Flask\napp = Flask(__name__)\n\n@app.route('/')\ndef hi():\n    return 'hi'\n";
+    let files = [
+        ("requirements.txt", "flask==3.0.3\n"),
+        ("app.py", app_py),
+        ("Procfile", "wsgi: app:app\n"),
+    ];
+    let b = w.build("flask", &files);
+    let release = succeeded(&b);
+    assert!(b.has("-----> Python app detected"), "{}", b.log());
+    assert!(
+        b.has("-----> Installing requirements with pip"),
+        "{}",
+        b.log()
+    );
+    assert!(b.has("Successfully installed"), "{}", b.log());
+    let web = release["process_types"]["web"].as_str().unwrap();
+    assert!(web.contains("/app/.paddock/wsgi.py app:app"), "{release}");
+    let slug = w.slug_files(&release);
+    assert!(
+        slug.iter().any(|f| f == ".venv/bin/python"),
+        "the venv is in the slug"
+    );
+    assert!(slug
+        .iter()
+        .any(|f| f.starts_with(".venv/lib/python3") && f.contains("site-packages/flask/")));
+    assert!(slug.iter().any(|f| f == ".profile.d/python.sh"));
+    println!("cold Flask push: {:?}", b.took);
+
+    // Unchanged requirements: the cached venv, and pip never runs.
+    let changed = [
+        ("requirements.txt", "flask==3.0.3\n"),
+        ("app.py", &*format!("{app_py}# changed\n")),
+        ("Procfile", "wsgi: app:app\n"),
+    ];
+    let b2 = w.build("flask", &changed);
+    succeeded(&b2);
+    assert!(
+        b2.has("-----> Reusing the cached virtualenv"),
+        "{}",
+        b2.log()
+    );
+    assert!(!b2.has("Installing requirements with pip"), "{}", b2.log());
+    assert!(
+        !b2.has("Collecting") && !b2.has("Successfully installed"),
+        "pip ran:\n{}",
+        b2.log()
+    );
+    println!("warm Flask push (requirements unchanged): {:?}", b2.took);
+
+    // The venv works where every node puts the app: /app, as the app's user.
+    let slug2 = w.slug_files(&b2.last["release"]);
+    assert!(slug2.iter().any(|f| f == ".venv/bin/python"));
+}
+
+#[test]
+fn a_node_app_defaults_to_npm_start() {
+    let mut w = world("deployer-node", &[]);
+    w.app("nodeapp");
+    let b = w.build(
+        "nodeapp",
+        &[
+            (
+                "package.json",
+                r#"{"name": "nodeapp", "version": "1.0.0", "scripts": {"start": "node server.js", "build": "node build.js"}}"#,
+            ),
+            ("build.js", "require('fs').writeFileSync('built.txt', 'yes'); console.log('built it');\n"),
+            ("server.js", "require('http').createServer((q, s) => s.end('hi')).listen(process.env.PORT);\n"),
+        ],
+    );
+    let release = succeeded(&b);
+    assert!(b.has("-----> Node.js app detected"), "{}", b.log());
+    assert!(b.has("-----> Running npm run build"), "{}", b.log());
+    assert!(
+        b.has("built it"),
+        "the build's own output is relayed:\n{}",
+        b.log()
+    );
+    assert!(b.has("Default types for buildpack -> web"), "{}", b.log());
+    assert_eq!(release["process_types"], json!({"web": "npm start"}));
+    let slug = w.slug_files(&release);
+    assert!(slug.iter().any(|f| f == "built.txt"), "{slug:?}");
+}
+
+#[test]
+fn a_static_site_carries_its_file_server() {
+    let mut w = world("deployer-static", &[]);
+    w.app("site");
+    let b = w.build(
+        "site",
+        &[
+            ("public/index.html", "<h1>hi</h1>\n"),
+            ("public/style.css", "h1{}\n"),
+        ],
+    );
+    let release = succeeded(&b);
+    assert!(b.has("-----> Static app detected"), "{}", b.log());
+    assert_eq!(
+        release["process_types"],
+        json!({"web": "/app/.paddock/bin/paddock-static"})
+    );
+    // The slug serves by itself: unpack it and run its server.
+    let sha = release["slug"]
+        .as_str()
+        .unwrap()
+        .trim_start_matches("sha256:");
+    let dest = w.t.path().join("site");
+    std::fs::create_dir_all(&dest).unwrap();
+    let mut c = w.node.client("blobstore");
+    let slug = w.t.path().join("site.tar.zst");
+    paddock_blob::get_file_blocking(&mut c, sha, &slug).unwrap();
+    assert!(Command::new("tar")
+        .args(["--zstd", "-xf"])
+        .arg(&slug)
+        .arg("-C")
+        .arg(&dest)
+        .status()
+        .unwrap()
+        .success());
+    let port = free_port().unwrap();
+    let mut server = Command::new(dest.join(".paddock/bin/paddock-static"))
+        .current_dir(&dest)
+        .env("PORT", port.to_string())
+        .spawn()
+        .unwrap();
+    let body = eventually(Duration::from_secs(10), "paddock-static serves", || {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+        use std::io::{Read, Write};
+        s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .ok()?;
+        let mut out = String::new();
+        s.read_to_string(&mut out).ok()?;
+        Some(out)
+    });
+    let _ = server.kill();
+    let _ = server.wait();
+    assert!(body.starts_with("HTTP/1.1 200"), "{body}");
+    assert!(body.contains("text/html"), "{body}");
+    assert!(body.ends_with("<h1>hi</h1>\n"), "{body}");
+}
+
+#[test]
+fn failures_name_their_step_and_make_no_release() {
+    let mut w = world("deployer-fail", &[]);
+    w.app("broken");
+    let bp = w.buildpack(
+        "failing-bp",
+        "echo Failing",
+        "echo '-----> Compiling'; echo 'about to fail' >&2; exit 3",
+        "echo ---",
+    );
+    w.config("broken", json!({"BUILDPACK_URL": bp.display().to_string()}));
+    let before = w.releases("broken").len();
+    let b = w.build("broken", &[("Procfile", "web: true\n")]);
+    assert_eq!(b.last["status"], "failed");
+    assert_eq!(b.last["error"]["step"], "compile", "{}", b.last);
+    assert!(
+        b.last["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("exited with status 3"),
+        "{}",
+        b.last
+    );
+    assert!(b.has("about to fail"), "{}", b.log());
+    assert!(b.has(" !     Build failed at step compile"), "{}", b.log());
+    assert_eq!(w.releases("broken").len(), before, "no release was made");
+    let info = w
+        .deployer()
+        .call("build.info", json!({"build": b.id}))
+        .unwrap();
+    assert_eq!(info["build"]["status"], "failed");
+    assert_eq!(info["build"]["error"]["step"], "compile");
+    assert!(info["build"]["log"]
+        .as_str()
+        .unwrap()
+        .contains("about to fail"));
+
+    // No Procfile and no default process type.
+    let bp = w.buildpack("quiet-bp", "echo Quiet", "true", "echo ---");
+    w.config("broken", json!({"BUILDPACK_URL": bp.display().to_string()}));
+    let b = w.build("broken", &[("README", "nothing to run\n")]);
+    assert_eq!(b.last["error"]["step"], "process-types", "{}", b.last);
+    assert!(b.last["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("no Procfile"));
+
+    // Nothing detects it.
+    w.config("broken", json!({"BUILDPACK_URL": ""}));
+    let b = w.build("broken", &[("README", "nothing\n")]);
+    assert_eq!(b.last["error"]["step"], "detect", "{}", b.last);
+    assert_eq!(
+        w.releases("broken").len(),
+        before + 3,
+        "only the config releases"
+    );
+
+    // One build per app at a time.
+    let slow = w.buildpack("slow-bp", "echo Slow", "sleep 3", "echo ---");
+    w.config(
+        "broken",
+        json!({"BUILDPACK_URL": slow.display().to_string()}),
+    );
+    let src = w.source(&[("Procfile", "web: true\n")]);
+    let first = w.start("broken", &src);
+    let second = w.deployer().call(
+        "build.start",
+        json!({"app": "broken", "commit": "abc", "source": src}),
+    );
+    assert_eq!(code(second), Code::Conflict);
+    assert_eq!(w.follow(&first).last["status"], "succeeded");
+}
+
+#[test]
+fn builds_are_confined_by_their_cgroups() {
+    let mut w = world(
+        "deployer-cgroup",
+        &[
+            ("build_memory_mb", toml::Value::Integer(128)),
+            ("build_pids", toml::Value::Integer(64)),
+            ("build_timeout_ms", toml::Value::Integer(12_000)),
+        ],
+    );
+    for app in ["hog", "bomb", "calm"] {
+        w.app(app);
+    }
+    let hog = w.buildpack(
+        "hog-bp",
+        "echo Hog",
+        "echo eating; /usr/bin/python3 -c \"b = b'x' * (1024 << 20); print(len(b))\"",
+        "echo ---",
+    );
+    let bomb = w.buildpack(
+        "bomb-bp",
+        "echo Bomb",
+        "echo forking; f() { f | f & }; f; sleep 60",
+        "echo ---",
+    );
+    w.config("hog", json!({"BUILDPACK_URL": hog.display().to_string()}));
+    w.config("bomb", json!({"BUILDPACK_URL": bomb.display().to_string()}));
+    let src = w.source(&[("Procfile", "web: true\n"), ("app.py", "")]);
+    let hog_id = w.start("hog", &src);
+    let bomb_id = w.start("bomb", &src);
+    // Another app builds meanwhile, unharmed.
+    let calm = w.build(
+        "calm",
+        &[("Procfile", "web: python3 app.py\n"), ("app.py", "")],
+    );
+    succeeded(&calm);
+
+    let h = w.follow(&hog_id);
+    assert_eq!(h.last["status"], "failed");
+    assert_eq!(h.last["error"]["step"], "compile");
+    assert!(
+        h.last["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("ran out of memory"),
+        "{}",
+        h.last
+    );
+    let b = w.follow(&bomb_id);
+    assert_eq!(b.last["status"], "failed");
+    assert_eq!(b.last["error"]["step"], "compile");
+    assert!(
+        b.last["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("time limit"),
+        "{}",
+        b.last
+    );
+    // Nothing of the bomb is left running.
+    let left = Command::new("pgrep")
+        .args(["-u", "pdk-bomb"])
+        .output()
+        .unwrap();
+    assert!(
+        left.stdout.is_empty(),
+        "left: {}",
+        String::from_utf8_lossy(&left.stdout)
+    );
+}
+
+#[test]
+fn a_build_cannot_read_other_apps_or_the_platform() {
+    let mut w = world("deployer-isolation", &[]);
+    w.app("victim");
+    w.app("snoop");
+    // The victim's build leaves its cache behind (and the victim's app files
+    // pass through the deployer's directories).
+    succeeded(&w.build(
+        "victim",
+        &[
+            ("Procfile", "web: python3 app.py\n"),
+            ("app.py", "SECRET = 1\n"),
+        ],
+    ));
+    let dir = w.deployer_dir();
+    let targets = [
+        w.node.config.display().to_string(),
+        dir.join("cache/victim").display().to_string(),
+        dir.join("builds").display().to_string(),
+        w.node.dir.join("state").display().to_string(),
+        w.node.dir.join("state/blobstore").display().to_string(),
+        "/root".to_string(),
+        "/etc/shadow".to_string(),
+    ];
+    let mut compile = String::from("echo \"uid=$(id -u) user=$(id -un)\"\n");
+    for t in &targets {
+        compile.push_str(&format!(
+            "if cat '{t}' >/dev/null 2>&1 || ls '{t}' >/dev/null 2>&1; then echo 'READ {t}'; else echo 'DENIED {t}'; fi\n"
+        ));
+    }
+    compile.push_str("echo \"tmp: $(ls -A /tmp | tr '\\n' ' ')\"\n");
+    compile.push_str("echo \"home=$HOME pwd=$(pwd)\"\n");
+    compile.push_str("env | grep -Ei 'secret|key|paddock_config' | sed 's/^/ENV /' || true\n");
+    let bp = w.buildpack("snoop-bp", "echo Snoop", &compile, "echo ---");
+    w.config("snoop", json!({"BUILDPACK_URL": bp.display().to_string()}));
+    let b = w.build("snoop", &[("Procfile", "web: true\n")]);
+    succeeded(&b);
+    let log = b.log();
+    assert!(b.has("user=pdk-snoop"), "{log}");
+    assert!(!b.has("uid=0 "), "{log}");
+    for t in &targets {
+        assert!(b.has(&format!("DENIED {t}")), "{t} was readable:\n{log}");
+    }
+    assert!(!b.has("READ "), "{log}");
+    assert!(b.has("home=/app pwd=/app"), "{log}");
+    // Its /tmp is its own: cache, env, buildpacks, nothing of the host's.
+    let tmp = b.lines.iter().find(|l| l.starts_with("tmp: ")).unwrap();
+    for own in ["cache", "env", "buildpacks"] {
+        assert!(tmp.contains(own), "{tmp}");
+    }
+    assert!(!tmp.contains("paddock-"), "the host's /tmp shows: {tmp}");
+    assert!(
+        !b.has("ENV "),
+        "platform secrets in the build's env:\n{log}"
+    );
+    let _ = Path::new("/");
+}
