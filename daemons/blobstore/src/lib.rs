@@ -209,9 +209,10 @@ impl Blobstore {
 
     /// Forgets an upload and removes its file.
     async fn discard(&self, id: &str) {
-        let up = self.uploads.borrow_mut().remove(id);
-        if let Some(up) = up {
-            let path = lock(&up).path.clone();
+        // The path is the id's, so no lock is taken here (a chunk being written
+        // holds it; removing the file under a write is harmless on Unix).
+        if self.uploads.borrow_mut().remove(id).is_some() {
+            let path = store::upload_path(&self.s.dir, id);
             let _ = blocking(move || std::fs::remove_file(path)).await;
         }
     }
