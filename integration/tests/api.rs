@@ -94,6 +94,9 @@ enum Rule {
     ClusterOnly,
     /// `key.rotate`: every live user key; the cluster key has nothing to rotate.
     Rotate,
+    /// Authorized as `Access`, then forwarded to a deployer: none runs here, so
+    /// whoever passes gets `unavailable` (and nothing changes).
+    Forwarded,
 }
 
 impl Rule {
@@ -106,6 +109,8 @@ impl Rule {
             (Rule::ClusterOnly, Cluster) => None,
             (Rule::ClusterOnly, _) => forbidden,
             (Rule::Rotate, Cluster) => Some(Code::Invalid),
+            (Rule::Forwarded, Owner | Collaborator | Admin | Cluster) => Some(Code::Unavailable),
+            (Rule::Forwarded, _) => forbidden,
             (_, Cluster) | (_, Admin) | (Rule::Any, _) | (Rule::Rotate, _) => None,
             (Rule::Admin, _) => forbidden,
             (Rule::SelfOwner | Rule::Owner | Rule::OwnKey, Owner) => None,
@@ -155,6 +160,13 @@ impl Fx {
             json!({"app": a, "domain": format!("{a}.example.com")}),
         );
         a
+    }
+
+    /// A fresh buildpack record; its name.
+    fn buildpack(&mut self) -> String {
+        let n = self.unique("bp");
+        self.ok("buildpack.add", json!({"name": n, "blob": "be".repeat(32)}));
+        n
     }
 
     fn user(&mut self) -> String {
@@ -352,6 +364,55 @@ fn cases() -> Vec<Case> {
             |f, _| json!({"app": f.app()}),
         ),
         c("apps.state", ClusterOnly, None, |_, _| json!({})),
+        c(
+            "push.authorize",
+            ClusterOnly,
+            None,
+            |f, _| json!({"fingerprint": f.owner_ssh_key(), "app": f.app()}),
+        ),
+        c(
+            "release.get",
+            ClusterOnly,
+            None,
+            |f, _| json!({"app": f.app(), "version": 2}),
+        ),
+        c(
+            "blob.referenced",
+            ClusterOnly,
+            None,
+            |_, _| json!({"keep": 3}),
+        ),
+        c(
+            "buildpack.add",
+            ClusterOnly,
+            Some("buildpack.add"),
+            |f, _| json!({"name": f.unique("bp"), "blob": format!("sha256:{}", "ca".repeat(32))}),
+        ),
+        c("buildpack.list", ClusterOnly, None, |_, _| json!({})),
+        c(
+            "buildpack.get",
+            ClusterOnly,
+            None,
+            |f, _| json!({"name": f.buildpack()}),
+        ),
+        c(
+            "buildpack.remove",
+            ClusterOnly,
+            Some("buildpack.remove"),
+            |f, _| json!({"name": f.buildpack()}),
+        ),
+        c(
+            "build.list",
+            Forwarded,
+            None,
+            |f, _| json!({"app": f.app()}),
+        ),
+        c(
+            "build.info",
+            Forwarded,
+            None,
+            |f, _| json!({"app": f.app(), "build": "01JCT6S3W4F8D9X2QZ7N5K0BVA"}),
+        ),
     ]
 }
 
@@ -462,7 +523,13 @@ fn the_authorization_matrix_for_every_kind_and_caller() {
             };
             let before = w.snapshot();
             let last = w.last_audit_id();
+            // A client retries `unavailable` until its deadline: keep that short
+            // where no deployer answers.
+            if case.rule == Rule::Forwarded {
+                client.set_timeout(Duration::from_millis(700));
+            }
             let r = client.call(case.kind, body.clone());
+            client.set_timeout(Duration::from_secs(5));
             let expect = case.rule.expect(*caller);
             let what = format!("{} by {caller:?} with {body}", case.kind);
             checked += 1;
@@ -507,6 +574,7 @@ fn the_authorization_matrix_for_every_kind_and_caller() {
                     // The refusal names what was refused.
                     let needle = match (code, case.rule) {
                         (Code::UnknownKey, _) => "revoked".to_string(),
+                        (Code::Unavailable, Rule::Forwarded) => "deployer".to_string(),
                         (_, Rule::ClusterOnly) => case.kind.to_string(),
                         (_, Rule::Admin) => "admin".to_string(),
                         (_, Rule::SelfOwner) => "owner".to_string(),

@@ -59,6 +59,8 @@ pub const USER_KINDS: &[&str] = &[
     "domain.add",
     "domain.remove",
     "audit.list",
+    "build.list",
+    "build.info",
 ];
 
 /// Kinds only the cluster key may send (other daemons use them instead of SQL).
@@ -69,6 +71,13 @@ pub const CLUSTER_KINDS: &[&str] = &[
     "app.state",
     "apps.state",
     "sshkey.lookup",
+    "push.authorize",
+    "release.get",
+    "blob.referenced",
+    "buildpack.add",
+    "buildpack.list",
+    "buildpack.get",
+    "buildpack.remove",
 ];
 
 /// Published after a change commits: `{"app", "what"}`.
@@ -135,9 +144,9 @@ impl Api {
             "sshkey.list" => s.sshkey_list(&who, b).await?,
             "sshkey.remove" => s.sshkey_remove(&who, b).await?,
             "sshkey.lookup" => s.sshkey_lookup(b).await?,
-            "app.create" => s.app_create(&who, b).await?,
+            "app.create" => self.with_git_url(s.app_create(&who, b).await?),
             "app.list" => s.app_list(&who, b).await?,
-            "app.info" => s.app_info(&who, b).await?,
+            "app.info" => self.with_git_url(s.app_info(&who, b).await?),
             "app.destroy" => self.destroy(&who, b).await?,
             "access.list" => s.access_list(&who, b).await?,
             "access.add" => s.access_add(&who, b).await?,
@@ -159,6 +168,14 @@ impl Api {
             "audit.append" => s.audit_append(&who, b).await?,
             "app.state" => s.app_state(b).await?,
             "apps.state" => s.apps_state().await?,
+            "push.authorize" => s.push_authorize(b).await?,
+            "release.get" => s.release_get(&who, b).await?,
+            "blob.referenced" => s.blob_referenced(b).await?,
+            "buildpack.add" => s.buildpack_add(&who, b).await?,
+            "buildpack.list" => s.buildpack_list().await?,
+            "buildpack.get" => s.buildpack_get(b).await?,
+            "buildpack.remove" => s.buildpack_remove(&who, b).await?,
+            "build.list" | "build.info" => self.build(&who, &env.kind, b).await?,
             other => {
                 return Err(WireError::new(
                     Code::UnknownKind,
@@ -183,6 +200,63 @@ impl Api {
                 .publish(APP_CHANGED, json!({"app": c.app, "what": c.what}));
         }
         Ok(reply)
+    }
+
+    /// `app.create`'s and `app.info`'s reply with the app's `git_url`.
+    fn with_git_url(&self, (mut reply, changes): Reply) -> Reply {
+        if let Some(name) = reply["app"]["name"].as_str() {
+            let url = git_url(&self.ctx.config(), name);
+            reply["app"]["git_url"] = json!(url);
+        }
+        (reply, changes)
+    }
+
+    /// `build.list` and `build.info`: the caller must have access to the app;
+    /// then a deployer (which owns the builds) answers. A build of another app is
+    /// `not_found`, as one that does not exist.
+    async fn build(&self, who: &Who, kind: &str, b: &Value) -> Result<Reply, WireError> {
+        let what = if kind == "build.list" {
+            "list its builds"
+        } else {
+            "see its builds"
+        };
+        let app = self.store.authorize_app(who, b, what).await?;
+        let body = if kind == "build.list" {
+            let mut body = json!({ "app": app });
+            match b.get("limit") {
+                None | Some(Value::Null) => {}
+                Some(n) => match n.as_i64() {
+                    Some(n) if (1..=1000).contains(&n) => body["limit"] = json!(n),
+                    _ => return Err(WireError::invalid("`limit` must be 1-1000")),
+                },
+            }
+            body
+        } else {
+            let build = match b.get("build") {
+                Some(Value::String(id))
+                    if (1..=100).contains(&id.len())
+                        && id
+                            .bytes()
+                            .all(|c| c.is_ascii_alphanumeric() || b"-_.:".contains(&c)) =>
+                {
+                    json!(id)
+                }
+                None | Some(Value::Null) => return Err(WireError::invalid("`build` is required")),
+                Some(_) => {
+                    return Err(WireError::invalid(
+                        "`build` must be a build id, as `build.list` shows",
+                    ))
+                }
+            };
+            json!({ "build": build })
+        };
+        let reply = self
+            .ctx
+            .calls()
+            .call_daemon("deployer", kind, body)
+            .await
+            .map_err(|e| deployer_error(kind, e))?;
+        Ok((scoped_to_app(kind, &app, &b["build"], reply)?, vec![]))
     }
 
     /// Re-reads the CURVE keys of the live user keys into the rpc socket's set.
@@ -241,6 +315,71 @@ impl Api {
             json!({"app": app, "cleanup": {"domains": domains, "routes": routes, "instances": instances}}),
             vec![],
         ))
+    }
+}
+
+/// `<[daemons.gitserver] ssh>/<app>.git`, or null when this node's cluster file
+/// names no gitserver URL.
+pub fn git_url(cfg: &ClusterConfig, app: &str) -> Option<String> {
+    git_url_of(&cfg.file, app)
+}
+
+fn git_url_of(file: &paddock_config::ClusterFile, app: &str) -> Option<String> {
+    let base = file
+        .daemons
+        .get("gitserver")?
+        .other
+        .get("ssh")?
+        .as_str()?
+        .trim()
+        .trim_end_matches('/');
+    (!base.is_empty()).then(|| format!("{base}/{app}.git"))
+}
+
+/// A deployer's `build.list` / `build.info` reply as the caller, who may see
+/// `app` only, gets it: a list keeps `app`'s builds only; a build of another app
+/// is `not_found`, as one that does not exist (never shown, nor said to exist).
+fn scoped_to_app(
+    kind: &str,
+    app: &str,
+    asked: &Value,
+    mut reply: Value,
+) -> Result<Value, WireError> {
+    if kind == "build.list" {
+        match reply.get_mut("builds").and_then(Value::as_array_mut) {
+            Some(list) => list.retain(|x| x["app"].as_str() == Some(app)),
+            None => reply["builds"] = json!([]),
+        }
+    } else {
+        let of = reply["build"]["app"]
+            .as_str()
+            .or_else(|| reply["app"].as_str());
+        if of != Some(app) {
+            return Err(WireError::new(
+                Code::NotFound,
+                format!("app {app} has no build {asked} (`paddock builds -a {app}` lists them)"),
+            ));
+        }
+    }
+    if let Some(m) = reply.as_object_mut() {
+        m.remove("ok");
+    }
+    Ok(reply)
+}
+
+/// A forwarded kind's failure: the deployer's own refusal as it wrote it; not
+/// reaching one is `unavailable`.
+fn deployer_error(kind: &str, e: paddock_daemon::calls::CallError) -> WireError {
+    use paddock_daemon::calls::CallError;
+    use paddock_wire::ClientError;
+    match e {
+        CallError::Call(ClientError::Remote(w)) => w,
+        CallError::Call(t @ ClientError::Timeout { .. }) => WireError::unavailable(format!(
+            "the deployer did not answer {kind} in time ({t}); retry shortly"
+        )),
+        other => WireError::unavailable(format!(
+            "no deployer could be reached for {kind} ({other}); builds are kept by the deployer: retry once it runs"
+        )),
     }
 }
 
@@ -321,4 +460,57 @@ pub async fn setup(ctx: Ctx) -> anyhow::Result<Routes> {
         });
     }
     Ok(routes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_forwarded_build_reply_shows_the_authorized_app_only() {
+        let list = json!({"ok": true, "builds": [
+            {"id": "b1", "app": "shop"}, {"id": "b2", "app": "other"}, {"id": "b3"}]});
+        let r = scoped_to_app("build.list", "shop", &Value::Null, list).unwrap();
+        assert_eq!(r, json!({"builds": [{"id": "b1", "app": "shop"}]}));
+
+        let mine = json!({"build": {"id": "b1", "app": "shop", "log": "ok"}});
+        let r = scoped_to_app("build.info", "shop", &json!("b1"), mine.clone()).unwrap();
+        assert_eq!(r, mine);
+        for other in [
+            json!({"build": {"id": "b2", "app": "other", "log": "secret"}}),
+            json!({"build": {"id": "b2"}, "log": "secret"}),
+            json!({}),
+        ] {
+            let e = scoped_to_app("build.info", "shop", &json!("b2"), other).unwrap_err();
+            assert_eq!(e.code, Code::NotFound);
+            assert!(!e.message.contains("other") && !e.message.contains("secret"));
+            assert!(e.message.contains("shop"), "{}", e.message);
+        }
+        // The app at the reply's top level (a flat reply) counts too.
+        let flat = json!({"id": "b1", "app": "shop", "log": ""});
+        assert!(scoped_to_app("build.info", "shop", &json!("b1"), flat).is_ok());
+    }
+
+    #[test]
+    fn git_urls_come_from_the_gitserver_section() {
+        let with = |ssh: Option<&str>| {
+            let mut file = paddock_config::ClusterFile::default();
+            if let Some(u) = ssh {
+                let mut d = paddock_config::DaemonSection::default();
+                d.other.insert("ssh".into(), toml::Value::String(u.into()));
+                file.daemons.insert("gitserver".into(), d);
+            }
+            file
+        };
+        assert_eq!(
+            git_url_of(&with(Some("ssh://git@h:2222/")), "shop").as_deref(),
+            Some("ssh://git@h:2222/shop.git")
+        );
+        assert_eq!(
+            git_url_of(&with(Some("ssh://git@h")), "shop").as_deref(),
+            Some("ssh://git@h/shop.git")
+        );
+        assert_eq!(git_url_of(&with(Some(" ")), "shop"), None);
+        assert_eq!(git_url_of(&with(None), "shop"), None);
+    }
 }

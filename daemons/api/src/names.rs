@@ -132,6 +132,36 @@ pub fn process_type(t: &str) -> Result<(), WireError> {
     }
 }
 
+/// A buildpack's name: `[a-z0-9-]{1,40}`.
+pub fn buildpack(name: &str) -> Result<(), WireError> {
+    let ok = (1..=40).contains(&name.len())
+        && name
+            .bytes()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-');
+    if ok {
+        Ok(())
+    } else {
+        Err(WireError::invalid(format!(
+            "buildpack name {:?} is not valid: use 1-40 characters of a-z, 0-9 and '-'",
+            truncate(name, 64)
+        )))
+    }
+}
+
+/// A blob's name as the blobstore has it (its sha256: 64 lowercase hex digits),
+/// given bare or as `sha256:<hex>`; the bare name.
+pub fn blob_sha256<'a>(field: &str, id: &'a str) -> Result<&'a str, WireError> {
+    let hex = id.strip_prefix("sha256:").unwrap_or(id);
+    if hex.len() == 64 && hex.bytes().all(|c| matches!(c, b'0'..=b'9' | b'a'..=b'f')) {
+        Ok(hex)
+    } else {
+        Err(WireError::invalid(format!(
+            "`{field}` must be a blob's sha256: 64 lowercase hex digits (or sha256:<hex>), not {:?}",
+            truncate(id, 80)
+        )))
+    }
+}
+
 /// A lowercase host name (RFC 1123 labels), at most 253 characters. A wildcard
 /// `*.rest` is allowed only when `wildcard` (admins).
 pub fn domain(d: &str, wildcard: bool) -> Result<(), WireError> {
@@ -340,6 +370,30 @@ fn truncate(s: &str, n: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn buildpack_names_and_blob_ids() {
+        for ok in ["python", "node-18", "a", &"x".repeat(40)] {
+            assert!(buildpack(ok).is_ok(), "{ok}");
+        }
+        for bad in ["", "Python", "py_thon", "a/b", "../x", &"x".repeat(41)] {
+            assert!(buildpack(bad).is_err(), "{bad}");
+        }
+        let h = "0123456789abcdef".repeat(4);
+        assert_eq!(blob_sha256("blob", &h).unwrap(), h);
+        assert_eq!(blob_sha256("blob", &format!("sha256:{h}")).unwrap(), h);
+        for bad in [
+            String::new(),
+            "sha256:".into(),
+            "sha256:0123abcd".into(),
+            h.to_uppercase(),
+            format!("{h}0"),
+            format!("sha512:{h}"),
+            "../../etc/passwd".into(),
+        ] {
+            assert!(blob_sha256("blob", &bad).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn app_names() {

@@ -23,6 +23,9 @@ pub const DEFAULT_PIDS: i32 = 256;
 /// At most this many entries in one `formation.scale`.
 pub const MAX_SCALE_CHANGES: usize = 50;
 
+/// `blob.referenced` without `keep`: each app's newest this many releases.
+pub const DEFAULT_KEEP_RELEASES: i32 = 10;
+
 pub struct Store {
     db: Db,
     users: UserKeys,
@@ -1997,6 +2000,227 @@ impl Store {
             .next()
             .ok_or_else(|| WireError::internal("audit insert returned nothing"))?;
         Ok((json!({ "id": row.get::<_, i64>(0) }), vec![]))
+    }
+
+    // ---- git push, builds, blobs (the gitserver's, runner's, blobstore's) -------
+
+    /// `push.authorize`: the user whose SSH key `fingerprint` is (as `sshkey.lookup`
+    /// finds it: not disabled) may push to `app` when they own it, collaborate on
+    /// it or are an admin.
+    pub async fn push_authorize(&self, v: &Value) -> Result<Reply, WireError> {
+        let b = Body::of(v)?;
+        let fp = b.str("fingerprint")?;
+        let name = b.str("app")?;
+        let c = self.conn().await?;
+        let user = q1(
+            &c,
+            "SELECT u.id, u.name, u.admin FROM api_ssh_keys s JOIN api_users u ON u.id = s.user_id
+             WHERE s.fingerprint = $1 AND NOT u.disabled",
+            &[&fp],
+        )
+        .await?
+        .ok_or_else(|| not_found(format!("no user has SSH key {fp}")))?;
+        let who = Who::User {
+            id: user.get(0),
+            name: user.get(1),
+            admin: user.get(2),
+            key_id: String::new(),
+        };
+        let user_name: String = user.get(1);
+        let app = self
+            .app_for(&c, &who, name, Need::Access, "push to it", false)
+            .await
+            .map_err(|e| {
+                if e.code == Code::Forbidden {
+                    forbidden(format!(
+                        "user {user_name} may not push to app {name}: only its owner and collaborators may (its owner can add them with `paddock access add {user_name}`)"
+                    ))
+                } else {
+                    e
+                }
+            })?;
+        Ok((json!({"user": user_name, "app": app.name}), vec![]))
+    }
+
+    /// `release.get`: one release with its config, for the runner.
+    pub async fn release_get(&self, who: &Who, v: &Value) -> Result<Reply, WireError> {
+        let b = Body::of(v)?;
+        let version = b
+            .version("version")?
+            .ok_or_else(|| WireError::invalid("`version` is required"))?;
+        let (c, app) = self.readable(who, &b, "read its releases").await?;
+        let mut release = self.release(&c, app.id, version, true).await?;
+        release["app"] = json!(app.name);
+        Ok((json!({ "release": release }), vec![]))
+    }
+
+    /// `blob.referenced`: every blob something still needs, by the name the
+    /// blobstore gives it (the bare sha256: a slug recorded as `sha256:<hex>` is
+    /// named `<hex>`): the slugs of each app's newest `keep` releases and of its
+    /// current release (however old), and every buildpack's blob. One statement,
+    /// so one snapshot: a release made meanwhile is either in it or newer than the
+    /// blobstore's walk (which spares blobs younger than its grace).
+    pub async fn blob_referenced(&self, v: &Value) -> Result<Reply, WireError> {
+        let b = Body::of(v)?;
+        let keep = match b.opt_i64("keep")? {
+            None => DEFAULT_KEEP_RELEASES,
+            Some(n) if (1..=10_000).contains(&n) => n as i32,
+            Some(n) => {
+                return Err(WireError::invalid(format!(
+                    "`keep` must be 1-10000, not {n}"
+                )))
+            }
+        };
+        let c = self.conn().await?;
+        let rows = q(
+            &c,
+            "SELECT r.slug FROM api_releases r JOIN api_apps a ON a.id = r.app_id
+             WHERE r.slug IS NOT NULL
+               AND (r.version = a.current_release OR r.version > a.next_release - 1 - $1)
+             UNION
+             SELECT blob FROM api_buildpacks
+             ORDER BY 1",
+            &[&keep],
+        )
+        .await?;
+        let blobs: std::collections::BTreeSet<String> = rows
+            .iter()
+            .map(|r| {
+                let id: String = r.get(0);
+                match id.strip_prefix("sha256:") {
+                    Some(hex) => hex.to_string(),
+                    None => id,
+                }
+            })
+            .collect();
+        Ok((json!({ "blobs": blobs, "keep": keep }), vec![]))
+    }
+
+    fn buildpack_json(r: &Row) -> Value {
+        json!({"name": r.get::<_, String>(0), "blob": r.get::<_, String>(1),
+               "url": r.get::<_, Option<String>>(2), "created_by": r.get::<_, String>(3),
+               "created_at": r.get::<_, i64>(4)})
+    }
+
+    /// `buildpack.add`: records (or replaces) buildpack `name` as `blob`.
+    pub async fn buildpack_add(&self, who: &Who, v: &Value) -> Result<Reply, WireError> {
+        let b = Body::of(v)?;
+        let name = b.str("name")?;
+        names::buildpack(name)?;
+        let blob = names::blob_sha256("blob", b.str("blob")?)?;
+        let url = b.opt_str("url")?;
+        if url.is_some_and(|u| u.len() > 2048 || u.chars().any(char::is_control)) {
+            return Err(WireError::invalid(
+                "`url` must be at most 2048 characters, without control characters",
+            ));
+        }
+        let mut c = self.conn().await?;
+        let tx = c.transaction().await.map_err(pg)?;
+        let old: Option<String> = q1(
+            &tx,
+            "SELECT blob FROM api_buildpacks WHERE name = $1 FOR UPDATE",
+            &[&name],
+        )
+        .await?
+        .map(|r| r.get(0));
+        let row = q1(
+            &tx,
+            &format!(
+                "INSERT INTO api_buildpacks (name, blob, url, created_by) VALUES ($1, $2, $3, $4)
+                 ON CONFLICT (name) DO UPDATE SET blob = $2, url = $3, created_by = $4, created_at = now()
+                 RETURNING name, blob, url, created_by, {MS}"
+            ),
+            &[&name, &blob, &url, &who.actor()],
+        )
+        .await?
+        .ok_or_else(|| WireError::internal("buildpack insert returned nothing"))?;
+        audit(
+            &tx,
+            who,
+            "buildpack.add",
+            None,
+            json!({"name": name, "blob": blob, "url": url, "replaced": old}),
+        )
+        .await?;
+        commit(tx).await?;
+        Ok((
+            json!({"buildpack": Self::buildpack_json(&row), "replaced": old}),
+            vec![],
+        ))
+    }
+
+    pub async fn buildpack_list(&self) -> Result<Reply, WireError> {
+        let c = self.conn().await?;
+        let rows = q(
+            &c,
+            &format!("SELECT name, blob, url, created_by, {MS} FROM api_buildpacks ORDER BY name"),
+            &[],
+        )
+        .await?;
+        let list: Vec<Value> = rows.iter().map(Self::buildpack_json).collect();
+        Ok((json!({ "buildpacks": list }), vec![]))
+    }
+
+    pub async fn buildpack_get(&self, v: &Value) -> Result<Reply, WireError> {
+        let b = Body::of(v)?;
+        let name = b.str("name")?;
+        let c = self.conn().await?;
+        let row = q1(
+            &c,
+            &format!(
+                "SELECT name, blob, url, created_by, {MS} FROM api_buildpacks WHERE name = $1"
+            ),
+            &[&name],
+        )
+        .await?
+        .ok_or_else(|| {
+            not_found(format!(
+                "no buildpack is named {name:?} (`paddock buildpacks` lists them)"
+            ))
+        })?;
+        Ok((json!({ "buildpack": Self::buildpack_json(&row) }), vec![]))
+    }
+
+    pub async fn buildpack_remove(&self, who: &Who, v: &Value) -> Result<Reply, WireError> {
+        let b = Body::of(v)?;
+        let name = b.str("name")?;
+        let mut c = self.conn().await?;
+        let tx = c.transaction().await.map_err(pg)?;
+        let blob: String = q1(
+            &tx,
+            "DELETE FROM api_buildpacks WHERE name = $1 RETURNING blob",
+            &[&name],
+        )
+        .await?
+        .map(|r| r.get(0))
+        .ok_or_else(|| {
+            not_found(format!(
+                "no buildpack is named {name:?} (`paddock buildpacks` lists them)"
+            ))
+        })?;
+        audit(
+            &tx,
+            who,
+            "buildpack.remove",
+            None,
+            json!({"name": name, "blob": blob}),
+        )
+        .await?;
+        commit(tx).await?;
+        Ok((json!({"name": name, "blob": blob}), vec![]))
+    }
+
+    /// The app `b` names, for a kind the api forwards to another daemon once the
+    /// caller may `what` (access).
+    pub async fn authorize_app(
+        &self,
+        who: &Who,
+        v: &Value,
+        what: &str,
+    ) -> Result<String, WireError> {
+        let b = Body::of(v)?;
+        let (_c, app) = self.readable(who, &b, what).await?;
+        Ok(app.name)
     }
 
     // ---- desired state for the scheduler ---------------------------------------

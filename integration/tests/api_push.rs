@@ -1,0 +1,564 @@
+//! The api's part of git push → build → release (docs/design/PUSH.md): the
+//! gitserver's `push.authorize`, the runner's `release.get`, the blobstore's
+//! `blob.referenced`, the buildpack records, the customer's `build.list` /
+//! `build.info` (authorized here, answered by a deployer: none runs in these
+//! tests, so an authorized caller gets `unavailable`) and `git_url` on apps.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use paddock_integration::api::*;
+use paddock_integration::*;
+use paddock_wire::{Client, Code};
+use serde_json::{json, Value};
+
+fn ok(c: &mut Client, kind: &str, body: Value) -> Value {
+    c.call(kind, body.clone())
+        .unwrap_or_else(|e| panic!("{kind} {body}: {e}"))
+}
+
+/// An SSH key of `user`'s, added with the cluster key; its fingerprint.
+fn ssh_key(c: &mut Client, user: &str) -> String {
+    let r = ok(
+        c,
+        "sshkey.add",
+        json!({"user": user, "public_key": random_ed25519(&format!("{user}@laptop"))}),
+    );
+    r["fingerprint"].as_str().unwrap().to_string()
+}
+
+fn gitserver_ssh(node: &Node) -> String {
+    node.file.daemons["gitserver"].other["ssh"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+#[test]
+fn push_authorize_admits_owners_collaborators_and_admins_only() {
+    let mut w = ApiCluster::start("api-push-authorize", &[]);
+    let mut cl = w.cluster();
+    for (u, admin) in [
+        ("owner", false),
+        ("collab", false),
+        ("stranger", false),
+        ("boss", true),
+        ("gone", false),
+    ] {
+        ok(&mut cl, "user.create", json!({"name": u, "admin": admin}));
+    }
+    ok(
+        &mut cl,
+        "app.create",
+        json!({"name": "shop", "owner": "owner"}),
+    );
+    ok(
+        &mut cl,
+        "access.add",
+        json!({"app": "shop", "user": "collab"}),
+    );
+    ok(
+        &mut cl,
+        "access.add",
+        json!({"app": "shop", "user": "gone"}),
+    );
+    let keys: Vec<(&str, String)> = ["owner", "collab", "stranger", "boss", "gone"]
+        .into_iter()
+        .map(|u| (u, ssh_key(&mut cl, u)))
+        .collect();
+    let fp = |u: &str| keys.iter().find(|(n, _)| *n == u).unwrap().1.clone();
+
+    let before = w.snapshot();
+    for u in ["owner", "collab", "boss", "gone"] {
+        let r = ok(
+            &mut cl,
+            "push.authorize",
+            json!({"fingerprint": fp(u), "app": "shop"}),
+        );
+        assert_eq!(r["user"], u, "{r}");
+        assert_eq!(r["app"], "shop", "{r}");
+    }
+    // A stranger's key: forbidden, naming the user and the app.
+    let e = remote_err(cl.call(
+        "push.authorize",
+        json!({"fingerprint": fp("stranger"), "app": "shop"}),
+    ));
+    assert_eq!(e.code, Code::Forbidden, "{e:?}");
+    assert!(
+        e.message.contains("user stranger may not push to app shop"),
+        "{}",
+        e.message
+    );
+    // A key nobody has, an app that does not exist (for a key that could push
+    // anywhere: the admin's), a malformed app name: not_found.
+    let e = remote_err(cl.call(
+        "push.authorize",
+        json!({"fingerprint": "SHA256:nosuchkeyAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA", "app": "shop"}),
+    ));
+    assert_eq!(e.code, Code::NotFound, "{e:?}");
+    for app in ["nosuch", "Bad_Name", "../shop"] {
+        let e = remote_err(cl.call(
+            "push.authorize",
+            json!({"fingerprint": fp("boss"), "app": app}),
+        ));
+        assert_eq!(e.code, Code::NotFound, "{app}: {e:?}");
+    }
+    for bad in [json!({"app": "shop"}), json!({"fingerprint": fp("owner")})] {
+        assert_eq!(code(cl.call("push.authorize", bad)), Code::Invalid);
+    }
+    assert_eq!(w.snapshot(), before, "push.authorize changes nothing");
+
+    // A disabled user's key no longer pushes, even to an app they had access to.
+    ok(&mut cl, "user.revoke", json!({"name": "gone"}));
+    let e = remote_err(cl.call(
+        "push.authorize",
+        json!({"fingerprint": fp("gone"), "app": "shop"}),
+    ));
+    assert_eq!(e.code, Code::NotFound, "{e:?}");
+    // A collaborator removed: forbidden from then on.
+    ok(
+        &mut cl,
+        "access.remove",
+        json!({"app": "shop", "user": "collab"}),
+    );
+    assert_eq!(
+        code(cl.call(
+            "push.authorize",
+            json!({"fingerprint": fp("collab"), "app": "shop"}),
+        )),
+        Code::Forbidden
+    );
+    // A removed SSH key: not_found.
+    ok(
+        &mut cl,
+        "sshkey.remove",
+        json!({"fingerprint": fp("owner")}),
+    );
+    assert_eq!(
+        code(cl.call(
+            "push.authorize",
+            json!({"fingerprint": fp("owner"), "app": "shop"}),
+        )),
+        Code::NotFound
+    );
+    // A user key may not ask at all (it is the gitserver's).
+    let owner = create_key(&w.node, "owner");
+    assert_eq!(
+        code(user_client(&owner).call(
+            "push.authorize",
+            json!({"fingerprint": fp("boss"), "app": "shop"}),
+        )),
+        Code::Forbidden
+    );
+}
+
+#[test]
+fn release_get_gives_the_runner_the_whole_release() {
+    let w = ApiCluster::start("api-release-get", &[]);
+    let mut cl = w.cluster();
+    ok(&mut cl, "user.create", json!({"name": "owner"}));
+    ok(
+        &mut cl,
+        "app.create",
+        json!({"name": "shop", "owner": "owner"}),
+    );
+    ok(
+        &mut cl,
+        "config.set",
+        json!({"app": "shop", "vars": {"DATABASE_URL": "postgres://db/shop", "A": "1"}}),
+    );
+    let r = ok(
+        &mut cl,
+        "release.create",
+        json!({"app": "shop", "slug": "sha256:5106", "description": "Deploy 5106",
+               "process_types": {"web": "python3 app.py", "worker": "python3 w.py"},
+               "healthchecks": {"web": [{"type": "startup", "path": "/health"}]}}),
+    );
+    let v = r["release"]["version"].as_i64().unwrap();
+    for version in [json!(v), json!(format!("v{v}"))] {
+        let got = ok(
+            &mut cl,
+            "release.get",
+            json!({"app": "shop", "version": version}),
+        );
+        let rel = &got["release"];
+        assert_eq!(rel["version"], v, "{got}");
+        assert_eq!(rel["app"], "shop", "{got}");
+        assert_eq!(
+            rel["config"],
+            json!({"DATABASE_URL": "postgres://db/shop", "A": "1"}),
+            "{got}"
+        );
+        assert_eq!(rel["slug"], "sha256:5106");
+        assert_eq!(
+            rel["process_types"],
+            json!({"web": "python3 app.py", "worker": "python3 w.py"})
+        );
+        assert_eq!(
+            rel["healthchecks"],
+            json!({"web": [{"type": "startup", "path": "/health"}]})
+        );
+        assert_eq!(rel["status"], "pending");
+    }
+    // A config change after it: the older release keeps its own config.
+    ok(
+        &mut cl,
+        "config.set",
+        json!({"app": "shop", "vars": {"A": "2"}}),
+    );
+    let old = ok(&mut cl, "release.get", json!({"app": "shop", "version": v}));
+    assert_eq!(old["release"]["config"]["A"], "1");
+    let new = ok(
+        &mut cl,
+        "release.get",
+        json!({"app": "shop", "version": v + 1}),
+    );
+    assert_eq!(new["release"]["config"]["A"], "2");
+    assert_eq!(new["release"]["slug"], "sha256:5106");
+
+    let e = remote_err(cl.call("release.get", json!({"app": "shop", "version": 99})));
+    assert_eq!(e.code, Code::NotFound);
+    assert!(e.message.contains("v99"), "{}", e.message);
+    assert_eq!(
+        code(cl.call("release.get", json!({"app": "nosuch", "version": 1}))),
+        Code::NotFound
+    );
+    assert_eq!(
+        code(cl.call("release.get", json!({"app": "shop"}))),
+        Code::Invalid
+    );
+}
+
+fn referenced(cl: &mut Client, keep: i64) -> BTreeSet<String> {
+    let r = ok(cl, "blob.referenced", json!({ "keep": keep }));
+    let list: Vec<String> = r["blobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b.as_str().unwrap().to_string())
+        .collect();
+    let set: BTreeSet<String> = list.iter().cloned().collect();
+    assert_eq!(set.len(), list.len(), "blobs are distinct: {list:?}");
+    set
+}
+
+/// A blob's sha256 of 64 hex digits: `pair` (two of them) repeated.
+fn hx(pair: &str) -> String {
+    pair.repeat(32)
+}
+
+/// The bare names, as `blob.referenced` gives them.
+fn set(pairs: &[&str]) -> BTreeSet<String> {
+    pairs.iter().map(|p| hx(p)).collect()
+}
+
+fn deploy(cl: &mut Client, app: &str, slug: &str) -> i64 {
+    let r = ok(
+        cl,
+        "release.create",
+        json!({"app": app, "slug": slug, "description": "Deploy",
+               "process_types": {"web": "run"}}),
+    );
+    r["release"]["version"].as_i64().unwrap()
+}
+
+#[test]
+fn blob_referenced_keeps_current_and_newest_releases_and_buildpacks() {
+    let w = ApiCluster::start("api-blob-referenced", &[]);
+    let mut cl = w.cluster();
+    ok(&mut cl, "user.create", json!({"name": "owner"}));
+    for app in ["shop", "blog"] {
+        ok(
+            &mut cl,
+            "app.create",
+            json!({"name": app, "owner": "owner"}),
+        );
+    }
+    assert!(
+        referenced(&mut cl, 2).is_empty(),
+        "nothing is referenced yet"
+    );
+
+    // shop: v2 (aa) succeeds and is current; v3-v6 (bb, cc, dd, ee) are newer.
+    // Slugs are recorded as sha256:<hex> or bare; the blobstore names them bare.
+    let v2 = deploy(&mut cl, "shop", &format!("sha256:{}", hx("aa")));
+    ok(
+        &mut cl,
+        "release.status",
+        json!({"app": "shop", "version": v2, "status": "succeeded"}),
+    );
+    for slug in [
+        hx("bb"),
+        format!("sha256:{}", hx("cc")),
+        hx("dd"),
+        format!("sha256:{}", hx("ee")),
+    ] {
+        deploy(&mut cl, "shop", &slug);
+    }
+    // blog: one deploy, of the same blob as one of shop's, current.
+    let b2 = deploy(&mut cl, "blog", &format!("sha256:{}", hx("dd")));
+    ok(
+        &mut cl,
+        "release.status",
+        json!({"app": "blog", "version": b2, "status": "succeeded"}),
+    );
+
+    // keep 2: shop's v6 (ee) and v5 (dd), its current v2 (aa) even though older;
+    // blog's dd, once. Not bb or cc.
+    assert_eq!(referenced(&mut cl, 2), set(&["aa", "dd", "ee"]));
+    assert_eq!(referenced(&mut cl, 3), set(&["aa", "cc", "dd", "ee"]));
+    assert_eq!(referenced(&mut cl, 1), set(&["aa", "dd", "ee"]));
+    assert_eq!(referenced(&mut cl, 5), set(&["aa", "bb", "cc", "dd", "ee"]));
+    // A config change makes a release of the newest slug: the window moves, but
+    // the slug it carries is still referenced.
+    ok(
+        &mut cl,
+        "config.set",
+        json!({"app": "shop", "vars": {"A": "1"}}),
+    );
+    assert_eq!(referenced(&mut cl, 1), set(&["aa", "dd", "ee"]));
+
+    // Buildpacks' blobs are referenced while they are recorded.
+    ok(
+        &mut cl,
+        "buildpack.add",
+        json!({"name": "python", "blob": format!("sha256:{}", hx("b0")),
+               "url": "https://example.com/python.git"}),
+    );
+    ok(
+        &mut cl,
+        "buildpack.add",
+        json!({"name": "node", "blob": hx("ee")}),
+    );
+    assert_eq!(referenced(&mut cl, 1), set(&["aa", "b0", "dd", "ee"]));
+
+    // A destroyed app's slugs go with it (dd stays with keep 3: shop's v5).
+    ok(
+        &mut cl,
+        "app.destroy",
+        json!({"app": "blog", "confirm": "blog"}),
+    );
+    assert_eq!(referenced(&mut cl, 3), set(&["aa", "b0", "dd", "ee"]));
+    assert_eq!(referenced(&mut cl, 1), set(&["aa", "b0", "ee"]));
+    ok(&mut cl, "buildpack.remove", json!({"name": "python"}));
+    assert_eq!(referenced(&mut cl, 1), set(&["aa", "ee"]));
+
+    for bad in [
+        json!({"keep": 0}),
+        json!({"keep": -1}),
+        json!({"keep": "2"}),
+    ] {
+        assert_eq!(code(cl.call("blob.referenced", bad)), Code::Invalid);
+    }
+    // Without keep: the default window (10), which here holds every slug of shop.
+    let all = ok(&mut cl, "blob.referenced", json!({}));
+    assert_eq!(all["keep"], 10);
+    assert_eq!(all["blobs"].as_array().unwrap().len(), 5, "{all}");
+}
+
+#[test]
+fn buildpack_records_are_added_replaced_listed_and_removed() {
+    let mut w = ApiCluster::start("api-buildpacks", &[]);
+    let mut cl = w.cluster();
+    let r = ok(
+        &mut cl,
+        "buildpack.add",
+        json!({"name": "python", "blob": format!("sha256:{}", hx("01")),
+               "url": "https://github.com/heroku/heroku-buildpack-python"}),
+    );
+    // Kept by the blobstore's name for it: the bare sha256.
+    assert_eq!(r["buildpack"]["name"], "python");
+    assert_eq!(r["buildpack"]["blob"], hx("01"));
+    assert_eq!(
+        r["buildpack"]["url"],
+        "https://github.com/heroku/heroku-buildpack-python"
+    );
+    assert_eq!(r["replaced"], Value::Null);
+    let r = ok(
+        &mut cl,
+        "buildpack.add",
+        json!({"name": "python", "blob": hx("02")}),
+    );
+    assert_eq!(r["replaced"], hx("01"));
+    ok(
+        &mut cl,
+        "buildpack.add",
+        json!({"name": "node-18", "blob": hx("03")}),
+    );
+    let list = ok(&mut cl, "buildpack.list", json!({}));
+    let names: Vec<(String, String)> = list["buildpacks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| {
+            (
+                b["name"].as_str().unwrap().to_string(),
+                b["blob"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        names,
+        [
+            ("node-18".to_string(), hx("03")),
+            ("python".to_string(), hx("02"))
+        ]
+    );
+    let one = ok(&mut cl, "buildpack.get", json!({"name": "python"}));
+    assert_eq!(one["buildpack"]["blob"], hx("02"));
+    assert_eq!(one["buildpack"]["created_by"], "cluster:user:test");
+
+    let before = w.snapshot();
+    for bad in [
+        json!({"name": "Python", "blob": hx("01")}),
+        json!({"name": "a/b", "blob": hx("01")}),
+        json!({"name": "x".repeat(41), "blob": hx("01")}),
+        json!({"name": "", "blob": hx("01")}),
+        json!({"name": "ok", "blob": "sha256:0123abcd"}),
+        json!({"name": "ok", "blob": hx("AB")}),
+        json!({"name": "ok", "blob": "../../etc/passwd"}),
+        json!({"name": "ok", "blob": ""}),
+        json!({"name": "ok"}),
+        json!({"name": "ok", "blob": hx("01"), "url": "a\u{1b}[2J"}),
+    ] {
+        assert_eq!(
+            code(cl.call("buildpack.add", bad.clone())),
+            Code::Invalid,
+            "{bad}"
+        );
+    }
+    assert_eq!(
+        code(cl.call("buildpack.get", json!({"name": "nosuch"}))),
+        Code::NotFound
+    );
+    assert_eq!(
+        code(cl.call("buildpack.remove", json!({"name": "nosuch"}))),
+        Code::NotFound
+    );
+    assert_eq!(w.snapshot(), before, "refusals change nothing");
+
+    let r = ok(&mut cl, "buildpack.remove", json!({"name": "python"}));
+    assert_eq!(r["blob"], hx("02"));
+    assert_eq!(
+        code(cl.call("buildpack.get", json!({"name": "python"}))),
+        Code::NotFound
+    );
+    let audit: Vec<String> = w
+        .sql("SELECT kind FROM api_audit ORDER BY id")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(
+        audit,
+        [
+            "buildpack.add",
+            "buildpack.add",
+            "buildpack.add",
+            "buildpack.remove"
+        ]
+    );
+}
+
+#[test]
+fn builds_are_authorized_then_asked_of_a_deployer() {
+    // A heartbeat, so finding the deployer says at once that none is alive.
+    let mut w = ApiCluster::start("api-builds", &["heartbeat"]);
+    let owner = create_user(&w.node, "owner", false);
+    let collab = create_user(&w.node, "collab", false);
+    let stranger = create_user(&w.node, "stranger", false);
+    let mut cl = w.cluster();
+    ok(
+        &mut cl,
+        "app.create",
+        json!({"name": "shop", "owner": "owner"}),
+    );
+    ok(
+        &mut cl,
+        "access.add",
+        json!({"app": "shop", "user": "collab"}),
+    );
+    // A client retries `unavailable` until its deadline: keep it short here.
+    let short = |c: &paddock_config::credentials::UserCredentials| {
+        user_client(c).with_timeout(Duration::from_millis(700))
+    };
+    cl.set_timeout(Duration::from_millis(700));
+    let before = w.snapshot();
+    let bodies = [
+        ("build.list", json!({"app": "shop"})),
+        ("build.list", json!({"app": "shop", "limit": 5})),
+        (
+            "build.info",
+            json!({"app": "shop", "build": "01JCT6S3W4F8D9X2QZ7N5K0BVA"}),
+        ),
+    ];
+    for (kind, body) in &bodies {
+        // A stranger is refused before any deployer is asked.
+        let e = remote_err(user_client(&stranger).call(kind, body.clone()));
+        assert_eq!(e.code, Code::Forbidden, "{kind}: {e:?}");
+        assert!(e.message.contains("shop"), "{}", e.message);
+        // An app that does not exist: not_found, for anyone.
+        let mut other = body.clone();
+        other["app"] = json!("nosuch");
+        assert_eq!(
+            code(user_client(&owner).call(kind, other)),
+            Code::NotFound,
+            "{kind}"
+        );
+        // Those who may see the app reach for a deployer: none runs.
+        for c in [&owner, &collab] {
+            let e = remote_err(short(c).call(kind, body.clone()));
+            assert_eq!(e.code, Code::Unavailable, "{kind}: {e:?}");
+            assert!(e.message.contains("deployer"), "{}", e.message);
+        }
+        let e = remote_err(cl.call(kind, body.clone()));
+        assert_eq!(e.code, Code::Unavailable, "{kind}: {e:?}");
+    }
+    // Bad input is refused before the deployer is asked.
+    for (kind, body) in [
+        ("build.list", json!({"app": "shop", "limit": 0})),
+        ("build.list", json!({"app": "shop", "limit": "5"})),
+        ("build.info", json!({"app": "shop"})),
+        ("build.info", json!({"app": "shop", "build": "a b"})),
+        ("build.info", json!({"app": "shop", "build": {"id": 1}})),
+    ] {
+        assert_eq!(
+            code(user_client(&owner).call(kind, body.clone())),
+            Code::Invalid,
+            "{kind} {body}"
+        );
+    }
+    assert_eq!(w.snapshot(), before, "reads change nothing");
+}
+
+#[test]
+fn apps_carry_their_git_url() {
+    let mut w = ApiCluster::start("api-git-url", &[]);
+    let owner = create_user(&w.node, "owner", false);
+    let mut c = user_client(&owner);
+    let base = gitserver_ssh(&w.node);
+    assert!(base.starts_with("ssh://git@127.0.0.1:"), "{base}");
+    let made = ok(&mut c, "app.create", json!({"name": "shop"}));
+    assert_eq!(made["app"]["git_url"], format!("{base}/shop.git"));
+    let info = ok(&mut c, "app.info", json!({"app": "shop"}));
+    assert_eq!(info["app"]["git_url"], format!("{base}/shop.git"));
+    // A random name gets its own URL too.
+    let made = ok(&mut c, "app.create", json!({}));
+    let name = made["app"]["name"].as_str().unwrap();
+    assert_eq!(made["app"]["git_url"], format!("{base}/{name}.git"));
+
+    // A cluster file without [daemons.gitserver] ssh: git_url is null.
+    w.node
+        .file
+        .daemons
+        .get_mut("gitserver")
+        .unwrap()
+        .other
+        .remove("ssh");
+    w.node.save();
+    w.restart_api_hard();
+    wait_migrated(&w.node);
+    let mut c = user_client(&owner);
+    let info = ok(&mut c, "app.info", json!({"app": "shop"}));
+    assert_eq!(info["app"]["git_url"], Value::Null, "{info}");
+    assert_eq!(info["app"]["name"], "shop");
+}
