@@ -493,6 +493,105 @@ fn a_release_one_off_without_a_pty_gives_its_output_and_exit_code() {
     assert!(out.contains("tty from-profile\r\n"), "{out:?}");
 }
 
+fn paddock(node: &Node, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(paddock_harness::bin("paddock").unwrap())
+        .args(args)
+        .env("PADDOCK_CONFIG", &node.config)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn the_cli_starts_and_runs_releases() {
+    let mut w = world("runner-release-cli");
+    let slug = slug(w.t.path(), "good", &app_files());
+    let (sha, version) = w.release(&slug, json!({"web": "python3 -u app.py"}));
+    let v = version.to_string();
+    // An instance of the release's own command for --proc web.
+    let out = paddock(
+        &w.node,
+        &[
+            "instance",
+            "start",
+            "-a",
+            &w.app,
+            "--release",
+            &sha,
+            "--version",
+            &v,
+            "--health-http",
+            "/",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let id = text.split_whitespace().nth(1).unwrap().to_string();
+    let port: u16 = text.split_whitespace().last().unwrap().parse().unwrap();
+    w.wait_up(&id, None);
+    assert_eq!(get(port, "/").1, "hello from a release");
+    // A one-off without a terminal: its output and its exit code.
+    let out = paddock(
+        &w.node,
+        &[
+            "instance",
+            "run",
+            "-a",
+            &w.app,
+            "--release",
+            &sha,
+            "--version",
+            &v,
+            "--no-pty",
+            "--",
+            "sh",
+            "-c",
+            "echo $PROFILE_VAR; exit 7",
+        ],
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(7),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "from-profile\n");
+    // --dir and --release together, or --release without --version: refused by the CLI.
+    for args in [
+        &[
+            "instance",
+            "run",
+            "-a",
+            &w.app,
+            "--release",
+            &sha,
+            "--",
+            "true",
+        ][..],
+        &[
+            "instance",
+            "run",
+            "-a",
+            &w.app,
+            "--release",
+            &sha,
+            "--version",
+            &v,
+            "--dir",
+            "/tmp",
+            "--",
+            "true",
+        ][..],
+    ] {
+        let out = paddock(&w.node, args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+    }
+}
+
 #[test]
 fn a_hostile_slug_is_refused_and_writes_nothing_outside() {
     let mut w = world("runner-release-hostile");

@@ -74,8 +74,12 @@ impl BlobError {
     }
 }
 
-/// Timeout of a chunk, a stat and a begin: each is one small round trip.
+/// Timeout of a chunk, a list page and a begin: each is one round trip.
 pub const SHORT_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Timeout of a stat: a tiny call, and the first a blobstore makes to a peer
+/// that may have just died (the registry lists it alive for up to two beats).
+pub const STAT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Timeout of a call that may move a whole blob first (a commit copying it to the
 /// peer, a get at offset 0 repairing it from the peer): a minute plus the time
@@ -532,7 +536,7 @@ async fn stat_at(
         sha256: sha256.to_string(),
     })
     .expect("a stat serializes");
-    let reply = call(calls, endpoint, proto::STAT, body, SHORT_TIMEOUT, false)
+    let reply = call(calls, endpoint, proto::STAT, body, STAT_TIMEOUT, false)
         .await
         .map_err(call_err(endpoint, proto::STAT))?;
     parse(endpoint, proto::STAT, reply)
@@ -716,7 +720,7 @@ pub fn stat_blocking(client: &mut Client, sha256: &str) -> Result<proto::StatRep
         sha256: sha256.to_string(),
     })
     .expect("a stat serializes");
-    let reply = blocking_call(client, proto::STAT, body, SHORT_TIMEOUT)
+    let reply = blocking_call(client, proto::STAT, body, STAT_TIMEOUT)
         .map_err(call_err(&endpoint, proto::STAT))?;
     parse(&endpoint, proto::STAT, reply)
 }

@@ -538,14 +538,9 @@ impl Blobstore {
         let all = blocking(move || store::list(&dir))
             .await?
             .map_err(disk(format!("list {}", self.s.dir.display())))?;
-        let rest: Vec<&store::Listed> = all
+        let (page, more) = store::page(&all, l.after.as_deref(), proto::LIST_PAGE);
+        let blobs: Vec<Value> = page
             .iter()
-            .filter(|b| l.after.as_ref().is_none_or(|a| b.sha256 > *a))
-            .collect();
-        let more = rest.len() > proto::LIST_PAGE;
-        let blobs: Vec<Value> = rest
-            .iter()
-            .take(proto::LIST_PAGE)
             .map(|b| json!({"sha256": b.sha256, "size": b.size}))
             .collect();
         Ok(json!({"blobs": blobs, "more": more}))

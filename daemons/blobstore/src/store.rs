@@ -222,6 +222,17 @@ pub fn list(dir: &Path) -> io::Result<Vec<Listed>> {
     Ok(out)
 }
 
+/// One page of a listing in sha256 order: at most `n` blobs after `after`, and
+/// whether more follow.
+pub fn page<'a>(all: &'a [Listed], after: Option<&str>, n: usize) -> (&'a [Listed], bool) {
+    let start = match after {
+        Some(a) => all.partition_point(|b| b.sha256.as_str() <= a),
+        None => 0,
+    };
+    let rest = &all[start..];
+    (&rest[..rest.len().min(n)], rest.len() > n)
+}
+
 /// Which listed blobs a collection removes: not referenced, and older than the
 /// grace period (a blob put by a build not released yet is young).
 pub fn doomed<'a>(
@@ -305,6 +316,28 @@ mod tests {
         assert!(doomed(&blobs, &referenced, Duration::from_secs(3600), now)
             .iter()
             .all(|b| !referenced.contains(&b.sha256)));
+    }
+
+    #[test]
+    fn a_listing_is_paged_after_a_name() {
+        let now = SystemTime::now();
+        let all: Vec<Listed> = ['1', '3', '5', '7', '9']
+            .map(|c| listed(c, 0, now))
+            .to_vec();
+        let names = |p: &[Listed]| -> String {
+            p.iter().map(|b| b.sha256.chars().next().unwrap()).collect()
+        };
+        let (p, more) = page(&all, None, 2);
+        assert_eq!((names(p), more), ("13".into(), true));
+        let (p, more) = page(&all, Some(&"3".repeat(64)), 2);
+        assert_eq!((names(p), more), ("57".into(), true));
+        // `after` need not be a listed name.
+        let (p, more) = page(&all, Some(&"6".repeat(64)), 2);
+        assert_eq!((names(p), more), ("79".into(), false));
+        let (p, more) = page(&all, Some(&"9".repeat(64)), 2);
+        assert_eq!((names(p), more), ("".into(), false));
+        let (p, more) = page(&all, None, 5);
+        assert_eq!((names(p), more), ("13579".into(), false));
     }
 
     #[test]
