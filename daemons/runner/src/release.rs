@@ -74,10 +74,16 @@ pub struct Release {
     pub version: i64,
     #[serde(default)]
     pub slug: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_is_empty")]
     pub process_types: BTreeMap<String, String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "null_is_empty")]
     pub config: BTreeMap<String, String>,
+}
+
+fn null_is_empty<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<BTreeMap<String, String>, D::Error> {
+    Ok(Option::<BTreeMap<String, String>>::deserialize(d)?.unwrap_or_default())
 }
 
 /// The command that sources the slug's `.profile.d/*.sh` (as Heroku does) and then
@@ -470,13 +476,11 @@ impl Releases {
 
     /// The release and its unpacked slug, fetched and unpacked if this node does
     /// not have it yet.
-    pub async fn resolve(
-        &self,
-        app: &str,
-        r: &ReleaseRef,
-        owner: (u32, u32),
-    ) -> Result<Resolved, WireError> {
+    /// The app's account is made once the api has said the release exists.
+    pub async fn resolve(&self, app: &str, r: &ReleaseRef) -> Result<Resolved, WireError> {
         let release = self.get(app, r).await?;
+        let owner =
+            crate::users::ensure_user(app).map_err(|e| WireError::internal(crate::chain(&e)))?;
         let lower = self.ensure(app, &r.slug, owner).await?;
         Ok(Resolved {
             release,
@@ -647,9 +651,7 @@ impl Releases {
             Some(v) => serde_json::from_value(v.clone())
                 .map_err(|_| WireError::invalid("`env` must be an object of strings"))?,
         };
-        let owner =
-            crate::users::ensure_user(app).map_err(|e| WireError::internal(crate::chain(&e)))?;
-        let resolved = self.resolve(app, &r, owner).await?;
+        let resolved = self.resolve(app, &r).await?;
         let mut b = body.clone();
         let o = b
             .as_object_mut()
