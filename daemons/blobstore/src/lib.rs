@@ -73,6 +73,9 @@ struct Upload {
     received: u64,
     hash: digest::Context,
     touched: Instant,
+    /// Committed or discarded: a chunk that took the upload from the map just
+    /// before must not write into it (after a commit its file is the blob).
+    closed: bool,
 }
 
 type SharedUpload = Arc<Mutex<Upload>>;
@@ -200,6 +203,7 @@ impl Blobstore {
             received: 0,
             hash: digest::Context::new(&digest::SHA256),
             touched: Instant::now(),
+            closed: false,
         };
         self.uploads
             .borrow_mut()
@@ -209,11 +213,15 @@ impl Blobstore {
 
     /// Forgets an upload and removes its file.
     async fn discard(&self, id: &str) {
-        // The path is the id's, so no lock is taken here (a chunk being written
-        // holds it; removing the file under a write is harmless on Unix).
-        if self.uploads.borrow_mut().remove(id).is_some() {
-            let path = store::upload_path(&self.s.dir, id);
-            let _ = blocking(move || std::fs::remove_file(path)).await;
+        let up = self.uploads.borrow_mut().remove(id);
+        if let Some(up) = up {
+            // Locked on the blocking pool: a chunk being written holds the lock.
+            let _ = blocking(move || {
+                let mut u = lock(&up);
+                u.closed = true;
+                let _ = std::fs::remove_file(&u.path);
+            })
+            .await;
         }
     }
 
@@ -233,7 +241,7 @@ impl Blobstore {
             .cloned()
             .ok_or_else(|| unknown_upload(&c.upload))?;
         let max = self.s.max_blob_size;
-        let (offset, data) = (c.offset, c.data);
+        let (offset, data, id) = (c.offset, c.data, c.upload.clone());
         let r = blocking(move || -> Result<u64, (WireError, bool)> {
             let bytes = base64::engine::general_purpose::STANDARD
                 .decode(data.as_bytes())
@@ -248,6 +256,9 @@ impl Blobstore {
                 ));
             }
             let mut u = lock(&up);
+            if u.closed {
+                return Err((unknown_upload(&id), false));
+            }
             if offset != u.received {
                 let received = u.received;
                 return Err((
@@ -323,9 +334,14 @@ impl Blobstore {
             .borrow_mut()
             .remove(&c.upload)
             .ok_or_else(|| unknown_upload(&c.upload))?;
-        let (dir, s2, size) = (self.s.dir.clone(), sha.clone(), c.size);
+        let (dir, s2, size, id) = (self.s.dir.clone(), sha.clone(), c.size, c.upload.clone());
         let r = blocking(move || -> Result<FileId, WireError> {
-            let u = lock(&up);
+            let mut u = lock(&up);
+            if u.closed {
+                return Err(unknown_upload(&id));
+            }
+            u.closed = true;
+            let u = u;
             let refuse = |why: String| {
                 let _ = std::fs::remove_file(&u.path);
                 Err(WireError::invalid(format!(
