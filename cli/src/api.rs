@@ -123,6 +123,44 @@ pub enum UsersCmd {
     Revoke { name: String },
 }
 
+#[derive(Debug, Subcommand)]
+pub enum GitCmd {
+    /// Point a git remote of the repository you are in at the app (`git remote
+    /// add`, or `set-url` when it exists), so `git push paddock main` deploys.
+    Remote {
+        /// The remote's name.
+        #[arg(short = 'r', long, default_value = "paddock")]
+        remote: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BuildsCmd {
+    /// One build: its steps, how long each took, the release it made, and its log.
+    Info {
+        /// The build's id, as `paddock builds` shows it.
+        id: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BuildpacksCmd {
+    /// Upload a buildpack (a directory, packed as a tar.gz, or a .tgz / .tar.gz
+    /// file) to the blobstore and record it as NAME: apps use it with
+    /// BUILDPACK_URL=paddock:NAME or a line NAME in their .buildpacks.
+    Add {
+        /// 1-40 characters of a-z, 0-9 and '-'.
+        name: String,
+        /// A buildpack directory (with bin/detect, bin/compile…) or a .tgz of one.
+        path: PathBuf,
+        /// Where the buildpack came from, for the record (e.g. its git URL).
+        #[arg(long)]
+        url: Option<String>,
+    },
+    /// Forget a buildpack (its blob goes at the blobstore's next collection).
+    Remove { name: String },
+}
+
 /// A connection to the api as the resolved identity.
 pub struct Api {
     c: Client,
@@ -530,9 +568,16 @@ pub fn apps(opts: &Opts, cmd: Option<AppsCmd>, all: bool, num: u32) -> Result<()
                 return json_out(&v);
             }
             let app = &v["app"];
-            out::say(&format!("Creating {}... done", s(&app["name"])));
+            let name = s(&app["name"]);
+            out::say(&format!("Creating {name}... done"));
             for d in app["domains"].as_array().into_iter().flatten() {
                 out::say(&format!("http://{}/", s(d)));
+            }
+            if let Some(url) = app["git_url"].as_str() {
+                out::say(&format!("Git remote: {url}"));
+                out::say_err(&format!(
+                    "Deploy with git: `git remote add paddock {url}` (or `paddock git remote -a {name}` in your repo), then `git push paddock main`"
+                ));
             }
         }
         Some(AppsCmd::Info) => {
@@ -558,6 +603,7 @@ pub fn apps(opts: &Opts, cmd: Option<AppsCmd>, all: bool, num: u32) -> Result<()
                 ("Current release", vname(&a["current_release"])),
                 ("Latest release", vname(&a["latest_release"])),
                 ("Domains", list("domains", &s)),
+                ("Git URL", s(&a["git_url"])),
                 (
                     "Formation",
                     list("formation", &|f| {
@@ -1068,6 +1114,381 @@ pub fn keys(opts: &Opts, cmd: Option<KeysCmd>, num: u32) -> Result<()> {
     Ok(())
 }
 
+// ---- git, builds ------------------------------------------------------------
+
+/// `git ARGS` in the current directory; its stdout, or an error with its stderr.
+fn git(args: &[&str]) -> Result<std::process::Output> {
+    std::process::Command::new("git")
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .map_err(|e| anyhow!("cannot run git ({e}): is git installed?"))
+}
+
+pub fn git_remote(opts: &Opts, cmd: GitCmd) -> Result<()> {
+    let GitCmd::Remote { remote } = cmd;
+    let app = identity::app(opts)?;
+    let inside = git(&["rev-parse", "--git-dir"])?;
+    if !inside.status.success() {
+        bail!("this directory is not in a git repository: run `paddock git remote` inside your app's repository (or `git init` first)");
+    }
+    let mut api = Api::connect(opts)?;
+    let v = api.call("app.info", json!({"app": app}))?;
+    let Some(url) = v["app"]["git_url"].as_str() else {
+        bail!("the cluster names no git server for its apps ([daemons.gitserver] ssh in the api's cluster file): ask your operator");
+    };
+    let exists = git(&["remote", "get-url", &remote])?.status.success();
+    let verb = if exists { "set-url" } else { "add" };
+    let o = git(&["remote", verb, &remote, url])?;
+    if !o.status.success() {
+        bail!(
+            "git remote {verb} {remote} {url} failed: {}",
+            String::from_utf8_lossy(&o.stderr).trim()
+        );
+    }
+    if opts.json {
+        return json_out(&json!({"app": app, "remote": remote, "url": url, "updated": exists}));
+    }
+    out::say(&format!(
+        "{} git remote {remote} to {url}: deploy {app} with `git push {remote} main`",
+        if exists { "Set" } else { "Added" }
+    ));
+    Ok(())
+}
+
+/// `1m 05s`, `12.3s`, `450ms` for a duration in milliseconds.
+fn duration(ms: i64) -> String {
+    if ms < 1000 {
+        format!("{ms}ms")
+    } else if ms < 60_000 {
+        format!("{:.1}s", ms as f64 / 1000.0)
+    } else {
+        format!("{}m {:02}s", ms / 60_000, ms % 60_000 / 1000)
+    }
+}
+
+/// A build's duration: finished − started, or `running` while it runs.
+fn build_duration(b: &Value) -> String {
+    match (b["started_at"].as_i64(), b["finished_at"].as_i64()) {
+        (Some(st), Some(fin)) => duration((fin - st).max(0)),
+        (Some(_), None) => "running".into(),
+        _ => "-".into(),
+    }
+}
+
+/// The first 7 characters of a commit id.
+fn short_commit(v: &Value) -> String {
+    match v.as_str() {
+        Some(c) => c.chars().take(7).collect(),
+        None => "-".into(),
+    }
+}
+
+/// The release a build made: a version, or the release itself (`{"version", …}`).
+fn build_release(v: &Value) -> String {
+    match v {
+        Value::Null => "-".into(),
+        Value::Number(_) => vname(v),
+        Value::Object(m) => m.get("version").map(vname).unwrap_or_else(|| "-".into()),
+        other => s(other),
+    }
+}
+
+/// A failed build's error: its message (the deployer writes `{"step", "message"}`).
+fn build_error(v: &Value) -> String {
+    match v {
+        Value::Object(m) => m.get("message").map(s).unwrap_or_else(|| v.to_string()),
+        other => s(other),
+    }
+}
+
+/// `durations` as `fetch 1.2s, compile 30.0s`: an object of step → ms, or a
+/// list of `{"step", "ms"}`.
+fn step_durations(v: &Value) -> String {
+    let parts: Vec<String> = match v {
+        Value::Object(m) => m
+            .iter()
+            .map(|(k, ms)| match ms.as_i64() {
+                Some(n) => format!("{k} {}", duration(n)),
+                None => format!("{k} {}", s(ms)),
+            })
+            .collect(),
+        Value::Array(a) => a
+            .iter()
+            .map(|d| {
+                let step = d["step"].as_str().or(d["name"].as_str()).unwrap_or("?");
+                match d["ms"].as_i64().or(d["duration_ms"].as_i64()) {
+                    Some(n) => format!("{step} {}", duration(n)),
+                    None => step.to_string(),
+                }
+            })
+            .collect(),
+        _ => vec![],
+    };
+    if parts.is_empty() {
+        "-".into()
+    } else {
+        parts.join(", ")
+    }
+}
+
+fn build_status(b: &Value) -> String {
+    let st = s(&b["status"]);
+    match b["step"].as_str() {
+        Some(step) if !step.is_empty() && b["finished_at"].is_null() => format!("{st} ({step})"),
+        _ => st,
+    }
+}
+
+pub fn builds(opts: &Opts, cmd: Option<BuildsCmd>, num: u32) -> Result<()> {
+    let app = identity::app(opts)?;
+    let mut api = Api::connect(opts)?;
+    match cmd {
+        None => {
+            let v = api.call("build.list", json!({"app": app, "limit": num}))?;
+            if opts.json {
+                return json_out(&v);
+            }
+            let list = v["builds"].as_array().cloned().unwrap_or_default();
+            out::heading(&format!("{app} Builds"));
+            if list.is_empty() {
+                println!("No builds yet: push your code with `git push paddock main` (`paddock git remote` adds the remote)");
+                return Ok(());
+            }
+            let mut t = Table::new(&[
+                "ID", "STATUS", "COMMIT", "PUSHER", "STARTED", "DURATION", "RELEASE",
+            ]);
+            for b in &list {
+                t.row(vec![
+                    s(&b["id"]),
+                    build_status(b),
+                    short_commit(&b["commit"]),
+                    s(&b["pusher"]),
+                    b["started_at"].as_i64().map(out::time).unwrap_or_default(),
+                    build_duration(b),
+                    build_release(&b["release"]),
+                ]);
+            }
+            t.print();
+            if list.len() as u32 == num {
+                eprintln!("(the latest {num}; -n N for more)");
+            }
+        }
+        Some(BuildsCmd::Info { id }) => {
+            let v = api.call("build.info", json!({"app": app, "build": id}))?;
+            if opts.json {
+                return json_out(&v);
+            }
+            let b = &v["build"];
+            out::heading(&format!("{app} Build {}", s(&b["id"])));
+            out::fields(&[
+                ("Status", s(&b["status"])),
+                ("Step", s(&b["step"])),
+                ("Commit", s(&b["commit"])),
+                ("Pusher", s(&b["pusher"])),
+                (
+                    "Started",
+                    b["started_at"].as_i64().map(out::time).unwrap_or_default(),
+                ),
+                (
+                    "Finished",
+                    b["finished_at"]
+                        .as_i64()
+                        .map(out::time)
+                        .unwrap_or_else(|| "-".into()),
+                ),
+                ("Duration", build_duration(b)),
+                ("Steps", step_durations(&b["durations"])),
+                ("Release", build_release(&b["release"])),
+                ("Error", build_error(&b["error"])),
+            ]);
+            let log = if b.get("log").is_some() {
+                &b["log"]
+            } else {
+                &v["log"]
+            };
+            out::heading("Log");
+            print_log(log);
+        }
+    }
+    Ok(())
+}
+
+/// A build's log (text, or a list of lines or `{"line"}` objects); escaped on a
+/// terminal like all of the api's text, line by line.
+fn print_log(log: &Value) {
+    match log {
+        Value::String(text) => {
+            for line in text.lines() {
+                println!("{}", out::term(line));
+            }
+        }
+        Value::Array(lines) => {
+            for l in lines {
+                let line = match l {
+                    Value::String(t) => t.clone(),
+                    other => other["line"]
+                        .as_str()
+                        .or(other["text"].as_str())
+                        .map(str::to_string)
+                        .unwrap_or_else(|| other.to_string()),
+                };
+                for part in line.lines() {
+                    println!("{}", out::term(part));
+                }
+            }
+        }
+        _ => println!("(no log)"),
+    }
+}
+
+// ---- buildpacks (operator) ----------------------------------------------------
+
+/// The api, with the cluster file's key: buildpack kinds are the cluster's.
+fn cluster_api(opts: &Opts) -> Result<(paddock_config::ClusterConfig, Client)> {
+    let cfg = identity::cluster(opts)?;
+    let ep = cluster::find(&cfg, "api", None, opts.timeout).context(
+        "finding the api (its [daemons.api] rpc in the cluster file, else the registry)",
+    )?;
+    let c = cluster::client(&cfg, &ep, opts.timeout)?;
+    Ok((cfg, c))
+}
+
+fn cluster_call(c: &mut Client, kind: &str, body: Value) -> Result<Value> {
+    c.call(kind, body).map_err(|e| match e {
+        ClientError::Remote(w) => anyhow!("{}", w.message),
+        other => anyhow!(other),
+    })
+}
+
+/// A buildpack as a tar.gz file: PATH itself when it is a file, else the
+/// directory packed (by the system's tar) into a temp file that `TempFile` removes.
+fn packed(path: &Path) -> Result<(PathBuf, Option<TempFile>)> {
+    let meta =
+        std::fs::metadata(path).with_context(|| format!("cannot read {}", path.display()))?;
+    if meta.is_file() {
+        return Ok((path.to_path_buf(), None));
+    }
+    if !path.join("bin/compile").exists() {
+        bail!(
+            "{} has no bin/compile: a buildpack directory has bin/detect, bin/compile (and bin/release)",
+            path.display()
+        );
+    }
+    let tmp = TempFile(std::env::temp_dir().join(format!(
+        "paddock-buildpack-{}-{}.tgz",
+        std::process::id(),
+        paddock_wire::now_ms()
+    )));
+    let o = std::process::Command::new("tar")
+        .arg("--numeric-owner")
+        .args(["--owner=0", "--group=0", "-czf"])
+        .arg(&tmp.0)
+        .arg("-C")
+        .arg(path)
+        .arg(".")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .map_err(|e| anyhow!("cannot run tar to pack {} ({e})", path.display()))?;
+    if !o.status.success() {
+        bail!(
+            "tar could not pack {}: {}",
+            path.display(),
+            String::from_utf8_lossy(&o.stderr).trim()
+        );
+    }
+    Ok((tmp.0.clone(), Some(tmp)))
+}
+
+/// A file removed when dropped.
+struct TempFile(PathBuf);
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+pub fn buildpacks(opts: &Opts, cmd: Option<BuildpacksCmd>) -> Result<()> {
+    let (cfg, mut c) = cluster_api(opts)?;
+    match cmd {
+        None => {
+            let v = cluster_call(&mut c, "buildpack.list", json!({}))?;
+            if opts.json {
+                return json_out(&v);
+            }
+            let list = v["buildpacks"].as_array().cloned().unwrap_or_default();
+            if list.is_empty() {
+                println!("No buildpacks recorded (add one: paddock buildpacks add NAME DIR)");
+                return Ok(());
+            }
+            let mut t = Table::new(&["NAME", "BLOB", "URL", "BY", "ADDED"]);
+            for b in &list {
+                t.row(vec![
+                    s(&b["name"]),
+                    s(&b["blob"]),
+                    s(&b["url"]),
+                    s(&b["created_by"]),
+                    b["created_at"].as_i64().map(out::time).unwrap_or_default(),
+                ]);
+            }
+            t.print();
+        }
+        Some(BuildpacksCmd::Add { name, path, url }) => {
+            // Checked before the upload, so a refused name leaves no blob behind.
+            if !(1..=40).contains(&name.len())
+                || !name
+                    .bytes()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-')
+            {
+                bail!("buildpack name {name:?} is not valid: use 1-40 characters of a-z, 0-9 and '-' (nothing was uploaded)");
+            }
+            let (file, _tmp) = packed(&path)?;
+            let blob = upload_blob(&cfg, &file, opts.timeout)?;
+            let mut body = json!({"name": name, "blob": blob});
+            if let Some(u) = &url {
+                body["url"] = json!(u);
+            }
+            let v = cluster_call(&mut c, "buildpack.add", body)?;
+            if opts.json {
+                return json_out(&v);
+            }
+            out::say(&format!(
+                "Adding buildpack {name}... done, {blob}{}; apps use it with BUILDPACK_URL=paddock:{name}",
+                match v["replaced"].as_str() {
+                    Some(old) => format!(" (replaces {old})"),
+                    None => String::new(),
+                }
+            ));
+        }
+        Some(BuildpacksCmd::Remove { name }) => {
+            let v = cluster_call(&mut c, "buildpack.remove", json!({ "name": name }))?;
+            if opts.json {
+                return json_out(&v);
+            }
+            out::say(&format!("Removing buildpack {name}... done"));
+        }
+    }
+    Ok(())
+}
+
+/// Puts `file` into a blobstore (this node's, else the registry's newest alive
+/// one; a pair copies it to its peer before answering); its sha256.
+fn upload_blob(
+    cfg: &paddock_config::ClusterConfig,
+    file: &Path,
+    timeout: Duration,
+) -> Result<String> {
+    let ep = cluster::find(cfg, "blobstore", None, timeout).context(
+        "finding a blobstore (its [daemons.blobstore] rpc in the cluster file, else the registry)",
+    )?;
+    let mut c = cluster::client(cfg, &ep, timeout)?;
+    let stored = paddock_blob::put_file_blocking(&mut c, file)
+        .map_err(|e| anyhow!(e))
+        .with_context(|| format!("uploading {} to the blobstore at {ep}", file.display()))?;
+    Ok(stored.sha256)
+}
+
 // ---- audit ------------------------------------------------------------------
 
 pub fn audit(opts: &Opts, num: u32, user: Option<String>) -> Result<()> {
@@ -1193,6 +1614,38 @@ mod tests {
             "{text}"
         );
         assert_eq!(serde_json::from_str::<Value>(&text).unwrap(), v);
+    }
+
+    #[test]
+    fn build_cells() {
+        assert_eq!(duration(450), "450ms");
+        assert_eq!(duration(12_345), "12.3s");
+        assert_eq!(duration(65_000), "1m 05s");
+        let done = json!({"status": "succeeded", "step": "release", "started_at": 1000,
+                          "finished_at": 43_000, "commit": "3f2a1c0d9e8b", "release": 7});
+        assert_eq!(build_duration(&done), "42.0s");
+        assert_eq!(build_status(&done), "succeeded");
+        assert_eq!(short_commit(&done["commit"]), "3f2a1c0");
+        assert_eq!(build_release(&done["release"]), "v7");
+        let running = json!({"status": "running", "step": "compile", "started_at": 1000});
+        assert_eq!(build_duration(&running), "running");
+        assert_eq!(build_status(&running), "running (compile)");
+        assert_eq!(build_release(&running["release"]), "-");
+        assert_eq!(build_release(&json!({"version": 9, "slug": "x"})), "v9");
+        assert_eq!(
+            build_error(&json!({"step": "compile", "message": "pip failed"})),
+            "pip failed"
+        );
+        assert_eq!(build_error(&Value::Null), "-");
+        assert_eq!(
+            step_durations(&json!({"source": 300, "compile": 30_000})),
+            "compile 30.0s, source 300ms"
+        );
+        assert_eq!(
+            step_durations(&json!([{"step": "detect", "ms": 20}])),
+            "detect 20ms"
+        );
+        assert_eq!(step_durations(&Value::Null), "-");
     }
 
     #[test]

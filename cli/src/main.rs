@@ -124,6 +124,24 @@ enum Cmd {
         #[arg(long)]
         user: Option<String>,
     },
+    /// Git: point a remote of this repository at the app (`git remote`).
+    Git {
+        #[command(subcommand)]
+        cmd: api::GitCmd,
+    },
+    /// The app's builds, newest first (no verb), or one build with its log.
+    Builds {
+        /// How many to show.
+        #[arg(short = 'n', long = "num", default_value_t = api::LIST_DEFAULT)]
+        num: u32,
+        #[command(subcommand)]
+        cmd: Option<api::BuildsCmd>,
+    },
+    /// Buildpacks in the blobstore (operator): list them (no verb), add, remove one.
+    Buildpacks {
+        #[command(subcommand)]
+        cmd: Option<api::BuildpacksCmd>,
+    },
     /// Users (operator): list them (no verb), create one, revoke one.
     Users {
         /// How many to show (the newest first).
@@ -255,6 +273,9 @@ fn main() {
                 Cmd::Keys { num, cmd } => api::keys(&opts, cmd, num),
                 Cmd::Audit { num, user } => api::audit(&opts, num, user),
                 Cmd::Users { num, cmd } => api::users(&opts, cmd, num),
+                Cmd::Git { cmd } => api::git_remote(&opts, cmd),
+                Cmd::Builds { num, cmd } => api::builds(&opts, cmd, num),
+                Cmd::Buildpacks { cmd } => api::buildpacks(&opts, cmd),
                 Cmd::Status => cluster::status(&opts),
                 Cmd::Ping { daemon, node } => cluster::ping(&opts, &daemon, node.as_deref()),
                 Cmd::Lock { cmd } => cluster::lock(&opts, cmd),

@@ -2,9 +2,12 @@
 //! gitserver's `push.authorize`, the runner's `release.get`, the blobstore's
 //! `blob.referenced`, the buildpack records, the customer's `build.list` /
 //! `build.info` (authorized here, answered by a deployer: none runs in these
-//! tests, so an authorized caller gets `unavailable`) and `git_url` on apps.
+//! tests, so an authorized caller gets `unavailable`), `git_url` on apps, and the
+//! CLI's `git remote`, `builds` and `apps create` around them.
 
 use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
 use paddock_integration::api::*;
@@ -561,4 +564,255 @@ fn apps_carry_their_git_url() {
     let info = ok(&mut c, "app.info", json!({"app": "shop"}));
     assert_eq!(info["app"]["git_url"], Value::Null, "{info}");
     assert_eq!(info["app"]["name"], "shop");
+}
+
+// ---- the CLI ------------------------------------------------------------------
+
+fn bin() -> PathBuf {
+    paddock_harness::bin("paddock").unwrap()
+}
+
+/// `paddock ARGS` in `dir` as a customer logged in with `home`'s credentials.
+fn customer(home: &Path, dir: &Path, args: &[&str]) -> Output {
+    Command::new(bin())
+        .args(args)
+        .current_dir(dir)
+        .env_remove("PADDOCK_CONFIG")
+        .env_remove("GIT_DIR")
+        .env_remove("GIT_WORK_TREE")
+        .env("HOME", home)
+        .env("XDG_CONFIG_HOME", home.join("xdg"))
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
+fn succeeded(args: &[&str], o: Output) -> String {
+    let out = String::from_utf8_lossy(&o.stdout).to_string();
+    assert!(
+        o.status.success(),
+        "paddock {args:?} failed:\n{out}\n{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    out
+}
+
+fn failed(args: &[&str], o: Output) -> String {
+    assert!(
+        !o.status.success(),
+        "paddock {args:?} succeeded:\n{}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+    String::from_utf8_lossy(&o.stderr).to_string()
+}
+
+fn git(dir: &Path, args: &[&str]) -> Output {
+    Command::new("git")
+        .args(args)
+        .current_dir(dir)
+        .env_remove("GIT_DIR")
+        .env_remove("GIT_WORK_TREE")
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn the_cli_adds_the_git_remote_and_asks_for_builds() {
+    let t = TestDir::new("cli-git-remote");
+    let pg = Postgres::start(t.path());
+    let mut node = Node::new(t.path(), "node-a", &test_key(), &[], Some(pg.url()));
+    node.start("heartbeat");
+    node.start("api");
+    wait_migrated(&node);
+    let alice = create_user(&node, "alice", false);
+    let home = t.path().join("home");
+    let work = t.path().join("work");
+    std::fs::create_dir_all(&work).unwrap();
+    let creds = t.path().join("alice.credentials");
+    std::fs::write(&creds, alice.to_toml()).unwrap();
+    let args = ["login", "--credentials", creds.to_str().unwrap()];
+    succeeded(&args, customer(&home, &work, &args));
+    let url = format!("{}/myapp.git", gitserver_ssh(&node));
+
+    // apps create names the remote on stdout, and how to add it on stderr.
+    let args = ["apps", "create", "myapp"];
+    let o = customer(&home, &work, &args);
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    let out = succeeded(&args, o);
+    assert_eq!(
+        out,
+        format!("Creating myapp... done\nhttp://myapp.localhost/\nGit remote: {url}\n")
+    );
+    assert!(
+        err.contains(&format!("git remote add paddock {url}")),
+        "{err}"
+    );
+    let args = ["apps", "info", "-a", "myapp"];
+    let out = succeeded(&args, customer(&home, &work, &args));
+    assert!(out.contains("Git URL:") && out.contains(&url), "{out}");
+
+    // Outside a git repository: a clear refusal, nothing run.
+    let args = ["git", "remote", "-a", "myapp"];
+    let err = failed(&args, customer(&home, &work, &args));
+    assert!(err.contains("not in a git repository"), "{err}");
+
+    // In a repository: the remote is added, then set again when it exists.
+    let repo = work.join("repo");
+    std::fs::create_dir_all(&repo).unwrap();
+    assert!(git(&repo, &["init", "-q"]).status.success());
+    let out = succeeded(&args, customer(&home, &repo, &args));
+    assert!(out.starts_with("Added git remote paddock"), "{out}");
+    let got = git(&repo, &["remote", "get-url", "paddock"]);
+    assert_eq!(String::from_utf8_lossy(&got.stdout).trim(), url);
+    assert!(git(
+        &repo,
+        &["remote", "set-url", "paddock", "ssh://elsewhere/x.git"]
+    )
+    .status
+    .success());
+    let out = succeeded(&args, customer(&home, &repo, &args));
+    assert!(out.starts_with("Set git remote paddock"), "{out}");
+    let got = git(&repo, &["remote", "get-url", "paddock"]);
+    assert_eq!(String::from_utf8_lossy(&got.stdout).trim(), url);
+    // Another remote name, the app taken from the `paddock` remote.
+    let args2 = ["git", "remote", "-r", "prod"];
+    succeeded(&args2, customer(&home, &repo, &args2));
+    let got = git(&repo, &["remote", "get-url", "prod"]);
+    assert_eq!(String::from_utf8_lossy(&got.stdout).trim(), url);
+    // An app alice cannot see: refused, no remote added.
+    let args3 = ["git", "remote", "-a", "nosuch", "-r", "other"];
+    failed(&args3, customer(&home, &repo, &args3));
+    assert!(!git(&repo, &["remote", "get-url", "other"]).status.success());
+
+    // builds: the app comes from the remote; with no deployer, a clear error.
+    for args in [
+        &["builds", "--timeout-ms", "700"][..],
+        &[
+            "builds",
+            "info",
+            "01JCT6S3W4F8D9X2QZ7N5K0BVA",
+            "--timeout-ms",
+            "700",
+        ],
+    ] {
+        let err = failed(args, customer(&home, &repo, args));
+        assert!(err.starts_with("error: "), "{err}");
+        assert!(err.contains("deployer"), "{args:?}: {err}");
+    }
+    let args = ["builds", "-a", "nosuch"];
+    let err = failed(&args, customer(&home, &repo, &args));
+    assert!(
+        err.contains("nosuch") && err.contains("does not exist"),
+        "{err}"
+    );
+}
+
+/// `paddock ARGS` as the operator, with the node's cluster file.
+fn operator(node: &Node, dir: &Path, args: &[&str]) -> Output {
+    Command::new(bin())
+        .args(args)
+        .current_dir(dir)
+        .env("PADDOCK_CONFIG", &node.config)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    ring::digest::digest(&ring::digest::SHA256, bytes)
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+#[test]
+fn the_operator_uploads_buildpacks_into_the_blobstore() {
+    let t = TestDir::new("cli-buildpacks");
+    let pg = Postgres::start(t.path());
+    let mut node = Node::new(t.path(), "node-a", &test_key(), &[], Some(pg.url()));
+    node.start("heartbeat");
+    node.start("blobstore");
+    node.start("api");
+    wait_migrated(&node);
+    let work = t.path().join("work");
+    std::fs::create_dir_all(&work).unwrap();
+
+    // A buildpack directory: packed into a tar.gz that holds its files.
+    let bp = work.join("python-bp");
+    std::fs::create_dir_all(bp.join("bin")).unwrap();
+    for (f, text) in [
+        ("bin/detect", "#!/bin/sh\necho Python\n"),
+        ("bin/compile", "#!/bin/sh\necho compiled\n"),
+    ] {
+        std::fs::write(bp.join(f), text).unwrap();
+    }
+    let args = [
+        "buildpacks",
+        "add",
+        "python",
+        bp.to_str().unwrap(),
+        "--url",
+        "https://example.com/python.git",
+    ];
+    let out = succeeded(&args, operator(&node, &work, &args));
+    assert!(
+        out.starts_with("Adding buildpack python... done, "),
+        "{out}"
+    );
+    assert!(out.contains("BUILDPACK_URL=paddock:python"), "{out}");
+    let mut api = node.client("api");
+    let got = api
+        .call("buildpack.get", json!({"name": "python"}))
+        .unwrap();
+    let sha = got["buildpack"]["blob"].as_str().unwrap().to_string();
+    assert_eq!(sha.len(), 64, "{got}");
+    assert_eq!(got["buildpack"]["url"], "https://example.com/python.git");
+    // The blob is the packed directory: fetch it back and list it with tar.
+    let fetched = work.join("fetched.tgz");
+    paddock_blob::get_file_blocking(&mut node.client("blobstore"), &sha, &fetched).unwrap();
+    let listing = Command::new("tar")
+        .arg("-tzf")
+        .arg(&fetched)
+        .output()
+        .unwrap();
+    let names = String::from_utf8_lossy(&listing.stdout).to_string();
+    assert!(
+        names.contains("bin/compile") && names.contains("bin/detect"),
+        "{names}"
+    );
+
+    // A .tgz is stored as it is (the same bytes, so the same sha256), and adding
+    // a name again replaces it.
+    let tgz = work.join("node.tgz");
+    std::fs::copy(&fetched, &tgz).unwrap();
+    let bytes = std::fs::read(&tgz).unwrap();
+    let args = ["buildpacks", "add", "python", tgz.to_str().unwrap()];
+    let out = succeeded(&args, operator(&node, &work, &args));
+    assert!(out.contains(&format!("(replaces {sha})")), "{out}");
+    let got = api
+        .call("buildpack.get", json!({"name": "python"}))
+        .unwrap();
+    assert_eq!(got["buildpack"]["blob"], sha256_hex(&bytes));
+
+    // Listed, referenced for the blobstore's collection, then removed.
+    let args = ["buildpacks"];
+    let out = succeeded(&args, operator(&node, &work, &args));
+    assert!(out.contains("python") && out.contains(&sha), "{out}");
+    let r = api.call("blob.referenced", json!({"keep": 1})).unwrap();
+    assert_eq!(r["blobs"], json!([sha]), "{r}");
+    let args = ["buildpacks", "remove", "python"];
+    succeeded(&args, operator(&node, &work, &args));
+    let r = api.call("blob.referenced", json!({"keep": 1})).unwrap();
+    assert_eq!(r["blobs"], json!([]), "{r}");
+
+    // A directory that is no buildpack, and a bad name: refused, nothing recorded.
+    let args = ["buildpacks", "add", "empty", work.to_str().unwrap()];
+    let err = failed(&args, operator(&node, &work, &args));
+    assert!(err.contains("bin/compile"), "{err}");
+    let args = ["buildpacks", "add", "Bad_Name", tgz.to_str().unwrap()];
+    let err = failed(&args, operator(&node, &work, &args));
+    assert!(err.contains("buildpack name"), "{err}");
+    let list = api.call("buildpack.list", json!({})).unwrap();
+    assert_eq!(list["buildpacks"], json!([]), "{list}");
 }
