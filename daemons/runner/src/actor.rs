@@ -340,7 +340,7 @@ impl Runner {
     /// Removes cached slugs that no instance here runs and that were not used
     /// lately (release::sweep_cache).
     fn sweep_slugs(&mut self) {
-        let in_use = self
+        let in_use: std::collections::BTreeSet<(String, String)> = self
             .instances
             .values()
             .filter(|i| i.m.state != State::Stopped)
@@ -349,6 +349,8 @@ impl Runner {
                 Some((i.rec.spec.app.clone(), r.slug.clone()))
             })
             .collect();
+        // On the actor's thread, so that no start is between finding a slug and
+        // using it; the trees taken out are deleted off it (that takes a while).
         let removed = crate::release::sweep_cache(
             &self.settings.instances_dir.join("slugs"),
             &in_use,
@@ -356,9 +358,17 @@ impl Runner {
             crate::release::UNUSED_KEEP,
             std::time::SystemTime::now(),
         );
-        for p in removed {
-            tracing::info!("unused cached slug removed: {}", p.display());
+        if removed.is_empty() {
+            return;
         }
+        tokio::task::spawn_blocking(move || {
+            for (p, gone) in removed {
+                if gone.exists() {
+                    let _ = std::fs::remove_dir_all(&gone);
+                }
+                tracing::info!("unused cached slug removed: {}", p.display());
+            }
+        });
     }
 
     /// Forgets stopped instances `stopped_keep` after they stopped, with their

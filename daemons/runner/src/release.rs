@@ -740,15 +740,18 @@ const STALE_TEMP: std::time::Duration = std::time::Duration::from_secs(24 * 3600
 
 /// Removes cached slugs that no instance in `in_use` ((app, sha256)) runs, except
 /// each app's `keep` most recently used ones and those used within
-/// `unused_keep`; and temporary files of fetches that ended long ago. Says what
-/// it removed.
+/// `unused_keep`; and temporary files of fetches that ended long ago. A slug is
+/// taken out of the cache by a rename (at once, so a start that found it a moment
+/// before keeps it: that start made it recently used); the caller deletes the
+/// renamed trees returned (`.gone-*`, swept like temporary files if it does not).
+/// Says what it took out, as (cache path, path to delete).
 pub fn sweep_cache(
     root: &Path,
     in_use: &std::collections::BTreeSet<(String, String)>,
     keep: usize,
     unused_keep: std::time::Duration,
     now: std::time::SystemTime,
-) -> Vec<PathBuf> {
+) -> Vec<(PathBuf, PathBuf)> {
     let mut removed = Vec::new();
     let age = |p: &Path| {
         std::fs::symlink_metadata(p)
@@ -779,7 +782,7 @@ pub fn sweep_cache(
                         _ => std::fs::remove_file(&p),
                     };
                     if gone.is_ok() {
-                        removed.push(p);
+                        removed.push((p.clone(), p));
                     }
                 }
                 continue;
@@ -789,11 +792,12 @@ pub fn sweep_cache(
         // Newest first: the first `keep` stay whatever their age.
         slugs.sort_by_key(|s| std::cmp::Reverse(s.0));
         for (_, old, path, sha) in slugs.into_iter().skip(keep) {
-            if old < unused_keep || in_use.contains(&(app_name.clone(), sha)) {
+            if old < unused_keep || in_use.contains(&(app_name.clone(), sha.clone())) {
                 continue;
             }
-            if std::fs::remove_dir_all(&path).is_ok() {
-                removed.push(path);
+            let gone = path.with_file_name(format!(".gone-{sha}-{}", ulid::Ulid::new()));
+            if std::fs::rename(&path, &gone).is_ok() {
+                removed.push((path, gone));
             }
         }
     }
@@ -975,9 +979,12 @@ mod tests {
         mk("b", "s1", hours(9)); // another app's only slug
         let in_use = [("a".to_string(), "s3".to_string())].into();
         let removed = sweep_cache(root, &in_use, 2, UNUSED_KEEP, now);
+        for (_, gone) in &removed {
+            let _ = std::fs::remove_dir_all(gone);
+        }
         let mut names: Vec<String> = removed
             .iter()
-            .map(|p| p.strip_prefix(root).unwrap().display().to_string())
+            .map(|(p, _)| p.strip_prefix(root).unwrap().display().to_string())
             .collect();
         names.sort();
         assert_eq!(names, ["a/.s6.tmp", "a/s4"]);
@@ -988,6 +995,7 @@ mod tests {
         mk("a", "s7", hours(0));
         mk("a", "s8", hours(0));
         assert!(sweep_cache(root, &in_use, 2, UNUSED_KEEP * 3, now).is_empty());
+        assert_eq!(std::fs::read_dir(root.join("a")).unwrap().count(), 6);
     }
 
     #[test]
