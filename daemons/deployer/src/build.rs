@@ -423,7 +423,15 @@ impl Run {
                     let (uid, gid) = (self.sandbox.uid, self.sandbox.gid);
                     paddock_runner::users::check_readable_dir(Path::new(p), uid, gid)
                         .map_err(|e| fail("detect", format!("buildpack {p}: {e}")))?;
-                    p.clone()
+                    // Seen read-only at /tmp/buildpack-local-N: the build's /tmp is
+                    // its own, and the app's user could read it where it is anyway.
+                    let name = format!("buildpack-local-{n}");
+                    let mount = self.paths.tmp.join(&name);
+                    mkdir(&mount, 0o755, None)
+                        .map_err(|e| fail("detect", format!("cannot mount buildpack {p}: {e}")))?;
+                    self.sandbox.local.push((PathBuf::from(p), name.clone()));
+                    self.log(format!("       Using the buildpack at {p}"));
+                    format!("/tmp/{name}")
                 }
                 BuildpackRef::Blob(sha) => self.fetch_buildpack(n, sha).await?,
             };

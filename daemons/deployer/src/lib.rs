@@ -96,6 +96,8 @@ pub struct Deployer {
     ready: Cell<bool>,
     builds: RefCell<HashMap<String, Live>>,
     running_apps: RefCell<HashSet<String>>,
+    /// Running builds' cgroups, killed when the deployer stops.
+    cgroups: RefCell<HashMap<String, paddock_runner::cgroup::InstanceCgroup>>,
 }
 
 impl Deployer {
@@ -225,6 +227,7 @@ pub async fn setup(ctx: Ctx) -> anyhow::Result<Routes> {
         ready: Cell::new(false),
         builds: RefCell::new(HashMap::new()),
         running_apps: RefCell::new(HashSet::new()),
+        cgroups: RefCell::new(HashMap::new()),
         settings: s,
     });
 
@@ -246,6 +249,17 @@ pub async fn setup(ctx: Ctx) -> anyhow::Result<Routes> {
             d.ready.set(true);
             tracing::info!("build database ready");
             std::future::pending().await
+        }
+    });
+
+    // A stopping deployer ends its builds (their records are failed by the
+    // next start): build code never runs unsupervised.
+    let (d, c2) = (dep.clone(), ctx.clone());
+    actix_rt::spawn(async move {
+        c2.shutdown_started().await;
+        let cgroups: Vec<_> = d.cgroups.borrow().values().cloned().collect();
+        for cg in cgroups {
+            paddock_runner::shim::kill_cgroup(cg.kill.as_ref());
         }
     });
 
@@ -450,6 +464,20 @@ async fn run_build(d: Rc<Deployer>, job: Job) {
     {
         tracing::info!(build = %id, "{n} log lines over the limit were dropped");
     }
+    // Nothing of the build outlives it, and it is gone before anyone is told.
+    if let Some(r) = &run {
+        for _ in 0..100 {
+            r.sandbox.kill_all().await;
+            if r.sandbox.cgroup.pids().is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        r.sandbox.cgroup.remove();
+    }
+    d.cgroups.borrow_mut().remove(&id);
+    let root = build::Paths::new(&d.settings.dir, &id).root;
+    let _ = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(root)).await;
     flushing.set(false);
     let _ = flusher.await;
     let step = match &result {
@@ -486,21 +514,6 @@ async fn run_build(d: Rc<Deployer>, job: Job) {
         l.changed.notify_waiters();
     }
     tracing::info!(build = %id, app = %job.app, status, "build finished");
-    if let Some(r) = run {
-        r.sandbox.kill_all().await;
-        for _ in 0..50 {
-            if r.sandbox.cgroup.pids().is_empty() {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        r.sandbox.cgroup.remove();
-        let root = r.paths.root.clone();
-        let _ = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(root)).await;
-    } else {
-        let root = build::Paths::new(&d.settings.dir, &id).root;
-        let _ = std::fs::remove_dir_all(root);
-    }
     d.running_apps.borrow_mut().remove(&job.app);
     if let Err(e) = d.store.prune(&job.app, d.settings.keep_builds).await {
         tracing::warn!(app = %job.app, "cannot prune old builds: {}", paddock_db::chain(&e));
@@ -537,6 +550,9 @@ async fn prepare(d: &Rc<Deployer>, job: &Job) -> Result<build::Run, build::Failu
             },
         )
         .map_err(|e| f(format!("cannot create the build's cgroups: {e}")))?;
+    d.cgroups
+        .borrow_mut()
+        .insert(job.id.clone(), cgroup.clone());
     let paths = build::Paths::new(&s.dir, &job.id);
     let env = vec![
         ("PATH".into(), "/usr/local/bin:/usr/bin:/bin".into()),
@@ -555,6 +571,7 @@ async fn prepare(d: &Rc<Deployer>, job: &Job) -> Result<build::Run, build::Failu
         tmp_dir: paths.tmp.clone(),
         cache_dir: s.dir.join("cache").join(&job.app),
         buildpacks_dir: s.dir.join("buildpacks"),
+        local: Vec::new(),
         cgroup,
         pids: s.build_pids,
         env,

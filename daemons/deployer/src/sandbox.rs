@@ -54,6 +54,8 @@ pub struct Sandbox {
     pub cache_dir: PathBuf,
     /// Appears at `/tmp/buildpacks`, read-only.
     pub buildpacks_dir: PathBuf,
+    /// Local buildpacks (host dir, name): each appears read-only at `/tmp/NAME`.
+    pub local: Vec<(PathBuf, String)>,
     pub cgroup: InstanceCgroup,
     pub pids: u64,
     pub env: Vec<(String, String)>,
@@ -147,7 +149,7 @@ impl Sandbox {
         // then bound by `Prepared` from `/tmp/.app` in its own new namespace (a
         // bind's source must be in the caller's namespace, so no fd from the
         // parent would do).
-        let mounts = vec![
+        let mut mounts = vec![
             bind(&self.app_dir, &self.tmp_dir.join(".app"), false, false)?,
             bind(&self.cache_dir, &self.tmp_dir.join("cache"), false, false)?,
             bind(
@@ -156,8 +158,11 @@ impl Sandbox {
                 false,
                 true,
             )?,
-            bind(&self.tmp_dir, Path::new("/tmp"), true, false)?,
         ];
+        for (host, name) in &self.local {
+            mounts.push(bind(host, &self.tmp_dir.join(name), false, true)?);
+        }
+        mounts.push(bind(&self.tmp_dir, Path::new("/tmp"), true, false)?);
         let join: Vec<PathBuf> = self
             .cgroup
             .procs
