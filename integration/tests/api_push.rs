@@ -816,3 +816,124 @@ fn the_operator_uploads_buildpacks_into_the_blobstore() {
     let list = api.call("buildpack.list", json!({})).unwrap();
     assert_eq!(list["buildpacks"], json!([]), "{list}");
 }
+
+/// The happy path through the real deployer, with two builds written into its
+/// table as a finished build leaves them: each app's owner sees their own build
+/// and its log, never the other app's.
+#[test]
+fn builds_reach_a_running_deployer_and_show_each_app_its_own() {
+    let mut w = ApiCluster::start("api-builds-deployer", &["heartbeat"]);
+    w.node.start("deployer");
+    let owner = create_user(&w.node, "owner", false);
+    let other = create_user(&w.node, "other", false);
+    let mut c = user_client(&owner).with_timeout(Duration::from_secs(10));
+    let mut o = user_client(&other).with_timeout(Duration::from_secs(10));
+    ok(&mut c, "app.create", json!({"name": "shop"}));
+    ok(&mut o, "app.create", json!({"name": "blog"}));
+    let r = eventually(Duration::from_secs(15), "build.list answered", || {
+        c.call("build.list", json!({"app": "shop"})).ok()
+    });
+    assert_eq!(r["builds"], json!([]), "{r}");
+    w.batch(
+        "INSERT INTO deployer_builds (id, app, commit, source, pusher, node, status, step,
+                                      release, durations, log, log_lines, finished_at)
+         VALUES ('01shopbuild000000000000001', 'shop', '3f2a1c0d9e8b7a6f', 'src', 'user:owner',
+                 'node-a', 'succeeded', NULL, '{\"version\": 2}', '{\"compile\": 1200}',
+                 E'-----> Python app detected\n-----> Released v2\n', 2, now()),
+                ('01blogbuild000000000000001', 'blog', 'aaaabbbbccccdddd', 'src', 'user:other',
+                 'node-a', 'failed', 'compile', NULL, '{}', E'the secret of blog\n', 1, now())",
+    );
+    let r = ok(&mut c, "build.list", json!({"app": "shop"}));
+    let ids: Vec<&str> = r["builds"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["01shopbuild000000000000001"], "{r}");
+    let r = ok(
+        &mut c,
+        "build.info",
+        json!({"app": "shop", "build": "01shopbuild000000000000001"}),
+    );
+    assert_eq!(r["build"]["app"], "shop", "{r}");
+    assert!(
+        r["build"]["log"]
+            .as_str()
+            .unwrap()
+            .contains("Python app detected"),
+        "{r}"
+    );
+    // Another app's build, asked for under an app one may see: not_found, and
+    // nothing of it shown.
+    let e = remote_err(c.call(
+        "build.info",
+        json!({"app": "shop", "build": "01blogbuild000000000000001"}),
+    ));
+    assert_eq!(e.code, Code::NotFound, "{e:?}");
+    assert!(!e.message.contains("secret"), "{}", e.message);
+    // Under its own app, by someone without access: forbidden.
+    assert_eq!(
+        code(c.call(
+            "build.info",
+            json!({"app": "blog", "build": "01blogbuild000000000000001"}),
+        )),
+        Code::Forbidden
+    );
+    // Its owner sees it.
+    let r = ok(
+        &mut o,
+        "build.info",
+        json!({"app": "blog", "build": "01blogbuild000000000000001"}),
+    );
+    assert_eq!(r["build"]["status"], "failed", "{r}");
+    // A build nobody has: the deployer's not_found, passed on.
+    let e = remote_err(c.call(
+        "build.info",
+        json!({"app": "shop", "build": "01JCT6S3W4F8D9X2QZ7N5K0BVA"}),
+    ));
+    assert_eq!(e.code, Code::NotFound, "{e:?}");
+
+    // The CLI shows the table and the build with its log.
+    let home = w.t.path().join("home");
+    let work = w.t.path().join("work");
+    std::fs::create_dir_all(&work).unwrap();
+    let creds = w.t.path().join("owner.credentials");
+    std::fs::write(&creds, owner.to_toml()).unwrap();
+    let args = ["login", "--credentials", creds.to_str().unwrap()];
+    succeeded(&args, customer(&home, &work, &args));
+    let args = ["builds", "-a", "shop"];
+    let out = succeeded(&args, customer(&home, &work, &args));
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines[0], "=== shop Builds", "{out}");
+    assert!(lines[1].starts_with("ID"), "{out}");
+    let row: Vec<&str> = lines[2].split_whitespace().collect();
+    assert_eq!(
+        (row[0], row[1], row[2], row[3]),
+        (
+            "01shopbuild000000000000001",
+            "succeeded",
+            "3f2a1c0",
+            "user:owner"
+        ),
+        "{out}"
+    );
+    assert_eq!(row.last(), Some(&"v2"), "{out}");
+    let args = ["builds", "info", "01shopbuild000000000000001", "-a", "shop"];
+    let out = succeeded(&args, customer(&home, &work, &args));
+    assert!(
+        out.starts_with("=== shop Build 01shopbuild000000000000001\n"),
+        "{out}"
+    );
+    assert!(out.contains("compile 1.2s"), "{out}");
+    assert!(
+        out.ends_with("=== Log\n-----> Python app detected\n-----> Released v2\n"),
+        "{out}"
+    );
+    let args = ["builds", "info", "01blogbuild000000000000001", "-a", "shop"];
+    let err = failed(&args, customer(&home, &work, &args));
+    assert!(
+        err.contains("has no build") && !err.contains("secret"),
+        "{err}"
+    );
+}
