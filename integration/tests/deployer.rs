@@ -679,3 +679,81 @@ fn a_build_cannot_read_other_apps_or_the_platform() {
     );
     let _ = Path::new("/");
 }
+
+#[test]
+fn the_release_command_runs_once_before_the_release_goes_live() {
+    let mut w = world("deployer-release-phase", &[]);
+    w.node.start("runner");
+    w.app("shop");
+    let b = w.build(
+        "shop",
+        &[
+            (
+                "Procfile",
+                "web: python3 -m http.server $PORT\nrelease: sh -c 'echo \"migrating in $(pwd) as $(id -un)\"; ls /app'\n",
+            ),
+            ("marker.txt", "x\n"),
+        ],
+    );
+    let release = succeeded(&b);
+    assert!(b.has("-----> Running the release command"), "{}", b.log());
+    assert!(b.has("migrating in /app as pdk-shop"), "{}", b.log());
+    assert!(
+        b.has("marker.txt"),
+        "the release command sees the slug:\n{}",
+        b.log()
+    );
+    assert_eq!(release["status"], "succeeded");
+
+    // A failing release command fails the release and the build, with its output.
+    let before = w.releases("shop").len();
+    let b = w.build(
+        "shop",
+        &[("Procfile", "web: python3 -m http.server $PORT\nrelease: sh -c \"echo 'migration broke' >&2; exit 4\"\n")],
+    );
+    assert_eq!(b.last["status"], "failed", "{}", b.log());
+    assert_eq!(b.last["error"]["step"], "release-phase", "{}", b.last);
+    assert!(b.has("migration broke"), "{}", b.log());
+    let rels = w.releases("shop");
+    assert_eq!(rels.len(), before + 1, "the release was made, then failed");
+    let newest = rels.iter().max_by_key(|r| r["version"].as_i64()).unwrap();
+    assert_eq!(newest["status"], "failed", "{newest}");
+    assert_eq!(b.last["release"]["version"], newest["version"]);
+}
+
+#[test]
+fn an_uploaded_buildpack_is_used_by_name() {
+    let mut w = world("deployer-uploaded-bp", &[]);
+    w.app("custom");
+    let bp = w.buildpack(
+        "uploaded-bp",
+        "echo Custom",
+        "echo '-----> Custom compile'; echo built > /app/built.txt",
+        "echo '---'; echo 'default_process_types:'; echo '  web: cat built.txt'",
+    );
+    let tgz = w.t.path().join("uploaded-bp.tgz");
+    assert!(Command::new("tar")
+        .arg("-czf")
+        .arg(&tgz)
+        .arg("-C")
+        .arg(&bp)
+        .arg(".")
+        .status()
+        .unwrap()
+        .success());
+    let mut c = w.node.client("blobstore");
+    let blob = paddock_blob::put_file_blocking(&mut c, &tgz)
+        .unwrap()
+        .sha256;
+    w.node
+        .client("api")
+        .call("buildpack.add", json!({"name": "mine", "blob": blob}))
+        .unwrap();
+    w.config("custom", json!({"BUILDPACK_URL": "paddock:mine"}));
+    let b = w.build("custom", &[("README", "x\n")]);
+    let release = succeeded(&b);
+    assert!(b.has("Using the uploaded buildpack mine"), "{}", b.log());
+    assert!(b.has("-----> Custom compile"), "{}", b.log());
+    assert_eq!(release["process_types"], json!({"web": "cat built.txt"}));
+    assert!(w.slug_files(&release).iter().any(|f| f == "built.txt"));
+}

@@ -434,6 +434,21 @@ impl Run {
                     format!("/tmp/{name}")
                 }
                 BuildpackRef::Blob(sha) => self.fetch_buildpack(n, sha).await?,
+                BuildpackRef::Named(name) => {
+                    let got = self
+                        .dep
+                        .api(
+                            "buildpack.get",
+                            json!({ "name": name }),
+                            Duration::from_secs(10),
+                        )
+                        .await
+                        .map_err(|e| fail("detect", format!("buildpack {name}: {e}")))?;
+                    let blob = got["buildpack"]["blob"].as_str().unwrap_or_default();
+                    let sha = blob.strip_prefix("sha256:").unwrap_or(blob).to_string();
+                    self.log(format!("       Using the uploaded buildpack {name}"));
+                    self.fetch_buildpack(n, &sha).await?
+                }
             };
             let label = self.detect_one(&dir).await?.ok_or_else(|| {
                 fail(

@@ -131,6 +131,15 @@ pub enum BuildpackRef {
     Local(String),
     /// A buildpack uploaded through the api: the blob (a tar) with this sha256.
     Blob(String),
+    /// A buildpack uploaded through the api under this name (`paddock:NAME`, or
+    /// a bare name that is not a built-in's): the api's `buildpack.get` says its blob.
+    Named(String),
+}
+
+fn valid_name(n: &str) -> bool {
+    (1..=40).contains(&n.len())
+        && n.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
 }
 
 pub const BUILTINS: [&str; 4] = ["python", "node", "static", "procfile"];
@@ -141,6 +150,17 @@ pub fn parse_buildpack_ref(s: &str) -> Result<BuildpackRef, String> {
     let name = s.strip_prefix("paddock/").unwrap_or(s);
     if BUILTINS.contains(&name) {
         return Ok(BuildpackRef::Builtin(name.to_string()));
+    }
+    if let Some(n) = s.strip_prefix("paddock:") {
+        if valid_name(n) {
+            return Ok(BuildpackRef::Named(n.to_string()));
+        }
+        return Err(format!(
+            "`{s}`: an uploaded buildpack's name is 1-40 of a-z 0-9 -"
+        ));
+    }
+    if valid_name(s) {
+        return Ok(BuildpackRef::Named(s.to_string()));
     }
     for prefix in ["sha256:", "blob:"] {
         if let Some(hex) = s.strip_prefix(prefix) {
@@ -164,6 +184,7 @@ pub fn parse_buildpack_ref(s: &str) -> Result<BuildpackRef, String> {
     }
     Err(format!(
         "`{s}` is not a buildpack this deployer can use: give a built-in ({}), \
+         the name of one uploaded with `paddock buildpacks add` (paddock:NAME), \
          an absolute path on the node, or sha256:<hex> of an uploaded buildpack \
          (git and https URLs are not fetched)",
         BUILTINS.join(", ")
@@ -233,6 +254,19 @@ mod tests {
             BuildpackRef::Local("/opt/bp".into())
         );
         assert!(parse_buildpack_ref("/opt/../etc").is_err());
+        assert_eq!(
+            parse_buildpack_ref("paddock:my-pack").unwrap(),
+            BuildpackRef::Named("my-pack".into())
+        );
+        assert_eq!(
+            parse_buildpack_ref("my-pack").unwrap(),
+            BuildpackRef::Named("my-pack".into())
+        );
+        assert_eq!(
+            parse_buildpack_ref("paddock:python").unwrap(),
+            BuildpackRef::Named("python".into())
+        );
+        assert!(parse_buildpack_ref("paddock:Bad").is_err());
         let h = "ab".repeat(32);
         assert_eq!(
             parse_buildpack_ref(&format!("sha256:{h}")).unwrap(),
