@@ -652,3 +652,46 @@ fn an_idle_upload_is_discarded() {
         Code::NotFound
     );
 }
+
+/// The same collection with the real api: a release's slug and a buildpack's
+/// blob are kept, a blob nothing records is removed.
+#[test]
+fn collection_keeps_what_the_real_api_references() {
+    use paddock_integration::api::ApiCluster;
+    let w = ApiCluster::start("blob-gc-api", &["heartbeat", "blobstore"]);
+    let dir = w.node.dir.join("state/blobstore");
+    let mut c = w.node.client("blobstore");
+    let (slug, buildpack, stray) = (data(5000, 20), data(5000, 21), data(5000, 22));
+    for d in [&slug, &buildpack, &stray] {
+        put(&mut c, d);
+        fs::File::options()
+            .write(true)
+            .open(blob_file(&dir, &sha(d)))
+            .unwrap()
+            .set_modified(SystemTime::now() - Duration::from_secs(7200))
+            .unwrap();
+    }
+    let mut api = w.cluster();
+    api.call("user.create", json!({"name": "owner"})).unwrap();
+    api.call("app.create", json!({"name": "shop", "owner": "owner"}))
+        .unwrap();
+    api.call(
+        "release.create",
+        json!({"app": "shop", "slug": format!("sha256:{}", sha(&slug)),
+               "description": "Deploy", "process_types": {"web": "sh app.sh"}}),
+    )
+    .unwrap();
+    api.call(
+        "buildpack.add",
+        json!({"name": "shell", "blob": sha(&buildpack)}),
+    )
+    .unwrap();
+    let r = eventually(Duration::from_secs(10), "a collection", || {
+        c.call("blob.gc", json!({})).ok()
+    });
+    assert_eq!(r["removed"], json!([sha(&stray)]), "{r}");
+    assert_eq!(r["kept"], 2);
+    assert!(blob_file(&dir, &sha(&slug)).exists());
+    assert!(blob_file(&dir, &sha(&buildpack)).exists());
+    assert!(!blob_file(&dir, &sha(&stray)).exists());
+}
