@@ -1,7 +1,10 @@
 //! paddock-api: the front door for people. Users, their keys (user keys derived
 //! with HKDF, so the database holds no secret that verifies a request), SSH keys,
 //! apps, collaborators, config vars and the releases they make, formation,
-//! domains and the audit log (docs/PROTOCOL.md, "api").
+//! domains, buildpack records and the audit log (docs/PROTOCOL.md, "api"). For
+//! git push it answers the gitserver (`push.authorize`), the runner
+//! (`release.get`) and the blobstore (`blob.referenced`), and passes customers'
+//! `build.*` to a deployer once it has authorized them.
 //!
 //! Architecture invariant: stateless. Every answer comes from the database; any
 //! number of apis may serve one. User keys reach only this daemon's
