@@ -478,6 +478,12 @@ fn a_release_one_off_without_a_pty_gives_its_output_and_exit_code() {
     ));
     assert_eq!(e.code, Code::Conflict, "{e}");
     w.runner.call("run.kill", json!({"id": v["id"]})).unwrap();
+    // A command line of several commands runs them all (no `exec` before it).
+    let (out, code) = w.run(json!({
+        "app": w.app, "release": {"slug": sha, "version": version}, "pty": false,
+        "command": "echo one && echo two; exit 5",
+    }));
+    assert_eq!((out.as_str(), code), ("one\ntwo\n", 5));
     // A command line (run as `exec COMMAND` after the sourcing): the app's PATH.
     let (out, code) = w.run(json!({
         "app": w.app, "release": {"slug": sha, "version": version}, "pty": false,

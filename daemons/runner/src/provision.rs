@@ -154,7 +154,7 @@ pub fn provision(
     // A release sources its `.profile.d` first (then execs the command itself).
     let argv = match spec.release {
         Some(_) => Some(crate::release::profile_wrapped(
-            &spec.command,
+            &format!("exec {}", spec.command),
             spec.argv.as_deref(),
         )),
         None => spec.argv.clone(),

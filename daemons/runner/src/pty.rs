@@ -130,7 +130,7 @@ impl Runs {
             (None, c) if !c.is_empty() => vec![
                 "/bin/sh".into(),
                 "-c".into(),
-                format!("exec {}", req.command),
+                crate::release::one_off_line(&req.command),
             ],
             _ => {
                 return Err(WireError::invalid(
@@ -145,7 +145,10 @@ impl Runs {
             .unwrap_or_else(|| req.command.clone());
         if opts.lower.is_some() {
             // A release sources its `.profile.d` first, then execs the command.
-            argv = crate::release::profile_wrapped(&req.command, req.argv.as_deref());
+            argv = crate::release::profile_wrapped(
+                &crate::release::one_off_line(&req.command),
+                req.argv.as_deref(),
+            );
         }
         let dir = PathBuf::from(&req.dir);
         let (uid, gid) =

@@ -86,10 +86,23 @@ fn null_is_empty<'de, D: serde::Deserializer<'de>>(
     Ok(Option::<BTreeMap<String, String>>::deserialize(d)?.unwrap_or_default())
 }
 
+/// A one-off's command line as the shell runs it: `exec COMMAND` for a single
+/// command (its pid is the one-off's own), but the line as it is when it may hold
+/// several (`;`, `&`, `|`, a newline): `exec a && b` would never run `b`. A
+/// one-off is killed by its cgroup, so the shell staying its parent costs nothing.
+/// (Instances always exec: their pid gets the reload signal.)
+pub fn one_off_line(command: &str) -> String {
+    if command.contains([';', '&', '|', '\n']) {
+        command.to_string()
+    } else {
+        format!("exec {command}")
+    }
+}
+
 /// The command that sources the slug's `.profile.d/*.sh` (as Heroku does) and then
-/// execs the app's own command, so the tracked pid is still the app's: `command`
-/// is a shell line; `argv`, when given, is exec'd as given after the sourcing.
-pub fn profile_wrapped(command: &str, argv: Option<&[String]>) -> Vec<String> {
+/// runs `line`, a shell line (`exec COMMAND` for instances, so the tracked pid is
+/// still the app's); `argv`, when given, is exec'd as given after the sourcing.
+pub fn profile_wrapped(line: &str, argv: Option<&[String]>) -> Vec<String> {
     const SOURCE: &str =
         "for f in /app/.profile.d/*.sh; do [ -r \"$f\" ] && . \"$f\"; done; unset f; ";
     match argv.filter(|a| !a.is_empty()) {
@@ -106,7 +119,7 @@ pub fn profile_wrapped(command: &str, argv: Option<&[String]>) -> Vec<String> {
         None => vec![
             "/bin/sh".to_string(),
             "-c".to_string(),
-            format!("{SOURCE}exec {command}"),
+            format!("{SOURCE}{line}"),
         ],
     }
 }
@@ -1023,8 +1036,22 @@ mod tests {
     }
 
     #[test]
+    fn a_one_off_of_several_commands_runs_them_all() {
+        assert_eq!(one_off_line("rake db:migrate"), "exec rake db:migrate");
+        for line in ["a && b", "a; b", "a | b", "a || b", "a\nb", "a & wait"] {
+            assert_eq!(one_off_line(line), line);
+        }
+        let out = std::process::Command::new("/bin/sh")
+            .args(["-c", &one_off_line("echo one && echo two; exit 4")])
+            .output()
+            .unwrap();
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "one\ntwo\n");
+        assert_eq!(out.status.code(), Some(4));
+    }
+
+    #[test]
     fn the_profile_wrapper_execs_the_command_itself() {
-        let v = profile_wrapped("python3 app.py", None);
+        let v = profile_wrapped("exec python3 app.py", None);
         assert_eq!(v[0], "/bin/sh");
         assert!(v[2].ends_with("exec python3 app.py"), "{}", v[2]);
         let v = profile_wrapped("", Some(&["python3".into(), "a b.py".into()]));
@@ -1032,7 +1059,7 @@ mod tests {
         assert!(v[2].ends_with("exec \"$@\""));
         // It runs: sources a profile script and keeps the pid.
         let t = tempfile::tempdir().unwrap();
-        let script = profile_wrapped("echo $$ $X", None)[2]
+        let script = profile_wrapped("exec echo $$ $X", None)[2]
             .replace("/app/.profile.d", &t.path().join("p").display().to_string());
         std::fs::create_dir(t.path().join("p")).unwrap();
         std::fs::write(t.path().join("p/x.sh"), "export X=sourced\n").unwrap();
