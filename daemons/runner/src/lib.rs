@@ -73,7 +73,13 @@ pub async fn setup(ctx: Ctx) -> anyhow::Result<Routes> {
     std::fs::create_dir_all(settings.instances_dir.join("instances"))?;
     // Where release instances and one-offs see their app, in mount namespaces of
     // their own.
-    child::ensure_app_root()?;
+    if let Err(e) = child::ensure_app_root() {
+        // Only releases need it: directory-form instances run without.
+        tracing::warn!(
+            "cannot create {}: {e}; instances and one-offs of releases will not start",
+            child::APP_ROOT
+        );
+    }
     let releases = release::Releases::new(ctx.calls().clone(), &settings.instances_dir);
     let hierarchy = cgroup::Hierarchy::detect(&settings.cgroup_root);
     tracing::info!(
