@@ -695,3 +695,33 @@ fn collection_keeps_what_the_real_api_references() {
     assert!(blob_file(&dir, &sha(&buildpack)).exists());
     assert!(!blob_file(&dir, &sha(&stray)).exists());
 }
+
+#[test]
+fn a_second_blobstore_in_the_same_dir_is_refused() {
+    let t = TestDir::new("blob-same-dir");
+    let key = test_key();
+    let mut n = Node::new(t.path(), "node-a", &key, &[], None);
+    n.start("heartbeat");
+    n.start("blobstore");
+    let mut b = Second::new(&t, &n);
+    b.env[2].1 = n.dir.join("state/blobstore").display().to_string();
+    assert_eq!(b.env[2].0, "PADDOCK__DAEMONS__BLOBSTORE__DIR");
+    let env: Vec<(&str, &str)> = b
+        .env
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    let mut child =
+        paddock_harness::spawn_daemon_env("blobstore", &n.config, &b.log, &env).unwrap();
+    let status = eventually(
+        Duration::from_secs(20),
+        "the second blobstore exits",
+        || child.try_wait().unwrap(),
+    );
+    assert_eq!(status.code(), Some(70), "setup failed");
+    let log = fs::read_to_string(&b.log).unwrap();
+    assert!(log.contains("another blobstore uses"), "{log}");
+    // The first one serves on.
+    let d = data(100, 30);
+    put(&mut n.client("blobstore"), &d);
+}

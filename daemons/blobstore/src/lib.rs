@@ -93,6 +93,8 @@ enum Copy {
 
 /// The blobstore's state, shared by its handlers and loops on the actix thread.
 pub struct Blobstore {
+    /// `<dir>/lock`, flocked for the process's life.
+    _lock: std::fs::File,
     s: Settings,
     calls: Calls,
     incarnation: String,
@@ -143,8 +145,9 @@ fn unknown_upload(id: &str) -> WireError {
 }
 
 impl Blobstore {
-    fn new(s: Settings, calls: Calls, incarnation: String) -> Blobstore {
+    fn new(s: Settings, calls: Calls, incarnation: String, lock: std::fs::File) -> Blobstore {
         Blobstore {
+            _lock: lock,
             s,
             calls,
             incarnation,
@@ -702,16 +705,13 @@ where
 pub async fn setup(ctx: Ctx) -> anyhow::Result<Routes> {
     let s = settings(&ctx.config())?;
     let dir = s.dir.clone();
-    tokio::task::spawn_blocking(move || store::prepare(&dir))
-        .await?
-        .map_err(|e| {
-            anyhow::anyhow!("cannot prepare the blob directory {}: {e}", s.dir.display())
-        })?;
+    let lock = tokio::task::spawn_blocking(move || store::prepare(&dir)).await??;
     tracing::info!(dir = %s.dir.display(), "blob directory ready");
     let b = Rc::new(Blobstore::new(
         s.clone(),
         ctx.calls().clone(),
         ctx.incarnation.clone(),
+        lock,
     ));
 
     let bb = b.clone();

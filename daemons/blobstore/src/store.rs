@@ -129,9 +129,49 @@ pub fn sync_parent(path: &Path) -> io::Result<()> {
     }
 }
 
-/// Makes the layout and clears what a previous run left half done: uploads
-/// (their clients get `not_found` and start again) and peer copies being written.
-pub fn prepare(dir: &Path) -> io::Result<()> {
+/// Why the blob directory cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum PrepareError {
+    #[error("another blobstore uses {} (it holds {}): give each blobstore its own `dir`", dir.display(), dir.join("lock").display())]
+    Held { dir: PathBuf },
+    #[error("cannot prepare the blob directory {}", dir.display())]
+    Io {
+        dir: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// Takes the directory's lock (held for the process's life through the returned
+/// file: two blobstores in one `dir` would discard each other's uploads), makes
+/// the layout and clears what a previous run left half done: uploads (their
+/// clients get `not_found` and start again) and peer copies being written.
+pub fn prepare(dir: &Path) -> Result<fs::File, PrepareError> {
+    let io = |source| PrepareError::Io {
+        dir: dir.to_path_buf(),
+        source,
+    };
+    mkdir(dir).map_err(io)?;
+    let lock = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(dir.join("lock"))
+        .map_err(io)?;
+    match lock.try_lock() {
+        Ok(()) => {}
+        Err(fs::TryLockError::WouldBlock) => {
+            return Err(PrepareError::Held {
+                dir: dir.to_path_buf(),
+            })
+        }
+        Err(fs::TryLockError::Error(e)) => return Err(io(e)),
+    }
+    clear(dir).map_err(io)?;
+    Ok(lock)
+}
+
+fn clear(dir: &Path) -> io::Result<()> {
     mkdir(&blobs_dir(dir))?;
     mkdir(&uploads_dir(dir))?;
     for e in fs::read_dir(uploads_dir(dir))? {
@@ -344,7 +384,12 @@ mod tests {
     fn prepare_clears_leftovers_and_list_skips_what_is_not_a_blob() {
         let t = tempfile::tempdir().unwrap();
         let d = t.path();
-        prepare(d).unwrap();
+        let held = prepare(d).unwrap();
+        assert!(
+            matches!(prepare(d), Err(PrepareError::Held { .. })),
+            "a second blobstore in the same dir is refused"
+        );
+        drop(held);
         let p = make_blob_dir(d, SHA).unwrap();
         fs::write(&p, b"x").unwrap();
         let tmp = p.with_file_name(format!(".{SHA}.tmp-1"));
@@ -355,7 +400,7 @@ mod tests {
         fs::write(p.with_file_name(&other), b"j").unwrap();
         let up = upload_path(d, &new_upload_id());
         fs::write(&up, b"partial").unwrap();
-        prepare(d).unwrap();
+        let _held = prepare(d).unwrap();
         assert!(!tmp.exists() && !up.exists() && p.exists());
         let l = list(d).unwrap();
         assert_eq!(l.len(), 1);
