@@ -111,6 +111,60 @@ fn human(bytes: u64) -> String {
     }
 }
 
+/// Writer that hashes what passes through it.
+struct Hashing<W> {
+    inner: W,
+    ctx: ring::digest::Context,
+    size: u64,
+}
+
+impl<W: std::io::Write> std::io::Write for Hashing<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.ctx.update(&buf[..n]);
+        self.size += n as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// zstd of the tar the build left at `tar` into a new file `out`: the sha256
+/// and size of the compressed bytes.
+fn compress(tar: &Path, out: &Path) -> std::io::Result<(String, u64)> {
+    let mut src = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(tar)?;
+    if !src.metadata()?.is_file() {
+        return Err(std::io::Error::other("slug.tar is not a regular file"));
+    }
+    let _ = std::fs::remove_file(out);
+    let dst = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(out)?;
+    let hashing = Hashing {
+        inner: std::io::BufWriter::with_capacity(1 << 16, dst),
+        ctx: ring::digest::Context::new(&ring::digest::SHA256),
+        size: 0,
+    };
+    let mut enc = zstd::stream::Encoder::new(hashing, 3)?;
+    std::io::copy(&mut src, &mut enc)?;
+    let mut hashing = enc.finish()?;
+    std::io::Write::flush(&mut hashing)?;
+    hashing
+        .inner
+        .into_inner()
+        .map_err(|e| e.into_error())?
+        .sync_all()?;
+    let _ = std::fs::remove_file(tar);
+    Ok((hex::encode(hashing.ctx.finish().as_ref()), hashing.size))
+}
+
 /// A build in progress: the job, its sandbox, and its clock.
 pub struct Run {
     pub dep: Rc<Deployer>,
@@ -220,7 +274,7 @@ impl Run {
         let short: String = self.job.commit.chars().take(7).collect();
         let mut body = json!({
             "app": self.job.app,
-            "slug": format!("sha256:{sha}"),
+            "slug": sha,
             "process_types": types,
             "description": format!("Deploy {short}"),
             "created_by": self.job.pusher,
@@ -597,33 +651,15 @@ impl Run {
         )
         .await?;
         // Nothing of the build runs any more (its cgroup was killed), and the
-        // build's directories are root's: the file is what the build left.
+        // build's directories are root's: the file is what the build left. It is
+        // compressed here, hashing the compressed bytes as they are written.
+        let tar = self.paths.tmp.join("slug.tar");
         let path = self.paths.tmp.join("slug.tar.zst");
         let p = path.clone();
-        let (sha, size) = tokio::task::spawn_blocking(move || -> std::io::Result<(String, u64)> {
-            let mut f = std::fs::OpenOptions::new()
-                .read(true)
-                .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-                .open(&p)?;
-            if !f.metadata()?.is_file() {
-                return Err(std::io::Error::other("not a regular file"));
-            }
-            let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
-            let mut buf = vec![0u8; 1 << 16];
-            let mut size = 0u64;
-            loop {
-                let n = f.read(&mut buf)?;
-                if n == 0 {
-                    break;
-                }
-                size += n as u64;
-                ctx.update(&buf[..n]);
-            }
-            Ok((hex::encode(ctx.finish().as_ref()), size))
-        })
-        .await
-        .map_err(|e| fail("slug", e.to_string()))?
-        .map_err(|e| fail("slug", format!("cannot read the slug: {e}")))?;
+        let (sha, size) = tokio::task::spawn_blocking(move || compress(&tar, &p))
+            .await
+            .map_err(|e| fail("slug", e.to_string()))?
+            .map_err(|e| fail("slug", format!("cannot compress the slug: {e}")))?;
         self.log(format!("       Done: {}", human(size)));
         let stored =
             tokio::time::timeout(self.left(), paddock_blob::put_file(self.dep.calls(), &path))
