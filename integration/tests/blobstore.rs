@@ -246,6 +246,8 @@ fn a_multi_chunk_blob_round_trips_and_a_wrong_commit_stores_nothing() {
     let l = c.call("blob.list", json!({})).unwrap();
     assert_eq!(l["blobs"], json!([{"sha256": s, "size": d.len()}]));
     assert_eq!(l["more"], false);
+    let l = c.call("blob.list", json!({"after": s})).unwrap();
+    assert_eq!(l["blobs"], json!([]));
     // A length asks for less; never more than a chunk.
     let r = c
         .call("blob.get", json!({"sha256": s, "offset": 10, "length": 5}))
@@ -259,6 +261,10 @@ fn a_multi_chunk_blob_round_trips_and_a_wrong_commit_stores_nothing() {
         )
         .unwrap();
     assert_eq!(r["data"].as_str().unwrap().len(), b64(&d[..CHUNK]).len());
+    // An empty blob is a blob too.
+    let r = put(&mut c, b"");
+    assert_eq!(r["size"], 0);
+    assert_eq!(get(&mut c, &sha(b"")).unwrap(), b"");
     // Committing a blob already here answers at once, whatever the upload holds.
     let again = begin(&mut c);
     let r = c
