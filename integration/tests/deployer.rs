@@ -371,7 +371,10 @@ fn a_flask_app_is_built_with_pip_then_from_the_cached_virtualenv() {
         "pip ran:\n{}",
         b2.log()
     );
-    println!("warm Flask push (requirements unchanged): {:?}", b2.took);
+    println!(
+        "warm Flask push (requirements unchanged): {:?}, steps {}",
+        b2.took, b2.last["durations"]
+    );
 
     // The venv works where every node puts the app: /app, as the app's user.
     let slug2 = w.slug_files(&b2.last["release"]);
@@ -522,7 +525,13 @@ fn failures_name_their_step_and_make_no_release() {
     );
 
     // One build per app at a time.
-    let slow = w.buildpack("slow-bp", "echo Slow", "sleep 3", "echo ---");
+    // One build per app at a time; and its lines arrive while it runs.
+    let slow = w.buildpack(
+        "slow-bp",
+        "echo Slow",
+        "echo 'compiling slowly'; sleep 3; echo 'done compiling'",
+        "echo ---",
+    );
     w.config(
         "broken",
         json!({"BUILDPACK_URL": slow.display().to_string()}),
@@ -534,7 +543,39 @@ fn failures_name_their_step_and_make_no_release() {
         json!({"app": "broken", "commit": "abc", "source": src}),
     );
     assert_eq!(code(second), Code::Conflict);
-    assert_eq!(w.follow(&first).last["status"], "succeeded");
+    let mut c = w.deployer();
+    let mut next = 0;
+    let seen = loop {
+        let r = c
+            .call(
+                "build.log",
+                json!({"build": first, "after": next, "wait_ms": 5000}),
+            )
+            .unwrap();
+        let lines: Vec<&str> = r["lines"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| l.as_str().unwrap())
+            .collect();
+        if lines.contains(&"compiling slowly") {
+            break r;
+        }
+        assert_ne!(
+            r["done"], true,
+            "the build ended before its first line was seen"
+        );
+        next = r["next"].as_u64().unwrap();
+    };
+    assert_eq!(seen["status"], "running", "{seen}");
+    assert_eq!(seen["step"], "compile", "{seen}");
+    assert_eq!(seen["done"], false);
+    let list = c.call("build.list", json!({"app": "broken"})).unwrap();
+    assert_eq!(list["builds"][0]["status"], "running");
+    assert_eq!(list["builds"][0]["step"], "compile");
+    let b = w.follow(&first);
+    assert_eq!(b.last["status"], "succeeded");
+    assert!(b.has("done compiling"));
 }
 
 #[test]

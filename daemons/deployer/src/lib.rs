@@ -84,6 +84,8 @@ struct Live {
     status: &'static str,
     error: Option<Value>,
     release: Option<Value>,
+    /// Each step's milliseconds, once the build ended.
+    durations: Option<Value>,
     changed: Rc<Notify>,
 }
 
@@ -369,15 +371,20 @@ async fn start(d: Rc<Deployer>, env: Envelope) -> Result<Value, WireError> {
     };
     let inserted = d
         .store
-        .insert(&store::NewBuild {
-            id: &job.id,
-            app: &job.app,
-            commit: &job.commit,
-            source: &job.source,
-            git_ref: &job.git_ref,
-            pusher: &job.pusher,
-            node: &d.settings.node,
-        })
+        .insert(
+            &store::NewBuild {
+                id: &job.id,
+                app: &job.app,
+                commit: &job.commit,
+                source: &job.source,
+                git_ref: &job.git_ref,
+                pusher: &job.pusher,
+                node: &d.settings.node,
+            },
+            // The build's own limit plus the release phase's and a margin.
+            (d.settings.build_timeout + d.settings.release_timeout + Duration::from_secs(600))
+                .as_millis() as i64,
+        )
         .await;
     if let Err(e) = inserted {
         d.running_apps.borrow_mut().remove(app);
@@ -395,6 +402,7 @@ async fn start(d: Rc<Deployer>, env: Envelope) -> Result<Value, WireError> {
             status: "running",
             error: None,
             release: None,
+            durations: None,
             changed: Rc::new(Notify::new()),
         },
     );
@@ -508,6 +516,7 @@ async fn run_build(d: Rc<Deployer>, job: Job) {
         l.status = status;
         l.error = error;
         l.release = release;
+        l.durations = Some(outcome.durations.clone());
         if let Some(s) = step {
             l.step = s;
         }
@@ -620,7 +629,19 @@ async fn log(d: Rc<Deployer>, env: Envelope) -> Result<Value, WireError> {
             }
         };
         let Some(changed) = changed else {
-            return log_from_db(&d, &id, after).await;
+            // Another deployer's build (or an old one): the database has what
+            // it flushed; a running one is re-read a little later, not in a
+            // tight loop, until the wait is over.
+            let reply = log_from_db(&d, &id, after).await?;
+            let more = reply["lines"].as_array().is_some_and(|l| !l.is_empty());
+            if more || reply["status"] != "running" || tokio::time::Instant::now() >= until {
+                return Ok(reply);
+            }
+            tokio::time::sleep_until(
+                until.min(tokio::time::Instant::now() + Duration::from_millis(500)),
+            )
+            .await;
+            continue;
         };
         let _ = tokio::time::timeout_at(until, changed.notified()).await;
     }
@@ -643,6 +664,9 @@ fn log_reply(l: &Live, id: &str, after: usize) -> Value {
     }
     if let Some(e) = &l.error {
         v["error"] = e.clone();
+    }
+    if let Some(d) = &l.durations {
+        v["durations"] = d.clone();
     }
     v
 }

@@ -72,8 +72,21 @@ impl Store {
     }
 
     /// Records a running build; `conflict` while another build of the app runs.
-    pub async fn insert(&self, b: &NewBuild<'_>) -> Result<(), WireError> {
+    /// A build still `running` long after any build could have ended (its
+    /// deployer's node died and never came back) is failed first, so it does
+    /// not block the app for ever.
+    pub async fn insert(&self, b: &NewBuild<'_>, stale_after_ms: i64) -> Result<(), WireError> {
         let c = self.db.get().await.map_err(db_err)?;
+        c.execute(
+            "UPDATE deployer_builds SET status = 'failed', finished_at = clock_timestamp(),
+                    error = jsonb_build_object('step', coalesce(step, 'source'), 'message',
+                        'its deployer stopped answering during this build; push again')
+             WHERE app = $1 AND status = 'running'
+               AND started_at < clock_timestamp() - make_interval(secs => $2::bigint / 1000.0)",
+            &[&b.app, &stale_after_ms],
+        )
+        .await
+        .map_err(|e| db_err(DbError::Query(e)))?;
         let r = c
             .execute(
                 "INSERT INTO deployer_builds (id, app, commit, source, ref, pusher, node, status, step)
