@@ -695,6 +695,7 @@ fn a_build_cannot_read_other_apps_or_the_platform() {
     }
     compile.push_str("echo \"tmp: $(ls -A /tmp | tr '\\n' ' ')\"\n");
     compile.push_str("echo \"home=$HOME pwd=$(pwd)\"\n");
+    compile.push_str("echo \"fds: $(ls /proc/self/fd | tr '\\n' ' ')\"\n");
     compile.push_str("env | grep -Ei 'secret|key|paddock_config' | sed 's/^/ENV /' || true\n");
     let bp = w.buildpack("snoop-bp", "echo Snoop", &compile, "echo ---");
     w.config("snoop", json!({"BUILDPACK_URL": bp.display().to_string()}));
@@ -708,6 +709,9 @@ fn a_build_cannot_read_other_apps_or_the_platform() {
     }
     assert!(!b.has("READ "), "{log}");
     assert!(b.has("home=/app pwd=/app"), "{log}");
+    // Only stdio (and the directory ls itself reads) reaches build code.
+    let fds = b.lines.iter().find(|l| l.starts_with("fds: ")).unwrap();
+    assert_eq!(fds.trim(), "fds: 0 1 2 3", "{log}");
     // Its /tmp is its own: cache, env, buildpacks, nothing of the host's.
     let tmp = b.lines.iter().find(|l| l.starts_with("tmp: ")).unwrap();
     for own in ["cache", "env", "buildpacks"] {
@@ -797,4 +801,64 @@ fn an_uploaded_buildpack_is_used_by_name() {
     assert!(b.has("-----> Custom compile"), "{}", b.log());
     assert_eq!(release["process_types"], json!({"web": "cat built.txt"}));
     assert!(w.slug_files(&release).iter().any(|f| f == "built.txt"));
+}
+
+#[test]
+fn a_hostile_source_tar_writes_nothing_outside_app() {
+    let mut w = world("deployer-hostile-tar", &[]);
+    w.app("evil");
+    // A directory the app's user could write to, outside the build.
+    let outside = PathBuf::from(format!("/var/tmp/paddock-hostile-{}", ulid::Ulid::new()));
+    std::fs::create_dir_all(&outside).unwrap();
+    std::fs::set_permissions(&outside, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let tar = w.t.path().join("evil.tar");
+    let script = format!(
+        r#"
+import io, tarfile
+t = tarfile.open({tar:?}, "w")
+def add(name, data=b"x", **kw):
+    i = tarfile.TarInfo(name)
+    for k, v in kw.items():
+        setattr(i, k, v)
+    i.size = len(data) if i.type == tarfile.REGTYPE else 0
+    t.addfile(i, io.BytesIO(data) if i.type == tarfile.REGTYPE else None)
+add("Procfile", b"web: true\n")
+add("../escaped.txt")
+add({abs:?})
+add("link", type=tarfile.SYMTYPE, linkname={outside:?})
+add("link/through-link.txt")
+add("dev", type=tarfile.CHRTYPE, devmajor=1, devminor=3)
+t.close()
+"#,
+        tar = tar.display().to_string(),
+        abs = outside.join("absolute.txt").display().to_string(),
+        outside = outside.display().to_string(),
+    );
+    assert!(Command::new("/usr/bin/python3")
+        .arg("-c")
+        .arg(&script)
+        .status()
+        .unwrap()
+        .success());
+    let mut c = w.node.client("blobstore");
+    let sha = paddock_blob::put_file_blocking(&mut c, &tar)
+        .unwrap()
+        .sha256;
+    let id = w.start("evil", &sha);
+    let b = w.follow(&id);
+    let written: Vec<_> = std::fs::read_dir(&outside)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    let _ = std::fs::remove_dir_all(&outside);
+    assert!(
+        written.is_empty(),
+        "written outside /app: {written:?}\n{}",
+        b.log()
+    );
+    assert!(!w.t.path().join("node-a/state/escaped.txt").exists());
+    // GNU tar refuses such members; the build fails while unpacking, saying why.
+    assert_eq!(b.last["status"], "failed", "{}", b.log());
+    assert_eq!(b.last["error"]["step"], "source", "{}", b.last);
 }

@@ -129,3 +129,81 @@ impl DeployerSection {
 pub fn settings(cfg: &ClusterConfig) -> Result<Settings, ConfigError> {
     cfg.section::<DeployerSection>(NAME)?.validate(cfg)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    fn config(section: &str) -> ClusterConfig {
+        let text = format!(
+            r#"
+node = "a"
+signing_key = "k1"
+state_dir = "/var/lib/paddock"
+[keys]
+k1 = "0f1e2d3c4b5a69788796a5b4c3d2e1f00f1e2d3c4b5a69788796a5b4c3d2e1f0"
+[database]
+url = "host=127.0.0.1 port=5432 user=paddock dbname=paddock"
+[daemons.deployer]
+rpc = "tcp://127.0.0.1:7110"
+{section}"#
+        );
+        let file = toml::from_str(&text).unwrap();
+        ClusterConfig::validate(Path::new("/x/paddock.toml"), file).unwrap()
+    }
+
+    fn error(section: &str) -> String {
+        settings(&config(section)).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn defaults_and_every_key() {
+        let s = settings(&config("")).unwrap();
+        assert_eq!(s.dir, PathBuf::from("/var/lib/paddock/deployer"));
+        assert_eq!(s.build_timeout, Duration::from_secs(900));
+        assert_eq!(
+            (s.build_memory_mb, s.build_pids, s.build_cpu_weight),
+            (1024, 512, 100)
+        );
+        assert_eq!((s.keep_builds, s.pool_size), (100, 4));
+        assert_eq!(s.release_timeout, Duration::from_secs(600));
+        let s = settings(&config(
+            "dir = \"/srv/builds\"\nbuild_timeout_ms = 60000\nbuild_memory_mb = 256\n\
+             build_pids = 64\nbuild_cpu_weight = 50\nkeep_builds = 5\npool_size = 2\n\
+             cgroup_root = \"/cg\"\nrelease_timeout_ms = 5000\n",
+        ))
+        .unwrap();
+        assert_eq!(s.dir, PathBuf::from("/srv/builds"));
+        assert_eq!(s.build_timeout, Duration::from_secs(60));
+        assert_eq!(
+            (s.build_memory_mb, s.build_pids, s.build_cpu_weight),
+            (256, 64, 50)
+        );
+        assert_eq!((s.keep_builds, s.pool_size), (5, 2));
+        assert_eq!(s.cgroup_root, PathBuf::from("/cg"));
+        assert_eq!(s.release_timeout, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        for (section, key) in [
+            (
+                "build_timeout_ms = 5\n",
+                "daemons.deployer.build_timeout_ms",
+            ),
+            ("build_memory_mb = 1\n", "daemons.deployer.build_memory_mb"),
+            ("build_pids = 0\n", "daemons.deployer.build_pids"),
+            (
+                "build_cpu_weight = 0\n",
+                "daemons.deployer.build_cpu_weight",
+            ),
+            ("keep_builds = 0\n", "daemons.deployer.keep_builds"),
+            ("dir = \"relative\"\n", "daemons.deployer.dir"),
+            ("build_timeout = 5\n", "daemons.deployer.build_timeout"),
+        ] {
+            let e = error(section);
+            assert!(e.contains(key), "{section}: {e}");
+        }
+    }
+}
