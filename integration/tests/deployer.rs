@@ -411,6 +411,73 @@ fn a_node_app_defaults_to_npm_start() {
 }
 
 #[test]
+fn a_node_app_with_a_lockfile_uses_npm_ci_then_the_cached_node_modules() {
+    let mut w = world("deployer-node-ci", &[]);
+    w.app("locked");
+    let pkg = r#"{"name": "locked", "version": "1.0.0", "dependencies": {"is-number": "7.0.0"}, "scripts": {"start": "node -e \"console.log(require('is-number')(5))\""}}"#;
+    // The lockfile, made the way a developer makes it (npm reaches its registry).
+    let gen = w.t.path().join("lockgen");
+    std::fs::create_dir_all(&gen).unwrap();
+    std::fs::write(gen.join("package.json"), pkg).unwrap();
+    let out = Command::new("npm")
+        .args([
+            "install",
+            "--package-lock-only",
+            "--ignore-scripts",
+            "--no-audit",
+            "--no-fund",
+        ])
+        .current_dir(&gen)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lock = std::fs::read_to_string(gen.join("package-lock.json")).unwrap();
+    let files = [
+        ("package.json", pkg),
+        ("package-lock.json", &*lock),
+        ("index.js", ""),
+    ];
+    let b = w.build("locked", &files);
+    let release = succeeded(&b);
+    assert!(
+        b.has("-----> Installing dependencies with npm ci"),
+        "{}",
+        b.log()
+    );
+    let slug = w.slug_files(&release);
+    assert!(
+        slug.iter()
+            .any(|f| f == "node_modules/is-number/package.json"),
+        "{slug:?}"
+    );
+    let files2 = [
+        ("package.json", pkg),
+        ("package-lock.json", &*lock),
+        ("index.js", "// changed\n"),
+    ];
+    let b2 = w.build("locked", &files2);
+    let release2 = succeeded(&b2);
+    assert!(
+        b2.has("-----> Reusing the cached node_modules"),
+        "{}",
+        b2.log()
+    );
+    assert!(
+        !b2.has("Installing dependencies") && !b2.has("added 1 package"),
+        "npm ran:\n{}",
+        b2.log()
+    );
+    let slug2 = w.slug_files(&release2);
+    assert!(slug2
+        .iter()
+        .any(|f| f == "node_modules/is-number/package.json"));
+}
+
+#[test]
 fn a_static_site_carries_its_file_server() {
     let mut w = world("deployer-static", &[]);
     w.app("site");
