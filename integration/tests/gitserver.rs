@@ -263,7 +263,7 @@ fn a_push_builds_a_release_and_a_failed_build_moves_no_ref() {
     let t = text(&o);
     assert!(o.status.success(), "{t}");
     assert!(t.contains("remote: -----> "), "no build log relayed: {t}");
-    assert!(t.contains("Released v2"), "{t}");
+    assert!(t.contains("Done: shop v2"), "{t}");
     assert_eq!(g.repo_head("shop", "refs/heads/main"), Some(head(&w)));
     let r = release(&g, "shop");
     assert_eq!(r["version"], 2, "{r}");
@@ -292,4 +292,174 @@ fn a_push_builds_a_release_and_a_failed_build_moves_no_ref() {
     let o = g.git(&w, &g.alice_key, &["push", &g.url("shop.git"), ":main"]);
     assert!(!o.status.success(), "{}", text(&o));
     assert!(g.repo_head("shop", "refs/heads/main").is_some());
+}
+
+/// A buildpack (readable by every build user) whose compile says it waits, then
+/// waits until `go` exists: the test sees that line before the build can end.
+fn waiter_buildpack(base: &Path, go: &Path) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let bp = base.join("waiter-bp");
+    std::fs::create_dir_all(bp.join("bin")).unwrap();
+    let scripts = [
+        ("detect", "#!/bin/sh\necho Waiter\n".to_string()),
+        (
+            "compile",
+            format!(
+                "#!/bin/sh\necho '-----> compile is waiting for the test'\n\
+                 while [ ! -e {} ]; do sleep 0.05; done\necho '-----> compile saw it'\n",
+                go.display()
+            ),
+        ),
+        ("release", "#!/bin/sh\necho '--- {}'\n".to_string()),
+    ];
+    for (name, body) in scripts {
+        let p = bp.join("bin").join(name);
+        std::fs::write(&p, body).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    for d in [base, &bp, &bp.join("bin")] {
+        std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    bp
+}
+
+/// `git push` running in the background, its stderr read line by line.
+struct Pushing {
+    child: std::process::Child,
+    lines: std::sync::mpsc::Receiver<String>,
+    seen: Vec<String>,
+}
+
+impl Pushing {
+    fn start(g: &Git, dir: &Path, refspec: &str) -> Pushing {
+        let mut child = Command::new("git")
+            .args(["push", "--progress", &g.url("shop.git"), refspec])
+            .current_dir(dir)
+            .env("GIT_SSH_COMMAND", Git::ssh_command(&g.alice_key))
+            .env("HOME", dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let err = child.stderr.take().unwrap();
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for l in std::io::BufReader::new(err).lines().map_while(Result::ok) {
+                let _ = tx.send(l);
+            }
+        });
+        Pushing {
+            child,
+            lines,
+            seen: Vec::new(),
+        }
+    }
+
+    /// Waits for a line containing `what`; panics with what was seen.
+    fn wait_for(&mut self, what: &str) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(25);
+        while std::time::Instant::now() < deadline {
+            if let Ok(l) = self.lines.recv_timeout(Duration::from_millis(100)) {
+                let hit = l.contains(what);
+                self.seen.push(l);
+                if hit {
+                    return;
+                }
+            }
+        }
+        panic!("no line with {what:?} in: {:#?}", self.seen);
+    }
+
+    fn finish(mut self) -> (bool, String) {
+        let st = self.child.wait().unwrap();
+        while let Ok(l) = self.lines.recv_timeout(Duration::from_secs(5)) {
+            self.seen.push(l);
+        }
+        (st.success(), self.seen.join("\n"))
+    }
+}
+
+#[test]
+fn the_log_streams_while_building_and_pushes_to_one_app_build_one_at_a_time() {
+    let g = Git::start("git-stream");
+    let base = g.c.t.path().to_path_buf();
+    // Builds get a private /tmp: the test's signal lives elsewhere.
+    let signal = tempfile::Builder::new()
+        .prefix("paddock-git-test-")
+        .tempdir_in("/var/tmp")
+        .unwrap();
+    let go = signal.path().join("go");
+    let bp = waiter_buildpack(signal.path(), &go);
+    let mut files = HELLO.to_vec();
+    let buildpacks = format!("{}\n", bp.display());
+    files.push((".buildpacks", &buildpacks));
+    let w = work_tree(&base, "slow", &files);
+
+    // The compile's first line reaches the pusher while the compile still waits.
+    let mut first = Pushing::start(&g, &w, "main");
+    first.wait_for("compile is waiting for the test");
+    assert!(
+        first.child.try_wait().unwrap().is_none(),
+        "the push ended already"
+    );
+
+    // A second push to the same app (its master branch, which deploys too) waits
+    // for the first's build and says so, then builds after it.
+    let other = work_tree(&base, "other", HELLO);
+    let mut second = Pushing::start(&g, &other, "main:master");
+    second.wait_for("Another push to shop is building");
+    std::fs::write(&go, "").unwrap();
+    first.wait_for("compile saw it");
+    let (ok1, log1) = first.finish();
+    assert!(ok1, "{log1}");
+    let (ok2, log2) = second.finish();
+    assert!(ok2, "{log2}");
+    assert!(log1.contains("Done: shop v2"), "{log1}");
+    assert!(log2.contains("Done: shop v3"), "{log2}");
+    assert_eq!(g.repo_head("shop", "refs/heads/main"), Some(head(&w)));
+    assert_eq!(g.repo_head("shop", "refs/heads/master"), Some(head(&other)));
+}
+
+#[test]
+fn a_push_whose_branch_moved_while_it_waited_is_refused_before_building() {
+    let g = Git::start("git-stale");
+    let base = g.c.t.path().to_path_buf();
+    // Builds get a private /tmp: the test's signal lives elsewhere.
+    let signal = tempfile::Builder::new()
+        .prefix("paddock-git-test-")
+        .tempdir_in("/var/tmp")
+        .unwrap();
+    let go = signal.path().join("go");
+    let bp = waiter_buildpack(signal.path(), &go);
+    let mut files = HELLO.to_vec();
+    let buildpacks = format!("{}\n", bp.display());
+    files.push((".buildpacks", &buildpacks));
+    let w = work_tree(&base, "slow", &files);
+    let mut first = Pushing::start(&g, &w, "main");
+    first.wait_for("compile is waiting for the test");
+    // Another history for the same branch, pushed while the first builds.
+    let other = work_tree(&base, "other", HELLO);
+    let mut second = Pushing::start(&g, &other, "main");
+    second.wait_for("Another push to shop is building");
+    std::fs::write(&go, "").unwrap();
+    let (ok1, log1) = first.finish();
+    assert!(ok1, "{log1}");
+    let (ok2, log2) = second.finish();
+    assert!(!ok2, "{log2}");
+    assert!(log2.contains("moved while this push waited"), "{log2}");
+    assert_eq!(g.repo_head("shop", "refs/heads/main"), Some(head(&w)));
+    // Only the first push made a release.
+    assert_eq!(release(&g, "shop")["version"], 2);
+    let builds =
+        g.c.node
+            .client("deployer")
+            .call("build.list", json!({ "app": "shop" }))
+            .unwrap();
+    assert_eq!(
+        builds["builds"].as_array().map(Vec::len),
+        Some(1),
+        "{builds}"
+    );
 }

@@ -24,6 +24,22 @@ impl Repos {
         self.root.join(format!("{app}.git"))
     }
 
+    /// Where `reference` points in the app's repository now (`None`: nowhere).
+    pub fn resolve(&self, app: &str, reference: &str) -> Result<Option<String>> {
+        let out = Command::new(&self.git)
+            .args(["rev-parse", "--verify", "-q", reference])
+            .current_dir(self.path(app))
+            .uid(self.uid)
+            .gid(self.gid)
+            .env_clear()
+            .env("PATH", "/usr/local/bin:/usr/bin:/bin")
+            .env("HOME", "/")
+            .output()
+            .context("running git rev-parse")?;
+        let id = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        Ok((out.status.success() && !id.is_empty()).then_some(id))
+    }
+
     fn as_git(&self, args: &[&str], dir: &Path) -> Result<()> {
         let out = Command::new(&self.git)
             .args(args)

@@ -256,7 +256,12 @@ impl Server {
         .await;
         let source = paddock_blob::put_reader(&self.calls, rd.take(MAX_SOURCE + 1))
             .await
-            .map_err(|e| format!("could not store the pushed source: {e}"))?;
+            .map_err(|e| {
+                format!(
+                    "could not store the pushed source: {}",
+                    paddock_daemon::chain(&e)
+                )
+            })?;
         if source.size > MAX_SOURCE {
             return Err(format!(
                 "the pushed tree is larger than {} MiB; leave big files out of the repository",
@@ -273,6 +278,18 @@ impl Server {
 
         // One build per app at a time, across every gitserver: a locker lease.
         let lease = Lease::acquire(&self.calls, &app, &self.identity, token, wr).await?;
+        // A push that waited for another may find its branch moved meanwhile; git
+        // would refuse to move it after the build, so it is refused before one.
+        let now = self.repos.resolve(&app, &deploy.name).ok().flatten();
+        let expected = (!rules::is_new_branch(&deploy.old)).then(|| deploy.old.clone());
+        if now != expected {
+            lease.release(&self.calls).await;
+            return Err(format!(
+                " !     {} moved while this push waited (another push landed first): \
+                 fetch, merge or rebase, and push again; nothing was built",
+                deploy.name.trim_start_matches("refs/heads/")
+            ));
+        }
         let renew = lease.keep_renewed(self.calls.clone());
         let result = self
             .build(&app, &grant.user, &deploy, &source.sha256, wr)
@@ -366,8 +383,8 @@ impl Server {
             if v["done"].as_bool() == Some(true) {
                 return match v["status"].as_str() {
                     Some("succeeded") => Ok(match v["release"]["version"].as_i64() {
-                        Some(n) => format!("-----> Released v{n} of {app}"),
-                        None => format!("-----> Built {app}"),
+                        Some(n) => format!("-----> Done: {app} v{n}"),
+                        None => format!("-----> Done: {app} built"),
                     }),
                     _ => {
                         let step = v["error"]["step"].as_str().unwrap_or("build");
