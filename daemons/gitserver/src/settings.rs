@@ -103,3 +103,28 @@ pub fn settings(cfg: &ClusterConfig) -> Result<Settings, ConfigError> {
         sshd: s.sshd.unwrap_or_else(|| "/usr/sbin/sshd".into()),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_shipped_examples_are_valid_and_bad_values_name_their_key() {
+        for (p, cfg) in paddock_config::shipped_examples() {
+            let s = settings(&cfg).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+            if cfg.file.daemons.contains_key(NAME) {
+                assert!(
+                    s.ssh_url.is_some() && s.ssh_listen.is_some(),
+                    "{}",
+                    p.display()
+                );
+            }
+        }
+        assert!(plain_path(std::path::Path::new(
+            "/var/lib/paddock/gitserver"
+        )));
+        assert!(!plain_path(std::path::Path::new("/var/lib/pad dock")));
+        assert!(!plain_path(std::path::Path::new("relative/dir")));
+        assert!(!plain_path(std::path::Path::new("/x\"y")));
+    }
+}
