@@ -929,3 +929,63 @@ t.close()
     assert_eq!(b.last["status"], "failed", "{}", b.log());
     assert_eq!(b.last["error"]["step"], "source", "{}", b.last);
 }
+
+#[test]
+fn a_build_cut_off_by_a_deployer_crash_is_failed_and_killed_at_restart() {
+    let mut w = world("deployer-crash", &[]);
+    w.app("cut");
+    let slow = w.buildpack(
+        "slow-bp",
+        "echo Slow",
+        "echo 'compiling for a long time'; sleep 120",
+        "echo ---",
+    );
+    w.config("cut", json!({"BUILDPACK_URL": slow.display().to_string()}));
+    let src = w.source(&[("Procfile", "web: true\n")]);
+    let id = w.start("cut", &src);
+    let mut c = w.deployer();
+    eventually(Duration::from_secs(20), "the build compiles", || {
+        let r = c
+            .call(
+                "build.log",
+                json!({"build": id, "after": 0, "wait_ms": 1000}),
+            )
+            .ok()?;
+        r["lines"]
+            .as_array()?
+            .iter()
+            .any(|l| l == "compiling for a long time")
+            .then_some(())
+    });
+    w.node.kill9("deployer");
+    w.node.start("deployer");
+    let info = eventually(Duration::from_secs(20), "the build is failed", || {
+        let r = w.deployer().call("build.info", json!({"build": id})).ok()?;
+        (r["build"]["status"] == "failed").then_some(r)
+    });
+    let msg = info["build"]["error"]["message"].as_str().unwrap();
+    assert!(msg.contains("deployer stopped"), "{info}");
+    assert_eq!(info["build"]["error"]["step"], "compile", "{info}");
+    // Its processes were killed and its tree removed; the app builds again.
+    let alive = || {
+        let out = Command::new("pgrep")
+            .args(["-u", "pdk-cut"])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|p| {
+                let st = std::fs::read_to_string(format!("/proc/{p}/stat")).unwrap_or_default();
+                let state = st
+                    .rsplit_once(')')
+                    .map(|(_, r)| r.trim_start())
+                    .unwrap_or("");
+                !state.is_empty() && !state.starts_with('Z')
+            })
+            .count()
+    };
+    assert_eq!(alive(), 0, "the cut-off build's processes still run");
+    assert!(!w.deployer_dir().join("builds").join(&id).exists());
+    w.config("cut", json!({"BUILDPACK_URL": "procfile"}));
+    succeeded(&w.build("cut", &[("Procfile", "web: true\n")]));
+}

@@ -182,8 +182,11 @@ impl Run {
         self.dep.push_line(&self.job.id, line.into());
     }
 
-    fn step(&self, step: &'static str) {
+    /// A new step: recorded with the lines so far at once, so a build cut off
+    /// by a crash says where it was.
+    async fn step(&self, step: &'static str) {
         self.dep.set_step(&self.job.id, step);
+        self.dep.flush(&self.job.id).await;
     }
 
     fn timed(&mut self, step: &str, began: Instant) {
@@ -235,17 +238,17 @@ impl Run {
     /// Every step in order; the release object at the end.
     pub async fn steps(&mut self) -> Result<Value, Failure> {
         let t = Instant::now();
-        self.step("source");
+        self.step("source").await;
         self.source().await?;
         self.timed("source", t);
 
         let t = Instant::now();
-        self.step("detect");
+        self.step("detect").await;
         let packs = self.detect().await?;
         self.timed("detect", t);
 
         let t = Instant::now();
-        self.step("compile");
+        self.step("compile").await;
         for p in &packs {
             let compile = format!("{}/bin/compile", p.dir);
             let what = format!("the {} buildpack's bin/compile", p.label);
@@ -260,17 +263,17 @@ impl Run {
         self.timed("compile", t);
 
         let t = Instant::now();
-        self.step("process-types");
+        self.step("process-types").await;
         let (types, healthchecks) = self.process_types(&packs).await?;
         self.timed("process-types", t);
 
         let t = Instant::now();
-        self.step("slug");
+        self.step("slug").await;
         let (sha, size) = self.slug().await?;
         self.timed("slug", t);
 
         let t = Instant::now();
-        self.step("release");
+        self.step("release").await;
         let short: String = self.job.commit.chars().take(7).collect();
         let mut body = json!({
             "app": self.job.app,
@@ -304,7 +307,7 @@ impl Run {
 
         if types.contains_key("release") {
             let t = Instant::now();
-            self.step("release-phase");
+            self.step("release-phase").await;
             let r = self
                 .release_phase(&sha, version, types["release"].as_str().unwrap_or(""))
                 .await;

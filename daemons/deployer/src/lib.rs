@@ -86,6 +86,10 @@ struct Live {
     release: Option<Value>,
     /// Each step's milliseconds, once the build ended.
     durations: Option<Value>,
+    /// A flush is writing lines now.
+    flushing: bool,
+    /// The step the database has.
+    saved_step: &'static str,
     changed: Rc<Notify>,
 }
 
@@ -156,21 +160,27 @@ impl Deployer {
         Ok(d)
     }
 
-    /// Writes the lines not yet in the database.
-    async fn flush(&self, id: &str) {
+    /// Writes the lines not yet in the database, and the current step. One
+    /// flush of a build at a time: another one meanwhile does nothing (it would
+    /// write the same lines twice).
+    pub async fn flush(&self, id: &str) {
         let (lines, step) = {
-            let b = self.builds.borrow();
-            let Some(l) = b.get(id) else { return };
+            let mut b = self.builds.borrow_mut();
+            let Some(l) = b.get_mut(id) else { return };
+            if l.flushing || (l.flushed == l.lines.len() && l.saved_step == l.step) {
+                return;
+            }
+            l.flushing = true;
             (l.lines[l.flushed..].to_vec(), l.step)
         };
-        if lines.is_empty() {
-            return;
-        }
-        match self.store.append(id, &lines, step).await {
+        let r = self.store.append(id, &lines, step).await;
+        let mut b = self.builds.borrow_mut();
+        let Some(l) = b.get_mut(id) else { return };
+        l.flushing = false;
+        match r {
             Ok(()) => {
-                if let Some(l) = self.builds.borrow_mut().get_mut(id) {
-                    l.flushed += lines.len();
-                }
+                l.flushed += lines.len();
+                l.saved_step = step;
             }
             Err(e) => {
                 tracing::warn!(build = %id, "cannot save log lines (retried): {}", paddock_db::chain(&e))
@@ -403,6 +413,8 @@ async fn start(d: Rc<Deployer>, env: Envelope) -> Result<Value, WireError> {
             error: None,
             release: None,
             durations: None,
+            flushing: false,
+            saved_step: "source",
             changed: Rc::new(Notify::new()),
         },
     );
@@ -503,6 +515,15 @@ async fn run_build(d: Rc<Deployer>, job: Job) {
     // `done` agrees with it; the database may be failing over, so retry a while.
     for attempt in 0..20 {
         d.flush(&id).await;
+        let all_saved = d
+            .builds
+            .borrow()
+            .get(&id)
+            .is_none_or(|l| l.flushed == l.lines.len());
+        if !all_saved && attempt < 19 {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            continue;
+        }
         match d.store.finish(&id, &outcome).await {
             Ok(()) => break,
             Err(e) => {

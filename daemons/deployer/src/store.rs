@@ -125,6 +125,14 @@ impl Store {
     /// Appends log lines and notes the current step.
     pub async fn append(&self, id: &str, lines: &[String], step: &str) -> Result<(), DbError> {
         let c = self.db.get().await?;
+        if lines.is_empty() {
+            c.execute(
+                "UPDATE deployer_builds SET step = $2 WHERE id = $1 AND step IS DISTINCT FROM $2",
+                &[&id, &step],
+            )
+            .await?;
+            return Ok(());
+        }
         let mut text = String::new();
         for l in lines {
             text.push_str(l);
