@@ -989,3 +989,39 @@ fn a_build_cut_off_by_a_deployer_crash_is_failed_and_killed_at_restart() {
     w.config("cut", json!({"BUILDPACK_URL": "procfile"}));
     succeeded(&w.build("cut", &[("Procfile", "web: true\n")]));
 }
+
+#[test]
+fn a_pyproject_app_is_installed_into_its_virtualenv() {
+    let mut w = world("deployer-pyproject", &[]);
+    w.app("proj");
+    let pyproject = r#"[build-system]
+requires = ["setuptools>=64"]
+build-backend = "setuptools.build_meta"
+
+[project]
+name = "proj"
+version = "0.1.0"
+dependencies = ["itsdangerous==2.2.0"]
+
+[tool.setuptools]
+py-modules = ["proj"]
+"#;
+    let b = w.build(
+        "proj",
+        &[
+            ("pyproject.toml", pyproject),
+            ("proj.py", "import itsdangerous\n"),
+            ("Procfile", "web: python -c 'import proj'\n"),
+        ],
+    );
+    let release = succeeded(&b);
+    assert!(b.has("-----> Python app detected"), "{}", b.log());
+    assert!(b.has("Successfully installed"), "{}", b.log());
+    let slug = w.slug_files(&release);
+    assert!(
+        slug.iter().any(
+            |f| f.starts_with(".venv/lib/python3") && f.contains("site-packages/itsdangerous/")
+        ),
+        "{slug:?}"
+    );
+}
