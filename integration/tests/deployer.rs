@@ -610,6 +610,14 @@ fn failures_name_their_step_and_make_no_release() {
         json!({"app": "broken", "commit": "abc", "source": src}),
     );
     assert_eq!(code(second), Code::Conflict);
+    // A build id given twice is refused too.
+    let again = w.deployer().call(
+        "build.start",
+        json!({"app": "elsewhere", "commit": "abc", "source": src, "build": first}),
+    );
+    let e = remote_err(again);
+    assert_eq!(e.code, Code::Conflict);
+    assert!(e.message.contains("exists already"), "{}", e.message);
     let mut c = w.deployer();
     let mut next = 0;
     let seen = loop {

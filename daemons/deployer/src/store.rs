@@ -96,6 +96,14 @@ impl Store {
             .await;
         match r {
             Ok(_) => Ok(()),
+            Err(e)
+                if e.as_db_error().and_then(|d| d.constraint()) == Some("deployer_builds_pkey") =>
+            {
+                Err(WireError::new(
+                    Code::Conflict,
+                    format!("build {} exists already; give another id or none", b.id),
+                ))
+            }
             Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION) => {
                 let running: Option<String> = c
                     .query_opt(
