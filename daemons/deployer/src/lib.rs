@@ -199,12 +199,26 @@ fn dir_0700(p: &Path, mode: u32) -> std::io::Result<()> {
 }
 
 pub async fn setup(ctx: Ctx) -> anyhow::Result<Routes> {
+    use anyhow::Context as _;
     let s = settings(&ctx.config())?;
-    dir_0700(&s.dir, 0o700)?;
-    dir_0700(&s.dir.join("builds"), 0o700)?;
-    dir_0700(&s.dir.join("cache"), 0o700)?;
-    buildpacks::install(&s.dir.join("buildpacks"))?;
-    paddock_runner::child::ensure_app_root()?;
+    // Builds need root: accounts (useradd), mount namespaces, cgroups.
+    if !nix::unistd::geteuid().is_root() {
+        anyhow::bail!(
+            "paddock-deployer must run as root (it makes the apps' accounts, mounts each build's /app and limits it with cgroups); build code itself never runs as root"
+        );
+    }
+    for d in [s.dir.clone(), s.dir.join("builds"), s.dir.join("cache")] {
+        dir_0700(&d, 0o700).with_context(|| format!("cannot make {}", d.display()))?;
+    }
+    let bp = s.dir.join("buildpacks");
+    buildpacks::install(&bp).with_context(|| {
+        format!(
+            "cannot install the built-in buildpacks into {}",
+            bp.display()
+        )
+    })?;
+    paddock_runner::child::ensure_app_root()
+        .context("cannot make /app, where builds see their app")?;
     let hierarchy = Hierarchy::detect(&s.cgroup_root);
     if hierarchy == Hierarchy::None {
         tracing::warn!(
