@@ -211,9 +211,42 @@ impl World {
         bp
     }
 
+    /// The release's slug unpacked into `<test dir>/<name>`.
+    fn unpack_slug(&self, release: &Value, name: &str) -> PathBuf {
+        let sha = release["slug"]
+            .as_str()
+            .unwrap()
+            .trim_start_matches("sha256:");
+        let dest = self.t.path().join(name);
+        std::fs::create_dir_all(&dest).unwrap();
+        let slug = self.t.path().join(format!("{name}.tar.zst"));
+        let mut c = self.node.client("blobstore");
+        paddock_blob::get_file_blocking(&mut c, sha, &slug).unwrap();
+        assert!(Command::new("tar")
+            .args(["--zstd", "-xf"])
+            .arg(&slug)
+            .arg("-C")
+            .arg(&dest)
+            .status()
+            .unwrap()
+            .success());
+        dest
+    }
+
     fn deployer_dir(&self) -> PathBuf {
         self.node.dir.join("state").join("deployer")
     }
+}
+
+/// `GET /` on 127.0.0.1:`port`, the whole answer, or `None` while it is not up.
+fn http_get(port: u16) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    Some(out)
 }
 
 fn succeeded(b: &Built) -> Value {
@@ -351,6 +384,28 @@ fn a_flask_app_is_built_with_pip_then_from_the_cached_virtualenv() {
         .any(|f| f.starts_with(".venv/lib/python3") && f.contains("site-packages/flask/")));
     assert!(slug.iter().any(|f| f == ".profile.d/python.sh"));
     println!("cold Flask push: {:?}", b.took);
+
+    // The slug serves: its venv's python runs the WSGI server on $PORT (here
+    // from where the test unpacks it; instances see it at /app).
+    let dest = w.unpack_slug(&release, "flask-slug");
+    let port = free_port().unwrap();
+    let mut server = Command::new(dest.join(".venv/bin/python"))
+        .arg(dest.join(".paddock/wsgi.py"))
+        .arg("app:app")
+        .current_dir(&dest)
+        .env("PORT", port.to_string())
+        .spawn()
+        .unwrap();
+    let body = eventually(Duration::from_secs(20), "the WSGI server answers", || {
+        http_get(port)
+    });
+    let _ = server.kill();
+    let _ = server.wait();
+    assert!(
+        body.starts_with("HTTP/1.0 200") || body.starts_with("HTTP/1.1 200"),
+        "{body}"
+    );
+    assert!(body.ends_with("hi"), "{body}");
 
     // Unchanged requirements: the cached venv, and pip never runs.
     let changed = [
@@ -495,23 +550,7 @@ fn a_static_site_carries_its_file_server() {
         json!({"web": "/app/.paddock/bin/paddock-static"})
     );
     // The slug serves by itself: unpack it and run its server.
-    let sha = release["slug"]
-        .as_str()
-        .unwrap()
-        .trim_start_matches("sha256:");
-    let dest = w.t.path().join("site");
-    std::fs::create_dir_all(&dest).unwrap();
-    let mut c = w.node.client("blobstore");
-    let slug = w.t.path().join("site.tar.zst");
-    paddock_blob::get_file_blocking(&mut c, sha, &slug).unwrap();
-    assert!(Command::new("tar")
-        .args(["--zstd", "-xf"])
-        .arg(&slug)
-        .arg("-C")
-        .arg(&dest)
-        .status()
-        .unwrap()
-        .success());
+    let dest = w.unpack_slug(&release, "site");
     let port = free_port().unwrap();
     let mut server = Command::new(dest.join(".paddock/bin/paddock-static"))
         .current_dir(&dest)
@@ -519,13 +558,7 @@ fn a_static_site_carries_its_file_server() {
         .spawn()
         .unwrap();
     let body = eventually(Duration::from_secs(10), "paddock-static serves", || {
-        let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-        use std::io::{Read, Write};
-        s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-            .ok()?;
-        let mut out = String::new();
-        s.read_to_string(&mut out).ok()?;
-        Some(out)
+        http_get(port)
     });
     let _ = server.kill();
     let _ = server.wait();
