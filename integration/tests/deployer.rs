@@ -1066,3 +1066,31 @@ py-modules = ["proj"]
         "{slug:?}"
     );
 }
+
+#[test]
+fn a_flood_of_output_is_cut_at_the_logs_limit_and_the_outcome_kept() {
+    let mut w = world("deployer-flood", &[]);
+    w.app("loud");
+    let bp = w.buildpack("loud-bp", "echo Loud", "seq 1 60000", "echo ---");
+    w.config("loud", json!({"BUILDPACK_URL": bp.display().to_string()}));
+    let b = w.build("loud", &[("Procfile", "web: true\n")]);
+    succeeded(&b);
+    assert!(b.has("over the log's limit"), "no note of the cut");
+    assert!(!b.has("60000"), "lines past the limit were kept");
+    assert!(b.lines.len() < 50_100, "{} lines", b.lines.len());
+    assert!(
+        b.lines.last().unwrap().contains("succeeded"),
+        "{:?}",
+        b.lines.last()
+    );
+    let info = w
+        .deployer()
+        .call("build.info", json!({"build": b.id}))
+        .unwrap();
+    let log = info["build"]["log"].as_str().unwrap();
+    assert_eq!(
+        log.lines().count(),
+        b.lines.len(),
+        "the saved log is the one streamed"
+    );
+}

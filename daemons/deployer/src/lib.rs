@@ -37,8 +37,10 @@ use tokio::sync::Notify;
 
 pub use settings::{settings, DeployerSection, Settings, NAME};
 
-/// Log lines kept per build; later lines are counted and dropped.
+/// Log lines and bytes kept per build; later lines are counted and dropped
+/// (the build's outcome lines are always kept).
 pub const MAX_LOG_LINES: usize = 50_000;
+pub const MAX_LOG_BYTES: usize = 8 << 20;
 /// Lines in one `build.log` reply at most.
 const MAX_REPLY_LINES: usize = 2_000;
 /// How long a finished build stays in memory for `build.log` long-polls.
@@ -78,6 +80,7 @@ struct Live {
     app: String,
     lines: Vec<String>,
     dropped: usize,
+    bytes: usize,
     flushed: usize,
     step: &'static str,
     done: bool,
@@ -111,14 +114,31 @@ impl Deployer {
         &self.calls
     }
 
-    /// Appends one line to a build's log and wakes its readers.
+    /// Appends one line to a build's log and wakes its readers; past the log's
+    /// limits the line is dropped (the first drop says so in the log).
     pub fn push_line(&self, id: &str, line: String) {
         let mut b = self.builds.borrow_mut();
         let Some(l) = b.get_mut(id) else { return };
-        if l.lines.len() >= MAX_LOG_LINES {
+        if l.lines.len() >= MAX_LOG_LINES || l.bytes + line.len() > MAX_LOG_BYTES {
             l.dropped += 1;
+            if l.dropped == 1 {
+                l.lines.push(format!(
+                    " !     The build's output is over the log's limit ({MAX_LOG_LINES} lines, {} MiB): the rest is not kept",
+                    MAX_LOG_BYTES >> 20
+                ));
+                l.changed.notify_waiters();
+            }
             return;
         }
+        l.bytes += line.len() + 1;
+        l.lines.push(line);
+        l.changed.notify_waiters();
+    }
+
+    /// A line kept whatever the limits: the build's outcome.
+    fn push_outcome(&self, id: &str, line: String) {
+        let mut b = self.builds.borrow_mut();
+        let Some(l) = b.get_mut(id) else { return };
         l.lines.push(line);
         l.changed.notify_waiters();
     }
@@ -420,6 +440,7 @@ async fn start(d: Rc<Deployer>, env: Envelope) -> Result<Value, WireError> {
             app: job.app.clone(),
             lines: Vec::new(),
             dropped: 0,
+            bytes: 0,
             flushed: 0,
             step: "source",
             done: false,
@@ -467,8 +488,8 @@ async fn run_build(d: Rc<Deployer>, job: Job) {
     let (status, error, release) = match &result {
         Ok(release) => {
             let v = release["version"].as_i64().unwrap_or(0);
-            d.push_line(&id, format!("-----> Released v{v}"));
-            d.push_line(
+            d.push_outcome(&id, format!("-----> Released v{v}"));
+            d.push_outcome(
                 &id,
                 format!(
                     "       Build {id} succeeded in {:.1} s",
@@ -478,7 +499,7 @@ async fn run_build(d: Rc<Deployer>, job: Job) {
             ("succeeded", None, Some(release.clone()))
         }
         Err(f) => {
-            d.push_line(
+            d.push_outcome(
                 &id,
                 format!(" !     Build failed at step {}: {}", f.step, f.message),
             );
