@@ -837,9 +837,9 @@ fn a_build_cannot_read_other_apps_or_the_platform() {
 fn the_release_command_runs_once_before_the_release_goes_live() {
     let mut w = world("deployer-release-phase", &[]);
     w.node.start("runner");
-    w.app("shop");
+    w.app("relphase");
     let b = w.build(
-        "shop",
+        "relphase",
         &[
             (
                 "Procfile",
@@ -850,7 +850,7 @@ fn the_release_command_runs_once_before_the_release_goes_live() {
     );
     let release = succeeded(&b);
     assert!(b.has("-----> Running the release command"), "{}", b.log());
-    assert!(b.has("migrating in /app as pdk-shop"), "{}", b.log());
+    assert!(b.has("migrating in /app as pdk-relphase"), "{}", b.log());
     assert!(
         b.has("marker.txt"),
         "the release command sees the slug:\n{}",
@@ -859,15 +859,15 @@ fn the_release_command_runs_once_before_the_release_goes_live() {
     assert_eq!(release["status"], "succeeded");
 
     // A failing release command fails the release and the build, with its output.
-    let before = w.releases("shop").len();
+    let before = w.releases("relphase").len();
     let b = w.build(
-        "shop",
+        "relphase",
         &[("Procfile", "web: python3 -m http.server $PORT\nrelease: sh -c \"echo 'migration broke' >&2; exit 4\"\n")],
     );
     assert_eq!(b.last["status"], "failed", "{}", b.log());
     assert_eq!(b.last["error"]["step"], "release-phase", "{}", b.last);
     assert!(b.has("migration broke"), "{}", b.log());
-    let rels = w.releases("shop");
+    let rels = w.releases("relphase");
     assert_eq!(rels.len(), before + 1, "the release was made, then failed");
     let newest = rels.iter().max_by_key(|r| r["version"].as_i64()).unwrap();
     assert_eq!(newest["status"], "failed", "{newest}");
