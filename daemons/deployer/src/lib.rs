@@ -16,6 +16,7 @@
 
 pub mod build;
 pub mod buildpacks;
+pub mod live;
 pub mod procfile;
 pub mod sandbox;
 pub mod settings;
@@ -33,16 +34,10 @@ use paddock_db::Db;
 use paddock_runner::cgroup::{Hierarchy, Limits};
 use paddock_wire::{Code, Envelope, WireError};
 use serde_json::{json, Map, Value};
-use tokio::sync::Notify;
 
+pub use live::{Live, MAX_LOG_BYTES, MAX_LOG_LINES, MAX_REPLY_LINES};
 pub use settings::{settings, DeployerSection, Settings, NAME};
 
-/// Log lines and bytes kept per build; later lines are counted and dropped
-/// (the build's outcome lines are always kept).
-pub const MAX_LOG_LINES: usize = 50_000;
-pub const MAX_LOG_BYTES: usize = 8 << 20;
-/// Lines in one `build.log` reply at most.
-const MAX_REPLY_LINES: usize = 2_000;
 /// How long a finished build stays in memory for `build.log` long-polls.
 const KEEP_LIVE: Duration = Duration::from_secs(600);
 const FLUSH_EVERY: Duration = Duration::from_millis(250);
@@ -75,25 +70,54 @@ pub struct Job {
     pub pusher: String,
 }
 
-/// A build this deployer runs (or ran lately): its log and state in memory.
-struct Live {
-    app: String,
-    lines: Vec<String>,
-    dropped: usize,
-    bytes: usize,
-    flushed: usize,
-    step: &'static str,
-    done: bool,
-    status: &'static str,
-    error: Option<Value>,
-    release: Option<Value>,
-    /// Each step's milliseconds, once the build ended.
-    durations: Option<Value>,
-    /// A flush is writing lines now.
-    flushing: bool,
-    /// The step the database has.
-    saved_step: &'static str,
-    changed: Rc<Notify>,
+impl Job {
+    /// A `build.start` body, checked field by field (`invalid` names the field).
+    pub fn parse(b: &Value) -> Result<Job, WireError> {
+        let app = str_field(b, "app")?;
+        if !paddock_runner::users::valid_app(app) {
+            return Err(WireError::invalid(
+                "`app` must be 1-28 characters of [a-z0-9-], starting with a letter",
+            ));
+        }
+        let commit = str_field(b, "commit")?;
+        if commit.is_empty() || commit.len() > 100 || commit.chars().any(char::is_control) {
+            return Err(WireError::invalid(
+                "`commit` must be the pushed commit's id",
+            ));
+        }
+        let source = str_field(b, "source")?;
+        let source = source
+            .strip_prefix("sha256:")
+            .unwrap_or(source)
+            .to_ascii_lowercase();
+        if source.len() != 64 || !source.bytes().all(|c| c.is_ascii_hexdigit()) {
+            return Err(WireError::invalid(
+                "`source` must be the sha256 of the source tar in the blobstore (64 hex digits)",
+            ));
+        }
+        let git_ref = opt_str(b, "ref")?;
+        let pusher = opt_str(b, "pusher")?;
+        if git_ref.len() > 300 || pusher.len() > 200 {
+            return Err(WireError::invalid("`ref` or `pusher` is too long"));
+        }
+        let id = match opt_str(b, "build")? {
+            "" => ulid::Ulid::new().to_string().to_lowercase(),
+            given if valid_id(given) => given.to_string(),
+            _ => {
+                return Err(WireError::invalid(
+                    "`build` must be 1-64 characters of [a-z0-9-]",
+                ))
+            }
+        };
+        Ok(Job {
+            id,
+            app: app.to_string(),
+            commit: commit.to_string(),
+            source,
+            git_ref: git_ref.to_string(),
+            pusher: pusher.to_string(),
+        })
+    }
 }
 
 /// The deployer's state, shared by the handlers and the builds (one thread).
@@ -114,33 +138,18 @@ impl Deployer {
         &self.calls
     }
 
-    /// Appends one line to a build's log and wakes its readers; past the log's
-    /// limits the line is dropped (the first drop says so in the log).
+    /// Appends one line to a build's log and wakes its readers (see [`Live::push`]).
     pub fn push_line(&self, id: &str, line: String) {
-        let mut b = self.builds.borrow_mut();
-        let Some(l) = b.get_mut(id) else { return };
-        if l.lines.len() >= MAX_LOG_LINES || l.bytes + line.len() > MAX_LOG_BYTES {
-            l.dropped += 1;
-            if l.dropped == 1 {
-                l.lines.push(format!(
-                    " !     The build's output is over the log's limit ({MAX_LOG_LINES} lines, {} MiB): the rest is not kept",
-                    MAX_LOG_BYTES >> 20
-                ));
-                l.changed.notify_waiters();
-            }
-            return;
+        if let Some(l) = self.builds.borrow_mut().get_mut(id) {
+            l.push(line);
         }
-        l.bytes += line.len() + 1;
-        l.lines.push(line);
-        l.changed.notify_waiters();
     }
 
     /// A line kept whatever the limits: the build's outcome.
     fn push_outcome(&self, id: &str, line: String) {
-        let mut b = self.builds.borrow_mut();
-        let Some(l) = b.get_mut(id) else { return };
-        l.lines.push(line);
-        l.changed.notify_waiters();
+        if let Some(l) = self.builds.borrow_mut().get_mut(id) {
+            l.push_outcome(line);
+        }
     }
 
     pub fn set_step(&self, id: &str, step: &'static str) {
@@ -362,57 +371,14 @@ fn valid_id(id: &str) -> bool {
 
 async fn start(d: Rc<Deployer>, env: Envelope) -> Result<Value, WireError> {
     ready(&d)?;
-    let b = &env.body;
-    let app = str_field(b, "app")?;
-    if !paddock_runner::users::valid_app(app) {
-        return Err(WireError::invalid(
-            "`app` must be 1-28 characters of [a-z0-9-]",
-        ));
-    }
-    let commit = str_field(b, "commit")?;
-    if commit.is_empty() || commit.len() > 100 || commit.chars().any(char::is_control) {
-        return Err(WireError::invalid(
-            "`commit` must be the pushed commit's id",
-        ));
-    }
-    let source = str_field(b, "source")?;
-    let source = source
-        .strip_prefix("sha256:")
-        .unwrap_or(source)
-        .to_ascii_lowercase();
-    if source.len() != 64 || !source.bytes().all(|c| c.is_ascii_hexdigit()) {
-        return Err(WireError::invalid(
-            "`source` must be the sha256 of the source tar in the blobstore (64 hex digits)",
-        ));
-    }
-    let git_ref = opt_str(b, "ref")?;
-    let pusher = opt_str(b, "pusher")?;
-    if git_ref.len() > 300 || pusher.len() > 200 {
-        return Err(WireError::invalid("`ref` or `pusher` is too long"));
-    }
-    let id = match opt_str(b, "build")? {
-        "" => ulid::Ulid::new().to_string().to_lowercase(),
-        given if valid_id(given) => given.to_string(),
-        _ => {
-            return Err(WireError::invalid(
-                "`build` must be 1-64 characters of [a-z0-9-]",
-            ))
-        }
-    };
+    let job = Job::parse(&env.body)?;
+    let (id, app) = (job.id.clone(), job.app.as_str());
     if !d.running_apps.borrow_mut().insert(app.to_string()) {
         return Err(WireError::new(
             Code::Conflict,
             format!("app {app} is already being built; wait for it to finish"),
         ));
     }
-    let job = Job {
-        id: id.clone(),
-        app: app.to_string(),
-        commit: commit.to_string(),
-        source,
-        git_ref: git_ref.to_string(),
-        pusher: pusher.to_string(),
-    };
     let inserted = d
         .store
         .insert(
@@ -434,25 +400,9 @@ async fn start(d: Rc<Deployer>, env: Envelope) -> Result<Value, WireError> {
         d.running_apps.borrow_mut().remove(app);
         return Err(e);
     }
-    d.builds.borrow_mut().insert(
-        id.clone(),
-        Live {
-            app: job.app.clone(),
-            lines: Vec::new(),
-            dropped: 0,
-            bytes: 0,
-            flushed: 0,
-            step: "source",
-            done: false,
-            status: "running",
-            error: None,
-            release: None,
-            durations: None,
-            flushing: false,
-            saved_step: "source",
-            changed: Rc::new(Notify::new()),
-        },
-    );
+    d.builds
+        .borrow_mut()
+        .insert(id.clone(), Live::new(&job.app));
     tracing::info!(build = %id, app = %job.app, commit = %job.commit, "build started");
     actix_rt::spawn(run_build(d, job));
     Ok(json!({ "build": id }))
@@ -679,7 +629,7 @@ async fn log(d: Rc<Deployer>, env: Envelope) -> Result<Value, WireError> {
                 Some(l)
                     if l.lines.len() > after || l.done || tokio::time::Instant::now() >= until =>
                 {
-                    return Ok(log_reply(l, &id, after))
+                    return Ok(l.reply(&id, after))
                 }
                 Some(l) => Some(l.changed.clone()),
             }
@@ -701,30 +651,6 @@ async fn log(d: Rc<Deployer>, env: Envelope) -> Result<Value, WireError> {
         };
         let _ = tokio::time::timeout_at(until, changed.notified()).await;
     }
-}
-
-fn log_reply(l: &Live, id: &str, after: usize) -> Value {
-    let from = after.min(l.lines.len());
-    let to = (from + MAX_REPLY_LINES).min(l.lines.len());
-    let mut v = json!({
-        "build": id,
-        "app": l.app,
-        "lines": l.lines[from..to],
-        "next": to,
-        "done": l.done && to == l.lines.len(),
-        "status": l.status,
-        "step": l.step,
-    });
-    if let Some(r) = &l.release {
-        v["release"] = r.clone();
-    }
-    if let Some(e) = &l.error {
-        v["error"] = e.clone();
-    }
-    if let Some(d) = &l.durations {
-        v["durations"] = d.clone();
-    }
-    v
 }
 
 async fn log_from_db(d: &Deployer, id: &str, after: usize) -> Result<Value, WireError> {
@@ -786,4 +712,43 @@ async fn info(d: Rc<Deployer>, env: Envelope) -> Result<Value, WireError> {
         .filter(|_| row["status"] == "running")
         .unwrap_or(log));
     Ok(json!({ "build": row }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn build_start_bodies() {
+        let sha = "AB".repeat(32);
+        let ok = json!({"app": "shop", "commit": "abc123", "source": format!("sha256:{sha}"),
+                        "ref": "refs/heads/main", "pusher": "alice"});
+        let j = Job::parse(&ok).unwrap();
+        assert_eq!(j.source, sha.to_ascii_lowercase());
+        assert_eq!((j.app.as_str(), j.pusher.as_str()), ("shop", "alice"));
+        assert_eq!(j.id.len(), 26, "a ULID");
+        let mut given = ok.clone();
+        given["build"] = json!("b-1");
+        assert_eq!(Job::parse(&given).unwrap().id, "b-1");
+        for (field, value, says) in [
+            ("app", json!("Shop"), "`app`"),
+            ("app", json!(1), "`app`"),
+            ("commit", json!(""), "`commit`"),
+            ("commit", json!("a\nb"), "`commit`"),
+            ("source", json!("abc"), "`source`"),
+            ("source", json!("zz".repeat(32)), "`source`"),
+            ("ref", json!("x".repeat(301)), "`ref`"),
+            ("pusher", json!(5), "`pusher`"),
+            ("build", json!("B_1"), "`build`"),
+        ] {
+            let mut b = ok.clone();
+            b[field] = value;
+            let e = Job::parse(&b).unwrap_err();
+            assert_eq!(e.code, Code::Invalid, "{field}");
+            assert!(e.message.contains(says), "{field}: {}", e.message);
+        }
+        let mut b = ok.clone();
+        b.as_object_mut().unwrap().remove("source");
+        assert!(Job::parse(&b).unwrap_err().message.contains("`source`"));
+    }
 }
