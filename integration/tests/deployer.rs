@@ -1094,3 +1094,32 @@ fn a_flood_of_output_is_cut_at_the_logs_limit_and_the_outcome_kept() {
         "the saved log is the one streamed"
     );
 }
+
+#[test]
+fn an_app_made_again_under_an_old_name_does_not_get_the_old_cache() {
+    let mut w = world("deployer-cache-identity", &[]);
+    w.app("reborn");
+    let bp = w.buildpack(
+        "cache-bp",
+        "echo Cache",
+        "if [ -f \"$2/planted\" ]; then echo 'cache: found planted'; else echo 'cache: empty'; fi; echo x > \"$2/planted\"",
+        "echo ---",
+    );
+    let url = json!({"BUILDPACK_URL": bp.display().to_string()});
+    w.config("reborn", url.clone());
+    let files = [("Procfile", "web: true\n")];
+    assert!(w.build("reborn", &files).has("cache: empty"));
+    assert!(w.build("reborn", &files).has("cache: found planted"));
+    // Destroyed, then made again by someone else: a new app, an empty cache.
+    w.owner
+        .call("app.destroy", json!({"app": "reborn", "confirm": "reborn"}))
+        .unwrap();
+    let bob = create_user(&w.node, "bob", false);
+    let mut bob = user_client(&bob);
+    bob.call("app.create", json!({"name": "reborn"})).unwrap();
+    bob.call("config.set", json!({"app": "reborn", "vars": url}))
+        .unwrap();
+    let b = w.build("reborn", &files);
+    succeeded(&b);
+    assert!(b.has("cache: empty"), "{}", b.log());
+}

@@ -364,8 +364,20 @@ impl Run {
                 format!("cannot make the build's directories: {e}"),
             )
         })?;
+        // Which app this is (an app destroyed and made again under the same
+        // name is another): its creation time, for the cache.
+        let info = self
+            .dep
+            .api(
+                "app.info",
+                json!({"app": self.job.app}),
+                Duration::from_secs(10),
+            )
+            .await
+            .map_err(|e| fail("source", format!("cannot read the app: {e}")))?;
+        let identity = format!("created_at {}", info["app"]["created_at"]);
         self.dep
-            .app_cache(&self.job.app, uid, gid)
+            .app_cache(&self.job.app, uid, gid, &identity)
             .map_err(|e| fail("source", format!("cannot prepare the build cache: {e}")))?;
 
         // The app's config, for ENV_DIR.

@@ -167,19 +167,39 @@ impl Deployer {
             .map_err(|e| paddock_daemon::chain(&e))
     }
 
-    /// `<dir>/cache/<app>`, the app user's own; a cache left by an earlier
-    /// account of the same name (another uid) is dropped.
-    pub fn app_cache(&self, app: &str, uid: u32, gid: u32) -> std::io::Result<std::path::PathBuf> {
+    /// `<dir>/cache/<app>`, the app user's own. A cache is kept only for the
+    /// same app: `identity` (when it was created) is recorded beside it
+    /// (`<app>.identity`, root's), and a cache of an earlier app of the same
+    /// name (destroyed, made again, perhaps by someone else and with the old
+    /// uid reused by useradd) or of another uid is dropped first, so nothing an
+    /// old app's build put there can reach a new app's build.
+    pub fn app_cache(
+        &self,
+        app: &str,
+        uid: u32,
+        gid: u32,
+        identity: &str,
+    ) -> std::io::Result<std::path::PathBuf> {
         use std::os::unix::fs::{DirBuilderExt, MetadataExt};
         let d = self.settings.dir.join("cache").join(app);
+        let marker = self
+            .settings
+            .dir
+            .join("cache")
+            .join(format!("{app}.identity"));
+        let recorded = std::fs::read_to_string(&marker).ok();
         if let Ok(m) = std::fs::symlink_metadata(&d) {
-            if !m.is_dir() || m.uid() != uid {
+            let same = m.is_dir() && m.uid() == uid && recorded.as_deref() == Some(identity);
+            if !same {
                 if m.is_dir() {
                     std::fs::remove_dir_all(&d)?;
                 } else {
                     std::fs::remove_file(&d)?;
                 }
             }
+        }
+        if recorded.as_deref() != Some(identity) {
+            std::fs::write(&marker, identity)?;
         }
         match std::fs::DirBuilder::new().mode(0o700).create(&d) {
             Ok(()) => std::os::unix::fs::chown(&d, Some(uid), Some(gid))?,
