@@ -1123,3 +1123,27 @@ fn an_app_made_again_under_an_old_name_does_not_get_the_old_cache() {
     succeeded(&b);
     assert!(b.has("cache: empty"), "{}", b.log());
 }
+
+#[test]
+fn builds_past_max_builds_wait_for_a_slot() {
+    let mut w = world("deployer-slots", &[("max_builds", toml::Value::Integer(1))]);
+    let slow = w.buildpack(
+        "slow-bp",
+        "echo Slow",
+        "echo compiling; sleep 2",
+        "echo ---",
+    );
+    for app in ["first", "second"] {
+        w.app(app);
+        w.config(app, json!({"BUILDPACK_URL": slow.display().to_string()}));
+    }
+    let src = w.source(&[("Procfile", "web: true\n")]);
+    let one = w.start("first", &src);
+    let two = w.start("second", &src);
+    let b2 = w.follow(&two);
+    let b1 = w.follow(&one);
+    succeeded(&b1);
+    succeeded(&b2);
+    assert!(b2.has("-----> Waiting for a build slot"), "{}", b2.log());
+    assert!(!b1.has("Waiting for a build slot"), "{}", b1.log());
+}

@@ -129,6 +129,8 @@ pub struct Deployer {
     ready: Cell<bool>,
     builds: RefCell<HashMap<String, Live>>,
     running_apps: RefCell<HashSet<String>>,
+    /// Build slots (`max_builds`): a build holds one from its start to its end.
+    slots: std::sync::Arc<tokio::sync::Semaphore>,
     /// Running builds' cgroups, killed when the deployer stops.
     cgroups: RefCell<HashMap<String, paddock_runner::cgroup::InstanceCgroup>>,
 }
@@ -303,6 +305,7 @@ pub async fn setup(ctx: Ctx) -> anyhow::Result<Routes> {
         builds: RefCell::new(HashMap::new()),
         running_apps: RefCell::new(HashSet::new()),
         cgroups: RefCell::new(HashMap::new()),
+        slots: std::sync::Arc::new(tokio::sync::Semaphore::new(s.max_builds)),
         settings: s,
     });
 
@@ -442,6 +445,26 @@ async fn run_build(d: Rc<Deployer>, job: Job) {
             }
         })
     };
+    // A slot first: the build's clock starts once it has one.
+    let slot = match d.slots.clone().try_acquire_owned() {
+        Ok(p) => p,
+        Err(_) => {
+            d.set_step(&id, "queued");
+            d.push_line(
+                &id,
+                format!(
+                    "-----> Waiting for a build slot ({} builds are running on this deployer)",
+                    d.settings.max_builds
+                ),
+            );
+            d.flush(&id).await;
+            d.slots
+                .clone()
+                .acquire_owned()
+                .await
+                .expect("the slots are never closed")
+        }
+    };
     let mut run = None;
     let result = match prepare(&d, &job).await {
         Ok(r) => {
@@ -549,6 +572,7 @@ async fn run_build(d: Rc<Deployer>, job: Job) {
         l.changed.notify_waiters();
     }
     tracing::info!(build = %id, app = %job.app, status, "build finished");
+    drop(slot);
     d.running_apps.borrow_mut().remove(&job.app);
     if let Err(e) = d.store.prune(&job.app, d.settings.keep_builds).await {
         tracing::warn!(app = %job.app, "cannot prune old builds: {}", paddock_db::chain(&e));

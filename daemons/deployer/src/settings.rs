@@ -33,6 +33,8 @@ pub struct DeployerSection {
     pub cgroup_root: PathBuf,
     /// How long the release phase (`release:` process type) may run, 1 s to 1 h.
     pub release_timeout_ms: Ms,
+    /// Builds this deployer runs at once, 1-64; more wait for a slot.
+    pub max_builds: u32,
 }
 
 impl Default for DeployerSection {
@@ -47,6 +49,7 @@ impl Default for DeployerSection {
             pool_size: 4,
             cgroup_root: PathBuf::from("/sys/fs/cgroup"),
             release_timeout_ms: Ms::from_millis(600_000),
+            max_builds: 4,
         }
     }
 }
@@ -64,6 +67,7 @@ pub struct Settings {
     pub pool_size: usize,
     pub cgroup_root: PathBuf,
     pub release_timeout: Duration,
+    pub max_builds: usize,
     pub node: String,
 }
 
@@ -101,6 +105,7 @@ impl DeployerSection {
         range("build_cpu_weight", self.build_cpu_weight, 1, 10_000)?;
         range("keep_builds", self.keep_builds as u64, 1, 10_000)?;
         range("pool_size", self.pool_size as u64, 1, 64)?;
+        range("max_builds", self.max_builds as u64, 1, 64)?;
         let dir = self.dir.clone().unwrap_or_else(|| cfg.state_dir.join(NAME));
         if !dir.is_absolute() {
             return Err(cfg.invalid(
@@ -119,6 +124,7 @@ impl DeployerSection {
             pool_size: self.pool_size as usize,
             cgroup_root: self.cgroup_root.clone(),
             release_timeout,
+            max_builds: self.max_builds as usize,
             node: cfg.node().to_string(),
         })
     }
@@ -168,10 +174,11 @@ rpc = "tcp://127.0.0.1:7110"
         );
         assert_eq!((s.keep_builds, s.pool_size), (100, 4));
         assert_eq!(s.release_timeout, Duration::from_secs(600));
+        assert_eq!(s.max_builds, 4);
         let s = settings(&config(
             "dir = \"/srv/builds\"\nbuild_timeout_ms = 60000\nbuild_memory_mb = 256\n\
              build_pids = 64\nbuild_cpu_weight = 50\nkeep_builds = 5\npool_size = 2\n\
-             cgroup_root = \"/cg\"\nrelease_timeout_ms = 5000\n",
+             cgroup_root = \"/cg\"\nrelease_timeout_ms = 5000\nmax_builds = 1\n",
         ))
         .unwrap();
         assert_eq!(s.dir, PathBuf::from("/srv/builds"));
@@ -183,6 +190,7 @@ rpc = "tcp://127.0.0.1:7110"
         assert_eq!((s.keep_builds, s.pool_size), (5, 2));
         assert_eq!(s.cgroup_root, PathBuf::from("/cg"));
         assert_eq!(s.release_timeout, Duration::from_secs(5));
+        assert_eq!(s.max_builds, 1);
     }
 
     #[test]
@@ -199,6 +207,7 @@ rpc = "tcp://127.0.0.1:7110"
                 "daemons.deployer.build_cpu_weight",
             ),
             ("keep_builds = 0\n", "daemons.deployer.keep_builds"),
+            ("max_builds = 0\n", "daemons.deployer.max_builds"),
             ("dir = \"relative\"\n", "daemons.deployer.dir"),
             ("build_timeout = 5\n", "daemons.deployer.build_timeout"),
         ] {
