@@ -1114,6 +1114,15 @@ fn an_app_made_again_under_an_old_name_does_not_get_the_old_cache() {
     w.owner
         .call("app.destroy", json!({"app": "reborn", "confirm": "reborn"}))
         .unwrap();
+    // A deployer removes the caches of apps that no longer exist (at start,
+    // then hourly).
+    let cache = w.deployer_dir().join("cache/reborn");
+    assert!(cache.exists());
+    w.node.kill9("deployer");
+    w.node.start("deployer");
+    eventually(Duration::from_secs(20), "the old cache is removed", || {
+        (!cache.exists() && !w.deployer_dir().join("cache/reborn.identity").exists()).then_some(())
+    });
     let bob = create_user(&w.node, "bob", false);
     let mut bob = user_client(&bob);
     bob.call("app.create", json!({"name": "reborn"})).unwrap();

@@ -41,6 +41,7 @@ pub use settings::{settings, DeployerSection, Settings, NAME};
 /// How long a finished build stays in memory for `build.log` long-polls.
 const KEEP_LIVE: Duration = Duration::from_secs(600);
 const FLUSH_EVERY: Duration = Duration::from_millis(250);
+const CACHE_SWEEP_EVERY: Duration = Duration::from_secs(3600);
 
 pub fn spec() -> Spec {
     Spec {
@@ -211,6 +212,48 @@ impl Deployer {
         Ok(d)
     }
 
+    /// Removes the build caches of apps the api no longer has.
+    pub async fn sweep_caches(&self) {
+        let apps = match self
+            .api("apps.state", json!({}), Duration::from_secs(30))
+            .await
+        {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::warn!("cache sweep skipped: cannot list the apps: {e}");
+                return;
+            }
+        };
+        let Some(list) = apps["apps"].as_array() else {
+            tracing::warn!("cache sweep skipped: apps.state gave no list");
+            return;
+        };
+        let known: HashSet<&str> = list.iter().filter_map(|a| a["name"].as_str()).collect();
+        let dir = self.settings.dir.join("cache");
+        let Ok(rd) = std::fs::read_dir(&dir) else {
+            return;
+        };
+        for e in rd.flatten() {
+            let file = e.file_name().to_string_lossy().into_owned();
+            let app = file.strip_suffix(".identity").unwrap_or(&file).to_string();
+            if known.contains(app.as_str()) || self.running_apps.borrow().contains(&app) {
+                continue;
+            }
+            let p = e.path();
+            let r = if p.is_dir() {
+                std::fs::remove_dir_all(&p)
+            } else {
+                std::fs::remove_file(&p)
+            };
+            match r {
+                Ok(()) => {
+                    tracing::info!(app = %app, "removed the build cache of an app that no longer exists")
+                }
+                Err(err) => tracing::warn!("cannot remove {}: {err}", p.display()),
+            }
+        }
+    }
+
     /// Writes the lines not yet in the database, and the current step. One
     /// flush of a build at a time: another one meanwhile does nothing (it would
     /// write the same lines twice).
@@ -327,6 +370,22 @@ pub async fn setup(ctx: Ctx) -> anyhow::Result<Routes> {
             d.ready.set(true);
             tracing::info!("build database ready");
             std::future::pending().await
+        }
+    });
+
+    // Caches of apps that no longer exist are removed (at start, then hourly; never while the
+    // api cannot say which apps exist, never an app's that is building).
+    let d = dep.clone();
+    ctx.spawn_loop("sweep-caches", LoopKind::Resilient, move || {
+        let d = d.clone();
+        async move {
+            loop {
+                while !d.ready.get() {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                d.sweep_caches().await;
+                tokio::time::sleep(CACHE_SWEEP_EVERY).await;
+            }
         }
     });
 
