@@ -135,6 +135,7 @@ fn hook(socket: &Path) -> Result<i32, String> {
     let mut s = connect(socket)?;
     let req = Request::Push {
         token,
+        receive_pack: i32::try_from(std::os::unix::process::parent_id()).ok(),
         refs: vec![PushRef {
             old: deploy.old.clone(),
             new: deploy.new.clone(),

@@ -20,7 +20,14 @@ pub enum Request {
         app: String,
     },
     /// The pre-receive hook: build the pushed commit (its tar follows the line).
-    Push { token: String, refs: Vec<PushRef> },
+    Push {
+        token: String,
+        refs: Vec<PushRef>,
+        /// The hook's parent, `git receive-pack`: the daemon holds the build lease
+        /// until it has moved the ref (or ended), so the next push sees the move.
+        #[serde(default)]
+        receive_pack: Option<i32>,
+    },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -110,11 +110,15 @@ impl Server {
                 let r = self.authorize(&fingerprint, &service, &app).await;
                 let _ = send(&mut wr, &r).await;
             }
-            Request::Push { token, refs } => {
-                let outcome = self.push(&token, refs, rd, &mut wr).await;
-                let (ok, message) = match outcome {
-                    Ok(m) => (true, m),
-                    Err(m) => (false, m),
+            Request::Push {
+                token,
+                refs,
+                receive_pack,
+            } => {
+                let outcome = self.push(&token, refs, receive_pack, rd, &mut wr).await;
+                let (ok, message, held) = match outcome {
+                    Ok((m, held)) => (true, m, Some(held)),
+                    Err(m) => (false, m, None),
                 };
                 let _ = send(
                     &mut wr,
@@ -125,6 +129,10 @@ impl Server {
                     },
                 )
                 .await;
+                drop(wr);
+                if let Some(held) = held {
+                    held.finish(&self).await;
+                }
             }
         }
     }
@@ -225,9 +233,10 @@ impl Server {
         &self,
         token: &str,
         refs: Vec<crate::proto::PushRef>,
+        receive_pack: Option<i32>,
         rd: R,
         wr: &mut W,
-    ) -> Result<String, String>
+    ) -> Result<(String, Held), String>
     where
         R: tokio::io::AsyncRead + Unpin,
         W: tokio::io::AsyncWrite + Unpin,
@@ -294,13 +303,25 @@ impl Server {
         let result = self
             .build(&app, &grant.user, &deploy, &source.sha256, wr)
             .await;
-        renew.abort();
-        lease.release(&self.calls).await;
-        let message = result?;
-        Ok(format!(
-            "{message} ({:.1} s)",
-            started.elapsed().as_secs_f64()
-        ))
+        let held = Held {
+            lease,
+            renew,
+            app: app.clone(),
+            reference: deploy.name.clone(),
+            new: deploy.new.clone(),
+            receive_pack: receive_pack.and_then(|pid| pidfd_of(pid, self.git_uid)),
+        };
+        match result {
+            Ok(message) => Ok((
+                format!("{message} ({:.1} s)", started.elapsed().as_secs_f64()),
+                held,
+            )),
+            Err(e) => {
+                held.renew.abort();
+                held.lease.release(&self.calls).await;
+                Err(e)
+            }
+        }
     }
 
     async fn build<W>(
@@ -397,6 +418,71 @@ impl Server {
             }
         }
     }
+}
+
+/// A built push's lease, kept until git has moved the branch: released the moment
+/// the next push could check the branch and find it not yet moved, it would build
+/// a push that git then refuses.
+struct Held {
+    lease: Lease,
+    renew: tokio::task::JoinHandle<()>,
+    app: String,
+    reference: String,
+    new: String,
+    /// `git receive-pack`, as a pidfd: once it has ended, the ref will not move.
+    receive_pack: Option<std::os::fd::OwnedFd>,
+}
+
+impl Held {
+    async fn finish(self, server: &Server) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let loose = server.repos.path(&self.app).join(&self.reference);
+        loop {
+            let moved = std::fs::read_to_string(&loose)
+                .map(|s| s.trim() == self.new)
+                .unwrap_or(false);
+            let ended = self.receive_pack.as_ref().is_none_or(exited);
+            if moved || ended || Instant::now() > deadline {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        self.renew.abort();
+        self.lease.release(&server.calls).await;
+    }
+}
+
+/// A pidfd for `pid` if it is a process of the `git` account (the hook's parent).
+fn pidfd_of(pid: i32, uid: u32) -> Option<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: pidfd_open returns a new fd (close-on-exec by the kernel) or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: the fd was just returned to us and is owned by nobody else.
+    let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) };
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let real = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))?
+        .split_whitespace()
+        .next()?
+        .parse::<u32>()
+        .ok()?;
+    (real == uid).then_some(fd)
+}
+
+/// Whether the process behind a pidfd has ended (its fd polls readable).
+fn exited(fd: &std::os::fd::OwnedFd) -> bool {
+    use std::os::fd::AsRawFd;
+    let mut p = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: poll on one pollfd we own, without waiting.
+    unsafe { libc::poll(&mut p, 1, 0) == 1 }
 }
 
 /// The push lease `push/APP` on the locker, taken for the build and release only.
