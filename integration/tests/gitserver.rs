@@ -32,10 +32,14 @@ fn keygen(dir: &Path, name: &str) -> (PathBuf, String) {
 
 impl Git {
     fn start(name: &str) -> Git {
-        let c = ApiCluster::start(
-            name,
-            &["heartbeat", "locker", "blobstore", "deployer", "gitserver"],
-        );
+        Git::start_with(name, &[])
+    }
+
+    /// With more daemons (a runner, for the release phase).
+    fn start_with(name: &str, more: &[&str]) -> Git {
+        let mut daemons = vec!["heartbeat", "locker", "blobstore", "deployer", "gitserver"];
+        daemons.extend_from_slice(more);
+        let c = ApiCluster::start(name, &daemons);
         let alice = create_user(&c.node, "alice", false);
         let (alice_key, public) = keygen(c.t.path(), "alice");
         let mut a = user_client(&alice);
@@ -461,5 +465,101 @@ fn a_push_whose_branch_moved_while_it_waited_is_refused_before_building() {
         builds["builds"].as_array().map(Vec::len),
         Some(1),
         "{builds}"
+    );
+}
+
+/// A work tree for `app` pushed to its own repository: the push's output.
+fn push_app(g: &Git, app: &str, files: &[(&str, &str)]) -> (bool, String) {
+    let mut a = user_client(&g.alice);
+    if a.call("app.info", json!({ "app": app })).is_err() {
+        a.call("app.create", json!({ "name": app })).unwrap();
+    }
+    let base = g.c.t.path();
+    let dir = base.join(format!("tree-{app}"));
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+    let w = work_tree(base, &format!("tree-{app}"), files);
+    assert_eq!(w, dir);
+    let o = g.git(
+        &w,
+        &g.alice_key,
+        &["push", "--force", &g.url(&format!("{app}.git")), "main"],
+    );
+    (o.status.success(), text(&o))
+}
+
+#[test]
+fn flask_node_and_static_pushes_become_releases_and_a_failing_release_command_rejects_the_push() {
+    let g = Git::start_with("git-kinds", &["runner"]);
+    let flask: &[(&str, &str)] = &[
+        ("requirements.txt", "flask\n"),
+        ("Procfile", "wsgi: app:app\n"),
+        (
+            "app.py",
+            "from flask import Flask\napp = Flask(__name__)\n\
+             @app.route('/')\ndef hello():\n    return 'hello'\n",
+        ),
+    ];
+    let (ok, log) = push_app(&g, "flasky", flask);
+    assert!(ok, "{log}");
+    assert!(log.contains("remote: -----> Python app detected"), "{log}");
+    assert!(!log.contains("Reusing the cached virtualenv"), "{log}");
+    let r = release(&g, "flasky");
+    assert!(r["process_types"]["web"].is_string(), "{r}");
+    // The same requirements again: the cache, and no pip.
+    let mut again = flask.to_vec();
+    again.push(("README", "second push\n"));
+    let (ok, log) = push_app(&g, "flasky", &again);
+    assert!(ok, "{log}");
+    assert!(log.contains("Reusing the cached virtualenv"), "{log}");
+    assert_eq!(release(&g, "flasky")["version"], 3);
+
+    let (ok, log) = push_app(
+        &g,
+        "nodey",
+        &[
+            (
+                "package.json",
+                r#"{"name": "nodey", "version": "1.0.0", "scripts": {"start": "node server.js"}}"#,
+            ),
+            (
+                "server.js",
+                "require('http').createServer((q, s) => s.end('hi')).listen(process.env.PORT)\n",
+            ),
+        ],
+    );
+    assert!(ok, "{log}");
+    assert_eq!(
+        release(&g, "nodey")["process_types"]["web"],
+        "npm start",
+        "{log}"
+    );
+
+    let (ok, log) = push_app(&g, "site", &[("public/index.html", "<h1>hi</h1>\n")]);
+    assert!(ok, "{log}");
+    let web = release(&g, "site")["process_types"]["web"].clone();
+    assert!(
+        web.as_str().is_some_and(|w| w.contains("paddock-static")),
+        "{web}\n{log}"
+    );
+
+    // A release command that fails rejects the push and moves no ref.
+    let (ok, log) = push_app(
+        &g,
+        "migrates",
+        &[(
+            "Procfile",
+            "web: python3 -m http.server $PORT\nrelease: sh -c 'echo migration broke; exit 4'\n",
+        )],
+    );
+    assert!(!ok, "{log}");
+    assert!(log.contains("migration broke"), "{log}");
+    assert!(log.contains("pre-receive hook declined"), "{log}");
+    assert_eq!(g.repo_head("migrates", "refs/heads/main"), None);
+    assert_eq!(
+        release(&g, "migrates")["version"],
+        1,
+        "v1, the app's first, stays current"
     );
 }
