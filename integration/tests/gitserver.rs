@@ -217,13 +217,18 @@ fn only_known_keys_with_access_get_git_and_nothing_else() {
     eventually(Duration::from_secs(10), "brief.git made", || {
         repos.join("brief.git/HEAD").exists().then_some(())
     });
-    let hook = repos.join("brief.git/hooks/pre-receive");
+    // No hooks in a repository (the git account owns those): git is pointed at
+    // root's hooks directory outside them.
+    assert!(!repos.join("brief.git/hooks").exists());
+    let hook = repos.parent().unwrap().join("hooks/pre-receive");
     let m = std::fs::metadata(&hook).unwrap();
     assert_eq!(
         (m.uid(), m.mode() & 0o7777),
         (0, 0o755),
         "the hook is root's"
     );
+    let m = std::fs::metadata(hook.parent().unwrap()).unwrap();
+    assert_eq!((m.uid(), m.mode() & 0o7777), (0, 0o755));
     a.call("app.destroy", json!({ "app": "brief", "confirm": "brief" }))
         .unwrap();
     eventually(Duration::from_secs(10), "brief.git removed", || {
@@ -301,6 +306,11 @@ fn a_push_builds_a_release_and_a_failed_build_moves_no_ref() {
 /// A buildpack (readable by every build user) whose compile says it waits, then
 /// waits until `go` exists: the test sees that line before the build can end.
 fn waiter_buildpack(base: &Path, go: &Path) -> PathBuf {
+    noisy_buildpack(base, go, 0)
+}
+
+/// [`waiter_buildpack`] that prints `lines` lines of 100 bytes once it may go on.
+fn noisy_buildpack(base: &Path, go: &Path, lines: usize) -> PathBuf {
     use std::os::unix::fs::PermissionsExt;
     let bp = base.join("waiter-bp");
     std::fs::create_dir_all(bp.join("bin")).unwrap();
@@ -310,7 +320,8 @@ fn waiter_buildpack(base: &Path, go: &Path) -> PathBuf {
             "compile",
             format!(
                 "#!/bin/sh\necho '-----> compile is waiting for the test'\n\
-                 while [ ! -e {} ]; do sleep 0.05; done\necho '-----> compile saw it'\n",
+                 while [ ! -e {} ]; do sleep 0.05; done\necho '-----> compile saw it'\n\
+                 yes 'noise noise noise noise noise noise noise noise noise noise noise noise noise noise noise nois' | head -n {lines}\n",
                 go.display()
             ),
         ),
@@ -562,4 +573,40 @@ fn flask_node_and_static_pushes_become_releases_and_a_failing_release_command_re
         1,
         "v1, the app's first, stays current"
     );
+}
+
+#[test]
+fn a_pusher_who_stops_reading_does_not_hold_up_the_next_push() {
+    let g = Git::start("git-stalled");
+    let base = g.c.t.path().to_path_buf();
+    let signal = tempfile::Builder::new()
+        .prefix("paddock-git-test-")
+        .tempdir_in("/var/tmp")
+        .unwrap();
+    let go = signal.path().join("go");
+    // 4 MB of log: more than every buffer between the gitserver and the pusher.
+    let bp = noisy_buildpack(signal.path(), &go, 40_000);
+    let mut files = HELLO.to_vec();
+    let buildpacks = format!("{}\n", bp.display());
+    files.push((".buildpacks", &buildpacks));
+    let w = work_tree(&base, "noisy", &files);
+    let mut first = Pushing::start(&g, &w, "main");
+    first.wait_for("compile is waiting for the test");
+    // The first pusher stops reading (its terminal is suspended, say).
+    let pid = nix::unistd::Pid::from_raw(first.child.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
+    std::fs::write(&go, "").unwrap();
+
+    // A second push to the app builds anyway, soon after the first build ends.
+    let other = work_tree(&base, "other", HELLO);
+    let second = Pushing::start(&g, &other, "main:master");
+    let (ok2, log2) = second.finish();
+    assert!(ok2, "{log2}");
+    assert_eq!(g.repo_head("shop", "refs/heads/master"), Some(head(&other)));
+
+    // The first push, resumed, ends failed: its hook was ended, no ref moved.
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT).unwrap();
+    let (ok1, log1) = first.finish();
+    assert!(!ok1, "{log1}");
+    assert_eq!(g.repo_head("shop", "refs/heads/main"), None);
 }

@@ -1500,17 +1500,9 @@ impl Store {
 
     pub async fn release_create(&self, who: &Who, v: &Value) -> Result<Reply, WireError> {
         let b = Body::of(v)?;
-        let slug = b.str("slug")?;
-        if slug.is_empty()
-            || slug.len() > 200
-            || !slug
-                .bytes()
-                .all(|c| c.is_ascii_alphanumeric() || b":-_.".contains(&c))
-        {
-            return Err(WireError::invalid(
-                "`slug` must be a slug id like sha256:<hex>",
-            ));
-        }
+        // One form everywhere (the blobstore's name, what GC keeps, what runners
+        // fetch): 64 lowercase hex digits; `sha256:<hex>` is read as the same.
+        let slug = crate::names::blob_sha256("slug", b.str("slug")?)?;
         let types = b
             .opt("process_types")
             .and_then(Value::as_object)
@@ -2039,7 +2031,10 @@ impl Store {
                     e
                 }
             })?;
-        Ok((json!({"user": user_name, "app": app.name}), vec![]))
+        Ok((
+            json!({"user": user_name, "app": app.name, "app_id": app.id}),
+            vec![],
+        ))
     }
 
     /// `release.get`: one release with its config, for the runner.
@@ -2279,8 +2274,8 @@ impl Store {
             }
         }
         Ok(
-            json!({"name": name, "current": current, "pending": pending, "formation": formation,
-                  "domains": domains, "healthchecks": checks}),
+            json!({"name": name, "id": id, "current": current, "pending": pending,
+                  "formation": formation, "domains": domains, "healthchecks": checks}),
         )
     }
 

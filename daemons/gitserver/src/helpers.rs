@@ -106,17 +106,45 @@ fn serve(socket: &Path, args: &[String]) -> Result<i32, String> {
             .message
             .unwrap_or_else(|| format!("you may not push to {app}")));
     }
-    let (Some(repo), Some(git), Some(token)) = (reply.repo, reply.git, reply.token) else {
+    let (Some(repo), Some(git), Some(token), Some(hooks)) =
+        (reply.repo, reply.git, reply.token, reply.hooks)
+    else {
         return Err("the git service gave an incomplete answer; try again".into());
     };
+    // The hooks are root's, outside the repository (which `git` owns), and no
+    // system-wide git config (filter drivers, hooks) applies to a push.
     let err = Command::new(&git)
+        .arg("-c")
+        .arg(format!("core.hooksPath={hooks}"))
         .arg(service.name())
         .arg(&repo)
+        .env("GIT_CONFIG_NOSYSTEM", "1")
         .env(ENV_TOKEN, token)
         .env("PADDOCK_GITSERVER_SOCKET", socket)
         .env("PADDOCK_GIT", &git)
         .exec();
     Err(format!("could not start git {}: {err}", service.name()))
+}
+
+/// Ends the hook as soon as git's end of its stderr is closed (the pusher is
+/// gone): a pipe's write end polls POLLERR once no reader is left, even while
+/// the hook is busy sending the tree or waiting for the build.
+fn watch_stderr() {
+    std::thread::spawn(|| loop {
+        let mut p = libc::pollfd {
+            fd: 2,
+            events: 0,
+            revents: 0,
+        };
+        // SAFETY: poll on one pollfd we own.
+        let r = unsafe { libc::poll(&mut p, 1, -1) };
+        if r == 1 && p.revents & (libc::POLLERR | libc::POLLHUP | libc::POLLNVAL) != 0 {
+            std::process::exit(1);
+        }
+        if r < 0 && std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
+            return;
+        }
+    });
 }
 
 /// The pre-receive hook: which ref deploys, the pushed commit's tree to the
@@ -133,9 +161,11 @@ fn hook(socket: &Path) -> Result<i32, String> {
     let token = std::env::var(ENV_TOKEN)
         .map_err(|_| "this push did not come through Paddock's git service".to_string())?;
     let mut s = connect(socket)?;
+    watch_stderr();
     let req = Request::Push {
         token,
         receive_pack: i32::try_from(std::os::unix::process::parent_id()).ok(),
+        hook: i32::try_from(std::process::id()).ok(),
         refs: vec![PushRef {
             old: deploy.old.clone(),
             new: deploy.new.clone(),
@@ -166,15 +196,23 @@ fn hook(socket: &Path) -> Result<i32, String> {
     }
     let reader = BufReader::new(s);
     let mut stderr = std::io::stderr().lock();
+    // A pusher who is gone (git's side of stderr closed) ends the hook at once:
+    // the daemon sees the socket close and builds nothing more for nobody.
+    let mut say = |text: &str| {
+        if writeln!(stderr, "{text}")
+            .and_then(|()| stderr.flush())
+            .is_err()
+        {
+            std::process::exit(1);
+        }
+    };
     for line in reader.lines() {
         let Ok(line) = line else { break };
         match serde_json::from_str::<PushLine>(&line) {
-            Ok(PushLine::Log { line }) => {
-                let _ = writeln!(stderr, "{line}");
-                let _ = stderr.flush();
-            }
+            Ok(PushLine::Log { line }) => say(&line),
+            Ok(PushLine::Keepalive { .. }) => {}
             Ok(PushLine::Done { ok, message, .. }) => {
-                let _ = writeln!(stderr, "{message}");
+                say(&message);
                 return Ok(if ok { 0 } else { 1 });
             }
             Err(_) => break,

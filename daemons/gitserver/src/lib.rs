@@ -83,15 +83,17 @@ fn spawn_app_sync(ctx: &Ctx, server: Arc<server::Server>) {
                             while let Some(env) = events.recv().await {
                                 let app = env.body["app"].as_str().unwrap_or_default();
                                 match env.body["what"].as_str() {
-                                    Some("created") => {
-                                        if let Err(e) = server.repos.ensure(app) {
-                                            tracing::warn!(
-                                                app,
-                                                "could not make the repository: {e:#}"
-                                            );
+                                    Some("destroyed") if rules::valid_app(app) => {
+                                        let (repos, app) = (server.repos.clone(), app.to_string());
+                                        let gone =
+                                            tokio::task::spawn_blocking(move || repos.remove(&app))
+                                                .await;
+                                        if let Ok(Err(e)) = gone {
+                                            tracing::warn!("could not remove a repository: {e:#}");
                                         }
                                     }
-                                    Some("destroyed") => {
+                                    // A new app: the reconcile learns its id.
+                                    Some("created") => {
                                         let _ = tx.try_send(());
                                     }
                                     _ => {}
@@ -126,16 +128,31 @@ async fn reconcile_repos(c: &Ctx, server: &server::Server) -> anyhow::Result<()>
         .calls()
         .call_daemon("api", "apps.state", serde_json::json!({}))
         .await?;
-    let apps: std::collections::HashSet<String> = v["apps"]
+    let listed: Vec<(String, Option<i64>)> = v["apps"]
         .as_array()
         .context("apps.state gave no apps")?
         .iter()
-        .filter_map(|a| a["name"].as_str().map(String::from))
+        .filter_map(|a| Some((a["name"].as_str()?.to_string(), a["id"].as_i64())))
         .collect();
-    for app in &apps {
-        server.repos.ensure(app)?;
+    let repos = server.repos.clone();
+    tokio::task::spawn_blocking(move || sync_repos(&repos, &listed, asked)).await?
+}
+
+fn sync_repos(
+    repos: &repos::Repos,
+    listed: &[(String, Option<i64>)],
+    asked: std::time::SystemTime,
+) -> anyhow::Result<()> {
+    for (app, id) in listed {
+        repos.ensure(app, *id)?;
     }
-    for entry in std::fs::read_dir(&server.repos.root)? {
+    let apps: std::collections::HashSet<&str> = listed.iter().map(|(a, _)| a.as_str()).collect();
+    if apps.is_empty() {
+        // An empty list removes nothing: a wrong answer must not cost every
+        // repository (a destroyed app's goes with its `destroyed` event too).
+        return Ok(());
+    }
+    for entry in std::fs::read_dir(&repos.root)? {
         let entry = entry?;
         let name = entry.file_name().to_string_lossy().to_string();
         let Some(app) = name.strip_suffix(".git") else {
@@ -148,7 +165,7 @@ async fn reconcile_repos(c: &Ctx, server: &server::Server) -> anyhow::Result<()>
             .is_ok_and(|t| t < asked);
         if !apps.contains(app) && older {
             tracing::info!(app, "removing the repository of a destroyed app");
-            server.repos.remove(app)?;
+            repos.remove(app)?;
         }
     }
     Ok(())
@@ -196,13 +213,15 @@ pub async fn setup(ctx: Ctx) -> anyhow::Result<Routes> {
         helper.display(),
         s.socket().display()
     );
-    let repos = repos::Repos {
+    let repos = Arc::new(repos::Repos {
         root: s.repos(),
         uid,
         gid,
         git,
-        hook,
-    };
+        hooks: s.dir.join("hooks"),
+        ids: s.dir.join("ids"),
+    });
+    repos.write_hook(&hook)?;
 
     let socket = s.socket();
     let _ = std::fs::remove_file(&socket);

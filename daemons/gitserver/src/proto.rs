@@ -27,6 +27,9 @@ pub enum Request {
         /// until it has moved the ref (or ended), so the next push sees the move.
         #[serde(default)]
         receive_pack: Option<i32>,
+        /// The hook itself: killed when its pusher stops reading, so git ends.
+        #[serde(default)]
+        hook: Option<i32>,
     },
 }
 
@@ -53,6 +56,9 @@ pub struct Reply {
     pub git: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token: Option<String>,
+    /// `authorize`: the root-owned hooks directory git is told to use.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hooks: Option<String>,
 }
 
 /// One line of a push's progress: a log line for the pusher, or the outcome.
@@ -66,6 +72,10 @@ pub enum PushLine {
     },
     Log {
         line: String,
+    },
+    /// Sent while a push waits: a hook that is gone makes it fail.
+    Keepalive {
+        keepalive: bool,
     },
 }
 

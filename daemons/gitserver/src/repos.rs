@@ -15,8 +15,12 @@ pub struct Repos {
     pub uid: u32,
     pub gid: u32,
     pub git: PathBuf,
-    /// The pre-receive hook's text (runs the helper binary against our socket).
-    pub hook: String,
+    /// The root-owned hooks directory every push runs with (`core.hooksPath`):
+    /// never inside a repository, which the `git` account owns.
+    pub hooks: PathBuf,
+    /// Root-only: which app (by its id) each repository was made for, so an app
+    /// made again under a destroyed app's name never gets the old history.
+    pub ids: PathBuf,
 }
 
 impl Repos {
@@ -61,18 +65,55 @@ impl Repos {
         Ok(())
     }
 
-    /// Makes the app's bare repository if it is missing, and (re)writes its hook.
-    pub fn ensure(&self, app: &str) -> Result<PathBuf> {
+    /// Writes the pre-receive hook (root's, 0755) into the hooks directory.
+    pub fn write_hook(&self, text: &str) -> Result<()> {
+        for d in [&self.hooks, &self.ids] {
+            let mode = if *d == self.hooks { 0o755 } else { 0o700 };
+            std::fs::DirBuilder::new()
+                .mode(mode)
+                .recursive(true)
+                .create(d)?;
+            std::fs::set_permissions(d, std::fs::Permissions::from_mode(mode))?;
+        }
+        let hook = self.hooks.join("pre-receive");
+        let tmp = self.hooks.join(".pre-receive.tmp");
+        let _ = std::fs::remove_file(&tmp);
+        std::fs::write(&tmp, text)?;
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755))?;
+        std::fs::rename(&tmp, &hook)?;
+        Ok(())
+    }
+
+    /// Makes the app's bare repository if it is missing. With the app's id: a
+    /// repository made for another app of that name (destroyed, then made again
+    /// while we did not hear it) is removed first.
+    pub fn ensure(&self, app: &str, id: Option<i64>) -> Result<PathBuf> {
         if !valid_app(app) {
             bail!("{app:?} is not an app name");
         }
         let repo = self.path(app);
+        let marker = self.ids.join(app);
+        if let Some(id) = id {
+            let known = std::fs::read_to_string(&marker).ok();
+            if known.as_deref().is_some_and(|k| k.trim() != id.to_string()) {
+                tracing::info!(app, "the app was made again: its old repository goes");
+                self.remove(app)?;
+            }
+        }
         if !repo.join("HEAD").exists() {
             let tmp = self.root.join(format!(".new-{app}-{}", ulid::Ulid::new()));
             std::fs::DirBuilder::new().mode(0o700).create(&tmp)?;
             std::os::unix::fs::chown(&tmp, Some(self.uid), Some(self.gid))?;
+            // No template: no hooks directory in a repository at all.
             self.as_git(
-                &["init", "-q", "--bare", "--initial-branch=main", "."],
+                &[
+                    "init",
+                    "-q",
+                    "--bare",
+                    "--template=",
+                    "--initial-branch=main",
+                    ".",
+                ],
                 &tmp,
             )?;
             for (k, v) in [
@@ -90,29 +131,10 @@ impl Repos {
                 let _ = std::fs::remove_dir_all(&tmp);
             }
         }
-        self.write_hooks(&repo)?;
-        Ok(repo)
-    }
-
-    fn write_hooks(&self, repo: &Path) -> Result<()> {
-        let hooks = repo.join("hooks");
-        if let Ok(m) = std::fs::symlink_metadata(&hooks) {
-            if !m.is_dir() || std::os::unix::fs::MetadataExt::uid(&m) != 0 {
-                std::fs::remove_dir_all(&hooks).or_else(|_| std::fs::remove_file(&hooks))?;
-            }
+        if let Some(id) = id {
+            std::fs::write(&marker, id.to_string())?;
         }
-        std::fs::DirBuilder::new()
-            .mode(0o755)
-            .recursive(true)
-            .create(&hooks)?;
-        std::os::unix::fs::chown(&hooks, Some(0), Some(0))?;
-        std::fs::set_permissions(&hooks, std::fs::Permissions::from_mode(0o755))?;
-        let hook = hooks.join("pre-receive");
-        let tmp = hooks.join(".pre-receive.tmp");
-        std::fs::write(&tmp, &self.hook)?;
-        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755))?;
-        std::fs::rename(&tmp, &hook)?;
-        Ok(())
+        Ok(repo)
     }
 
     /// Removes a destroyed app's repository.
@@ -120,6 +142,7 @@ impl Repos {
         if !valid_app(app) {
             return Ok(());
         }
+        let _ = std::fs::remove_file(self.ids.join(app));
         match std::fs::remove_dir_all(self.path(app)) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),

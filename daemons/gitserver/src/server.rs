@@ -19,6 +19,8 @@ use crate::rules::{self, RefUpdate, Service};
 pub const MAX_SOURCE: u64 = 1 << 30;
 /// How long `serve`'s grant stays usable by its push's hook.
 const GRANT_TTL: Duration = Duration::from_secs(3600);
+/// A write to the pusher that takes longer than this means they stopped reading.
+const PUSHER_STALL: Duration = Duration::from_secs(10);
 /// The build lease: renewed well inside its TTL while the build runs.
 const LEASE_TTL_MS: u64 = 30_000;
 const LEASE_RENEW: Duration = Duration::from_secs(10);
@@ -26,12 +28,13 @@ const LEASE_RENEW: Duration = Duration::from_secs(10);
 struct Grant {
     user: String,
     app: String,
+    fingerprint: String,
     expires: Instant,
 }
 
 pub struct Server {
     pub calls: Calls,
-    pub repos: Repos,
+    pub repos: Arc<Repos>,
     pub helper: std::path::PathBuf,
     pub socket: std::path::PathBuf,
     pub git_uid: u32,
@@ -42,7 +45,7 @@ pub struct Server {
 impl Server {
     pub fn new(
         calls: Calls,
-        repos: Repos,
+        repos: Arc<Repos>,
         helper: std::path::PathBuf,
         socket: std::path::PathBuf,
         git_uid: u32,
@@ -66,10 +69,15 @@ impl Server {
             Err(_) => return,
         };
         if uid != 0 && uid != self.git_uid {
-            tracing::warn!(
-                uid,
-                "refused a connection to the gitserver socket from a stranger"
-            );
+            static LAST: std::sync::Mutex<Option<Instant>> = std::sync::Mutex::new(None);
+            let mut last = LAST.lock().unwrap_or_else(|e| e.into_inner());
+            if last.is_none_or(|t| t.elapsed() > Duration::from_secs(10)) {
+                *last = Some(Instant::now());
+                tracing::warn!(
+                    uid,
+                    "refused a connection to the gitserver socket from a stranger (said at most every 10 s)"
+                );
+            }
             return;
         }
         let (rd, mut wr) = stream.into_split();
@@ -114,22 +122,26 @@ impl Server {
                 token,
                 refs,
                 receive_pack,
+                hook,
             } => {
-                let outcome = self.push(&token, refs, receive_pack, rd, &mut wr).await;
+                let mut pusher = Pusher {
+                    wr,
+                    gone: false,
+                    hook: hook.and_then(|pid| pidfd_of(pid, self.git_uid)),
+                };
+                let outcome = self.push(&token, refs, receive_pack, rd, &mut pusher).await;
                 let (ok, message, held) = match outcome {
                     Ok((m, held)) => (true, m, Some(held)),
                     Err(m) => (false, m, None),
                 };
-                let _ = send(
-                    &mut wr,
-                    &PushLine::Done {
+                pusher
+                    .say(&PushLine::Done {
                         done: true,
                         ok,
                         message,
-                    },
-                )
-                .await;
-                drop(wr);
+                    })
+                    .await;
+                drop(pusher);
                 if let Some(held) = held {
                     held.finish(&self).await;
                 }
@@ -197,10 +209,17 @@ impl Server {
             Err(e) => return refuse(&call_message(&e, app)),
         };
         let user = v["user"].as_str().unwrap_or_default().to_string();
-        let repo = match self.repos.ensure(app) {
-            Ok(r) => r,
-            Err(e) => {
+        let repos = self.repos.clone();
+        let (name, id) = (app.to_string(), v["app_id"].as_i64());
+        let made = tokio::task::spawn_blocking(move || repos.ensure(&name, id)).await;
+        let repo = match made {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => {
                 tracing::error!(app, "could not make the repository: {e:#}");
+                return refuse("the app's repository could not be prepared; try again");
+            }
+            Err(e) => {
+                tracing::error!(app, "making the repository panicked: {e}");
                 return refuse("the app's repository could not be prepared; try again");
             }
         };
@@ -214,6 +233,7 @@ impl Server {
                 Grant {
                     user: user.clone(),
                     app: app.to_string(),
+                    fingerprint: fingerprint.to_string(),
                     expires: now + GRANT_TTL,
                 },
             );
@@ -223,6 +243,7 @@ impl Server {
             ok: true,
             repo: Some(repo.display().to_string()),
             git: Some(self.repos.git.display().to_string()),
+            hooks: Some(self.repos.hooks.display().to_string()),
             token: Some(token),
             ..Default::default()
         }
@@ -235,7 +256,7 @@ impl Server {
         refs: Vec<crate::proto::PushRef>,
         receive_pack: Option<i32>,
         rd: R,
-        wr: &mut W,
+        pusher: &mut Pusher<W>,
     ) -> Result<(String, Held), String>
     where
         R: tokio::io::AsyncRead + Unpin,
@@ -256,62 +277,44 @@ impl Server {
         }
         let deploy = rules::deploy_ref(&updates)?.clone();
         let app = grant.app.clone();
-        let log = |line: String| PushLine::Log { line };
         let started = Instant::now();
-        let _ = send(
-            wr,
-            &log(format!("-----> Receiving {} for {app}", short(&deploy.new))),
-        )
-        .await;
-        let source = paddock_blob::put_reader(&self.calls, rd.take(MAX_SOURCE + 1))
-            .await
-            .map_err(|e| {
-                format!(
-                    "could not store the pushed source: {}",
-                    paddock_daemon::chain(&e)
-                )
-            })?;
-        if source.size > MAX_SOURCE {
-            return Err(format!(
-                "the pushed tree is larger than {} MiB; leave big files out of the repository",
-                MAX_SOURCE >> 20
-            ));
-        }
-        tracing::info!(
-            app,
-            user = grant.user,
-            commit = deploy.new,
-            size = source.size,
-            "source stored"
-        );
+        pusher
+            .say(&PushLine::Log {
+                line: format!("-----> Receiving {} for {app}", short(&deploy.new)),
+            })
+            .await;
 
-        // One build per app at a time, across every gitserver: a locker lease.
-        let lease = Lease::acquire(&self.calls, &app, &self.identity, token, wr).await?;
-        // A push that waited for another may find its branch moved meanwhile; git
-        // would refuse to move it after the build, so it is refused before one.
-        let now = self.repos.resolve(&app, &deploy.name).ok().flatten();
-        let expected = (!rules::is_new_branch(&deploy.old)).then(|| deploy.old.clone());
-        if now != expected {
-            lease.release(&self.calls).await;
-            return Err(format!(
-                " !     {} moved while this push waited (another push landed first): \
-                 fetch, merge or rebase, and push again; nothing was built",
-                deploy.name.trim_start_matches("refs/heads/")
-            ));
-        }
+        // One build per app at a time, across every gitserver: a locker lease,
+        // taken before the tree is stored (so a long wait cannot outlast the
+        // blobstore's grace for young blobs) and given up if the pusher leaves.
+        let lease = Lease::acquire(&self.calls, &app, &self.identity, token, pusher).await?;
+        let prepared = self.prepare(&grant, &deploy, rd).await;
+        let source = match prepared {
+            Ok(s) => s,
+            Err(e) => {
+                lease.release(&self.calls).await;
+                return Err(e);
+            }
+        };
         let renew = lease.keep_renewed(self.calls.clone());
         let result = self
-            .build(&app, &grant.user, &deploy, &source.sha256, wr)
+            .build(&app, &grant.user, &deploy, &source, pusher)
             .await;
         let held = Held {
             lease,
             renew,
-            app: app.clone(),
+            repo: self.repos.path(&app),
             reference: deploy.name.clone(),
             new: deploy.new.clone(),
             receive_pack: receive_pack.and_then(|pid| pidfd_of(pid, self.git_uid)),
         };
         match result {
+            // The hook was killed: git moves no ref, so there is nothing to wait for.
+            Ok(_) if pusher.gone => {
+                held.renew.abort();
+                held.lease.release(&self.calls).await;
+                Err("the pusher went away; the build finished without them".into())
+            }
             Ok(message) => Ok((
                 format!("{message} ({:.1} s)", started.elapsed().as_secs_f64()),
                 held,
@@ -324,13 +327,64 @@ impl Server {
         }
     }
 
+    /// Under the lease: access checked again (it may have been taken away while
+    /// the push waited), the branch checked unmoved, the pushed tree stored.
+    async fn prepare<R>(&self, grant: &Grant, deploy: &RefUpdate, rd: R) -> Result<String, String>
+    where
+        R: tokio::io::AsyncRead + Unpin,
+    {
+        let app = &grant.app;
+        if let Err(e) = self
+            .api(
+                "push.authorize",
+                json!({ "fingerprint": grant.fingerprint, "app": app }),
+            )
+            .await
+        {
+            return Err(call_message(&e, app));
+        }
+        // A push that waited for another may find its branch moved meanwhile; git
+        // would refuse to move it after the build, so it is refused before one.
+        let repos = self.repos.clone();
+        let (a, r) = (app.clone(), deploy.name.clone());
+        let now = tokio::task::spawn_blocking(move || repos.resolve(&a, &r))
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .flatten();
+        let expected = (!rules::is_new_branch(&deploy.old)).then(|| deploy.old.clone());
+        if now != expected {
+            return Err(format!(
+                " !     {} moved while this push waited (another push landed first): \
+                 fetch, merge or rebase, and push again; nothing was built",
+                deploy.name.trim_start_matches("refs/heads/")
+            ));
+        }
+        let source = paddock_blob::put_reader(&self.calls, Tarball::new(rd))
+            .await
+            .map_err(|e| {
+                format!(
+                    "could not store the pushed source: {}",
+                    paddock_daemon::chain(&e)
+                )
+            })?;
+        tracing::info!(
+            app,
+            user = grant.user,
+            commit = deploy.new,
+            size = source.size,
+            "source stored"
+        );
+        Ok(source.sha256)
+    }
+
     async fn build<W>(
         &self,
         app: &str,
         user: &str,
         deploy: &RefUpdate,
         source: &str,
-        wr: &mut W,
+        pusher: &mut Pusher<W>,
     ) -> Result<String, String>
     where
         W: tokio::io::AsyncWrite + Unpin,
@@ -390,14 +444,13 @@ impl Server {
             };
             for l in v["lines"].as_array().into_iter().flatten() {
                 if let Some(l) = l.as_str() {
-                    // A pusher that hung up does not stop the build.
-                    let _ = send(
-                        wr,
-                        &PushLine::Log {
+                    // A pusher that hung up or stopped reading does not stop the
+                    // build (as on Heroku): its lines are just not sent.
+                    pusher
+                        .say(&PushLine::Log {
                             line: l.to_string(),
-                        },
-                    )
-                    .await;
+                        })
+                        .await;
                 }
             }
             after = v["next"].as_u64().unwrap_or(after);
@@ -426,7 +479,7 @@ impl Server {
 struct Held {
     lease: Lease,
     renew: tokio::task::JoinHandle<()>,
-    app: String,
+    repo: std::path::PathBuf,
     reference: String,
     new: String,
     /// `git receive-pack`, as a pidfd: once it has ended, the ref will not move.
@@ -436,11 +489,9 @@ struct Held {
 impl Held {
     async fn finish(self, server: &Server) {
         let deadline = Instant::now() + Duration::from_secs(30);
-        let loose = server.repos.path(&self.app).join(&self.reference);
+        let loose = self.repo.join(&self.reference);
         loop {
-            let moved = std::fs::read_to_string(&loose)
-                .map(|s| s.trim() == self.new)
-                .unwrap_or(false);
+            let moved = read_nofollow(&loose).is_some_and(|s| s.trim() == self.new);
             let ended = self.receive_pack.as_ref().is_none_or(exited);
             if moved || ended || Instant::now() > deadline {
                 break;
@@ -449,6 +500,129 @@ impl Held {
         }
         self.renew.abort();
         self.lease.release(&server.calls).await;
+    }
+}
+
+/// A small file of the `git` account's, read without following a symlink it
+/// may have put there.
+fn read_nofollow(path: &std::path::Path) -> Option<String> {
+    use std::io::Read as _;
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
+        .ok()?;
+    if !f.metadata().ok()?.is_file() {
+        return None;
+    }
+    let mut s = String::new();
+    f.take(256).read_to_string(&mut s).ok()?;
+    Some(s)
+}
+
+/// The pusher's end of a push: the hook's socket, written with a deadline. Once
+/// a write fails or stalls, the pusher is gone: nothing more is sent, and the
+/// hook is killed, since git (receive-pack) would otherwise wait for it forever
+/// while its stderr is full; the push then fails and no ref moves.
+pub struct Pusher<W> {
+    wr: W,
+    gone: bool,
+    hook: Option<std::os::fd::OwnedFd>,
+}
+
+impl<W: tokio::io::AsyncWrite + Unpin> Pusher<W> {
+    /// Sends a line; false once the pusher is gone.
+    async fn say(&mut self, line: &PushLine) -> bool {
+        if self.gone {
+            return false;
+        }
+        match tokio::time::timeout(PUSHER_STALL, send(&mut self.wr, line)).await {
+            Ok(Ok(())) => true,
+            _ => {
+                self.gone = true;
+                if let Some(fd) = &self.hook {
+                    use std::os::fd::AsRawFd;
+                    // SAFETY: pidfd_send_signal on a pidfd we own; no siginfo.
+                    unsafe {
+                        libc::syscall(
+                            libc::SYS_pidfd_send_signal,
+                            fd.as_raw_fd(),
+                            libc::SIGKILL,
+                            std::ptr::null::<libc::siginfo_t>(),
+                            0,
+                        )
+                    };
+                }
+                tracing::info!("the pusher stopped reading or went away; the push is ended");
+                false
+            }
+        }
+    }
+
+    async fn keepalive(&mut self) -> bool {
+        self.say(&PushLine::Keepalive { keepalive: true }).await
+    }
+}
+
+/// The pushed tree as it arrives: at most [`MAX_SOURCE`] bytes, and only a
+/// whole tar (ending in its two zero blocks), or reading fails and the upload is
+/// never committed.
+struct Tarball<R> {
+    inner: R,
+    seen: u64,
+    tail: Vec<u8>,
+}
+
+impl<R> Tarball<R> {
+    fn new(inner: R) -> Tarball<R> {
+        Tarball {
+            inner,
+            seen: 0,
+            tail: Vec::with_capacity(2048),
+        }
+    }
+}
+
+impl<R: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Tarball<R> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        use std::task::Poll;
+        let before = buf.filled().len();
+        match std::pin::Pin::new(&mut self.inner).poll_read(cx, buf) {
+            Poll::Ready(Ok(())) => {}
+            other => return other,
+        }
+        let new = &buf.filled()[before..];
+        if new.is_empty() {
+            let whole = self.tail.len() >= 1024
+                && self.tail[self.tail.len() - 1024..].iter().all(|b| *b == 0);
+            if !whole {
+                return Poll::Ready(Err(std::io::Error::other(
+                    "the pushed tree arrived incomplete (git archive did not finish)",
+                )));
+            }
+            return Poll::Ready(Ok(()));
+        }
+        let n = new.len() as u64;
+        let new = new.to_vec();
+        let me = &mut *self;
+        me.seen += n;
+        if me.seen > MAX_SOURCE {
+            return Poll::Ready(Err(std::io::Error::other(format!(
+                "the pushed tree is larger than {} MiB; leave big files out of the repository",
+                MAX_SOURCE >> 20
+            ))));
+        }
+        me.tail.extend_from_slice(&new);
+        if me.tail.len() > 1024 {
+            let cut = me.tail.len() - 1024;
+            me.tail.drain(..cut);
+        }
+        Poll::Ready(Ok(()))
     }
 }
 
@@ -497,7 +671,7 @@ impl Lease {
         app: &str,
         identity: &str,
         push: &str,
-        wr: &mut W,
+        pusher: &mut Pusher<W>,
     ) -> Result<Lease, String>
     where
         W: tokio::io::AsyncWrite + Unpin,
@@ -507,7 +681,12 @@ impl Lease {
         let mut told = false;
         let deadline = Instant::now() + Duration::from_secs(3600);
         loop {
-            let wait = if told { 5_000 } else { 0 };
+            // Between waits, a keepalive: a pusher who left is noticed here, and
+            // nothing is built for them.
+            if told && !pusher.keepalive().await {
+                return Err("the pusher went away while waiting; nothing was built".into());
+            }
+            let wait = if told { 2_000 } else { 0 };
             let r = calls
                 .call_daemon_timeout(
                     "locker",
@@ -524,15 +703,13 @@ impl Lease {
                 Err(e) if is_code(&e, "held") => {
                     if !told {
                         told = true;
-                        let _ = send(
-                            wr,
-                            &PushLine::Log {
+                        pusher
+                            .say(&PushLine::Log {
                                 line: format!(
                                     "-----> Another push to {app} is building; waiting for it to finish"
                                 ),
-                            },
-                        )
-                        .await;
+                            })
+                            .await;
                     }
                 }
                 Err(e) => {

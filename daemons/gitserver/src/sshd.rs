@@ -11,16 +11,28 @@ use anyhow::{anyhow, bail, Context, Result};
 
 use crate::settings::{plain_path, Settings};
 
+/// The comment that marks the account as Paddock's.
+pub const ACCOUNT_COMMENT: &str = "Paddock git pushes";
+
 /// The `git` account: made when missing, with `*` as its password field (no
 /// password; `!`, a locked account, makes sshd without PAM refuse every key).
+/// An account of that name that Paddock did not make (a host's own git user,
+/// gitolite's) is never taken over or unlocked: the start fails, saying so.
 pub fn ensure_account(user: &str) -> Result<(u32, u32)> {
     for attempt in 0..20 {
         if let Some(u) = nix::unistd::User::from_name(user)? {
+            if u.gecos.to_str().ok() != Some(ACCOUNT_COMMENT) {
+                bail!(
+                    "an account named {user} exists and Paddock did not make it (its comment is not \
+                     {ACCOUNT_COMMENT:?}); set [daemons.gitserver] user to a name of its own"
+                );
+            }
             unlock(user)?;
             return Ok((u.uid.as_raw(), u.gid.as_raw()));
         }
         let out = Command::new("useradd")
             .args(["--system", "--user-group", "--no-create-home"])
+            .args(["--comment", ACCOUNT_COMMENT])
             .args(["--home-dir", "/", "--shell", "/bin/sh", user])
             .output()
             .context("running useradd")?;
