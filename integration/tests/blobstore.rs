@@ -583,12 +583,20 @@ fn collection_removes_old_unreferenced_blobs_and_nothing_without_the_api() {
     let old_referenced = data(1000, 10);
     let old_unreferenced = data(1000, 11);
     let young_unreferenced = data(1000, 12);
-    for d in [&old_referenced, &old_unreferenced, &young_unreferenced] {
+    // Put long ago, then put again just now (a push of a tree built before): in
+    // use again, so young again.
+    let put_again = data(1000, 13);
+    for d in [
+        &old_referenced,
+        &old_unreferenced,
+        &young_unreferenced,
+        &put_again,
+    ] {
         put(&mut c, d);
     }
     // Two of them two hours old (the grace period is the default hour).
     let two_hours_ago = SystemTime::now() - Duration::from_secs(7200);
-    for d in [&old_referenced, &old_unreferenced] {
+    for d in [&old_referenced, &old_unreferenced, &put_again] {
         fs::File::options()
             .write(true)
             .open(blob_file(&dir, &sha(d)))
@@ -596,6 +604,8 @@ fn collection_removes_old_unreferenced_blobs_and_nothing_without_the_api() {
             .set_modified(two_hours_ago)
             .unwrap();
     }
+
+    put(&mut c, &put_again);
 
     // No api: nothing is collected, and the caller is told why.
     let e = c.call("blob.gc", json!({})).unwrap_err();
@@ -613,7 +623,8 @@ fn collection_removes_old_unreferenced_blobs_and_nothing_without_the_api() {
         c.call("blob.gc", json!({})).ok()
     });
     assert_eq!(r["removed"], json!([sha(&old_unreferenced)]));
-    assert_eq!(r["kept"], 2);
+    assert_eq!(r["kept"], 3);
+    assert!(blob_file(&dir, &sha(&put_again)).exists());
     assert_eq!(asked.lock().unwrap()[0], json!({"keep": 3}));
     assert!(!blob_file(&dir, &sha(&old_unreferenced)).exists());
     assert!(blob_file(&dir, &sha(&old_referenced)).exists());
@@ -627,7 +638,7 @@ fn collection_removes_old_unreferenced_blobs_and_nothing_without_the_api() {
     let r = c.call("blob.gc", json!({})).unwrap();
     assert_eq!(
         (r["removed"].clone(), r["kept"].clone()),
-        (json!([]), json!(2))
+        (json!([]), json!(3))
     );
 }
 

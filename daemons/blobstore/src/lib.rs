@@ -327,6 +327,16 @@ impl Blobstore {
         if let Copy::Good(id) = self.check_copy(&sha).await? {
             if id.size == c.size {
                 self.discard(&c.upload).await;
+                // Put again means in use again: young for the collection's grace,
+                // so the build about to fetch it does not find it collected.
+                let path = store::blob_path(&self.s.dir, &sha);
+                let _ = tokio::task::spawn_blocking(move || {
+                    std::fs::File::options()
+                        .write(true)
+                        .open(&path)
+                        .and_then(|f| f.set_modified(SystemTime::now()))
+                })
+                .await;
                 self.collected.borrow_mut().remove(&sha);
                 let copies = self.copy_to_peers(&sha, c.size, c.replicate).await;
                 return Ok(json!({"sha256": sha, "size": c.size, "copies": copies}));
