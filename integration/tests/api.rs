@@ -152,7 +152,7 @@ impl Fx {
         );
         self.ok(
             "release.create",
-            json!({"app": a, "slug": "sha256:0123abcd", "description": "Deploy 0123abc",
+            json!({"app": a, "slug": "sha256:0123abcd00000000000000000000000000000000000000000000000000000000", "description": "Deploy 0123abc",
                    "process_types": {"web": "python3 app.py", "worker": "python3 worker.py"}}),
         );
         self.ok(
@@ -341,7 +341,7 @@ fn cases() -> Vec<Case> {
             ClusterOnly,
             Some("release.create"),
             |f, _| {
-                json!({"app": f.app(), "slug": "sha256:feed", "process_types": {"web": "run"},
+                json!({"app": f.app(), "slug": "sha256:feed000000000000000000000000000000000000000000000000000000000000", "process_types": {"web": "run"},
                    "description": "Deploy feed", "created_by": "user:owner"})
             },
         ),
@@ -855,7 +855,7 @@ fn changes_are_published_as_app_changed() {
     let build = cl
         .call(
             "release.create",
-            json!({"app": "pubapp", "slug": "sha256:ab", "process_types": {"web": "run"}, "description": "d"}),
+            json!({"app": "pubapp", "slug": "sha256:ab00000000000000000000000000000000000000000000000000000000000000", "process_types": {"web": "run"}, "description": "d"}),
         )
         .unwrap();
     wait_event(&mut sub, "pubapp", "release");
@@ -1206,7 +1206,7 @@ fn audit_names_config_vars_never_their_values_and_is_read_by_who_may() {
     w.cluster()
         .call(
             "release.create",
-            json!({"app": "ledger", "slug": "sha256:aa", "process_types": {"web": "run"}, "description": "Deploy aa"}),
+            json!({"app": "ledger", "slug": "sha256:aa00000000000000000000000000000000000000000000000000000000000000", "process_types": {"web": "run"}, "description": "Deploy aa"}),
         )
         .unwrap();
     a.call("rollback", json!({"app": "ledger", "version": 3}))
@@ -1464,7 +1464,7 @@ fn bad_input_gets_a_clear_error_and_changes_nothing() {
     w.cluster()
         .call(
             "release.create",
-            json!({"app": "shop", "slug": "sha256:aa", "process_types": {"web": "run"}, "description": "d"}),
+            json!({"app": "shop", "slug": "sha256:aa00000000000000000000000000000000000000000000000000000000000000", "process_types": {"web": "run"}, "description": "d"}),
         )
         .unwrap();
 
@@ -1878,7 +1878,10 @@ fn config_changes_build_on_the_newest_release_that_did_not_fail() {
         )
         .unwrap()
     };
-    let good = build(&mut cl, "sha256:aaaa");
+    let good = build(
+        &mut cl,
+        "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa",
+    );
     assert_eq!(good, 2);
     status(&mut cl, good, "succeeded");
     assert_eq!(
@@ -1889,7 +1892,10 @@ fn config_changes_build_on_the_newest_release_that_did_not_fail() {
         Code::Conflict,
         "only a pending release changes status"
     );
-    let bad = build(&mut cl, "sha256:bbbb");
+    let bad = build(
+        &mut cl,
+        "bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb",
+    );
     status(&mut cl, bad, "failed");
     let r = a
         .call("config.set", json!({"app": "deploys", "vars": {"X": "1"}}))
@@ -1897,18 +1903,24 @@ fn config_changes_build_on_the_newest_release_that_did_not_fail() {
         .clone();
     assert_eq!(r["version"], 4);
     assert_eq!(
-        r["slug"], "sha256:aaaa",
+        r["slug"], "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa",
         "a config change reused a failed build"
     );
-    assert_eq!(r["process_types"], json!({"web": "run sha256:aaaa"}));
+    assert_eq!(r["process_types"], json!({"web": format!("run {}", "a".repeat(64))}));
     assert_eq!(r["status"], "pending");
     // During a deploy, a config change goes with the code being deployed.
-    let next = build(&mut cl, "sha256:cccc");
+    let next = build(
+        &mut cl,
+        "cccccccccccccccccccccccccccccccccccccccccccccccccccccccccccccccc",
+    );
     let r = a
         .call("config.set", json!({"app": "deploys", "vars": {"Y": "2"}}))
         .unwrap()["release"]
         .clone();
-    assert_eq!(r["slug"], "sha256:cccc");
+    assert_eq!(
+        r["slug"],
+        "cccccccccccccccccccccccccccccccccccccccccccccccccccccccccccccccc"
+    );
     assert_eq!(r["config_names"], json!(["X", "Y"]));
 
     let state = cl.call("app.state", json!({"app": "deploys"})).unwrap()["app"].clone();
@@ -1932,14 +1944,17 @@ fn config_changes_build_on_the_newest_release_that_did_not_fail() {
     // A rollback with no version goes to the release before the current one.
     let r = a.call("rollback", json!({"app": "deploys"})).unwrap()["release"].clone();
     assert_eq!(r["description"], format!("Rollback to v{next}"));
-    assert_eq!(r["slug"], "sha256:cccc");
+    assert_eq!(
+        r["slug"],
+        "cccccccccccccccccccccccccccccccccccccccccccccccccccccccccccccccc"
+    );
     assert_eq!(r["config_names"], json!(["X"]));
     let all = cl.call("apps.state", json!({})).unwrap();
     assert_eq!(all["apps"][0]["name"], "deploys");
     // A process type with no health check of its own gets a TCP connect.
     cl.call(
         "release.create",
-        json!({"app": "deploys", "slug": "sha256:dddd", "description": "d",
+        json!({"app": "deploys", "slug": "sha256:dddd000000000000000000000000000000000000000000000000000000000000", "description": "d",
                "process_types": {"web": "run", "worker": "work"}}),
     )
     .unwrap();
@@ -2658,9 +2673,17 @@ fn formation_rollback_and_ssh_key_limits() {
         )
         .unwrap();
     };
-    let good = build(&mut cl, "sha256:aa", json!({"web": "w", "worker": "k"}));
+    let good = build(
+        &mut cl,
+        "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa",
+        json!({"web": "w", "worker": "k"}),
+    );
     status(&mut cl, good, "succeeded");
-    let bad = build(&mut cl, "sha256:bb", json!({"web": "w", "clock": "c"}));
+    let bad = build(
+        &mut cl,
+        "bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb",
+        json!({"web": "w", "clock": "c"}),
+    );
     status(&mut cl, bad, "failed");
 
     // The failed build's types are not the app's; the running release's are.
@@ -2706,7 +2729,11 @@ fn formation_rollback_and_ssh_key_limits() {
         Code::Conflict,
         "failed",
     );
-    let pending = build(&mut cl, "sha256:cc", json!({"web": "w"}));
+    let pending = build(
+        &mut cl,
+        "cccccccccccccccccccccccccccccccccccccccccccccccccccccccccccccccc",
+        json!({"web": "w"}),
+    );
     refused(
         &mut w,
         &mut a,
@@ -2718,7 +2745,10 @@ fn formation_rollback_and_ssh_key_limits() {
     let r = a
         .call("rollback", json!({"app": "lim", "version": good}))
         .unwrap();
-    assert_eq!(r["release"]["slug"], "sha256:aa");
+    assert_eq!(
+        r["release"]["slug"],
+        "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"
+    );
 
     // RSA keys: 16384 bits at most.
     let ok = a

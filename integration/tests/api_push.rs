@@ -173,7 +173,7 @@ fn release_get_gives_the_runner_the_whole_release() {
     let r = ok(
         &mut cl,
         "release.create",
-        json!({"app": "shop", "slug": "sha256:5106", "description": "Deploy 5106",
+        json!({"app": "shop", "slug": "sha256:5106000000000000000000000000000000000000000000000000000000000000", "description": "Deploy 5106",
                "process_types": {"web": "python3 app.py", "worker": "python3 w.py"},
                "healthchecks": {"web": [{"type": "startup", "path": "/health"}]}}),
     );
@@ -192,7 +192,7 @@ fn release_get_gives_the_runner_the_whole_release() {
             json!({"DATABASE_URL": "postgres://db/shop", "A": "1"}),
             "{got}"
         );
-        assert_eq!(rel["slug"], "sha256:5106");
+        assert_eq!(rel["slug"], format!("5106{}", "0".repeat(60)));
         assert_eq!(
             rel["process_types"],
             json!({"web": "python3 app.py", "worker": "python3 w.py"})
@@ -217,7 +217,7 @@ fn release_get_gives_the_runner_the_whole_release() {
         json!({"app": "shop", "version": v + 1}),
     );
     assert_eq!(new["release"]["config"]["A"], "2");
-    assert_eq!(new["release"]["slug"], "sha256:5106");
+    assert_eq!(new["release"]["slug"], format!("5106{}", "0".repeat(60)));
 
     let e = remote_err(cl.call("release.get", json!({"app": "shop", "version": 99})));
     assert_eq!(e.code, Code::NotFound);

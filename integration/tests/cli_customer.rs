@@ -405,7 +405,7 @@ fn build_release(n: &Node, app: &str) {
     n.client("api")
         .call(
             "release.create",
-            json!({"app": app, "slug": "sha256:0123abcd", "description": "Deploy 0123abcd",
+            json!({"app": app, "slug": "sha256:0123abcd00000000000000000000000000000000000000000000000000000000", "description": "Deploy 0123abcd",
                    "process_types": {"web": "python3 app.py", "worker": "python3 worker.py"},
                    "created_by": "user:alice"}),
         )
