@@ -178,6 +178,22 @@ fn release_get_gives_the_runner_the_whole_release() {
                "healthchecks": {"web": [{"type": "startup", "path": "/health"}]}}),
     );
     let v = r["release"]["version"].as_i64().unwrap();
+    // One form of a slug's name everywhere (what the blobstore keeps and GC
+    // spares): anything but 64 lowercase hex is refused, not stored as given.
+    for bad in [
+        format!("sha256:{}", "AB".repeat(32)),
+        format!("SHA256:{}", "ab".repeat(32)),
+        "ab".repeat(31),
+        "slug-1".to_string(),
+    ] {
+        let e = cl
+            .call(
+                "release.create",
+                json!({"app": "shop", "slug": bad, "description": "d", "process_types": {"web": "x"}}),
+            )
+            .unwrap_err();
+        assert!(e.to_string().contains("64 lowercase hex"), "{bad}: {e}");
+    }
     for version in [json!(v), json!(format!("v{v}"))] {
         let got = ok(
             &mut cl,
