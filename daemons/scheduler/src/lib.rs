@@ -3,6 +3,10 @@
 //! node loss. One leads, by a locker lease whose fencing token goes with every
 //! command. Work in progress (issue 10): the pure core comes first.
 
+pub mod model;
+pub mod placement;
+pub mod routes;
+
 use paddock_config::{ClusterConfig, ConfigError};
 use paddock_daemon::{Ctx, Routes, Spec};
 use serde::Deserialize;
