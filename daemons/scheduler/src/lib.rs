@@ -3,6 +3,7 @@
 //! node loss. One leads, by a locker lease whose fencing token goes with every
 //! command. Work in progress (issue 10): the pure core comes first.
 
+pub mod deploy;
 pub mod model;
 pub mod placement;
 pub mod routes;
