@@ -1156,3 +1156,83 @@ fn builds_past_max_builds_wait_for_a_slot() {
     assert!(b2.has("-----> Waiting for a build slot"), "{}", b2.log());
     assert!(!b1.has("Waiting for a build slot"), "{}", b1.log());
 }
+
+#[test]
+fn a_long_line_without_a_newline_is_cut_in_bounded_memory() {
+    let mut w = world("deployer-long-line", &[]);
+    w.app("long");
+    // 300 MB on one line, then a normal one.
+    let bp = w.buildpack(
+        "long-bp",
+        "echo Long",
+        "head -c 300000000 /dev/zero | tr '\\0' a; echo; echo after-the-long-line",
+        "echo ---",
+    );
+    w.config("long", json!({"BUILDPACK_URL": bp.display().to_string()}));
+    let b = w.build("long", &[("Procfile", "web: true\n")]);
+    succeeded(&b);
+    let long = b
+        .lines
+        .iter()
+        .find(|l| l.starts_with("aaaa"))
+        .unwrap_or_else(|| panic!("no long line:\n{}", b.log()));
+    assert_eq!(long, &format!("{}…", "a".repeat(4096)));
+    assert!(b.has("after-the-long-line"), "{}", b.log());
+    // The deployer never held the line: its peak memory stayed far below it.
+    let status =
+        std::fs::read_to_string(format!("/proc/{}/status", w.node.pid("deployer"))).unwrap();
+    let hwm_kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    println!("deployer peak RSS: {} MB", hwm_kb / 1024);
+    assert!(
+        hwm_kb < 150 * 1024,
+        "the deployer's peak RSS was {} MB",
+        hwm_kb / 1024
+    );
+}
+
+#[test]
+fn nul_and_terminal_escapes_in_output_are_saved_and_shown_escaped() {
+    let mut w = world("deployer-escapes", &[]);
+    w.app("escapes");
+    let bp = w.buildpack(
+        "esc-bp",
+        "echo Escapes",
+        "printf 'nul:\\0:end\\n'; printf 'esc:\\033[31mred\\033[0m bel:\\a cr:a\\rb\\ttab\\n' >&2; printf 'osc:\\033]0;title\\007\\n'",
+        "echo ---",
+    );
+    w.config(
+        "escapes",
+        json!({"BUILDPACK_URL": bp.display().to_string()}),
+    );
+    let b = w.build("escapes", &[("Procfile", "web: true\n")]);
+    succeeded(&b);
+    let want = [
+        "nul:\\x00:end",
+        "esc:\\x1b[31mred\\x1b[0m bel:\\x07 cr:a\\x0db\ttab",
+        "osc:\\x1b]0;title\\x07",
+    ];
+    for l in want {
+        assert!(b.has(l), "{l}:\n{}", b.log());
+    }
+    let controls = |s: &str| s.chars().any(|c| c != '\t' && c != '\n' && c.is_control());
+    assert!(!controls(&b.log()), "{:?}", b.log());
+    // The log was saved (PostgreSQL refuses NUL in text).
+    let info = w
+        .deployer()
+        .call("build.info", json!({"build": b.id}))
+        .unwrap();
+    let log = info["build"]["log"].as_str().unwrap();
+    for l in want {
+        assert!(log.contains(l), "{l} is not in the saved log:\n{log}");
+    }
+    assert!(!controls(log), "{log:?}");
+    assert_eq!(
+        log.lines().count(),
+        b.lines.len(),
+        "the saved log is the one streamed"
+    );
+}

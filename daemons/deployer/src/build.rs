@@ -726,7 +726,8 @@ impl Run {
         let limit = Instant::now() + self.dep.settings.release_timeout;
         let deadline = limit.min(self.deadline);
         let mut offset = 0u64;
-        let mut pending = Vec::new();
+        let mut lines = crate::sandbox::LineSplitter::default();
+        let mut emit = |l: String| self.log(format!("       {l}"));
         loop {
             if Instant::now() >= deadline {
                 let _ = calls
@@ -759,17 +760,10 @@ impl Run {
             let data = base64::engine::general_purpose::STANDARD
                 .decode(out["data"].as_str().unwrap_or_default())
                 .unwrap_or_default();
-            pending.extend_from_slice(&data);
-            while let Some(i) = pending.iter().position(|b| *b == b'\n') {
-                let l: Vec<u8> = pending.drain(..=i).collect();
-                let s = String::from_utf8_lossy(&l);
-                self.log(format!("       {}", s.trim_end_matches(['\n', '\r'])));
-            }
+            lines.feed(&data, &mut emit);
             offset = out["next_offset"].as_u64().unwrap_or(offset);
             if out["done"].as_bool() == Some(true) {
-                if !pending.is_empty() {
-                    self.log(format!("       {}", String::from_utf8_lossy(&pending)));
-                }
+                lines.finish(&mut emit);
                 let code = out["exit_code"].as_i64().unwrap_or(-1);
                 if code != 0 {
                     return Err(fail(

@@ -4,6 +4,11 @@
 //! built-in buildpacks (`/tmp/buildpacks`, read-only). The runner's
 //! [`paddock_runner::child::Prepared`] does the rest: cgroups joined, rlimits,
 //! `/app` mounted, privileges dropped (and checked), no fd above stdio.
+//!
+//! The build's output is read through a fixed buffer and cut into lines of at
+//! most [`MAX_LINE`] bytes ([`LineSplitter`]), with control characters made
+//! visible ([`clean_line`]): a line without a newline costs no memory, and no
+//! NUL or terminal escape reaches the database or the pusher.
 
 use std::ffi::CString;
 use std::path::{Path, PathBuf};
@@ -12,10 +17,98 @@ use std::time::Instant;
 
 use paddock_runner::cgroup::InstanceCgroup;
 use paddock_runner::child::{self, AppMount, Prepared};
-use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::io::AsyncReadExt;
 
-/// Longest log line kept; the rest of a longer line is cut.
+/// Longest log line kept (bytes of output); the rest of a longer line is cut.
 pub const MAX_LINE: usize = 4096;
+
+/// Output bytes as one log line: invalid UTF-8 replaced, a trailing CR (CRLF)
+/// dropped, and every control character but tab (C0, DEL, C1: NUL, which
+/// PostgreSQL refuses in text, ESC, BEL, a bare CR, ...) written as visible text
+/// (`\x1b`, `\u009b`), so no terminal escape reaches the pusher.
+pub fn clean_line(bytes: &[u8]) -> String {
+    let s = String::from_utf8_lossy(bytes);
+    let s = s.strip_suffix('\r').unwrap_or(&s);
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '\t' => out.push(c),
+            c if (c as u32) < 0x20 || c as u32 == 0x7f => {
+                out.push_str(&format!("\\x{:02x}", c as u32))
+            }
+            c if (0x80..0xa0).contains(&(c as u32)) => {
+                out.push_str(&format!("\\u{:04x}", c as u32))
+            }
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// Cuts a byte stream into log lines with a fixed memory bound: a line longer
+/// than [`MAX_LINE`] is given cut (ending in `…`) as soon as it is that long,
+/// and the rest of it, up to the next newline, is dropped.
+#[derive(Default)]
+pub struct LineSplitter {
+    buf: Vec<u8>,
+    /// The current line was given cut already: drop bytes to the next newline.
+    skipping: bool,
+}
+
+impl LineSplitter {
+    pub fn feed(&mut self, mut data: &[u8], out: &mut dyn FnMut(String)) {
+        while !data.is_empty() {
+            let nl = data.iter().position(|b| *b == b'\n');
+            let (chunk, rest, ends) = match nl {
+                Some(i) => (&data[..i], &data[i + 1..], true),
+                None => (data, &data[data.len()..], false),
+            };
+            data = rest;
+            if !self.skipping {
+                let room = MAX_LINE - self.buf.len();
+                if chunk.len() > room {
+                    self.buf.extend_from_slice(&chunk[..room]);
+                    out(self.cut());
+                    self.skipping = true;
+                } else {
+                    self.buf.extend_from_slice(chunk);
+                    if ends {
+                        out(clean_line(&self.buf));
+                        self.buf.clear();
+                    }
+                }
+            }
+            if ends {
+                self.skipping = false;
+            }
+        }
+    }
+
+    /// The last line, when the stream ended without a newline.
+    pub fn finish(&mut self, out: &mut dyn FnMut(String)) {
+        if !self.buf.is_empty() {
+            out(clean_line(&self.buf));
+        }
+        self.buf.clear();
+        self.skipping = false;
+    }
+
+    fn cut(&mut self) -> String {
+        // Cut on a character boundary: a split UTF-8 sequence at the end is
+        // dropped rather than shown as a replacement character.
+        let mut n = self.buf.len();
+        while n > 0 && std::str::from_utf8(&self.buf[..n]).is_err() && self.buf.len() - n < 4 {
+            n -= 1;
+        }
+        if std::str::from_utf8(&self.buf[..n]).is_err() {
+            n = self.buf.len();
+        }
+        let mut s = clean_line(&self.buf[..n]);
+        s.push('…');
+        self.buf.clear();
+        s
+    }
+}
 
 /// How a sandboxed command ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -198,57 +291,38 @@ impl Sandbox {
             });
         }
         let mut proc = cmd.spawn()?;
-        let mut out = BufReader::new(proc.stdout.take().expect("piped"));
-        let mut err = BufReader::new(proc.stderr.take().expect("piped"));
-        let (mut ob, mut eb) = (Vec::new(), Vec::new());
+        let mut out = proc.stdout.take().expect("piped");
+        let mut err = proc.stderr.take().expect("piped");
+        let (mut obuf, mut ebuf) = (vec![0u8; 16 << 10], vec![0u8; 16 << 10]);
+        let (mut osplit, mut esplit) = (LineSplitter::default(), LineSplitter::default());
         let (mut o_done, mut e_done) = (false, false);
         let mut captured = String::new();
+        let mut to_stdout = |l: String| {
+            if capture {
+                if captured.len() < 1 << 20 {
+                    captured.push_str(&l);
+                    captured.push('\n');
+                }
+            } else {
+                line(l);
+            }
+        };
+        let mut to_stderr = |l: String| line(l);
         let mut status: Option<Ended> = None;
         let deadline = tokio::time::Instant::from_std(deadline);
-        let emit = |buf: &mut Vec<u8>| {
-            let mut s = String::from_utf8_lossy(buf).into_owned();
-            buf.clear();
-            while s.ends_with('\n') || s.ends_with('\r') {
-                s.pop();
-            }
-            if s.len() > MAX_LINE {
-                let mut cut = MAX_LINE;
-                while !s.is_char_boundary(cut) {
-                    cut -= 1;
-                }
-                s.truncate(cut);
-                s.push('…');
-            }
-            s
-        };
         while !(o_done && e_done && status.is_some()) {
             tokio::select! {
-                r = out.read_until(b'\n', &mut ob), if !o_done => match r {
-                    Ok(n) if n > 0 => {
-                        let l = emit(&mut ob);
-                        if capture {
-                            if captured.len() < 1 << 20 {
-                                captured.push_str(&l);
-                                captured.push('\n');
-                            }
-                        } else {
-                            line(l);
-                        }
-                    }
+                r = out.read(&mut obuf), if !o_done => match r {
+                    Ok(n) if n > 0 => osplit.feed(&obuf[..n], &mut to_stdout),
                     _ => {
-                        if !ob.is_empty() {
-                            let l = emit(&mut ob);
-                            if capture { captured.push_str(&l) } else { line(l) }
-                        }
+                        osplit.finish(&mut to_stdout);
                         o_done = true;
                     }
                 },
-                r = err.read_until(b'\n', &mut eb), if !e_done => match r {
-                    Ok(n) if n > 0 => line(emit(&mut eb)),
+                r = err.read(&mut ebuf), if !e_done => match r {
+                    Ok(n) if n > 0 => esplit.feed(&ebuf[..n], &mut to_stderr),
                     _ => {
-                        if !eb.is_empty() {
-                            line(emit(&mut eb));
-                        }
+                        esplit.finish(&mut to_stderr);
                         e_done = true;
                     }
                 },
@@ -294,5 +368,57 @@ impl Sandbox {
             .find_map(|l| l.strip_prefix("oom_kill "))
             .and_then(|n| n.trim().parse().ok())
             .unwrap_or(0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn split(chunks: &[&[u8]]) -> Vec<String> {
+        let mut s = LineSplitter::default();
+        let mut out = Vec::new();
+        for c in chunks {
+            s.feed(c, &mut |l| out.push(l));
+        }
+        s.finish(&mut |l| out.push(l));
+        out
+    }
+
+    #[test]
+    fn lines_are_split_across_reads_and_cut_at_max_line() {
+        assert_eq!(split(&[b"a\nb", b"c\r\n", b"d"]), ["a", "bc", "d"]);
+        assert_eq!(split(&[b"\n\n"]), ["", ""]);
+        let long = vec![b'x'; MAX_LINE * 3 + 5];
+        let out = split(&[&long, &long, b"\nafter\n"]);
+        assert_eq!(
+            out.len(),
+            2,
+            "{:?}",
+            out.iter().map(String::len).collect::<Vec<_>>()
+        );
+        assert_eq!(out[0], format!("{}…", "x".repeat(MAX_LINE)));
+        assert_eq!(out[1], "after");
+        // Exactly MAX_LINE fits.
+        let exact = vec![b'y'; MAX_LINE];
+        assert_eq!(split(&[&exact, b"\n"]), [String::from_utf8(exact).unwrap()]);
+        // A cut never splits a character.
+        let mut multi = vec![b'z'; MAX_LINE - 1];
+        multi.extend_from_slice("é and more".as_bytes());
+        let out = split(&[&multi]);
+        assert_eq!(out[0], format!("{}…", "z".repeat(MAX_LINE - 1)));
+    }
+
+    #[test]
+    fn control_characters_are_made_visible() {
+        assert_eq!(clean_line(b"nul:\0:end"), "nul:\\x00:end");
+        assert_eq!(
+            clean_line(b"\x1b[31mred\x1b[0m\x07 a\rb\ttab\r"),
+            "\\x1b[31mred\\x1b[0m\\x07 a\\x0db\ttab"
+        );
+        assert_eq!(clean_line("\u{9b}31m".as_bytes()), "\\u009b31m");
+        assert_eq!(clean_line(b"del\x7f"), "del\\x7f");
+        assert_eq!(clean_line(b"bad \xff utf8"), "bad \u{fffd} utf8");
+        assert_eq!(clean_line("naïve ✓".as_bytes()), "naïve ✓");
     }
 }
