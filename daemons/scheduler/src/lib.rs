@@ -6,6 +6,7 @@
 pub mod deploy;
 pub mod model;
 pub mod placement;
+pub mod reconcile;
 pub mod routes;
 
 use paddock_config::{ClusterConfig, ConfigError};
