@@ -22,8 +22,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use crate::model::{
-    is_routed, new_id, Formation, Instance, InstanceId, InstanceState, NodeId, Policy, Proc,
-    StartInstance, StopInstance, Token,
+    is_routed, new_id, DesiredApp, Formation, Instance, InstanceId, InstanceState, NodeId, Policy,
+    Proc, Release, StartInstance, StopInstance, Token,
 };
 use crate::placement::Room;
 
@@ -32,6 +32,35 @@ use crate::placement::Room;
 pub struct Target {
     pub version: u64,
     pub formation: Formation,
+}
+
+impl Target {
+    /// A release with the formation's process types that it has.
+    pub fn of(release: &Release, formation: &Formation) -> Target {
+        let formation = formation
+            .iter()
+            .filter(|(proc, _)| release.process_types.contains_key(*proc))
+            .map(|(proc, scale)| (proc.clone(), *scale))
+            .collect();
+        Target {
+            version: release.version,
+            formation,
+        }
+    }
+}
+
+/// The deploy an app's desired state asks for: its pending release, from the
+/// one serving now (None when nothing is pending). The formation is the app's
+/// now; the actor keeps the `Rollout` it began with, so a rollback restores
+/// exactly the release and formation that served.
+pub fn rollout_for(app: &DesiredApp) -> Option<Rollout> {
+    let pending = app.pending.as_ref()?;
+    Some(Rollout {
+        app: app.name.clone(),
+        live: app.release.as_ref().map(|r| Target::of(r, &app.formation)),
+        target: Target::of(pending, &app.formation),
+        restart: false,
+    })
 }
 
 /// How a release's deploy ended.
@@ -779,7 +808,6 @@ mod tests {
     /// drain or stop of an up, routed instance is checked against the
     /// invariant: the other up, routed instances still number `floor` or more.
     struct Sim {
-        t0: Instant,
         now: Instant,
         p: Policy,
         token: Token,
@@ -823,7 +851,6 @@ mod tests {
             }
             let floor = f.iter().map(|(p, s)| (p.clone(), s.quantity)).collect();
             Sim {
-                t0,
                 now,
                 p: policy(),
                 token: 2,
@@ -1415,6 +1442,34 @@ mod tests {
     }
 
     #[test]
+    fn a_pending_release_asks_for_a_rollout_of_its_process_types() {
+        let release = |version: u64, procs: &[&str]| Release {
+            version,
+            slug: "s".into(),
+            process_types: procs
+                .iter()
+                .map(|p| (p.to_string(), "run".to_string()))
+                .collect(),
+            env: BTreeMap::new(),
+        };
+        let mut app = DesiredApp {
+            name: "app".into(),
+            release: Some(release(1, &["web", "worker"])),
+            pending: None,
+            formation: formation(2, 1),
+            domains: vec![],
+            health: BTreeMap::new(),
+        };
+        assert_eq!(rollout_for(&app), None);
+        app.pending = Some(release(2, &["web"]));
+        let r = rollout_for(&app).unwrap();
+        assert_eq!(r.live, Some(target(1, &formation(2, 1))));
+        assert_eq!(r.target, target(2, &formation(2, 0)));
+        app.release = None;
+        assert_eq!(rollout_for(&app).unwrap().live, None);
+    }
+
+    #[test]
     fn events_after_the_end_change_nothing() {
         let f = formation(1, 0);
         let mut sim = Sim::new(&f, Behaviour::Good);
@@ -1427,6 +1482,5 @@ mod tests {
         });
         sim.step(Event::Timer(Timer::Progress { round: 1 }));
         assert_eq!(sim.log.len(), n);
-        let _ = sim.t0;
     }
 }
