@@ -1,7 +1,9 @@
 //! paddock-scheduler: desired state (the api's apps) against actual state (the
 //! runners' instances): placement, health-gated rolling deploys, auto-rollback,
 //! node loss. One leads, by a locker lease whose fencing token goes with every
-//! command. Work in progress (issue 10): the pure core comes first.
+//! command. Work in progress (issue 10): the pure core comes first
+//! (docs/design/SCHEDULER.md): `model`, `placement`, `deploy`, `reconcile`,
+//! `routes`; no I/O in any of them.
 
 pub mod deploy;
 pub mod model;
