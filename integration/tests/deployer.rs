@@ -909,6 +909,30 @@ fn an_uploaded_buildpack_is_used_by_name() {
     assert!(b.has("-----> Custom compile"), "{}", b.log());
     assert_eq!(release["process_types"], json!({"web": "cat built.txt"}));
     assert!(w.slug_files(&release).iter().any(|f| f == "built.txt"));
+
+    // By its blob's sha256 too, since it is recorded as a buildpack.
+    w.config("custom", json!({"BUILDPACK_URL": format!("sha256:{blob}")}));
+    let b = w.build("custom", &[("README", "x\n")]);
+    succeeded(&b);
+    assert!(b.has("Using the uploaded buildpack mine"), "{}", b.log());
+    // Any other blob (here a source tar, as another app's push puts) is not run.
+    let other = w.source(&[("bin/detect", "#!/bin/sh\necho Stolen\n")]);
+    w.config(
+        "custom",
+        json!({"BUILDPACK_URL": format!("sha256:{other}")}),
+    );
+    let b = w.build("custom", &[("README", "x\n")]);
+    assert_eq!(b.last["status"], "failed", "{}", b.log());
+    assert_eq!(b.last["error"]["step"], "detect", "{}", b.last);
+    assert!(
+        b.last["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("is not an uploaded buildpack"),
+        "{}",
+        b.last
+    );
+    assert!(!b.has("Stolen"), "{}", b.log());
 }
 
 #[test]
@@ -1114,15 +1138,11 @@ fn an_app_made_again_under_an_old_name_does_not_get_the_old_cache() {
     w.owner
         .call("app.destroy", json!({"app": "reborn", "confirm": "reborn"}))
         .unwrap();
-    // A deployer removes the caches of apps that no longer exist (at start,
-    // then hourly).
+    // Made again at once, the deployer not restarted: its hourly sweep has not
+    // run, the old cache is still there, and only the identity check keeps it
+    // from the new app.
     let cache = w.deployer_dir().join("cache/reborn");
     assert!(cache.exists());
-    w.node.kill9("deployer");
-    w.node.start("deployer");
-    eventually(Duration::from_secs(20), "the old cache is removed", || {
-        (!cache.exists() && !w.deployer_dir().join("cache/reborn.identity").exists()).then_some(())
-    });
     let bob = create_user(&w.node, "bob", false);
     let mut bob = user_client(&bob);
     bob.call("app.create", json!({"name": "reborn"})).unwrap();
@@ -1131,6 +1151,7 @@ fn an_app_made_again_under_an_old_name_does_not_get_the_old_cache() {
     let b = w.build("reborn", &files);
     succeeded(&b);
     assert!(b.has("cache: empty"), "{}", b.log());
+    assert!(w.build("reborn", &files).has("cache: found planted"));
 }
 
 #[test]
@@ -1235,4 +1256,58 @@ fn nul_and_terminal_escapes_in_output_are_saved_and_shown_escaped() {
         b.lines.len(),
         "the saved log is the one streamed"
     );
+}
+
+/// The build's failure message (the build must have failed at `step`).
+fn failed_at(b: &Built, step: &str) -> String {
+    assert_eq!(b.last["status"], "failed", "{}", b.log());
+    assert_eq!(b.last["error"]["step"], step, "{}\n{}", b.last, b.log());
+    b.last["error"]["message"].as_str().unwrap().to_string()
+}
+
+#[test]
+fn builds_are_refused_without_memory_and_pids_cgroups_unless_allowed() {
+    let mut w = world("deployer-unconfined", &[]);
+    let none = w.t.path().join("no-cgroups");
+    std::fs::create_dir_all(&none).unwrap();
+    let set = |w: &mut World, k: &str, v: toml::Value| {
+        let d = w.node.file.daemons.get_mut("deployer").unwrap();
+        d.other.insert(k.to_string(), v);
+        w.node.save();
+        w.node.kill9("deployer");
+        w.node.start("deployer");
+    };
+    set(
+        &mut w,
+        "cgroup_root",
+        toml::Value::String(none.display().to_string()),
+    );
+    w.app("loose");
+    let src = w.source(&[("Procfile", "web: true\n")]);
+    let start = |w: &World| {
+        eventually(Duration::from_secs(20), "the deployer takes builds", || {
+            w.deployer()
+                .call(
+                    "build.start",
+                    json!({"app": "loose", "commit": "abc", "source": src}),
+                )
+                .ok()
+                .map(|r| r["build"].as_str().unwrap().to_string())
+        })
+    };
+    let id = start(&w);
+    let b = w.follow(&id);
+    let m = failed_at(&b, "source");
+    assert!(
+        m.contains("no usable memory and pids cgroup controller(s)"),
+        "{m}"
+    );
+    assert!(m.contains("allow_unconfined_builds"), "{m}");
+    set(
+        &mut w,
+        "allow_unconfined_builds",
+        toml::Value::Boolean(true),
+    );
+    let id = start(&w);
+    succeeded(&w.follow(&id));
 }

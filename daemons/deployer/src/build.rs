@@ -391,7 +391,9 @@ impl Run {
             .await
             .map_err(|e| fail("source", format!("cannot read the app's config: {e}")))?;
         let app = &state["app"];
-        let config = [&app["current"]["config"], &app["pending"]["config"]]
+        // The newest config: a config change after a deploy makes a pending
+        // release (of the deployed slug) that holds it.
+        let config = [&app["pending"]["config"], &app["current"]["config"]]
             .into_iter()
             .find_map(|c| c.as_object())
             .cloned()
@@ -502,7 +504,38 @@ impl Run {
                     self.log(format!("       Using the buildpack at {p}"));
                     format!("/tmp/{name}")
                 }
-                BuildpackRef::Blob(sha) => self.fetch_buildpack(n, sha).await?,
+                BuildpackRef::Blob(sha) => {
+                    // Only a blob recorded as a buildpack: any other (another
+                    // app's source or slug) is not run, nor even fetched.
+                    let list = self
+                        .dep
+                        .api("buildpack.list", json!({}), Duration::from_secs(10))
+                        .await
+                        .map_err(|e| fail("detect", format!("cannot list the buildpacks: {e}")))?;
+                    let recorded = list["buildpacks"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .find(|b| {
+                            let blob = b["blob"].as_str().unwrap_or_default();
+                            blob.strip_prefix("sha256:")
+                                .unwrap_or(blob)
+                                .eq_ignore_ascii_case(sha)
+                        });
+                    let Some(b) = recorded else {
+                        return Err(fail(
+                            "detect",
+                            format!(
+                                "sha256:{sha} is not an uploaded buildpack (`paddock buildpacks` lists them; name one as paddock:NAME)"
+                            ),
+                        ));
+                    };
+                    self.log(format!(
+                        "       Using the uploaded buildpack {}",
+                        b["name"].as_str().unwrap_or_default()
+                    ));
+                    self.fetch_buildpack(n, sha).await?
+                }
                 BuildpackRef::Named(name) => {
                     let got = self
                         .dep

@@ -314,11 +314,18 @@ pub async fn setup(ctx: Ctx) -> anyhow::Result<Routes> {
     paddock_runner::child::ensure_app_root()
         .context("cannot make /app, where builds see their app")?;
     let hierarchy = Hierarchy::detect(&s.cgroup_root);
-    if hierarchy == Hierarchy::None {
-        tracing::warn!(
-            "no writable cgroups under {}: builds run without memory, pids and CPU limits",
-            s.cgroup_root.display()
-        );
+    if let Some(missing) = missing_controllers(&hierarchy) {
+        if s.allow_unconfined_builds {
+            tracing::warn!(
+                "no writable {missing} cgroup controller(s) under {}: builds run without those limits (allow_unconfined_builds)",
+                s.cgroup_root.display()
+            );
+        } else {
+            tracing::warn!(
+                "no writable {missing} cgroup controller(s) under {}: builds are refused (set allow_unconfined_builds = true to run them unlimited)",
+                s.cgroup_root.display()
+            );
+        }
     }
     // Builds a stopped deployer left: their processes are killed, trees removed.
     if let Ok(rd) = std::fs::read_dir(s.dir.join("builds")) {
@@ -332,9 +339,18 @@ pub async fn setup(ctx: Ctx) -> anyhow::Result<Routes> {
                     cpu_weight: None,
                 },
             ) {
-                paddock_runner::shim::kill_cgroup(cg.kill.as_ref());
-                std::thread::sleep(Duration::from_millis(50));
-                cg.remove();
+                for _ in 0..100 {
+                    paddock_runner::shim::kill_cgroup(cg.kill.as_ref());
+                    if cg.pids().is_empty() {
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                if cg.pids().is_empty() {
+                    cg.remove();
+                } else {
+                    tracing::warn!(build = %id, "processes of an old build survive kills; its cgroup is kept");
+                }
             }
             let _ = std::fs::remove_dir_all(e.path());
         }
@@ -573,14 +589,22 @@ async fn run_build(d: Rc<Deployer>, job: Job) {
     }
     // Nothing of the build outlives it, and it is gone before anyone is told.
     if let Some(r) = &run {
+        let mut empty = false;
         for _ in 0..100 {
             r.sandbox.kill_all().await;
             if r.sandbox.cgroup.pids().is_empty() {
+                empty = true;
                 break;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        r.sandbox.cgroup.remove();
+        if empty {
+            r.sandbox.cgroup.remove();
+        } else {
+            // Kept, so the processes stay limited and findable; the next start
+            // kills what is in it and removes it.
+            tracing::warn!(build = %id, "processes of the build survived two seconds of kills; its cgroup is kept");
+        }
     }
     d.cgroups.borrow_mut().remove(&id);
     let root = build::Paths::new(&d.settings.dir, &id).root;
@@ -640,6 +664,26 @@ async fn run_build(d: Rc<Deployer>, job: Job) {
     d.builds.borrow_mut().remove(&id);
 }
 
+/// The controllers a build needs to be confined (memory and pids) that the
+/// host lacks, named; `None` when both are there.
+fn missing_controllers(h: &Hierarchy) -> Option<String> {
+    let (memory, pids) = match h {
+        Hierarchy::None => (false, false),
+        Hierarchy::V1 { memory, pids, .. } => (memory.is_some(), pids.is_some()),
+        Hierarchy::V2 { root } => {
+            let list = std::fs::read_to_string(root.join("cgroup.controllers")).unwrap_or_default();
+            let has = |c: &str| list.split_whitespace().any(|x| x == c);
+            (has("memory"), has("pids"))
+        }
+    };
+    let missing: Vec<&str> = [("memory", memory), ("pids", pids)]
+        .into_iter()
+        .filter(|(_, ok)| !ok)
+        .map(|(c, _)| c)
+        .collect();
+    (!missing.is_empty()).then(|| missing.join(" and "))
+}
+
 /// The build's account, cgroup and sandbox.
 async fn prepare(d: &Rc<Deployer>, job: &Job) -> Result<build::Run, build::Failure> {
     let f = |m: String| build::Failure {
@@ -657,6 +701,16 @@ async fn prepare(d: &Rc<Deployer>, job: &Job) -> Result<build::Run, build::Failu
             ))
         })?;
     let s = &d.settings;
+    if let Some(missing) = missing_controllers(&d.hierarchy) {
+        if !s.allow_unconfined_builds {
+            return Err(f(format!(
+                "this deployer has no usable {missing} cgroup controller(s) under {}, so a build \
+                 could not be limited; builds are refused until the operator mounts them \
+                 (or sets [daemons.deployer] allow_unconfined_builds = true)",
+                s.cgroup_root.display()
+            )));
+        }
+    }
     let cgroup = d
         .hierarchy
         .create(

@@ -35,6 +35,9 @@ pub struct DeployerSection {
     pub release_timeout_ms: Ms,
     /// Builds this deployer runs at once, 1-64; more wait for a slot.
     pub max_builds: u32,
+    /// Build without memory and pids cgroups (they are missing on the host):
+    /// off by default, when such builds are refused.
+    pub allow_unconfined_builds: bool,
 }
 
 impl Default for DeployerSection {
@@ -50,6 +53,7 @@ impl Default for DeployerSection {
             cgroup_root: PathBuf::from("/sys/fs/cgroup"),
             release_timeout_ms: Ms::from_millis(600_000),
             max_builds: 4,
+            allow_unconfined_builds: false,
         }
     }
 }
@@ -68,6 +72,7 @@ pub struct Settings {
     pub cgroup_root: PathBuf,
     pub release_timeout: Duration,
     pub max_builds: usize,
+    pub allow_unconfined_builds: bool,
     pub node: String,
 }
 
@@ -125,6 +130,7 @@ impl DeployerSection {
             cgroup_root: self.cgroup_root.clone(),
             release_timeout,
             max_builds: self.max_builds as usize,
+            allow_unconfined_builds: self.allow_unconfined_builds,
             node: cfg.node().to_string(),
         })
     }
@@ -175,10 +181,12 @@ rpc = "tcp://127.0.0.1:7110"
         assert_eq!((s.keep_builds, s.pool_size), (100, 4));
         assert_eq!(s.release_timeout, Duration::from_secs(600));
         assert_eq!(s.max_builds, 4);
+        assert!(!s.allow_unconfined_builds);
         let s = settings(&config(
             "dir = \"/srv/builds\"\nbuild_timeout_ms = 60000\nbuild_memory_mb = 256\n\
              build_pids = 64\nbuild_cpu_weight = 50\nkeep_builds = 5\npool_size = 2\n\
-             cgroup_root = \"/cg\"\nrelease_timeout_ms = 5000\nmax_builds = 1\n",
+             cgroup_root = \"/cg\"\nrelease_timeout_ms = 5000\nmax_builds = 1\n\
+             allow_unconfined_builds = true\n",
         ))
         .unwrap();
         assert_eq!(s.dir, PathBuf::from("/srv/builds"));
@@ -191,6 +199,7 @@ rpc = "tcp://127.0.0.1:7110"
         assert_eq!(s.cgroup_root, PathBuf::from("/cg"));
         assert_eq!(s.release_timeout, Duration::from_secs(5));
         assert_eq!(s.max_builds, 1);
+        assert!(s.allow_unconfined_builds);
     }
 
     #[test]
