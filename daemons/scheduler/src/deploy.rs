@@ -182,11 +182,13 @@ pub struct Rollout {
     pub restart: bool,
 }
 
-/// The cluster as a step sees it: the current fencing token and the nodes' room.
+/// The cluster as a step sees it: the current fencing token, the nodes' room,
+/// and every instance id known (any app, node or state: a new id is none of them).
 #[derive(Debug, Clone)]
 pub struct World {
     pub token: Token,
     pub room: Room,
+    pub taken: BTreeSet<InstanceId>,
 }
 
 /// One instance of the app, as the deploy knows it.
@@ -228,6 +230,8 @@ pub struct Deploy {
     /// Bumped with every new target: older deadlines stand down.
     round: u64,
     instances: BTreeMap<InstanceId, Tracked>,
+    /// Every id it began with or gave: never given again, even once forgotten.
+    named: BTreeSet<InstanceId>,
 }
 
 impl Deploy {
@@ -247,7 +251,7 @@ impl Deploy {
             target,
             restart,
         } = r;
-        let instances = existing
+        let instances: BTreeMap<InstanceId, Tracked> = existing
             .iter()
             .filter(|i| i.app == app && !i.state.is_gone())
             .map(|i| {
@@ -266,7 +270,9 @@ impl Deploy {
                 (i.id.clone(), t)
             })
             .collect();
+        let named = instances.keys().cloned().collect();
         let mut d = Deploy {
+            named,
             app,
             target: target.clone(),
             live,
@@ -633,13 +639,9 @@ impl Deploy {
                 ));
             };
             let version = self.target.version;
-            let id = new_id(
-                &self.app,
-                proc,
-                version,
-                w.token,
-                self.instances.keys().map(String::as_str),
-            );
+            let taken = self.named.iter().chain(&w.taken).map(String::as_str);
+            let id = new_id(&self.app, proc, version, w.token, taken);
+            self.named.insert(id.clone());
             self.instances.insert(
                 id.clone(),
                 Tracked {
@@ -873,6 +875,7 @@ mod tests {
             World {
                 token: self.token,
                 room: Room::new(&self.reg, &list, self.now, &self.p),
+                taken: self.world.keys().cloned().collect(),
             }
         }
 
@@ -1467,6 +1470,156 @@ mod tests {
         assert_eq!(r.target, target(2, &formation(2, 0)));
         app.release = None;
         assert_eq!(rollout_for(&app).unwrap().live, None);
+    }
+
+    fn kind(e: &Effect) -> String {
+        match e {
+            Effect::StartInstance(s) => format!("start v{}", s.version),
+            Effect::DrainInstance { id } => format!("drain {id}"),
+            Effect::StopInstance(s) => format!("stop {}", s.id),
+            Effect::PublishRoutes => "routes".into(),
+            Effect::After { timer, .. } => format!("after {timer:?}"),
+            Effect::Rollback { to } => format!("rollback to v{to}"),
+            Effect::Alert { .. } => "alert".into(),
+            Effect::Live { version } => format!("live v{version}"),
+            Effect::Finished { version, outcome } => format!("v{version} {outcome:?}"),
+        }
+    }
+
+    /// Table: one event in a deploy of web=2 from v1 to v2, 3 s in (the first
+    /// v2 instance up for 1 s, not settled) → the effects.
+    #[test]
+    fn one_event_in_mid_deploy_table() {
+        const OLD: &str = "app.web.v1.t1.1";
+        const NEW: &str = "app.web.v2.t2.1";
+        let id = |s: &str| s.to_string();
+        let f = formation(2, 0);
+        let cases: Vec<(&str, Event, Vec<&str>)> = vec![
+            (
+                "unknown instance up",
+                Event::Up {
+                    id: id("x"),
+                    up_at: Instant::now(),
+                },
+                vec![],
+            ),
+            (
+                "deadline of an up instance",
+                Event::Timer(Timer::HealthyBy { id: id(NEW) }),
+                vec![],
+            ),
+            (
+                "an older round's deadline",
+                Event::Timer(Timer::Progress { round: 0 }),
+                vec![],
+            ),
+            (
+                "drain over, none under way",
+                Event::Timer(Timer::DrainOver { id: id(OLD) }),
+                vec![],
+            ),
+            (
+                "drain confirmed, none under way",
+                Event::DrainConfirmed { id: id(OLD) },
+                vec![],
+            ),
+            (
+                "settled timer too early",
+                Event::Timer(Timer::Settled { id: id(NEW) }),
+                vec![],
+            ),
+            (
+                "an old instance crashes: stopped, not replaced while one is in flight",
+                Event::Crashed {
+                    id: id(OLD),
+                    restarts: 5,
+                },
+                vec!["routes", "stop app.web.v1.t1.1"],
+            ),
+            (
+                "the new one restarts, below the limit",
+                Event::Down {
+                    id: id(NEW),
+                    restarts: 2,
+                },
+                vec!["routes"],
+            ),
+            (
+                "the new one restarts, at the limit",
+                Event::Down {
+                    id: id(NEW),
+                    restarts: 3,
+                },
+                vec![
+                    "routes",
+                    "alert",
+                    "rollback to v1",
+                    "after Progress { round: 2 }",
+                    "stop app.web.v2.t2.1",
+                    "v2 RolledBack",
+                ],
+            ),
+            (
+                "the new one crashes",
+                Event::Crashed {
+                    id: id(NEW),
+                    restarts: 0,
+                },
+                vec![
+                    "routes",
+                    "alert",
+                    "rollback to v1",
+                    "after Progress { round: 2 }",
+                    "stop app.web.v2.t2.1",
+                    "v2 RolledBack",
+                ],
+            ),
+            (
+                "the progress deadline",
+                Event::Timer(Timer::Progress { round: 1 }),
+                vec![
+                    "alert",
+                    "rollback to v1",
+                    "after Progress { round: 2 }",
+                    "drain app.web.v2.t2.1",
+                    "routes",
+                    "after DrainOver { id: \"app.web.v2.t2.1\" }",
+                ],
+            ),
+            (
+                "the new one's node dies",
+                Event::Lost { id: id(NEW) },
+                vec![
+                    "routes",
+                    "start v2",
+                    "after HealthyBy { id: \"app.web.v2.t2.2\" }",
+                ],
+            ),
+            (
+                "a newer release",
+                Event::Newer {
+                    target: target(3, &f),
+                    restart: false,
+                },
+                vec![
+                    "v2 Cancelled",
+                    "after Progress { round: 2 }",
+                    "drain app.web.v1.t1.1",
+                    "routes",
+                    "after DrainOver { id: \"app.web.v1.t1.1\" }",
+                ],
+            ),
+        ];
+        for (name, ev, want) in cases {
+            let mut sim = Sim::new(&f, Behaviour::Good);
+            sim.strict = false;
+            sim.begin(Some(target(1, &f)), target(2, &f), Behaviour::Good, false);
+            sim.run_until(Some(Sim::secs(3)));
+            let before = sim.log.len();
+            sim.event(ev);
+            let got: Vec<String> = sim.log[before..].iter().map(|(_, e)| kind(e)).collect();
+            assert_eq!(got, want, "{name}");
+        }
     }
 
     #[test]
