@@ -1371,6 +1371,10 @@ mod tests {
         assert_eq!(sim.finished(), [(1, Outcome::Succeeded)]);
         assert_eq!(sim.counts(), counts(&[("web", 1, 2), ("worker", 1, 1)]));
         assert!(sim.world.keys().all(|id| !before.contains(id)));
+        // Workers take no traffic: stopped without a drain.
+        let drained = sim.effects(|e| matches!(e, Effect::DrainInstance { .. }));
+        assert_eq!(drained.len(), 2);
+        assert!(drained.iter().all(|(_, e)| kind(e).contains(".web.")));
     }
 
     #[test]

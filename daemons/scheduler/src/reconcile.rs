@@ -627,6 +627,46 @@ mod tests {
         );
     }
 
+    /// Table: which of two web instances goes when the formation is 1, by the
+    /// first rule that tells them apart (n3 came back 1 s ago; n1 is crowded).
+    #[test]
+    fn which_extra_goes_first_table() {
+        type Case = (
+            &'static str,
+            (&'static str, Token, InstanceState),
+            (&'static str, Token, InstanceState),
+            &'static str,
+        );
+        use InstanceState::{Backoff, Up};
+        let cases: &[Case] = &[
+            ("on a returned node", ("n2", 5, Up), ("n3", 5, Up), "b"),
+            ("returned beats token", ("n2", 4, Up), ("n3", 5, Up), "b"),
+            ("older token", ("n2", 5, Up), ("n1", 4, Up), "b"),
+            ("token beats up", ("n2", 4, Up), ("n1", 5, Backoff), "a"),
+            ("not up", ("n2", 5, Up), ("n1", 5, Backoff), "b"),
+            ("crowded node", ("n2", 5, Up), ("n1", 5, Up), "b"),
+        ];
+        for (name, a, b, want) in cases {
+            let mut c = Cluster::new(vec![app("shop", 1, 1, 0)]);
+            for (id, (node, token, state)) in [("a", a), ("b", b)] {
+                let i = c.add(id, "web", node, 1);
+                i.token = *token;
+                i.state = *state;
+            }
+            // n1 holds a third web instance of the app in the crowded case only
+            // (with a newer token, so that it is not the one to go).
+            if *name == "crowded node" {
+                c.apps = vec![app("shop", 1, 2, 0)];
+                c.add("crowd", "web", "n1", 1).token = 6;
+            }
+            let n3 = c.reg.get_mut("n3").unwrap();
+            n3.alive_since = c.now - Duration::from_secs(1);
+            let fx = c.tick();
+            let gone: Vec<&str> = drains(&fx).into_iter().chain(stops(&fx)).collect();
+            assert_eq!(gone, [*want], "{name}");
+        }
+    }
+
     #[test]
     fn crashed_instances_count_and_are_not_replaced() {
         let mut c = Cluster::new(vec![app("shop", 1, 2, 0)]);
