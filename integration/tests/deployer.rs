@@ -5,7 +5,7 @@
 //! build that cannot read another app's files or the cluster file.
 
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -22,7 +22,8 @@ struct World {
 }
 
 /// A node with heartbeat, api, blobstore and deployer; `deployer` adds keys to
-/// `[daemons.deployer]`.
+/// `[daemons.deployer]`. Local buildpacks are allowed in the test dir unless
+/// `deployer` says otherwise.
 fn world(name: &str, deployer: &[(&str, toml::Value)]) -> World {
     let t = TestDir::new(name);
     // Local buildpacks in the test dir must be reachable by the apps' users.
@@ -31,6 +32,10 @@ fn world(name: &str, deployer: &[(&str, toml::Value)]) -> World {
     let mut node = Node::new(t.path(), "node-a", &test_key(), &[], Some(pg.url()));
     {
         let d = node.file.daemons.get_mut("deployer").unwrap();
+        d.other.insert(
+            "local_buildpacks".to_string(),
+            toml::Value::Array(vec![toml::Value::String(t.path().display().to_string())]),
+        );
         for (k, v) in deployer {
             d.other.insert(k.to_string(), v.clone());
         }
@@ -771,6 +776,15 @@ fn builds_are_confined_by_their_cgroups() {
     assert!(left.is_empty(), "left running: {left:#?}");
 }
 
+/// Removes a directory when dropped (a test's files outside its test dir).
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 #[test]
 fn a_build_cannot_read_other_apps_or_the_platform() {
     let mut w = world("deployer-isolation", &[]);
@@ -785,20 +799,55 @@ fn a_build_cannot_read_other_apps_or_the_platform() {
             ("app.py", "SECRET = 1\n"),
         ],
     ));
+    // The test's own dir is under /tmp, which a build sees as its own: the
+    // platform's files there read as missing. Protected copies outside /tmp and
+    // /var/tmp (a build's are private too) must read as denied, by permissions.
+    let outside = RemoveOnDrop(PathBuf::from(format!(
+        "/run/paddock-isolation-{}",
+        ulid::Ulid::new()
+    )));
+    let state = outside.0.join("state");
+    std::fs::create_dir_all(state.join("deployer/cache/victim")).unwrap();
+    std::fs::copy(&w.node.config, outside.0.join("paddock.toml")).unwrap();
+    std::fs::write(state.join("deployer/cache/victim/secret"), "SECRET").unwrap();
+    for (p, mode) in [
+        (outside.0.clone(), 0o755),
+        (outside.0.join("paddock.toml"), 0o600),
+        (state.clone(), 0o700),
+    ] {
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).unwrap();
+    }
     let dir = w.deployer_dir();
-    let targets = [
+    let denied = [
+        (outside.0.join("paddock.toml").display().to_string(), false),
+        (state.display().to_string(), true),
+        (
+            state
+                .join("deployer/cache/victim/secret")
+                .display()
+                .to_string(),
+            false,
+        ),
+        ("/root".to_string(), true),
+        ("/etc/shadow".to_string(), false),
+    ];
+    let hidden = [
         w.node.config.display().to_string(),
         dir.join("cache/victim").display().to_string(),
         dir.join("builds").display().to_string(),
         w.node.dir.join("state").display().to_string(),
-        w.node.dir.join("state/blobstore").display().to_string(),
-        "/root".to_string(),
-        "/etc/shadow".to_string(),
     ];
     let mut compile = String::from("echo \"uid=$(id -u) user=$(id -un)\"\n");
-    for t in &targets {
+    for (t, is_dir) in &denied {
+        let cmd = if *is_dir { "ls" } else { "cat" };
+        let arg = if *is_dir { format!("{t}/") } else { t.clone() };
         compile.push_str(&format!(
-            "if cat '{t}' >/dev/null 2>&1 || ls '{t}/' >/dev/null 2>&1; then echo 'READ {t}'; else echo 'DENIED {t}'; fi\n"
+            "if err=$({cmd} '{arg}' 2>&1 >/dev/null); then echo 'READ {t}'; else echo \"DENIED {t}: $err\"; fi\n"
+        ));
+    }
+    for t in &hidden {
+        compile.push_str(&format!(
+            "if cat '{t}' >/dev/null 2>&1 || ls '{t}/' >/dev/null 2>&1; then echo 'READ {t}'; else echo 'HIDDEN {t}'; fi\n"
         ));
     }
     compile.push_str("echo \"tmp: $(ls -A /tmp | tr '\\n' ' ')\"\n");
@@ -812,17 +861,28 @@ fn a_build_cannot_read_other_apps_or_the_platform() {
     let log = b.log();
     assert!(b.has("user=pdk-snoop"), "{log}");
     assert!(!b.has("uid=0 "), "{log}");
-    for t in &targets {
-        assert!(b.has(&format!("DENIED {t}")), "{t} was readable:\n{log}");
+    for (t, _) in &denied {
+        let line = b
+            .lines
+            .iter()
+            .find(|l| l.starts_with(&format!("DENIED {t}: ")))
+            .unwrap_or_else(|| panic!("{t} was readable:\n{log}"));
+        assert!(
+            line.contains("Permission denied"),
+            "{t} was not refused by its permissions: {line}\n{log}"
+        );
+    }
+    for t in &hidden {
+        assert!(b.has(&format!("HIDDEN {t}")), "{t} was readable:\n{log}");
     }
     assert!(!b.has("READ "), "{log}");
     assert!(b.has("home=/app pwd=/app"), "{log}");
     // Only stdio (and the directory ls itself reads) reaches build code.
     let fds = b.lines.iter().find(|l| l.starts_with("fds: ")).unwrap();
     assert_eq!(fds.trim(), "fds: 0 1 2 3", "{log}");
-    // Its /tmp is its own: cache, env, buildpacks, nothing of the host's.
+    // Its /tmp is its own: cache, env, work, buildpacks, nothing of the host's.
     let tmp = b.lines.iter().find(|l| l.starts_with("tmp: ")).unwrap();
-    for own in ["cache", "env", "buildpacks"] {
+    for own in ["cache", "env", "work", "buildpacks"] {
         assert!(tmp.contains(own), "{tmp}");
     }
     assert!(!tmp.contains("paddock-"), "the host's /tmp shows: {tmp}");
@@ -830,7 +890,6 @@ fn a_build_cannot_read_other_apps_or_the_platform() {
         !b.has("ENV "),
         "platform secrets in the build's env:\n{log}"
     );
-    let _ = Path::new("/");
 }
 
 #[test]
@@ -1178,6 +1237,142 @@ fn builds_past_max_builds_wait_for_a_slot() {
     assert!(!b1.has("Waiting for a build slot"), "{}", b1.log());
 }
 
+/// The build's failure message (the build must have failed at `step`).
+fn failed_at(b: &Built, step: &str) -> String {
+    assert_eq!(b.last["status"], "failed", "{}", b.log());
+    assert_eq!(b.last["error"]["step"], step, "{}\n{}", b.last, b.log());
+    b.last["error"]["message"].as_str().unwrap().to_string()
+}
+
+#[test]
+fn build_code_cannot_make_the_deployer_chmod_a_host_file() {
+    let mut w = world("deployer-plant", &[]);
+    w.app("planter");
+    // A root-only file the app's user cannot touch.
+    let victim = w.t.path().join("victim");
+    std::fs::write(&victim, "secret\n").unwrap();
+    std::fs::set_permissions(&victim, std::fs::Permissions::from_mode(0o600)).unwrap();
+    // The first buildpack's detect plants the second's mount point (and the
+    // others) as symlinks to it, before the deployer makes them.
+    let plant = format!(
+        "for m in buildpack-local-1 cache buildpacks .app work/x; do ln -s {v} /tmp/$m 2>&1 | sed 's/^/plant: /' >&2; done; echo Planter",
+        v = victim.display()
+    );
+    let a = w.buildpack("planter-bp", &plant, "true", "echo ---");
+    let b = w.buildpack("plain-bp", "echo Plain", "true", "echo ---");
+    let list = format!("{}\n{}\n", a.display(), b.display());
+    let built = w.build(
+        "planter",
+        &[(".buildpacks", &list), ("Procfile", "web: true\n")],
+    );
+    let mode = std::fs::metadata(&victim).unwrap().permissions().mode() & 0o7777;
+    assert_eq!(
+        mode,
+        0o600,
+        "the deployer changed a host file's mode:\n{}",
+        built.log()
+    );
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "secret\n");
+    // /tmp is root's: nothing could be planted there.
+    succeeded(&built);
+    assert!(
+        built.has("plant: ln: failed to create symbolic link '/tmp/buildpack-local-1'"),
+        "{}",
+        built.log()
+    );
+}
+
+#[test]
+fn local_buildpacks_come_only_from_safe_directories_the_operator_allows() {
+    let mut w = world("deployer-local-bp", &[]);
+    w.app("local");
+    let files = [("Procfile", "web: true\n")];
+    let refused = |w: &mut World, path: &str, says: &str| {
+        w.config("local", json!({ "BUILDPACK_URL": path }));
+        let b = w.build("local", &files);
+        let m = failed_at(&b, "detect");
+        assert!(m.contains(says), "{path}: {m}");
+        assert!(!b.has("Ran the buildpack"), "{}", b.log());
+    };
+    let ok = w.buildpack("ok-bp", "echo Ran the buildpack", "true", "echo ---");
+    w.config(
+        "local",
+        json!({ "BUILDPACK_URL": ok.display().to_string() }),
+    );
+    succeeded(&w.build("local", &files));
+
+    // Writable by others, or not root's.
+    let open = w.buildpack("open-bp", "echo Ran the buildpack", "true", "echo ---");
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+    refused(
+        &mut w,
+        &open.display().to_string(),
+        "writable by its group or others",
+    );
+    let theirs = w.buildpack("theirs-bp", "echo Ran the buildpack", "true", "echo ---");
+    std::os::unix::fs::chown(&theirs, Some(65534), Some(65534)).unwrap();
+    refused(&mut w, &theirs.display().to_string(), "not root");
+
+    // Outside the allowed directory, directly or through a symlink (a build
+    // could swap one; it is resolved once and judged by where it leads).
+    let elsewhere = RemoveOnDrop(PathBuf::from(format!(
+        "/run/paddock-bp-{}",
+        ulid::Ulid::new()
+    )));
+    std::fs::create_dir_all(elsewhere.0.join("bin")).unwrap();
+    std::fs::write(
+        elsewhere.0.join("bin/detect"),
+        "#!/bin/sh\necho Ran the buildpack\n",
+    )
+    .unwrap();
+    for p in [
+        elsewhere.0.clone(),
+        elsewhere.0.join("bin"),
+        elsewhere.0.join("bin/detect"),
+    ] {
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    refused(
+        &mut w,
+        &elsewhere.0.display().to_string(),
+        "is not under a directory this deployer allows",
+    );
+    let link = w.t.path().join("link-bp");
+    std::os::unix::fs::symlink(&elsewhere.0, &link).unwrap();
+    refused(
+        &mut w,
+        &link.display().to_string(),
+        "is not under a directory this deployer allows",
+    );
+    let dotdot = format!("{}/../../run", w.t.path().display());
+    refused(&mut w, &dotdot, "may not contain `..`");
+
+    // Where the operator allows none (the default), none is used.
+    let mut w2 = world(
+        "deployer-no-local-bp",
+        &[("local_buildpacks", toml::Value::Array(vec![]))],
+    );
+    w2.app("local");
+    let ok2 = w2.buildpack("ok-bp", "echo Ran the buildpack", "true", "echo ---");
+    refused(
+        &mut w2,
+        &ok2.display().to_string(),
+        "local buildpack paths are not allowed on this deployer",
+    );
+    // Nor from .buildpacks.
+    let list = format!("{}\n", ok2.display());
+    w2.config("local", json!({ "BUILDPACK_URL": "" }));
+    let b = w2.build(
+        "local",
+        &[(".buildpacks", &list), ("Procfile", "web: true\n")],
+    );
+    assert!(
+        failed_at(&b, "detect").contains("not allowed"),
+        "{}",
+        b.last
+    );
+}
+
 #[test]
 fn a_long_line_without_a_newline_is_cut_in_bounded_memory() {
     let mut w = world("deployer-long-line", &[]);
@@ -1258,11 +1453,77 @@ fn nul_and_terminal_escapes_in_output_are_saved_and_shown_escaped() {
     );
 }
 
-/// The build's failure message (the build must have failed at `step`).
-fn failed_at(b: &Built, step: &str) -> String {
-    assert_eq!(b.last["status"], "failed", "{}", b.log());
-    assert_eq!(b.last["error"]["step"], step, "{}\n{}", b.last, b.log());
-    b.last["error"]["message"].as_str().unwrap().to_string()
+#[test]
+fn files_and_slugs_over_their_limits_fail_the_build() {
+    let mut w = world(
+        "deployer-disk",
+        &[
+            ("build_disk_mb", toml::Value::Integer(64)),
+            ("max_slug_mb", toml::Value::Integer(1)),
+        ],
+    );
+    w.app("big");
+    let files = [("Procfile", "web: true\n")];
+    let with = |w: &mut World, compile: &str| {
+        let bp = w.buildpack(
+            &format!("bp-{}", ulid::Ulid::new()),
+            "echo Big",
+            compile,
+            "echo ---",
+        );
+        w.config("big", json!({"BUILDPACK_URL": bp.display().to_string()}));
+        w.build("big", &files)
+    };
+    // One file past build_disk_mb (RLIMIT_FSIZE).
+    let b = with(
+        &mut w,
+        "set -e; head -c 100000000 /dev/zero > /app/big; echo wrote-it",
+    );
+    let m = failed_at(&b, "compile");
+    assert!(m.contains("disk limit (64 MB"), "{m}");
+    assert!(!b.has("wrote-it"), "{}", b.log());
+    // Files under it each, but an uncompressed slug over it.
+    let b = with(
+        &mut w,
+        "set -e; for i in 1 2 3 4 5; do head -c 20000000 /dev/zero > /app/part$i; done",
+    );
+    let m = failed_at(&b, "slug");
+    assert!(m.contains("disk limit (64 MB"), "{m}");
+    // A compressed slug over max_slug_mb.
+    let b = with(&mut w, "head -c 3000000 /dev/urandom > /app/noise");
+    let m = failed_at(&b, "slug");
+    assert!(m.contains("larger than 1 MB (max_slug_mb)"), "{m}");
+    // Under the limits, it builds.
+    succeeded(&with(&mut w, "head -c 100000 /dev/urandom > /app/noise"));
+}
+
+#[test]
+fn build_code_gains_no_privileges_and_gets_private_tmpfs() {
+    let mut w = world("deployer-hardening", &[]);
+    w.app("hard");
+    let bp = w.buildpack(
+        "hard-bp",
+        "echo Hard",
+        "grep NoNewPrivs /proc/self/status\n\
+         awk '$2 == \"/app\" || $2 == \"/tmp\" || $2 == \"/tmp/cache\" || $2 == \"/tmp/buildpacks\" { print \"mount\", $2, $4 }' /proc/self/mounts\n\
+         echo \"vartmp=$(stat -f -c %T /var/tmp) shm=$(stat -f -c %T /dev/shm) vartmp-files=$(ls -A /var/tmp | wc -l)\"\n\
+         touch /tmp/planted 2>/dev/null && echo tmp-writable || echo tmp-read-only\n\
+         touch \"$TMPDIR/x\" && echo \"tmpdir-writable $TMPDIR\"",
+        "echo ---",
+    );
+    w.config("hard", json!({"BUILDPACK_URL": bp.display().to_string()}));
+    let b = w.build("hard", &[("Procfile", "web: true\n")]);
+    succeeded(&b);
+    let log = b.log();
+    assert!(b.has("NoNewPrivs:\t1"), "{log}");
+    let mounts: Vec<&String> = b.lines.iter().filter(|l| l.starts_with("mount ")).collect();
+    assert_eq!(mounts.len(), 4, "{log}");
+    for m in mounts {
+        assert!(m.contains("nosuid") && m.contains("nodev"), "{m}");
+    }
+    assert!(b.has("vartmp=tmpfs shm=tmpfs vartmp-files=0"), "{log}");
+    assert!(b.has("tmp-read-only"), "{log}");
+    assert!(b.has("tmpdir-writable /tmp/work"), "{log}");
 }
 
 #[test]

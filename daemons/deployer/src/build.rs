@@ -37,32 +37,45 @@ struct Pack {
 }
 
 /// The paths of one build on the host.
+///
+/// `root` (root's, 0700) holds `app` (the app user's, seen at `/app`) and `tmp`
+/// (root's, 0755, seen at `/tmp`); in `tmp` only `env` and `work` (`$TMPDIR`)
+/// are the app user's, and every mount point (`cache`, `buildpacks`, `.app`,
+/// `buildpack-local-N`) is root's, so no path the deployer mounts on, writes or
+/// reads as root can have been changed by build code.
 pub struct Paths {
     pub root: PathBuf,
     pub app: PathBuf,
     pub tmp: PathBuf,
+    pub work: PathBuf,
 }
 
 impl Paths {
     pub fn new(dir: &Path, id: &str) -> Paths {
         let root = dir.join("builds").join(id);
+        let tmp = root.join("tmp");
         Paths {
             app: root.join("app"),
-            tmp: root.join("tmp"),
+            work: tmp.join("work"),
+            tmp,
             root,
         }
     }
 }
 
+/// Makes a new directory (an existing one is an error: nothing is taken over,
+/// and no chmod or chown ever goes through a path that was there before),
+/// with `mode` exactly, owned by `owner` (else root). Only ever called on paths
+/// whose parents are root's.
 fn mkdir(p: &Path, mode: u32, owner: Option<(u32, u32)>) -> std::io::Result<()> {
-    match std::fs::DirBuilder::new().mode(mode).create(p) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-        Err(e) => return Err(e),
-    }
-    std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode))?;
+    std::fs::DirBuilder::new().mode(mode).create(p)?;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW)
+        .open(p)?;
+    f.set_permissions(std::fs::Permissions::from_mode(mode))?;
     if let Some((u, g)) = owner {
-        std::os::unix::fs::chown(p, Some(u), Some(g))?;
+        std::os::unix::fs::fchown(&f, Some(u), Some(g))?;
     }
     Ok(())
 }
@@ -91,10 +104,33 @@ pub fn read_tree_file(p: &Path, max: u64) -> Result<Option<String>, String> {
     if meta.size() > max {
         return Err(format!("{} is larger than {max} bytes", name(p)));
     }
-    let mut s = String::new();
-    f.read_to_string(&mut s)
+    // The size was checked, but what is read is capped all the same.
+    let mut bytes = Vec::new();
+    (&mut f)
+        .take(max + 1)
+        .read_to_end(&mut bytes)
         .map_err(|e| format!("cannot read {}: {e}", name(p)))?;
+    if bytes.len() as u64 > max {
+        return Err(format!("{} is larger than {max} bytes", name(p)));
+    }
+    let s = String::from_utf8(bytes).map_err(|_| format!("{} is not UTF-8 text", name(p)))?;
     Ok(Some(s))
+}
+
+/// A regular file the deployer made in the build's root-owned tmp, opened
+/// read-only (never through a symlink) to be build code's stdin.
+fn open_regular(p: &Path) -> std::io::Result<std::fs::File> {
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(p)?;
+    if !f.metadata()?.is_file() {
+        return Err(std::io::Error::other(format!(
+            "{} is not a regular file",
+            name(p)
+        )));
+    }
+    Ok(f)
 }
 
 fn name(p: &Path) -> String {
@@ -130,15 +166,66 @@ impl<W: std::io::Write> std::io::Write for Hashing<W> {
     }
 }
 
-/// zstd of the tar the build left at `tar` into a new file `out`: the sha256
-/// and size of the compressed bytes.
-fn compress(tar: &Path, out: &Path) -> std::io::Result<(String, u64)> {
-    let mut src = std::fs::OpenOptions::new()
+/// Writer that refuses to grow past `max` bytes.
+struct Capped<W> {
+    inner: W,
+    left: u64,
+}
+
+impl<W: std::io::Write> std::io::Write for Capped<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if buf.len() as u64 > self.left {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::FileTooLarge,
+                "over the limit",
+            ));
+        }
+        let n = self.inner.write(buf)?;
+        self.left -= n as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// Why a slug could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum SlugError {
+    #[error("the app's files come to more than {0} MB uncompressed (build_disk_mb); leave some out with .slugignore")]
+    TarTooLarge(u64),
+    #[error("the compressed slug is larger than {0} MB (max_slug_mb); leave some files out with .slugignore")]
+    SlugTooLarge(u64),
+    #[error("slug.tar is not a regular file of the app's own")]
+    NotTheBuilds,
+    #[error("cannot compress the slug")]
+    Io(#[from] std::io::Error),
+}
+
+/// zstd of the tar the build left at `tar` (a regular file of the app user's,
+/// one link) into a new file `out`: the sha256 and size of the compressed
+/// bytes. At most `max_tar` bytes are read and `max_slug` written.
+fn compress(
+    tar: &Path,
+    out: &Path,
+    uid: u32,
+    max_tar: u64,
+    max_slug: u64,
+) -> Result<(String, u64), SlugError> {
+    let src = std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-        .open(tar)?;
-    if !src.metadata()?.is_file() {
-        return Err(std::io::Error::other("slug.tar is not a regular file"));
+        .open(tar)
+        .map_err(|e| match e.raw_os_error() {
+            Some(libc::ELOOP) => SlugError::NotTheBuilds,
+            _ => SlugError::Io(e),
+        })?;
+    let meta = src.metadata()?;
+    if !meta.is_file() || meta.uid() != uid || meta.nlink() != 1 {
+        return Err(SlugError::NotTheBuilds);
+    }
+    if meta.size() > max_tar {
+        return Err(SlugError::TarTooLarge(max_tar >> 20));
     }
     let _ = std::fs::remove_file(out);
     let dst = std::fs::OpenOptions::new()
@@ -148,15 +235,29 @@ fn compress(tar: &Path, out: &Path) -> std::io::Result<(String, u64)> {
         .custom_flags(libc::O_NOFOLLOW)
         .open(out)?;
     let hashing = Hashing {
-        inner: std::io::BufWriter::with_capacity(1 << 16, dst),
+        inner: Capped {
+            inner: std::io::BufWriter::with_capacity(1 << 16, dst),
+            left: max_slug,
+        },
         ctx: ring::digest::Context::new(&ring::digest::SHA256),
         size: 0,
     };
+    let too_big = |e: std::io::Error| {
+        if e.kind() == std::io::ErrorKind::FileTooLarge {
+            SlugError::SlugTooLarge(max_slug >> 20)
+        } else {
+            SlugError::Io(e)
+        }
+    };
     let mut enc = zstd::stream::Encoder::new(hashing, 3)?;
-    std::io::copy(&mut src, &mut enc)?;
-    let mut hashing = enc.finish()?;
-    std::io::Write::flush(&mut hashing)?;
+    let copied = std::io::copy(&mut src.take(max_tar + 1), &mut enc).map_err(too_big)?;
+    if copied > max_tar {
+        return Err(SlugError::TarTooLarge(max_tar >> 20));
+    }
+    let mut hashing = enc.finish().map_err(too_big)?;
+    std::io::Write::flush(&mut hashing).map_err(too_big)?;
     hashing
+        .inner
         .inner
         .into_inner()
         .map_err(|e| e.into_error())?
@@ -206,13 +307,25 @@ impl Run {
         argv: &[&str],
         capture: bool,
     ) -> Result<String, Failure> {
+        self.sandboxed_with(step, what, argv, capture, None).await
+    }
+
+    /// [`Run::sandboxed`] with `stdin` as the command's standard input.
+    async fn sandboxed_with(
+        &self,
+        step: &'static str,
+        what: &str,
+        argv: &[&str],
+        capture: bool,
+        stdin: Option<std::fs::File>,
+    ) -> Result<String, Failure> {
         let dep = self.dep.clone();
         let id = self.job.id.clone();
         let line = move |l: String| dep.push_line(&id, l);
         let ooms = self.sandbox.oom_kills();
         let (ended, out) = self
             .sandbox
-            .run(argv, self.deadline, capture, &line)
+            .run_with(argv, self.deadline, capture, stdin, &line)
             .await
             .map_err(|e| fail(step, format!("cannot run {what}: {e}")))?;
         if ended.ok() {
@@ -223,6 +336,19 @@ impl Run {
             format!(
                 "{what} ran past the build's time limit ({} s) and was stopped",
                 s.build_timeout.as_secs()
+            )
+        } else if ended == Ended::Signal(libc::SIGXFSZ) {
+            format!(
+                "{what} wrote a file larger than the build's disk limit ({} MB, build_disk_mb) and was stopped",
+                s.build_disk_mb
+            )
+        } else if ended == Ended::Exit(128 + libc::SIGXFSZ) {
+            // A shell says so for a command it ran.
+            format!(
+                "{what} exited with status {}: a command was stopped for writing a file larger \
+                 than the build's disk limit ({} MB, build_disk_mb)",
+                128 + libc::SIGXFSZ,
+                s.build_disk_mb
             )
         } else if self.sandbox.oom_kills() > ooms {
             format!(
@@ -348,14 +474,18 @@ impl Run {
         let (uid, gid) = (self.sandbox.uid, self.sandbox.gid);
         let owner = Some((uid, gid));
         let p = &self.paths;
+        // Every directory and mount point, before any build code runs; `tmp`
+        // is root's, so build code can add nothing to it (a mount point made
+        // later, for a local buildpack named in .buildpacks, is as safe).
         let made = (|| -> std::io::Result<()> {
             mkdir(&p.root, 0o700, None)?;
             mkdir(&p.app, 0o755, owner)?;
-            mkdir(&p.tmp, 0o700, owner)?;
-            mkdir(&p.tmp.join("cache"), 0o700, owner)?;
+            mkdir(&p.tmp, 0o755, None)?;
+            mkdir(&p.tmp.join("cache"), 0o755, None)?;
             mkdir(&p.tmp.join("buildpacks"), 0o755, None)?;
             mkdir(&p.tmp.join(".app"), 0o755, None)?;
             mkdir(&p.tmp.join("env"), 0o700, owner)?;
+            mkdir(&p.work, 0o700, owner)?;
             Ok(())
         })();
         made.map_err(|e| {
@@ -412,9 +542,12 @@ impl Run {
                 .write(true)
                 .create_new(true)
                 .mode(0o600)
+                .custom_flags(libc::O_NOFOLLOW)
                 .open(&f)
-                .and_then(|mut fh| std::io::Write::write_all(&mut fh, v.as_bytes()))
-                .and_then(|()| std::os::unix::fs::chown(&f, Some(uid), Some(gid)))
+                .and_then(|mut fh| {
+                    std::io::Write::write_all(&mut fh, v.as_bytes())?;
+                    std::os::unix::fs::fchown(&fh, Some(uid), Some(gid))
+                })
                 .map_err(|e| fail("source", format!("cannot write ENV_DIR: {e}")))?;
         }
 
@@ -440,7 +573,7 @@ impl Run {
                 ),
             )
         })?;
-        std::os::unix::fs::chown(&tar, Some(uid), Some(gid))
+        let source = open_regular(&tar)
             .map_err(|e| fail("source", format!("cannot hand the source over: {e}")))?;
         let short: String = self.job.commit.chars().take(7).collect();
         self.log(format!(
@@ -449,14 +582,19 @@ impl Run {
             human(got),
             paddock_runner::users::user_name(&self.job.app)
         ));
-        self.sandboxed(
-            "source",
-            "unpacking the source",
-            &["/bin/bash", "/tmp/buildpacks/_paddock/unpack"],
-            false,
-        )
-        .await?;
-        Ok(())
+        // The tar (root's) is the unpacking's stdin: build code never gets a
+        // path the deployer writes to.
+        let r = self
+            .sandboxed_with(
+                "source",
+                "unpacking the source",
+                &["/bin/bash", "/tmp/buildpacks/_paddock/unpack"],
+                false,
+                Some(source),
+            )
+            .await;
+        let _ = std::fs::remove_file(&tar);
+        r.map(|_| ())
     }
 
     /// The buildpacks to run: named by `.buildpacks` or `BUILDPACK_URL`, else the
@@ -492,16 +630,32 @@ impl Run {
                 BuildpackRef::Builtin(b) => format!("{}/{b}", crate::buildpacks::MOUNTED),
                 BuildpackRef::Local(p) => {
                     let (uid, gid) = (self.sandbox.uid, self.sandbox.gid);
-                    paddock_runner::users::check_readable_dir(Path::new(p), uid, gid)
-                        .map_err(|e| fail("detect", format!("buildpack {p}: {e}")))?;
-                    // Seen read-only at /tmp/buildpack-local-N: the build's /tmp is
-                    // its own, and the app's user could read it where it is anyway.
+                    let allowed = self.dep.settings.local_buildpacks.clone();
+                    let typed = p.clone();
+                    // Resolved once and opened: the sandbox binds this fd.
+                    let (dir, resolved) = tokio::task::spawn_blocking(move || {
+                        let (dir, resolved) = crate::local::open(&typed, &allowed)?;
+                        paddock_runner::users::check_readable_dir(&resolved, uid, gid)
+                            .map_err(|e| e.to_string())?;
+                        Ok::<_, String>((dir, resolved))
+                    })
+                    .await
+                    .map_err(|e| fail("detect", e.to_string()))?
+                    .map_err(|e| fail("detect", format!("buildpack {p}: {e}")))?;
+                    // Seen read-only at /tmp/buildpack-local-N, a mount point in
+                    // the build's root-owned tmp.
                     let name = format!("buildpack-local-{n}");
-                    let mount = self.paths.tmp.join(&name);
-                    mkdir(&mount, 0o755, None)
+                    mkdir(&self.paths.tmp.join(&name), 0o755, None)
                         .map_err(|e| fail("detect", format!("cannot mount buildpack {p}: {e}")))?;
-                    self.sandbox.local.push((PathBuf::from(p), name.clone()));
-                    self.log(format!("       Using the buildpack at {p}"));
+                    self.sandbox.local.push(crate::sandbox::LocalPack {
+                        dir,
+                        resolved: resolved.clone(),
+                        name: name.clone(),
+                    });
+                    self.log(format!(
+                        "       Using the buildpack at {}",
+                        resolved.display()
+                    ));
                     format!("/tmp/{name}")
                 }
                 BuildpackRef::Blob(sha) => {
@@ -606,12 +760,15 @@ impl Run {
                     ),
                 )
             })?;
-        std::os::unix::fs::chown(&tar, Some(self.sandbox.uid), Some(self.sandbox.gid))
+        // Root's, in root's tmp: the build reads it (tar needs a file to tell
+        // its compression) but can neither change nor replace it.
+        open_regular(&tar)
+            .and_then(|f| f.set_permissions(std::fs::Permissions::from_mode(0o644)))
             .map_err(|e| fail("detect", e.to_string()))?;
-        let dir = format!("/tmp/buildpack-{n}");
+        // Unpacked by the app's user into its scratch space.
+        let dir = format!("/tmp/work/buildpack-{n}");
         let script = format!(
             "set -e; mkdir -p {dir}; tar -xf /tmp/buildpack-{n}.tar -C {dir} --no-same-owner; \
-             rm -f /tmp/buildpack-{n}.tar; \
              if [ ! -d {dir}/bin ] && [ $(ls -A {dir} | wc -l) = 1 ]; then echo {dir}/$(ls -A {dir}); else echo {dir}; fi"
         );
         let out = self
@@ -621,8 +778,9 @@ impl Run {
                 &["/bin/bash", "-c", &script],
                 true,
             )
-            .await?;
-        Ok(out.trim().to_string())
+            .await;
+        let _ = std::fs::remove_file(&tar);
+        Ok(out?.trim().to_string())
     }
 
     /// The Procfile's types over the buildpacks' defaults; health checks from app.json.
@@ -701,13 +859,17 @@ impl Run {
         // Nothing of the build runs any more (its cgroup was killed), and the
         // build's directories are root's: the file is what the build left. It is
         // compressed here, hashing the compressed bytes as they are written.
-        let tar = self.paths.tmp.join("slug.tar");
+        let tar = self.paths.work.join("slug.tar");
         let path = self.paths.tmp.join("slug.tar.zst");
         let p = path.clone();
-        let (sha, size) = tokio::task::spawn_blocking(move || compress(&tar, &p))
-            .await
-            .map_err(|e| fail("slug", e.to_string()))?
-            .map_err(|e| fail("slug", format!("cannot compress the slug: {e}")))?;
+        let uid = self.sandbox.uid;
+        let s = &self.dep.settings;
+        let (max_tar, max_slug) = (s.build_disk_mb << 20, s.max_slug_mb << 20);
+        let (sha, size) =
+            tokio::task::spawn_blocking(move || compress(&tar, &p, uid, max_tar, max_slug))
+                .await
+                .map_err(|e| fail("slug", e.to_string()))?
+                .map_err(|e| fail("slug", paddock_daemon::chain(&e)))?;
         self.log(format!("       Done: {}", human(size)));
         let stored =
             tokio::time::timeout(self.left(), paddock_blob::put_file(self.dep.calls(), &path))

@@ -17,6 +17,7 @@
 pub mod build;
 pub mod buildpacks;
 pub mod live;
+pub mod local;
 pub mod procfile;
 pub mod sandbox;
 pub mod settings;
@@ -730,7 +731,8 @@ async fn prepare(d: &Rc<Deployer>, job: &Job) -> Result<build::Run, build::Failu
         ("PATH".into(), "/usr/local/bin:/usr/bin:/bin".into()),
         ("HOME".into(), "/app".into()),
         ("LANG".into(), "C.UTF-8".into()),
-        ("TMPDIR".into(), "/tmp".into()),
+        // /tmp is root's (see build::Paths): the build's scratch space is /tmp/work.
+        ("TMPDIR".into(), "/tmp/work".into()),
         ("STACK".into(), "paddock-1".into()),
         ("SOURCE_VERSION".into(), job.commit.clone()),
         ("PADDOCK_APP".into(), job.app.clone()),
@@ -746,6 +748,8 @@ async fn prepare(d: &Rc<Deployer>, job: &Job) -> Result<build::Run, build::Failu
         local: Vec::new(),
         cgroup,
         pids: s.build_pids,
+        max_file_bytes: s.build_disk_mb << 20,
+        tmpfs_mb: 256.min(s.build_memory_mb / 2),
         env,
     };
     Ok(build::Run {

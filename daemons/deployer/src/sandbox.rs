@@ -1,9 +1,14 @@
 //! Where build code runs: as the app's own user, in the build's cgroups, in a
 //! mount namespace of its own where the build tree is `/app` and a private
-//! `/tmp` holds the app's cache (`/tmp/cache`), its config (`/tmp/env`) and the
-//! built-in buildpacks (`/tmp/buildpacks`, read-only). The runner's
-//! [`paddock_runner::child::Prepared`] does the rest: cgroups joined, rlimits,
-//! `/app` mounted, privileges dropped (and checked), no fd above stdio.
+//! `/tmp` (root's, read-only to the build) holds the app's cache (`/tmp/cache`),
+//! its config (`/tmp/env`), the build's scratch space (`/tmp/work`, `$TMPDIR`)
+//! and the built-in buildpacks (`/tmp/buildpacks`, read-only); `/var/tmp` and
+//! `/dev/shm` are small private tmpfs. Every mount is nosuid and nodev, the
+//! child has no_new_privs (a setuid binary does not elevate), RLIMIT_FSIZE
+//! caps any file it writes and it dies with the deployer (PR_SET_PDEATHSIG).
+//! The runner's [`paddock_runner::child::Prepared`] does the rest: cgroups
+//! joined, rlimits, `/app` mounted, privileges dropped (and checked), no fd
+//! above stdio.
 //!
 //! The build's output is read through a fixed buffer and cut into lines of at
 //! most [`MAX_LINE`] bytes ([`LineSplitter`]), with control characters made
@@ -141,31 +146,55 @@ pub struct Sandbox {
     pub gid: u32,
     /// Appears at `/app`.
     pub app_dir: PathBuf,
-    /// Appears at `/tmp`.
+    /// Appears at `/tmp`: root's, holding the mount points made before any
+    /// build code ran (see `build::Run::source`).
     pub tmp_dir: PathBuf,
     /// Appears at `/tmp/cache`.
     pub cache_dir: PathBuf,
     /// Appears at `/tmp/buildpacks`, read-only.
     pub buildpacks_dir: PathBuf,
-    /// Local buildpacks (host dir, name): each appears read-only at `/tmp/NAME`.
-    pub local: Vec<(PathBuf, String)>,
+    /// Local buildpacks: each appears read-only at `/tmp/NAME`.
+    pub local: Vec<LocalPack>,
     pub cgroup: InstanceCgroup,
     pub pids: u64,
+    /// RLIMIT_FSIZE: no file the build writes grows past this.
+    pub max_file_bytes: u64,
+    /// Size of the private tmpfs at `/var/tmp` and `/dev/shm`, in MiB.
+    pub tmpfs_mb: u64,
     pub env: Vec<(String, String)>,
 }
 
-struct Mount {
-    src: CString,
-    target: CString,
-    flags: libc::c_ulong,
-    read_only: bool,
+/// A local buildpack, resolved and checked once ([`crate::local::open`]).
+pub struct LocalPack {
+    /// The directory as it was checked, opened `O_PATH`.
+    pub dir: std::fs::File,
+    /// Its resolved path: no symlink in it, every directory root's and
+    /// writable by no one else (or sticky), so only root could change what it
+    /// names. A bind's source must be in the binder's own mount namespace, so
+    /// the sandbox binds this path, not the fd; before every run it checks that
+    /// the path still names the directory opened.
+    pub resolved: PathBuf,
+    pub name: String,
+}
+
+enum Mount {
+    Bind {
+        src: CString,
+        target: CString,
+        rec: bool,
+        read_only: bool,
+    },
+    Tmpfs {
+        target: CString,
+        options: CString,
+    },
 }
 
 fn bind(src: &Path, target: &Path, rec: bool, read_only: bool) -> std::io::Result<Mount> {
-    Ok(Mount {
+    Ok(Mount::Bind {
         src: child::cstring(src)?,
         target: child::cstring(target)?,
-        flags: libc::MS_BIND | if rec { libc::MS_REC } else { 0 },
+        rec,
         read_only,
     })
 }
@@ -175,26 +204,50 @@ impl Mount {
     fn apply(&self) -> std::io::Result<()> {
         // SAFETY: mount with NUL-terminated strings prepared before the fork.
         unsafe {
-            if libc::mount(
-                self.src.as_ptr(),
-                self.target.as_ptr(),
-                std::ptr::null(),
-                self.flags,
-                std::ptr::null(),
-            ) != 0
-            {
-                return Err(std::io::Error::last_os_error());
-            }
-            if self.read_only
-                && libc::mount(
-                    std::ptr::null(),
-                    self.target.as_ptr(),
-                    std::ptr::null(),
-                    libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY | libc::MS_NOSUID,
-                    std::ptr::null(),
-                ) != 0
-            {
-                return Err(std::io::Error::last_os_error());
+            match self {
+                Mount::Bind {
+                    src,
+                    target,
+                    rec,
+                    read_only,
+                } => {
+                    let flags = libc::MS_BIND | if *rec { libc::MS_REC } else { 0 };
+                    if libc::mount(
+                        src.as_ptr(),
+                        target.as_ptr(),
+                        std::ptr::null(),
+                        flags,
+                        std::ptr::null(),
+                    ) != 0
+                    {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    // A bind takes its flags from a remount: nosuid and nodev
+                    // on every one (and read-only where asked).
+                    let ro = if *read_only { libc::MS_RDONLY } else { 0 };
+                    if libc::mount(
+                        std::ptr::null(),
+                        target.as_ptr(),
+                        std::ptr::null(),
+                        libc::MS_BIND | libc::MS_REMOUNT | libc::MS_NOSUID | libc::MS_NODEV | ro,
+                        std::ptr::null(),
+                    ) != 0
+                    {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                Mount::Tmpfs { target, options } => {
+                    if libc::mount(
+                        c"tmpfs".as_ptr(),
+                        target.as_ptr(),
+                        c"tmpfs".as_ptr(),
+                        libc::MS_NOSUID | libc::MS_NODEV,
+                        options.as_ptr().cast(),
+                    ) != 0
+                    {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
             }
         }
         Ok(())
@@ -225,10 +278,47 @@ fn private_mounts(mounts: &[Mount]) -> std::io::Result<()> {
     Ok(())
 }
 
+/// In the child, before privileges are dropped: nothing it execs may gain
+/// privileges (setuid and file capabilities are ignored), and no file it
+/// writes grows past `fsize` bytes (SIGXFSZ, then EFBIG).
+fn harden(fsize: u64) -> std::io::Result<()> {
+    // SAFETY: prctl with integer arguments only.
+    if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_FSIZE, fsize, fsize)?;
+    Ok(())
+}
+
+/// In the child, after privileges are dropped (a change of credentials clears
+/// it): killed when the deployer's thread that started it dies, so build code
+/// never outlives a deployer that does not come back. `parent` is the
+/// deployer's pid, checked after, in case it died before.
+fn die_with_parent(parent: libc::pid_t) -> std::io::Result<()> {
+    // SAFETY: prctl and getppid with integer arguments only.
+    unsafe {
+        if libc::prctl(
+            libc::PR_SET_PDEATHSIG,
+            libc::SIGKILL as libc::c_ulong,
+            0,
+            0,
+            0,
+        ) != 0
+        {
+            return Err(std::io::Error::last_os_error());
+        }
+        if libc::getppid() != parent {
+            libc::_exit(137);
+        }
+    }
+    Ok(())
+}
+
 impl Sandbox {
     /// Runs `argv` in the sandbox (cwd `/app`) until it ends or `deadline`.
     /// stderr lines, and stdout lines unless `capture`, go to `line` as they come;
-    /// with `capture`, stdout is returned instead (at most 1 MiB).
+    /// with `capture`, stdout is returned instead (at most 1 MiB). `stdin`, when
+    /// given, is the command's standard input (else /dev/null).
     pub async fn run(
         &self,
         argv: &[&str],
@@ -236,12 +326,23 @@ impl Sandbox {
         capture: bool,
         line: &dyn Fn(String),
     ) -> std::io::Result<(Ended, String)> {
+        self.run_with(argv, deadline, capture, None, line).await
+    }
+
+    pub async fn run_with(
+        &self,
+        argv: &[&str],
+        deadline: Instant,
+        capture: bool,
+        stdin: Option<std::fs::File>,
+        line: &dyn Fn(String),
+    ) -> std::io::Result<(Ended, String)> {
         // The mounts cover /tmp, where the build's own directories may live (a
         // test's temp dir), so everything is first bound onto mount points inside
-        // the build's tmp and that whole tree (MS_REC) onto /tmp last; `/app` is
-        // then bound by `Prepared` from `/tmp/.app` in its own new namespace (a
-        // bind's source must be in the caller's namespace, so no fd from the
-        // parent would do).
+        // the build's tmp (root's, made before any build code ran, so no path
+        // here is one the build could have changed) and that whole tree
+        // (MS_REC) onto /tmp last; `/app` is then bound by `Prepared` from
+        // `/tmp/.app` in its own new namespace.
         let mut mounts = vec![
             bind(&self.app_dir, &self.tmp_dir.join(".app"), false, false)?,
             bind(&self.cache_dir, &self.tmp_dir.join("cache"), false, false)?,
@@ -252,10 +353,19 @@ impl Sandbox {
                 true,
             )?,
         ];
-        for (host, name) in &self.local {
-            mounts.push(bind(host, &self.tmp_dir.join(name), false, true)?);
+        for p in &self.local {
+            crate::local::still_names(&p.dir, &p.resolved).map_err(std::io::Error::other)?;
+            mounts.push(bind(&p.resolved, &self.tmp_dir.join(&p.name), false, true)?);
         }
         mounts.push(bind(&self.tmp_dir, Path::new("/tmp"), true, false)?);
+        let options = CString::new(format!("size={}m,mode=1777", self.tmpfs_mb))
+            .map_err(std::io::Error::other)?;
+        for target in [c"/var/tmp", c"/dev/shm"] {
+            mounts.push(Mount::Tmpfs {
+                target: target.to_owned(),
+                options: options.clone(),
+            });
+        }
         let join: Vec<PathBuf> = self
             .cgroup
             .procs
@@ -277,17 +387,24 @@ impl Sandbox {
         cmd.args(&argv[1..])
             .env_clear()
             .envs(self.env.iter().map(|(k, v)| (k, v)))
-            .stdin(Stdio::null())
+            .stdin(match stdin {
+                Some(f) => Stdio::from(f),
+                None => Stdio::null(),
+            })
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true);
+        let fsize = self.max_file_bytes;
+        let parent = std::process::id() as libc::pid_t;
         // SAFETY: only async-signal-safe syscalls on memory prepared before the
         // fork (the deployer has other threads, so nothing here allocates).
         unsafe {
             cmd.pre_exec(move || {
                 nix::unistd::setsid()?;
                 private_mounts(&mounts)?;
-                prepared.apply()
+                harden(fsize)?;
+                prepared.apply()?;
+                die_with_parent(parent)
             });
         }
         let mut proc = cmd.spawn()?;

@@ -35,6 +35,16 @@ pub struct DeployerSection {
     pub release_timeout_ms: Ms,
     /// Builds this deployer runs at once, 1-64; more wait for a slot.
     pub max_builds: u32,
+    /// Directories under which an app may name a local buildpack (an absolute
+    /// path in `.buildpacks` or `BUILDPACK_URL`); empty (the default) refuses
+    /// local paths. Every directory of a buildpack's resolved path must be
+    /// root's and writable by no one else (or sticky, like /tmp).
+    pub local_buildpacks: Vec<PathBuf>,
+    /// The largest file build code may write (RLIMIT_FSIZE), and the largest
+    /// uncompressed slug, in MiB, 64 to 1048576.
+    pub build_disk_mb: u64,
+    /// The largest compressed slug, in MiB, 1 to 65536.
+    pub max_slug_mb: u64,
     /// Build without memory and pids cgroups (they are missing on the host):
     /// off by default, when such builds are refused.
     pub allow_unconfined_builds: bool,
@@ -53,6 +63,9 @@ impl Default for DeployerSection {
             cgroup_root: PathBuf::from("/sys/fs/cgroup"),
             release_timeout_ms: Ms::from_millis(600_000),
             max_builds: 4,
+            local_buildpacks: Vec::new(),
+            build_disk_mb: 4096,
+            max_slug_mb: 1024,
             allow_unconfined_builds: false,
         }
     }
@@ -72,6 +85,9 @@ pub struct Settings {
     pub cgroup_root: PathBuf,
     pub release_timeout: Duration,
     pub max_builds: usize,
+    pub local_buildpacks: Vec<PathBuf>,
+    pub build_disk_mb: u64,
+    pub max_slug_mb: u64,
     pub allow_unconfined_builds: bool,
     pub node: String,
 }
@@ -111,6 +127,19 @@ impl DeployerSection {
         range("keep_builds", self.keep_builds as u64, 1, 10_000)?;
         range("pool_size", self.pool_size as u64, 1, 64)?;
         range("max_builds", self.max_builds as u64, 1, 64)?;
+        range("build_disk_mb", self.build_disk_mb, 64, 1 << 20)?;
+        range("max_slug_mb", self.max_slug_mb, 1, 65_536)?;
+        for p in &self.local_buildpacks {
+            if !p.is_absolute() || p.parent().is_none() {
+                return Err(cfg.invalid(
+                    &format!("daemons.{NAME}.local_buildpacks"),
+                    format!(
+                        "must list absolute directories other than /, not {}",
+                        p.display()
+                    ),
+                ));
+            }
+        }
         let dir = self.dir.clone().unwrap_or_else(|| cfg.state_dir.join(NAME));
         if !dir.is_absolute() {
             return Err(cfg.invalid(
@@ -130,6 +159,9 @@ impl DeployerSection {
             cgroup_root: self.cgroup_root.clone(),
             release_timeout,
             max_builds: self.max_builds as usize,
+            local_buildpacks: self.local_buildpacks.clone(),
+            build_disk_mb: self.build_disk_mb,
+            max_slug_mb: self.max_slug_mb,
             allow_unconfined_builds: self.allow_unconfined_builds,
             node: cfg.node().to_string(),
         })
@@ -181,11 +213,17 @@ rpc = "tcp://127.0.0.1:7110"
         assert_eq!((s.keep_builds, s.pool_size), (100, 4));
         assert_eq!(s.release_timeout, Duration::from_secs(600));
         assert_eq!(s.max_builds, 4);
+        assert!(
+            s.local_buildpacks.is_empty(),
+            "local buildpacks are refused"
+        );
+        assert_eq!((s.build_disk_mb, s.max_slug_mb), (4096, 1024));
         assert!(!s.allow_unconfined_builds);
         let s = settings(&config(
             "dir = \"/srv/builds\"\nbuild_timeout_ms = 60000\nbuild_memory_mb = 256\n\
              build_pids = 64\nbuild_cpu_weight = 50\nkeep_builds = 5\npool_size = 2\n\
              cgroup_root = \"/cg\"\nrelease_timeout_ms = 5000\nmax_builds = 1\n\
+             local_buildpacks = [\"/srv/buildpacks\"]\nbuild_disk_mb = 128\nmax_slug_mb = 2\n\
              allow_unconfined_builds = true\n",
         ))
         .unwrap();
@@ -199,6 +237,8 @@ rpc = "tcp://127.0.0.1:7110"
         assert_eq!(s.cgroup_root, PathBuf::from("/cg"));
         assert_eq!(s.release_timeout, Duration::from_secs(5));
         assert_eq!(s.max_builds, 1);
+        assert_eq!(s.local_buildpacks, [PathBuf::from("/srv/buildpacks")]);
+        assert_eq!((s.build_disk_mb, s.max_slug_mb), (128, 2));
         assert!(s.allow_unconfined_builds);
     }
 
@@ -218,6 +258,16 @@ rpc = "tcp://127.0.0.1:7110"
             ("keep_builds = 0\n", "daemons.deployer.keep_builds"),
             ("max_builds = 0\n", "daemons.deployer.max_builds"),
             ("dir = \"relative\"\n", "daemons.deployer.dir"),
+            (
+                "local_buildpacks = [\"srv\"]\n",
+                "daemons.deployer.local_buildpacks",
+            ),
+            (
+                "local_buildpacks = [\"/\"]\n",
+                "daemons.deployer.local_buildpacks",
+            ),
+            ("build_disk_mb = 1\n", "daemons.deployer.build_disk_mb"),
+            ("max_slug_mb = 0\n", "daemons.deployer.max_slug_mb"),
             ("build_timeout = 5\n", "daemons.deployer.build_timeout"),
         ] {
             let e = error(section);
