@@ -38,7 +38,10 @@ pub struct DeployerSection {
     /// Directories under which an app may name a local buildpack (an absolute
     /// path in `.buildpacks` or `BUILDPACK_URL`); empty (the default) refuses
     /// local paths. Every directory of a buildpack's resolved path must be
-    /// root's and writable by no one else (or sticky, like /tmp).
+    /// root's and writable by no one else (or sticky, like /tmp). A string is
+    /// a `:`-separated list, so `PADDOCK__DAEMONS__DEPLOYER__LOCAL_BUILDPACKS`
+    /// can set it.
+    #[serde(deserialize_with = "paths")]
     pub local_buildpacks: Vec<PathBuf>,
     /// The largest file build code may write (RLIMIT_FSIZE), and the largest
     /// uncompressed slug, in MiB, 64 to 1048576.
@@ -48,6 +51,24 @@ pub struct DeployerSection {
     /// Build without memory and pids cgroups (they are missing on the host):
     /// off by default, when such builds are refused.
     pub allow_unconfined_builds: bool,
+}
+
+/// A list of paths, or one string of `:`-separated paths (an env override).
+fn paths<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<PathBuf>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Paths {
+        One(String),
+        Many(Vec<PathBuf>),
+    }
+    Ok(match Paths::deserialize(d)? {
+        Paths::One(s) => s
+            .split(':')
+            .filter(|p| !p.is_empty())
+            .map(PathBuf::from)
+            .collect(),
+        Paths::Many(v) => v,
+    })
 }
 
 impl Default for DeployerSection {
@@ -240,6 +261,11 @@ rpc = "tcp://127.0.0.1:7110"
         assert_eq!(s.local_buildpacks, [PathBuf::from("/srv/buildpacks")]);
         assert_eq!((s.build_disk_mb, s.max_slug_mb), (128, 2));
         assert!(s.allow_unconfined_builds);
+        let s = settings(&config("local_buildpacks = \"/var/tmp:/srv/bp\"\n")).unwrap();
+        assert_eq!(
+            s.local_buildpacks,
+            [PathBuf::from("/var/tmp"), PathBuf::from("/srv/bp")]
+        );
     }
 
     #[test]
