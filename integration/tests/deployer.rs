@@ -974,8 +974,23 @@ fn an_uploaded_buildpack_is_used_by_name() {
     let b = w.build("custom", &[("README", "x\n")]);
     succeeded(&b);
     assert!(b.has("Using the uploaded buildpack mine"), "{}", b.log());
-    // Any other blob (here a source tar, as another app's push puts) is not run.
-    let other = w.source(&[("bin/detect", "#!/bin/sh\necho Stolen\n")]);
+    // Any other blob (here a tar that would work as a buildpack, as another
+    // app's source or slug may) is not run.
+    let stolen = w.buildpack("stolen-bp", "echo Stolen", "true", "echo ---");
+    let stolen_tar = w.t.path().join("stolen.tar");
+    assert!(Command::new("tar")
+        .arg("-cf")
+        .arg(&stolen_tar)
+        .arg("-C")
+        .arg(&stolen)
+        .arg(".")
+        .status()
+        .unwrap()
+        .success());
+    let mut c = w.node.client("blobstore");
+    let other = paddock_blob::put_file_blocking(&mut c, &stolen_tar)
+        .unwrap()
+        .sha256;
     w.config(
         "custom",
         json!({"BUILDPACK_URL": format!("sha256:{other}")}),
