@@ -1523,7 +1523,9 @@ fn build_code_gains_no_privileges_and_gets_private_tmpfs() {
          awk '$2 == \"/app\" || $2 == \"/tmp\" || $2 == \"/tmp/cache\" || $2 == \"/tmp/buildpacks\" { print \"mount\", $2, $4 }' /proc/self/mounts\n\
          echo \"vartmp=$(stat -f -c %T /var/tmp) shm=$(stat -f -c %T /dev/shm) vartmp-files=$(ls -A /var/tmp | wc -l)\"\n\
          touch /tmp/planted 2>/dev/null && echo tmp-writable || echo tmp-read-only\n\
-         touch \"$TMPDIR/x\" && echo \"tmpdir-writable $TMPDIR\"",
+         touch \"$TMPDIR/x\" && echo \"tmpdir-writable $TMPDIR\"\n\
+         [ -e /proc/1 ] && echo sees-pid-1 || echo pid-1-hidden\n\
+         [ -e /proc/self/status ] && echo sees-itself",
         "echo ---",
     );
     w.config("hard", json!({"BUILDPACK_URL": bp.display().to_string()}));
@@ -1539,6 +1541,9 @@ fn build_code_gains_no_privileges_and_gets_private_tmpfs() {
     assert!(b.has("vartmp=tmpfs shm=tmpfs vartmp-files=0"), "{log}");
     assert!(b.has("tmp-read-only"), "{log}");
     assert!(b.has("tmpdir-writable /tmp/work"), "{log}");
+    // Other users' processes (init, the deployer, other apps' builds) are hidden.
+    assert!(b.has("pid-1-hidden"), "{log}");
+    assert!(b.has("sees-itself"), "{log}");
 }
 
 #[test]

@@ -3,7 +3,8 @@
 //! `/tmp` (root's, read-only to the build) holds the app's cache (`/tmp/cache`),
 //! its config (`/tmp/env`), the build's scratch space (`/tmp/work`, `$TMPDIR`)
 //! and the built-in buildpacks (`/tmp/buildpacks`, read-only); `/var/tmp` and
-//! `/dev/shm` are small private tmpfs. Every mount is nosuid and nodev, the
+//! `/dev/shm` are small private tmpfs and `/proc` shows only the app user's
+//! own processes (hidepid=2). Every mount is nosuid and nodev, the
 //! child has no_new_privs (a setuid binary does not elevate), RLIMIT_FSIZE
 //! caps any file it writes and it dies with the deployer (PR_SET_PDEATHSIG).
 //! The runner's [`paddock_runner::child::Prepared`] does the rest: cgroups
@@ -188,6 +189,9 @@ enum Mount {
         target: CString,
         options: CString,
     },
+    /// A procfs of the build's own at /proc with hidepid=2: the build sees
+    /// only its own user's processes, not other builds' or the platform's.
+    Proc,
 }
 
 fn bind(src: &Path, target: &Path, rec: bool, read_only: bool) -> std::io::Result<Mount> {
@@ -231,6 +235,18 @@ impl Mount {
                         std::ptr::null(),
                         libc::MS_BIND | libc::MS_REMOUNT | libc::MS_NOSUID | libc::MS_NODEV | ro,
                         std::ptr::null(),
+                    ) != 0
+                    {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                Mount::Proc => {
+                    if libc::mount(
+                        c"proc".as_ptr(),
+                        c"/proc".as_ptr(),
+                        c"proc".as_ptr(),
+                        libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+                        c"hidepid=2".as_ptr().cast(),
                     ) != 0
                     {
                         return Err(std::io::Error::last_os_error());
@@ -366,6 +382,7 @@ impl Sandbox {
                 options: options.clone(),
             });
         }
+        mounts.push(Mount::Proc);
         let join: Vec<PathBuf> = self
             .cgroup
             .procs
