@@ -232,7 +232,8 @@ pub fn ps(opts: &Opts) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&all)?);
     } else {
         let mut t = table(&[
-            "INSTANCE", "APP", "PROC", "NODE", "PID", "PORT", "STATE", "RESTARTS", "UPTIME",
+            "INSTANCE", "APP", "PROC", "RELEASE", "OWNER", "NODE", "PID", "PORT", "STATE",
+            "RESTARTS", "UPTIME",
         ]);
         for i in &all {
             let state = match (&i.state[..], &i.reason) {
@@ -243,6 +244,10 @@ pub fn ps(opts: &Opts) -> Result<()> {
                 out::term(&i.id).into_owned(),
                 out::term(&i.app).into_owned(),
                 out::term(&i.proc).into_owned(),
+                i.release
+                    .map(|v| format!("v{v}"))
+                    .unwrap_or_else(|| "-".into()),
+                i.owner.as_str().to_string(),
                 out::term(&i.node).into_owned(),
                 i.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
                 i.port.to_string(),

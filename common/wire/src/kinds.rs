@@ -196,6 +196,37 @@ pub struct InstanceStart {
     pub start_timeout_ms: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub health_interval_ms: Option<u64>,
+    /// The caller's id for the instance (`[a-z0-9.-]`, 1-100, starting with a
+    /// letter or digit); the runner makes one up when absent. A start with the id
+    /// of an instance the runner has and the same body (`token` aside) answers as
+    /// the first one did; with another body it is `conflict`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    /// The sender's fencing token (a scheduler's locker lease): refused as
+    /// `stale_token` when smaller than the largest the runner has accepted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<u64>,
+    /// Who places the instance; `operator` by default.
+    #[serde(default)]
+    pub owner: Owner,
+}
+
+/// Who placed an instance: a scheduler never touches an operator's.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Owner {
+    Scheduler,
+    #[default]
+    Operator,
+}
+
+impl Owner {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Owner::Scheduler => "scheduler",
+            Owner::Operator => "operator",
+        }
+    }
 }
 
 /// `{"http": "/path"}`, `{"tcp": true}` or `{"none": true}`; default tcp.
@@ -246,12 +277,18 @@ pub struct RestartPolicy {
 pub struct InstanceStarted {
     pub id: String,
     pub port: u16,
+    /// `IP:PORT` at the node's advertised address (absent from older runners).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub addr: Option<String>,
 }
 
 /// Body of `instance.stop`, `instance.restart`, `instance.reload`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct InstanceId {
     pub id: String,
+    /// The sender's fencing token, as for `instance.start`; none: not fenced.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<u64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -303,11 +340,47 @@ pub struct InstanceInfo {
     pub node: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// `IP:PORT` at the node's advertised address; null without a port (and
+    /// from older runners).
+    #[serde(default)]
+    pub addr: Option<String>,
+    /// The release version a release-form instance runs; null for `dir` form.
+    #[serde(default)]
+    pub release: Option<i64>,
+    /// The fencing token of the start that placed it; null when none was given.
+    #[serde(default)]
+    pub token: Option<u64>,
+    /// When its health check first passed in the current run of the app (epoch
+    /// ms); null while it is not up.
+    #[serde(default)]
+    pub up_at: Option<i64>,
+    #[serde(default)]
+    pub owner: Owner,
+    /// Its memory limit (the request's, else the runner's default); null: none.
+    #[serde(default)]
+    pub memory_mb: Option<u64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct InstanceList {
     pub instances: Vec<InstanceInfo>,
+}
+
+/// What a runner offers and holds: `runner.info {}` → this.
+pub const RUNNER_INFO: &str = "runner.info";
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RunnerInfo {
+    pub node: String,
+    /// The memory this runner offers to instances (`[daemons.runner]
+    /// offer_memory_mb`, default 80% of the node's).
+    pub offer_memory_mb: u64,
+    /// The memory limits of its instances that are not stopped, summed.
+    pub used_memory_mb: u64,
+    /// How many of its instances are not stopped.
+    pub instances: u64,
+    /// The largest fencing token it has accepted (null: none yet).
+    pub max_token: Option<u64>,
 }
 
 pub const RUN_START: &str = "run.start";

@@ -13,7 +13,7 @@ use actix::prelude::*;
 use paddock_daemon::body;
 use paddock_wire::kinds::{
     self, InstanceId, InstanceInfo, InstanceList, InstanceLogs, InstanceStart, InstanceStarted,
-    LastExit, LogLines,
+    LastExit, LogLines, RunnerInfo,
 };
 use paddock_wire::{now_ms, Code, ServerHandle, WireError};
 use serde_json::{json, Value};
@@ -91,9 +91,15 @@ impl Inst {
         }
     }
 
-    fn info(&self, node: &str) -> InstanceInfo {
+    fn info(&self, node: &str, s: &Settings) -> InstanceInfo {
         let m = &self.m;
         InstanceInfo {
+            addr: addr_of(s, self.rec.port),
+            release: self.rec.spec.release.as_ref().map(|r| r.version),
+            token: self.rec.token,
+            up_at: m.up_at,
+            owner: self.rec.owner,
+            memory_mb: self.memory_mb(s),
             id: self.rec.id.clone(),
             app: self.rec.spec.app.clone(),
             proc: self.rec.spec.proc.clone(),
@@ -117,9 +123,28 @@ impl Inst {
         }
     }
 
+    /// Its memory limit (the request's, else the runner's default).
+    fn memory_mb(&self, s: &Settings) -> Option<u64> {
+        provision::limits_of(s, &self.rec.spec).memory_mb
+    }
+
+    /// The answer its start got (and a resend of that start gets).
+    fn started(&self, s: &Settings) -> Value {
+        kinds::to_body(&InstanceStarted {
+            id: self.rec.id.clone(),
+            port: self.rec.port,
+            addr: addr_of(s, self.rec.port),
+        })
+    }
+
     fn span(&self) -> tracing::Span {
         tracing::info_span!("instance", instance = %self.rec.id, app = %self.rec.spec.app)
     }
+}
+
+/// `IP:PORT` at the node's advertised address; None without a port.
+fn addr_of(s: &Settings, port: u16) -> Option<String> {
+    (port != 0).then(|| std::net::SocketAddr::new(s.advertise, port).to_string())
 }
 
 /// The instance's restart and stop rules: its request's, else the runner's.
@@ -151,6 +176,9 @@ pub struct Runner {
     /// Apps `app.purge` was asked for while instances still ran: purged once
     /// every one has stopped.
     purging: std::collections::BTreeSet<String>,
+    /// The largest fencing token accepted (as in `fence.json`), or why the
+    /// file could not be read (then every fenced request is refused).
+    max_token: Result<Option<u64>, String>,
 }
 
 impl Runner {
@@ -162,13 +190,20 @@ impl Runner {
         shim_bin: PathBuf,
     ) -> Runner {
         Runner {
-            settings,
             node,
             server,
             hierarchy,
             shim_bin,
+            max_token: store::load_fence(&settings.instances_dir).map_err(|e| {
+                let why = crate::chain(&e);
+                tracing::error!(
+                    "{why}; requests with a fencing token are refused until the file is fixed or removed"
+                );
+                why
+            }),
             instances: HashMap::new(),
             purging: Default::default(),
+            settings,
         }
     }
 }
@@ -238,11 +273,31 @@ pub struct Call(pub paddock_wire::Envelope);
 
 /// `instance.start` in the release form, once its slug is unpacked on this node
 /// and the request completed from the release (`dir` `/app`, command, config).
+/// `request`: the fingerprint of the body as it came.
 #[derive(Message)]
 #[rtype(result = "Result<Value, WireError>")]
 pub struct StartRelease {
     pub req: InstanceStart,
     pub release: store::ReleaseSpec,
+    pub request: String,
+}
+
+/// Before a release-form start fetches anything: whether its token is stale or
+/// its id taken by another start (an error), a resend of a start already done
+/// (`Some`: that start's answer), or new (`None`).
+#[derive(Message)]
+#[rtype(result = "Result<Option<Value>, WireError>")]
+pub struct Admit {
+    pub body: Value,
+}
+
+/// The parts of a start body the admission looks at.
+#[derive(serde::Deserialize)]
+struct StartKey {
+    #[serde(default)]
+    id: Option<String>,
+    #[serde(default)]
+    token: Option<u64>,
 }
 
 impl Runner {
@@ -269,7 +324,7 @@ impl Runner {
             Effect::Send(c) => inst.link.send(c),
             Effect::Save => inst.save(),
             Effect::Publish(kind) => {
-                let info = inst.info(&self.node);
+                let info = inst.info(&self.node, &self.settings);
                 self.server.publish(kind, kinds::to_body(&info));
             }
             Effect::WatchHealth { generation } => self.watch_health(ctx, id, generation),
@@ -655,29 +710,150 @@ impl Runner {
         });
     }
 
+    /// Refuses a token smaller than the largest accepted (`stale_token`); a
+    /// request without one (an operator's) is not fenced.
+    fn fence(&self, token: Option<u64>) -> Result<(), WireError> {
+        let Some(t) = token else {
+            return Ok(());
+        };
+        match &self.max_token {
+            Err(why) => Err(WireError::internal(format!(
+                "this runner cannot tell stale fencing tokens ({why}); fix or remove the file"
+            ))),
+            Ok(Some(max)) if t < *max => Err(WireError::new(
+                Code::StaleToken,
+                format!("a newer scheduler leads: token {t} < {max}"),
+            )),
+            Ok(_) => Ok(()),
+        }
+    }
+
+    /// Records the token of a request that is being carried out, durably and
+    /// before it is, when it is larger than any before.
+    fn accept(&mut self, token: Option<u64>) -> Result<(), WireError> {
+        self.fence(token)?;
+        let Some(t) = token else {
+            return Ok(());
+        };
+        if matches!(self.max_token, Ok(Some(max)) if max >= t) {
+            return Ok(());
+        }
+        store::save_fence(&self.settings.instances_dir, t).map_err(|e| {
+            WireError::internal(format!(
+                "cannot record fencing token {t} in {}: {e}",
+                self.settings.instances_dir.join("fence.json").display()
+            ))
+        })?;
+        tracing::info!(token = t, "a newer fencing token accepted");
+        self.max_token = Ok(Some(t));
+        Ok(())
+    }
+
+    /// A start that names an id this runner has: the first start's answer again
+    /// when it is the same request (a resend), else `conflict`.
+    fn existing_start(&self, id: &str, request: &str) -> Option<Result<Value, WireError>> {
+        let inst = self.instances.get(id)?;
+        Some(if inst.rec.request.as_deref() == Some(request) {
+            Ok(inst.started(&self.settings))
+        } else {
+            Err(WireError::new(
+                Code::Conflict,
+                format!(
+                    "instance `{id}` already exists on this runner ({}) from another start; give a new id",
+                    inst.m.state.as_str()
+                ),
+            ))
+        })
+    }
+
+    /// The release form's admission, before its slug is fetched (see [`Admit`]).
+    fn admit(&mut self, body: &Value) -> Result<Option<Value>, WireError> {
+        let key: StartKey = paddock_wire::kinds::parse_body(kinds::INSTANCE_START, body)?;
+        self.fence(key.token)?;
+        let Some(id) = key.id else {
+            return Ok(None);
+        };
+        match self.existing_start(&id, &store::fingerprint(body)) {
+            None => Ok(None),
+            Some(Err(e)) => Err(e),
+            Some(Ok(v)) => {
+                self.accept(key.token)?;
+                Ok(Some(v))
+            }
+        }
+    }
+
     fn start_instance(
         &mut self,
         ctx: &mut Context<Self>,
         req: InstanceStart,
         release: Option<store::ReleaseSpec>,
+        request: String,
     ) -> Result<Value, WireError> {
+        self.fence(req.token)?;
         provision::check(&req)?;
+        if let Some(id) = &req.id {
+            if let Some(answer) = self.existing_start(id, &request) {
+                let v = answer?;
+                self.accept(req.token)?;
+                return Ok(v);
+            }
+            provision::check_id_fits(&self.settings, id)?;
+        }
         let port = self
             .free_port()
             .ok_or_else(|| WireError::unavailable("no free port left in the runner's range"))?;
-        let id = format!(
-            "{}-{}-{}",
-            req.app,
-            req.proc,
-            &ulid::Ulid::new().to_string().to_lowercase()[16..]
-        );
-        let p = provision::provision(&self.settings, &self.hierarchy, &id, req, port, release)?;
+        let id = match &req.id {
+            Some(id) => id.clone(),
+            None => loop {
+                let id = format!(
+                    "{}-{}-{}",
+                    req.app,
+                    req.proc,
+                    &ulid::Ulid::new().to_string().to_lowercase()[16..]
+                );
+                // A caller's id may look like one made here.
+                if !self.instances.contains_key(&id) {
+                    break id;
+                }
+            },
+        };
+        self.accept(req.token)?;
+        let p = provision::provision(
+            &self.settings,
+            &self.hierarchy,
+            &id,
+            req,
+            port,
+            release,
+            request,
+        )?;
         let inst = Inst::new(p.rec, p.dir, p.cgroup, &self.settings);
         let span = inst.span();
+        let started = inst.started(&self.settings);
         self.instances.insert(id.clone(), inst);
         span.in_scope(|| tracing::info!(port, "instance started"));
         self.spawn_shim(ctx, &id);
-        Ok(kinds::to_body(&InstanceStarted { id, port }))
+        Ok(started)
+    }
+
+    /// `runner.info`: what this runner offers and holds.
+    fn runner_info(&self) -> RunnerInfo {
+        let live: Vec<&Inst> = self
+            .instances
+            .values()
+            .filter(|i| i.m.state != State::Stopped)
+            .collect();
+        RunnerInfo {
+            node: self.node.clone(),
+            offer_memory_mb: self.settings.offer_memory_mb,
+            used_memory_mb: live
+                .iter()
+                .map(|i| i.memory_mb(&self.settings).unwrap_or(0))
+                .sum(),
+            instances: live.len() as u64,
+            max_token: self.max_token.clone().ok().flatten(),
+        }
     }
 
     fn free_port(&self) -> Option<u16> {
@@ -707,16 +883,23 @@ impl Runner {
         env: paddock_wire::Envelope,
     ) -> Result<Value, WireError> {
         match env.kind.as_str() {
-            kinds::INSTANCE_START => self.start_instance(ctx, body(&env)?, None),
+            kinds::INSTANCE_START => {
+                let request = store::fingerprint(&env.body);
+                self.start_instance(ctx, body(&env)?, None, request)
+            }
+            kinds::RUNNER_INFO => Ok(kinds::to_body(&self.runner_info())),
             kinds::INSTANCE_STOP => {
                 let req: InstanceId = body(&env)?;
+                self.fence(req.token)?;
                 let shim_alive = self.get(&req.id)?.shim_alive();
+                self.accept(req.token)?;
                 self.step(ctx, &req.id, Event::StopAsked { shim_alive });
                 let state = self.get(&req.id)?.m.state;
                 Ok(json!({"state": state.as_str()}))
             }
             kinds::INSTANCE_RESTART => {
                 let req: InstanceId = body(&env)?;
+                self.fence(req.token)?;
                 let inst = self.get(&req.id)?;
                 if inst.m.state == State::Stopped {
                     return Err(WireError::new(
@@ -725,11 +908,13 @@ impl Runner {
                     ));
                 }
                 let shim_alive = inst.shim_alive();
+                self.accept(req.token)?;
                 self.step(ctx, &req.id, Event::RestartAsked { shim_alive });
                 Ok(json!({"state": "restarting"}))
             }
             kinds::INSTANCE_RELOAD => {
                 let req: InstanceId = body(&env)?;
+                self.fence(req.token)?;
                 let inst = self.get(&req.id)?;
                 let sig = signal_named(inst.rec.spec.reload_signal.as_deref().unwrap_or("HUP"))?;
                 if inst.m.pid.is_none() {
@@ -738,14 +923,15 @@ impl Runner {
                         format!("instance `{}` is not running", req.id),
                     ));
                 }
-                inst.link.send(ShimCommand::Signal { sig });
+                self.accept(req.token)?;
+                self.get(&req.id)?.link.send(ShimCommand::Signal { sig });
                 Ok(json!({"signal": sig}))
             }
             kinds::INSTANCE_LIST => {
                 let mut v: Vec<InstanceInfo> = self
                     .instances
                     .values()
-                    .map(|i| i.info(&self.node))
+                    .map(|i| i.info(&self.node, &self.settings))
                     .collect();
                 v.sort_by(|a, b| a.id.cmp(&b.id));
                 Ok(kinds::to_body(&InstanceList { instances: v }))
@@ -876,7 +1062,14 @@ impl Handler<HealthResult> for Runner {
 impl Handler<StartRelease> for Runner {
     type Result = Result<Value, WireError>;
     fn handle(&mut self, m: StartRelease, ctx: &mut Context<Self>) -> Self::Result {
-        self.start_instance(ctx, m.req, Some(m.release))
+        self.start_instance(ctx, m.req, Some(m.release), m.request)
+    }
+}
+
+impl Handler<Admit> for Runner {
+    type Result = Result<Option<Value>, WireError>;
+    fn handle(&mut self, m: Admit, _: &mut Context<Self>) -> Self::Result {
+        self.admit(&m.body)
     }
 }
 

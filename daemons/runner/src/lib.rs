@@ -116,10 +116,13 @@ pub async fn setup(ctx: Ctx) -> anyhow::Result<Routes> {
         kinds::INSTANCE_LOGS,
         kinds::INSTANCE_LIST,
         kinds::APP_PURGE,
+        kinds::RUNNER_INFO,
     ];
     // `instance.start`: the `dir` form goes straight to the actor; the release
-    // form first reads its release and has its slug on this node (waiting here,
-    // never in the actor), then goes to the actor completed.
+    // form is first admitted by the actor (a stale token or a taken id is refused
+    // and a resend answered before anything is fetched), then reads its release
+    // and has its slug on this node (waiting here, never in the actor), then goes
+    // to the actor completed.
     let (start_to, start_releases) = (runner.clone(), releases.clone());
     let routes = Routes::new()
         .on(kinds::INSTANCE_START, move |env| {
@@ -128,8 +131,26 @@ pub async fn setup(ctx: Ctx) -> anyhow::Result<Routes> {
                 let sent = match env.body.get("release") {
                     None | Some(serde_json::Value::Null) => runner.send(actor::Call(env)).await,
                     Some(_) => {
+                        let admitted = runner
+                            .send(actor::Admit {
+                                body: env.body.clone(),
+                            })
+                            .await
+                            .map_err(|e| {
+                                WireError::internal(format!("actor mailbox closed: {e}"))
+                            })??;
+                        if let Some(answer) = admitted {
+                            return Ok(answer);
+                        }
+                        let request = store::fingerprint(&env.body);
                         let (req, release) = releases.instance_start(&env.body).await?;
-                        runner.send(actor::StartRelease { req, release }).await
+                        runner
+                            .send(actor::StartRelease {
+                                req,
+                                release,
+                                request,
+                            })
+                            .await
                     }
                 };
                 sent.map_err(|e| WireError::internal(format!("actor mailbox closed: {e}")))?
@@ -198,5 +219,20 @@ mod tests {
         let (_d, c) = config_with(&[("log_sink", toml::Value::String("localhost:1".into()))]);
         let e = Settings::from_config(&c.unwrap()).unwrap_err().to_string();
         assert!(e.contains("daemons.runner.log_sink"), "{e}");
+
+        let (_d, c) = config_with(&[
+            ("advertise", toml::Value::String("10.0.0.7".into())),
+            ("offer_memory_mb", toml::Value::Integer(3000)),
+        ]);
+        let s = Settings::from_config(&c.unwrap()).unwrap();
+        assert_eq!(s.advertise.to_string(), "10.0.0.7");
+        assert_eq!(s.offer_memory_mb, 3000);
+        let (_d, c) = config_with(&[]);
+        let s = Settings::from_config(&c.unwrap()).unwrap();
+        assert_eq!(s.advertise.to_string(), "127.0.0.1", "the default");
+        assert!(s.offer_memory_mb > 0, "80% of MemTotal");
+        let (_d, c) = config_with(&[("advertise", toml::Value::String("node-a.lan".into()))]);
+        let e = Settings::from_config(&c.unwrap()).unwrap_err().to_string();
+        assert!(e.contains("daemons.runner.advertise"), "{e}");
     }
 }

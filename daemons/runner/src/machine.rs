@@ -180,6 +180,9 @@ pub struct Machine {
     pub restarts: u32,
     pub crashed: Option<String>,
     pub stopped_at: Option<i64>,
+    /// When the current run's health check first passed (epoch ms); None while
+    /// not up.
+    pub up_at: Option<i64>,
     /// Restart times inside the respawn window.
     recent: VecDeque<Instant>,
     next_delay: Duration,
@@ -207,6 +210,7 @@ impl Machine {
             restarts,
             crashed,
             stopped_at,
+            up_at: None,
             recent: VecDeque::new(),
             next_delay: Duration::ZERO,
             armed: None,
@@ -215,6 +219,16 @@ impl Machine {
     }
 
     pub fn step(&mut self, ev: Event, now: Now, p: &Policy) -> Vec<Effect> {
+        let fx = self.transition(ev, now, p);
+        // `up_at` belongs to the current run's first passing check: gone as soon
+        // as the instance is not up (a new run earns its own).
+        if self.state != State::Up {
+            self.up_at = None;
+        }
+        fx
+    }
+
+    fn transition(&mut self, ev: Event, now: Now, p: &Policy) -> Vec<Effect> {
         let mut fx = Vec::new();
         match ev {
             Event::Adopted { shim_alive } => self.adopted(shim_alive, now, p, &mut fx),
@@ -296,6 +310,7 @@ impl Machine {
             Event::Healthy { generation } => {
                 if generation == self.generation && self.state == State::Starting {
                     self.state = State::Up;
+                    self.up_at = Some(now.wall_ms);
                     self.reason = None;
                     fx.push(Effect::After {
                         delay: p.reset,
@@ -719,6 +734,54 @@ mod tests {
         m.step(Event::Healthy { generation: g }, c.now(), &p);
         assert_eq!(m.state, State::Up);
         m
+    }
+
+    #[test]
+    fn up_at_is_the_first_passing_check_of_the_current_run() {
+        let mut c = Clock::new();
+        let p = Policy {
+            limit: 10,
+            ..policy()
+        };
+        let mut m = Machine::new(true, 0, None, None);
+        m.step(
+            Event::Started {
+                pid: 100,
+                started_ms: c.now().wall_ms,
+            },
+            c.now(),
+            &p,
+        );
+        assert_eq!(m.up_at, None, "not before health passes");
+        c.advance(700);
+        let g = m.generation;
+        m.step(Event::Healthy { generation: g }, c.now(), &p);
+        let first = c.now().wall_ms;
+        assert_eq!(m.up_at, Some(first));
+        // Later passes of the same run (a stale report too) keep the first.
+        c.advance(500);
+        m.step(Event::Healthy { generation: g }, c.now(), &p);
+        m.step(Event::StableRun { generation: g }, c.now(), &p);
+        assert_eq!(m.up_at, Some(first));
+        // The app ends: not up, no up_at; the next run earns its own.
+        m.step(Event::Exited(exit(Some(1), None, first + 500)), c.now(), &p);
+        assert_eq!(m.up_at, None);
+        m.step(
+            Event::Started {
+                pid: 101,
+                started_ms: c.now().wall_ms,
+            },
+            c.now(),
+            &p,
+        );
+        assert_eq!(m.up_at, None);
+        c.advance(300);
+        let g = m.generation;
+        m.step(Event::Healthy { generation: g }, c.now(), &p);
+        assert_eq!(m.up_at, Some(c.now().wall_ms));
+        // A stop clears it at once (stopping is not up).
+        m.step(Event::StopAsked { shim_alive: true }, c.now(), &p);
+        assert_eq!(m.up_at, None);
     }
 
     fn sends(fx: &[Effect]) -> Vec<ShimCommand> {

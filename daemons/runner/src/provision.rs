@@ -40,8 +40,28 @@ pub fn signal_named(name: &str) -> Result<i32, WireError> {
         .map_err(|_| WireError::invalid(format!("`{name}` is not a signal name")))
 }
 
+/// A caller's instance id: 1-100 of `[a-z0-9.-]`, starting with a letter or
+/// digit (it names a directory and a cgroup: never `.`, `..` or a hidden name).
+pub fn valid_id(id: &str) -> bool {
+    (1..=100).contains(&id.len())
+        && id.as_bytes()[0].is_ascii_alphanumeric()
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'.' || b == b'-')
+}
+
+/// The longest path a unix socket can be bound at (`sun_path` less its NUL).
+const SOCKET_PATH_MAX: usize = 107;
+
 /// The request's fields that can be judged without touching the system.
 pub fn check(req: &InstanceStart) -> Result<(), WireError> {
+    if let Some(id) = &req.id {
+        if !valid_id(id) {
+            return Err(WireError::invalid(
+                "`id` must be 1-100 characters of [a-z0-9.-], starting with a letter or digit",
+            ));
+        }
+    }
     if !users::valid_app(&req.app) {
         return Err(WireError::invalid(
             "`app` must be 1-28 characters of [a-z0-9-], starting with a letter",
@@ -93,9 +113,24 @@ fn mkdir(d: &Path, owner: Option<(u32, u32)>) -> Result<(), WireError> {
     }
 }
 
+/// Whether an instance `id` fits this runner: its shim's socket path must be
+/// short enough to bind.
+pub fn check_id_fits(s: &Settings, id: &str) -> Result<(), WireError> {
+    let sock = instance_dir(s, id).join("shim.sock");
+    let len = sock.as_os_str().len();
+    if len > SOCKET_PATH_MAX {
+        return Err(WireError::invalid(format!(
+            "`id` is too long for this runner: its socket path {} would be {len} bytes (at most {SOCKET_PATH_MAX}); use a shorter id",
+            sock.display()
+        )));
+    }
+    Ok(())
+}
+
 /// Makes everything for a new instance `id` of `req` on `port` (checked with
 /// [`check`] first). With `release`, the instance runs that release's unpacked
 /// slug at `/app` (`req.dir` is `/app`, its env already holds the release's config).
+/// `request` is the start's [`store::fingerprint`].
 pub fn provision(
     s: &Settings,
     hierarchy: &cgroup::Hierarchy,
@@ -103,8 +138,10 @@ pub fn provision(
     req: InstanceStart,
     port: u16,
     release: Option<ReleaseSpec>,
+    request: String,
 ) -> Result<Provisioned, WireError> {
     let dir = PathBuf::from(&req.dir);
+    let (token, owner) = (req.token, req.owner);
     let (uid, gid) =
         users::ensure_user(&req.app).map_err(|e| WireError::internal(crate::chain(&e)))?;
     if release.is_none() {
@@ -197,6 +234,9 @@ pub fn provision(
         restarts: 0,
         crashed: None,
         stopped_at: None,
+        token,
+        owner,
+        request: Some(request),
     };
     store::save(&idir, &rec)
         .map_err(|e| WireError::internal(format!("cannot write the record: {e}")))?;
@@ -205,4 +245,30 @@ pub fn provision(
         dir: idir,
         cgroup: cg,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn caller_ids_are_plain_names() {
+        for ok in ["shop.web.v2.t7.1", "a", "0-x", &"x".repeat(100)] {
+            assert!(valid_id(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            ".",
+            "..",
+            ".hidden",
+            "-x",
+            "Shop",
+            "a/b",
+            "a_b",
+            "a b",
+            &"x".repeat(101),
+        ] {
+            assert!(!valid_id(bad), "{bad:?}");
+        }
+    }
 }

@@ -42,6 +42,12 @@ pub struct RunnerSection {
     pub memory_mb: u64,
     /// How long a stopped instance's directories (record, logs, home) are kept.
     pub stopped_keep_ms: Ms,
+    /// The IP address others reach this node's instances at (`addr` in
+    /// `instance.list`). Default 127.0.0.1.
+    pub advertise: Option<String>,
+    /// The memory this runner offers to instances (`runner.info`). Default: 80%
+    /// of the node's MemTotal.
+    pub offer_memory_mb: Option<u64>,
 }
 
 impl Default for RunnerSection {
@@ -69,6 +75,8 @@ impl Default for RunnerSection {
             pids: 512,
             memory_mb: 0,
             stopped_keep_ms: Ms::from_millis(3_600_000),
+            advertise: None,
+            offer_memory_mb: None,
         }
     }
 }
@@ -97,6 +105,8 @@ pub struct Settings {
     pub pids: u64,
     pub memory_mb: Option<u64>,
     pub stopped_keep: Duration,
+    pub advertise: std::net::IpAddr,
+    pub offer_memory_mb: u64,
 }
 
 impl Settings {
@@ -136,7 +146,27 @@ impl Settings {
                 ));
             }
         }
+        let advertise = match s.advertise.as_deref() {
+            None => std::net::IpAddr::from([127, 0, 0, 1]),
+            Some(a) => a.trim().parse().map_err(|_| {
+                cfg.invalid(
+                    "daemons.runner.advertise",
+                    format!("`{a}` is not an IP address (the address others reach this node at)"),
+                )
+            })?,
+        };
+        let offer_memory_mb = match s.offer_memory_mb {
+            Some(mb) => mb,
+            None => mem_total_mb().map(|total| total * 8 / 10).ok_or_else(|| {
+                cfg.invalid(
+                    "daemons.runner.offer_memory_mb",
+                    "not set, and MemTotal cannot be read from /proc/meminfo; set it".into(),
+                )
+            })?,
+        };
         Ok(Settings {
+            advertise,
+            offer_memory_mb,
             log_sink: s.log_sink,
             port_min: s.port_min,
             port_max: s.port_max,
@@ -164,9 +194,28 @@ impl Settings {
     }
 }
 
+/// The node's memory in MiB, from /proc/meminfo's `MemTotal: N kB`.
+fn mem_total_mb() -> Option<u64> {
+    parse_mem_total(&std::fs::read_to_string("/proc/meminfo").ok()?)
+}
+
+fn parse_mem_total(meminfo: &str) -> Option<u64> {
+    let line = meminfo.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn mem_total_is_read_in_mib() {
+        let text = "MemTotal:        8049316 kB\nMemFree:  1 kB\n";
+        assert_eq!(parse_mem_total(text), Some(7860));
+        assert_eq!(parse_mem_total("MemFree: 1 kB\n"), None);
+        assert!(mem_total_mb().is_some_and(|m| m > 0));
+    }
 
     #[test]
     fn shipped_example_configs_have_a_valid_runner_section() {

@@ -9,7 +9,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use paddock_wire::kinds::{Health, InstanceLimits, InstanceStart, LogLine, RestartPolicy};
+use paddock_wire::kinds::{Health, InstanceLimits, InstanceStart, LogLine, Owner, RestartPolicy};
 use serde::{Deserialize, Serialize};
 
 /// The record version this runner writes. Version 0 is the first runner's
@@ -106,6 +106,98 @@ pub struct Record {
     /// later.
     #[serde(default)]
     pub stopped_at: Option<i64>,
+    /// The fencing token of the start that placed it (absent: none given, or an
+    /// older runner's record).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<u64>,
+    /// Who placed it (older records: the operator).
+    #[serde(default)]
+    pub owner: Owner,
+    /// A fingerprint of the start request ([`fingerprint`]), so that a resend of
+    /// that start is told from another start under the same id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request: Option<String>,
+}
+
+/// A stable fingerprint of a start request's body without its `token`: FNV-1a
+/// (128 bits) of the body's JSON with every object's keys sorted. Not a
+/// defence against anyone (senders hold the cluster key); it only tells one
+/// request from another, the same across runner versions.
+pub fn fingerprint(body: &serde_json::Value) -> String {
+    fn canonical(v: &serde_json::Value, top: bool, out: &mut String) {
+        match v {
+            serde_json::Value::Object(m) => {
+                let mut keys: Vec<&String> = m
+                    .keys()
+                    .filter(|k| !(top && k.as_str() == "token"))
+                    .collect();
+                keys.sort();
+                out.push('{');
+                for (i, k) in keys.into_iter().enumerate() {
+                    if i > 0 {
+                        out.push(',');
+                    }
+                    out.push_str(&serde_json::Value::from(k.as_str()).to_string());
+                    out.push(':');
+                    canonical(&m[k], false, out);
+                }
+                out.push('}');
+            }
+            serde_json::Value::Array(a) => {
+                out.push('[');
+                for (i, x) in a.iter().enumerate() {
+                    if i > 0 {
+                        out.push(',');
+                    }
+                    canonical(x, false, out);
+                }
+                out.push(']');
+            }
+            other => out.push_str(&other.to_string()),
+        }
+    }
+    let mut text = String::new();
+    canonical(body, true, &mut text);
+    let mut h: u128 = 0x6c62272e07bb014262b821756295c58d;
+    for b in text.bytes() {
+        h ^= u128::from(b);
+        h = h.wrapping_mul(0x0000000001000000000000000000013B);
+    }
+    format!("fnv1a128:{h:032x}")
+}
+
+/// `<instances_dir>/fence.json`: the largest fencing token this runner has
+/// accepted, so that a restarted runner still refuses older leaders.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct FenceRecord {
+    version: u32,
+    max_token: u64,
+}
+
+/// Reads the largest accepted token (None: no fenced request yet). A file that
+/// exists but cannot be read is an error: guessing could readmit an old leader.
+pub fn load_fence(instances_dir: &Path) -> Result<Option<u64>, StoreError> {
+    let path = instances_dir.join("fence.json");
+    let bytes = match std::fs::read(&path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(source) => return Err(StoreError::Read { path, source }),
+    };
+    let rec: FenceRecord =
+        serde_json::from_slice(&bytes).map_err(|source| StoreError::Parse { path, source })?;
+    Ok(Some(rec.max_token))
+}
+
+/// Records a larger accepted token durably (fsync'd before the request is
+/// carried out).
+pub fn save_fence(instances_dir: &Path, max_token: u64) -> std::io::Result<()> {
+    write_json(
+        &instances_dir.join("fence.json"),
+        &FenceRecord {
+            version: 1,
+            max_token,
+        },
+    )
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -225,6 +317,9 @@ mod tests {
             restarts: 2,
             crashed: None,
             stopped_at: None,
+            token: Some(7),
+            owner: Owner::Scheduler,
+            request: Some("fnv1a128:00".into()),
         }
     }
 
@@ -277,6 +372,33 @@ mod tests {
         assert_eq!(r.version, RECORD_VERSION);
         assert_eq!((r.spec.app.as_str(), r.port), ("old", 20002));
         assert_eq!(r.crashed, None);
+        assert_eq!((r.token, r.owner, r.request), (None, Owner::Operator, None));
+    }
+
+    #[test]
+    fn fingerprints_ignore_key_order_and_the_token_only() {
+        let a = serde_json::json!({"app": "a", "env": {"X": "1", "Y": "2"}, "token": 3});
+        let b = serde_json::json!({"env": {"Y": "2", "X": "1"}, "app": "a", "token": 9});
+        let c = serde_json::json!({"env": {"Y": "2", "X": "2"}, "app": "a", "token": 3});
+        let d = serde_json::json!({"app": "a", "env": {"X": "1", "Y": "2", "token": 3}});
+        assert_eq!(fingerprint(&a), fingerprint(&b));
+        assert_ne!(fingerprint(&a), fingerprint(&c));
+        assert_ne!(fingerprint(&a), fingerprint(&d), "only the top-level token");
+        // Stable across builds: a record written today is compared tomorrow.
+        assert_eq!(
+            fingerprint(&serde_json::json!({"b": null, "token": 1, "a": [1, "x"]})),
+            "fnv1a128:85875fc3c9bc05f9cddf8bc43c940b56"
+        );
+    }
+
+    #[test]
+    fn the_fence_survives_and_a_damaged_one_is_an_error() {
+        let t = tempfile::tempdir().unwrap();
+        assert_eq!(load_fence(t.path()).unwrap(), None);
+        save_fence(t.path(), 42).unwrap();
+        assert_eq!(load_fence(t.path()).unwrap(), Some(42));
+        std::fs::write(t.path().join("fence.json"), "{oops").unwrap();
+        assert!(load_fence(t.path()).is_err());
     }
 
     #[test]
