@@ -902,7 +902,7 @@ fn the_release_command_runs_once_before_the_release_goes_live() {
         &[
             (
                 "Procfile",
-                "web: python3 -m http.server $PORT\nrelease: sh -c 'echo \"migrating in $(pwd) as $(id -un)\"; ls /app'\n",
+                "web: python3 -m http.server $PORT\nrelease: sh -c 'echo \"migrating in $(pwd) as $(id -un)\"; ls /app; printf \"rel:\\033[1mbold\\0x\\n%010000d\\n\" 0'\n",
             ),
             ("marker.txt", "x\n"),
         ],
@@ -910,6 +910,13 @@ fn the_release_command_runs_once_before_the_release_goes_live() {
     let release = succeeded(&b);
     assert!(b.has("-----> Running the release command"), "{}", b.log());
     assert!(b.has("migrating in /app as pdk-relphase"), "{}", b.log());
+    // The release phase's output is cut and escaped as the build's is.
+    assert!(b.has("       rel:\\x1b[1mbold\\x00x"), "{}", b.log());
+    assert!(
+        b.has(&format!("       {}…", "0".repeat(4096))),
+        "{}",
+        b.log()
+    );
     assert!(
         b.has("marker.txt"),
         "the release command sees the slug:\n{}",
