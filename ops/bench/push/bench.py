@@ -2,8 +2,10 @@
 
 Every push is a real `git push` over the gitserver's sshd; its wall time is
 measured here, and the build's own step durations are read back with
-`paddock builds info --json`. "transfer" is the push's time outside the build's
-steps: ssh, receive-pack, the tree's upload to the blobstore, the build lease.
+`paddock builds info --json`. "transfer" is the push's time outside the build
+(the deployer's own total): ssh, receive-pack, the tree's upload to the
+blobstore, the build lease, the ref update. "slug" includes its upload to the
+blobstore pair; "release" is the api's release.create and release.status.
 """
 import json, os, shutil, statistics, subprocess, sys, time
 
@@ -86,14 +88,15 @@ for kind, files in APPS.items():
             if p.returncode != 0:
                 sys.exit(f"push of {app} failed:\n{p.stderr}")
             b = json.loads(run(["paddock", "--json", "builds", "-a", app, "-n", "1"], customer).stdout)
-            steps = b["builds"][0].get("durations", {})
-            row = {"total": total, **{k: float(v) for k, v in steps.items()}}
-            row["transfer"] = total - sum(float(v) for v in steps.values())
+            steps = {k: float(v) for k, v in b["builds"][0].get("durations", {}).items()}
+            build = steps.pop("total", None) or sum(steps.values())
+            row = {"push": total, "build": build, **steps}
+            row["transfer"] = total - build
             rows.append(row)
             print(f"{app} {phase} #{i + 1}: {total:.0f} ms", flush=True)
         results[(kind, phase)] = rows
 
-cols = ["total", "transfer", "detect", "compile", "slug", "upload", "release"]
+cols = ["push", "transfer", "build", "source", "detect", "compile", "slug", "release"]
 print()
 print(f"push → release, p50 of {n} pushes each (ms)")
 print(f"{'app':<8} {'cache':<5} " + " ".join(f"{c:>9}" for c in cols))
