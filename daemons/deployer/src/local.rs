@@ -20,20 +20,33 @@ pub fn open(typed: &str, allowed: &[PathBuf]) -> Result<(std::fs::File, PathBuf)
                 .into(),
         );
     }
-    let resolved = std::fs::canonicalize(typed).map_err(|e| format!("cannot resolve it: {e}"))?;
-    let under = allowed.iter().any(|prefix| {
-        std::fs::canonicalize(prefix).is_ok_and(|p| resolved.starts_with(&p) && resolved != p)
-    });
-    if !under {
-        return Err(format!(
-            "{} is not under a directory this deployer allows local buildpacks in ({})",
-            resolved.display(),
+    let not_under = || {
+        format!(
+            "{typed} is not under a directory this deployer allows local buildpacks in ({})",
             allowed
                 .iter()
                 .map(|p| p.display().to_string())
                 .collect::<Vec<_>>()
                 .join(", ")
-        ));
+        )
+    };
+    // The path as typed first, so nothing outside the allowed directories is
+    // even looked up (the answers would tell which root-only paths exist),
+    // then where it leads; messages name only what was typed.
+    let typed_path = Path::new(typed);
+    if typed_path
+        .components()
+        .any(|c| c == std::path::Component::ParentDir)
+        || !allowed.iter().any(|p| typed_path.starts_with(p))
+    {
+        return Err(not_under());
+    }
+    let resolved = std::fs::canonicalize(typed).map_err(|e| format!("cannot resolve it: {e}"))?;
+    let under = allowed.iter().any(|prefix| {
+        std::fs::canonicalize(prefix).is_ok_and(|p| resolved.starts_with(&p) && resolved != p)
+    });
+    if !under {
+        return Err(not_under());
     }
     let dir = std::fs::OpenOptions::new()
         .read(true)
@@ -128,6 +141,10 @@ mod tests {
         assert!(open(allowed.to_str().unwrap(), &list).is_err());
         let e = open(outside.to_str().unwrap(), &list).unwrap_err();
         assert!(e.contains("is not under"), "{e}");
+        // Nothing outside is even looked up: a missing path says the same.
+        let e = open("/root/no-such-buildpack", &list).unwrap_err();
+        assert!(e.contains("is not under"), "{e}");
+        assert!(!e.contains("resolve"), "{e}");
         // A symlink inside the prefix is judged by where it leads.
         let lnk = allowed.join("lnk");
         std::os::unix::fs::symlink(&outside, &lnk).unwrap();
