@@ -37,9 +37,22 @@ impl Git {
 
     /// With more daemons (a runner, for the release phase).
     fn start_with(name: &str, more: &[&str]) -> Git {
-        let mut daemons = vec!["heartbeat", "locker", "blobstore", "deployer", "gitserver"];
-        daemons.extend_from_slice(more);
-        let c = ApiCluster::start(name, &daemons);
+        let mut c = ApiCluster::start(name, &["heartbeat", "locker", "blobstore"]);
+        // Local buildpacks (the tests' waiters) only from root's dirs under /var/tmp.
+        c.node
+            .file
+            .daemons
+            .get_mut("deployer")
+            .unwrap()
+            .other
+            .insert(
+                "local_buildpacks".into(),
+                toml::Value::Array(vec!["/var/tmp".into()]),
+            );
+        c.node.save();
+        for d in ["deployer", "gitserver"].iter().chain(more) {
+            c.node.start(d);
+        }
         let alice = create_user(&c.node, "alice", false);
         let (alice_key, public) = keygen(c.t.path(), "alice");
         let mut a = user_client(&alice);
@@ -303,8 +316,10 @@ fn a_push_builds_a_release_and_a_failed_build_moves_no_ref() {
     assert!(g.repo_head("shop", "refs/heads/main").is_some());
 }
 
-/// A buildpack (readable by every build user) whose compile says it waits, then
-/// waits until `go` exists: the test sees that line before the build can end.
+/// A buildpack (root's, under /var/tmp, which the test cluster's deployer allows
+/// for local buildpacks) whose compile says it waits, then waits until `go` (in
+/// the buildpack's own directory) exists: the test sees that line before the
+/// build can end.
 fn waiter_buildpack(base: &Path, go: &Path) -> PathBuf {
     noisy_buildpack(base, go, 0)
 }
@@ -313,6 +328,9 @@ fn waiter_buildpack(base: &Path, go: &Path) -> PathBuf {
 fn noisy_buildpack(base: &Path, go: &Path, lines: usize) -> PathBuf {
     use std::os::unix::fs::PermissionsExt;
     let bp = base.join("waiter-bp");
+    // Builds see only their own /tmp and /var/tmp: the signal is a file in the
+    // buildpack itself, which is bound (read-only) into the build.
+    assert_eq!(go, bp.join("go"));
     std::fs::create_dir_all(bp.join("bin")).unwrap();
     let scripts = [
         ("detect", "#!/bin/sh\necho Waiter\n".to_string()),
@@ -320,9 +338,9 @@ fn noisy_buildpack(base: &Path, go: &Path, lines: usize) -> PathBuf {
             "compile",
             format!(
                 "#!/bin/sh\necho '-----> compile is waiting for the test'\n\
-                 while [ ! -e {} ]; do sleep 0.05; done\necho '-----> compile saw it'\n\
-                 yes 'noise noise noise noise noise noise noise noise noise noise noise noise noise noise noise nois' | head -n {lines}\n",
-                go.display()
+                 while [ ! -e \"$(dirname \"$0\")/../go\" ]; do sleep 0.05; done\n\
+                 echo '-----> compile saw it'\n\
+                 yes 'noise noise noise noise noise noise noise noise noise noise noise noise noise noise noise nois' | head -n {lines}\n"
             ),
         ),
         ("release", "#!/bin/sh\necho '--- {}'\n".to_string()),
@@ -405,7 +423,7 @@ fn the_log_streams_while_building_and_pushes_to_one_app_build_one_at_a_time() {
         .prefix("paddock-git-test-")
         .tempdir_in("/var/tmp")
         .unwrap();
-    let go = signal.path().join("go");
+    let go = signal.path().join("waiter-bp").join("go");
     let bp = waiter_buildpack(signal.path(), &go);
     let mut files = HELLO.to_vec();
     let buildpacks = format!("{}\n", bp.display());
@@ -446,7 +464,7 @@ fn a_push_whose_branch_moved_while_it_waited_is_refused_before_building() {
         .prefix("paddock-git-test-")
         .tempdir_in("/var/tmp")
         .unwrap();
-    let go = signal.path().join("go");
+    let go = signal.path().join("waiter-bp").join("go");
     let bp = waiter_buildpack(signal.path(), &go);
     let mut files = HELLO.to_vec();
     let buildpacks = format!("{}\n", bp.display());
@@ -583,7 +601,7 @@ fn a_pusher_who_stops_reading_does_not_hold_up_the_next_push() {
         .prefix("paddock-git-test-")
         .tempdir_in("/var/tmp")
         .unwrap();
-    let go = signal.path().join("go");
+    let go = signal.path().join("waiter-bp").join("go");
     // 4 MB of log: more than every buffer between the gitserver and the pusher.
     let bp = noisy_buildpack(signal.path(), &go, 40_000);
     let mut files = HELLO.to_vec();
