@@ -1,26 +1,29 @@
 //! paddock-scheduler: desired state (the api's apps) against actual state (the
 //! runners' instances): placement, health-gated rolling deploys, auto-rollback,
 //! node loss. One leads, by a locker lease whose fencing token goes with every
-//! command. Work in progress (issue 10): the pure core comes first
-//! (docs/design/SCHEDULER.md): `model`, `placement`, `deploy`, `reconcile`,
-//! `routes`; no I/O in any of them.
+//! command. The decisions are a pure core (docs/design/SCHEDULER.md): `model`,
+//! `placement`, `deploy`, `reconcile`, `routes`, with no I/O in any of them;
+//! `actor` is the loop that feeds it and carries out what it decides.
 
+pub mod actor;
 pub mod deploy;
 pub mod model;
 pub mod placement;
 pub mod reconcile;
 pub mod routes;
+pub mod settings;
+
+use std::cell::RefCell;
+use std::rc::Rc;
 
 use paddock_config::{ClusterConfig, ConfigError};
-use paddock_daemon::{Ctx, Routes, Spec};
-use serde::Deserialize;
+use paddock_daemon::{Ctx, LoopKind, Routes, Spec};
+use paddock_wire::WireError;
+use serde_json::json;
+
+pub use settings::{SchedulerSection, Settings};
 
 pub const NAME: &str = "scheduler";
-
-/// `[daemons.scheduler]` as the file has it.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct SchedulerSection {}
 
 pub fn spec() -> Spec {
     Spec {
@@ -35,9 +38,38 @@ pub fn spec() -> Spec {
 }
 
 fn check(cfg: &ClusterConfig) -> Result<(), ConfigError> {
-    cfg.section::<SchedulerSection>(NAME).map(|_| ())
+    Settings::from_config(cfg).map(|_| ())
 }
 
-pub async fn setup(_ctx: Ctx) -> anyhow::Result<Routes> {
-    Ok(Routes::new())
+pub async fn setup(ctx: Ctx) -> anyhow::Result<Routes> {
+    let settings = Settings::from_config(&ctx.config())?;
+    let shared = Rc::new(RefCell::new(actor::Shared::default()));
+    {
+        let (ctx2, shared) = (ctx.clone(), shared.clone());
+        ctx.spawn_loop("schedule", LoopKind::Critical, move || {
+            let me = actor::Scheduler::new(ctx2.clone(), settings.clone(), shared.clone());
+            me.run()
+        });
+    }
+    let snap = shared.clone();
+    Ok(Routes::new()
+        .on("routes.snapshot", move |_env| {
+            let shared = snap.clone();
+            async move {
+                let sh = shared.borrow();
+                match (sh.token, &sh.table) {
+                    (Some(_), Some(t)) => Ok(t.clone()),
+                    _ => Err(WireError::unavailable(
+                        "this scheduler does not lead (or has not yet read the cluster): ask the leader",
+                    )),
+                }
+            }
+        })
+        .on("scheduler.status", move |_env| {
+            let shared = shared.clone();
+            async move {
+                let sh = shared.borrow();
+                Ok(json!({"leader": sh.token.is_some(), "token": sh.token, "deploys": sh.deploys}))
+            }
+        }))
 }

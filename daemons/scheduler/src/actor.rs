@@ -1,0 +1,1245 @@
+//! The scheduler's thin actor: one loop that holds the `scheduler` lease, re-reads
+//! the world (the api's desired state, every runner's instances and offer, the
+//! heartbeat registry) on every hint and every `resync`, feeds the pure core
+//! (`deploy`, `reconcile`) and turns its effects into calls. It trusts no memory
+//! of its own about the cluster but the running deploys, their timers and the
+//! drains it began; a new leader resumes from what runs.
+//!
+//! Events (the api's `app.changed`, the runners' `instance.*`, the balancers'
+//! `backend.drained`) are hints that wake the loop early; the deploys' events are
+//! derived from the difference between what a deploy knows and what the runners
+//! now list, so a lost event costs a resync period, never correctness.
+
+use std::cell::RefCell;
+use std::collections::{BTreeMap, BTreeSet};
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use paddock_daemon::Ctx;
+use paddock_wire::kinds::{Service, ServiceState};
+use paddock_wire::{Code, Envelope};
+use serde_json::{json, Value};
+use tokio::sync::mpsc;
+
+use crate::deploy::{self, Deploy, Event, Outcome, Rollout, Target, Timer, World};
+use crate::model::{
+    DesiredApp, Formation, HealthCheck, Instance, InstanceId, InstanceState, Liveness, Node,
+    NodeId, Owner, Registry, Release, Scale, Token,
+};
+use crate::placement::Room;
+use crate::reconcile::{self, Input};
+use crate::routes::RouteTable;
+use crate::settings::Settings;
+
+/// The lease every scheduler competes for.
+pub const LEASE: &str = "scheduler";
+
+/// What the rpc handlers read: whether this one leads, and its last table.
+#[derive(Debug, Default)]
+pub struct Shared {
+    pub token: Option<Token>,
+    pub table: Option<Value>,
+    pub deploys: Vec<Value>,
+}
+
+struct Lease {
+    token: Token,
+    /// When the grant runs out, by our clock (from before the request was sent).
+    expires: Instant,
+    renew_at: Instant,
+}
+
+/// A runner node as the registry and its runner say.
+#[derive(Debug, Clone)]
+struct RunnerNode {
+    liveness: Liveness,
+    rpc: Option<String>,
+}
+
+pub struct Scheduler {
+    ctx: Ctx,
+    s: Settings,
+    shared: Rc<RefCell<Shared>>,
+    owner: String,
+    lease: Option<Lease>,
+    deploys: BTreeMap<String, Deploy>,
+    /// (app, version) whose deploy failed: not begun again.
+    failed: BTreeSet<(String, u64)>,
+    /// (app, version) reported succeeded to the api.
+    live: BTreeSet<(String, u64)>,
+    draining: BTreeMap<InstanceId, Instant>,
+    timers: Vec<(Instant, String, Timer)>,
+    alive_since: BTreeMap<NodeId, Instant>,
+    /// Each runner node's last listing (kept while it cannot be asked).
+    known: BTreeMap<NodeId, Vec<Instance>>,
+    seen_ids: BTreeSet<InstanceId>,
+    releases: BTreeMap<(String, u64), Release>,
+    subscribed: BTreeSet<String>,
+    tx: mpsc::Sender<Envelope>,
+    rx: mpsc::Receiver<Envelope>,
+    confirmed: Vec<InstanceId>,
+    last_publish: Option<(Instant, Value)>,
+    first_tick: bool,
+}
+
+/// Why a tick stopped early.
+enum Stop {
+    /// A runner or the locker said a newer scheduler leads.
+    Deposed(String),
+    Skip(String),
+}
+
+impl Scheduler {
+    pub fn new(ctx: Ctx, s: Settings, shared: Rc<RefCell<Shared>>) -> Scheduler {
+        let (tx, rx) = mpsc::channel(1024);
+        let owner = format!("{}/{}", ctx.identity(), ctx.incarnation);
+        Scheduler {
+            ctx,
+            s,
+            shared,
+            owner,
+            lease: None,
+            deploys: BTreeMap::new(),
+            failed: BTreeSet::new(),
+            live: BTreeSet::new(),
+            draining: BTreeMap::new(),
+            timers: Vec::new(),
+            alive_since: BTreeMap::new(),
+            known: BTreeMap::new(),
+            seen_ids: BTreeSet::new(),
+            releases: BTreeMap::new(),
+            subscribed: BTreeSet::new(),
+            tx,
+            rx,
+            confirmed: Vec::new(),
+            last_publish: None,
+            first_tick: true,
+        }
+    }
+
+    pub async fn run(mut self) -> anyhow::Result<()> {
+        loop {
+            if self.lease.is_none() {
+                self.acquire().await;
+                continue;
+            }
+            let now = Instant::now();
+            if self.lease.as_ref().is_some_and(|l| now >= l.renew_at) {
+                self.renew().await;
+            }
+            if self.leads() {
+                match self.tick().await {
+                    Ok(()) => {}
+                    Err(Stop::Deposed(why)) => self.lose(&why),
+                    Err(Stop::Skip(why)) => tracing::warn!("scheduling pass skipped: {why}"),
+                }
+            }
+            self.wait().await;
+        }
+    }
+
+    fn leads(&self) -> bool {
+        self.lease
+            .as_ref()
+            .is_some_and(|l| Instant::now() < l.expires)
+    }
+
+    /// Sleeps until an event, a timer, the lease's renewal or the resync.
+    async fn wait(&mut self) {
+        let now = Instant::now();
+        let mut next = now + self.s.resync;
+        if let Some(l) = &self.lease {
+            next = next.min(l.renew_at);
+        }
+        if let Some(t) = self.timers.iter().map(|(at, _, _)| *at).min() {
+            next = next.min(t);
+        }
+        let sleep = next.saturating_duration_since(now);
+        tokio::select! {
+            ev = self.rx.recv() => {
+                if let Some(ev) = ev { self.note(ev); }
+                // Take what else has come, so a burst is one pass.
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                while let Ok(ev) = self.rx.try_recv() { self.note(ev); }
+            }
+            _ = tokio::time::sleep(sleep) => {}
+        }
+    }
+
+    fn note(&mut self, ev: Envelope) {
+        if ev.kind == "backend.drained" {
+            if let Some(id) = ev.body["id"].as_str() {
+                self.confirmed.push(id.to_string());
+            }
+        }
+    }
+
+    async fn acquire(&mut self) {
+        let ttl = self.s.lease_ttl;
+        let wait = ttl.min(Duration::from_secs(5));
+        let sent = Instant::now();
+        let r = self
+            .ctx
+            .calls()
+            .call_daemon_timeout(
+                "locker",
+                "lock.acquire",
+                json!({"name": LEASE, "owner": self.owner, "ttl_ms": ttl.as_millis() as u64,
+                       "wait_ms": wait.as_millis() as u64}),
+                wait + Duration::from_secs(5),
+            )
+            .await;
+        match r {
+            Ok(v) => {
+                let Some(token) = v["token"].as_u64() else {
+                    tracing::warn!("the locker's grant had no token: {v}");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    return;
+                };
+                tracing::info!(token, "leading the scheduling: lease `{LEASE}` taken");
+                self.lease = Some(Lease {
+                    token,
+                    expires: sent + ttl,
+                    renew_at: sent + ttl / 3,
+                });
+                self.deploys.clear();
+                self.timers.clear();
+                self.draining.clear();
+                self.confirmed.clear();
+                self.last_publish = None;
+                self.first_tick = true;
+                self.shared.borrow_mut().token = Some(token);
+            }
+            Err(e) if code_of(&e) == Some(&Code::Held) => {}
+            Err(e) => {
+                tracing::debug!(
+                    "cannot take lease `{LEASE}` yet: {}",
+                    paddock_daemon::chain(&e)
+                );
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+        // Followers drop the hints meanwhile.
+        while self.rx.try_recv().is_ok() {}
+    }
+
+    async fn renew(&mut self) {
+        let Some(l) = &self.lease else { return };
+        let (token, ttl) = (l.token, self.s.lease_ttl);
+        let sent = Instant::now();
+        let r = self
+            .ctx
+            .calls()
+            .call_daemon_timeout(
+                "locker",
+                "lock.renew",
+                json!({"name": LEASE, "token": token, "ttl_ms": ttl.as_millis() as u64}),
+                ttl / 3,
+            )
+            .await;
+        match r {
+            Ok(_) => {
+                if let Some(l) = &mut self.lease {
+                    l.expires = sent + ttl;
+                    l.renew_at = sent + ttl / 3;
+                }
+            }
+            Err(e) if code_of(&e) == Some(&Code::StaleToken) => {
+                self.lose("the locker says the lease is no longer ours")
+            }
+            Err(e) => {
+                let why = paddock_daemon::chain(&e);
+                if self.leads() {
+                    tracing::warn!("renewing lease `{LEASE}` failed (retrying): {why}");
+                    if let Some(l) = &mut self.lease {
+                        l.renew_at = Instant::now() + Duration::from_millis(200);
+                    }
+                } else {
+                    self.lose(&format!("it expired while it could not be renewed: {why}"));
+                }
+            }
+        }
+    }
+
+    fn lose(&mut self, why: &str) {
+        if let Some(l) = self.lease.take() {
+            tracing::warn!(
+                token = l.token,
+                "no longer leading the scheduling ({why}); acting on nothing until the lease is ours again"
+            );
+        }
+        self.deploys.clear();
+        self.timers.clear();
+        self.draining.clear();
+        let mut sh = self.shared.borrow_mut();
+        sh.token = None;
+        sh.table = None;
+        sh.deploys.clear();
+    }
+
+    fn token(&self) -> Token {
+        self.lease.as_ref().map_or(0, |l| l.token)
+    }
+
+    fn subscribe(&mut self, endpoint: &str, prefix: &str) {
+        let key = format!("{endpoint} {prefix}");
+        if self.subscribed.contains(&key) {
+            return;
+        }
+        match self.ctx.calls().subscribe(endpoint, prefix) {
+            Ok(mut rx) => {
+                self.subscribed.insert(key);
+                let tx = self.tx.clone();
+                tokio::task::spawn_local(async move {
+                    while let Some(ev) = rx.recv().await {
+                        // Hints only: when the loop is behind, one more is no news.
+                        let _ = tx.try_send(ev);
+                    }
+                });
+            }
+            Err(e) => tracing::warn!(
+                "cannot subscribe to {endpoint} ({prefix}): {}",
+                paddock_daemon::chain(&e)
+            ),
+        }
+    }
+
+    /// The registry as every configured heartbeat says, merged.
+    async fn registry(&self) -> Result<Vec<Service>, Stop> {
+        let cfg = self.ctx.config();
+        let mut listings = Vec::new();
+        let mut errors = Vec::new();
+        for ep in cfg.registries() {
+            let r = self
+                .ctx
+                .calls()
+                .call(&ep, "registry.list", json!({}), Duration::from_secs(1))
+                .await;
+            match r.map(|v| serde_json::from_value::<Vec<Service>>(v["services"].clone())) {
+                Ok(Ok(list)) => listings.push(list),
+                Ok(Err(e)) => errors.push(format!("{ep}: {e}")),
+                Err(e) => errors.push(format!("{ep}: {}", paddock_daemon::chain(&e))),
+            }
+        }
+        if listings.is_empty() {
+            return Err(Stop::Skip(format!(
+                "no heartbeat answered registry.list ({})",
+                errors.join("; ")
+            )));
+        }
+        Ok(paddock_daemon::calls::merge(listings))
+    }
+
+    async fn tick(&mut self) -> Result<(), Stop> {
+        let services = self.registry().await?;
+        for s in &services {
+            if s.state == ServiceState::Dead {
+                continue;
+            }
+            let Some(publish) = s.endpoints.get("pub") else {
+                continue;
+            };
+            match s.daemon.as_str() {
+                "api" => self.subscribe(&publish.clone(), "app.changed"),
+                "runner" => self.subscribe(&publish.clone(), "instance."),
+                "balancer" => self.subscribe(&publish.clone(), "backend.drained"),
+                _ => {}
+            }
+        }
+        let apps = self.desired().await?;
+        let runners = runner_nodes(&services);
+        let now = Instant::now();
+        let now_ms = paddock_wire::envelope::now_ms();
+
+        // Ask every runner not dead, all at once.
+        let mut asks = Vec::new();
+        for (node, r) in &runners {
+            if r.liveness == Liveness::Dead {
+                continue;
+            }
+            let Some(rpc) = r.rpc.clone() else { continue };
+            let calls = self.ctx.calls().clone();
+            let node = node.clone();
+            asks.push(tokio::task::spawn_local(async move {
+                let t = Duration::from_secs(3);
+                let list = calls.call(&rpc, "instance.list", json!({}), t).await;
+                let info = calls.call(&rpc, "runner.info", json!({}), t).await;
+                (node, list, info)
+            }));
+        }
+        let mut offers: BTreeMap<NodeId, u64> = BTreeMap::new();
+        let mut listed: BTreeSet<NodeId> = BTreeSet::new();
+        for a in asks {
+            let Ok((node, list, info)) = a.await else {
+                continue;
+            };
+            match list {
+                Ok(v) => {
+                    let items = v["instances"].as_array().cloned().unwrap_or_default();
+                    let list: Vec<Instance> = items
+                        .iter()
+                        .filter_map(|i| instance_of(i, &node, now, now_ms))
+                        .collect();
+                    self.seen_ids.extend(list.iter().map(|i| i.id.clone()));
+                    self.known.insert(node.clone(), list);
+                    listed.insert(node.clone());
+                }
+                Err(e) => tracing::warn!(
+                    node,
+                    "instance.list failed: {}; using its last listing",
+                    paddock_daemon::chain(&e)
+                ),
+            }
+            if let Ok(v) = info {
+                offers.insert(node, v["offer_memory_mb"].as_u64().unwrap_or(0));
+            }
+        }
+
+        let registry = self.nodes(&runners, &offers, now);
+        self.first_tick = false;
+        let mut instances: Vec<Instance> = self.known.values().flatten().cloned().collect();
+        let ids: BTreeSet<&str> = instances.iter().map(|i| i.id.as_str()).collect();
+        self.draining.retain(|id, _| {
+            ids.contains(id.as_str()) && instances.iter().any(|i| &i.id == id && !i.state.is_gone())
+        });
+
+        let token = self.token();
+        let policy = self.s.policy.clone();
+        let mut world = World {
+            token,
+            room: Room::new(&registry, &instances, now, &policy),
+            taken: self.seen_ids.clone(),
+        };
+        let mut fx: Vec<(String, deploy::Effect)> = Vec::new();
+        let desired: BTreeMap<&str, &DesiredApp> =
+            apps.iter().map(|a| (a.name.as_str(), a)).collect();
+
+        // Running deploys: what changed since they last looked, then timers.
+        let confirmed = std::mem::take(&mut self.confirmed);
+        let due: Vec<(String, Timer)> = {
+            let (due, later): (Vec<_>, Vec<_>) =
+                self.timers.drain(..).partition(|(at, _, _)| *at <= now);
+            self.timers = later;
+            due.into_iter().map(|(_, app, t)| (app, t)).collect()
+        };
+        for (app, d) in self.deploys.iter_mut() {
+            let mut events = events_for(d, &instances, &registry, &listed);
+            for id in &confirmed {
+                if d.instances().contains_key(id) {
+                    events.push(Event::DrainConfirmed { id: id.clone() });
+                }
+            }
+            for (a, t) in &due {
+                if a == app {
+                    events.push(Event::Timer(t.clone()));
+                }
+            }
+            for ev in events {
+                for e in d.step(ev, now, &policy, &mut world) {
+                    fx.push((app.clone(), e));
+                }
+            }
+            // A newer release takes over.
+            if let Some(want) = desired.get(app.as_str()).and_then(|a| want_target(a)) {
+                let newer = want.version > d.target().version
+                    && !self.failed.contains(&(app.clone(), want.version));
+                if newer && d.phase() != deploy::Phase::Done {
+                    let ev = Event::Newer {
+                        target: want,
+                        restart: false,
+                    };
+                    for e in d.step(ev, now, &policy, &mut world) {
+                        fx.push((app.clone(), e));
+                    }
+                }
+            }
+        }
+        // Deploys to begin.
+        for a in &apps {
+            if self.deploys.contains_key(&a.name) {
+                continue;
+            }
+            let Some(r) = self.rollout(a, &instances, &registry) else {
+                continue;
+            };
+            let existing: Vec<Instance> = instances
+                .iter()
+                .filter(|i| i.app == a.name && i.owner == Owner::Scheduler)
+                .filter(|i| liveness(&registry, &i.node) != Liveness::Dead)
+                .cloned()
+                .collect();
+            tracing::info!(
+                app = a.name,
+                "deploying v{} (from {})",
+                r.target.version,
+                r.live
+                    .as_ref()
+                    .map_or("nothing".to_string(), |l| format!("v{}", l.version))
+            );
+            let (d, effects) = Deploy::begin(r, &existing, now, &policy, &mut world);
+            fx.extend(effects.into_iter().map(|e| (a.name.clone(), e)));
+            self.deploys.insert(a.name.clone(), d);
+        }
+
+        let mut stale = None;
+        let mut starts = Vec::new();
+        let mut stops = Vec::new();
+        for (app, e) in fx {
+            match e {
+                deploy::Effect::StartInstance(s) => starts.push(s),
+                deploy::Effect::StopInstance(s) => stops.push(s),
+                deploy::Effect::DrainInstance { id } => {
+                    self.draining.entry(id).or_insert(now);
+                }
+                deploy::Effect::PublishRoutes => {}
+                deploy::Effect::After { delay, timer } => {
+                    self.timers.push((now + delay, app, timer))
+                }
+                deploy::Effect::Rollback { to } => self.rollback(&app, to).await,
+                deploy::Effect::Alert { reason } => self.alert(&app, &reason),
+                deploy::Effect::Live { version } => {
+                    tracing::info!(app, "v{version} is live");
+                    self.status(
+                        &app,
+                        version,
+                        true,
+                        None,
+                        desired.get(app.as_str()).copied(),
+                    )
+                    .await;
+                }
+                deploy::Effect::Finished { version, outcome } => {
+                    tracing::info!(app, "the deploy of v{version} ended: {outcome:?}");
+                    let d = desired.get(app.as_str()).copied();
+                    match outcome {
+                        Outcome::Succeeded => self.status(&app, version, true, None, d).await,
+                        Outcome::Cancelled => {
+                            let m = "replaced by a newer release before it went live";
+                            self.status(&app, version, false, Some(m), d).await
+                        }
+                        Outcome::Failed | Outcome::RolledBack => {
+                            self.failed.insert((app.clone(), version));
+                            let m = format!("the deploy failed ({outcome:?})");
+                            self.status(&app, version, false, Some(&m), d).await
+                        }
+                    }
+                }
+            }
+        }
+        self.deploys.retain(|_, d| d.phase() != deploy::Phase::Done);
+        if let Err(why) = self
+            .carry_out(starts, stops, &apps, &runners, &mut instances, now)
+            .await
+        {
+            stale = Some(why);
+        }
+        if let Some(why) = stale {
+            return Err(Stop::Deposed(why));
+        }
+
+        // Everything no deploy owns.
+        let deploying: BTreeSet<String> = self.deploys.keys().cloned().collect();
+        let mut draining = self.draining.clone();
+        for d in self.deploys.values() {
+            for id in d.draining() {
+                draining.entry(id).or_insert(now);
+            }
+        }
+        let plan = reconcile::reconcile(
+            &Input {
+                apps: &apps,
+                instances: &instances,
+                registry: &registry,
+                draining: &draining,
+                deploying: &deploying,
+                token,
+            },
+            now,
+            &policy,
+        );
+        for s in &plan.shortfalls {
+            tracing::warn!(app = s.app, "{s}");
+        }
+        let mut starts = Vec::new();
+        let mut stops = Vec::new();
+        let mut table = None;
+        for e in plan.effects {
+            match e {
+                reconcile::Effect::StartInstance(s) => starts.push(s),
+                reconcile::Effect::StopInstance(s) => stops.push(s),
+                reconcile::Effect::DrainInstance { id } => {
+                    self.draining.entry(id).or_insert(now);
+                }
+                reconcile::Effect::PublishRoutes(t) => table = Some(t),
+            }
+        }
+        self.carry_out(starts, stops, &apps, &runners, &mut instances, now)
+            .await
+            .map_err(Stop::Deposed)?;
+        if let Some(t) = table {
+            self.publish(table_json(&t), now);
+        }
+        self.shared.borrow_mut().deploys = self
+            .deploys
+            .iter()
+            .map(|(app, d)| {
+                json!({"app": app, "version": d.target().version,
+                       "phase": format!("{:?}", d.phase()).to_lowercase()})
+            })
+            .collect();
+        Ok(())
+    }
+
+    /// The deploy an app needs: its pending release's, or its current
+    /// release's when scheduler instances of another version still run.
+    fn rollout(
+        &self,
+        a: &DesiredApp,
+        instances: &[Instance],
+        registry: &Registry,
+    ) -> Option<Rollout> {
+        if let Some(p) = &a.pending {
+            if self.failed.contains(&(a.name.clone(), p.version)) {
+                return None;
+            }
+            return deploy::rollout_for(a);
+        }
+        let current = a.release.as_ref()?;
+        if self.failed.contains(&(a.name.clone(), current.version)) {
+            return None;
+        }
+        let target = Target::of(current, &a.formation);
+        let mut others: BTreeMap<u64, u32> = BTreeMap::new();
+        for i in instances {
+            let counts = i.app == a.name
+                && i.owner == Owner::Scheduler
+                && !i.state.is_gone()
+                && liveness(registry, &i.node) != Liveness::Dead
+                && target.formation.contains_key(&i.proc);
+            if counts && i.version != current.version {
+                *others.entry(i.version).or_insert(0) += 1;
+            }
+        }
+        let (&old, _) = others.iter().max_by_key(|(v, n)| (**n, **v))?;
+        Some(Rollout {
+            app: a.name.clone(),
+            live: Some(Target {
+                version: old,
+                formation: target.formation.clone(),
+            }),
+            target,
+            restart: false,
+        })
+    }
+
+    /// Registry × alive_since × offers, for the core.
+    fn nodes(
+        &mut self,
+        runners: &BTreeMap<NodeId, RunnerNode>,
+        offers: &BTreeMap<NodeId, u64>,
+        now: Instant,
+    ) -> Registry {
+        let mut out = Registry::new();
+        let settled = now.checked_sub(self.s.policy.node_settle).unwrap_or(now);
+        for (node, r) in runners {
+            if r.liveness == Liveness::Dead {
+                self.alive_since.remove(node);
+            }
+            let since = match r.liveness {
+                Liveness::Alive => *self.alive_since.entry(node.clone()).or_insert(
+                    // What is alive when we begin to lead is taken as settled:
+                    // we cannot know when it came back.
+                    if self.first_tick { settled } else { now },
+                ),
+                _ => self.alive_since.get(node).copied().unwrap_or(now),
+            };
+            out.insert(
+                node.clone(),
+                Node {
+                    id: node.clone(),
+                    liveness: r.liveness,
+                    alive_since: since,
+                    offer_memory_mb: offers.get(node).copied().unwrap_or(0),
+                },
+            );
+        }
+        // Nodes listed before but gone from the registry: dead.
+        for node in self.known.keys() {
+            out.entry(node.clone()).or_insert_with(|| Node {
+                id: node.clone(),
+                liveness: Liveness::Dead,
+                alive_since: now,
+                offer_memory_mb: 0,
+            });
+        }
+        out
+    }
+
+    async fn desired(&mut self) -> Result<Vec<DesiredApp>, Stop> {
+        let v = self
+            .ctx
+            .calls()
+            .call_daemon("api", "apps.state", json!({}))
+            .await
+            .map_err(|e| {
+                Stop::Skip(format!(
+                    "the api's apps.state failed: {}",
+                    paddock_daemon::chain(&e)
+                ))
+            })?;
+        let apps: Vec<DesiredApp> = v["apps"]
+            .as_array()
+            .map(|a| a.iter().filter_map(desired_of).collect())
+            .unwrap_or_default();
+        for a in &apps {
+            for r in a.release.iter().chain(a.pending.iter()) {
+                self.releases.insert((a.name.clone(), r.version), r.clone());
+            }
+        }
+        Ok(apps)
+    }
+
+    async fn release_of(&mut self, app: &str, version: u64) -> Option<Release> {
+        if let Some(r) = self.releases.get(&(app.to_string(), version)) {
+            return Some(r.clone());
+        }
+        let v = self
+            .ctx
+            .calls()
+            .call_daemon(
+                "api",
+                "release.get",
+                json!({"app": app, "version": version}),
+            )
+            .await
+            .map_err(|e| {
+                tracing::warn!(
+                    app,
+                    "release.get v{version} failed: {}",
+                    paddock_daemon::chain(&e)
+                )
+            })
+            .ok()?;
+        let r = release_of(&v["release"])?;
+        self.releases.insert((app.to_string(), version), r.clone());
+        Some(r)
+    }
+
+    /// Sends the starts and stops, all at once; Err when a runner says a newer
+    /// scheduler leads. `instances` is updated with what was sent.
+    async fn carry_out(
+        &mut self,
+        starts: Vec<crate::model::StartInstance>,
+        stops: Vec<crate::model::StopInstance>,
+        apps: &[DesiredApp],
+        runners: &BTreeMap<NodeId, RunnerNode>,
+        instances: &mut Vec<Instance>,
+        now: Instant,
+    ) -> Result<(), String> {
+        let mut calls = Vec::new();
+        for s in starts {
+            let Some(rpc) = runners.get(&s.node).and_then(|r| r.rpc.clone()) else {
+                tracing::warn!(node = s.node, "no runner endpoint to start {} on", s.id);
+                continue;
+            };
+            let Some(release) = self.release_of(&s.app, s.version).await else {
+                tracing::warn!(
+                    app = s.app,
+                    "v{} is unknown: {} not started",
+                    s.version,
+                    s.id
+                );
+                continue;
+            };
+            let health = apps
+                .iter()
+                .find(|a| a.name == s.app)
+                .and_then(|a| a.health.get(&s.proc))
+                .map_or_else(|| default_health(&s.proc), health_json);
+            let body = json!({
+                "id": s.id, "app": s.app, "proc": s.proc,
+                "release": {"slug": release.slug, "version": s.version},
+                "token": s.token, "owner": "scheduler",
+                "limits": {"memory_mb": s.memory_mb},
+                "health": health,
+            });
+            tracing::info!(app = s.app, node = s.node, "starting {}", s.id);
+            self.seen_ids.insert(s.id.clone());
+            instances.push(Instance {
+                id: s.id.clone(),
+                app: s.app.clone(),
+                proc: s.proc.clone(),
+                version: s.version,
+                node: s.node.clone(),
+                addr: None,
+                state: InstanceState::Starting,
+                up_at: None,
+                memory_mb: s.memory_mb,
+                token: s.token,
+                owner: Owner::Scheduler,
+                restarts: 0,
+            });
+            let p = self
+                .ctx
+                .calls()
+                .call(&rpc, "instance.start", body, self.s.start_timeout);
+            calls.push((format!("start {} on {}", s.id, s.node), p));
+        }
+        for s in stops {
+            let node = instances
+                .iter()
+                .find(|i| i.id == s.id)
+                .map(|i| i.node.clone())
+                .or_else(|| {
+                    self.deploys
+                        .values()
+                        .find_map(|d| d.instances().get(&s.id).map(|t| t.node.clone()))
+                });
+            let Some(rpc) = node
+                .as_ref()
+                .and_then(|n| runners.get(n))
+                .and_then(|r| r.rpc.clone())
+            else {
+                tracing::warn!("no runner endpoint to stop {} on", s.id);
+                continue;
+            };
+            tracing::info!(node, "stopping {}", s.id);
+            for i in instances.iter_mut().filter(|i| i.id == s.id) {
+                i.state = InstanceState::Stopping;
+            }
+            let p = self.ctx.calls().call(
+                &rpc,
+                "instance.stop",
+                json!({"id": s.id, "token": s.token}),
+                Duration::from_secs(5),
+            );
+            calls.push((format!("stop {}", s.id), p));
+        }
+        let _ = now;
+        let handles: Vec<_> = calls
+            .into_iter()
+            .map(|(what, p)| tokio::task::spawn_local(async move { (what, p.await) }))
+            .collect();
+        let mut deposed = None;
+        for h in handles {
+            let Ok((what, r)) = h.await else { continue };
+            match r {
+                Ok(_) => {}
+                Err(e) if e.code() == Some(&Code::StaleToken) => {
+                    deposed = Some(format!("{what}: {}", paddock_daemon::chain(&e)));
+                }
+                Err(e) if e.code() == Some(&Code::NotFound) && what.starts_with("stop") => {}
+                Err(e) => tracing::warn!("{what} failed: {}", paddock_daemon::chain(&e)),
+            }
+        }
+        deposed.map_or(Ok(()), Err)
+    }
+
+    /// Tells the api how a release's deploy went, if it still waits for that.
+    async fn status(
+        &mut self,
+        app: &str,
+        version: u64,
+        succeeded: bool,
+        message: Option<&str>,
+        desired: Option<&DesiredApp>,
+    ) {
+        if succeeded && !self.live.insert((app.to_string(), version)) {
+            return;
+        }
+        let pending = desired.and_then(|d| d.pending.as_ref()).map(|p| p.version);
+        if pending != Some(version) {
+            return;
+        }
+        let status = if succeeded { "succeeded" } else { "failed" };
+        let mut body = json!({"app": app, "version": version, "status": status});
+        if let Some(m) = message {
+            body["message"] = json!(m);
+        }
+        match self
+            .ctx
+            .calls()
+            .call_daemon("api", "release.status", body)
+            .await
+        {
+            Ok(_) => tracing::info!(app, "v{version} marked {status}"),
+            Err(e) => tracing::warn!(
+                app,
+                "marking v{version} {status} failed: {}",
+                paddock_daemon::chain(&e)
+            ),
+        }
+    }
+
+    /// A release that went live and then failed is rolled back at the api (a
+    /// new release of `to`'s code); one that never went live left the api's
+    /// current release as it was, and is marked failed at `Finished`.
+    async fn rollback(&mut self, app: &str, to: u64) {
+        let live_newer = self.live.iter().any(|(a, v)| a == app && *v > to);
+        if !live_newer {
+            return;
+        }
+        match self
+            .ctx
+            .calls()
+            .call_daemon("api", "rollback", json!({"app": app, "version": to}))
+            .await
+        {
+            Ok(_) => tracing::info!(app, "rolled back to v{to} at the api"),
+            Err(e) => tracing::warn!(
+                app,
+                "the api's rollback to v{to} failed: {}",
+                paddock_daemon::chain(&e)
+            ),
+        }
+    }
+
+    fn alert(&self, app: &str, reason: &str) {
+        tracing::warn!(app, "{reason}");
+        self.ctx
+            .server()
+            .publish("alert", json!({"app": app, "reason": reason}));
+    }
+
+    /// Publishes the table when it changed, and every resync anyway.
+    fn publish(&mut self, table: Value, now: Instant) {
+        let due = match &self.last_publish {
+            None => true,
+            Some((at, last)) => *last != table || now.duration_since(*at) >= self.s.resync,
+        };
+        self.shared.borrow_mut().table = Some(table.clone());
+        if due {
+            self.ctx.server().publish("routes.table", table.clone());
+            self.last_publish = Some((now, table));
+        }
+    }
+}
+
+fn code_of(e: &paddock_daemon::calls::CallError) -> Option<&Code> {
+    match e {
+        paddock_daemon::calls::CallError::Call(c) => c.code(),
+        _ => None,
+    }
+}
+
+/// The deploy's events: what the runners list now against what it knows.
+fn events_for(
+    d: &Deploy,
+    instances: &[Instance],
+    registry: &Registry,
+    listed: &BTreeSet<NodeId>,
+) -> Vec<Event> {
+    let mut out = Vec::new();
+    for (id, t) in d.instances() {
+        if liveness(registry, &t.node) == Liveness::Dead {
+            out.push(Event::Lost { id: id.clone() });
+            continue;
+        }
+        let Some(i) = instances.iter().find(|i| &i.id == id) else {
+            if listed.contains(&t.node) {
+                out.push(Event::Stopped { id: id.clone() });
+            }
+            continue;
+        };
+        match i.state {
+            InstanceState::Up => {
+                if t.state == InstanceState::Up && i.restarts > t.restarts {
+                    out.push(Event::Down {
+                        id: id.clone(),
+                        restarts: i.restarts,
+                    });
+                }
+                if t.state != InstanceState::Up || i.restarts > t.restarts {
+                    if let Some(up_at) = i.up_at {
+                        out.push(Event::Up {
+                            id: id.clone(),
+                            up_at,
+                        });
+                    }
+                }
+            }
+            InstanceState::Starting | InstanceState::Backoff => {
+                if t.state == InstanceState::Up || i.restarts > t.restarts {
+                    out.push(Event::Down {
+                        id: id.clone(),
+                        restarts: i.restarts,
+                    });
+                }
+            }
+            InstanceState::Crashed => {
+                if t.state != InstanceState::Crashed {
+                    out.push(Event::Crashed {
+                        id: id.clone(),
+                        restarts: i.restarts,
+                    });
+                }
+            }
+            InstanceState::Stopping | InstanceState::Stopped => {
+                out.push(Event::Stopped { id: id.clone() })
+            }
+        }
+    }
+    out
+}
+
+/// The target the api wants now: the pending release, else the current one.
+fn want_target(a: &DesiredApp) -> Option<Target> {
+    let r = a.pending.as_ref().or(a.release.as_ref())?;
+    Some(Target::of(r, &a.formation))
+}
+
+fn liveness(registry: &Registry, node: &str) -> Liveness {
+    registry.get(node).map_or(Liveness::Dead, |n| n.liveness)
+}
+
+/// Runner nodes by name: the best state any incarnation of it has (a restarted
+/// runner's old incarnation is dead, its new one alive), its endpoints.
+fn runner_nodes(services: &[Service]) -> BTreeMap<NodeId, RunnerNode> {
+    let rank = |s: &ServiceState| match s {
+        ServiceState::Alive => 2,
+        ServiceState::Suspect => 1,
+        ServiceState::Dead => 0,
+    };
+    let mut best: BTreeMap<NodeId, &Service> = BTreeMap::new();
+    for s in services.iter().filter(|s| s.daemon == "runner") {
+        match best.get(&s.node) {
+            Some(b) if (rank(&b.state), b.last_seen) >= (rank(&s.state), s.last_seen) => {}
+            _ => {
+                best.insert(s.node.clone(), s);
+            }
+        }
+    }
+    best.into_iter()
+        .map(|(node, s)| {
+            let liveness = match s.state {
+                ServiceState::Alive => Liveness::Alive,
+                ServiceState::Suspect => Liveness::Suspect,
+                ServiceState::Dead => Liveness::Dead,
+            };
+            let r = RunnerNode {
+                liveness,
+                rpc: s.endpoints.get("rpc").cloned(),
+            };
+            (node, r)
+        })
+        .collect()
+}
+
+/// One `instance.list` item; None for what the scheduler cannot use (the `dir`
+/// form has no release: an operator's, taking memory only, kept as version 0).
+fn instance_of(v: &Value, node: &str, now: Instant, now_ms: i64) -> Option<Instance> {
+    let state = match v["state"].as_str()? {
+        "starting" => InstanceState::Starting,
+        "up" => InstanceState::Up,
+        "backoff" => InstanceState::Backoff,
+        "crashed" => InstanceState::Crashed,
+        "stopping" => InstanceState::Stopping,
+        "stopped" => InstanceState::Stopped,
+        _ => return None,
+    };
+    let owner = match v["owner"].as_str() {
+        Some("scheduler") => Owner::Scheduler,
+        _ => Owner::Operator,
+    };
+    let up_at = v["up_at"].as_i64().map(|ms| {
+        let ago = Duration::from_millis(u64::try_from(now_ms - ms).unwrap_or(0));
+        now.checked_sub(ago).unwrap_or(now)
+    });
+    Some(Instance {
+        id: v["id"].as_str()?.to_string(),
+        app: v["app"].as_str()?.to_string(),
+        proc: v["proc"].as_str()?.to_string(),
+        version: v["release"].as_u64().unwrap_or(0),
+        node: node.to_string(),
+        addr: v["addr"].as_str().map(str::to_string),
+        state,
+        up_at,
+        memory_mb: v["memory_mb"].as_u64().unwrap_or(0),
+        token: v["token"].as_u64().unwrap_or(0),
+        owner,
+        restarts: v["restarts"].as_u64().unwrap_or(0) as u32,
+    })
+}
+
+/// A release as `app.state` or `release.get` gives it; None without a slug
+/// (nothing to run).
+fn release_of(v: &Value) -> Option<Release> {
+    let slug = v["slug"].as_str()?;
+    let slug = slug.strip_prefix("sha256:").unwrap_or(slug).to_string();
+    let process_types = v["process_types"]
+        .as_object()
+        .map(|m| {
+            m.iter()
+                .filter_map(|(k, c)| Some((k.clone(), c.as_str()?.to_string())))
+                .collect()
+        })
+        .unwrap_or_default();
+    let env = v["config"]
+        .as_object()
+        .map(|m| {
+            m.iter()
+                .filter_map(|(k, c)| Some((k.clone(), c.as_str()?.to_string())))
+                .collect()
+        })
+        .unwrap_or_default();
+    Some(Release {
+        version: v["version"].as_u64()?,
+        slug,
+        process_types,
+        env,
+    })
+}
+
+/// One app of `apps.state`.
+fn desired_of(v: &Value) -> Option<DesiredApp> {
+    let name = v["name"].as_str()?.to_string();
+    let mut formation = Formation::new();
+    for f in v["formation"].as_array().into_iter().flatten() {
+        let (Some(t), Some(q)) = (f["type"].as_str(), f["quantity"].as_u64()) else {
+            continue;
+        };
+        formation.insert(
+            t.to_string(),
+            Scale {
+                quantity: q as u32,
+                memory_mb: f["memory_mb"].as_u64().unwrap_or(0),
+            },
+        );
+    }
+    let domains = v["domains"]
+        .as_array()
+        .map(|d| {
+            d.iter()
+                .filter_map(|x| x.as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut health = BTreeMap::new();
+    if let Some(m) = v["healthchecks"].as_object() {
+        for (proc, checks) in m {
+            health.insert(proc.clone(), health_of(proc, checks));
+        }
+    }
+    Some(DesiredApp {
+        name,
+        release: release_of(&v["current"]),
+        pending: release_of(&v["pending"]),
+        formation,
+        domains,
+        health,
+    })
+}
+
+/// Dokku's checks → the runner's: a path is an HTTP check; else `web` gets a
+/// TCP connect and other types (workers, usually without a port) none.
+fn health_of(proc: &str, checks: &Value) -> HealthCheck {
+    let path = checks
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find_map(|c| c["path"].as_str());
+    match path {
+        Some(p) => HealthCheck::Http(p.to_string()),
+        None if crate::model::is_routed(proc) => HealthCheck::Tcp,
+        None => HealthCheck::None,
+    }
+}
+
+fn health_json(h: &HealthCheck) -> Value {
+    match h {
+        HealthCheck::Http(p) => json!({"http": p}),
+        HealthCheck::Tcp => json!({"tcp": true}),
+        HealthCheck::None => json!({"none": true}),
+    }
+}
+
+fn default_health(proc: &str) -> Value {
+    health_json(&health_of(proc, &Value::Null))
+}
+
+/// The wire's `routes.table` body.
+pub fn table_json(t: &RouteTable) -> Value {
+    json!({
+        "token": t.token,
+        "apps": t.apps.iter().map(|a| json!({
+            "app": a.app,
+            "domains": a.domains,
+            "backends": a.backends.iter().map(|b| json!({
+                "id": b.id, "addr": b.addr, "draining": b.draining,
+            })).collect::<Vec<_>>(),
+        })).collect::<Vec<_>>(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn app_state_is_read_into_the_core_model() {
+        let v = json!({"name": "shop", "id": 3,
+            "current": {"version": 2, "slug": "sha256:aa", "process_types": {"web": "python app.py", "worker": "w"},
+                        "config": {"A": "1"}},
+            "pending": null,
+            "formation": [{"type": "web", "quantity": 2, "memory_mb": 128, "pids": 100, "command": "x"}],
+            "domains": ["shop.localhost"],
+            "healthchecks": {"web": [{"type": "startup", "path": "/health"}], "worker": [{"type": "tcp"}]}});
+        let a = desired_of(&v).unwrap();
+        assert_eq!(a.name, "shop");
+        let r = a.release.unwrap();
+        assert_eq!((r.version, r.slug.as_str()), (2, "aa"));
+        assert_eq!(r.env["A"], "1");
+        assert!(a.pending.is_none());
+        assert_eq!(
+            a.formation["web"],
+            Scale {
+                quantity: 2,
+                memory_mb: 128
+            }
+        );
+        assert_eq!(a.domains, vec!["shop.localhost"]);
+        assert_eq!(a.health["web"], HealthCheck::Http("/health".into()));
+        assert_eq!(a.health["worker"], HealthCheck::None);
+        // A slugless release (an app's v1) runs nothing.
+        let v = json!({"name": "new", "current": {"version": 1, "slug": null}, "formation": []});
+        assert!(desired_of(&v).unwrap().release.is_none());
+    }
+
+    #[test]
+    fn list_items_become_instances_with_up_at_in_the_past() {
+        let now = Instant::now();
+        let v = json!({"id": "shop.web.v2.t7.1", "app": "shop", "proc": "web", "state": "up",
+            "restarts": 1, "addr": "127.0.0.1:20001", "release": 2, "token": 7,
+            "up_at": 1_000_000, "owner": "scheduler", "memory_mb": 128});
+        let i = instance_of(&v, "node-a", now, 1_002_500).unwrap();
+        assert_eq!(i.version, 2);
+        assert_eq!(i.owner, Owner::Scheduler);
+        assert_eq!(i.token, 7);
+        assert_eq!(now - i.up_at.unwrap(), Duration::from_millis(2500));
+        let v = json!({"id": "x", "app": "shop", "proc": "web", "state": "starting",
+            "release": null, "token": null, "up_at": null, "owner": "operator"});
+        let i = instance_of(&v, "node-a", now, 0).unwrap();
+        assert_eq!((i.owner, i.version, i.up_at), (Owner::Operator, 0, None));
+    }
+
+    #[test]
+    fn the_best_incarnation_of_a_runner_node_wins() {
+        let s = |node: &str, state, seen, port: u16| Service {
+            daemon: "runner".into(),
+            node: node.into(),
+            incarnation: format!("{node}{seen}"),
+            endpoints: [("rpc".to_string(), format!("tcp://127.0.0.1:{port}"))].into(),
+            state,
+            last_seen: seen,
+            interval_ms: 200,
+        };
+        let r = runner_nodes(&[
+            s("a", ServiceState::Dead, 5, 1),
+            s("a", ServiceState::Alive, 3, 2),
+            s("b", ServiceState::Suspect, 1, 3),
+        ]);
+        assert_eq!(r["a"].liveness, Liveness::Alive);
+        assert_eq!(r["a"].rpc.as_deref(), Some("tcp://127.0.0.1:2"));
+        assert_eq!(r["b"].liveness, Liveness::Suspect);
+    }
+}

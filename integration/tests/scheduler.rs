@@ -1,0 +1,467 @@
+//! The scheduler with real daemons: two runner nodes (node-a with heartbeat,
+//! locker, api, blobstore, runner and the scheduler; node-b with only a runner),
+//! a real slug of a tiny Python HTTP app, releases made on the api.
+//! (a) web=2 of a succeeded release → one instance per node, the scheduler's,
+//!     fenced with its token, up, and a `routes.table` with both backends;
+//! (b) kill -9 of the scheduler restarts no app process; a new scheduler
+//!     adopts what runs (no new instances) under a newer token;
+//! (c) a new (pending) release is rolled out: a new instance up before an old
+//!     one goes, never fewer than 2 up, ending with 2 of the new version and the
+//!     release marked succeeded.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use paddock_integration::api::{create_user, wait_migrated};
+use paddock_integration::*;
+use paddock_wire::client::Subscriber;
+use paddock_wire::Client;
+use serde_json::{json, Value};
+
+const APP_PY: &str = r#"
+import os
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+class H(BaseHTTPRequestHandler):
+    def log_message(self, *a):
+        pass
+
+    def do_GET(self):
+        data = open("/app/version.txt").read().strip().encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+HTTPServer(("127.0.0.1", int(os.environ["PORT"])), H).serve_forever()
+"#;
+
+/// A zstd tar of the app saying `version` (system tar).
+fn slug(dir: &Path, version: &str) -> PathBuf {
+    let src = dir.join(format!("slug-{version}"));
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join("app.py"), APP_PY).unwrap();
+    std::fs::write(src.join("Procfile"), "web: python3 -u app.py\n").unwrap();
+    std::fs::write(src.join("version.txt"), version).unwrap();
+    let out = dir.join(format!("slug-{version}.tar.zst"));
+    let st = std::process::Command::new("tar")
+        .arg("--zstd")
+        .arg("-cf")
+        .arg(&out)
+        .arg("-C")
+        .arg(&src)
+        .arg(".")
+        .status()
+        .unwrap();
+    assert!(st.success());
+    out
+}
+
+fn tune_runner(node: &mut Node) {
+    let r = node.file.daemons.get_mut("runner").unwrap();
+    for (k, v) in [
+        ("backoff_base_ms", 50),
+        ("health_interval_ms", 300),
+        ("stop_grace_ms", 2000),
+        ("offer_memory_mb", 4096),
+    ] {
+        r.other.insert(k.into(), toml::Value::Integer(v));
+    }
+}
+
+fn get(addr: &str) -> String {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    write!(s, "GET / HTTP/1.0\r\nHost: x\r\n\r\n").unwrap();
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out.split("\r\n\r\n").nth(1).unwrap_or("").to_string()
+}
+
+struct Cluster {
+    a: Node,
+    b: Node,
+    api: Client,
+    app: String,
+    sched_pub: String,
+    t: TestDir,
+    _pg: Postgres,
+}
+
+impl Cluster {
+    fn start(name: &str) -> Cluster {
+        let t = TestDir::new(name);
+        let pg = Postgres::start(t.path());
+        let key = test_key();
+        let mut a = Node::new(t.path(), "node-a", &key, &[], Some(pg.url()));
+        tune_runner(&mut a);
+        a.add_daemon("scheduler");
+        let sched_pub = tcp(free_port().unwrap());
+        {
+            let s = a.file.daemons.get_mut("scheduler").unwrap();
+            s.other
+                .insert("pub".into(), toml::Value::String(sched_pub.clone()));
+            for (k, v) in [
+                ("min_healthy_ms", 1000),
+                ("drain_ms", 1500),
+                ("resync_ms", 500),
+                ("lease_ttl_ms", 3000),
+                ("node_settle_ms", 0),
+                ("watch_window_ms", 1000),
+                ("healthy_deadline_ms", 30_000),
+            ] {
+                s.other.insert(k.into(), toml::Value::Integer(v));
+            }
+        }
+        a.save();
+        paddock_harness::allow_traverse(&a.dir).unwrap();
+        for d in ["heartbeat", "locker", "api", "blobstore", "runner"] {
+            a.start(d);
+        }
+        wait_migrated(&a);
+        let mut b = Node::new(
+            t.path(),
+            "node-b",
+            &key,
+            &[tcp(a.ports.heartbeat_pull)],
+            Some(pg.url()),
+        );
+        b.file.cluster.registries = vec![a.rpc("heartbeat")];
+        tune_runner(&mut b);
+        b.save();
+        paddock_harness::allow_traverse(&b.dir).unwrap();
+        b.start("runner");
+        let mut hb = a.client("heartbeat");
+        eventually(Duration::from_secs(15), "daemons registered", || {
+            let l = hb.call("registry.list", json!({})).ok()?;
+            let alive = |d: &str, n: &str| {
+                l["services"].as_array().is_some_and(|s| {
+                    s.iter()
+                        .any(|e| e["daemon"] == d && e["node"] == n && e["state"] == "alive")
+                })
+            };
+            let all = ["api", "blobstore", "locker", "runner"]
+                .iter()
+                .all(|d| alive(d, "node-a"))
+                && alive("runner", "node-b");
+            all.then_some(())
+        });
+        let mut api = a.client("api");
+        create_user(&a, "alice", false);
+        let app = format!("sch{}", &ulid::Ulid::new().to_string().to_lowercase()[20..]);
+        api.call("app.create", json!({"name": app, "owner": "alice"}))
+            .expect("app.create");
+        // The app's account made once, here: two runners on one host making it
+        // at the same moment (with other tests' runners busy at /etc/passwd too)
+        // once left one of them with another app's uid.
+        let st = std::process::Command::new("useradd")
+            .args(["--system", "--user-group", "--no-create-home", "--home-dir"])
+            .args(["/nonexistent", "--shell", "/usr/sbin/nologin"])
+            .arg(format!("pdk-{app}"))
+            .status()
+            .unwrap();
+        assert!(st.success(), "useradd pdk-{app}");
+        Cluster {
+            a,
+            b,
+            api,
+            app,
+            sched_pub,
+            t,
+            _pg: pg,
+        }
+    }
+
+    /// Puts a slug saying `version` and makes a pending release of it.
+    fn release(&mut self, version: &str) -> u64 {
+        let slug = slug(self.t.path(), version);
+        let mut blob = self.a.client("blobstore");
+        let stored = paddock_blob::put_file_blocking(&mut blob, &slug).expect("blob put");
+        let r = self
+            .api
+            .call(
+                "release.create",
+                json!({"app": self.app, "slug": format!("sha256:{}", stored.sha256),
+                       "process_types": {"web": "python3 -u app.py"},
+                       "description": "Deploy test", "created_by": "user:alice"}),
+            )
+            .expect("release.create");
+        r["release"]["version"].as_u64().unwrap()
+    }
+
+    /// The app's instances on both nodes: id → item (with "node").
+    fn instances(&self) -> BTreeMap<String, Value> {
+        let mut out = BTreeMap::new();
+        for n in [&self.a, &self.b] {
+            let mut c = n.client("runner");
+            let v = c.call("instance.list", json!({})).expect("instance.list");
+            for i in v["instances"].as_array().unwrap() {
+                if i["app"] == self.app.as_str() {
+                    let mut i = i.clone();
+                    i["node"] = json!(n.name);
+                    out.insert(i["id"].as_str().unwrap().to_string(), i);
+                }
+            }
+        }
+        out
+    }
+
+    fn scheduler_status(&self) -> Option<Value> {
+        let mut c = self.a.client("scheduler");
+        c.call("scheduler.status", json!({})).ok()
+    }
+
+    fn logs(&self) -> String {
+        let mut s = String::new();
+        for (n, d) in [
+            (&self.a, "scheduler"),
+            (&self.a, "runner"),
+            (&self.b, "runner"),
+        ] {
+            s += &format!(
+                "\n--- {} {d}\n{}",
+                n.name,
+                std::fs::read_to_string(n.log(d)).unwrap_or_default()
+            );
+        }
+        s
+    }
+}
+
+/// Instances not stopping or stopped.
+fn live(list: &BTreeMap<String, Value>) -> Vec<&Value> {
+    list.values()
+        .filter(|i| !matches!(i["state"].as_str(), Some("stopping" | "stopped")))
+        .collect()
+}
+
+/// The next `routes.table` whose entry for `app` satisfies `ok`.
+fn table_where(
+    sub: &mut Subscriber,
+    app: &str,
+    timeout: Duration,
+    mut ok: impl FnMut(&Value, &Value) -> bool,
+) -> Option<Value> {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        let Some(ev) = sub.next(Duration::from_millis(500)).unwrap() else {
+            continue;
+        };
+        let table = ev.body;
+        let entry = table["apps"]
+            .as_array()
+            .and_then(|a| a.iter().find(|e| e["app"] == app).cloned());
+        if let Some(e) = entry {
+            if ok(&table, &e) {
+                return Some(table);
+            }
+        }
+    }
+    None
+}
+
+fn backend_ids(entry: &Value) -> BTreeSet<String> {
+    entry["backends"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["id"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[test]
+fn places_one_per_node_survives_its_own_kill_and_rolls_out_a_new_release() {
+    let mut c = Cluster::start("scheduler");
+    let v1 = c.release("v1");
+    c.api
+        .call(
+            "release.status",
+            json!({"app": c.app, "version": v1, "status": "succeeded"}),
+        )
+        .expect("release.status");
+    c.api
+        .call(
+            "formation.scale",
+            json!({"app": c.app, "changes": [{"type": "web", "quantity": 2, "memory_mb": 128}]}),
+        )
+        .expect("formation.scale");
+
+    let mut sub = Subscriber::connect(
+        std::slice::from_ref(&c.sched_pub),
+        &["routes.table"],
+        c.a.keys.clone(),
+    )
+    .unwrap();
+    let began = Instant::now();
+    c.a.start("scheduler");
+
+    // (a) One per node, the scheduler's, fenced, up.
+    let up = eventually(Duration::from_secs(60), "two instances up", || {
+        let l = c.instances();
+        let up: Vec<Value> = live(&l)
+            .into_iter()
+            .filter(|i| i["state"] == "up")
+            .cloned()
+            .collect();
+        (up.len() == 2).then_some(up)
+    });
+    let placed_in = began.elapsed();
+    let nodes: BTreeSet<&str> = up.iter().map(|i| i["node"].as_str().unwrap()).collect();
+    assert_eq!(nodes.len(), 2, "one per node: {up:?}");
+    let token1 = c.scheduler_status().unwrap()["token"].as_u64().unwrap();
+    for i in &up {
+        assert_eq!(i["owner"], "scheduler", "{i}");
+        assert_eq!(i["token"].as_u64(), Some(token1), "{i}");
+        assert_eq!(i["release"].as_u64(), Some(v1), "{i}");
+        assert_eq!(i["memory_mb"].as_u64(), Some(128), "{i}");
+        assert!(i["up_at"].as_i64().is_some(), "{i}");
+        assert_eq!(get(i["addr"].as_str().unwrap()), "v1");
+    }
+    assert_eq!(live(&c.instances()).len(), 2, "{}", c.logs());
+    let ids: BTreeSet<String> = up
+        .iter()
+        .map(|i| i["id"].as_str().unwrap().to_string())
+        .collect();
+    let table = table_where(&mut sub, &c.app, Duration::from_secs(10), |_, e| {
+        backend_ids(e) == ids
+    })
+    .unwrap_or_else(|| panic!("no routes.table with both backends{}", c.logs()));
+    assert_eq!(table["token"].as_u64(), Some(token1));
+    let entry = table["apps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["app"] == c.app.as_str())
+        .unwrap();
+    assert!(!entry["domains"].as_array().unwrap().is_empty(), "{entry}");
+    for b in entry["backends"].as_array().unwrap() {
+        assert_eq!(b["draining"], false);
+        let i = up.iter().find(|i| i["id"] == b["id"]).unwrap();
+        assert_eq!(b["addr"], i["addr"]);
+    }
+    let snap =
+        c.a.client("scheduler")
+            .call("routes.snapshot", json!({}))
+            .expect("routes.snapshot");
+    assert_eq!(snap["apps"], table["apps"]);
+    eprintln!(
+        "(a) 2 instances up on 2 nodes {placed_in:?} after the scheduler started; token {token1}"
+    );
+
+    // (b) kill -9: nothing restarted; a new scheduler adopts what runs.
+    let pids: BTreeMap<String, i64> = up
+        .iter()
+        .map(|i| {
+            (
+                i["id"].as_str().unwrap().to_string(),
+                i["pid"].as_i64().unwrap(),
+            )
+        })
+        .collect();
+    c.a.kill9("scheduler");
+    let killed = Instant::now();
+    c.a.start("scheduler");
+    let token2 = eventually(Duration::from_secs(20), "a new leader", || {
+        let s = c.scheduler_status()?;
+        s["token"].as_u64().filter(|t| *t > token1)
+    });
+    let led_in = killed.elapsed();
+    let table = table_where(&mut sub, &c.app, Duration::from_secs(10), |t, e| {
+        t["token"].as_u64() == Some(token2) && backend_ids(e) == ids
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "no table from the new leader with the same backends{}",
+            c.logs()
+        )
+    });
+    assert_eq!(table["token"].as_u64(), Some(token2));
+    // A few passes of the new leader: still the same two processes.
+    std::thread::sleep(Duration::from_secs(2));
+    let l = c.instances();
+    assert_eq!(
+        l.keys().cloned().collect::<BTreeSet<_>>(),
+        ids,
+        "no new instances{}",
+        c.logs()
+    );
+    for (id, pid) in &pids {
+        assert_eq!(l[id]["state"], "up", "{}", l[id]);
+        assert_eq!(l[id]["pid"].as_i64(), Some(*pid), "{id} not restarted");
+    }
+    eprintln!("(b) new leader (token {token2}) {led_in:?} after kill -9; pids unchanged, no new instances");
+
+    // (c) A new release, rolled out surge 1 behind health.
+    let v2 = c.release("v2");
+    let began = Instant::now();
+    let mut min_up = usize::MAX;
+    let mut first_old_gone: Option<Duration> = None;
+    let mut first_new_up: Option<Duration> = None;
+    let mut max_live = 0;
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let l = c.instances();
+        let up_new = live(&l)
+            .iter()
+            .filter(|i| i["state"] == "up" && i["release"].as_u64() == Some(v2))
+            .count();
+        let up = live(&l).iter().filter(|i| i["state"] == "up").count();
+        let old_live = live(&l)
+            .iter()
+            .filter(|i| i["release"].as_u64() == Some(v1))
+            .count();
+        min_up = min_up.min(up);
+        max_live = max_live.max(live(&l).len());
+        if up_new > 0 && first_new_up.is_none() {
+            first_new_up = Some(began.elapsed());
+        }
+        if old_live < 2 && first_old_gone.is_none() {
+            first_old_gone = Some(began.elapsed());
+            assert!(
+                up_new >= 1,
+                "an old instance went before a new one was up: {l:?}"
+            );
+        }
+        if up_new == 2 && old_live == 0 && live(&l).len() == 2 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not rolled out: {l:#?}{}",
+            c.logs()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let rolled_in = began.elapsed();
+    assert!(min_up >= 2, "fewer than 2 up during the rollout ({min_up})");
+    assert!(max_live <= 3, "surge 1: at most 3 at once, saw {max_live}");
+    let l = c.instances();
+    for i in live(&l) {
+        assert_eq!(get(i["addr"].as_str().unwrap()), "v2");
+        assert_eq!(i["token"].as_u64(), Some(token2));
+    }
+    let new_ids: BTreeSet<String> = live(&l)
+        .iter()
+        .map(|i| i["id"].as_str().unwrap().to_string())
+        .collect();
+    let nodes: BTreeSet<&str> = live(&l)
+        .iter()
+        .map(|i| i["node"].as_str().unwrap())
+        .collect();
+    assert_eq!(nodes.len(), 2, "still one per node");
+    table_where(&mut sub, &c.app, Duration::from_secs(10), |_, e| {
+        backend_ids(e) == new_ids
+    })
+    .unwrap_or_else(|| panic!("no table with the new backends{}", c.logs()));
+    let state = eventually(Duration::from_secs(10), "v2 succeeded", || {
+        let s = c.api.call("app.state", json!({"app": c.app})).ok()?;
+        (s["app"]["current"]["version"].as_u64() == Some(v2)).then_some(s)
+    });
+    assert!(state["app"]["pending"].is_null(), "{state}");
+    eprintln!(
+        "(c) v{v2} rolled out in {rolled_in:?}: first new up at {first_new_up:?}, first old gone at {first_old_gone:?}, never fewer than {min_up} up, at most {max_live} at once"
+    );
+}
