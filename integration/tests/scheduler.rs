@@ -118,7 +118,14 @@ impl Cluster {
         }
         a.save();
         paddock_harness::allow_traverse(&a.dir).unwrap();
-        for d in ["heartbeat", "locker", "api", "blobstore", "runner"] {
+        for d in [
+            "heartbeat",
+            "locker",
+            "api",
+            "blobstore",
+            "runner",
+            "balancer",
+        ] {
             a.start(d);
         }
         wait_migrated(&a);
@@ -347,6 +354,15 @@ fn places_one_per_node_survives_its_own_kill_and_rolls_out_a_new_release() {
             .call("routes.snapshot", json!({}))
             .expect("routes.snapshot");
     assert_eq!(snap["apps"], table["apps"]);
+    // A real balancer follows the scheduler's table.
+    let domain = entry["domains"][0].as_str().unwrap().to_string();
+    let front: std::net::SocketAddr = format!("127.0.0.1:{}", c.a.ports.balancer_http)
+        .parse()
+        .unwrap();
+    eventually(Duration::from_secs(15), "v1 through the balancer", || {
+        let r = paddock_integration::http::get(front, &domain, "/").ok()?;
+        (r.status == 200 && r.text() == "v1").then_some(())
+    });
     eprintln!(
         "(a) 2 instances up on 2 nodes {placed_in:?} after the scheduler started; token {token1}"
     );
@@ -395,6 +411,7 @@ fn places_one_per_node_survives_its_own_kill_and_rolls_out_a_new_release() {
     eprintln!("(b) new leader (token {token2}) {led_in:?} after kill -9; pids unchanged, no new instances");
 
     // (c) A new release, rolled out surge 1 behind health.
+    let load = paddock_integration::http::Load::start(front, &domain, "/", 2);
     let v2 = c.release("v2");
     let began = Instant::now();
     let mut min_up = usize::MAX;
@@ -436,6 +453,28 @@ fn places_one_per_node_survives_its_own_kill_and_rolls_out_a_new_release() {
         std::thread::sleep(Duration::from_millis(100));
     }
     let rolled_in = began.elapsed();
+    // The last old backend's drain and stop have just been sent: let the
+    // balancer see the table without it before the load ends.
+    table_where(&mut sub, &c.app, Duration::from_secs(10), |_, e| {
+        backend_ids(e)
+            .iter()
+            .all(|id| id.contains(&format!(".v{v2}.")))
+    })
+    .unwrap_or_else(|| panic!("no table with only new backends{}", c.logs()));
+    std::thread::sleep(Duration::from_millis(500));
+    let report = load.finish();
+    assert_eq!(
+        report.failed,
+        0,
+        "requests failed during the rollout: {report:?}{}",
+        c.logs()
+    );
+    assert_eq!(
+        paddock_integration::http::get(front, &domain, "/")
+            .unwrap()
+            .text(),
+        "v2"
+    );
     assert!(min_up >= 2, "fewer than 2 up during the rollout ({min_up})");
     assert!(max_live <= 3, "surge 1: at most 3 at once, saw {max_live}");
     let l = c.instances();
@@ -462,6 +501,7 @@ fn places_one_per_node_survives_its_own_kill_and_rolls_out_a_new_release() {
     });
     assert!(state["app"]["pending"].is_null(), "{state}");
     eprintln!(
-        "(c) v{v2} rolled out in {rolled_in:?}: first new up at {first_new_up:?}, first old gone at {first_old_gone:?}, never fewer than {min_up} up, at most {max_live} at once"
+        "(c) v{v2} rolled out in {rolled_in:?}: first new up at {first_new_up:?}, first old gone at {first_old_gone:?}, never fewer than {min_up} up, at most {max_live} at once; through the balancer meanwhile: {} ok, {} failed, {} retried, statuses {:?}",
+        report.ok, report.failed, report.retried, report.statuses
     );
 }
