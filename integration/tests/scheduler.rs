@@ -72,6 +72,28 @@ fn tune_runner(node: &mut Node) {
     }
 }
 
+/// `[daemons.scheduler]` with short timings; its pub endpoint.
+fn add_scheduler(node: &mut Node) -> String {
+    node.add_daemon("scheduler");
+    let publish = tcp(free_port().unwrap());
+    let s = node.file.daemons.get_mut("scheduler").unwrap();
+    s.other
+        .insert("pub".into(), toml::Value::String(publish.clone()));
+    for (k, v) in [
+        ("min_healthy_ms", 1000),
+        ("drain_ms", 1500),
+        ("resync_ms", 500),
+        ("lease_ttl_ms", 3000),
+        ("node_settle_ms", 0),
+        ("watch_window_ms", 1000),
+        ("healthy_deadline_ms", 30_000),
+    ] {
+        s.other.insert(k.into(), toml::Value::Integer(v));
+    }
+    node.save();
+    publish
+}
+
 fn get(addr: &str) -> String {
     let mut s = TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
@@ -98,24 +120,7 @@ impl Cluster {
         let key = test_key();
         let mut a = Node::new(t.path(), "node-a", &key, &[], Some(pg.url()));
         tune_runner(&mut a);
-        a.add_daemon("scheduler");
-        let sched_pub = tcp(free_port().unwrap());
-        {
-            let s = a.file.daemons.get_mut("scheduler").unwrap();
-            s.other
-                .insert("pub".into(), toml::Value::String(sched_pub.clone()));
-            for (k, v) in [
-                ("min_healthy_ms", 1000),
-                ("drain_ms", 1500),
-                ("resync_ms", 500),
-                ("lease_ttl_ms", 3000),
-                ("node_settle_ms", 0),
-                ("watch_window_ms", 1000),
-                ("healthy_deadline_ms", 30_000),
-            ] {
-                s.other.insert(k.into(), toml::Value::Integer(v));
-            }
-        }
+        let sched_pub = add_scheduler(&mut a);
         a.save();
         paddock_harness::allow_traverse(&a.dir).unwrap();
         for d in [
@@ -503,5 +508,147 @@ fn places_one_per_node_survives_its_own_kill_and_rolls_out_a_new_release() {
     eprintln!(
         "(c) v{v2} rolled out in {rolled_in:?}: first new up at {first_new_up:?}, first old gone at {first_old_gone:?}, never fewer than {min_up} up, at most {max_live} at once; through the balancer meanwhile: {} ok, {} failed, {} retried, statuses {:?}",
         report.ok, report.failed, report.retried, report.statuses
+    );
+}
+
+fn status(node: &Node) -> Option<Value> {
+    node.client("scheduler")
+        .call("scheduler.status", json!({}))
+        .ok()
+}
+
+/// Two schedulers: the follower answers `routes.snapshot` with `unavailable`
+/// and publishes nothing; when the leader is frozen past its lease, the other
+/// takes over under a larger token and adopts what runs; the old one, thawed,
+/// acts on nothing (no start, no stop, no table) and says it no longer leads.
+#[test]
+fn one_leads_a_frozen_leader_is_replaced_and_once_thawed_does_nothing() {
+    let mut c = Cluster::start("scheduler-leader");
+    let b_pub = add_scheduler(&mut c.b);
+    let v = c.release("v1");
+    c.api
+        .call(
+            "release.status",
+            json!({"app": c.app, "version": v, "status": "succeeded"}),
+        )
+        .expect("release.status");
+    c.api
+        .call(
+            "formation.scale",
+            json!({"app": c.app, "changes": [{"type": "web", "quantity": 2, "memory_mb": 128}]}),
+        )
+        .expect("formation.scale");
+    c.a.start("scheduler");
+    let token1 = eventually(Duration::from_secs(10), "a leads", || {
+        status(&c.a)?["token"].as_u64()
+    });
+    let mut b_sub =
+        Subscriber::connect(&[b_pub.clone()], &["routes.table"], c.b.keys.clone()).unwrap();
+    c.b.start("scheduler");
+    let up = eventually(Duration::from_secs(60), "two instances up", || {
+        let l = c.instances();
+        let up: BTreeMap<String, i64> = live(&l)
+            .into_iter()
+            .filter(|i| i["state"] == "up")
+            .map(|i| {
+                (
+                    i["id"].as_str().unwrap().to_string(),
+                    i["pid"].as_i64().unwrap(),
+                )
+            })
+            .collect();
+        (up.len() == 2).then_some(up)
+    });
+    // The follower: not leading, no snapshot, no table.
+    let sb = status(&c.b).expect("b's status");
+    assert_eq!(sb["leader"], false, "{sb}");
+    let err = paddock_integration::api::remote_err(
+        c.b.client("scheduler").call("routes.snapshot", json!({})),
+    );
+    assert_eq!(err.code, paddock_wire::Code::Unavailable, "{err:?}");
+    assert!(
+        b_sub.next(Duration::from_secs(2)).unwrap().is_none(),
+        "a follower published a table"
+    );
+
+    // Freeze the leader past its lease (3 s): b takes over and adopts.
+    c.a.signal("scheduler", nix::sys::signal::Signal::SIGSTOP);
+    let frozen = Instant::now();
+    let token2 = eventually(Duration::from_secs(20), "b leads", || {
+        status(&c.b)?["token"].as_u64()
+    });
+    let took_over = frozen.elapsed();
+    assert!(token2 > token1);
+    let t = b_sub
+        .next(Duration::from_secs(5))
+        .unwrap()
+        .expect("b publishes once it leads");
+    assert_eq!(t.body["token"].as_u64(), Some(token2));
+    std::thread::sleep(Duration::from_secs(1));
+    let l = c.instances();
+    let now: BTreeMap<String, i64> = live(&l)
+        .into_iter()
+        .map(|i| {
+            (
+                i["id"].as_str().unwrap().to_string(),
+                i["pid"].as_i64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(now, up, "b adopted what ran, restarting nothing");
+
+    // b acts: a third instance, under its token.
+    c.api
+        .call(
+            "formation.scale",
+            json!({"app": c.app, "changes": [{"type": "web", "quantity": 3}]}),
+        )
+        .expect("formation.scale");
+    let third = eventually(Duration::from_secs(30), "a third instance up", || {
+        let l = c.instances();
+        let ups: Vec<Value> = live(&l)
+            .into_iter()
+            .filter(|i| i["state"] == "up")
+            .cloned()
+            .collect();
+        if ups.len() != 3 {
+            return None;
+        }
+        ups.into_iter()
+            .find(|i| !up.contains_key(i["id"].as_str().unwrap()))
+    });
+    assert_eq!(third["token"].as_u64(), Some(token2), "{third}");
+
+    // Thaw a: it must notice it lost and do nothing.
+    let mut a_sub =
+        Subscriber::connect(&[c.sched_pub.clone()], &["routes.table"], c.a.keys.clone()).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    c.a.signal("scheduler", nix::sys::signal::Signal::SIGCONT);
+    eventually(Duration::from_secs(10), "a says it no longer leads", || {
+        (status(&c.a)?["leader"] == false).then_some(())
+    });
+    assert!(
+        a_sub.next(Duration::from_secs(2)).unwrap().is_none(),
+        "the thawed old leader published a table"
+    );
+    let before: BTreeSet<String> = live(&c.instances())
+        .iter()
+        .map(|i| i["id"].as_str().unwrap().to_string())
+        .collect();
+    std::thread::sleep(Duration::from_secs(2));
+    let l = c.instances();
+    let after: BTreeSet<String> = live(&l)
+        .iter()
+        .map(|i| i["id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(before, after, "nothing started or stopped{}", c.logs());
+    assert_eq!(after.len(), 3);
+    let log = std::fs::read_to_string(c.a.log("scheduler")).unwrap();
+    assert!(log.contains("no longer leading"), "{log}");
+    let mut runner = c.a.client("runner");
+    let info = runner.call("runner.info", json!({})).unwrap();
+    assert_eq!(info["max_token"].as_u64(), Some(token2), "{info}");
+    eprintln!(
+        "leader frozen: the follower led {took_over:?} later with token {token2} (was {token1}); the thawed one stood down and sent nothing"
     );
 }
