@@ -318,13 +318,8 @@ fn a_push_builds_a_release_and_a_failed_build_moves_no_ref() {
 
 /// A buildpack (root's, under /var/tmp, which the test cluster's deployer allows
 /// for local buildpacks) whose compile says it waits, then waits until `go` (in
-/// the buildpack's own directory) exists: the test sees that line before the
-/// build can end.
-fn waiter_buildpack(base: &Path, go: &Path) -> PathBuf {
-    noisy_buildpack(base, go, 0)
-}
-
-/// [`waiter_buildpack`] that prints `lines` lines of 100 bytes once it may go on.
+/// the buildpack's own directory) exists, then prints `lines` lines of 100 bytes:
+/// the test sees the first line before the build can end.
 fn noisy_buildpack(base: &Path, go: &Path, lines: usize) -> PathBuf {
     use std::os::unix::fs::PermissionsExt;
     let bp = base.join("waiter-bp");
@@ -354,6 +349,32 @@ fn noisy_buildpack(base: &Path, go: &Path, lines: usize) -> PathBuf {
         std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755)).unwrap();
     }
     bp
+}
+
+/// A work tree of the hello app whose build waits for the test (see
+/// [`noisy_buildpack`]), with the signal's directory kept for the test's life.
+struct SlowTree {
+    _signal: tempfile::TempDir,
+    go: PathBuf,
+    tree: PathBuf,
+}
+
+fn slow_tree(g: &Git, name: &str, lines: usize) -> SlowTree {
+    let signal = tempfile::Builder::new()
+        .prefix("paddock-git-test-")
+        .tempdir_in("/var/tmp")
+        .unwrap();
+    let go = signal.path().join("waiter-bp").join("go");
+    let bp = noisy_buildpack(signal.path(), &go, lines);
+    let mut files = HELLO.to_vec();
+    let buildpacks = format!("{}\n", bp.display());
+    files.push((".buildpacks", &buildpacks));
+    let tree = work_tree(g.c.t.path(), name, &files);
+    SlowTree {
+        _signal: signal,
+        go,
+        tree,
+    }
 }
 
 /// `git push` running in the background, its stderr read line by line.
@@ -418,20 +439,11 @@ impl Pushing {
 fn the_log_streams_while_building_and_pushes_to_one_app_build_one_at_a_time() {
     let g = Git::start("git-stream");
     let base = g.c.t.path().to_path_buf();
-    // Builds get a private /tmp: the test's signal lives elsewhere.
-    let signal = tempfile::Builder::new()
-        .prefix("paddock-git-test-")
-        .tempdir_in("/var/tmp")
-        .unwrap();
-    let go = signal.path().join("waiter-bp").join("go");
-    let bp = waiter_buildpack(signal.path(), &go);
-    let mut files = HELLO.to_vec();
-    let buildpacks = format!("{}\n", bp.display());
-    files.push((".buildpacks", &buildpacks));
-    let w = work_tree(&base, "slow", &files);
+    let slow = slow_tree(&g, "slow", 0);
+    let (go, w) = (&slow.go, &slow.tree);
 
     // The compile's first line reaches the pusher while the compile still waits.
-    let mut first = Pushing::start(&g, &w, "main");
+    let mut first = Pushing::start(&g, w, "main");
     first.wait_for("compile is waiting for the test");
     assert!(
         first.child.try_wait().unwrap().is_none(),
@@ -443,7 +455,7 @@ fn the_log_streams_while_building_and_pushes_to_one_app_build_one_at_a_time() {
     let other = work_tree(&base, "other", HELLO);
     let mut second = Pushing::start(&g, &other, "main:master");
     second.wait_for("Another push to shop is building");
-    std::fs::write(&go, "").unwrap();
+    std::fs::write(go, "").unwrap();
     first.wait_for("compile saw it");
     let (ok1, log1) = first.finish();
     assert!(ok1, "{log1}");
@@ -451,7 +463,7 @@ fn the_log_streams_while_building_and_pushes_to_one_app_build_one_at_a_time() {
     assert!(ok2, "{log2}");
     assert!(log1.contains("Done: shop v2"), "{log1}");
     assert!(log2.contains("Done: shop v3"), "{log2}");
-    assert_eq!(g.repo_head("shop", "refs/heads/main"), Some(head(&w)));
+    assert_eq!(g.repo_head("shop", "refs/heads/main"), Some(head(w)));
     assert_eq!(g.repo_head("shop", "refs/heads/master"), Some(head(&other)));
 }
 
@@ -459,30 +471,21 @@ fn the_log_streams_while_building_and_pushes_to_one_app_build_one_at_a_time() {
 fn a_push_whose_branch_moved_while_it_waited_is_refused_before_building() {
     let g = Git::start("git-stale");
     let base = g.c.t.path().to_path_buf();
-    // Builds get a private /tmp: the test's signal lives elsewhere.
-    let signal = tempfile::Builder::new()
-        .prefix("paddock-git-test-")
-        .tempdir_in("/var/tmp")
-        .unwrap();
-    let go = signal.path().join("waiter-bp").join("go");
-    let bp = waiter_buildpack(signal.path(), &go);
-    let mut files = HELLO.to_vec();
-    let buildpacks = format!("{}\n", bp.display());
-    files.push((".buildpacks", &buildpacks));
-    let w = work_tree(&base, "slow", &files);
-    let mut first = Pushing::start(&g, &w, "main");
+    let slow = slow_tree(&g, "slow", 0);
+    let (go, w) = (&slow.go, &slow.tree);
+    let mut first = Pushing::start(&g, w, "main");
     first.wait_for("compile is waiting for the test");
     // Another history for the same branch, pushed while the first builds.
     let other = work_tree(&base, "other", HELLO);
     let mut second = Pushing::start(&g, &other, "main");
     second.wait_for("Another push to shop is building");
-    std::fs::write(&go, "").unwrap();
+    std::fs::write(go, "").unwrap();
     let (ok1, log1) = first.finish();
     assert!(ok1, "{log1}");
     let (ok2, log2) = second.finish();
     assert!(!ok2, "{log2}");
     assert!(log2.contains("moved while this push waited"), "{log2}");
-    assert_eq!(g.repo_head("shop", "refs/heads/main"), Some(head(&w)));
+    assert_eq!(g.repo_head("shop", "refs/heads/main"), Some(head(w)));
     // Only the first push made a release.
     assert_eq!(release(&g, "shop")["version"], 2);
     let builds =
@@ -597,23 +600,15 @@ fn flask_node_and_static_pushes_become_releases_and_a_failing_release_command_re
 fn a_pusher_who_stops_reading_does_not_hold_up_the_next_push() {
     let g = Git::start("git-stalled");
     let base = g.c.t.path().to_path_buf();
-    let signal = tempfile::Builder::new()
-        .prefix("paddock-git-test-")
-        .tempdir_in("/var/tmp")
-        .unwrap();
-    let go = signal.path().join("waiter-bp").join("go");
     // 4 MB of log: more than every buffer between the gitserver and the pusher.
-    let bp = noisy_buildpack(signal.path(), &go, 40_000);
-    let mut files = HELLO.to_vec();
-    let buildpacks = format!("{}\n", bp.display());
-    files.push((".buildpacks", &buildpacks));
-    let w = work_tree(&base, "noisy", &files);
-    let mut first = Pushing::start(&g, &w, "main");
+    let slow = slow_tree(&g, "noisy", 40_000);
+    let (go, w) = (&slow.go, &slow.tree);
+    let mut first = Pushing::start(&g, w, "main");
     first.wait_for("compile is waiting for the test");
     // The first pusher stops reading (its terminal is suspended, say).
     let pid = nix::unistd::Pid::from_raw(first.child.id() as i32);
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
-    std::fs::write(&go, "").unwrap();
+    std::fs::write(go, "").unwrap();
 
     // A second push to the app builds anyway, soon after the first build ends.
     let other = work_tree(&base, "other", HELLO);

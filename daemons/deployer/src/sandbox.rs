@@ -272,22 +272,7 @@ impl Mount {
 
 /// In the child: a private mount namespace, then the mounts in order.
 fn private_mounts(mounts: &[Mount]) -> std::io::Result<()> {
-    // SAFETY: unshare and mount with static strings; they only make syscalls.
-    unsafe {
-        if libc::unshare(libc::CLONE_NEWNS) != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        if libc::mount(
-            std::ptr::null(),
-            c"/".as_ptr(),
-            std::ptr::null(),
-            libc::MS_REC | libc::MS_PRIVATE,
-            std::ptr::null(),
-        ) != 0
-        {
-            return Err(std::io::Error::last_os_error());
-        }
-    }
+    paddock_runner::child::private_mount_namespace()?;
     for m in mounts {
         m.apply()?;
     }

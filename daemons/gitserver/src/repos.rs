@@ -30,31 +30,13 @@ impl Repos {
 
     /// Where `reference` points in the app's repository now (`None`: nowhere).
     pub fn resolve(&self, app: &str, reference: &str) -> Result<Option<String>> {
-        let out = Command::new(&self.git)
-            .args(["rev-parse", "--verify", "-q", reference])
-            .current_dir(self.path(app))
-            .uid(self.uid)
-            .gid(self.gid)
-            .env_clear()
-            .env("PATH", "/usr/local/bin:/usr/bin:/bin")
-            .env("HOME", "/")
-            .output()
-            .context("running git rev-parse")?;
+        let out = self.run_git(&["rev-parse", "--verify", "-q", reference], &self.path(app))?;
         let id = String::from_utf8_lossy(&out.stdout).trim().to_string();
         Ok((out.status.success() && !id.is_empty()).then_some(id))
     }
 
     fn as_git(&self, args: &[&str], dir: &Path) -> Result<()> {
-        let out = Command::new(&self.git)
-            .args(args)
-            .current_dir(dir)
-            .uid(self.uid)
-            .gid(self.gid)
-            .env_clear()
-            .env("PATH", "/usr/local/bin:/usr/bin:/bin")
-            .env("HOME", "/")
-            .output()
-            .with_context(|| format!("running git {}", args.join(" ")))?;
+        let out = self.run_git(args, dir)?;
         if !out.status.success() {
             bail!(
                 "git {} failed: {}",
@@ -63,6 +45,22 @@ impl Repos {
             );
         }
         Ok(())
+    }
+
+    /// git as the `git` account, in `dir`, with nothing of ours in its environment
+    /// and no system config.
+    fn run_git(&self, args: &[&str], dir: &Path) -> Result<std::process::Output> {
+        Command::new(&self.git)
+            .args(args)
+            .current_dir(dir)
+            .uid(self.uid)
+            .gid(self.gid)
+            .env_clear()
+            .env("PATH", "/usr/local/bin:/usr/bin:/bin")
+            .env("HOME", "/")
+            .env("GIT_CONFIG_NOSYSTEM", "1")
+            .output()
+            .with_context(|| format!("running git {}", args.join(" ")))
     }
 
     /// Writes the pre-receive hook (root's, 0755) into the hooks directory.

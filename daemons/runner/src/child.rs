@@ -70,22 +70,10 @@ impl AppMount {
     /// propagates back to the host, then the app's files at `/app`.
     fn apply(&self) -> std::io::Result<()> {
         let target = c"/app";
-        // SAFETY: unshare and mount with NUL-terminated strings prepared before
-        // the fork (or static); they only make syscalls.
+        private_mount_namespace()?;
+        // SAFETY: mount with NUL-terminated strings prepared before the fork (or
+        // static); it only makes a syscall.
         unsafe {
-            if libc::unshare(libc::CLONE_NEWNS) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            if libc::mount(
-                std::ptr::null(),
-                c"/".as_ptr(),
-                std::ptr::null(),
-                libc::MS_REC | libc::MS_PRIVATE,
-                std::ptr::null(),
-            ) != 0
-            {
-                return Err(std::io::Error::last_os_error());
-            }
             let r = match self {
                 AppMount::Bind { src } => libc::mount(
                     src.as_ptr(),
@@ -108,6 +96,28 @@ impl AppMount {
         }
         Ok(())
     }
+}
+
+/// In a forked child, still as root: a mount namespace of its own from which
+/// nothing propagates back to the host (every mount below `/` made private).
+pub fn private_mount_namespace() -> std::io::Result<()> {
+    // SAFETY: unshare and mount with static strings; they only make syscalls.
+    unsafe {
+        if libc::unshare(libc::CLONE_NEWNS) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        if libc::mount(
+            std::ptr::null(),
+            c"/".as_ptr(),
+            std::ptr::null(),
+            libc::MS_REC | libc::MS_PRIVATE,
+            std::ptr::null(),
+        ) != 0
+        {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
 }
 
 /// Makes the empty, root-owned `/app` that mounts go on, once per host.
