@@ -542,8 +542,12 @@ fn one_leads_a_frozen_leader_is_replaced_and_once_thawed_does_nothing() {
     let token1 = eventually(Duration::from_secs(10), "a leads", || {
         status(&c.a)?["token"].as_u64()
     });
-    let mut b_sub =
-        Subscriber::connect(&[b_pub.clone()], &["routes.table"], c.b.keys.clone()).unwrap();
+    let mut b_sub = Subscriber::connect(
+        std::slice::from_ref(&b_pub),
+        &["routes.table"],
+        c.b.keys.clone(),
+    )
+    .unwrap();
     c.b.start("scheduler");
     let up = eventually(Duration::from_secs(60), "two instances up", || {
         let l = c.instances();
@@ -620,8 +624,12 @@ fn one_leads_a_frozen_leader_is_replaced_and_once_thawed_does_nothing() {
     assert_eq!(third["token"].as_u64(), Some(token2), "{third}");
 
     // Thaw a: it must notice it lost and do nothing.
-    let mut a_sub =
-        Subscriber::connect(&[c.sched_pub.clone()], &["routes.table"], c.a.keys.clone()).unwrap();
+    let mut a_sub = Subscriber::connect(
+        std::slice::from_ref(&c.sched_pub),
+        &["routes.table"],
+        c.a.keys.clone(),
+    )
+    .unwrap();
     std::thread::sleep(Duration::from_millis(300));
     c.a.signal("scheduler", nix::sys::signal::Signal::SIGCONT);
     eventually(Duration::from_secs(10), "a says it no longer leads", || {
