@@ -568,3 +568,125 @@ fn shims_orphaned_by_a_killed_runner_are_reaped_by_the_supervisor() {
         || zombies().is_empty().then_some(()),
     );
 }
+
+/// The README's walk-through on a dev cluster with a blobstore pair: a customer
+/// with only their credentials adds a key, creates an app, adds its remote and
+/// pushes; the build streams back, the release's slug is on both blobstores,
+/// `paddock builds` lists it, and `dev down` stops the pair's second member too.
+#[test]
+fn a_push_to_a_dev_cluster_lands_on_both_blobstores() {
+    let t = TestDir::new("devpush");
+    let dir = t.path().join("cluster");
+    let d = dir.to_str().unwrap();
+    let _down = Down(dir.clone());
+    let out = ok(paddock(
+        &dir,
+        &["dev", "up", "--dir", d, "--detach", "--blobstores", "2"],
+    ));
+    assert!(out.contains("git push   ssh://git@127.0.0.1:"), "{out}");
+    let second = paddock_harness::pidfile::read_pid(&dir.join("state/blobstore-2/blobstore.pid"))
+        .expect("the second blobstore's pid file");
+    assert!(alive(second));
+
+    // The operator makes alice; from then on she has only her credentials.
+    let creds = t.path().join("alice.credentials");
+    std::fs::write(&creds, ok(paddock(&dir, &["users", "create", "alice"]))).unwrap();
+    let home = t.path().join("home");
+    std::fs::create_dir_all(&home).unwrap();
+    let alice = |cwd: &Path, args: &[&str]| -> Output {
+        Command::new(paddock_harness::bin("paddock").unwrap())
+            .args(args)
+            .current_dir(cwd)
+            .env_remove("PADDOCK_CONFIG")
+            .env("HOME", &home)
+            .env("XDG_CONFIG_HOME", home.join("xdg"))
+            .output()
+            .unwrap()
+    };
+    ok(alice(
+        &home,
+        &["login", "--credentials", creds.to_str().unwrap()],
+    ));
+    let key = home.join("id");
+    let st = Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+        .arg(&key)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    ok(alice(
+        &home,
+        &["keys", "add", key.with_extension("pub").to_str().unwrap()],
+    ));
+    let app = home.join("shop");
+    std::fs::create_dir_all(&app).unwrap();
+    std::fs::write(app.join("Procfile"), "web: python3 -m http.server $PORT\n").unwrap();
+    std::fs::write(app.join("index.html"), "hi\n").unwrap();
+    let git = |args: &[&str]| -> Output {
+        Command::new("git")
+            .args(args)
+            .current_dir(&app)
+            .env("HOME", &home)
+            .env(
+                "GIT_SSH_COMMAND",
+                format!(
+                    "ssh -i {} -o IdentitiesOnly=yes -o BatchMode=yes -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null",
+                    key.display()
+                ),
+            )
+            .output()
+            .unwrap()
+    };
+    for args in [
+        &["init", "-q", "-b", "main"][..],
+        &[
+            "-c",
+            "user.name=a",
+            "-c",
+            "user.email=a@example.com",
+            "add",
+            "-A",
+        ],
+        &[
+            "-c",
+            "user.name=a",
+            "-c",
+            "user.email=a@example.com",
+            "commit",
+            "-qm",
+            "first",
+        ],
+    ] {
+        let o = git(args);
+        assert!(o.status.success(), "git {args:?}: {o:?}");
+    }
+    let created = ok(alice(&app, &["apps", "create", "shop"]));
+    assert!(
+        created.contains("Git remote: ssh://git@127.0.0.1:"),
+        "{created}"
+    );
+    ok(alice(&app, &["git", "remote", "-a", "shop"]));
+    let pushed = git(&["push", "paddock", "main"]);
+    let log = String::from_utf8_lossy(&pushed.stderr).to_string();
+    assert!(pushed.status.success(), "{log}");
+    assert!(
+        log.contains("remote: -----> Procfile app detected"),
+        "{log}"
+    );
+    assert!(log.contains("Done: shop v2"), "{log}");
+
+    let builds = ok(alice(&app, &["builds"]));
+    assert!(
+        builds.contains("succeeded") && builds.contains("v2"),
+        "{builds}"
+    );
+    let rel: serde_json::Value =
+        serde_json::from_str(&ok(alice(&app, &["--json", "releases"]))).unwrap();
+    let slug = rel["releases"][0]["slug"].as_str().unwrap().to_string();
+    for store in ["state/blobstore", "state/blobstore-2/blobstore"] {
+        let p = dir.join(store).join("blobs").join(&slug[..2]).join(&slug);
+        assert!(p.exists(), "the slug is not in {store}");
+    }
+    ok(paddock(&dir, &["dev", "down", "--dir", d]));
+    assert!(!alive(second), "dev down left the second blobstore running");
+}
