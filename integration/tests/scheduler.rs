@@ -189,6 +189,11 @@ impl Cluster {
 
     /// Puts a slug saying `version` and makes a pending release of it.
     fn release(&mut self, version: &str) -> u64 {
+        self.release_running(version, "python3 -u app.py")
+    }
+
+    /// As `release`, with `web` running `command`.
+    fn release_running(&mut self, version: &str, command: &str) -> u64 {
         let slug = slug(self.t.path(), version);
         let mut blob = self.a.client("blobstore");
         let stored = paddock_blob::put_file_blocking(&mut blob, &slug).expect("blob put");
@@ -197,7 +202,7 @@ impl Cluster {
             .call(
                 "release.create",
                 json!({"app": self.app, "slug": format!("sha256:{}", stored.sha256),
-                       "process_types": {"web": "python3 -u app.py"},
+                       "process_types": {"web": command},
                        "description": "Deploy test", "created_by": "user:alice"}),
             )
             .expect("release.create");
@@ -658,5 +663,125 @@ fn one_leads_a_frozen_leader_is_replaced_and_once_thawed_does_nothing() {
     assert_eq!(info["max_token"].as_u64(), Some(token2), "{info}");
     eprintln!(
         "leader frozen: the follower led {took_over:?} later with token {token2} (was {token1}); the thawed one stood down and sent nothing"
+    );
+}
+
+/// A release whose web process exits at once: the deploy sees the crash loop,
+/// alerts, stops the new instance and ends rolled back; the release is marked
+/// failed, the old instances serve throughout (same pids, no failed request)
+/// and the failed release is not tried again.
+#[test]
+fn a_crashing_release_is_rolled_back_and_marked_failed() {
+    let mut c = Cluster::start("scheduler-rollback");
+    let good = c.release("good");
+    c.api
+        .call(
+            "release.status",
+            json!({"app": c.app, "version": good, "status": "succeeded"}),
+        )
+        .expect("release.status");
+    c.api
+        .call(
+            "formation.scale",
+            json!({"app": c.app, "changes": [{"type": "web", "quantity": 2, "memory_mb": 128}]}),
+        )
+        .expect("formation.scale");
+    let mut alerts = Subscriber::connect(
+        std::slice::from_ref(&c.sched_pub),
+        &["alert"],
+        c.a.keys.clone(),
+    )
+    .unwrap();
+    c.a.start("scheduler");
+    let up = eventually(Duration::from_secs(60), "two instances up", || {
+        let l = c.instances();
+        let up: BTreeMap<String, i64> = live(&l)
+            .into_iter()
+            .filter(|i| i["state"] == "up")
+            .map(|i| {
+                (
+                    i["id"].as_str().unwrap().to_string(),
+                    i["pid"].as_i64().unwrap(),
+                )
+            })
+            .collect();
+        (up.len() == 2).then_some(up)
+    });
+    let domain = {
+        let s = c.api.call("app.state", json!({"app": c.app})).unwrap();
+        s["app"]["domains"][0].as_str().unwrap().to_string()
+    };
+    let front: std::net::SocketAddr = format!("127.0.0.1:{}", c.a.ports.balancer_http)
+        .parse()
+        .unwrap();
+    eventually(Duration::from_secs(15), "good through the balancer", || {
+        let r = paddock_integration::http::get(front, &domain, "/").ok()?;
+        (r.status == 200 && r.text() == "good").then_some(())
+    });
+    let load = paddock_integration::http::Load::start(front, &domain, "/", 2);
+
+    let bad = c.release_running("bad", "false");
+    let began = Instant::now();
+    let state = eventually(Duration::from_secs(60), "the bad release failed", || {
+        let r = c
+            .api
+            .call("release.info", json!({"app": c.app, "version": bad}))
+            .ok()?;
+        (r["release"]["status"] == "failed").then_some(r)
+    });
+    let failed_in = began.elapsed();
+    let message = state["release"]["status_message"].as_str().unwrap_or("");
+    assert!(message.contains("restarted 3 times"), "{state}");
+    let alert = alerts
+        .next(Duration::from_secs(5))
+        .unwrap()
+        .expect("an alert was published");
+    assert_eq!(alert.body["app"], c.app.as_str());
+    let reason = alert.body["reason"].as_str().unwrap().to_string();
+    assert!(reason.contains(&format!("v{bad}")), "{reason}");
+    assert!(
+        reason.contains(&format!("rolling back to v{good}")),
+        "{reason}"
+    );
+    let s = c.api.call("app.state", json!({"app": c.app})).unwrap();
+    assert_eq!(s["app"]["current"]["version"].as_u64(), Some(good), "{s}");
+    assert!(s["app"]["pending"].is_null(), "{s}");
+    // The bad instance is stopped; the good ones never changed.
+    eventually(
+        Duration::from_secs(10),
+        "only the good instances left",
+        || {
+            let l = c.instances();
+            let now: BTreeMap<String, i64> = live(&l)
+                .into_iter()
+                .map(|i| {
+                    (
+                        i["id"].as_str().unwrap().to_string(),
+                        i["pid"].as_i64().unwrap_or(0),
+                    )
+                })
+                .collect();
+            (now == up).then_some(())
+        },
+    );
+    let tried: Vec<String> = c
+        .instances()
+        .into_keys()
+        .filter(|id| id.contains(&format!(".v{bad}.")))
+        .collect();
+    assert_eq!(tried.len(), 1, "one surge instance tried: {tried:?}");
+    // Not tried again.
+    std::thread::sleep(Duration::from_secs(2));
+    let again: Vec<String> = c
+        .instances()
+        .into_keys()
+        .filter(|id| id.contains(&format!(".v{bad}.")))
+        .collect();
+    assert_eq!(again, tried, "the failed release was tried again");
+    let report = load.finish();
+    assert_eq!(report.failed, 0, "requests failed: {report:?}");
+    eprintln!(
+        "v{bad} failed and rolled back {failed_in:?} after its release ({}); alert: {reason}; through the balancer meanwhile {} ok, {} failed",
+        state["release"]["status_message"], report.ok, report.failed
     );
 }

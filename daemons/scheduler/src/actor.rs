@@ -68,6 +68,8 @@ pub struct Scheduler {
     /// (app, version) reported succeeded to the api.
     live: BTreeSet<(String, u64)>,
     draining: BTreeMap<InstanceId, Instant>,
+    /// Each app's last alert: the failed release's status message.
+    reasons: BTreeMap<String, String>,
     timers: Vec<(Instant, String, Timer)>,
     alive_since: BTreeMap<NodeId, Instant>,
     /// Each runner node's last listing (kept while it cannot be asked).
@@ -103,6 +105,7 @@ impl Scheduler {
             failed: BTreeSet::new(),
             live: BTreeSet::new(),
             draining: BTreeMap::new(),
+            reasons: BTreeMap::new(),
             timers: Vec::new(),
             alive_since: BTreeMap::new(),
             known: BTreeMap::new(),
@@ -435,7 +438,22 @@ impl Scheduler {
                 }
             }
             for ev in events {
+                let before = d.target().version;
                 for e in d.step(ev, now, &policy, &mut world) {
+                    // What failed is never taken up again (below, as a newer
+                    // release, while its pending status is being changed).
+                    match &e {
+                        deploy::Effect::Rollback { .. } => {
+                            self.failed.insert((app.clone(), before));
+                        }
+                        deploy::Effect::Finished {
+                            version,
+                            outcome: Outcome::Failed | Outcome::RolledBack,
+                        } => {
+                            self.failed.insert((app.clone(), *version));
+                        }
+                        _ => {}
+                    }
                     fx.push((app.clone(), e));
                 }
             }
@@ -496,7 +514,10 @@ impl Scheduler {
                     self.timers.push((now + delay, app, timer))
                 }
                 deploy::Effect::Rollback { to } => self.rollback(&app, to).await,
-                deploy::Effect::Alert { reason } => self.alert(&app, &reason),
+                deploy::Effect::Alert { reason } => {
+                    self.alert(&app, &reason);
+                    self.reasons.insert(app, reason);
+                }
                 deploy::Effect::Live { version } => {
                     tracing::info!(app, "v{version} is live");
                     self.status(
@@ -519,7 +540,13 @@ impl Scheduler {
                         }
                         Outcome::Failed | Outcome::RolledBack => {
                             self.failed.insert((app.clone(), version));
-                            let m = format!("the deploy failed ({outcome:?})");
+                            let m = match (self.reasons.remove(&app), outcome) {
+                                (Some(r), _) => r,
+                                (None, Outcome::RolledBack) => {
+                                    "the deploy failed and was rolled back".to_string()
+                                }
+                                (None, _) => "the deploy failed".to_string(),
+                            };
                             self.status(&app, version, false, Some(&m), d).await
                         }
                     }
