@@ -785,3 +785,111 @@ fn a_crashing_release_is_rolled_back_and_marked_failed() {
         state["release"]["status_message"], report.ok, report.failed
     );
 }
+
+/// Node loss and return: node-b's runner killed (its app process lives on
+/// under its shim) is dead to the registry; its instance is re-placed on
+/// node-a and leaves the table. When the runner comes back (node-b unsettled),
+/// its old instance is the extra one: drained and stopped, two left.
+#[test]
+fn a_lost_node_is_replaced_and_its_instance_retired_when_it_returns() {
+    let mut c = Cluster::start("scheduler-node-loss");
+    {
+        let s = c.a.file.daemons.get_mut("scheduler").unwrap();
+        s.other
+            .insert("node_settle_ms".into(), toml::Value::Integer(5000));
+    }
+    c.a.save();
+    let v = c.release("v1");
+    c.api
+        .call(
+            "release.status",
+            json!({"app": c.app, "version": v, "status": "succeeded"}),
+        )
+        .expect("release.status");
+    c.api
+        .call(
+            "formation.scale",
+            json!({"app": c.app, "changes": [{"type": "web", "quantity": 2, "memory_mb": 128}]}),
+        )
+        .expect("formation.scale");
+    let mut sub = Subscriber::connect(
+        std::slice::from_ref(&c.sched_pub),
+        &["routes.table"],
+        c.a.keys.clone(),
+    )
+    .unwrap();
+    c.a.start("scheduler");
+    let up = eventually(Duration::from_secs(60), "two instances up", || {
+        let l = c.instances();
+        let up: Vec<Value> = live(&l)
+            .into_iter()
+            .filter(|i| i["state"] == "up")
+            .cloned()
+            .collect();
+        (up.len() == 2).then_some(up)
+    });
+    let on_b = up
+        .iter()
+        .find(|i| i["node"] == "node-b")
+        .expect("one on node-b")["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let on_a = up
+        .iter()
+        .find(|i| i["node"] == "node-a")
+        .expect("one on node-a")["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+
+    c.b.kill9("runner");
+    let lost = Instant::now();
+    let replaced = eventually(
+        Duration::from_secs(30),
+        "a replacement up on node-a",
+        || {
+            let mut r = c.a.client("runner");
+            let v = r.call("instance.list", json!({})).ok()?;
+            let ups: Vec<String> = v["instances"]
+                .as_array()?
+                .iter()
+                .filter(|i| i["app"] == c.app.as_str() && i["state"] == "up")
+                .map(|i| i["id"].as_str().unwrap().to_string())
+                .collect();
+            (ups.len() == 2).then_some(ups)
+        },
+    );
+    let replaced_in = lost.elapsed();
+    assert!(replaced.contains(&on_a));
+    let new_id = replaced.iter().find(|id| **id != on_a).unwrap().clone();
+    assert_ne!(new_id, on_b);
+    let want: BTreeSet<String> = replaced.iter().cloned().collect();
+    table_where(&mut sub, &c.app, Duration::from_secs(10), |_, e| {
+        backend_ids(e) == want
+    })
+    .unwrap_or_else(|| panic!("no table without node-b's backend{}", c.logs()));
+
+    // node-b's runner returns: it adopts its instance, which is now one too many.
+    c.b.start("runner");
+    let back = Instant::now();
+    eventually(
+        Duration::from_secs(30),
+        "node-b's old instance stopped",
+        || {
+            let l = c.instances();
+            let gone = matches!(l.get(&on_b)?["state"].as_str(), Some("stopped"));
+            (gone && live(&l).len() == 2).then_some(())
+        },
+    );
+    let retired_in = back.elapsed();
+    let l = c.instances();
+    let left: BTreeSet<String> = live(&l)
+        .iter()
+        .map(|i| i["id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(left, want, "the two on node-a stay");
+    eprintln!(
+        "node-b lost: replaced on node-a {replaced_in:?} later; back: its old instance retired {retired_in:?} later"
+    );
+}

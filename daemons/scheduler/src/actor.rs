@@ -364,9 +364,12 @@ impl Scheduler {
             let calls = self.ctx.calls().clone();
             let node = node.clone();
             asks.push(tokio::task::spawn_local(async move {
-                let t = Duration::from_secs(3);
-                let list = calls.call(&rpc, "instance.list", json!({}), t).await;
-                let info = calls.call(&rpc, "runner.info", json!({}), t).await;
+                // Short: a runner that just died holds up the whole pass.
+                let t = Duration::from_secs(2);
+                let (list, info) = tokio::join!(
+                    calls.call(&rpc, "instance.list", json!({}), t),
+                    calls.call(&rpc, "runner.info", json!({}), t)
+                );
                 (node, list, info)
             }));
         }
