@@ -893,3 +893,82 @@ fn a_lost_node_is_replaced_and_its_instance_retired_when_it_returns() {
         "node-b lost: replaced on node-a {replaced_in:?} later; back: its old instance retired {retired_in:?} later"
     );
 }
+
+/// As the deployer does today: the crashing release is made current before
+/// its deploy. The deploy rolls back, the api is rolled back too (a new release
+/// of the good code), and that release is then rolled out: two instances of it,
+/// saying "good", with no failed request on the way, the failed one never
+/// tried again.
+#[test]
+fn a_crashing_current_release_is_rolled_back_at_the_api() {
+    let mut c = Cluster::start("sched-rb-cur");
+    let good = c.release("good");
+    c.api
+        .call(
+            "release.status",
+            json!({"app": c.app, "version": good, "status": "succeeded"}),
+        )
+        .expect("release.status");
+    c.api
+        .call(
+            "formation.scale",
+            json!({"app": c.app, "changes": [{"type": "web", "quantity": 2, "memory_mb": 128}]}),
+        )
+        .expect("formation.scale");
+    c.a.start("scheduler");
+    eventually(Duration::from_secs(60), "two instances up", || {
+        let l = c.instances();
+        (live(&l).iter().filter(|i| i["state"] == "up").count() == 2).then_some(())
+    });
+    let domain = {
+        let s = c.api.call("app.state", json!({"app": c.app})).unwrap();
+        s["app"]["domains"][0].as_str().unwrap().to_string()
+    };
+    let front: std::net::SocketAddr = format!("127.0.0.1:{}", c.a.ports.balancer_http)
+        .parse()
+        .unwrap();
+    eventually(Duration::from_secs(15), "good through the balancer", || {
+        let r = paddock_integration::http::get(front, &domain, "/").ok()?;
+        (r.status == 200 && r.text() == "good").then_some(())
+    });
+    let load = paddock_integration::http::Load::start(front, &domain, "/", 2);
+    let began = Instant::now();
+    let bad = c.release_running("bad", "false");
+    c.api
+        .call(
+            "release.status",
+            json!({"app": c.app, "version": bad, "status": "succeeded"}),
+        )
+        .expect("release.status");
+    let restored = eventually(Duration::from_secs(60), "a new current release", || {
+        let s = c.api.call("app.state", json!({"app": c.app})).ok()?;
+        s["app"]["current"]["version"].as_u64().filter(|v| *v > bad)
+    });
+    let l = eventually(
+        Duration::from_secs(60),
+        "two of the restored release",
+        || {
+            let l = c.instances();
+            let ours = live(&l)
+                .iter()
+                .filter(|i| i["state"] == "up" && i["release"].as_u64() == Some(restored))
+                .count();
+            (ours == 2 && live(&l).len() == 2).then_some(l)
+        },
+    );
+    let done_in = began.elapsed();
+    for i in live(&l) {
+        assert_eq!(get(i["addr"].as_str().unwrap()), "good");
+    }
+    let tried = l
+        .keys()
+        .filter(|id| id.contains(&format!(".v{bad}.")))
+        .count();
+    assert_eq!(tried, 1, "one surge instance of the bad release: {l:#?}");
+    let report = load.finish();
+    assert_eq!(report.failed, 0, "requests failed: {report:?}{}", c.logs());
+    eprintln!(
+        "current v{bad} crashed: the api rolled back to v{restored} (v{good}'s code), rolled out {done_in:?} after v{bad} was made; through the balancer {} ok, {} failed",
+        report.ok, report.failed
+    );
+}

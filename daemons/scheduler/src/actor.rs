@@ -70,6 +70,9 @@ pub struct Scheduler {
     draining: BTreeMap<InstanceId, Instant>,
     /// Each app's last alert: the failed release's status message.
     reasons: BTreeMap<String, String>,
+    /// Each app's rollback target while its deploy rolls back.
+    rollback_to: BTreeMap<String, u64>,
+    shortfalls: BTreeSet<String>,
     timers: Vec<(Instant, String, Timer)>,
     alive_since: BTreeMap<NodeId, Instant>,
     /// Each runner node's last listing (kept while it cannot be asked).
@@ -106,6 +109,8 @@ impl Scheduler {
             live: BTreeSet::new(),
             draining: BTreeMap::new(),
             reasons: BTreeMap::new(),
+            rollback_to: BTreeMap::new(),
+            shortfalls: BTreeSet::new(),
             timers: Vec::new(),
             alive_since: BTreeMap::new(),
             known: BTreeMap::new(),
@@ -274,6 +279,7 @@ impl Scheduler {
         self.deploys.clear();
         self.timers.clear();
         self.draining.clear();
+        self.rollback_to.clear();
         let mut sh = self.shared.borrow_mut();
         sh.token = None;
         sh.table = None;
@@ -516,7 +522,9 @@ impl Scheduler {
                 deploy::Effect::After { delay, timer } => {
                     self.timers.push((now + delay, app, timer))
                 }
-                deploy::Effect::Rollback { to } => self.rollback(&app, to).await,
+                deploy::Effect::Rollback { to } => {
+                    self.rollback_to.insert(app, to);
+                }
                 deploy::Effect::Alert { reason } => {
                     self.alert(&app, &reason);
                     self.reasons.insert(app, reason);
@@ -543,6 +551,15 @@ impl Scheduler {
                         }
                         Outcome::Failed | Outcome::RolledBack => {
                             self.failed.insert((app.clone(), version));
+                            let to = self.rollback_to.remove(&app);
+                            let current = d.and_then(|a| a.release.as_ref()).map(|r| r.version);
+                            let was_current = current == Some(version)
+                                || self.live.contains(&(app.clone(), version));
+                            if let (Some(to), Outcome::RolledBack, true) =
+                                (to, outcome, was_current)
+                            {
+                                self.rollback(&app, to).await;
+                            }
                             let m = match (self.reasons.remove(&app), outcome) {
                                 (Some(r), _) => r,
                                 (None, Outcome::RolledBack) => {
@@ -568,7 +585,19 @@ impl Scheduler {
         }
 
         // Everything no deploy owns.
-        let deploying: BTreeSet<String> = self.deploys.keys().cloned().collect();
+        let mut deploying: BTreeSet<String> = self.deploys.keys().cloned().collect();
+        // An app whose current release failed its deploy is left as it is (what
+        // serves keeps serving) until the api has another current release:
+        // reconcile would replace what serves with the failed release.
+        for a in &apps {
+            let held = a
+                .release
+                .as_ref()
+                .is_some_and(|r| self.failed.contains(&(a.name.clone(), r.version)));
+            if held {
+                deploying.insert(a.name.clone());
+            }
+        }
         let mut draining = self.draining.clone();
         for d in self.deploys.values() {
             for id in d.draining() {
@@ -587,9 +616,12 @@ impl Scheduler {
             now,
             &policy,
         );
-        for s in &plan.shortfalls {
-            tracing::warn!(app = s.app, "{s}");
+        // Said once, not every pass.
+        let shortfalls: BTreeSet<String> = plan.shortfalls.iter().map(|s| s.to_string()).collect();
+        for s in shortfalls.difference(&self.shortfalls) {
+            tracing::warn!("{s}");
         }
+        self.shortfalls = shortfalls;
         let mut starts = Vec::new();
         let mut stops = Vec::new();
         let mut table = None;
@@ -901,14 +933,11 @@ impl Scheduler {
         }
     }
 
-    /// A release that went live and then failed is rolled back at the api (a
-    /// new release of `to`'s code); one that never went live left the api's
-    /// current release as it was, and is marked failed at `Finished`.
+    /// A rolled-back release that was the api's current one (it went live, or
+    /// was made current before its deploy, as the deployer does) is rolled back
+    /// at the api too: a new release of `to`'s code, which a later deploy
+    /// takes over. A pending one left the current release as it was.
     async fn rollback(&mut self, app: &str, to: u64) {
-        let live_newer = self.live.iter().any(|(a, v)| a == app && *v > to);
-        if !live_newer {
-            return;
-        }
         match self
             .ctx
             .calls()
