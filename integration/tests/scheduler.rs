@@ -915,6 +915,12 @@ fn a_crashing_current_release_is_rolled_back_at_the_api() {
             json!({"app": c.app, "changes": [{"type": "web", "quantity": 2, "memory_mb": 128}]}),
         )
         .expect("formation.scale");
+    let mut alerts = Subscriber::connect(
+        std::slice::from_ref(&c.sched_pub),
+        &["alert"],
+        c.a.keys.clone(),
+    )
+    .unwrap();
     c.a.start("scheduler");
     eventually(Duration::from_secs(60), "two instances up", || {
         let l = c.instances();
@@ -967,8 +973,12 @@ fn a_crashing_current_release_is_rolled_back_at_the_api() {
     assert_eq!(tried, 1, "one surge instance of the bad release: {l:#?}");
     let report = load.finish();
     assert_eq!(report.failed, 0, "requests failed: {report:?}{}", c.logs());
+    let alert = alerts
+        .next(Duration::from_secs(1))
+        .unwrap()
+        .expect("an alert was published");
     eprintln!(
-        "current v{bad} crashed: the api rolled back to v{restored} (v{good}'s code), rolled out {done_in:?} after v{bad} was made; through the balancer {} ok, {} failed",
-        report.ok, report.failed
+        "current v{bad} crashed: the api rolled back to v{restored} (v{good}'s code), rolled out {done_in:?} after v{bad} was made; alert: {}; through the balancer {} ok, {} failed",
+        alert.body["reason"], report.ok, report.failed
     );
 }

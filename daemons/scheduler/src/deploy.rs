@@ -282,6 +282,24 @@ impl Deploy {
             instances,
         };
         let mut fx = Vec::new();
+        // What it began with gets the timers its events would have set: an up
+        // instance not yet settled is looked at again when it is (else nothing
+        // may step the deploy until a deadline), one not up has its deadline.
+        for (id, t) in &d.instances {
+            match t.up_at {
+                Some(up_at) if t.state == InstanceState::Up && !t.settled(now, p) => {
+                    fx.push(Effect::After {
+                        delay: (up_at + p.min_healthy).saturating_duration_since(now),
+                        timer: Timer::Settled { id: id.clone() },
+                    })
+                }
+                None if t.state != InstanceState::Up => fx.push(Effect::After {
+                    delay: p.healthy_deadline,
+                    timer: Timer::HealthyBy { id: id.clone() },
+                }),
+                _ => {}
+            }
+        }
         d.retarget(target, restart, Phase::Rolling, p, &mut fx);
         d.settle(now, p, w, &mut fx);
         (d, fx)
@@ -769,6 +787,51 @@ mod tests {
     use super::*;
     use crate::model::{Owner, Registry, Scale};
     use crate::placement::tests::{inst, nodes, policy};
+
+    /// A deploy begun while instances are up but not yet settled (a release
+    /// just after a scale, a new leader) is stepped again when they settle,
+    /// and one begun with an instance not up has its healthy deadline.
+    #[test]
+    fn begin_sets_the_timers_of_what_it_finds() {
+        let t0 = Instant::now();
+        let now = t0 + Duration::from_secs(3600);
+        let p = policy();
+        let reg = nodes(t0, &["n1", "n2"], 4096);
+        let mut fresh = inst("a.web.v1.t1.1", "a", "web", "n1", 256);
+        fresh.up_at = Some(now - Duration::from_secs(4));
+        let mut old = inst("a.web.v1.t1.2", "a", "web", "n2", 256);
+        old.up_at = Some(now - Duration::from_secs(3000));
+        let mut starting = inst("a.web.v1.t1.3", "a", "web", "n2", 256);
+        starting.state = InstanceState::Starting;
+        let existing = vec![fresh, old, starting];
+        let mut w = World {
+            token: 1,
+            room: Room::new(&reg, &existing, now, &p),
+            taken: BTreeSet::new(),
+        };
+        let f = formation(2, 0);
+        let r = Rollout {
+            app: "a".into(),
+            live: Some(target(1, &f)),
+            target: target(2, &f),
+            restart: false,
+        };
+        let (_, fx) = Deploy::begin(r, &existing, now, &p, &mut w);
+        assert!(fx.contains(&Effect::After {
+            delay: Duration::from_secs(6),
+            timer: Timer::Settled {
+                id: "a.web.v1.t1.1".into()
+            },
+        }));
+        assert!(!fx.iter().any(|e| matches!(e,
+            Effect::After { timer: Timer::Settled { id }, .. } if id == "a.web.v1.t1.2")));
+        assert!(fx.contains(&Effect::After {
+            delay: p.healthy_deadline,
+            timer: Timer::HealthyBy {
+                id: "a.web.v1.t1.3".into()
+            },
+        }));
+    }
 
     /// How a release's instances behave on the simulated runners.
     #[derive(Debug, Clone, Copy, PartialEq)]
