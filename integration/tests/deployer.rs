@@ -1482,6 +1482,8 @@ fn files_and_slugs_over_their_limits_fail_the_build() {
         &[
             ("build_disk_mb", toml::Value::Integer(64)),
             ("max_slug_mb", toml::Value::Integer(1)),
+            ("build_inodes", toml::Value::Integer(10000)),
+            ("cache_mb", toml::Value::Integer(1)),
         ],
     );
     w.app("big");
@@ -1504,13 +1506,48 @@ fn files_and_slugs_over_their_limits_fail_the_build() {
     let m = failed_at(&b, "compile");
     assert!(m.contains("disk limit (64 MB"), "{m}");
     assert!(!b.has("wrote-it"), "{}", b.log());
-    // Files under it each, but an uncompressed slug over it.
+    // Files under it each, but together over it: the watchdog stops the
+    // build while it runs (it would sleep on).
     let b = with(
         &mut w,
-        "set -e; for i in 1 2 3 4 5; do head -c 20000000 /dev/zero > /app/part$i; done",
+        "set -e; for i in 1 2 3; do head -c 33554432 /dev/zero > /app/part$i; done; \
+         echo wrote-all; sleep 20; echo still-running",
     );
-    let m = failed_at(&b, "slug");
-    assert!(m.contains("disk limit (64 MB"), "{m}");
+    let m = failed_at(&b, "compile");
+    assert!(m.contains("the build used more than 64 MB of disk"), "{m}");
+    assert!(b.has("wrote-all") && !b.has("still-running"), "{}", b.log());
+    assert!(b.took < Duration::from_secs(18), "{:?}", b.took);
+    // Split between /tmp/work and the cache, the same.
+    let b = with(
+        &mut w,
+        "set -e; head -c 34000000 /dev/zero > /tmp/work/a; head -c 34000000 /dev/zero > $2/b",
+    );
+    let m = failed_at(&b, "compile");
+    assert!(m.contains("the build used more than 64 MB of disk"), "{m}");
+    // Many empty files: over build_inodes.
+    let b = with(
+        &mut w,
+        "set -e; mkdir /tmp/work/many; cd /tmp/work/many; seq 1 100000 | xargs touch; \
+         echo made-them; sleep 20; echo still-running",
+    );
+    let m = failed_at(&b, "compile");
+    assert!(m.contains("more than 10000 files (build_inodes)"), "{m}");
+    assert!(!b.has("still-running"), "{}", b.log());
+    // A cache over cache_mb is dropped at the end of the build, saying so.
+    let cache = w.deployer_dir().join("cache").join("big");
+    let b = with(&mut w, "head -c 2000000 /dev/urandom > $2/blob");
+    succeeded(&b);
+    assert!(
+        b.has("The build cache held more than 1 MB (cache_mb): it was dropped"),
+        "{}",
+        b.log()
+    );
+    assert!(!cache.join("blob").exists());
+    // Under it, kept.
+    let b = with(&mut w, "head -c 100000 /dev/urandom > $2/small");
+    succeeded(&b);
+    assert!(!b.has("cache_mb"), "{}", b.log());
+    assert!(cache.join("small").exists());
     // A compressed slug over max_slug_mb.
     let b = with(&mut w, "head -c 3000000 /dev/urandom > /app/noise");
     let m = failed_at(&b, "slug");
@@ -1598,4 +1635,131 @@ fn builds_are_refused_without_memory_and_pids_cgroups_unless_allowed() {
     );
     let id = start(&w);
     succeeded(&w.follow(&id));
+}
+
+#[test]
+fn builds_of_different_apps_share_no_ipc_or_lock_files() {
+    let mut w = world("deployer-ipc", &[]);
+    w.app("ipc-a");
+    w.app("ipc-b");
+    const KEY: &str = "0x005add0c";
+    let lock = PathBuf::from("/run/lock/paddock-ipc-test");
+    let _ = std::fs::remove_file(&lock);
+    let shm = "import ctypes; l = ctypes.CDLL(None, use_errno=True); \
+               print('shmget', l.shmget(0x5add0c, 4096, FLAGS))";
+    // A: a shm segment with a fixed key (0666) and a lock file, then it waits
+    // for the test while B builds.
+    let a = w.buildpack(
+        "ipc-a-bp",
+        "echo A",
+        &format!(
+            "python3 -c \"{}\"\n\
+             ipcs -m | grep -c {KEY} | sed 's/^/a-segments=/'\n\
+             echo mine > /run/lock/paddock-ipc-test && echo a-locked\n\
+             touch /app/ready\n\
+             for i in $(seq 600); do [ -e /app/done ] && break; sleep 0.1; done\n\
+             rm -f /app/done /app/ready",
+            shm.replace("FLAGS", "0o1666")
+        ),
+        "echo ---",
+    );
+    let b = w.buildpack(
+        "ipc-b-bp",
+        "echo B",
+        &format!(
+            "python3 -c \"{}\"\n\
+             ipcs -m | grep -c {KEY} | sed 's/^/b-segments=/'\n\
+             [ -e /run/lock/paddock-ipc-test ] && echo b-sees-lock || echo b-no-lock\n\
+             echo b-lock-files=$(ls -A /run/lock | wc -l)",
+            shm.replace("FLAGS", "0")
+        ),
+        "echo ---",
+    );
+    w.config("ipc-a", json!({"BUILDPACK_URL": a.display().to_string()}));
+    w.config("ipc-b", json!({"BUILDPACK_URL": b.display().to_string()}));
+    let src = w.source(&[("Procfile", "web: true\n")]);
+    let id_a = w.start("ipc-a", &src);
+    let app_a = w.deployer_dir().join("builds").join(&id_a).join("app");
+    eventually(Duration::from_secs(60), "build A made its segment", || {
+        app_a.join("ready").exists().then_some(())
+    });
+    let host_ipcs = || {
+        let out = Command::new("ipcs").arg("-m").output().unwrap();
+        String::from_utf8(out.stdout).unwrap()
+    };
+    // Not on the host while A runs, nor its lock file.
+    assert!(!host_ipcs().contains(KEY), "{}", host_ipcs());
+    assert!(!lock.exists());
+    let built_b = w.build("ipc-b", &[("Procfile", "web: true\n")]);
+    std::fs::write(app_a.join("done"), "").unwrap();
+    let built_a = w.follow(&id_a);
+    succeeded(&built_a);
+    succeeded(&built_b);
+    let (la, lb) = (built_a.log(), built_b.log());
+    assert!(built_a.has("a-segments=1"), "{la}");
+    assert!(built_a.has("a-locked"), "{la}");
+    assert!(!built_a.has("shmget -1"), "{la}");
+    // B sees neither.
+    assert!(built_b.has("b-segments=0"), "{lb}");
+    assert!(built_b.has("shmget -1"), "{lb}");
+    assert!(built_b.has("b-no-lock"), "{lb}");
+    assert!(built_b.has("b-lock-files=0"), "{lb}");
+    // Nothing of A's is left on the host.
+    assert!(!host_ipcs().contains(KEY), "{}", host_ipcs());
+    assert!(!lock.exists());
+}
+
+#[test]
+fn tree_files_must_be_the_apps_own_with_one_link_and_buildpacks_are_capped() {
+    let mut w = world("deployer-tree-files", &[]);
+    w.app("links");
+    let with = |w: &mut World, compile: &str| {
+        let bp = w.buildpack(
+            &format!("bp-{}", ulid::Ulid::new()),
+            "echo Links",
+            compile,
+            "echo ---",
+        );
+        w.config("links", json!({"BUILDPACK_URL": bp.display().to_string()}));
+        w.build("links", &[("Procfile", "web: true\n")])
+    };
+    // A second link to the Procfile (on a host with fs.protected_hardlinks=0
+    // it could have been a link to /etc/shadow).
+    let b = with(&mut w, "ln /app/Procfile /app/Procfile2");
+    let m = failed_at(&b, "process-types");
+    assert!(
+        m.contains("Procfile is refused: it has 2 hard links"),
+        "{m}"
+    );
+    // A symlink, even to the app's own file.
+    let b = with(
+        &mut w,
+        "mv /app/Procfile /app/Procfile.real; ln -s Procfile.real /app/Procfile",
+    );
+    let m = failed_at(&b, "process-types");
+    assert!(m.contains("Procfile is refused: it is a symlink"), "{m}");
+    // app.json likewise.
+    let b = with(
+        &mut w,
+        "echo '{}' > /app/x.json; ln /app/x.json /app/app.json",
+    );
+    let m = failed_at(&b, "process-types");
+    assert!(
+        m.contains("app.json is refused: it has 2 hard links"),
+        "{m}"
+    );
+    // A plain one builds.
+    succeeded(&with(&mut w, "true"));
+    // At most 16 buildpacks.
+    let bp = w.buildpack("plain-bp", "echo Plain", "true", "echo ---");
+    let list = format!("{}\n", bp.display()).repeat(17);
+    let b = w.build(
+        "links",
+        &[(".buildpacks", &list), ("Procfile", "web: true\n")],
+    );
+    let m = failed_at(&b, "detect");
+    assert!(
+        m.contains(".buildpacks names 17 buildpacks; at most 16 are allowed"),
+        "{m}"
+    );
 }

@@ -15,6 +15,9 @@ use crate::procfile::{self, BuildpackRef};
 use crate::sandbox::{Ended, Sandbox};
 use crate::{Deployer, Job};
 
+/// The most buildpacks one build runs (lines of `.buildpacks`).
+pub const MAX_BUILDPACKS: usize = 16;
+
 /// Why a build failed: the step and a message for the person who pushed.
 #[derive(Debug)]
 pub struct Failure {
@@ -80,9 +83,12 @@ fn mkdir(p: &Path, mode: u32, owner: Option<(u32, u32)>) -> std::io::Result<()> 
     Ok(())
 }
 
-/// Reads a small regular file of the build tree as root, never through a symlink
-/// and never blocking on a FIFO; `None` when it is missing or not a regular file.
-pub fn read_tree_file(p: &Path, max: u64) -> Result<Option<String>, String> {
+/// Reads a small file of the build tree as root, never through a symlink and
+/// never blocking on a FIFO; `None` when it is missing. It must be a regular
+/// file of the app's user (`uid`) with one link, as the slug's tar: a hard
+/// link to a file the build did not make (on a host with
+/// fs.protected_hardlinks=0, even a root-only one) is refused, not read.
+pub fn read_tree_file(p: &Path, max: u64, uid: u32) -> Result<Option<String>, String> {
     let f = std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
@@ -91,7 +97,10 @@ pub fn read_tree_file(p: &Path, max: u64) -> Result<Option<String>, String> {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
-            return Err(format!("{} is a symlink", name(p)))
+            return Err(format!(
+                "{} is refused: it is a symlink (it must be a regular file of the app's own)",
+                name(p)
+            ))
         }
         Err(e) => return Err(format!("cannot read {}: {e}", name(p))),
     };
@@ -99,7 +108,21 @@ pub fn read_tree_file(p: &Path, max: u64) -> Result<Option<String>, String> {
         .metadata()
         .map_err(|e| format!("cannot read {}: {e}", name(p)))?;
     if !meta.is_file() {
-        return Err(format!("{} is not a regular file", name(p)));
+        return Err(format!("{} is refused: it is not a regular file", name(p)));
+    }
+    if meta.uid() != uid {
+        return Err(format!(
+            "{} is refused: it is not the app's own file (owner uid {})",
+            name(p),
+            meta.uid()
+        ));
+    }
+    if meta.nlink() != 1 {
+        return Err(format!(
+            "{} is refused: it has {} hard links (it must have exactly one)",
+            name(p),
+            meta.nlink()
+        ));
     }
     if meta.size() > max {
         return Err(format!("{} is larger than {max} bytes", name(p)));
@@ -332,7 +355,25 @@ impl Run {
             return Ok(out);
         }
         let s = &self.dep.settings;
-        let message = if ended == Ended::TimedOut {
+        let message = if ended == Ended::Disk {
+            format!(
+                "{what} was stopped: the build used more than {} MB of disk (build_disk_mb) in \
+                 /app, /tmp/work and its cache",
+                self.sandbox.max_disk_bytes >> 20
+            )
+        } else if ended == Ended::Files {
+            format!(
+                "{what} was stopped: the build made more than {} files (build_inodes) in \
+                 /app, /tmp/work and its cache",
+                s.build_inodes
+            )
+        } else if ended == Ended::Deep {
+            format!(
+                "{what} was stopped: the build made a directory too deep to measure (a path \
+                 longer than {} bytes) in /app, /tmp/work or its cache",
+                libc::PATH_MAX
+            )
+        } else if ended == Ended::TimedOut {
             format!(
                 "{what} ran past the build's time limit ({} s) and was stopped",
                 s.build_timeout.as_secs()
@@ -600,8 +641,12 @@ impl Run {
     /// The buildpacks to run: named by `.buildpacks` or `BUILDPACK_URL`, else the
     /// first built-in whose detect passes.
     async fn detect(&mut self) -> Result<Vec<Pack>, Failure> {
-        let listed = read_tree_file(&self.paths.app.join(".buildpacks"), 64 << 10)
-            .map_err(|e| fail("detect", e))?;
+        let listed = read_tree_file(
+            &self.paths.app.join(".buildpacks"),
+            64 << 10,
+            self.sandbox.uid,
+        )
+        .map_err(|e| fail("detect", e))?;
         let refs: Vec<BuildpackRef> = match (listed, self.config.get("BUILDPACK_URL")) {
             (Some(text), _) => procfile::parse_buildpacks_file(&text)
                 .map_err(|e| fail("detect", format!(".buildpacks: {e}")))?,
@@ -609,6 +654,15 @@ impl Run {
                 .map_err(|e| fail("detect", format!("BUILDPACK_URL: {e}")))?],
             _ => vec![],
         };
+        if refs.len() > MAX_BUILDPACKS {
+            return Err(fail(
+                "detect",
+                format!(
+                    ".buildpacks names {} buildpacks; at most {MAX_BUILDPACKS} are allowed",
+                    refs.len()
+                ),
+            ));
+        }
         if refs.is_empty() {
             for b in procfile::BUILTINS {
                 let dir = format!("{}/{b}", crate::buildpacks::MOUNTED);
@@ -742,6 +796,25 @@ impl Run {
                 "detect",
                 format!("{detect} ran past the build's time limit"),
             )),
+            Ended::Disk | Ended::Files | Ended::Deep => {
+                let what = if ended == Ended::Deep {
+                    "a directory too deep to measure".to_string()
+                } else if ended == Ended::Disk {
+                    format!(
+                        "more than {} MB of disk (build_disk_mb)",
+                        self.dep.settings.build_disk_mb
+                    )
+                } else {
+                    format!(
+                        "more than {} files (build_inodes)",
+                        self.dep.settings.build_inodes
+                    )
+                };
+                Err(fail(
+                    "detect",
+                    format!("{detect} was stopped: the build used {what}"),
+                ))
+            }
             _ => Ok(None),
         }
     }
@@ -798,8 +871,12 @@ impl Run {
             let d = procfile::parse_release_yaml(&yaml).map_err(|e| fail("process-types", e))?;
             defaults.extend(d);
         }
-        let procfile = read_tree_file(&self.paths.app.join("Procfile"), 256 << 10)
-            .map_err(|e| fail("process-types", e))?;
+        let procfile = read_tree_file(
+            &self.paths.app.join("Procfile"),
+            256 << 10,
+            self.sandbox.uid,
+        )
+        .map_err(|e| fail("process-types", e))?;
         let declared = match &procfile {
             Some(text) => procfile::parse_procfile(text).map_err(|e| fail("process-types", e))?,
             None => BTreeMap::new(),
@@ -833,29 +910,36 @@ impl Run {
                  add a Procfile such as `web: python app.py`",
             ));
         }
-        let healthchecks = match read_tree_file(&self.paths.app.join("app.json"), 1 << 20)
-            .map_err(|e| fail("process-types", e))?
-        {
-            Some(text) => {
-                let v: Value = serde_json::from_str(&text)
-                    .map_err(|e| fail("process-types", format!("app.json is not JSON: {e}")))?;
-                v.get("healthchecks").cloned()
-            }
-            None => None,
-        };
+        let healthchecks =
+            match read_tree_file(&self.paths.app.join("app.json"), 1 << 20, self.sandbox.uid)
+                .map_err(|e| fail("process-types", e))?
+            {
+                Some(text) => {
+                    let v: Value = serde_json::from_str(&text)
+                        .map_err(|e| fail("process-types", format!("app.json is not JSON: {e}")))?;
+                    v.get("healthchecks").cloned()
+                }
+                None => None,
+            };
         Ok((types, healthchecks))
     }
 
     /// The slug: compressed in the sandbox, then hashed and stored.
     async fn slug(&mut self) -> Result<(String, u64), Failure> {
         self.log("-----> Compressing the slug");
-        self.sandboxed(
-            "slug",
-            "compressing the slug",
-            &["/bin/bash", "/tmp/buildpacks/_paddock/slug"],
-            false,
-        )
-        .await?;
+        // The tar is written beside the app (in /tmp/work): room for both.
+        let limit = self.sandbox.max_disk_bytes;
+        self.sandbox.max_disk_bytes = limit.saturating_mul(2);
+        let r = self
+            .sandboxed(
+                "slug",
+                "compressing the slug",
+                &["/bin/bash", "/tmp/buildpacks/_paddock/slug"],
+                false,
+            )
+            .await;
+        self.sandbox.max_disk_bytes = limit;
+        r?;
         // Nothing of the build runs any more (its cgroup was killed), and the
         // build's directories are root's: the file is what the build left. It is
         // compressed here, hashing the compressed bytes as they are written.
@@ -969,5 +1053,49 @@ impl Run {
                 return Ok(());
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tree_files_must_be_the_apps_own_with_one_link() {
+        let d = std::env::temp_dir().join(format!("paddock-tree-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        let me = nix::unistd::geteuid().as_raw();
+        let p = d.join("Procfile");
+        std::fs::write(&p, "web: true\n").unwrap();
+        assert_eq!(
+            read_tree_file(&p, 100, me).unwrap().as_deref(),
+            Some("web: true\n")
+        );
+        assert_eq!(read_tree_file(&d.join("missing"), 100, me), Ok(None));
+        // Another user's file (on a host without protected_hardlinks, a link
+        // to /etc/shadow would be root's).
+        let e = read_tree_file(&p, 100, me + 1).unwrap_err();
+        assert!(
+            e.contains("Procfile is refused: it is not the app's own"),
+            "{e}"
+        );
+        // Two links.
+        std::fs::hard_link(&p, d.join("Procfile2")).unwrap();
+        let e = read_tree_file(&p, 100, me).unwrap_err();
+        assert!(
+            e.contains("Procfile is refused: it has 2 hard links"),
+            "{e}"
+        );
+        // A symlink, even to a good file.
+        std::fs::remove_file(d.join("Procfile2")).unwrap();
+        std::os::unix::fs::symlink(&p, d.join("app.json")).unwrap();
+        let e = read_tree_file(&d.join("app.json"), 100, me).unwrap_err();
+        assert!(e.contains("app.json is refused: it is a symlink"), "{e}");
+        // A directory.
+        std::fs::create_dir(d.join(".buildpacks")).unwrap();
+        let e = read_tree_file(&d.join(".buildpacks"), 100, me).unwrap_err();
+        assert!(e.contains("not a regular file"), "{e}");
+        std::fs::remove_dir_all(&d).unwrap();
     }
 }

@@ -554,6 +554,50 @@ async fn run_build(d: Rc<Deployer>, job: Job) {
         .map(|r| r.durations.clone())
         .unwrap_or_default();
     durations.insert("total".into(), json!(began.elapsed().as_millis() as u64));
+    // Nothing of the build outlives it, and it is gone before anyone is told.
+    let mut empty = false;
+    if let Some(r) = &run {
+        for _ in 0..100 {
+            r.sandbox.kill_all().await;
+            if r.sandbox.cgroup.pids().is_empty() {
+                empty = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        if empty {
+            r.sandbox.cgroup.remove();
+        } else {
+            // Kept, so the processes stay limited and findable; the next start
+            // kills what is in it and removes it.
+            tracing::warn!(build = %id, "processes of the build survived two seconds of kills; its cgroup is kept");
+        }
+    }
+    // A cache past cache_mb is dropped, once nothing of the build runs.
+    if empty {
+        let cache = d.settings.dir.join("cache").join(&job.app);
+        let cap = d.settings.cache_mb << 20;
+        let dropped = tokio::task::spawn_blocking(move || {
+            let u = sandbox::measure(std::slice::from_ref(&cache), cap, u64::MAX);
+            (u.bytes > cap).then(|| std::fs::remove_dir_all(&cache))
+        })
+        .await
+        .ok()
+        .flatten();
+        match dropped {
+            Some(Ok(())) => d.push_outcome(
+                &id,
+                format!(
+                    "-----> The build cache held more than {} MB (cache_mb): it was dropped, the next build starts without it",
+                    d.settings.cache_mb
+                ),
+            ),
+            Some(Err(e)) => {
+                tracing::warn!(build = %id, app = %job.app, "cannot drop the build cache over cache_mb: {e}")
+            }
+            None => {}
+        }
+    }
     let (status, error, release) = match &result {
         Ok(release) => {
             let v = release["version"].as_i64().unwrap_or(0);
@@ -587,25 +631,6 @@ async fn run_build(d: Rc<Deployer>, job: Job) {
         .filter(|n| *n > 0)
     {
         tracing::info!(build = %id, "{n} log lines over the limit were dropped");
-    }
-    // Nothing of the build outlives it, and it is gone before anyone is told.
-    if let Some(r) = &run {
-        let mut empty = false;
-        for _ in 0..100 {
-            r.sandbox.kill_all().await;
-            if r.sandbox.cgroup.pids().is_empty() {
-                empty = true;
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        if empty {
-            r.sandbox.cgroup.remove();
-        } else {
-            // Kept, so the processes stay limited and findable; the next start
-            // kills what is in it and removes it.
-            tracing::warn!(build = %id, "processes of the build survived two seconds of kills; its cgroup is kept");
-        }
     }
     d.cgroups.borrow_mut().remove(&id);
     let root = build::Paths::new(&d.settings.dir, &id).root;
@@ -750,6 +775,13 @@ async fn prepare(d: &Rc<Deployer>, job: &Job) -> Result<build::Run, build::Failu
         pids: s.build_pids,
         max_file_bytes: s.build_disk_mb << 20,
         tmpfs_mb: 256.min(s.build_memory_mb / 2),
+        watch: vec![
+            paths.app.clone(),
+            paths.work.clone(),
+            s.dir.join("cache").join(&job.app),
+        ],
+        max_disk_bytes: s.build_disk_mb << 20,
+        max_entries: s.build_inodes,
         env,
     };
     Ok(build::Run {

@@ -4,12 +4,19 @@
 //! its config (`/tmp/env`), the build's scratch space (`/tmp/work`, `$TMPDIR`)
 //! and the built-in buildpacks (`/tmp/buildpacks`, read-only); `/var/tmp` and
 //! `/dev/shm` are small private tmpfs and `/proc` shows only the app user's
-//! own processes (hidepid=2). Every mount is nosuid and nodev, the
+//! own processes (hidepid=2); `/run/lock` and `/var/lock` (where they are
+//! directories) are small private tmpfs too, and the build has an IPC
+//! namespace of its own (System V shm, semaphores and message queues, POSIX
+//! message queues: none shared with other builds or the host, all gone with
+//! the build). Every mount the sandbox makes is nosuid and nodev, the
 //! child has no_new_privs (a setuid binary does not elevate), RLIMIT_FSIZE
 //! caps any file it writes and it dies with the deployer (PR_SET_PDEATHSIG).
 //! The runner's [`paddock_runner::child::Prepared`] does the rest: cgroups
 //! joined, rlimits, `/app` mounted, privileges dropped (and checked), no fd
-//! above stdio.
+//! above stdio. While build code runs, a watchdog measures the build's trees
+//! (`/app`, `/tmp/work`, the cache) every second and at the end of each
+//! command ([`measure`]), and kills the build when they hold more than
+//! `max_disk_bytes` or `max_entries` ([`Ended::Disk`], [`Ended::Files`]).
 //!
 //! The build's output is read through a fixed buffer and cut into lines of at
 //! most [`MAX_LINE`] bytes ([`LineSplitter`]), with control characters made
@@ -17,6 +24,7 @@
 //! NUL or terminal escape reaches the database or the pusher.
 
 use std::ffi::CString;
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Instant;
@@ -122,6 +130,12 @@ pub enum Ended {
     Exit(i32),
     Signal(i32),
     TimedOut,
+    /// Killed: the build's trees held more than `max_disk_bytes`.
+    Disk,
+    /// Killed: the build's trees held more than `max_entries` files.
+    Files,
+    /// Killed: a directory of the build's trees was too deep to measure.
+    Deep,
 }
 
 impl Ended {
@@ -137,6 +151,9 @@ impl std::fmt::Display for Ended {
             Ended::Signal(9) => write!(f, "was killed (signal 9)"),
             Ended::Signal(s) => write!(f, "was killed by signal {s}"),
             Ended::TimedOut => write!(f, "ran out of time"),
+            Ended::Disk => write!(f, "used too much disk and was stopped"),
+            Ended::Files => write!(f, "made too many files and was stopped"),
+            Ended::Deep => write!(f, "made a directory too deep to measure and was stopped"),
         }
     }
 }
@@ -162,6 +179,13 @@ pub struct Sandbox {
     pub max_file_bytes: u64,
     /// Size of the private tmpfs at `/var/tmp` and `/dev/shm`, in MiB.
     pub tmpfs_mb: u64,
+    /// The build's trees on the host (its app dir, its `/tmp/work`, the
+    /// app's cache), measured by the watchdog.
+    pub watch: Vec<PathBuf>,
+    /// The most disk (allocated blocks) the watched trees may hold together.
+    pub max_disk_bytes: u64,
+    /// The most files, directories and other entries they may hold together.
+    pub max_entries: u64,
     pub env: Vec<(String, String)>,
 }
 
@@ -188,6 +212,7 @@ enum Mount {
     Tmpfs {
         target: CString,
         options: CString,
+        noexec: bool,
     },
     /// A procfs of the build's own at /proc with hidepid=2: the build sees
     /// only its own user's processes, not other builds' or the platform's.
@@ -252,12 +277,17 @@ impl Mount {
                         return Err(std::io::Error::last_os_error());
                     }
                 }
-                Mount::Tmpfs { target, options } => {
+                Mount::Tmpfs {
+                    target,
+                    options,
+                    noexec,
+                } => {
+                    let noexec = if *noexec { libc::MS_NOEXEC } else { 0 };
                     if libc::mount(
                         c"tmpfs".as_ptr(),
                         target.as_ptr(),
                         c"tmpfs".as_ptr(),
-                        libc::MS_NOSUID | libc::MS_NODEV,
+                        libc::MS_NOSUID | libc::MS_NODEV | noexec,
                         options.as_ptr().cast(),
                     ) != 0
                     {
@@ -270,13 +300,73 @@ impl Mount {
     }
 }
 
-/// In the child: a private mount namespace, then the mounts in order.
+/// In the child: a private mount namespace, then the mounts in order, then an
+/// IPC namespace of its own (no other build's or the host's System V objects
+/// or POSIX message queues; the build's own go when its last process ends).
 fn private_mounts(mounts: &[Mount]) -> std::io::Result<()> {
     paddock_runner::child::private_mount_namespace()?;
     for m in mounts {
         m.apply()?;
     }
+    // SAFETY: unshare with a constant flag.
+    if unsafe { libc::unshare(libc::CLONE_NEWIPC) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
     Ok(())
+}
+
+/// What the watched trees hold: allocated bytes and entries.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    pub bytes: u64,
+    pub entries: u64,
+    /// A directory could not be read for its path's length (deeper than
+    /// PATH_MAX): what is under it was not counted, so it fails closed.
+    pub too_deep: bool,
+}
+
+/// Walks `roots` (never through a symlink, never onto another filesystem's
+/// mount), summing allocated blocks (an inode with several links once) and
+/// counting entries; stops early once past `max_bytes` or `max_entries`.
+/// A root that is missing counts nothing.
+pub fn measure(roots: &[PathBuf], max_bytes: u64, max_entries: u64) -> Usage {
+    use std::os::unix::fs::MetadataExt;
+    let mut u = Usage::default();
+    let mut linked = std::collections::HashSet::new();
+    let mut stack: Vec<(PathBuf, u64)> = Vec::new();
+    for r in roots {
+        if let Ok(m) = std::fs::symlink_metadata(r) {
+            if m.is_dir() {
+                stack.push((r.clone(), m.dev()));
+            }
+        }
+    }
+    while let Some((dir, dev)) = stack.pop() {
+        let rd = match std::fs::read_dir(&dir) {
+            Ok(rd) => rd,
+            Err(e) if e.raw_os_error() == Some(libc::ENAMETOOLONG) => {
+                u.too_deep = true;
+                return u;
+            }
+            // Removed meanwhile, or replaced (by a file, a symlink).
+            Err(_) => continue,
+        };
+        for e in rd.flatten() {
+            // DirEntry::metadata is lstat: a symlink is counted, not followed.
+            let Ok(m) = e.metadata() else { continue };
+            u.entries += 1;
+            if m.nlink() <= 1 || m.is_dir() || linked.insert((m.dev(), m.ino())) {
+                u.bytes += m.blocks() * 512;
+            }
+            if m.is_dir() && m.dev() == dev {
+                stack.push((e.path(), dev));
+            }
+            if u.bytes > max_bytes || u.entries > max_entries {
+                return u;
+            }
+        }
+    }
+    u
 }
 
 /// In the child, before privileges are dropped: nothing it execs may gain
@@ -365,7 +455,20 @@ impl Sandbox {
             mounts.push(Mount::Tmpfs {
                 target: target.to_owned(),
                 options: options.clone(),
+                noexec: false,
             });
+        }
+        // Lock files are not shared with other builds or the host either
+        // (`/var/lock` is often a symlink to `/run/lock`: only directories).
+        for target in [c"/run/lock", c"/var/lock"] {
+            let p = Path::new(std::ffi::OsStr::from_bytes(target.to_bytes()));
+            if std::fs::symlink_metadata(p).is_ok_and(|m| m.is_dir()) {
+                mounts.push(Mount::Tmpfs {
+                    target: target.to_owned(),
+                    options: c"size=1m,mode=1777".to_owned(),
+                    noexec: true,
+                });
+            }
         }
         mounts.push(Mount::Proc);
         let join: Vec<PathBuf> = self
@@ -429,8 +532,17 @@ impl Sandbox {
         let mut to_stderr = |l: String| line(l);
         let mut status: Option<Ended> = None;
         let deadline = tokio::time::Instant::from_std(deadline);
+        let mut watchdog = tokio::time::interval(std::time::Duration::from_secs(1));
+        watchdog.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         while !(o_done && e_done && status.is_some()) {
             tokio::select! {
+                _ = watchdog.tick(), if status.is_none() => {
+                    if let Some(over) = self.over_limits().await {
+                        self.kill_all().await;
+                        let _ = proc.wait().await;
+                        return Ok((over, captured));
+                    }
+                },
                 r = out.read(&mut obuf), if !o_done => match r {
                     Ok(n) if n > 0 => osplit.feed(&obuf[..n], &mut to_stdout),
                     _ => {
@@ -464,7 +576,37 @@ impl Sandbox {
                 }
             }
         }
-        Ok((status.unwrap_or(Ended::Exit(255)), captured))
+        let status = status.unwrap_or(Ended::Exit(255));
+        // A command that filled the disk faster than the watchdog looked (one
+        // file past RLIMIT_FSIZE says so itself: SIGXFSZ, or a shell's 153).
+        let xfsz = [
+            Ended::Signal(libc::SIGXFSZ),
+            Ended::Exit(128 + libc::SIGXFSZ),
+        ];
+        if !xfsz.contains(&status) {
+            if let Some(over) = self.over_limits().await {
+                return Ok((over, captured));
+            }
+        }
+        Ok((status, captured))
+    }
+
+    /// The watched trees measured: `Some` when over a limit.
+    pub async fn over_limits(&self) -> Option<Ended> {
+        let (roots, max_bytes, max_entries) =
+            (self.watch.clone(), self.max_disk_bytes, self.max_entries);
+        let u = tokio::task::spawn_blocking(move || measure(&roots, max_bytes, max_entries))
+            .await
+            .ok()?;
+        if u.bytes > max_bytes {
+            Some(Ended::Disk)
+        } else if u.entries > max_entries {
+            Some(Ended::Files)
+        } else if u.too_deep {
+            Some(Ended::Deep)
+        } else {
+            None
+        }
     }
 
     /// SIGKILL to every process of the build, exactly (freeze, kill, thaw on v1).
@@ -526,6 +668,39 @@ mod tests {
         multi.extend_from_slice("é and more".as_bytes());
         let out = split(&[&multi]);
         assert_eq!(out[0], format!("{}…", "z".repeat(MAX_LINE - 1)));
+    }
+
+    #[test]
+    fn measure_counts_blocks_and_entries_without_following_symlinks() {
+        let d = std::env::temp_dir().join(format!("paddock-measure-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(d.join("a/b")).unwrap();
+        std::fs::write(d.join("a/b/f"), vec![1u8; 1 << 20]).unwrap();
+        std::fs::hard_link(d.join("a/b/f"), d.join("a/g")).unwrap();
+        std::os::unix::fs::symlink("/usr", d.join("a/usr")).unwrap();
+        for i in 0..10 {
+            std::fs::write(d.join(format!("e{i}")), b"").unwrap();
+        }
+        let u = measure(&[d.clone(), d.join("missing")], u64::MAX, u64::MAX);
+        // a, a/b, a/b/f, a/g, a/usr and ten empty files.
+        assert_eq!(u.entries, 15);
+        assert!((1 << 20..2 << 20).contains(&u.bytes), "{u:?}");
+        // It stops once past a limit.
+        assert!(measure(std::slice::from_ref(&d), u64::MAX, 3).entries <= 4);
+        assert!(!u.too_deep);
+        // A tree deeper than PATH_MAX fails closed.
+        let n = "n".repeat(250);
+        let st = std::process::Command::new("bash")
+            .arg("-c")
+            .arg(format!(
+                "cd {} && for i in $(seq 20); do mkdir {n} && cd {n} || exit 1; done",
+                d.display()
+            ))
+            .status()
+            .unwrap();
+        assert!(st.success());
+        assert!(measure(std::slice::from_ref(&d), u64::MAX, u64::MAX).too_deep);
+        std::fs::remove_dir_all(&d).unwrap();
     }
 
     #[test]

@@ -48,6 +48,12 @@ pub struct DeployerSection {
     pub build_disk_mb: u64,
     /// The largest compressed slug, in MiB, 1 to 65536.
     pub max_slug_mb: u64,
+    /// Files and directories a build may have in its trees (`/app`,
+    /// `/tmp/work` and the app's cache together), 1000 to 100000000.
+    pub build_inodes: u64,
+    /// An app's build cache larger than this (MiB, 1 to 1048576) at the end of
+    /// a build is dropped.
+    pub cache_mb: u64,
     /// Build without memory and pids cgroups (they are missing on the host):
     /// off by default, when such builds are refused.
     pub allow_unconfined_builds: bool,
@@ -87,6 +93,8 @@ impl Default for DeployerSection {
             local_buildpacks: Vec::new(),
             build_disk_mb: 4096,
             max_slug_mb: 1024,
+            build_inodes: 200_000,
+            cache_mb: 2048,
             allow_unconfined_builds: false,
         }
     }
@@ -109,6 +117,8 @@ pub struct Settings {
     pub local_buildpacks: Vec<PathBuf>,
     pub build_disk_mb: u64,
     pub max_slug_mb: u64,
+    pub build_inodes: u64,
+    pub cache_mb: u64,
     pub allow_unconfined_builds: bool,
     pub node: String,
 }
@@ -150,6 +160,8 @@ impl DeployerSection {
         range("max_builds", self.max_builds as u64, 1, 64)?;
         range("build_disk_mb", self.build_disk_mb, 64, 1 << 20)?;
         range("max_slug_mb", self.max_slug_mb, 1, 65_536)?;
+        range("build_inodes", self.build_inodes, 1000, 100_000_000)?;
+        range("cache_mb", self.cache_mb, 1, 1 << 20)?;
         for p in &self.local_buildpacks {
             if !p.is_absolute() || p.parent().is_none() {
                 return Err(cfg.invalid(
@@ -183,6 +195,8 @@ impl DeployerSection {
             local_buildpacks: self.local_buildpacks.clone(),
             build_disk_mb: self.build_disk_mb,
             max_slug_mb: self.max_slug_mb,
+            build_inodes: self.build_inodes,
+            cache_mb: self.cache_mb,
             allow_unconfined_builds: self.allow_unconfined_builds,
             node: cfg.node().to_string(),
         })
@@ -239,13 +253,14 @@ rpc = "tcp://127.0.0.1:7110"
             "local buildpacks are refused"
         );
         assert_eq!((s.build_disk_mb, s.max_slug_mb), (4096, 1024));
+        assert_eq!((s.build_inodes, s.cache_mb), (200_000, 2048));
         assert!(!s.allow_unconfined_builds);
         let s = settings(&config(
             "dir = \"/srv/builds\"\nbuild_timeout_ms = 60000\nbuild_memory_mb = 256\n\
              build_pids = 64\nbuild_cpu_weight = 50\nkeep_builds = 5\npool_size = 2\n\
              cgroup_root = \"/cg\"\nrelease_timeout_ms = 5000\nmax_builds = 1\n\
              local_buildpacks = [\"/srv/buildpacks\"]\nbuild_disk_mb = 128\nmax_slug_mb = 2\n\
-             allow_unconfined_builds = true\n",
+             allow_unconfined_builds = true\nbuild_inodes = 5000\ncache_mb = 10\n",
         ))
         .unwrap();
         assert_eq!(s.dir, PathBuf::from("/srv/builds"));
@@ -260,6 +275,7 @@ rpc = "tcp://127.0.0.1:7110"
         assert_eq!(s.max_builds, 1);
         assert_eq!(s.local_buildpacks, [PathBuf::from("/srv/buildpacks")]);
         assert_eq!((s.build_disk_mb, s.max_slug_mb), (128, 2));
+        assert_eq!((s.build_inodes, s.cache_mb), (5000, 10));
         assert!(s.allow_unconfined_builds);
         let s = settings(&config("local_buildpacks = \"/var/tmp:/srv/bp\"\n")).unwrap();
         assert_eq!(
@@ -294,6 +310,8 @@ rpc = "tcp://127.0.0.1:7110"
             ),
             ("build_disk_mb = 1\n", "daemons.deployer.build_disk_mb"),
             ("max_slug_mb = 0\n", "daemons.deployer.max_slug_mb"),
+            ("build_inodes = 10\n", "daemons.deployer.build_inodes"),
+            ("cache_mb = 0\n", "daemons.deployer.cache_mb"),
             ("build_timeout = 5\n", "daemons.deployer.build_timeout"),
         ] {
             let e = error(section);
