@@ -329,21 +329,32 @@ pub struct Usage {
 /// mount), summing allocated blocks (an inode with several links once) and
 /// counting entries; stops early once past `max_bytes` or `max_entries`.
 /// A root that is missing counts nothing.
+///
+/// Build code changes the trees while they are walked: each directory is
+/// opened `O_NOFOLLOW` and read through that fd only if it is still the
+/// directory (device and inode) seen in its parent, so a directory swapped for
+/// a symlink (or one above it swapped) leads nowhere else on the host.
 pub fn measure(roots: &[PathBuf], max_bytes: u64, max_entries: u64) -> Usage {
-    use std::os::unix::fs::MetadataExt;
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
     let mut u = Usage::default();
     let mut linked = std::collections::HashSet::new();
-    let mut stack: Vec<(PathBuf, u64)> = Vec::new();
+    // (path, device, inode)
+    let mut stack: Vec<(PathBuf, u64, u64)> = Vec::new();
     for r in roots {
         if let Ok(m) = std::fs::symlink_metadata(r) {
             if m.is_dir() {
-                stack.push((r.clone(), m.dev()));
+                stack.push((r.clone(), m.dev(), m.ino()));
             }
         }
     }
-    while let Some((dir, dev)) = stack.pop() {
-        let rd = match std::fs::read_dir(&dir) {
-            Ok(rd) => rd,
+    while let Some((dir, dev, ino)) = stack.pop() {
+        let opened = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(&dir);
+        let fd = match opened {
+            Ok(fd) => fd,
             Err(e) if e.raw_os_error() == Some(libc::ENAMETOOLONG) => {
                 u.too_deep = true;
                 return u;
@@ -351,15 +362,24 @@ pub fn measure(roots: &[PathBuf], max_bytes: u64, max_entries: u64) -> Usage {
             // Removed meanwhile, or replaced (by a file, a symlink).
             Err(_) => continue,
         };
+        match fd.metadata() {
+            Ok(m) if m.dev() == dev && m.ino() == ino => {}
+            _ => continue,
+        }
+        // Read through the fd (entries are lstat'ed relative to it).
+        let Ok(rd) = std::fs::read_dir(format!("/proc/self/fd/{}", fd.as_raw_fd())) else {
+            continue;
+        };
         for e in rd.flatten() {
-            // DirEntry::metadata is lstat: a symlink is counted, not followed.
+            // DirEntry::metadata is fstatat(AT_SYMLINK_NOFOLLOW): a symlink is
+            // counted, not followed.
             let Ok(m) = e.metadata() else { continue };
             u.entries += 1;
             if m.nlink() <= 1 || m.is_dir() || linked.insert((m.dev(), m.ino())) {
                 u.bytes += m.blocks() * 512;
             }
             if m.is_dir() && m.dev() == dev {
-                stack.push((e.path(), dev));
+                stack.push((dir.join(e.file_name()), m.dev(), m.ino()));
             }
             if u.bytes > max_bytes || u.entries > max_entries {
                 return u;
