@@ -982,3 +982,43 @@ fn a_crashing_current_release_is_rolled_back_at_the_api() {
         alert.body["reason"], report.ok, report.failed
     );
 }
+
+/// A start the runner refuses is not sent again every pass: it backs off, and
+/// its failure is logged once. Here the runner refuses it at once as `invalid`:
+/// the test's directory is named long enough that the instance's shim socket
+/// path would pass 107 bytes. (A slug in no blobstore is not refused but waited
+/// for, up to the start's timeout; the scheduler's pass does not wait for it.)
+#[test]
+fn a_failing_start_backs_off_and_is_logged_once() {
+    let mut c = Cluster::start("sched-start-refused-as-its-socket-path-is-long");
+    let v = c.release("v1");
+    c.api
+        .call(
+            "release.status",
+            json!({"app": c.app, "version": v, "status": "succeeded"}),
+        )
+        .expect("release.status");
+    c.api
+        .call(
+            "formation.scale",
+            json!({"app": c.app, "changes": [{"type": "web", "quantity": 1, "memory_mb": 128}]}),
+        )
+        .expect("formation.scale");
+    c.a.start("scheduler");
+    let log = || std::fs::read_to_string(c.a.log("scheduler")).unwrap_or_default();
+    eventually(Duration::from_secs(20), "a failed start", || {
+        log().contains("failed:").then_some(())
+    });
+    // 4 s: 8 passes at resync_ms 500; starts at 0, 1, 3 s at most.
+    std::thread::sleep(Duration::from_secs(4));
+    let text = log();
+    let tried = text
+        .matches("INFO paddock_scheduler::actor: starting")
+        .count();
+    let said = text
+        .matches("WARN paddock_scheduler::actor: start ")
+        .count();
+    assert!((2..=4).contains(&tried), "tried {tried} times:\n{text}");
+    assert_eq!(said, 1, "said {said} times:\n{text}");
+    eprintln!("a start refused by the runner: tried {tried} times in about 4 s, said once");
+}

@@ -73,6 +73,12 @@ pub struct Scheduler {
     /// Each app's rollback target while its deploy rolls back.
     rollback_to: BTreeMap<String, u64>,
     shortfalls: BTreeSet<String>,
+    /// (app, proc) whose last start failed: not tried again before `until`.
+    start_backoff: BTreeMap<(String, String), StartBackoff>,
+    /// Starts sent whose reply has not come: counted as starting.
+    inflight: BTreeMap<InstanceId, Instance>,
+    started_tx: mpsc::UnboundedSender<Started>,
+    started_rx: mpsc::UnboundedReceiver<Started>,
     timers: Vec<(Instant, String, Timer)>,
     alive_since: BTreeMap<NodeId, Instant>,
     /// Each runner node's last listing (kept while it cannot be asked).
@@ -87,6 +93,21 @@ pub struct Scheduler {
     first_tick: bool,
 }
 
+/// The reply to a start sent in the background.
+struct Started {
+    what: String,
+    id: InstanceId,
+    key: (String, String),
+    result: Result<Value, paddock_wire::ClientError>,
+}
+
+struct StartBackoff {
+    until: Instant,
+    failures: u32,
+    /// The last failure said, so the same one is not said every pass.
+    last: String,
+}
+
 /// Why a tick stopped early.
 enum Stop {
     /// A runner or the locker said a newer scheduler leads.
@@ -97,6 +118,7 @@ enum Stop {
 impl Scheduler {
     pub fn new(ctx: Ctx, s: Settings, shared: Rc<RefCell<Shared>>) -> Scheduler {
         let (tx, rx) = mpsc::channel(1024);
+        let (started_tx, started_rx) = mpsc::unbounded_channel();
         let owner = format!("{}/{}", ctx.identity(), ctx.incarnation);
         Scheduler {
             ctx,
@@ -111,6 +133,10 @@ impl Scheduler {
             reasons: BTreeMap::new(),
             rollback_to: BTreeMap::new(),
             shortfalls: BTreeSet::new(),
+            start_backoff: BTreeMap::new(),
+            inflight: BTreeMap::new(),
+            started_tx,
+            started_rx,
             timers: Vec::new(),
             alive_since: BTreeMap::new(),
             known: BTreeMap::new(),
@@ -280,6 +306,7 @@ impl Scheduler {
         self.timers.clear();
         self.draining.clear();
         self.rollback_to.clear();
+        self.inflight.clear();
         let mut sh = self.shared.borrow_mut();
         sh.token = None;
         sh.table = None;
@@ -409,7 +436,14 @@ impl Scheduler {
 
         let registry = self.nodes(&runners, &offers, now);
         self.first_tick = false;
+        self.started(now).map_err(Stop::Deposed)?;
         let mut instances: Vec<Instance> = self.known.values().flatten().cloned().collect();
+        // Starts still under way count as starting where not listed yet.
+        for (id, rec) in &self.inflight {
+            if !instances.iter().any(|i| &i.id == id) {
+                instances.push(rec.clone());
+            }
+        }
         let ids: BTreeSet<&str> = instances.iter().map(|i| i.id.as_str()).collect();
         self.draining.retain(|id, _| {
             ids.contains(id.as_str()) && instances.iter().any(|i| &i.id == id && !i.state.is_gone())
@@ -800,6 +834,10 @@ impl Scheduler {
     ) -> Result<(), String> {
         let mut calls = Vec::new();
         for s in starts {
+            let key = (s.app.clone(), s.proc.clone());
+            if self.start_backoff.get(&key).is_some_and(|b| now < b.until) {
+                continue;
+            }
             let Some(rpc) = runners.get(&s.node).and_then(|r| r.rpc.clone()) else {
                 tracing::warn!(node = s.node, "no runner endpoint to start {} on", s.id);
                 continue;
@@ -827,7 +865,7 @@ impl Scheduler {
             });
             tracing::info!(app = s.app, node = s.node, "starting {}", s.id);
             self.seen_ids.insert(s.id.clone());
-            instances.push(Instance {
+            let record = Instance {
                 id: s.id.clone(),
                 app: s.app.clone(),
                 proc: s.proc.clone(),
@@ -840,12 +878,26 @@ impl Scheduler {
                 token: s.token,
                 owner: Owner::Scheduler,
                 restarts: 0,
-            });
+            };
+            instances.push(record.clone());
+            self.inflight.insert(s.id.clone(), record);
+            // Not awaited: a first start of a slug fetches it, and one that
+            // cannot be fetched may take the whole timeout. The reply comes
+            // back through `started`; meanwhile the instance counts as starting.
             let p = self
                 .ctx
                 .calls()
                 .call(&rpc, "instance.start", body, self.s.start_timeout);
-            calls.push((format!("start {} on {}", s.id, s.node), p));
+            let tx = self.started_tx.clone();
+            let (what, id) = (format!("start {} on {}", s.id, s.node), s.id.clone());
+            tokio::task::spawn_local(async move {
+                let _ = tx.send(Started {
+                    what,
+                    id,
+                    key,
+                    result: p.await,
+                });
+            });
         }
         for s in stops {
             let node = instances
@@ -877,7 +929,6 @@ impl Scheduler {
             );
             calls.push((format!("stop {}", s.id), p));
         }
-        let _ = now;
         let handles: Vec<_> = calls
             .into_iter()
             .map(|(what, p)| tokio::task::spawn_local(async move { (what, p.await) }))
@@ -890,8 +941,50 @@ impl Scheduler {
                 Err(e) if e.code() == Some(&Code::StaleToken) => {
                     deposed = Some(format!("{what}: {}", paddock_daemon::chain(&e)));
                 }
-                Err(e) if e.code() == Some(&Code::NotFound) && what.starts_with("stop") => {}
+                Err(e) if e.code() == Some(&Code::NotFound) => {}
                 Err(e) => tracing::warn!("{what} failed: {}", paddock_daemon::chain(&e)),
+            }
+        }
+        deposed.map_or(Ok(()), Err)
+    }
+
+    /// The replies to starts sent earlier: Err when a runner says a newer
+    /// scheduler leads. A failed start backs off its process type.
+    fn started(&mut self, now: Instant) -> Result<(), String> {
+        let mut deposed = None;
+        while let Ok(Started {
+            what,
+            id,
+            key,
+            result,
+        }) = self.started_rx.try_recv()
+        {
+            self.inflight.remove(&id);
+            let e = match result {
+                Ok(_) => {
+                    self.start_backoff.remove(&key);
+                    continue;
+                }
+                Err(e) => e,
+            };
+            let why = paddock_daemon::chain(&e);
+            if e.code() == Some(&Code::StaleToken) {
+                deposed = Some(format!("{what}: {why}"));
+                continue;
+            }
+            // Not sent again for that process type before a backoff (1 s
+            // doubling to a minute); the same failure is said once.
+            let b = self.start_backoff.entry(key).or_insert(StartBackoff {
+                until: now,
+                failures: 0,
+                last: String::new(),
+            });
+            b.failures += 1;
+            let delay = start_delay(b.failures);
+            b.until = now + delay;
+            if b.last != why {
+                tracing::warn!("{what} failed: {why} (tried again in {delay:?} at the earliest)");
+                b.last = why;
             }
         }
         deposed.map_or(Ok(()), Err)
@@ -979,6 +1072,12 @@ fn code_of(e: &paddock_daemon::calls::CallError) -> Option<&Code> {
         paddock_daemon::calls::CallError::Call(c) => c.code(),
         _ => None,
     }
+}
+
+/// How long after its `failures`th failure in a row a start is tried again:
+/// 1 s, doubling, at most a minute.
+fn start_delay(failures: u32) -> Duration {
+    Duration::from_secs(1 << failures.saturating_sub(1).min(6)).min(Duration::from_secs(60))
 }
 
 /// The deploy's events: what the runners list now against what it knows.
@@ -1279,6 +1378,12 @@ mod tests {
             "release": null, "token": null, "up_at": null, "owner": "operator"});
         let i = instance_of(&v, "node-a", now, 0).unwrap();
         assert_eq!((i.owner, i.version, i.up_at), (Owner::Operator, 0, None));
+    }
+
+    #[test]
+    fn failed_starts_back_off_to_a_minute() {
+        let d: Vec<u64> = (1..=9).map(|n| start_delay(n).as_secs()).collect();
+        assert_eq!(d, vec![1, 2, 4, 8, 16, 32, 60, 60, 60]);
     }
 
     #[test]
