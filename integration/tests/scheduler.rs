@@ -780,6 +780,28 @@ fn a_crashing_release_is_rolled_back_and_marked_failed() {
     assert_eq!(again, tried, "the failed release was tried again");
     let report = load.finish();
     assert_eq!(report.failed, 0, "requests failed: {report:?}");
+    // Both in the app's audit log, by the scheduler.
+    let entries = c
+        .api
+        .call("audit.list", json!({"app": c.app, "limit": 50}))
+        .unwrap()["entries"]
+        .as_array()
+        .unwrap()
+        .clone();
+    let alerted = entries
+        .iter()
+        .find(|e| e["kind"] == "scheduler.alert")
+        .unwrap_or_else(|| panic!("no alert in the audit log: {entries:#?}"));
+    assert_eq!(alerted["detail"]["reason"], reason.as_str());
+    assert_eq!(alerted["actor"], "scheduler@node-a");
+    let ended = entries
+        .iter()
+        .find(|e| e["kind"] == "scheduler.deploy")
+        .unwrap_or_else(|| panic!("no deploy outcome in the audit log: {entries:#?}"));
+    assert_eq!(
+        ended["detail"],
+        json!({"version": bad, "outcome": "rolled_back"})
+    );
     eprintln!(
         "v{bad} failed and rolled back {failed_in:?} after its release ({}); alert: {reason}; through the balancer meanwhile {} ok, {} failed",
         state["release"]["status_message"], report.ok, report.failed

@@ -576,6 +576,17 @@ impl Scheduler {
                 }
                 deploy::Effect::Finished { version, outcome } => {
                     tracing::info!(app, "the deploy of v{version} ended: {outcome:?}");
+                    let said = match outcome {
+                        Outcome::Succeeded => "succeeded",
+                        Outcome::Failed => "failed",
+                        Outcome::RolledBack => "rolled_back",
+                        Outcome::Cancelled => "cancelled",
+                    };
+                    self.audit(
+                        &app,
+                        "scheduler.deploy",
+                        json!({"version": version, "outcome": said}),
+                    );
                     let d = desired.get(app.as_str()).copied();
                     match outcome {
                         Outcome::Succeeded => self.status(&app, version, true, None, d).await,
@@ -1051,6 +1062,21 @@ impl Scheduler {
         self.ctx
             .server()
             .publish("alert", json!({"app": app, "reason": reason}));
+        self.audit(app, "scheduler.alert", json!({ "reason": reason }));
+    }
+
+    /// An entry in the app's audit log, in the background (best effort: a
+    /// failure is logged, the pass goes on).
+    fn audit(&self, app: &str, kind: &str, detail: Value) {
+        let calls = self.ctx.calls().clone();
+        let body =
+            json!({"actor": self.ctx.identity(), "kind": kind, "app": app, "detail": detail});
+        let app = app.to_string();
+        tokio::task::spawn_local(async move {
+            if let Err(e) = calls.call_daemon("api", "audit.append", body).await {
+                tracing::warn!(app, "audit.append failed: {}", paddock_daemon::chain(&e));
+            }
+        });
     }
 
     /// Publishes the table when it changed, and every resync anyway.
