@@ -1906,7 +1906,10 @@ fn config_changes_build_on_the_newest_release_that_did_not_fail() {
         r["slug"], "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa",
         "a config change reused a failed build"
     );
-    assert_eq!(r["process_types"], json!({"web": format!("run {}", "a".repeat(64))}));
+    assert_eq!(
+        r["process_types"],
+        json!({"web": format!("run {}", "a".repeat(64))})
+    );
     assert_eq!(r["status"], "pending");
     // During a deploy, a config change goes with the code being deployed.
     let next = build(
