@@ -307,6 +307,25 @@ struct Supervised {
     next_start: Option<Instant>,
 }
 
+/// Ready means usable: every daemon is alive in the registry too (daemons find
+/// each other there: a push right after `dev up` needs the deployer listed).
+fn all_alive(cfg: &ClusterConfig, expected: usize) -> bool {
+    let Ok(list) = crate::cluster::registry(cfg, Duration::from_millis(500)) else {
+        return false;
+    };
+    let alive = list
+        .services
+        .iter()
+        .filter(|s| s.state == paddock_wire::kinds::ServiceState::Alive)
+        .count();
+    alive >= expected
+        && DAEMONS.iter().all(|d| {
+            list.services
+                .iter()
+                .any(|s| s.daemon == *d && s.state == paddock_wire::kinds::ServiceState::Alive)
+        })
+}
+
 fn cfg_rpc(cfg_path: &Path, daemon: &str) -> Option<String> {
     let cfg = ClusterConfig::load(cfg_path).ok()?;
     cfg.file.daemons.get(daemon).map(|s| s.rpc.clone())
@@ -485,7 +504,8 @@ fn supervise_inner(dir: &Path, on_ready: Option<fn(&Path)>) -> Result<()> {
             ready = pings.len() >= DAEMONS.len()
                 && pings.iter().all(|rpc| {
                     harness::wait_ping(rpc, keys.clone(), Duration::from_millis(100)).is_ok()
-                });
+                })
+                && all_alive(&cfg, pings.len());
             if ready {
                 fs::write(dir.join("dev.ready"), "")?;
                 eprintln!("all daemons answer ping");

@@ -22,26 +22,37 @@ fn keyring(secret: &str) -> SharedKeyring {
 const SECRET: &str = "000102030405060708090a0b0c0d0e0f101112131415161718191a1b1c1d1e1f";
 
 fn start(name: &str, publish: bool, max_calls: usize) -> (Server, String, Option<String>) {
-    let rpc = free_endpoint();
-    let publ = publish.then(free_endpoint);
-    let s = server::start(
-        ServerSpec {
-            identity: format!("{name}@test"),
-            rpc: rpc.clone(),
-            pull: None,
-            publish: publ.clone(),
-            push: Vec::new(),
-            push_to: Vec::new(),
-            limits: Limits::default(),
-            curve: None,
-            rpc_clients: None,
-            max_calls,
-        },
-        keyring(SECRET),
-        64,
-    )
-    .unwrap();
-    (s, rpc, publ)
+    // A free port may be taken by another test's process between our probe and
+    // the bind: try again with fresh ones.
+    let mut tries = 0;
+    loop {
+        let rpc = free_endpoint();
+        let publ = publish.then(free_endpoint);
+        let started = server::start(
+            ServerSpec {
+                identity: format!("{name}@test"),
+                rpc: rpc.clone(),
+                pull: None,
+                publish: publ.clone(),
+                push: Vec::new(),
+                push_to: Vec::new(),
+                limits: Limits::default(),
+                curve: None,
+                rpc_clients: None,
+                max_calls,
+            },
+            keyring(SECRET),
+            64,
+        );
+        match started {
+            Ok(s) => return (s, rpc, publ),
+            Err(server::ServerError::Bind {
+                source: zmq::Error::EADDRINUSE,
+                ..
+            }) if tries < 5 => tries += 1,
+            Err(e) => panic!("{e}"),
+        }
+    }
 }
 
 fn next_request(s: &mut Server) -> paddock_wire::Request {

@@ -389,21 +389,41 @@ impl Server {
     where
         W: tokio::io::AsyncWrite + Unpin,
     {
-        let started = self
-            .calls
-            .call_daemon(
-                "deployer",
-                "build.start",
-                json!({
-                    "app": app,
-                    "commit": deploy.new,
-                    "source": source,
-                    "ref": deploy.name,
-                    "pusher": user,
-                }),
-            )
-            .await
-            .map_err(|e| format!("the build could not start: {}", paddock_daemon::chain(&e)))?;
+        // A deployer that is restarting (or not yet in the registry) is waited
+        // for a little; the pusher is told once.
+        let body = json!({
+            "app": app,
+            "commit": deploy.new,
+            "source": source,
+            "ref": deploy.name,
+            "pusher": user,
+        });
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut told = false;
+        let started = loop {
+            match self
+                .calls
+                .call_daemon("deployer", "build.start", body.clone())
+                .await
+            {
+                Err(paddock_daemon::calls::CallError::Find(_)) if Instant::now() < deadline => {
+                    if !told {
+                        told = true;
+                        pusher
+                            .say(&PushLine::Log {
+                                line: "-----> Waiting for a deployer to be up".into(),
+                            })
+                            .await;
+                    }
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+                r => {
+                    break r.map_err(|e| {
+                        format!("the build could not start: {}", paddock_daemon::chain(&e))
+                    })?
+                }
+            }
+        };
         let build = started["build"]
             .as_str()
             .ok_or("the deployer gave no build id")?
