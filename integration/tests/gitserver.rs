@@ -292,20 +292,27 @@ fn a_push_builds_a_release_and_a_failed_build_moves_no_ref() {
     assert_eq!(r["process_types"]["web"], "python3 server.py", "{r}");
     assert!(r["slug"].as_str().is_some_and(|s| s.len() == 64), "{r}");
 
-    // A build that fails: the push is rejected, the ref stays, no new release.
+    // A compile that fails (pip cannot install what requirements.txt names): the
+    // push is rejected saying so, the ref stays, no new release.
     let before = head(&w);
-    std::fs::write(w.join("Procfile"), "").unwrap();
-    std::fs::remove_file(w.join("server.py")).unwrap();
-    let o = Command::new("git")
-        .args(["commit", "-qam", "break it"])
-        .current_dir(&w)
-        .env("HOME", &w)
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", text(&o));
+    std::fs::write(
+        w.join("requirements.txt"),
+        "paddock-no-such-package-4a7c1==0.0.1\n",
+    )
+    .unwrap();
+    for args in [&["add", "-A"][..], &["commit", "-qm", "break it"]] {
+        let o = Command::new("git")
+            .args(args)
+            .current_dir(&w)
+            .env("HOME", &w)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", text(&o));
+    }
     let o = g.git(&w, &g.alice_key, &["push", &g.url("shop.git"), "main"]);
     let t = text(&o);
     assert!(!o.status.success(), "{t}");
+    assert!(t.contains("Push rejected: compile failed"), "{t}");
     assert!(t.contains("pre-receive hook declined"), "{t}");
     assert_eq!(g.repo_head("shop", "refs/heads/main"), Some(before));
     assert_eq!(release(&g, "shop")["version"], 2);
