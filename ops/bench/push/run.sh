@@ -18,4 +18,4 @@ cleanup() {
 }
 trap cleanup EXIT
 paddock dev up --dir "$WORK/dev" --detach >"$WORK/dev-up.txt"
-exec python3 ops/bench/push/bench.py "$WORK" "$N"
+python3 ops/bench/push/bench.py "$WORK" "$N"
