@@ -413,6 +413,35 @@ impl Drop for Node {
     }
 }
 
+/// Reads a runner one-off's output (`run.output`, long-polled) until it ends:
+/// (output, exit code); panics if it has not ended after 200 polls of 1 s.
+pub fn run_to_end(c: &mut Client, id: &str) -> (String, i32) {
+    use base64::Engine;
+    let mut offset = 0u64;
+    let mut out = Vec::new();
+    for _ in 0..200 {
+        let v = c
+            .call(
+                "run.output",
+                serde_json::json!({"id": id, "offset": offset, "wait_ms": 1000}),
+            )
+            .unwrap();
+        out.extend(
+            base64::engine::general_purpose::STANDARD
+                .decode(v["data"].as_str().unwrap())
+                .unwrap(),
+        );
+        offset = v["next_offset"].as_u64().unwrap();
+        if v["done"] == true {
+            return (
+                String::from_utf8_lossy(&out).to_string(),
+                v["exit_code"].as_i64().unwrap() as i32,
+            );
+        }
+    }
+    panic!("run {id} did not end: {}", String::from_utf8_lossy(&out));
+}
+
 /// Polls `f` until it returns `Some`, or panics with `what` after `timeout`.
 pub fn eventually<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
     let deadline = Instant::now() + timeout;

@@ -520,32 +520,6 @@ fn runner_kill_9_keeps_instances_and_their_logs() {
     });
 }
 
-fn run_to_end(c: &mut Client, id: &str) -> (String, i32) {
-    use base64::Engine;
-    let mut offset = 0u64;
-    let mut out = Vec::new();
-    loop {
-        let v = c
-            .call(
-                "run.output",
-                json!({"id": id, "offset": offset, "wait_ms": 1000}),
-            )
-            .unwrap();
-        out.extend(
-            base64::engine::general_purpose::STANDARD
-                .decode(v["data"].as_str().unwrap())
-                .unwrap(),
-        );
-        offset = v["next_offset"].as_u64().unwrap();
-        if v["done"] == true {
-            return (
-                String::from_utf8_lossy(&out).to_string(),
-                v["exit_code"].as_i64().unwrap() as i32,
-            );
-        }
-    }
-}
-
 #[test]
 fn one_off_commands_run_on_a_pty_as_the_app_user() {
     let mut r = runner("rpty");

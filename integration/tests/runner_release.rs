@@ -221,30 +221,8 @@ impl World {
     fn run(&mut self, body: Value) -> (String, i64) {
         let v = self.runner.call("run.start", body).expect("run.start");
         let id = v["id"].as_str().unwrap().to_string();
-        let mut out = Vec::new();
-        let mut offset = 0;
-        for _ in 0..100 {
-            let v = self
-                .runner
-                .call(
-                    "run.output",
-                    json!({"id": id, "offset": offset, "wait_ms": 2000}),
-                )
-                .unwrap();
-            out.extend(
-                base64::engine::general_purpose::STANDARD
-                    .decode(v["data"].as_str().unwrap())
-                    .unwrap(),
-            );
-            offset = v["next_offset"].as_u64().unwrap();
-            if v["done"] == true {
-                return (
-                    String::from_utf8_lossy(&out).to_string(),
-                    v["exit_code"].as_i64().unwrap(),
-                );
-            }
-        }
-        panic!("run {id} did not end: {}", String::from_utf8_lossy(&out));
+        let (out, code) = run_to_end(&mut self.runner, &id);
+        (out, i64::from(code))
     }
 }
 

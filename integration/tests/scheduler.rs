@@ -192,6 +192,26 @@ impl Cluster {
         self.release_running(version, "python3 -u app.py")
     }
 
+    /// Marks release `version` succeeded (so current), as the deployer does today.
+    fn succeed(&mut self, version: u64) {
+        self.api
+            .call(
+                "release.status",
+                json!({"app": self.app, "version": version, "status": "succeeded"}),
+            )
+            .expect("release.status");
+    }
+
+    /// Scales `web` to `quantity` instances of 128 MB.
+    fn scale_web(&mut self, quantity: u32) {
+        self.api
+            .call(
+                "formation.scale",
+                json!({"app": self.app, "changes": [{"type": "web", "quantity": quantity, "memory_mb": 128}]}),
+            )
+            .expect("formation.scale");
+    }
+
     /// As `release`, with `web` running `command`.
     fn release_running(&mut self, version: &str, command: &str) -> u64 {
         let slug = slug(self.t.path(), version);
@@ -293,18 +313,8 @@ fn backend_ids(entry: &Value) -> BTreeSet<String> {
 fn places_one_per_node_survives_its_own_kill_and_rolls_out_a_new_release() {
     let mut c = Cluster::start("scheduler");
     let v1 = c.release("v1");
-    c.api
-        .call(
-            "release.status",
-            json!({"app": c.app, "version": v1, "status": "succeeded"}),
-        )
-        .expect("release.status");
-    c.api
-        .call(
-            "formation.scale",
-            json!({"app": c.app, "changes": [{"type": "web", "quantity": 2, "memory_mb": 128}]}),
-        )
-        .expect("formation.scale");
+    c.succeed(v1);
+    c.scale_web(2);
 
     let mut sub = Subscriber::connect(
         std::slice::from_ref(&c.sched_pub),
@@ -531,18 +541,8 @@ fn one_leads_a_frozen_leader_is_replaced_and_once_thawed_does_nothing() {
     let mut c = Cluster::start("scheduler-leader");
     let b_pub = add_scheduler(&mut c.b);
     let v = c.release("v1");
-    c.api
-        .call(
-            "release.status",
-            json!({"app": c.app, "version": v, "status": "succeeded"}),
-        )
-        .expect("release.status");
-    c.api
-        .call(
-            "formation.scale",
-            json!({"app": c.app, "changes": [{"type": "web", "quantity": 2, "memory_mb": 128}]}),
-        )
-        .expect("formation.scale");
+    c.succeed(v);
+    c.scale_web(2);
     c.a.start("scheduler");
     let token1 = eventually(Duration::from_secs(10), "a leads", || {
         status(&c.a)?["token"].as_u64()
@@ -674,18 +674,8 @@ fn one_leads_a_frozen_leader_is_replaced_and_once_thawed_does_nothing() {
 fn a_crashing_release_is_rolled_back_and_marked_failed() {
     let mut c = Cluster::start("scheduler-rollback");
     let good = c.release("good");
-    c.api
-        .call(
-            "release.status",
-            json!({"app": c.app, "version": good, "status": "succeeded"}),
-        )
-        .expect("release.status");
-    c.api
-        .call(
-            "formation.scale",
-            json!({"app": c.app, "changes": [{"type": "web", "quantity": 2, "memory_mb": 128}]}),
-        )
-        .expect("formation.scale");
+    c.succeed(good);
+    c.scale_web(2);
     let mut alerts = Subscriber::connect(
         std::slice::from_ref(&c.sched_pub),
         &["alert"],
@@ -822,18 +812,8 @@ fn a_lost_node_is_replaced_and_its_instance_retired_when_it_returns() {
     }
     c.a.save();
     let v = c.release("v1");
-    c.api
-        .call(
-            "release.status",
-            json!({"app": c.app, "version": v, "status": "succeeded"}),
-        )
-        .expect("release.status");
-    c.api
-        .call(
-            "formation.scale",
-            json!({"app": c.app, "changes": [{"type": "web", "quantity": 2, "memory_mb": 128}]}),
-        )
-        .expect("formation.scale");
+    c.succeed(v);
+    c.scale_web(2);
     let mut sub = Subscriber::connect(
         std::slice::from_ref(&c.sched_pub),
         &["routes.table"],
@@ -925,18 +905,8 @@ fn a_lost_node_is_replaced_and_its_instance_retired_when_it_returns() {
 fn a_crashing_current_release_is_rolled_back_at_the_api() {
     let mut c = Cluster::start("sched-rb-cur");
     let good = c.release("good");
-    c.api
-        .call(
-            "release.status",
-            json!({"app": c.app, "version": good, "status": "succeeded"}),
-        )
-        .expect("release.status");
-    c.api
-        .call(
-            "formation.scale",
-            json!({"app": c.app, "changes": [{"type": "web", "quantity": 2, "memory_mb": 128}]}),
-        )
-        .expect("formation.scale");
+    c.succeed(good);
+    c.scale_web(2);
     let mut alerts = Subscriber::connect(
         std::slice::from_ref(&c.sched_pub),
         &["alert"],
@@ -962,12 +932,7 @@ fn a_crashing_current_release_is_rolled_back_at_the_api() {
     let load = paddock_integration::http::Load::start(front, &domain, "/", 2);
     let began = Instant::now();
     let bad = c.release_running("bad", "false");
-    c.api
-        .call(
-            "release.status",
-            json!({"app": c.app, "version": bad, "status": "succeeded"}),
-        )
-        .expect("release.status");
+    c.succeed(bad);
     let restored = eventually(Duration::from_secs(60), "a new current release", || {
         let s = c.api.call("app.state", json!({"app": c.app})).ok()?;
         s["app"]["current"]["version"].as_u64().filter(|v| *v > bad)
@@ -1014,18 +979,8 @@ fn a_crashing_current_release_is_rolled_back_at_the_api() {
 fn a_failing_start_backs_off_and_is_logged_once() {
     let mut c = Cluster::start("sched-start-refused-as-its-socket-path-is-long");
     let v = c.release("v1");
-    c.api
-        .call(
-            "release.status",
-            json!({"app": c.app, "version": v, "status": "succeeded"}),
-        )
-        .expect("release.status");
-    c.api
-        .call(
-            "formation.scale",
-            json!({"app": c.app, "changes": [{"type": "web", "quantity": 1, "memory_mb": 128}]}),
-        )
-        .expect("formation.scale");
+    c.succeed(v);
+    c.scale_web(1);
     c.a.start("scheduler");
     let log = || std::fs::read_to_string(c.a.log("scheduler")).unwrap_or_default();
     eventually(Duration::from_secs(20), "a failed start", || {
