@@ -154,7 +154,7 @@ impl Server {
         kind: &str,
         body: Value,
     ) -> Result<Value, paddock_daemon::calls::CallError> {
-        self.calls.call_daemon(kind_daemon(kind), kind, body).await
+        self.calls.call_daemon("api", kind, body).await
     }
 
     /// sshd asks for a key: its authorized_keys line if a user has it.
@@ -784,10 +784,6 @@ impl Lease {
             );
         }
     }
-}
-
-fn kind_daemon(_kind: &str) -> &'static str {
-    "api"
 }
 
 fn refuse(message: &str) -> Reply {

@@ -208,7 +208,8 @@ pub fn prepare(s: &Settings, listen: std::net::SocketAddr, helper: &Path) -> Res
         .create("/run/sshd")?;
     let key = host_key(&dir)?;
     let cfg = dir.join("sshd_config");
-    write_private(&cfg, config_text(s, listen, &key, helper).as_bytes())?;
+    paddock_config::write_private(&cfg, config_text(s, listen, &key, helper).as_bytes())
+        .with_context(|| format!("writing {}", cfg.display()))?;
     let out = Command::new(&s.sshd)
         .arg("-t")
         .arg("-f")
@@ -223,22 +224,6 @@ pub fn prepare(s: &Settings, listen: std::net::SocketAddr, helper: &Path) -> Res
         );
     }
     Ok(cfg)
-}
-
-/// Writes a file only root reads (0600), atomically.
-pub fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = path.with_extension("tmp");
-    let _ = std::fs::remove_file(&tmp);
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&tmp)
-        .with_context(|| format!("writing {}", tmp.display()))?;
-    std::io::Write::write_all(&mut f, bytes)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)?;
-    Ok(())
 }
 
 /// Runs sshd in the foreground until it ends (the loop around restarts it). It
