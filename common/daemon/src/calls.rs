@@ -233,6 +233,18 @@ impl Calls {
         Ok(self.dir().alive(daemon, &node))
     }
 
+    /// [`Calls::services`] from a listing asked for now, not the cached one: for a
+    /// decision that a peer missing from a listing up to [`DISCOVERY_TTL`] old
+    /// would make wrongly (a blobstore deciding it has no pair to copy to).
+    pub async fn services_now(&self, daemon: &str) -> Result<Vec<Service>, FindError> {
+        {
+            let _one = self.refreshing.lock().await;
+            self.refresh().await?;
+        }
+        let node = self.config.borrow().node().to_string();
+        Ok(self.dir().alive(daemon, &node))
+    }
+
     /// The rpc endpoints of `daemon`'s alive incarnations, this node's first.
     pub async fn find(&self, daemon: &str) -> Result<Vec<String>, FindError> {
         if !self.dir().fresh(Instant::now(), DISCOVERY_TTL) {

@@ -158,14 +158,29 @@ impl Blobstore {
     }
 
     /// The rpc endpoints of the other alive blobstores (the pair's other member).
+    /// A cached listing without one is asked for again: it may predate the peer's
+    /// start (a pair just started), and a commit would then keep one copy.
     async fn peers(&self) -> Vec<String> {
-        let services = match self.calls.services(NAME).await {
-            Ok(s) => s,
+        let out = match self.calls.services(NAME).await {
+            Ok(s) => self.others(s),
             Err(e) => {
                 tracing::debug!("cannot list peer blobstores: {e}");
                 return Vec::new();
             }
         };
+        if !out.is_empty() {
+            return out;
+        }
+        match self.calls.services_now(NAME).await {
+            Ok(s) => self.others(s),
+            Err(e) => {
+                tracing::debug!("cannot list peer blobstores: {e}");
+                Vec::new()
+            }
+        }
+    }
+
+    fn others(&self, services: Vec<paddock_wire::kinds::Service>) -> Vec<String> {
         let mut out: Vec<String> = Vec::new();
         for s in services {
             if s.incarnation == self.incarnation {
