@@ -492,6 +492,12 @@ impl Run {
                 return Err(f);
             }
         }
+        if self.dep.settings.scheduled {
+            self.log(format!(
+                "-----> v{version} is ready: the scheduler rolls it out"
+            ));
+            return Ok(release);
+        }
         let reply = self
             .dep
             .api(

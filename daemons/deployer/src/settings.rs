@@ -121,6 +121,10 @@ pub struct Settings {
     pub cache_mb: u64,
     pub allow_unconfined_builds: bool,
     pub node: String,
+    /// The cluster has a scheduler (a `[daemons.scheduler]` section): a release
+    /// is left pending for it to roll out and mark; else the deployer marks it
+    /// succeeded, and so current, itself.
+    pub scheduled: bool,
 }
 
 impl DeployerSection {
@@ -199,6 +203,7 @@ impl DeployerSection {
             cache_mb: self.cache_mb,
             allow_unconfined_builds: self.allow_unconfined_builds,
             node: cfg.node().to_string(),
+            scheduled: cfg.file.daemons.contains_key("scheduler"),
         })
     }
 }

@@ -131,7 +131,7 @@ impl Server {
                 };
                 let outcome = self.push(&token, refs, receive_pack, rd, &mut pusher).await;
                 let (ok, message, held) = match outcome {
-                    Ok((m, held)) => (true, m, Some(held)),
+                    Ok((m, held)) => (true, m, held),
                     Err(m) => (false, m, None),
                 };
                 pusher
@@ -257,7 +257,7 @@ impl Server {
         receive_pack: Option<i32>,
         rd: R,
         pusher: &mut Pusher<W>,
-    ) -> Result<(String, Held), String>
+    ) -> Result<(String, Option<Held>), String>
     where
         R: tokio::io::AsyncRead + Unpin,
         W: tokio::io::AsyncWrite + Unpin,
@@ -297,6 +297,9 @@ impl Server {
             }
         };
         let renew = lease.keep_renewed(self.calls.clone());
+        // Subscribed before the build, so the rollout's first lines are not
+        // published before anyone listens.
+        let mut watch = DeployWatch::new(&self.calls).await;
         let result = self
             .build(&app, &grant.user, &deploy, &source, pusher)
             .await;
@@ -315,10 +318,27 @@ impl Server {
                 held.lease.release(&self.calls).await;
                 Err("the pusher went away; the build finished without them".into())
             }
-            Ok(message) => Ok((
+            Ok((message, None)) => Ok((
                 format!("{message} ({:.1} s)", started.elapsed().as_secs_f64()),
-                held,
+                Some(held),
             )),
+            // A scheduler rolls the release out: the build lease goes now (a
+            // newer push may build, and its release cancel this deploy), and
+            // the push waits for the rollout's outcome.
+            Ok((_, Some(version))) => {
+                held.renew.abort();
+                held.lease.release(&self.calls).await;
+                pusher
+                    .say(&PushLine::Log {
+                        line: format!("-----> Rolling out v{version}"),
+                    })
+                    .await;
+                let said = watch.follow(&self.calls, &app, version, pusher).await?;
+                Ok((
+                    format!("{said} ({:.1} s)", started.elapsed().as_secs_f64()),
+                    None,
+                ))
+            }
             Err(e) => {
                 held.renew.abort();
                 held.lease.release(&self.calls).await;
@@ -385,7 +405,7 @@ impl Server {
         deploy: &RefUpdate,
         source: &str,
         pusher: &mut Pusher<W>,
-    ) -> Result<String, String>
+    ) -> Result<(String, Option<u64>), String>
     where
         W: tokio::io::AsyncWrite + Unpin,
     {
@@ -476,10 +496,15 @@ impl Server {
             after = v["next"].as_u64().unwrap_or(after);
             if v["done"].as_bool() == Some(true) {
                 return match v["status"].as_str() {
-                    Some("succeeded") => Ok(match v["release"]["version"].as_i64() {
-                        Some(n) => format!("-----> Done: {app} v{n}"),
-                        None => format!("-----> Done: {app} built"),
-                    }),
+                    Some("succeeded") => {
+                        let version = v["release"]["version"].as_u64();
+                        // Left pending by the deployer: a scheduler rolls it out.
+                        let pending = v["release"]["status"].as_str() == Some("pending");
+                        Ok(match version {
+                            Some(n) => (format!("-----> Done: {app} v{n}"), pending.then_some(n)),
+                            None => (format!("-----> Done: {app} built"), None),
+                        })
+                    }
                     _ => {
                         let step = v["error"]["step"].as_str().unwrap_or("build");
                         let msg = v["error"]["message"].as_str().unwrap_or("the build failed");
@@ -489,6 +514,197 @@ impl Server {
                     }
                 };
             }
+        }
+    }
+}
+
+/// How long a push waits for its rollout at most: the scheduler's own deadlines
+/// (progress, then a rollback's) end every deploy well before.
+const ROLLOUT_TIMEOUT: Duration = Duration::from_secs(30 * 60);
+/// With no scheduler in the registry for this long, the push stops waiting.
+const NO_SCHEDULER: Duration = Duration::from_secs(30);
+
+/// The schedulers' `deploy.*` events, for a push following its rollout.
+struct DeployWatch {
+    tx: tokio::sync::mpsc::Sender<paddock_wire::Envelope>,
+    rx: tokio::sync::mpsc::Receiver<paddock_wire::Envelope>,
+    subscribed: std::collections::BTreeSet<String>,
+}
+
+impl DeployWatch {
+    async fn new(calls: &Calls) -> DeployWatch {
+        let (tx, rx) = tokio::sync::mpsc::channel(1024);
+        let mut w = DeployWatch {
+            tx,
+            rx,
+            subscribed: Default::default(),
+        };
+        w.subscribe(calls).await;
+        w
+    }
+
+    /// Subscribes to every scheduler not yet listened to; false when the
+    /// registry lists none.
+    async fn subscribe(&mut self, calls: &Calls) -> bool {
+        let Ok(list) = calls.services("scheduler").await else {
+            return false;
+        };
+        for s in &list {
+            let Some(publish) = s.endpoints.get("pub") else {
+                continue;
+            };
+            if self.subscribed.insert(publish.clone()) {
+                if let Err(e) = calls
+                    .wire()
+                    .subscribe_into(publish, "deploy.", self.tx.clone())
+                {
+                    self.subscribed.remove(publish);
+                    tracing::warn!("cannot follow the scheduler's deploys at {publish}: {e}");
+                }
+            }
+        }
+        !list.is_empty()
+    }
+
+    /// Relays the deploy of `app` v`version` to the pusher until the release is
+    /// marked: Ok with the last line when it serves, Err with the reason when it
+    /// failed (the previous release keeps serving).
+    async fn follow<W>(
+        &mut self,
+        calls: &Calls,
+        app: &str,
+        version: u64,
+        pusher: &mut Pusher<W>,
+    ) -> Result<String, String>
+    where
+        W: tokio::io::AsyncWrite + Unpin,
+    {
+        let deadline = Instant::now() + ROLLOUT_TIMEOUT;
+        let mut next_check = Instant::now();
+        let mut last_keepalive = Instant::now();
+        let mut lonely_since: Option<Instant> = None;
+        let mut failures = 0u32;
+        loop {
+            let now = Instant::now();
+            if now >= next_check {
+                next_check = now + Duration::from_secs(1);
+                let r = calls
+                    .call_daemon(
+                        "api",
+                        "release.get",
+                        json!({"app": app, "version": version}),
+                    )
+                    .await;
+                match r {
+                    Ok(v) => {
+                        failures = 0;
+                        let r = &v["release"];
+                        match r["status"].as_str() {
+                            Some("succeeded") => {
+                                self.drain(app, version, pusher).await;
+                                return Ok(format!("-----> Done: {app} v{version} is serving"));
+                            }
+                            Some("failed") => {
+                                self.drain(app, version, pusher).await;
+                                let why = r["status_message"]
+                                    .as_str()
+                                    .filter(|m| !m.is_empty())
+                                    .unwrap_or("the deploy failed");
+                                return Err(format!(
+                                    " !     Push rejected: v{version} did not go live: {why}. \
+                                     The previous release keeps serving; see `paddock deploys info {version}`"
+                                ));
+                            }
+                            _ => {}
+                        }
+                    }
+                    Err(e) => {
+                        failures += 1;
+                        if failures == 5 {
+                            tracing::warn!(
+                                app,
+                                "cannot read v{version}'s status: {}",
+                                paddock_daemon::chain(&e)
+                            );
+                        }
+                    }
+                }
+                if self.subscribe(calls).await {
+                    lonely_since = None;
+                } else if lonely_since.get_or_insert(now).elapsed() > NO_SCHEDULER {
+                    return Ok(format!(
+                        "-----> v{version} is released, but no scheduler is running: it rolls out when one runs"
+                    ));
+                }
+                if now > deadline {
+                    return Err(format!(
+                        " !     Push rejected: v{version} did not go live within {} minutes; \
+                         see `paddock deploys info {version}`",
+                        ROLLOUT_TIMEOUT.as_secs() / 60
+                    ));
+                }
+                if pusher.gone {
+                    return Err("the pusher went away; the deploy goes on without them".into());
+                }
+                if last_keepalive.elapsed() > Duration::from_secs(5) {
+                    last_keepalive = Instant::now();
+                    pusher.keepalive().await;
+                }
+            }
+            let wait = next_check.saturating_duration_since(Instant::now());
+            tokio::select! {
+                ev = self.rx.recv() => {
+                    if let Some(ev) = ev {
+                        if self.relay(&ev, app, version, pusher).await {
+                            // Its outcome is being recorded: look at once.
+                            next_check = Instant::now() + Duration::from_millis(50);
+                        }
+                    }
+                }
+                _ = tokio::time::sleep(wait) => {}
+            }
+        }
+    }
+
+    /// Says a `deploy.progress` line of this deploy; true on its `deploy.done`.
+    async fn relay<W>(
+        &mut self,
+        ev: &paddock_wire::Envelope,
+        app: &str,
+        version: u64,
+        pusher: &mut Pusher<W>,
+    ) -> bool
+    where
+        W: tokio::io::AsyncWrite + Unpin,
+    {
+        if ev.body["app"].as_str() != Some(app) || ev.body["version"].as_u64() != Some(version) {
+            return false;
+        }
+        match ev.kind.as_str() {
+            "deploy.progress" => {
+                if let Some(line) = ev.body["line"].as_str() {
+                    let line: String = line.chars().take(500).collect();
+                    pusher
+                        .say(&PushLine::Log {
+                            line: format!("       {line}"),
+                        })
+                        .await;
+                }
+                false
+            }
+            "deploy.done" => true,
+            _ => false,
+        }
+    }
+
+    /// The lines already come in, said before the outcome.
+    async fn drain<W>(&mut self, app: &str, version: u64, pusher: &mut Pusher<W>)
+    where
+        W: tokio::io::AsyncWrite + Unpin,
+    {
+        let until = Instant::now() + Duration::from_millis(100);
+        while let Ok(Some(ev)) = tokio::time::timeout_at(until.into(), self.rx.recv()).await {
+            self.relay(&ev, app, version, pusher).await;
         }
     }
 }

@@ -40,6 +40,14 @@ pub struct Shared {
     pub token: Option<Token>,
     pub table: Option<Value>,
     pub deploys: Vec<Value>,
+    /// The last pass's world, for `formation.check` (the leader's only).
+    pub world: Option<(Registry, Vec<Instance>, Instant)>,
+    /// Each app's current release version and process types, as the last pass read them.
+    pub current: BTreeMap<String, (u64, Vec<String>)>,
+    /// `app.restart` requests (app, process type or all) for the next pass.
+    pub restarts: Vec<(String, Option<String>)>,
+    /// Wakes the loop for a request.
+    pub wake: Rc<tokio::sync::Notify>,
 }
 
 struct Lease {
@@ -189,6 +197,7 @@ impl Scheduler {
             next = next.min(t);
         }
         let sleep = next.saturating_duration_since(now);
+        let wake = self.shared.borrow().wake.clone();
         tokio::select! {
             ev = self.rx.recv() => {
                 if let Some(ev) = ev { self.note(ev); }
@@ -197,6 +206,7 @@ impl Scheduler {
                 while let Ok(ev) = self.rx.try_recv() { self.note(ev); }
             }
             _ = tokio::time::sleep(sleep) => {}
+            _ = wake.notified() => {}
         }
     }
 
@@ -311,6 +321,8 @@ impl Scheduler {
         sh.token = None;
         sh.table = None;
         sh.deploys.clear();
+        sh.world = None;
+        sh.restarts.clear();
     }
 
     fn token(&self) -> Token {
@@ -468,6 +480,7 @@ impl Scheduler {
             self.timers = later;
             due.into_iter().map(|(_, app, t)| (app, t)).collect()
         };
+        let mut said: Vec<(String, u64, String)> = Vec::new();
         for (app, d) in self.deploys.iter_mut() {
             let mut events = events_for(d, &instances, &registry, &listed);
             for id in &confirmed {
@@ -482,6 +495,9 @@ impl Scheduler {
             }
             for ev in events {
                 let before = d.target().version;
+                if let Some(l) = event_line(d, &ev) {
+                    said.push((app.clone(), before, l));
+                }
                 for e in d.step(ev, now, &policy, &mut world) {
                     // What failed is never taken up again (below, as a newer
                     // release, while its pending status is being changed).
@@ -505,6 +521,15 @@ impl Scheduler {
                 let newer = want.version > d.target().version
                     && !self.failed.contains(&(app.clone(), want.version));
                 if newer && d.phase() != deploy::Phase::Done {
+                    said.push((
+                        app.clone(),
+                        want.version,
+                        format!(
+                            "deploying v{} (it replaces the deploy of v{})",
+                            want.version,
+                            d.target().version
+                        ),
+                    ));
                     let ev = Event::Newer {
                         target: want,
                         restart: false,
@@ -515,37 +540,91 @@ impl Scheduler {
                 }
             }
         }
-        // Deploys to begin.
+        // Deploys to begin: restarts asked for, then new releases.
+        {
+            let mut sh = self.shared.borrow_mut();
+            sh.world = Some((registry.clone(), instances.clone(), now));
+            sh.current = apps
+                .iter()
+                .filter_map(|a| {
+                    let r = a.release.as_ref()?;
+                    Some((
+                        a.name.clone(),
+                        (r.version, a.formation.keys().cloned().collect()),
+                    ))
+                })
+                .collect();
+        }
+        let restarts = std::mem::take(&mut self.shared.borrow_mut().restarts);
+        let mut restart_of: BTreeMap<String, Option<String>> = BTreeMap::new();
+        for (app, proc) in restarts {
+            restart_of.insert(app, proc);
+        }
         for a in &apps {
             if self.deploys.contains_key(&a.name) {
                 continue;
             }
-            let Some(r) = self.rollout(a, &instances, &registry) else {
+            let restart = restart_of.remove(&a.name);
+            let r = match &restart {
+                Some(only) if a.pending.is_none() => restart_rollout(a, only.as_deref()),
+                _ => self.rollout(a, &instances, &registry),
+            };
+            let Some(r) = r else {
                 continue;
             };
+            let only = restart.flatten().filter(|_| r.restart);
             let existing: Vec<Instance> = instances
                 .iter()
                 .filter(|i| i.app == a.name && i.owner == Owner::Scheduler)
                 .filter(|i| liveness(&registry, &i.node) != Liveness::Dead)
+                // A restart of one process type deploys that type alone.
+                .filter(|i| only.as_ref().is_none_or(|p| &i.proc == p))
                 .cloned()
                 .collect();
-            tracing::info!(
-                app = a.name,
-                "deploying v{} (from {})",
+            let line = match (&r.live, r.restart) {
+                (_, true) => format!(
+                    "restarting {} of v{}",
+                    only.clone().unwrap_or_else(|| "every process".to_string()),
+                    r.target.version
+                ),
+                (Some(l), false) => {
+                    format!("deploying v{} (from v{})", r.target.version, l.version)
+                }
+                (None, false) => format!("deploying v{} (the first release)", r.target.version),
+            };
+            tracing::info!(app = a.name, "{line}");
+            let shape: Vec<String> = r
+                .target
+                .formation
+                .iter()
+                .map(|(p, s)| format!("{p}={}", s.quantity))
+                .collect();
+            self.progress(
+                &a.name,
                 r.target.version,
-                r.live
-                    .as_ref()
-                    .map_or("nothing".to_string(), |l| format!("v{}", l.version))
+                &format!("{line}: {}", shape.join(" ")),
             );
             let (d, effects) = Deploy::begin(r, &existing, now, &policy, &mut world);
             fx.extend(effects.into_iter().map(|e| (a.name.clone(), e)));
             self.deploys.insert(a.name.clone(), d);
         }
 
+        for (app, version, line) in said {
+            self.progress(&app, version, &line);
+        }
         let mut stale = None;
         let mut starts = Vec::new();
         let mut stops = Vec::new();
         for (app, e) in fx {
+            let version = match &e {
+                deploy::Effect::Live { version } | deploy::Effect::Finished { version, .. } => {
+                    Some(*version)
+                }
+                _ => self.deploys.get(&app).map(|d| d.target().version),
+            };
+            if let (Some(v), Some(line)) = (version, effect_line(&app, &e)) {
+                self.progress(&app, v, &line);
+            }
             match e {
                 deploy::Effect::StartInstance(s) => starts.push(s),
                 deploy::Effect::StopInstance(s) => stops.push(s),
@@ -588,6 +667,15 @@ impl Scheduler {
                         json!({"version": version, "outcome": said}),
                     );
                     let d = desired.get(app.as_str()).copied();
+                    let message = match outcome {
+                        Outcome::Failed | Outcome::RolledBack => self.reasons.get(&app).cloned(),
+                        _ => None,
+                    };
+                    self.ctx.server().publish(
+                        "deploy.done",
+                        json!({"app": app, "version": version, "outcome": said,
+                               "message": message}),
+                    );
                     match outcome {
                         Outcome::Succeeded => self.status(&app, version, true, None, d).await,
                         Outcome::Cancelled => {
@@ -1079,6 +1167,22 @@ impl Scheduler {
         });
     }
 
+    /// One line of a deploy's trail: published as `deploy.progress` (a push
+    /// waiting for its rollout prints it) and kept in the app's audit log
+    /// (`paddock deploys info`).
+    fn progress(&self, app: &str, version: u64, line: &str) {
+        tracing::debug!(app, version, "{line}");
+        self.ctx.server().publish(
+            "deploy.progress",
+            json!({"app": app, "version": version, "line": line}),
+        );
+        self.audit(
+            app,
+            "scheduler.progress",
+            json!({"version": version, "line": line}),
+        );
+    }
+
     /// Publishes the table when it changed, and every resync anyway.
     fn publish(&mut self, table: Value, now: Instant) {
         let due = match &self.last_publish {
@@ -1104,6 +1208,88 @@ fn code_of(e: &paddock_daemon::calls::CallError) -> Option<&Code> {
 /// 1 s, doubling, at most a minute.
 fn start_delay(failures: u32) -> Duration {
     Duration::from_secs(1 << failures.saturating_sub(1).min(6)).min(Duration::from_secs(60))
+}
+
+/// An instance as a person reads it: `web.v5.t3.1` of `shop.web.v5.t3.1`.
+fn short_id<'a>(app: &str, id: &'a str) -> &'a str {
+    id.strip_prefix(app)
+        .and_then(|r| r.strip_prefix('.'))
+        .unwrap_or(id)
+}
+
+/// What a deploy's event means to the person waiting for it.
+fn event_line(d: &Deploy, ev: &Event) -> Option<String> {
+    match ev {
+        Event::Up { id, .. } => {
+            let t = d.instances().get(id)?;
+            (t.state != InstanceState::Up).then(|| {
+                format!(
+                    "{} up on {} (health check passed)",
+                    short_id(d.app(), id),
+                    t.node
+                )
+            })
+        }
+        Event::Crashed { id, restarts } => Some(format!(
+            "{} crashed after {restarts} restarts",
+            short_id(d.app(), id)
+        )),
+        Event::Lost { id } => {
+            let t = d.instances().get(id)?;
+            (t.state != InstanceState::Stopped)
+                .then(|| format!("{} lost with its node {}", short_id(d.app(), id), t.node))
+        }
+        _ => None,
+    }
+}
+
+/// What a deploy's effect means to the person waiting for it.
+fn effect_line(app: &str, e: &deploy::Effect) -> Option<String> {
+    match e {
+        deploy::Effect::StartInstance(s) => Some(format!(
+            "starting {} on {}",
+            short_id(&s.app, &s.id),
+            s.node
+        )),
+        deploy::Effect::DrainInstance { id } => Some(format!(
+            "draining {} (in-flight requests finish)",
+            short_id(app, id)
+        )),
+        deploy::Effect::StopInstance(s) => Some(format!("stopping {}", short_id(app, &s.id))),
+        deploy::Effect::Live { version } => Some(format!(
+            "v{version} is live: every instance runs it, none of an older release is left"
+        )),
+        deploy::Effect::Alert { reason } => Some(reason.clone()),
+        deploy::Effect::Finished { version, outcome } => Some(format!(
+            "the deploy of v{version} {}",
+            match outcome {
+                Outcome::Succeeded => "succeeded",
+                Outcome::Failed => "failed",
+                Outcome::RolledBack => "was rolled back",
+                Outcome::Cancelled => "was cancelled by a newer release",
+            }
+        )),
+        _ => None,
+    }
+}
+
+/// A restart of the current release (every instance, or one process type's),
+/// rolled like a deploy.
+fn restart_rollout(a: &DesiredApp, only: Option<&str>) -> Option<Rollout> {
+    let current = a.release.as_ref()?;
+    let mut target = Target::of(current, &a.formation);
+    if let Some(p) = only {
+        target.formation.retain(|k, _| k == p);
+        if target.formation.is_empty() {
+            return None;
+        }
+    }
+    Some(Rollout {
+        app: a.name.clone(),
+        live: Some(target.clone()),
+        target,
+        restart: true,
+    })
 }
 
 /// The deploy's events: what the runners list now against what it knows.

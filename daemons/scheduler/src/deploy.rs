@@ -305,6 +305,10 @@ impl Deploy {
         (d, fx)
     }
 
+    pub fn app(&self) -> &str {
+        &self.app
+    }
+
     pub fn phase(&self) -> Phase {
         self.phase
     }
