@@ -43,6 +43,10 @@ pub enum DevCmd {
         /// Blobstores to run: 1, or 2 for a pair that replicates every slug.
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=2))]
         blobstores: u8,
+        /// Runners to run, each as a node of its own (`dev`, `dev-2`, …) with
+        /// its own state dir and app port range: 1 to 8.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=8))]
+        runners: u8,
     },
     /// Stop everything `dev up` started under DIR, PostgreSQL included.
     Down {
@@ -75,7 +79,8 @@ pub fn run(cmd: DevCmd) -> Result<()> {
             dir,
             detach,
             blobstores,
-        } => up(&absolute(&dir)?, detach, blobstores),
+            runners,
+        } => up(&absolute(&dir)?, detach, blobstores, runners),
         DevCmd::Down { dir } => down(&absolute(&dir)?),
         DevCmd::Logs {
             dir,
@@ -144,7 +149,7 @@ fn prepare(dir: &Path) -> Result<()> {
     Ok(())
 }
 
-fn up(dir: &Path, detach: bool, blobstores: u8) -> Result<()> {
+fn up(dir: &Path, detach: bool, blobstores: u8, runners: u8) -> Result<()> {
     if let Some(p) = running_supervisor(dir)? {
         bail!(
             "a dev cluster is already running in {} (supervisor pid {}); run `paddock dev down --dir {}` first",
@@ -157,6 +162,7 @@ fn up(dir: &Path, detach: bool, blobstores: u8) -> Result<()> {
     let _ = fs::remove_file(dir.join("dev.ready"));
     // Read by the supervisor (which `--detach` starts as another process).
     fs::write(dir.join("blobstores"), blobstores.to_string())?;
+    fs::write(dir.join("runners"), runners.to_string())?;
     if !detach {
         return supervise(dir, Some(print_summary));
     }
@@ -272,6 +278,7 @@ fn cluster_file(dir: &Path, pg: &PgCluster) -> Result<ClusterFile> {
         if f.cluster.apps_domain.is_none() {
             f.cluster.apps_domain = Some("localhost".into());
         }
+        dev_tuning(dir, &mut f)?;
         return Ok(f);
     }
     let secret = paddock_wire::keyring::generate_secret_hex();
@@ -284,7 +291,136 @@ fn cluster_file(dir: &Path, pg: &PgCluster) -> Result<ClusterFile> {
         &[],
         Some(pg.url("paddock")),
     )?;
+    let mut f = f;
+    dev_tuning(dir, &mut f)?;
     Ok(f)
+}
+
+/// How many runners `dev up` runs (`--runners`, kept in DIR/runners).
+fn runner_count(dir: &Path) -> u16 {
+    fs::read_to_string(dir.join("runners"))
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(1u16)
+        .clamp(1, 8)
+}
+
+/// Runner `k` of `n`'s share of the app ports 20000–29999 (disjoint).
+fn runner_ports(k: u16, n: u16) -> (u16, u16) {
+    let width = 10_000 / n;
+    let lo = 20_000 + (k - 1) * width;
+    (lo, lo + width - 1)
+}
+
+/// What a local cluster wants that production does not: a scheduler with
+/// deadlines short enough that a deploy takes seconds, and the first runner's
+/// share of the app ports when `--runners` runs more.
+fn dev_tuning(dir: &Path, f: &mut ClusterFile) -> Result<()> {
+    if !f.daemons.contains_key("scheduler") {
+        let mut s = paddock_config::DaemonSection {
+            rpc: harness::tcp(harness::free_port()?),
+            ..Default::default()
+        };
+        s.other.insert(
+            "pub".into(),
+            toml::Value::String(harness::tcp(harness::free_port()?)),
+        );
+        for (k, v) in [
+            ("min_healthy_ms", 2_000),
+            ("healthy_deadline_ms", 20_000),
+            ("progress_deadline_ms", 120_000),
+            ("watch_window_ms", 5_000),
+            ("drain_ms", 2_000),
+            ("node_settle_ms", 2_000),
+            ("resync_ms", 2_000),
+            ("lease_ttl_ms", 5_000),
+        ] {
+            s.other.insert(k.into(), toml::Value::Integer(v));
+        }
+        f.daemons.insert("scheduler".into(), s);
+    }
+    let (lo, hi) = runner_ports(1, runner_count(dir));
+    if let Some(r) = f.daemons.get_mut("runner") {
+        r.other
+            .insert("port_min".into(), toml::Value::Integer(lo.into()));
+        r.other
+            .insert("port_max".into(), toml::Value::Integer(hi.into()));
+    }
+    Ok(())
+}
+
+/// With `dev up --runners N`: runners 2…N, each a node of its own (`dev-K`) with
+/// its own state dir (`state/runner-K`), endpoints (kept in `runner-K.ports`),
+/// apps dir and share of the app ports.
+fn extra_runners(dir: &Path) -> Result<Vec<Supervised>> {
+    let n = runner_count(dir);
+    let mut out = Vec::new();
+    for k in 2..=n {
+        let port_file = dir.join(format!("runner-{k}.ports"));
+        let kept: Vec<u16> = fs::read_to_string(&port_file)
+            .unwrap_or_default()
+            .split_whitespace()
+            .filter_map(|p| p.parse().ok())
+            .filter(|p| std::net::TcpListener::bind(("127.0.0.1", *p)).is_ok())
+            .collect();
+        let (rpc, publish) = match kept[..] {
+            [a, b] => (a, b),
+            _ => (harness::free_port()?, harness::free_port()?),
+        };
+        fs::write(&port_file, format!("{rpc} {publish}"))?;
+        let state = state_dir(dir).join(format!("runner-{k}"));
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&state)?;
+        harness::allow_traverse(&state)?;
+        let (lo, hi) = runner_ports(k, n);
+        out.push(Supervised {
+            name: format!("runner-{k}"),
+            env: vec![
+                ("PADDOCK__NODE".into(), format!("dev-{k}")),
+                ("PADDOCK__STATE_DIR".into(), state.display().to_string()),
+                ("PADDOCK__DAEMONS__RUNNER__RPC".into(), harness::tcp(rpc)),
+                ("PADDOCK__DAEMONS__RUNNER__PUB".into(), harness::tcp(publish)),
+                (
+                    "PADDOCK__DAEMONS__RUNNER__APPS_DIR".into(),
+                    dir.join(format!("apps-{k}")).display().to_string(),
+                ),
+                ("PADDOCK__DAEMONS__RUNNER__PORT_MIN".into(), lo.to_string()),
+                ("PADDOCK__DAEMONS__RUNNER__PORT_MAX".into(), hi.to_string()),
+            ],
+            child: None,
+            adopted: None,
+            restarts: 0,
+            started: Instant::now(),
+            next_start: Some(Instant::now()),
+        });
+    }
+    Ok(out)
+}
+
+/// `state/runner-K` of every runner beyond the first that ever ran here.
+fn extra_runner_states(state: &Path) -> Vec<PathBuf> {
+    fs::read_dir(state)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_str()
+                .and_then(|n| n.strip_prefix("runner-"))
+                .is_some_and(|k| k.parse::<u8>().is_ok())
+        })
+        .map(|e| e.path())
+        .collect()
+}
+
+/// The app instances' shims of every runner here.
+fn stop_every_shim(state: &Path) -> usize {
+    std::iter::once(state.to_path_buf())
+        .chain(extra_runner_states(state))
+        .map(|d| harness::stop_shims(&d))
+        .sum()
 }
 
 static STOP: AtomicBool = AtomicBool::new(false);
@@ -474,6 +610,18 @@ fn supervise_inner(dir: &Path, on_ready: Option<fn(&Path)>) -> Result<()> {
             procs.push(p);
         }
         Ok(None) => {}
+        Err(e) => {
+            stop_all(dir, &mut procs);
+            return Err(e);
+        }
+    }
+    match extra_runners(dir) {
+        Ok(list) => {
+            for p in list {
+                pings.push(p.env[2].1.clone());
+                procs.push(p);
+            }
+        }
         Err(e) => {
             stop_all(dir, &mut procs);
             return Err(e);
@@ -726,7 +874,8 @@ fn tend(
             .iter()
             .map(|(k, v)| (k.as_str(), v.as_str()))
             .collect();
-        harness::spawn_daemon_env("blobstore", cfg_path, &log, &env)
+        let daemon = p.name.split('-').next().unwrap_or(&p.name);
+        harness::spawn_daemon_env(daemon, cfg_path, &log, &env)
     } else {
         harness::spawn_daemon(&p.name, cfg_path, &log)
     };
@@ -748,7 +897,7 @@ fn tend(
 fn stop_all(dir: &Path, procs: &mut [Supervised]) {
     for p in procs.iter_mut().rev() {
         if p.name == "postgres" {
-            let n = harness::stop_shims(&dir.join("state"));
+            let n = stop_every_shim(&state_dir(dir));
             if n > 0 {
                 eprintln!("stopped {n} app instance(s)");
             }
@@ -799,6 +948,9 @@ fn down(dir: &Path) -> Result<()> {
     // what it lost), app instances' shims (each takes its app along), PostgreSQL.
     let state = state_dir(dir);
     let mut pidfiles: Vec<PathBuf> = [state.clone(), state.join("blobstore-2")]
+        .into_iter()
+        .chain(extra_runner_states(&state))
+        .collect::<Vec<_>>()
         .iter()
         .flat_map(|d| fs::read_dir(d).into_iter().flatten().flatten())
         .map(|e| e.path())
@@ -817,7 +969,7 @@ fn down(dir: &Path) -> Result<()> {
         }
     }
     pidfile::stop_all(&daemons, Signal::SIGTERM, Duration::from_secs(15));
-    let shims = harness::stop_shims(&state);
+    let shims = stop_every_shim(&state);
     if shims > 0 {
         eprintln!("stopped {shims} leftover app instance(s)");
     }

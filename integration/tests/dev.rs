@@ -569,6 +569,98 @@ fn shims_orphaned_by_a_killed_runner_are_reaped_by_the_supervisor() {
     );
 }
 
+/// A customer of a dev cluster, made the README's way: the operator creates the
+/// user; from then on they have only their credentials file, a HOME of their
+/// own and an SSH key they add with `paddock keys add`.
+struct Customer {
+    home: std::path::PathBuf,
+    key: std::path::PathBuf,
+}
+
+impl Customer {
+    fn new(t: &TestDir, dir: &Path, name: &str) -> Customer {
+        let creds = t.path().join(format!("{name}.credentials"));
+        std::fs::write(&creds, ok(paddock(dir, &["users", "create", name]))).unwrap();
+        let home = t.path().join(format!("home-{name}"));
+        std::fs::create_dir_all(&home).unwrap();
+        let c = Customer {
+            key: home.join("id"),
+            home,
+        };
+        ok(c.paddock(
+            &c.home,
+            &["login", "--credentials", creds.to_str().unwrap()],
+        ));
+        let st = Command::new("ssh-keygen")
+            .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+            .arg(&c.key)
+            .status()
+            .unwrap();
+        assert!(st.success());
+        ok(c.paddock(
+            &c.home,
+            &["keys", "add", c.key.with_extension("pub").to_str().unwrap()],
+        ));
+        c
+    }
+
+    /// The CLI as the customer runs it: no cluster file, their own HOME.
+    fn paddock(&self, cwd: &Path, args: &[&str]) -> Output {
+        Command::new(paddock_harness::bin("paddock").unwrap())
+            .args(args)
+            .current_dir(cwd)
+            .env_remove("PADDOCK_CONFIG")
+            .env("HOME", &self.home)
+            .env("XDG_CONFIG_HOME", self.home.join("xdg"))
+            .output()
+            .unwrap()
+    }
+
+    fn git(&self, repo: &Path, args: &[&str]) -> Output {
+        Command::new("git")
+            .args(["-c", "user.name=a", "-c", "user.email=a@example.com"])
+            .args(args)
+            .current_dir(repo)
+            .env("HOME", &self.home)
+            .env(
+                "GIT_SSH_COMMAND",
+                format!(
+                    "ssh -i {} -o IdentitiesOnly=yes -o BatchMode=yes -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null",
+                    self.key.display()
+                ),
+            )
+            .output()
+            .unwrap()
+    }
+
+    /// A repository of `files` committed on `main`, at HOME/NAME.
+    fn repo(&self, name: &str, files: &[(&str, &str)]) -> std::path::PathBuf {
+        let repo = self.home.join(name);
+        std::fs::create_dir_all(&repo).unwrap();
+        for (f, text) in files {
+            std::fs::write(repo.join(f), text).unwrap();
+        }
+        for args in [
+            &["init", "-q", "-b", "main"][..],
+            &["add", "-A"],
+            &["commit", "-qm", "first"],
+        ] {
+            let o = self.git(&repo, args);
+            assert!(o.status.success(), "git {args:?}: {o:?}");
+        }
+        repo
+    }
+
+    /// `git push paddock main`: whether it succeeded, and what it printed.
+    fn push(&self, repo: &Path) -> (bool, String) {
+        let o = self.git(repo, &["push", "paddock", "main"]);
+        (
+            o.status.success(),
+            String::from_utf8_lossy(&o.stderr).to_string(),
+        )
+    }
+}
+
 /// The README's walk-through on a dev cluster with a blobstore pair: a customer
 /// with only their credentials adds a key, creates an app, adds its remote and
 /// pushes; the build streams back, the release's slug is on both blobstores,
@@ -588,100 +680,35 @@ fn a_push_to_a_dev_cluster_lands_on_both_blobstores() {
         .expect("the second blobstore's pid file");
     assert!(alive(second));
 
-    // The operator makes alice; from then on she has only her credentials.
-    let creds = t.path().join("alice.credentials");
-    std::fs::write(&creds, ok(paddock(&dir, &["users", "create", "alice"]))).unwrap();
-    let home = t.path().join("home");
-    std::fs::create_dir_all(&home).unwrap();
-    let alice = |cwd: &Path, args: &[&str]| -> Output {
-        Command::new(paddock_harness::bin("paddock").unwrap())
-            .args(args)
-            .current_dir(cwd)
-            .env_remove("PADDOCK_CONFIG")
-            .env("HOME", &home)
-            .env("XDG_CONFIG_HOME", home.join("xdg"))
-            .output()
-            .unwrap()
-    };
-    ok(alice(
-        &home,
-        &["login", "--credentials", creds.to_str().unwrap()],
-    ));
-    let key = home.join("id");
-    let st = Command::new("ssh-keygen")
-        .args(["-q", "-t", "ed25519", "-N", "", "-f"])
-        .arg(&key)
-        .status()
-        .unwrap();
-    assert!(st.success());
-    ok(alice(
-        &home,
-        &["keys", "add", key.with_extension("pub").to_str().unwrap()],
-    ));
-    let app = home.join("shop");
-    std::fs::create_dir_all(&app).unwrap();
-    std::fs::write(app.join("Procfile"), "web: python3 -m http.server $PORT\n").unwrap();
-    std::fs::write(app.join("index.html"), "hi\n").unwrap();
-    let git = |args: &[&str]| -> Output {
-        Command::new("git")
-            .args(args)
-            .current_dir(&app)
-            .env("HOME", &home)
-            .env(
-                "GIT_SSH_COMMAND",
-                format!(
-                    "ssh -i {} -o IdentitiesOnly=yes -o BatchMode=yes -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null",
-                    key.display()
-                ),
-            )
-            .output()
-            .unwrap()
-    };
-    for args in [
-        &["init", "-q", "-b", "main"][..],
+    let alice = Customer::new(&t, &dir, "alice");
+    let app = alice.repo(
+        "shop",
         &[
-            "-c",
-            "user.name=a",
-            "-c",
-            "user.email=a@example.com",
-            "add",
-            "-A",
+            ("Procfile", "web: python3 -m http.server $PORT\n"),
+            ("index.html", "hi\n"),
         ],
-        &[
-            "-c",
-            "user.name=a",
-            "-c",
-            "user.email=a@example.com",
-            "commit",
-            "-qm",
-            "first",
-        ],
-    ] {
-        let o = git(args);
-        assert!(o.status.success(), "git {args:?}: {o:?}");
-    }
-    let created = ok(alice(&app, &["apps", "create", "shop"]));
+    );
+    let created = ok(alice.paddock(&app, &["apps", "create", "shop"]));
     assert!(
         created.contains("Git remote: ssh://git@127.0.0.1:"),
         "{created}"
     );
-    ok(alice(&app, &["git", "remote", "-a", "shop"]));
-    let pushed = git(&["push", "paddock", "main"]);
-    let log = String::from_utf8_lossy(&pushed.stderr).to_string();
-    assert!(pushed.status.success(), "{log}");
+    ok(alice.paddock(&app, &["git", "remote", "-a", "shop"]));
+    let (pushed, log) = alice.push(&app);
+    assert!(pushed, "{log}");
     assert!(
         log.contains("remote: -----> Procfile app detected"),
         "{log}"
     );
     assert!(log.contains("Done: shop v2"), "{log}");
 
-    let builds = ok(alice(&app, &["builds"]));
+    let builds = ok(alice.paddock(&app, &["builds"]));
     assert!(
         builds.contains("succeeded") && builds.contains("v2"),
         "{builds}"
     );
     let rel: serde_json::Value =
-        serde_json::from_str(&ok(alice(&app, &["--json", "releases"]))).unwrap();
+        serde_json::from_str(&ok(alice.paddock(&app, &["--json", "releases"]))).unwrap();
     let slug = rel["releases"][0]["slug"].as_str().unwrap().to_string();
     for store in ["state/blobstore", "state/blobstore-2/blobstore"] {
         let p = dir.join(store).join("blobs").join(&slug[..2]).join(&slug);
@@ -689,4 +716,106 @@ fn a_push_to_a_dev_cluster_lands_on_both_blobstores() {
     }
     ok(paddock(&dir, &["dev", "down", "--dir", d]));
     assert!(!alive(second), "dev down left the second blobstore running");
+}
+
+/// The README's end-to-end walk-through, as a newcomer on a fresh machine does
+/// it: `dev up --runners 2`; the operator creates a user; the user logs in, adds
+/// an SSH key, creates an app and pushes the Flask app from docs/examples; the
+/// push returns only once the release serves, and `http://APP.<apps_domain>:PORT/`
+/// answers 200 through the balancer. A second push rolls out on the other
+/// runner while the first keeps serving, and `/kill` is survived.
+#[test]
+fn readme_walkthrough_push_flask_and_get_200_through_the_balancer() {
+    let t = TestDir::new("devflask");
+    let dir = t.path().join("cluster");
+    let d = dir.to_str().unwrap();
+    let _down = Down(dir.clone());
+    let out = ok(paddock(
+        &dir,
+        &["dev", "up", "--dir", d, "--detach", "--runners", "2"],
+    ));
+    let cfg = paddock_config::ClusterConfig::load(&dir.join("paddock.toml")).unwrap();
+    let http = cfg.file.daemons["balancer"]
+        .endpoint("http")
+        .unwrap()
+        .trim_start_matches("tcp://")
+        .to_string();
+    assert!(out.contains(&format!("http://{http}/")), "{out}");
+    let status = ok(paddock(&dir, &["status"]));
+    assert!(
+        status.contains("dev-2") && status.contains("scheduler"),
+        "{status}"
+    );
+
+    let bob = Customer::new(&t, &dir, "bob");
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/examples/flask-hello");
+    let files: Vec<(String, String)> = std::fs::read_dir(&example)
+        .unwrap()
+        .flatten()
+        .map(|e| {
+            (
+                e.file_name().to_string_lossy().to_string(),
+                std::fs::read_to_string(e.path()).unwrap(),
+            )
+        })
+        .collect();
+    assert!(files.iter().any(|(f, _)| f == "Procfile"));
+    let files: Vec<(&str, &str)> = files
+        .iter()
+        .map(|(f, t)| (f.as_str(), t.as_str()))
+        .collect();
+    let repo = bob.repo("hello", &files);
+    let created = ok(bob.paddock(&repo, &["apps", "create", "hello"]));
+    assert!(created.contains("http://hello.localhost"), "{created}");
+    ok(bob.paddock(&repo, &["git", "remote", "-a", "hello"]));
+    let (pushed, log) = bob.push(&repo);
+    assert!(pushed, "{log}");
+    assert!(log.contains("remote: -----> Python app detected"), "{log}");
+    assert!(log.contains("Rolling out v2"), "{log}");
+    assert!(log.contains("up on dev"), "{log}");
+    assert!(log.contains("Done: hello v2 is serving"), "{log}");
+
+    // Served the moment the push returned: no wait, no retry.
+    let addr: std::net::SocketAddr = http.parse().unwrap();
+    let r = http::get(addr, "hello.localhost", "/").unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.text(), "Hello from Paddock!\n");
+
+    // /kill ends the process; the runner starts it again and it serves.
+    let _ = http::get(addr, "hello.localhost", "/kill");
+    eventually(Duration::from_secs(20), "hello serving after /kill", || {
+        http::get(addr, "hello.localhost", "/")
+            .ok()
+            .filter(|r| r.status == 200)
+    });
+
+    // A second push rolls v3 out beside v2 (web=1: surge 1 means the other
+    // runner gets it, both nodes being free) while requests keep succeeding.
+    std::fs::write(repo.join("NEWS"), "v3\n").unwrap();
+    for args in [&["add", "-A"][..], &["commit", "-qm", "v3"]] {
+        let o = bob.git(&repo, args);
+        assert!(o.status.success(), "git {args:?}: {o:?}");
+    }
+    let load = http::Load::start(addr, "hello.localhost", "/", 2);
+    let (pushed, log) = bob.push(&repo);
+    let report = load.finish();
+    assert!(pushed, "{log}");
+    assert!(log.contains("Done: hello v3 is serving"), "{log}");
+    assert!(log.contains("draining"), "{log}");
+    assert!(report.ok > 0, "{report:?}");
+    assert_eq!(
+        report.failed, 0,
+        "requests failed during the rollout: {report:?}"
+    );
+    let ps: serde_json::Value =
+        serde_json::from_str(&ok(paddock(&dir, &["--json", "instance", "ps"]))).unwrap();
+    let live: Vec<&serde_json::Value> = ps
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|i| i["app"] == "hello" && i["state"] == "up")
+        .collect();
+    assert_eq!(live.len(), 1, "{ps}");
+    assert_eq!(live[0]["release"], 3, "{ps}");
+    ok(paddock(&dir, &["dev", "down", "--dir", d]));
 }

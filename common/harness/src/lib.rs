@@ -32,6 +32,7 @@ pub const DAEMONS: &[&str] = &[
     "blobstore",
     "deployer",
     "gitserver",
+    "scheduler",
 ];
 
 /// A port free right now on 127.0.0.1, from 10000–19999: below the kernel's
