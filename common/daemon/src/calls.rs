@@ -22,6 +22,8 @@ use tokio::sync::{mpsc, watch};
 /// How long a registry listing is trusted before `find` asks again (events keep it
 /// current in between).
 pub const DISCOVERY_TTL: Duration = Duration::from_secs(2);
+/// A listing without the daemon asked for is asked for again once it is this old.
+pub const MISS_REFRESH: Duration = Duration::from_millis(250);
 
 /// How long each heartbeat gets to answer `registry.list`.
 pub const REGISTRY_TIMEOUT: Duration = Duration::from_secs(1);
@@ -223,14 +225,30 @@ impl Calls {
     /// `daemon`'s alive incarnations as the registry lists them (every endpoint
     /// each beats, e.g. `pub`), this node's first; empty when none is alive.
     pub async fn services(&self, daemon: &str) -> Result<Vec<Service>, FindError> {
-        if !self.dir().fresh(Instant::now(), DISCOVERY_TTL) {
+        self.fresh_enough(daemon).await?;
+        let node = self.config.borrow().node().to_string();
+        Ok(self.dir().alive(daemon, &node))
+    }
+
+    /// Refreshes the listing when it is older than [`DISCOVERY_TTL`], or older
+    /// than [`MISS_REFRESH`] and without an alive `daemon`: a daemon that has
+    /// just started (and whose `registry.up` this one may have missed) is not
+    /// reported missing for a whole TTL.
+    async fn fresh_enough(&self, daemon: &str) -> Result<(), FindError> {
+        let node = self.config.borrow().node().to_string();
+        let stale = |me: &Self| {
+            let d = me.dir();
+            let now = Instant::now();
+            !d.fresh(now, DISCOVERY_TTL)
+                || (!d.fresh(now, MISS_REFRESH) && d.alive(daemon, &node).is_empty())
+        };
+        if stale(self) {
             let _one = self.refreshing.lock().await;
-            if !self.dir().fresh(Instant::now(), DISCOVERY_TTL) {
+            if stale(self) {
                 self.refresh().await?;
             }
         }
-        let node = self.config.borrow().node().to_string();
-        Ok(self.dir().alive(daemon, &node))
+        Ok(())
     }
 
     /// [`Calls::services`] from a listing asked for now, not the cached one: for a
@@ -247,12 +265,7 @@ impl Calls {
 
     /// The rpc endpoints of `daemon`'s alive incarnations, this node's first.
     pub async fn find(&self, daemon: &str) -> Result<Vec<String>, FindError> {
-        if !self.dir().fresh(Instant::now(), DISCOVERY_TTL) {
-            let _one = self.refreshing.lock().await;
-            if !self.dir().fresh(Instant::now(), DISCOVERY_TTL) {
-                self.refresh().await?;
-            }
-        }
+        self.fresh_enough(daemon).await?;
         let node = self.config.borrow().node().to_string();
         let found = self.dir().find(daemon, &node);
         if found.is_empty() {
