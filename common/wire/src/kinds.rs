@@ -458,6 +458,24 @@ pub struct RunOutput {
     pub done: bool,
 }
 
+// ---- api: customers' operations (docs/PROTOCOL.md, "api") ----
+/// An app's instances on every runner, for the app's users.
+pub const APP_INSTANCES: &str = "app.instances";
+/// An app's instances' log lines, merged in time order.
+pub const APP_LOGS: &str = "app.logs";
+/// The trail of each deploy, from the app's audit log.
+pub const DEPLOY_LIST: &str = "deploy.list";
+pub const DEPLOY_INFO: &str = "deploy.info";
+/// A rolling restart of an app (or one process type), asked of the scheduler.
+pub const PS_RESTART: &str = "ps.restart";
+
+// ---- scheduler, as the api calls it ----
+pub const SCHEDULER_STATUS: &str = "scheduler.status";
+/// Whether an app's whole new formation can be placed.
+pub const FORMATION_CHECK: &str = "formation.check";
+/// A rolling restart of an app's current release.
+pub const APP_RESTART: &str = "app.restart";
+
 // ---- balancer (docs/PROTOCOL.md, "Balancer") ----
 pub const ROUTE_SET: &str = "route.set";
 pub const ROUTE_REMOVE: &str = "route.remove";

@@ -21,7 +21,11 @@ use serde_json::{json, Value};
 
 mod auth;
 mod body;
+mod customer;
+mod deploys;
+mod logs;
 pub mod names;
+mod runs;
 pub mod settings;
 pub mod sshkey;
 mod store;
@@ -64,6 +68,16 @@ pub const USER_KINDS: &[&str] = &[
     "audit.list",
     "build.list",
     "build.info",
+    kinds::APP_INSTANCES,
+    kinds::APP_LOGS,
+    kinds::RUN_START,
+    kinds::RUN_INPUT,
+    kinds::RUN_RESIZE,
+    kinds::RUN_OUTPUT,
+    kinds::RUN_KILL,
+    kinds::DEPLOY_LIST,
+    kinds::DEPLOY_INFO,
+    kinds::PS_RESTART,
 ];
 
 /// Kinds only the cluster key may send (other daemons use them instead of SQL).
@@ -111,6 +125,8 @@ struct Api {
     admitted: Option<paddock_wire::curve::Admitted>,
     /// One refresh of `admitted` at a time, so an older read never replaces a newer.
     refreshing: tokio::sync::Mutex<()>,
+    /// The one-offs started through this api: where each runs and whose it is.
+    runs: std::cell::RefCell<runs::Runs>,
 }
 
 impl Api {
@@ -147,9 +163,9 @@ impl Api {
             "sshkey.list" => s.sshkey_list(&who, b).await?,
             "sshkey.remove" => s.sshkey_remove(&who, b).await?,
             "sshkey.lookup" => s.sshkey_lookup(b).await?,
-            "app.create" => self.with_git_url(s.app_create(&who, b).await?),
+            "app.create" => self.with_urls(s.app_create(&who, b).await?),
             "app.list" => s.app_list(&who, b).await?,
-            "app.info" => self.with_git_url(s.app_info(&who, b).await?),
+            "app.info" => self.with_urls(s.app_info(&who, b).await?),
             "app.destroy" => self.destroy(&who, b).await?,
             "access.list" => s.access_list(&who, b).await?,
             "access.add" => s.access_add(&who, b).await?,
@@ -161,7 +177,10 @@ impl Api {
             "release.info" => s.release_info(&who, b).await?,
             "rollback" => s.rollback(&who, b).await?,
             "formation.get" => s.formation_get(&who, b).await?,
-            "formation.scale" => s.formation_scale(&who, b).await?,
+            "formation.scale" => {
+                let place = |app, formation| self.check_placement(app, formation);
+                s.formation_scale(&who, b, place).await?
+            }
             "domain.list" => s.domain_list(&who, b).await?,
             "domain.add" => s.domain_add(&who, b).await?,
             "domain.remove" => s.domain_remove(&who, b).await?,
@@ -179,6 +198,15 @@ impl Api {
             "buildpack.get" => s.buildpack_get(b).await?,
             "buildpack.remove" => s.buildpack_remove(&who, b).await?,
             "build.list" | "build.info" => self.build(&who, &env.kind, b).await?,
+            kinds::APP_INSTANCES => self.app_instances(&who, b).await?,
+            kinds::APP_LOGS => self.app_logs(&who, b).await?,
+            kinds::RUN_START => self.run_start(&who, b).await?,
+            kinds::RUN_INPUT | kinds::RUN_RESIZE | kinds::RUN_OUTPUT | kinds::RUN_KILL => {
+                self.run_op(&who, &env.kind, b).await?
+            }
+            kinds::DEPLOY_LIST => s.deploy_list(&who, b).await?,
+            kinds::DEPLOY_INFO => s.deploy_info(&who, b).await?,
+            kinds::PS_RESTART => self.ps_restart(&who, b).await?,
             other => {
                 return Err(WireError::new(
                     Code::UnknownKind,
@@ -205,11 +233,15 @@ impl Api {
         Ok(reply)
     }
 
-    /// `app.create`'s and `app.info`'s reply with the app's `git_url`.
-    fn with_git_url(&self, (mut reply, changes): Reply) -> Reply {
+    /// `app.create`'s and `app.info`'s reply with the app's `git_url` and
+    /// `web_url`.
+    fn with_urls(&self, (mut reply, changes): Reply) -> Reply {
         if let Some(name) = reply["app"]["name"].as_str() {
-            let url = git_url(&self.ctx.config(), name);
+            let cfg = self.ctx.config();
+            let url = git_url(&cfg, name);
             reply["app"]["git_url"] = json!(url);
+            let web = web_url(&cfg.file, &reply["app"]["domains"]);
+            reply["app"]["web_url"] = json!(web);
         }
         (reply, changes)
     }
@@ -339,6 +371,30 @@ fn git_url_of(file: &paddock_config::ClusterFile, app: &str) -> Option<String> {
     (!base.is_empty()).then(|| format!("{base}/{app}.git"))
 }
 
+/// `http://DOMAIN[:PORT]/` for the first of the app's `domains` (its default
+/// domain comes first) that is not a wildcard; the port is that of this node's
+/// `[daemons.balancer] http` (left out when it is 80 or not set). Null for an
+/// app without a domain.
+fn web_url(file: &paddock_config::ClusterFile, domains: &Value) -> Option<String> {
+    let domain = domains
+        .as_array()?
+        .iter()
+        .filter_map(|d| d.as_str().or_else(|| d["domain"].as_str()))
+        .find(|d| !d.starts_with("*."))?;
+    let port = file
+        .daemons
+        .get("balancer")
+        .and_then(|b| b.other.get("http"))
+        .and_then(|h| h.as_str())
+        .and_then(|h| h.rsplit_once(':'))
+        .and_then(|(_, p)| p.trim_end_matches('/').parse::<u16>().ok())
+        .filter(|p| *p != 80);
+    Some(match port {
+        Some(p) => format!("http://{domain}:{p}/"),
+        None => format!("http://{domain}/"),
+    })
+}
+
 /// A deployer's `build.list` / `build.info` reply as the caller, who may see
 /// `app` only, gets it: a list keeps `app`'s builds only; a build of another app
 /// is `not_found`, as one that does not exist (never shown, nor said to exist).
@@ -403,6 +459,19 @@ pub async fn setup(ctx: Ctx) -> anyhow::Result<Routes> {
         cleanup_timeout: s.cleanup_timeout,
         admitted: ctx.user_clients().cloned(),
         refreshing: tokio::sync::Mutex::new(()),
+        runs: std::cell::RefCell::new(runs::Runs::default()),
+    });
+
+    // One-offs nobody attached to for a while are forgotten and killed.
+    let a = api.clone();
+    ctx.spawn_loop("one-offs", LoopKind::Resilient, move || {
+        let a = a.clone();
+        async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(30)).await;
+                a.sweep_runs().await;
+            }
+        }
     });
 
     // The rpc socket is bound already and refuses every user until their CURVE keys
@@ -492,6 +561,40 @@ mod tests {
         // The app at the reply's top level (a flat reply) counts too.
         let flat = json!({"id": "b1", "app": "shop", "log": ""});
         assert!(scoped_to_app("build.info", "shop", &json!("b1"), flat).is_ok());
+    }
+
+    #[test]
+    fn the_web_url_is_the_first_domain_at_the_balancers_http_port() {
+        let with = |http: Option<&str>| {
+            let mut file = paddock_config::ClusterFile::default();
+            if let Some(h) = http {
+                let mut d = paddock_config::DaemonSection::default();
+                d.other.insert("http".into(), toml::Value::String(h.into()));
+                file.daemons.insert("balancer".into(), d);
+            }
+            file
+        };
+        let domains = json!(["shop.localhost", "www.shop.example"]);
+        assert_eq!(
+            web_url(&with(Some("tcp://127.0.0.1:18080")), &domains).as_deref(),
+            Some("http://shop.localhost:18080/")
+        );
+        assert_eq!(
+            web_url(&with(Some("tcp://0.0.0.0:80")), &domains).as_deref(),
+            Some("http://shop.localhost/")
+        );
+        assert_eq!(
+            web_url(&with(None), &domains).as_deref(),
+            Some("http://shop.localhost/")
+        );
+        // A wildcard is no address; no domain, no URL.
+        let wild = json!(["*.shop.example", "a.shop.example"]);
+        assert_eq!(
+            web_url(&with(None), &wild).as_deref(),
+            Some("http://a.shop.example/")
+        );
+        assert_eq!(web_url(&with(None), &json!([])), None);
+        assert_eq!(web_url(&with(None), &Value::Null), None);
     }
 
     #[test]

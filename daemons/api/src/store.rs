@@ -26,6 +26,9 @@ pub const MAX_SCALE_CHANGES: usize = 50;
 /// `blob.referenced` without `keep`: each app's newest this many releases.
 pub const DEFAULT_KEEP_RELEASES: i32 = 10;
 
+/// The scheduler's audit rows read for one `deploy.list` / `deploy.info` at most.
+pub const MAX_DEPLOY_EVENTS: i64 = 20_000;
+
 pub struct Store {
     db: Db,
     users: UserKeys,
@@ -1664,7 +1667,20 @@ impl Store {
         ))
     }
 
-    pub async fn formation_scale(&self, who: &Who, v: &Value) -> Result<Reply, WireError> {
+    /// `formation.scale`. `place` is asked, before the change commits, whether the
+    /// whole new formation can be placed (the scheduler's `formation.check`): an
+    /// error from it refuses the change, which is then rolled back whole; what it
+    /// returns goes into the reply as `placement`.
+    pub async fn formation_scale<F, Fut>(
+        &self,
+        who: &Who,
+        v: &Value,
+        place: F,
+    ) -> Result<Reply, WireError>
+    where
+        F: FnOnce(String, Vec<Value>) -> Fut,
+        Fut: std::future::Future<Output = Result<Value, WireError>>,
+    {
         let b = Body::of(v)?;
         let changes = b
             .opt("changes")
@@ -1770,9 +1786,13 @@ impl Store {
         )
         .await?;
         let formation = self.formation_of(&tx, app.id).await?;
+        // Asked while the app's row is locked, so no other scale slips in between
+        // the check and the commit; a refusal drops the transaction (nothing
+        // changes, no audit row).
+        let placement = place(app.name.clone(), formation.clone()).await?;
         commit(tx).await?;
         Ok((
-            json!({ "formation": formation }),
+            json!({ "formation": formation, "placement": placement }),
             changed(&app.name, "formation"),
         ))
     }
@@ -2216,6 +2236,162 @@ impl Store {
         let b = Body::of(v)?;
         let (_c, app) = self.readable(who, &b, what).await?;
         Ok(app.name)
+    }
+
+    // ---- customers' operations: one-offs, restarts, deploys ---------------------
+
+    /// What a one-off of the app `b` names runs: the app's current release, which
+    /// must have code (a slug). (app, version, slug).
+    pub async fn run_target(
+        &self,
+        who: &Who,
+        v: &Value,
+    ) -> Result<(String, i32, String), WireError> {
+        let b = Body::of(v)?;
+        let (c, app) = self.readable(who, &b, "run commands in it").await?;
+        let row = q1(
+            &c,
+            "SELECT r.version, r.slug FROM api_apps a JOIN api_releases r
+               ON r.app_id = a.id AND r.version = a.current_release WHERE a.id = $1",
+            &[&app.id],
+        )
+        .await?;
+        match row.map(|r| (r.get::<_, i32>(0), r.get::<_, Option<String>>(1))) {
+            Some((version, Some(slug))) => Ok((app.name, version, slug)),
+            Some((version, None)) => Err(conflict(format!(
+                "{} has no code to run yet: its current release v{version} has no build (push with git first)",
+                app.name
+            ))),
+            None => Err(conflict(format!(
+                "{} has no current release: push with git first",
+                app.name
+            ))),
+        }
+    }
+
+    /// The app `b` names (access) and its formation.
+    pub async fn app_formation(
+        &self,
+        who: &Who,
+        v: &Value,
+        what: &str,
+    ) -> Result<(String, Vec<Value>), WireError> {
+        let b = Body::of(v)?;
+        let (c, app) = self.readable(who, &b, what).await?;
+        let f = self.formation_of(&c, app.id).await?;
+        Ok((app.name, f))
+    }
+
+    /// An audit row for something done on `app` outside the database (a one-off,
+    /// a restart), once it was done.
+    pub async fn audit_on(
+        &self,
+        who: &Who,
+        app: &str,
+        kind: &str,
+        detail: Value,
+    ) -> Result<(), WireError> {
+        let c = self.conn().await?;
+        let app = self
+            .app_for(&c, who, app, Need::Access, "use it", false)
+            .await?;
+        audit(&c, who, kind, Some(&app), detail).await?;
+        Ok(())
+    }
+
+    /// The scheduler's rows in the app's log from id `from` on (at most
+    /// `MAX_DEPLOY_EVENTS`), as deploy events.
+    async fn deploy_events(
+        &self,
+        c: &impl GenericClient,
+        app: i64,
+        from: i64,
+    ) -> Result<Vec<crate::deploys::Event>, WireError> {
+        let kinds: Vec<&str> = crate::deploys::KINDS.to_vec();
+        let rows = q(
+            c,
+            "SELECT id, (extract(epoch from at) * 1000)::bigint, kind, detail FROM api_audit
+             WHERE app_id = $1 AND kind = ANY($2) AND id >= $3 ORDER BY id LIMIT $4",
+            &[&app, &kinds, &from, &MAX_DEPLOY_EVENTS],
+        )
+        .await?;
+        Ok(rows
+            .iter()
+            .map(|r| crate::deploys::Event {
+                id: r.get(0),
+                at: r.get(1),
+                kind: r.get(2),
+                detail: r.get(3),
+            })
+            .collect())
+    }
+
+    /// The first event of each of the app's newest `n` deployed versions (by
+    /// version), newest first.
+    async fn deploy_versions(
+        &self,
+        c: &impl GenericClient,
+        app: i64,
+        only: Option<i32>,
+        n: i64,
+    ) -> Result<Vec<(i64, i64)>, WireError> {
+        let kinds: Vec<&str> = crate::deploys::KINDS.to_vec();
+        let only = only.map(i64::from);
+        let rows = q(
+            c,
+            "SELECT v, min(id) FROM (
+               SELECT id, (detail->>'version')::bigint AS v FROM api_audit
+               WHERE app_id = $1 AND kind = ANY($2) AND jsonb_typeof(detail->'version') = 'number'
+                 AND detail->>'version' ~ '^[1-9][0-9]{0,8}$') x
+             WHERE $3::bigint IS NULL OR v = $3
+             GROUP BY v ORDER BY v DESC LIMIT $4",
+            &[&app, &kinds, &only, &n],
+        )
+        .await?;
+        Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+    }
+
+    pub async fn deploy_list(&self, who: &Who, v: &Value) -> Result<Reply, WireError> {
+        let b = Body::of(v)?;
+        let n = limit(&b, 15, 100)?;
+        let (c, app) = self.readable(who, &b, "see its deploys").await?;
+        let versions = self.deploy_versions(&c, app.id, None, n).await?;
+        let Some(from) = versions.iter().map(|(_, id)| *id).min() else {
+            return Ok((json!({ "deploys": [] }), vec![]));
+        };
+        let wanted: std::collections::BTreeSet<i64> = versions.iter().map(|(v, _)| *v).collect();
+        let events = self.deploy_events(&c, app.id, from).await?;
+        let list: Vec<Value> = crate::deploys::trail(&events)
+            .iter()
+            .filter(|d| wanted.contains(&d.version))
+            .map(|d| d.summary())
+            .collect();
+        Ok((json!({ "deploys": list }), vec![]))
+    }
+
+    pub async fn deploy_info(&self, who: &Who, v: &Value) -> Result<Reply, WireError> {
+        let b = Body::of(v)?;
+        let version = b
+            .version("version")?
+            .ok_or_else(|| WireError::invalid("`version` is required (7 or \"v7\")"))?;
+        let (c, app) = self.readable(who, &b, "see its deploys").await?;
+        let missing = || {
+            not_found(format!(
+                "{} has no deploy of v{version} (`paddock deploys` lists them)",
+                app.name
+            ))
+        };
+        let (_, from) = *self
+            .deploy_versions(&c, app.id, Some(version), 1)
+            .await?
+            .first()
+            .ok_or_else(missing)?;
+        let events = self.deploy_events(&c, app.id, from).await?;
+        let d = crate::deploys::trail(&events)
+            .into_iter()
+            .find(|d| d.version == i64::from(version))
+            .ok_or_else(missing)?;
+        Ok((json!({ "deploy": d.with_lines() }), vec![]))
     }
 
     // ---- desired state for the scheduler ---------------------------------------
