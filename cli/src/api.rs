@@ -16,6 +16,7 @@ use serde_json::{json, Value};
 use crate::cluster::{self, Opts};
 use crate::identity::{self, Identity, Source};
 use crate::out::{self, Table};
+use crate::tty::{self, RunConn};
 
 /// How many entries a list shows unless `-n` says otherwise.
 pub const LIST_DEFAULT: u32 = 15;
@@ -72,10 +73,29 @@ pub enum ReleasesCmd {
 #[derive(Debug, Subcommand)]
 pub enum PsCmd {
     /// Change process quantities (and sizes): web=2 worker=1, or web=2:512 for
-    /// 512 MB each. All or nothing.
+    /// 512 MB each. All or nothing; a formation the cluster has no room for is
+    /// refused. Then waits (up to 30 s) until that many are up.
     Scale {
         #[arg(required = true, value_name = "TYPE=QTY[:MB]")]
         changes: Vec<String>,
+        /// Do not wait for the instances to be up.
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Restart the app's processes (one TYPE's, or all), one at a time, as a
+    /// deploy of the current release does.
+    Restart {
+        #[arg(value_name = "TYPE")]
+        process_type: Option<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DeploysCmd {
+    /// One deploy's trail: each step, alert and its outcome, in order.
+    Info {
+        /// vN (or N).
+        version: String,
     },
 }
 
@@ -168,18 +188,24 @@ pub struct Api {
     pub endpoint: String,
 }
 
+/// A user's client to the api of their credentials.
+fn user_client(creds: &UserCredentials, path: &Path, timeout: Duration) -> Result<Client> {
+    let keys = creds
+        .credentials()
+        .map_err(|e| anyhow!("credentials {}: {e}", path.display()))?;
+    Ok(
+        Client::connect(&creds.api, &format!("user:{}", creds.user), keys)?
+            .with_timeout(timeout)
+            .with_resend_every(Duration::from_millis(500).min(timeout)),
+    )
+}
+
 impl Api {
     pub fn connect(opts: &Opts) -> Result<Api> {
         let id = identity::resolve(opts)?;
         let (c, endpoint) = match &id {
             Identity::User { creds, path, .. } => {
-                let keys = creds
-                    .credentials()
-                    .map_err(|e| anyhow!("credentials {}: {e}", path.display()))?;
-                let c = Client::connect(&creds.api, &format!("user:{}", creds.user), keys)?
-                    .with_timeout(opts.timeout)
-                    .with_resend_every(Duration::from_millis(500).min(opts.timeout));
-                (c, creds.api.clone())
+                (user_client(creds, path, opts.timeout)?, creds.api.clone())
             }
             Identity::Cluster { cfg, .. } => {
                 let ep = cluster::find(cfg, "api", None, opts.timeout)
@@ -192,6 +218,32 @@ impl Api {
 
     pub fn call(&mut self, kind: &str, body: Value) -> Result<Value> {
         self.c.call(kind, body).map_err(|e| self.explain(e))
+    }
+
+    pub fn set_timeout(&mut self, timeout: Duration) {
+        self.c.set_timeout(timeout);
+    }
+
+    /// Makes more connections to the same api as the same identity, for other
+    /// threads (a one-off's input and window size).
+    fn connector(&self, timeout: Duration) -> tty::Connect {
+        let endpoint = self.endpoint.clone();
+        match &self.id {
+            Identity::User { creds, path, .. } => {
+                let (creds, path) = (creds.clone(), path.clone());
+                Box::new(move || {
+                    let c = user_client(&creds, &path, timeout)?;
+                    Ok(Box::new(Conn(c)) as Box<dyn RunConn>)
+                })
+            }
+            Identity::Cluster { cfg, .. } => {
+                let cfg = cfg.clone();
+                Box::new(move || {
+                    let c = cluster::client(&cfg, &endpoint, timeout)?;
+                    Ok(Box::new(Conn(c)) as Box<dyn RunConn>)
+                })
+            }
+        }
     }
 
     /// A refusal's message as the api wrote it (it names what was refused and
@@ -225,6 +277,24 @@ impl Api {
             ),
             other => anyhow!(other),
         }
+    }
+}
+
+impl RunConn for Api {
+    fn call(&mut self, kind: &str, body: Value) -> Result<Value> {
+        Api::call(self, kind, body)
+    }
+}
+
+/// A further connection to the api (a one-off's input and resize threads).
+struct Conn(Client);
+
+impl RunConn for Conn {
+    fn call(&mut self, kind: &str, body: Value) -> Result<Value> {
+        self.0.call(kind, body).map_err(|e| match e {
+            ClientError::Remote(w) => anyhow!("{}", w.message),
+            other => anyhow!(other),
+        })
     }
 }
 
@@ -924,26 +994,47 @@ pub fn ps(opts: &Opts, cmd: Option<PsCmd>) -> Result<()> {
         None => {
             let mut api = Api::connect(opts)?;
             let v = api.call("formation.get", json!({"app": app}))?;
+            let inst = api.call("app.instances", json!({"app": app}));
             if opts.json {
-                return json_out(&v);
+                let mut all = json!({"formation": v["formation"]});
+                match &inst {
+                    Ok(i) => {
+                        all["instances"] = i["instances"].clone();
+                        all["unreachable"] = i["unreachable"].clone();
+                    }
+                    Err(e) => all["instances_error"] = json!(format!("{e:#}")),
+                }
+                return json_out(&all);
             }
             out::heading(&format!("{app} Formation"));
-            if v["formation"].as_array().is_none_or(|l| l.is_empty()) {
+            let formation = v["formation"].as_array().cloned().unwrap_or_default();
+            if formation.is_empty() {
                 println!("No process types yet: they come with the first build");
             } else {
                 formation_table(&v["formation"]);
             }
+            match inst {
+                Ok(i) => {
+                    let list = i["instances"].as_array().cloned().unwrap_or_default();
+                    if !list.is_empty() {
+                        println!();
+                        out::heading(&format!("{app} Instances"));
+                        instances_table(&list, paddock_wire::now_ms());
+                    } else if formation.iter().any(|f| f["quantity"].as_i64() > Some(0)) {
+                        eprintln!("(no instance of {app} is running)");
+                    }
+                    unreachable_note(&i["unreachable"]);
+                }
+                Err(e) => out::say_err(&format!("warning: the instances cannot be listed: {e:#}")),
+            }
         }
-        Some(PsCmd::Scale { changes }) => {
+        Some(PsCmd::Scale { changes, no_wait }) => {
             let list = changes
                 .iter()
                 .map(|c| scale_change(c))
                 .collect::<Result<Vec<_>>>()?;
             let mut api = Api::connect(opts)?;
             let v = api.call("formation.scale", json!({"app": app, "changes": list}))?;
-            if opts.json {
-                return json_out(&v);
-            }
             let now: Vec<String> = v["formation"]
                 .as_array()
                 .into_iter()
@@ -957,10 +1048,368 @@ pub fn ps(opts: &Opts, cmd: Option<PsCmd>) -> Result<()> {
                     )
                 })
                 .collect();
+            // Without a scheduler nothing starts instances: nothing to wait for.
+            if v["placement"]["checked"] != true || no_wait {
+                if opts.json {
+                    return json_out(&v);
+                }
+                out::say(&format!(
+                    "Scaling {app}... done, now running {}",
+                    now.join(", ")
+                ));
+                if v["placement"]["checked"] != true {
+                    eprintln!(
+                        "(no scheduler is running: nothing starts the instances until one does)"
+                    );
+                }
+                return Ok(());
+            }
+            let want: Vec<(String, i64)> = list
+                .iter()
+                .filter_map(|c| c["type"].as_str())
+                .filter_map(|t| {
+                    let f = v["formation"].as_array()?.iter().find(|f| f["type"] == t)?;
+                    Some((t.to_string(), f["quantity"].as_i64()?))
+                })
+                .collect();
+            let done = wait_up(&mut api, &app, &want, Duration::from_secs(30))?;
+            if opts.json {
+                return json_out(&v);
+            }
+            out::say(&format!("Scaling {app}... done, {done} up"));
+        }
+        Some(PsCmd::Restart { process_type }) => {
+            let mut body = json!({"app": app});
+            if let Some(t) = &process_type {
+                body["type"] = json!(t);
+            }
+            let mut api = Api::connect(opts)?;
+            let v = api.call("ps.restart", body)?;
+            if opts.json {
+                return json_out(&v);
+            }
+            let what = match &process_type {
+                Some(t) => format!("{t} processes"),
+                None => "all processes".into(),
+            };
             out::say(&format!(
-                "Scaling {app}... done, now running {}",
-                now.join(", ")
+                "Restarting {what} of {app}... done, v{} is redeployed one instance at a time (`paddock deploys info v{}` follows it)",
+                s(&v["version"]),
+                s(&v["version"])
             ));
+        }
+    }
+    Ok(())
+}
+
+/// How many instances of each type are `up`, as `web=2 worker=1`.
+fn up_counts(instances: &Value, want: &[(String, i64)]) -> Vec<(String, i64, i64)> {
+    want.iter()
+        .map(|(t, q)| {
+            let up = instances
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|i| i["type"] == t.as_str() && i["state"] == "up")
+                .count() as i64;
+            (t.clone(), up, *q)
+        })
+        .collect()
+}
+
+/// Waits until each type in `want` has exactly its quantity `up`, saying the
+/// counts on stderr as they change; `web=4 worker=1` when they do.
+fn wait_up(api: &mut Api, app: &str, want: &[(String, i64)], limit: Duration) -> Result<String> {
+    let deadline = std::time::Instant::now() + limit;
+    let mut said = String::new();
+    loop {
+        let counts = match api.call("app.instances", json!({"app": app})) {
+            Ok(v) => up_counts(&v["instances"], want),
+            Err(e) => {
+                out::say_err(&format!("warning: {e:#}"));
+                vec![]
+            }
+        };
+        let line = counts
+            .iter()
+            .map(|(t, up, q)| format!("{t}: {up} of {q} up"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        if !counts.is_empty() && counts.iter().all(|(_, up, q)| up == q) {
+            return Ok(counts
+                .iter()
+                .map(|(t, up, _)| format!("{t}={up}"))
+                .collect::<Vec<_>>()
+                .join(" "));
+        }
+        if line != said && !line.is_empty() {
+            eprintln!("Scaling {app}... {line}");
+            said = line;
+        }
+        if std::time::Instant::now() >= deadline {
+            bail!(
+                "the new formation of {app} is saved, but after {} s not every instance is up ({said}): `paddock ps` shows them, `paddock logs` what they print",
+                limit.as_secs()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+/// `3m ago`, `2h ago`…
+fn ago(ms: i64, now: i64) -> String {
+    let secs = (now - ms).max(0) / 1000;
+    match secs {
+        s if s < 60 => format!("{s}s ago"),
+        s if s < 3600 => format!("{}m ago", s / 60),
+        s if s < 86_400 => format!("{}h ago", s / 3600),
+        s => format!("{}d ago", s / 86_400),
+    }
+}
+
+fn instances_table(list: &[Value], now: i64) {
+    let mut t = Table::new(&["ID", "TYPE", "RELEASE", "NODE", "STATE", "SINCE"]);
+    for i in list {
+        let state = match (i["state"].as_str(), i["reason"].as_str()) {
+            (Some("crashed"), Some(r)) => format!("crashed: {r}"),
+            (Some(st @ ("crashed" | "backoff")), None) => match i["last_exit"]["reason"].as_str() {
+                Some(r) => format!("{st}: {r}"),
+                None => st.to_string(),
+            },
+            _ => s(&i["state"]),
+        };
+        t.row(vec![
+            s(&i["id"]),
+            s(&i["type"]),
+            if i["release"].is_null() {
+                "-".into()
+            } else {
+                vname(&i["release"])
+            },
+            s(&i["node"]),
+            state,
+            i["since"]
+                .as_i64()
+                .map(|t| format!("{} ({})", out::time(t), ago(t, now)))
+                .unwrap_or_else(|| "-".into()),
+        ]);
+    }
+    t.print();
+}
+
+/// Runners that did not answer: their instances are missing from what was shown.
+fn unreachable_note(list: &Value) {
+    for u in list.as_array().into_iter().flatten() {
+        out::say_err(&format!(
+            "warning: the runner on {} did not answer: its instances are not shown",
+            s(&u["node"])
+        ));
+    }
+}
+
+// ---- logs, run, open, deploys -------------------------------------------------
+
+/// `2026-12-06 06:10:29.123`
+fn log_time(ms: i64) -> String {
+    format!("{}.{:03}", &out::time(ms)[..19], ms.rem_euclid(1000))
+}
+
+fn print_log_lines(lines: &Value, json: bool) -> Result<()> {
+    let tty = out::is_tty();
+    for l in lines.as_array().into_iter().flatten() {
+        if json {
+            println!("{}", out::safe_json(serde_json::to_string(l)?));
+        } else {
+            let who = format!("{}:", s(&l["instance"]));
+            println!(
+                "{}",
+                out::log_line(
+                    &log_time(l["ts"].as_i64().unwrap_or(0)),
+                    &who,
+                    l["line"].as_str().unwrap_or(""),
+                    tty
+                )
+            );
+        }
+    }
+    Ok(())
+}
+
+/// `paddock logs`: the app's instances' lines, merged in time order; with
+/// `tail`, then every second what is new, until interrupted.
+pub fn logs(opts: &Opts, num: u32, tail: bool, process_type: Option<String>) -> Result<()> {
+    let app = identity::app(opts)?;
+    let mut api = Api::connect(opts)?;
+    let mut body = json!({"app": app, "lines": num});
+    if let Some(t) = &process_type {
+        body["type"] = json!(t);
+    }
+    let v = api.call("app.logs", body.clone())?;
+    print_log_lines(&v["lines"], opts.json)?;
+    unreachable_note(&v["unreachable"]);
+    if !tail {
+        return Ok(());
+    }
+    let mut cursor = v["cursor"].clone();
+    let mut failing_since: Option<std::time::Instant> = None;
+    loop {
+        std::thread::sleep(Duration::from_secs(1));
+        body["cursor"] = cursor.clone();
+        body["lines"] = json!(1000);
+        match api.call("app.logs", body.clone()) {
+            Ok(v) => {
+                failing_since = None;
+                print_log_lines(&v["lines"], opts.json)?;
+                if v["truncated"] == true {
+                    eprintln!(
+                        "(some lines came faster than they could be shown and were left out)"
+                    );
+                }
+                cursor = v["cursor"].clone();
+            }
+            // A moment without the api (a restart) is waited out.
+            Err(e) => match failing_since {
+                Some(t) if t.elapsed() > Duration::from_secs(30) => return Err(e),
+                Some(_) => {}
+                None => {
+                    out::say_err(&format!("warning: {e:#}; still trying"));
+                    failing_since = Some(std::time::Instant::now());
+                }
+            },
+        }
+    }
+}
+
+/// `paddock run`: a one-off command on the app's current release, on a
+/// terminal (`--no-tty`: none); returns its exit status.
+pub fn run(opts: &Opts, no_tty: bool, command: Vec<String>) -> Result<i32> {
+    let app = identity::app(opts)?;
+    let mut api = Api::connect(opts)?;
+    let (cols, rows) = tty::term_size();
+    let (line, argv) = tty::command_fields(&command);
+    let mut body = json!({"app": app, "pty": !no_tty, "cols": cols, "rows": rows});
+    match argv {
+        Some(a) => body["argv"] = json!(a),
+        None => body["command"] = json!(line),
+    }
+    // The first one-off of a release on a node waits for its slug.
+    api.set_timeout(opts.timeout.max(Duration::from_secs(130)));
+    let v = api.call("run.start", body)?;
+    let id = v["id"]
+        .as_str()
+        .context("the api's run.start reply has no id")?
+        .to_string();
+    out::say_err(&format!(
+        "Running `{}` on {app}... up, {id} (v{} on {})",
+        command.join(" "),
+        s(&v["release"]),
+        s(&v["node"])
+    ));
+    // Each run.output waits up to OUTPUT_WAIT_MS at the runner.
+    api.set_timeout(
+        opts.timeout + Duration::from_millis(tty::OUTPUT_WAIT_MS) + Duration::from_secs(3),
+    );
+    let connect = api.connector(opts.timeout);
+    tty::attach(Box::new(api), &id, !no_tty, connect)
+}
+
+/// `paddock open`: the app's web address.
+pub fn open(opts: &Opts) -> Result<()> {
+    let app = identity::app(opts)?;
+    let mut api = Api::connect(opts)?;
+    let v = api.call("app.info", json!({"app": app}))?;
+    let Some(url) = v["app"]["web_url"].as_str() else {
+        bail!("{app} has no domain to open: add one with `paddock domains add HOST -a {app}`");
+    };
+    if opts.json {
+        return json_out(&json!({ "url": url }));
+    }
+    out::say(url);
+    Ok(())
+}
+
+fn outcome_cell(d: &Value) -> String {
+    match d["outcome"].as_str() {
+        Some("rolled_back") => "rolled back".into(),
+        Some(o) => o.into(),
+        None => "running".into(),
+    }
+}
+
+fn deploy_duration(d: &Value) -> String {
+    match (d["started_at"].as_i64(), d["finished_at"].as_i64()) {
+        (Some(a), Some(b)) => duration((b - a).max(0)),
+        _ => "-".into(),
+    }
+}
+
+/// `paddock deploys`: each deploy's outcome and times; `deploys info vN`: its trail.
+pub fn deploys(opts: &Opts, cmd: Option<DeploysCmd>, num: u32) -> Result<()> {
+    let app = identity::app(opts)?;
+    let mut api = Api::connect(opts)?;
+    match cmd {
+        None => {
+            let v = api.call(
+                "deploy.list",
+                json!({"app": app, "limit": num.clamp(1, 100)}),
+            )?;
+            if opts.json {
+                return json_out(&v);
+            }
+            let list = v["deploys"].as_array().cloned().unwrap_or_default();
+            out::heading(&format!("{app} Deploys"));
+            if list.is_empty() {
+                println!("No deploys yet: a push, a config change or a rollback makes one");
+                return Ok(());
+            }
+            let mut t = Table::new(&["RELEASE", "OUTCOME", "STARTED", "DURATION", "ALERTS"]);
+            for d in &list {
+                t.row(vec![
+                    vname(&d["version"]),
+                    outcome_cell(d),
+                    d["started_at"].as_i64().map(out::time).unwrap_or_default(),
+                    deploy_duration(d),
+                    s(&d["alerts"]),
+                ]);
+            }
+            t.print();
+            if list.len() as u32 == num {
+                eprintln!("(the latest {num}; -n N for more)");
+            }
+        }
+        Some(DeploysCmd::Info { version }) => {
+            let n = version_arg(&version)?;
+            let v = api.call("deploy.info", json!({"app": app, "version": n}))?;
+            if opts.json {
+                return json_out(&v);
+            }
+            let d = &v["deploy"];
+            out::heading(&format!("{app} Deploy v{n}"));
+            out::fields(&[
+                ("Outcome", outcome_cell(d)),
+                (
+                    "Started",
+                    d["started_at"].as_i64().map(out::time).unwrap_or_default(),
+                ),
+                (
+                    "Finished",
+                    d["finished_at"]
+                        .as_i64()
+                        .map(out::time)
+                        .unwrap_or_else(|| "-".into()),
+                ),
+                ("Duration", deploy_duration(d)),
+                ("Runs", s(&d["runs"])),
+            ]);
+            out::heading("Trail");
+            for l in d["lines"].as_array().into_iter().flatten() {
+                let mark = if l["kind"] == "alert" { "ALERT " } else { "" };
+                out::say(&format!(
+                    "{} {mark}{}",
+                    log_time(l["at"].as_i64().unwrap_or(0)),
+                    out::escape(l["line"].as_str().unwrap_or(""), false)
+                ));
+            }
         }
     }
     Ok(())

@@ -7,6 +7,7 @@ mod dev;
 mod identity;
 mod out;
 mod runner;
+mod tty;
 
 use std::path::PathBuf;
 
@@ -92,10 +93,49 @@ enum Cmd {
         /// vN
         version: Option<String>,
     },
-    /// The app's process types and their quantities (no verb), or scale them.
+    /// The app's formation and its instances (no verb), or scale or restart them.
     Ps {
         #[command(subcommand)]
         cmd: Option<api::PsCmd>,
+    },
+    /// The output of the app's instances, merged in time order (-t: keep following).
+    Logs {
+        /// How many of the latest lines to show.
+        #[arg(short = 'n', long = "num", default_value_t = 100)]
+        num: u32,
+        /// Keep printing new lines, until interrupted.
+        #[arg(short = 't', long = "tail")]
+        tail: bool,
+        /// Only this process type's instances (web, worker…).
+        #[arg(long = "ps", value_name = "TYPE")]
+        process_type: Option<String>,
+    },
+    /// Run a one-off command on the app's current release, on a terminal;
+    /// exits with the command's status. Options go before the command.
+    Run {
+        /// No terminal: stdin is not read, output is passed through as it comes
+        /// (for scripts).
+        #[arg(long)]
+        no_tty: bool,
+        /// One word: a shell command line ('rake db:migrate && echo ok'). Several:
+        /// the program and its arguments, exec'd as given.
+        #[arg(
+            required = true,
+            trailing_var_arg = true,
+            allow_hyphen_values = true,
+            value_name = "COMMAND"
+        )]
+        command: Vec<String>,
+    },
+    /// Print the app's web address.
+    Open,
+    /// The app's deploys, newest first (no verb), or one deploy's trail.
+    Deploys {
+        /// How many to show.
+        #[arg(short = 'n', long = "num", default_value_t = api::LIST_DEFAULT)]
+        num: u32,
+        #[command(subcommand)]
+        cmd: Option<api::DeploysCmd>,
     },
     /// The app's domains (no verb), or add, remove one.
     Domains {
@@ -268,6 +308,16 @@ fn main() {
                 Cmd::Releases { num, cmd } => api::releases(&opts, cmd, num),
                 Cmd::Rollback { version } => api::rollback(&opts, version),
                 Cmd::Ps { cmd } => api::ps(&opts, cmd),
+                Cmd::Logs {
+                    num,
+                    tail,
+                    process_type,
+                } => api::logs(&opts, num, tail, process_type),
+                Cmd::Run { no_tty, command } => {
+                    api::run(&opts, no_tty, command).map(|code| std::process::exit(code))
+                }
+                Cmd::Open => api::open(&opts),
+                Cmd::Deploys { num, cmd } => api::deploys(&opts, cmd, num),
                 Cmd::Domains { cmd } => api::domains(&opts, cmd),
                 Cmd::Access { cmd } => api::access(&opts, cmd),
                 Cmd::Keys { num, cmd } => api::keys(&opts, cmd, num),

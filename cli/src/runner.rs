@@ -1,10 +1,8 @@
 //! Verbs for app instances on runners: `paddock instance ps|run|start|…`.
 
-use std::io::{Read, Write};
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
-use base64::Engine;
 use clap::{Args, Subcommand};
 use paddock_config::ClusterConfig;
 use paddock_wire::kinds::{self, InstanceInfo, InstanceList, LogLines, ServiceState};
@@ -13,6 +11,7 @@ use serde_json::{json, Value};
 
 use crate::cluster::{client, load, registry, table, Opts};
 use crate::out;
+use crate::tty::{self, command_fields, term_size, RunConn};
 
 #[derive(Debug, Subcommand)]
 pub enum InstanceCmd {
@@ -141,15 +140,6 @@ pub struct RunArgs {
     /// arguments, exec'd as given (no shell, no re-splitting).
     #[arg(last = true, required = true)]
     command: Vec<String>,
-}
-
-/// The wire form of a command given after `--`: a single argument is a command
-/// line (`command`), several are an argument list (`argv`), passed unchanged.
-fn command_fields(words: &[String]) -> (String, Option<Vec<String>>) {
-    match words {
-        [line] => (line.clone(), None),
-        _ => (String::new(), Some(words.to_vec())),
-    }
 }
 
 /// Every alive runner: (node, rpc endpoint). This node's runner from the cluster
@@ -399,58 +389,6 @@ fn chrono_like(ms: i64) -> String {
     )
 }
 
-/// Puts a terminal in raw mode; restores it when dropped.
-struct Raw {
-    saved: Option<nix::sys::termios::Termios>,
-}
-
-impl Raw {
-    fn enter() -> Raw {
-        use nix::sys::termios::{cfmakeraw, tcgetattr, tcsetattr, SetArg};
-        let stdin = std::io::stdin();
-        if !std::io::IsTerminal::is_terminal(&stdin) {
-            return Raw { saved: None };
-        }
-        match tcgetattr(&stdin) {
-            Ok(t) => {
-                let mut raw = t.clone();
-                cfmakeraw(&mut raw);
-                let _ = tcsetattr(&stdin, SetArg::TCSANOW, &raw);
-                Raw { saved: Some(t) }
-            }
-            Err(_) => Raw { saved: None },
-        }
-    }
-}
-
-impl Drop for Raw {
-    fn drop(&mut self) {
-        if let Some(t) = &self.saved {
-            let _ = nix::sys::termios::tcsetattr(
-                std::io::stdin(),
-                nix::sys::termios::SetArg::TCSANOW,
-                t,
-            );
-        }
-    }
-}
-
-fn term_size() -> (u16, u16) {
-    let mut ws = libc::winsize {
-        ws_row: 0,
-        ws_col: 0,
-        ws_xpixel: 0,
-        ws_ypixel: 0,
-    };
-    // SAFETY: TIOCGWINSZ fills a winsize we own.
-    let ok = unsafe { libc::ioctl(1, libc::TIOCGWINSZ, &mut ws) } == 0;
-    if ok && ws.ws_col > 0 {
-        (ws.ws_col, ws.ws_row)
-    } else {
-        (80, 24)
-    }
-}
-
 /// `paddock instance run`: a one-off command on a PTY; returns its exit code.
 pub fn run(opts: &Opts, a: RunArgs) -> Result<i32> {
     let app = crate::identity::app(opts)?;
@@ -475,75 +413,21 @@ pub fn run(opts: &Opts, a: RunArgs) -> Result<i32> {
         .as_str()
         .context("run.start reply has no id")?
         .to_string();
-    let raw = (!a.no_pty).then(Raw::enter);
-    let b64 = &base64::engine::general_purpose::STANDARD;
-    // Input: stdin → run.input (its own connection); EOF on a pipe becomes ^D.
-    if !a.no_pty {
-        let (cfg, ep, id) = (cfg.clone(), ep.clone(), id.clone());
-        let timeout = opts.timeout;
-        std::thread::spawn(move || {
-            let Ok(mut c) = client(&cfg, &ep, timeout) else {
-                return;
-            };
-            let mut buf = [0u8; 4096];
-            let mut stdin = std::io::stdin();
-            loop {
-                let data: Vec<u8> = match stdin.read(&mut buf) {
-                    Ok(0) | Err(_) => vec![4],
-                    Ok(n) => buf[..n].to_vec(),
-                };
-                let eof = data == [4];
-                if c.call(
-                    kinds::RUN_INPUT,
-                    json!({"id": id, "data": b64.encode(&data)}),
-                )
-                .is_err()
-                    || eof
-                {
-                    return;
-                }
-            }
-        });
-    }
-    // Window size changes.
-    if raw.as_ref().is_some_and(|r| r.saved.is_some()) {
-        let (cfg, ep, id) = (cfg.clone(), ep.clone(), id.clone());
-        let timeout = opts.timeout;
-        std::thread::spawn(move || {
-            let Ok(mut c) = client(&cfg, &ep, timeout) else {
-                return;
-            };
-            let mut last = term_size();
-            loop {
-                std::thread::sleep(Duration::from_millis(250));
-                let now = term_size();
-                if now != last {
-                    last = now;
-                    let _ = c.call(
-                        kinds::RUN_RESIZE,
-                        json!({"id": id, "cols": now.0, "rows": now.1}),
-                    );
-                }
-            }
-        });
-    }
-    let mut offset = 0u64;
-    let mut out = std::io::stdout();
+    // The output is long-polled: each call waits up to OUTPUT_WAIT_MS there.
     c.set_timeout(opts.timeout + Duration::from_secs(5));
-    loop {
-        let v = c.call(
-            kinds::RUN_OUTPUT,
-            json!({"id": id, "offset": offset, "wait_ms": 2000}),
-        )?;
-        let data = b64
-            .decode(v["data"].as_str().unwrap_or(""))
-            .unwrap_or_default();
-        out.write_all(&data)?;
-        out.flush()?;
-        offset = v["next_offset"].as_u64().unwrap_or(offset);
-        if v["done"] == true {
-            drop(raw);
-            return Ok(v["exit_code"].as_i64().unwrap_or(1) as i32);
-        }
+    let timeout = opts.timeout;
+    let connect: tty::Connect = Box::new(move || {
+        let c = client(&cfg, &ep, timeout)?;
+        Ok(Box::new(Runner(c)) as Box<dyn RunConn>)
+    });
+    tty::attach(Box::new(Runner(c)), &id, !a.no_pty, connect)
+}
+
+/// A runner connection for the shared one-off terminal.
+struct Runner(paddock_wire::Client);
+
+impl RunConn for Runner {
+    fn call(&mut self, kind: &str, body: Value) -> Result<Value> {
+        Ok(self.0.call(kind, body)?)
     }
 }
