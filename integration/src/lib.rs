@@ -9,6 +9,8 @@ use std::time::{Duration, Instant};
 
 pub mod api;
 pub mod http;
+pub mod netns;
+pub mod sched;
 
 use anyhow::Result;
 use nix::sys::signal::Signal;

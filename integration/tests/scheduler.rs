@@ -16,82 +16,19 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use paddock_integration::api::{create_user, wait_migrated};
+use paddock_integration::sched::{add_scheduler as add_scheduler_with, tune_runner};
 use paddock_integration::*;
 use paddock_wire::client::Subscriber;
 use paddock_wire::Client;
 use serde_json::{json, Value};
 
-const APP_PY: &str = r#"
-import os
-from http.server import BaseHTTPRequestHandler, HTTPServer
-
-class H(BaseHTTPRequestHandler):
-    def log_message(self, *a):
-        pass
-
-    def do_GET(self):
-        data = open("/app/version.txt").read().strip().encode()
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-HTTPServer(("127.0.0.1", int(os.environ["PORT"])), H).serve_forever()
-"#;
-
-/// A zstd tar of the app saying `version` (system tar).
+/// A slug of the version app (`paddock_integration::sched`).
 fn slug(dir: &Path, version: &str) -> PathBuf {
-    let src = dir.join(format!("slug-{version}"));
-    std::fs::create_dir_all(&src).unwrap();
-    std::fs::write(src.join("app.py"), APP_PY).unwrap();
-    std::fs::write(src.join("Procfile"), "web: python3 -u app.py\n").unwrap();
-    std::fs::write(src.join("version.txt"), version).unwrap();
-    let out = dir.join(format!("slug-{version}.tar.zst"));
-    let st = std::process::Command::new("tar")
-        .arg("--zstd")
-        .arg("-cf")
-        .arg(&out)
-        .arg("-C")
-        .arg(&src)
-        .arg(".")
-        .status()
-        .unwrap();
-    assert!(st.success());
-    out
+    paddock_integration::sched::version_slug(dir, version, "127.0.0.1")
 }
 
-fn tune_runner(node: &mut Node) {
-    let r = node.file.daemons.get_mut("runner").unwrap();
-    for (k, v) in [
-        ("backoff_base_ms", 50),
-        ("health_interval_ms", 300),
-        ("stop_grace_ms", 2000),
-        ("offer_memory_mb", 4096),
-    ] {
-        r.other.insert(k.into(), toml::Value::Integer(v));
-    }
-}
-
-/// `[daemons.scheduler]` with short timings; its pub endpoint.
 fn add_scheduler(node: &mut Node) -> String {
-    node.add_daemon("scheduler");
-    let publish = tcp(free_port().unwrap());
-    let s = node.file.daemons.get_mut("scheduler").unwrap();
-    s.other
-        .insert("pub".into(), toml::Value::String(publish.clone()));
-    for (k, v) in [
-        ("min_healthy_ms", 1000),
-        ("drain_ms", 1500),
-        ("resync_ms", 500),
-        ("lease_ttl_ms", 3000),
-        ("node_settle_ms", 0),
-        ("watch_window_ms", 1000),
-        ("healthy_deadline_ms", 30_000),
-    ] {
-        s.other.insert(k.into(), toml::Value::Integer(v));
-    }
-    node.save();
-    publish
+    add_scheduler_with(node, &[])
 }
 
 fn get(addr: &str) -> String {
