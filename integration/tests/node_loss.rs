@@ -27,7 +27,7 @@ struct World {
 
 impl World {
     /// The cluster, with `web=3` of a succeeded release placed one per node.
-    fn start(name: &str, scheduler: &[(&str, i64)]) -> World {
+    fn start(name: &str, scheduler: &[(&str, i64)], scheduling: Value) -> World {
         let net = Net::new(name, 3);
         net.enter();
         let t = TestDir::new(name);
@@ -105,6 +105,7 @@ impl World {
                 "release.create",
                 json!({"app": w.app, "slug": format!("sha256:{}", stored.sha256),
                        "process_types": {"web": "python3 -u app.py"},
+                       "scheduling": scheduling,
                        "description": "node loss", "created_by": "user:alice"}),
             )
             .expect("release.create");
@@ -227,7 +228,11 @@ impl World {
 
 #[test]
 fn a_node_cut_off_serves_elsewhere_and_when_back_runs_nothing_twice() {
-    let w = World::start("loss", &[("node_settle_ms", 3000), ("drain_ms", 1000)]);
+    let w = World::start(
+        "loss",
+        &[("node_settle_ms", 3000), ("drain_ms", 1000)],
+        json!({}),
+    );
     let cut_ip = w.net.ip(2);
     let before = w.on_node(2).unwrap();
     assert_eq!(before.len(), 1, "{before:?}");
@@ -314,4 +319,73 @@ fn a_node_cut_off_serves_elsewhere_and_when_back_runs_nothing_twice() {
     eventually(Duration::from_secs(10), "3 up", || {
         (w.up().len() == 3).then_some(())
     });
+}
+
+/// `stop_after_disconnect`: an instance that asked for it is stopped by its own
+/// runner once no scheduler has reached the node for that long (so a worker
+/// that must never run twice does not, once it is placed elsewhere); while the
+/// scheduler reaches the node, it keeps running however long that is.
+#[test]
+fn stop_after_disconnect_stops_a_cut_off_nodes_instance_by_itself() {
+    let w = World::start(
+        "sad",
+        &[("node_settle_ms", 3000), ("drain_ms", 1000)],
+        json!({"web": {"stop_after_disconnect": 2}}),
+    );
+    let on2 = w.on_node(2).unwrap();
+    assert_eq!(on2.len(), 1, "{on2:?}");
+    let id = on2[0]["id"].as_str().unwrap().to_string();
+    let record = w.nodes[1]
+        .dir
+        .join("state/runner/instances")
+        .join(&id)
+        .join("instance.json");
+    let running = || -> bool {
+        let r: Value = serde_json::from_str(&std::fs::read_to_string(&record).unwrap()).unwrap();
+        r["running"] == true
+    };
+    let spec: Value = serde_json::from_str(&std::fs::read_to_string(&record).unwrap()).unwrap();
+    assert_eq!(spec["spec"]["stop_after_disconnect_ms"], 2000, "{spec}");
+    // Connected for twice the limit: it keeps running.
+    std::thread::sleep(Duration::from_secs(4));
+    assert!(running(), "stopped while the scheduler reached its node");
+    assert_eq!(w.on_node(2).unwrap()[0]["state"], "up");
+
+    let cut_at = Instant::now();
+    w.net.cut(2);
+    eventually(
+        Duration::from_secs(15),
+        "the cut-off node's runner stopped its instance",
+        || (!running()).then_some(()),
+    );
+    // Counted from the scheduler's last contact, at most a resync (500 ms)
+    // before the cut.
+    let stopped_after = cut_at.elapsed();
+    assert!(
+        stopped_after >= Duration::from_millis(1400),
+        "stopped {stopped_after:?} after the cut, well before its 2 s"
+    );
+    // Meanwhile the scheduler placed it elsewhere.
+    eventually(Duration::from_secs(30), "3 up on nodes 1 and 3", || {
+        let n: usize = [1, 3]
+            .iter()
+            .map(|k| {
+                w.on_node(*k)
+                    .unwrap_or_default()
+                    .iter()
+                    .filter(|i| i["state"] == "up")
+                    .count()
+            })
+            .sum();
+        (n == 3).then_some(())
+    });
+    w.net.restore(2);
+    w.wait_runners_alive(&[2]);
+    let live2 = w
+        .on_node(2)
+        .unwrap()
+        .into_iter()
+        .filter(|i| !matches!(i["state"].as_str(), Some("stopped" | "stopping")))
+        .count();
+    assert_eq!(live2, 0, "the returned node runs its old instance again");
 }

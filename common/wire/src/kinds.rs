@@ -196,6 +196,12 @@ pub struct InstanceStart {
     pub start_timeout_ms: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub health_interval_ms: Option<u64>,
+    /// Stop the instance once no scheduler has reached this runner (a fenced
+    /// call, or `instance.list` with a token) for this long: for workers that
+    /// must never run twice when their node is cut off and they are placed
+    /// elsewhere. Absent: it keeps running.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop_after_disconnect_ms: Option<u64>,
     /// The caller's id for the instance (`[a-z0-9.-]`, 1-100, starting with a
     /// letter or digit); the runner makes one up when absent. A start with the id
     /// of an instance the runner has and the same body (`token` aside) answers as

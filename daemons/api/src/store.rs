@@ -216,7 +216,7 @@ const MS: &str = "(extract(epoch from created_at) * 1000)::bigint";
 const RELEASE_COLS: &str =
     "r.version, r.slug, r.process_types, r.config, r.healthchecks, r.description, \
      r.created_by, r.status, r.status_message, (extract(epoch from r.created_at) * 1000)::bigint, \
-     a.current_release";
+     a.current_release, r.scheduling";
 
 /// `RELEASE_COLS` for lists: the config's names only (an object with null
 /// values), so a list does not carry every release's values from the database.
@@ -224,7 +224,7 @@ const RELEASE_LIST_COLS: &str = "r.version, r.slug, r.process_types, \
      (SELECT coalesce(jsonb_object_agg(k, null), '{}'::jsonb) FROM jsonb_object_keys(r.config) k), \
      r.healthchecks, r.description, \
      r.created_by, r.status, r.status_message, (extract(epoch from r.created_at) * 1000)::bigint, \
-     a.current_release";
+     a.current_release, r.scheduling";
 
 fn release_json(r: &Row, with_config: bool) -> Value {
     let version: i32 = r.get(0);
@@ -246,6 +246,7 @@ fn release_json(r: &Row, with_config: bool) -> Value {
         "status_message": r.get::<_, String>(8),
         "created_at": r.get::<_, i64>(9),
         "current": current == Some(version),
+        "scheduling": r.get::<_, Value>(11),
     });
     if with_config {
         v["config"] = config;
@@ -1207,9 +1208,10 @@ impl Store {
             tx,
             "WITH n AS (UPDATE api_apps SET next_release = next_release + 1, config = $2
                         WHERE id = $1 RETURNING next_release - 1 AS v),
-                  prev AS (SELECT slug, process_types, healthchecks FROM api_releases WHERE app_id = $1 AND version = $3)
-             INSERT INTO api_releases (app_id, version, slug, process_types, config, healthchecks, description, created_by, status)
-             SELECT $1, n.v, prev.slug, COALESCE(prev.process_types, '{}'), $2, COALESCE(prev.healthchecks, '{}'), $4, $5,
+                  prev AS (SELECT slug, process_types, healthchecks, scheduling FROM api_releases WHERE app_id = $1 AND version = $3)
+             INSERT INTO api_releases (app_id, version, slug, process_types, config, healthchecks, scheduling, description, created_by, status)
+             SELECT $1, n.v, prev.slug, COALESCE(prev.process_types, '{}'), $2, COALESCE(prev.healthchecks, '{}'),
+                    COALESCE(prev.scheduling, '{}'), $4, $5,
                     CASE WHEN prev.slug IS NULL THEN 'succeeded' ELSE 'pending' END
              FROM n LEFT JOIN prev ON true
              RETURNING version, slug IS NULL",
@@ -1522,6 +1524,8 @@ impl Store {
         }
         let healthchecks = b.opt("healthchecks").cloned().unwrap_or_else(|| json!({}));
         check_healthchecks(&healthchecks, types)?;
+        let scheduling = b.opt("scheduling").cloned().unwrap_or_else(|| json!({}));
+        check_scheduling(&scheduling, types)?;
         let description = b.opt_str("description")?.unwrap_or("Deploy");
         let created_by = b
             .opt_str("created_by")?
@@ -1536,9 +1540,9 @@ impl Store {
             &tx,
             "WITH n AS (UPDATE api_apps SET next_release = next_release + 1 WHERE id = $1
                         RETURNING next_release - 1 AS v, config)
-             INSERT INTO api_releases (app_id, version, slug, process_types, config, healthchecks, description, created_by, status)
-             SELECT $1, n.v, $2, $3, n.config, $4, $5, $6, 'pending' FROM n RETURNING version",
-            &[&app.id, &slug, &Value::Object(types.clone()), &healthchecks, &description, &created_by],
+             INSERT INTO api_releases (app_id, version, slug, process_types, config, healthchecks, scheduling, description, created_by, status)
+             SELECT $1, n.v, $2, $3, n.config, $4, $7, $5, $6, 'pending' FROM n RETURNING version",
+            &[&app.id, &slug, &Value::Object(types.clone()), &healthchecks, &description, &created_by, &scheduling],
         )
         .await?
         .ok_or_else(|| WireError::internal("release insert returned nothing"))?;
@@ -2449,9 +2453,11 @@ impl Store {
                 checks.insert(t, c);
             }
         }
+        let scheduling = of.map_or_else(|| json!({}), |r| r["scheduling"].clone());
         Ok(
             json!({"name": name, "id": id, "current": current, "pending": pending,
-                  "formation": formation, "domains": domains, "healthchecks": checks}),
+                  "formation": formation, "domains": domains, "healthchecks": checks,
+                  "scheduling": scheduling}),
         )
     }
 
@@ -2475,6 +2481,42 @@ impl Store {
         }
         Ok((json!({ "apps": apps }), vec![]))
     }
+}
+
+/// `scheduling` from app.json's formation: `{"worker": {"stop_after_disconnect":
+/// SECONDS}}` (1 to 86400), for process types the release has.
+fn check_scheduling(h: &Value, types: &Map<String, Value>) -> Result<(), WireError> {
+    let m = h.as_object().ok_or_else(|| {
+        WireError::invalid(
+            "`scheduling` must be an object of process type: {stop_after_disconnect}",
+        )
+    })?;
+    for (t, v) in m {
+        if !types.contains_key(t) {
+            return Err(WireError::invalid(format!(
+                "scheduling names process type {t}, which the release does not have"
+            )));
+        }
+        let o = v
+            .as_object()
+            .ok_or_else(|| WireError::invalid(format!("scheduling.{t} must be an object")))?;
+        for (k, n) in o {
+            match (k.as_str(), n.as_i64()) {
+                ("stop_after_disconnect", Some(n)) if (1..=86_400).contains(&n) => {}
+                ("stop_after_disconnect", _) => {
+                    return Err(WireError::invalid(format!(
+                        "scheduling.{t}.stop_after_disconnect must be 1-86400 seconds"
+                    )))
+                }
+                (other, _) => {
+                    return Err(WireError::invalid(format!(
+                        "scheduling.{t}: unknown setting {other:?} (known: stop_after_disconnect)"
+                    )))
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Dokku's `healthchecks` from app.json: `{"web": [{"type", "path", "timeout",

@@ -299,6 +299,8 @@ pub struct Run {
     pub durations: Map<String, Value>,
     pub config: BTreeMap<String, String>,
     pub release: Option<Value>,
+    /// app.json's scheduling settings for the release (`formation.TYPE.*`).
+    pub scheduling: Option<Value>,
 }
 
 impl Run {
@@ -451,6 +453,9 @@ impl Run {
         });
         if let Some(h) = healthchecks {
             body["healthchecks"] = h;
+        }
+        if let Some(sch) = self.scheduling.take() {
+            body["scheduling"] = sch;
         }
         let reply = self
             .dep
@@ -916,17 +921,34 @@ impl Run {
                  add a Procfile such as `web: python app.py`",
             ));
         }
-        let healthchecks =
+        let app_json =
             match read_tree_file(&self.paths.app.join("app.json"), 1 << 20, self.sandbox.uid)
                 .map_err(|e| fail("process-types", e))?
             {
-                Some(text) => {
-                    let v: Value = serde_json::from_str(&text)
-                        .map_err(|e| fail("process-types", format!("app.json is not JSON: {e}")))?;
-                    v.get("healthchecks").cloned()
-                }
+                Some(text) => Some(
+                    serde_json::from_str::<Value>(&text)
+                        .map_err(|e| fail("process-types", format!("app.json is not JSON: {e}")))?,
+                ),
                 None => None,
             };
+        let healthchecks = app_json
+            .as_ref()
+            .and_then(|v| v.get("healthchecks").cloned());
+        // `formation.TYPE.stop_after_disconnect` (seconds): the api checks the
+        // values; Heroku's other formation keys (quantity, size) are not read.
+        let mut scheduling = Map::new();
+        if let Some(f) = app_json
+            .as_ref()
+            .and_then(|v| v.get("formation"))
+            .and_then(Value::as_object)
+        {
+            for (t, v) in f {
+                if let Some(n) = v.get("stop_after_disconnect") {
+                    scheduling.insert(t.clone(), json!({ "stop_after_disconnect": n }));
+                }
+            }
+        }
+        self.scheduling = (!scheduling.is_empty()).then_some(Value::Object(scheduling));
         Ok((types, healthchecks))
     }
 

@@ -793,6 +793,7 @@ async fn prepare(d: &Rc<Deployer>, job: &Job) -> Result<build::Run, build::Failu
         durations: Map::new(),
         config: Default::default(),
         release: None,
+        scheduling: None,
     })
 }
 

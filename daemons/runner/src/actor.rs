@@ -179,6 +179,10 @@ pub struct Runner {
     /// The largest fencing token accepted (as in `fence.json`), or why the
     /// file could not be read (then every fenced request is refused).
     max_token: Result<Option<u64>, String>,
+    /// When a scheduler last reached this runner: a fenced call accepted, or an
+    /// `instance.list` carrying a token not stale. Counted from the runner's
+    /// start (a restarted runner gives its instances the whole grace again).
+    scheduler_contact: std::time::Instant,
 }
 
 impl Runner {
@@ -194,6 +198,7 @@ impl Runner {
             server,
             hierarchy,
             shim_bin,
+            scheduler_contact: std::time::Instant::now(),
             max_token: store::load_fence(&settings.instances_dir).map_err(|e| {
                 let why = crate::chain(&e);
                 tracing::error!(
@@ -217,6 +222,9 @@ impl Actor for Runner {
             .clamp(Duration::from_millis(50), Duration::from_secs(60));
         ctx.run_interval(every, |act, _| act.sweep_stopped());
         ctx.run_interval(Duration::from_secs(600), |act, _| act.sweep_slugs());
+        ctx.run_interval(Duration::from_millis(500), |act, ctx| {
+            act.stop_disconnected(ctx)
+        });
         ctx.run_interval(Duration::from_millis(200), |act, ctx| {
             let apps: Vec<String> = act.purging.iter().cloned().collect();
             for app in apps {
@@ -710,6 +718,36 @@ impl Runner {
         });
     }
 
+    /// Stops the scheduler's instances that asked to be stopped once no
+    /// scheduler has reached this node for `stop_after_disconnect_ms`: a node
+    /// cut off has them placed elsewhere, and they must not run twice.
+    fn stop_disconnected(&mut self, ctx: &mut Context<Self>) {
+        let quiet = self.scheduler_contact.elapsed();
+        let due: Vec<(String, u64)> = self
+            .instances
+            .iter()
+            .filter(|(_, i)| i.m.running && i.rec.owner == kinds::Owner::Scheduler)
+            .filter_map(|(id, i)| {
+                let limit = i.rec.spec.stop_after_disconnect_ms?;
+                (quiet >= Duration::from_millis(limit)).then(|| (id.clone(), limit))
+            })
+            .collect();
+        for (id, limit) in due {
+            let Some(inst) = self.instances.get(&id) else {
+                continue;
+            };
+            let shim_alive = inst.shim_alive();
+            inst.span().in_scope(|| {
+                tracing::warn!(
+                    "no scheduler has reached this node for {:.1} s (its limit: {} ms): stopping it, as it asked",
+                    quiet.as_secs_f64(),
+                    limit
+                )
+            });
+            self.step(ctx, &id, Event::StopAsked { shim_alive });
+        }
+    }
+
     /// Refuses a token smaller than the largest accepted (`stale_token`); a
     /// request without one (an operator's) is not fenced.
     fn fence(&self, token: Option<u64>) -> Result<(), WireError> {
@@ -735,6 +773,7 @@ impl Runner {
         let Some(t) = token else {
             return Ok(());
         };
+        self.scheduler_contact = std::time::Instant::now();
         if matches!(self.max_token, Ok(Some(max)) if max >= t) {
             return Ok(());
         }
@@ -928,6 +967,13 @@ impl Runner {
                 Ok(json!({"signal": sig}))
             }
             kinds::INSTANCE_LIST => {
+                // The leading scheduler lists with its token every pass: that
+                // is the contact `stop_after_disconnect` counts from.
+                if let Some(t) = env.body.get("token").and_then(Value::as_u64) {
+                    if self.fence(Some(t)).is_ok() {
+                        self.scheduler_contact = std::time::Instant::now();
+                    }
+                }
                 let mut v: Vec<InstanceInfo> = self
                     .instances
                     .values()

@@ -44,6 +44,8 @@ pub struct AppSpec {
     pub start_timeout_ms: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub health_interval_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop_after_disconnect_ms: Option<u64>,
     /// The release form: the release it runs, seen at `/app` (absent from records
     /// of `dir`-form instances and from records written before releases).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -77,6 +79,7 @@ impl From<InstanceStart> for AppSpec {
             stop_grace_ms: r.stop_grace_ms,
             start_timeout_ms: r.start_timeout_ms,
             health_interval_ms: r.health_interval_ms,
+            stop_after_disconnect_ms: r.stop_after_disconnect_ms,
             release: None,
         }
     }
@@ -307,6 +310,7 @@ mod tests {
                 stop_grace_ms: None,
                 start_timeout_ms: None,
                 health_interval_ms: None,
+                stop_after_disconnect_ms: None,
                 release: None,
             },
             port: 20001,

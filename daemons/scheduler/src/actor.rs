@@ -93,6 +93,8 @@ pub struct Scheduler {
     known: BTreeMap<NodeId, Vec<Instance>>,
     seen_ids: BTreeSet<InstanceId>,
     releases: BTreeMap<(String, u64), Release>,
+    /// (app, process type) → `stop_after_disconnect` in ms, from the api.
+    stop_after: BTreeMap<(String, String), u64>,
     subscribed: BTreeSet<String>,
     tx: mpsc::Sender<Envelope>,
     rx: mpsc::Receiver<Envelope>,
@@ -150,6 +152,7 @@ impl Scheduler {
             known: BTreeMap::new(),
             seen_ids: BTreeSet::new(),
             releases: BTreeMap::new(),
+            stop_after: BTreeMap::new(),
             subscribed: BTreeSet::new(),
             tx,
             rx,
@@ -408,11 +411,14 @@ impl Scheduler {
             let Some(rpc) = r.rpc.clone() else { continue };
             let calls = self.ctx.calls().clone();
             let node = node.clone();
+            // With the token: the runner counts it as the scheduler's contact
+            // (`stop_after_disconnect`).
+            let list_body = json!({"token": self.token()});
             asks.push(tokio::task::spawn_local(async move {
                 // Short: a runner that just died holds up the whole pass.
                 let t = Duration::from_secs(2);
                 let (list, info) = tokio::join!(
-                    calls.call(&rpc, "instance.list", json!({}), t),
+                    calls.call(&rpc, "instance.list", list_body, t),
                     calls.call(&rpc, "runner.info", json!({}), t)
                 );
                 (node, list, info)
@@ -886,6 +892,22 @@ impl Scheduler {
             .as_array()
             .map(|a| a.iter().filter_map(desired_of).collect())
             .unwrap_or_default();
+        self.stop_after = v["apps"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .flat_map(|a| {
+                let app = a["name"].as_str().unwrap_or_default().to_string();
+                a["scheduling"]
+                    .as_object()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(move |(proc, s)| {
+                        let secs = s["stop_after_disconnect"].as_u64()?;
+                        Some(((app.clone(), proc.clone()), secs.saturating_mul(1000)))
+                    })
+            })
+            .collect();
         for a in &apps {
             for r in a.release.iter().chain(a.pending.iter()) {
                 self.releases.insert((a.name.clone(), r.version), r.clone());
@@ -955,13 +977,16 @@ impl Scheduler {
                 .find(|a| a.name == s.app)
                 .and_then(|a| a.health.get(&s.proc))
                 .map_or_else(|| default_health(&s.proc), health_json);
-            let body = json!({
+            let mut body = json!({
                 "id": s.id, "app": s.app, "proc": s.proc,
                 "release": {"slug": release.slug, "version": s.version},
                 "token": s.token, "owner": "scheduler",
                 "limits": {"memory_mb": s.memory_mb},
                 "health": health,
             });
+            if let Some(ms) = self.stop_after.get(&(s.app.clone(), s.proc.clone())) {
+                body["stop_after_disconnect_ms"] = json!(ms);
+            }
             tracing::info!(app = s.app, node = s.node, "starting {}", s.id);
             self.seen_ids.insert(s.id.clone());
             let record = Instance {
