@@ -947,3 +947,76 @@ fn a_failing_start_backs_off_and_is_logged_once() {
     assert_eq!(said, 1, "said {said} times:\n{text}");
     eprintln!("a start refused by the runner: tried {tried} times in about 4 s, said once");
 }
+
+/// kill -9 of the scheduler in the middle of a rollout: a new leader resumes
+/// the deploy from what runs and completes it; the kill restarts no app
+/// process (the old release's keep their pids until retired, the new release's
+/// instance started before the kill is adopted, not replaced).
+#[test]
+fn a_scheduler_killed_mid_deploy_is_replaced_and_the_deploy_completes() {
+    let mut c = Cluster::start("sched-mid");
+    let v1 = c.release("v1");
+    c.succeed(v1);
+    c.scale_web(2);
+    c.a.start("scheduler");
+    eventually(Duration::from_secs(60), "two v1 instances up", || {
+        let l = c.instances();
+        (live(&l).iter().filter(|i| i["state"] == "up").count() == 2).then_some(())
+    });
+    let token1 = c.scheduler_status().unwrap()["token"].as_u64().unwrap();
+
+    let v2 = c.release("v2");
+    // Mid-deploy: the first v2 instance exists (its old ones all still run).
+    let (first_new, before) = eventually(Duration::from_secs(30), "a v2 instance started", || {
+        let l = c.instances();
+        let new: Vec<&Value> = live(&l)
+            .into_iter()
+            .filter(|i| i["release"].as_u64() == Some(v2))
+            .collect();
+        let old = live(&l)
+            .iter()
+            .filter(|i| i["release"].as_u64() == Some(v1) && i["state"] == "up")
+            .count();
+        (new.len() == 1 && old == 2)
+            .then(|| (new[0]["id"].as_str().unwrap().to_string(), l.clone()))
+    });
+    c.a.kill9("scheduler");
+    c.a.start("scheduler");
+    eventually(Duration::from_secs(20), "a new leader", || {
+        c.scheduler_status()?["token"]
+            .as_u64()
+            .filter(|t| *t > token1)
+    });
+    // Nothing the kill touched: every process listed before runs on with the
+    // same pid and restart count until the deploy retires it.
+    let after = c.instances();
+    for (id, i) in &before {
+        let Some(now) = after.get(id) else { continue };
+        if matches!(now["state"].as_str(), Some("stopping" | "stopped")) {
+            continue; // retired by the new leader's deploy
+        }
+        if i["pid"].is_i64() && now["pid"].is_i64() {
+            assert_eq!(now["pid"], i["pid"], "{id} restarted{}", c.logs());
+        }
+        assert_eq!(now["restarts"], i["restarts"], "{id} restarted{}", c.logs());
+    }
+    // The deploy completes: two of v2, none of v1, v2 current.
+    eventually(Duration::from_secs(60), "v2 rolled out", || {
+        let l = c.instances();
+        let live = live(&l);
+        let done = live.len() == 2
+            && live
+                .iter()
+                .all(|i| i["release"].as_u64() == Some(v2) && i["state"] == "up");
+        done.then_some(())
+    });
+    let l = c.instances();
+    assert!(
+        live(&l).iter().any(|i| i["id"] == first_new.as_str()),
+        "the v2 instance started before the kill was replaced, not adopted: {l:#?}"
+    );
+    eventually(Duration::from_secs(15), "v2 succeeded", || {
+        let s = c.api.call("app.state", json!({"app": c.app})).ok()?;
+        (s["app"]["current"]["version"].as_u64() == Some(v2)).then_some(())
+    });
+}
