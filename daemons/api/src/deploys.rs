@@ -28,7 +28,7 @@ pub struct Event {
     pub detail: Value,
 }
 
-/// One line of a trail: `kind` is `progress`, `alert` or `outcome`.
+/// One line of a trail: `kind` is `progress` or `alert`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Line {
     pub at: i64,
@@ -88,16 +88,10 @@ fn text(v: &Value, field: &str) -> String {
     s
 }
 
-/// How a deploy ended, as a person reads it.
-fn outcome_line(outcome: &str) -> String {
-    match outcome {
-        "succeeded" => "deploy succeeded".into(),
-        "failed" => "deploy failed".into(),
-        "rolled_back" => "deploy rolled back".into(),
-        "cancelled" => "deploy cancelled (a newer release replaced it)".into(),
-        other => format!("deploy ended: {other}"),
-    }
-}
+/// A progress line this long after a version's outcome begins another run of
+/// it (a restart of the same release). The scheduler writes each line in the
+/// background, so the lines that close a run may arrive just after its outcome.
+pub const RUN_GAP_MS: i64 = 5000;
 
 /// The deploys `events` (in any order) make, newest version first.
 pub fn trail(events: &[Event]) -> Vec<Deploy> {
@@ -131,32 +125,46 @@ pub fn trail(events: &[Event]) -> Vec<Deploy> {
             lines: vec![],
             first_id: e.id,
         });
-        // An event after an outcome begins the version's next run.
-        if d.finished_at.is_some() && e.kind == PROGRESS {
-            d.runs += 1;
-            d.outcome = None;
-            d.finished_at = None;
-            d.started_at = e.at;
-        }
-        let (kind, line) = match e.kind.as_str() {
-            PROGRESS => ("progress", text(&e.detail, "line")),
+        match e.kind.as_str() {
+            PROGRESS => {
+                if d.finished_at.is_some_and(|f| e.at - f > RUN_GAP_MS) {
+                    d.runs += 1;
+                    d.outcome = None;
+                    d.finished_at = None;
+                    d.started_at = e.at;
+                }
+                let line = text(&e.detail, "line");
+                // The scheduler says an alert's reason as a progress line too.
+                if !d.lines.iter().any(|l| l.kind == "alert" && l.line == line) {
+                    d.lines.push(Line {
+                        at: e.at,
+                        kind: "progress",
+                        line,
+                    });
+                }
+            }
             ALERT => {
                 d.alerts += 1;
-                ("alert", text(&e.detail, "reason"))
+                let line = text(&e.detail, "reason");
+                match d
+                    .lines
+                    .iter_mut()
+                    .find(|l| l.kind == "progress" && l.line == line)
+                {
+                    Some(l) => l.kind = "alert",
+                    None => d.lines.push(Line {
+                        at: e.at,
+                        kind: "alert",
+                        line,
+                    }),
+                }
             }
-            OUTCOME => {
-                let o = text(&e.detail, "outcome");
-                d.outcome = Some(o.clone());
+            // The outcome is the summary's; the scheduler's own line says it.
+            _ => {
+                d.outcome = Some(text(&e.detail, "outcome"));
                 d.finished_at = Some(e.at);
-                ("outcome", outcome_line(&o))
             }
-            _ => continue,
-        };
-        d.lines.push(Line {
-            at: e.at,
-            kind,
-            line,
-        });
+        }
     }
     by_version.into_values().rev().collect()
 }
@@ -174,72 +182,92 @@ mod tests {
         }
     }
 
+    fn lines(d: &Deploy) -> Vec<(&str, &str)> {
+        d.lines.iter().map(|l| (l.kind, l.line.as_str())).collect()
+    }
+
     #[test]
     fn events_group_into_deploys_newest_first_with_alerts_attached() {
         let events = vec![
             ev(1, PROGRESS, json!({"version": 2, "line": "web.1 up"})),
             ev(2, PROGRESS, json!({"version": 2, "line": "web.2 up"})),
             ev(3, OUTCOME, json!({"version": 2, "outcome": "succeeded"})),
-            ev(4, PROGRESS, json!({"version": 3, "line": "web.1 starting"})),
-            ev(5, ALERT, json!({"reason": "web.1 of v3 crashed 3 times"})),
-            ev(7, OUTCOME, json!({"version": 3, "outcome": "rolled_back"})),
+            // The scheduler's closing line may come just after the outcome.
             ev(
-                6,
+                4,
+                PROGRESS,
+                json!({"version": 2, "line": "the deploy of v2 succeeded"}),
+            ),
+            ev(5, PROGRESS, json!({"version": 3, "line": "web.1 starting"})),
+            ev(6, ALERT, json!({"reason": "web.1 of v3 crashed 3 times"})),
+            // The same reason as a progress line: one line, an alert.
+            ev(
+                7,
+                PROGRESS,
+                json!({"version": 3, "line": "web.1 of v3 crashed 3 times"}),
+            ),
+            ev(9, OUTCOME, json!({"version": 3, "outcome": "rolled_back"})),
+            ev(
+                8,
                 PROGRESS,
                 json!({"version": 3, "line": "rolling back to v2"}),
             ),
             // Junk: no version, a version that is not a number, an unknown kind.
-            ev(8, PROGRESS, json!({"line": "?"})),
-            ev(9, PROGRESS, json!({"version": "4", "line": "?"})),
-            ev(10, "scheduler.other", json!({"version": 3})),
+            ev(10, PROGRESS, json!({"line": "?"})),
+            ev(11, PROGRESS, json!({"version": "4", "line": "?"})),
+            ev(12, "scheduler.other", json!({"version": 3})),
         ];
         let d = trail(&events);
         assert_eq!(d.len(), 2);
         assert_eq!(d[0].version, 3);
         assert_eq!(d[0].outcome.as_deref(), Some("rolled_back"));
-        assert_eq!((d[0].started_at, d[0].finished_at), (1004, Some(1007)));
+        assert_eq!((d[0].started_at, d[0].finished_at), (1005, Some(1009)));
         assert_eq!(d[0].alerts, 1);
-        let lines: Vec<(&str, &str)> = d[0]
-            .lines
-            .iter()
-            .map(|l| (l.kind, l.line.as_str()))
-            .collect();
         assert_eq!(
-            lines,
+            lines(&d[0]),
             [
                 ("progress", "web.1 starting"),
                 ("alert", "web.1 of v3 crashed 3 times"),
                 ("progress", "rolling back to v2"),
-                ("outcome", "deploy rolled back"),
             ]
         );
         assert_eq!(d[1].version, 2);
         assert_eq!(d[1].outcome.as_deref(), Some("succeeded"));
+        assert_eq!(d[1].runs, 1, "a line right after the outcome is that run's");
         assert_eq!(d[1].lines.len(), 3);
         assert_eq!(
             d[1].summary(),
             json!({"version": 2, "outcome": "succeeded", "started_at": 1001, "finished_at": 1003,
                    "runs": 1, "alerts": 0, "lines": 3})
         );
+        // A progress line first, then the alert of the same reason: one line.
+        let d = trail(&[
+            ev(1, PROGRESS, json!({"version": 1, "line": "boom"})),
+            ev(2, ALERT, json!({"reason": "boom"})),
+        ]);
+        assert_eq!(lines(&d[0]), [("alert", "boom")]);
+        assert_eq!(d[0].alerts, 1);
     }
 
     #[test]
-    fn a_running_deploy_has_no_outcome_and_a_redeploy_is_a_second_run() {
+    fn a_running_deploy_has_no_outcome_and_a_later_redeploy_is_a_second_run() {
+        let mut late = ev(
+            3,
+            PROGRESS,
+            json!({"version": 5, "line": "restarting web of v5"}),
+        );
+        late.at += RUN_GAP_MS + 1;
         let events = vec![
             ev(1, PROGRESS, json!({"version": 5, "line": "web.1 up"})),
             ev(2, OUTCOME, json!({"version": 5, "outcome": "succeeded"})),
-            ev(
-                3,
-                PROGRESS,
-                json!({"version": 5, "line": "restarting web.1"}),
-            ),
+            late.clone(),
         ];
         let d = trail(&events);
         assert_eq!(d.len(), 1);
         assert_eq!(d[0].outcome, None);
         assert_eq!(d[0].finished_at, None);
-        assert_eq!((d[0].runs, d[0].started_at), (2, 1003));
-        assert_eq!(d[0].lines.len(), 3);
+        assert_eq!((d[0].runs, d[0].started_at), (2, late.at));
+        assert_eq!(d[0].lines.len(), 2);
         // An alert before any deploy belongs to none.
         let d = trail(&[ev(1, ALERT, json!({"reason": "x"}))]);
         assert!(d.is_empty());
