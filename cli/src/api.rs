@@ -1200,10 +1200,15 @@ fn instances_table(list: &[Value], now: i64) {
 /// Runners that did not answer: their instances are missing from what was shown.
 fn unreachable_note(list: &Value) {
     for u in list.as_array().into_iter().flatten() {
-        out::say_err(&format!(
-            "warning: the runner on {} did not answer: its instances are not shown",
-            s(&u["node"])
-        ));
+        match u["node"].as_str() {
+            Some(node) => out::say_err(&format!(
+                "warning: the runner on {node} did not answer: its instances are not shown"
+            )),
+            None => out::say_err(&format!(
+                "warning: {}: no instance is shown",
+                s(&u["error"])
+            )),
+        }
     }
 }
 

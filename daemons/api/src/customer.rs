@@ -113,15 +113,19 @@ fn reach_error(what: &str, e: ClientError) -> WireError {
 
 impl Api {
     /// Every alive runner's instances of `app`, by type then id; and the runners
-    /// that could not be asked (`{"node", "error"}`).
-    async fn instances_of(&self, app: &str) -> Result<(Vec<Placed>, Vec<Value>), WireError> {
+    /// that could not be asked (`{"node", "error"}`; `node` null when no
+    /// registry answered, so no runner could be found: a partial answer at
+    /// once rather than an error to retry).
+    async fn instances_of(&self, app: &str) -> (Vec<Placed>, Vec<Value>) {
         let calls = self.ctx.calls();
-        let runners = calls.services("runner").await.map_err(|e| {
-            tracing::debug!("finding the runners: {e}");
-            WireError::unavailable(
-                "the api cannot reach the cluster's registry to find the runners; retry shortly",
-            )
-        })?;
+        let runners = match calls.services("runner").await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::debug!("finding the runners: {e}");
+                let why = "no registry answered, so the runners could not be found";
+                return (vec![], vec![json!({"node": null, "error": why})]);
+            }
+        };
         // Queued together, so the runners are asked at once.
         let pending: Vec<_> = runners
             .iter()
@@ -152,7 +156,7 @@ impl Api {
             }
         }
         found.sort_by(|a, b| (&a.info.proc, &a.info.id).cmp(&(&b.info.proc, &b.info.id)));
-        Ok((found, unreachable))
+        (found, unreachable)
     }
 
     /// `app.instances {"app"}`.
@@ -161,7 +165,7 @@ impl Api {
             .store
             .authorize_app(who, b, "see its instances")
             .await?;
-        let (found, unreachable) = self.instances_of(&app).await?;
+        let (found, unreachable) = self.instances_of(&app).await;
         let now = now_ms();
         let list: Vec<Value> = found.iter().map(|p| instance_view(&p.info, now)).collect();
         Ok((
@@ -177,7 +181,7 @@ impl Api {
         let limit = ranged(&body, "lines", 1, logs::MAX_LINES, logs::DEFAULT_LINES)? as usize;
         let only = opt_type(&body)?;
         let cursor = body.opt("cursor").map(logs::Cursor::parse).transpose()?;
-        let (mut found, unreachable) = self.instances_of(&app).await?;
+        let (mut found, unreachable) = self.instances_of(&app).await;
         found.retain(|p| only.is_none_or(|t| p.info.proc == t));
         let mut truncated = false;
         if found.len() > MAX_LOG_INSTANCES {
@@ -474,12 +478,21 @@ impl Api {
 
     /// Calls `kind` on the leading scheduler (the registry's schedulers asked
     /// `scheduler.status` first; a follower answers `unavailable`). None: no
-    /// scheduler is alive.
-    async fn scheduler_call(&self, kind: &str, body: Value) -> Result<Option<Value>, WireError> {
+    /// scheduler is alive, or (unless `need_registry`) no registry answered.
+    async fn scheduler_call(
+        &self,
+        kind: &str,
+        body: Value,
+        need_registry: bool,
+    ) -> Result<Option<Value>, WireError> {
         let calls = self.ctx.calls();
         let endpoints = match calls.find("scheduler").await {
             Ok(e) => e,
             Err(FindError::NoneAlive { .. }) => return Ok(None),
+            Err(e) if !need_registry => {
+                tracing::debug!("finding the schedulers: {e}");
+                return Ok(None);
+            }
             Err(e) => {
                 tracing::debug!("finding the schedulers: {e}");
                 return Err(WireError::unavailable(
@@ -549,7 +562,7 @@ impl Api {
             fwd["type"] = json!(t);
         }
         let r = self
-            .scheduler_call(kinds::APP_RESTART, fwd)
+            .scheduler_call(kinds::APP_RESTART, fwd, true)
             .await?
             .ok_or_else(|| {
                 WireError::unavailable(
@@ -573,8 +586,10 @@ impl Api {
 
     /// `formation.scale`'s placement check, asked while the change is not yet
     /// committed: `{"checked": false}` with no scheduler alive (nothing would
-    /// place it yet); a formation the scheduler cannot place is refused with its
-    /// words ("2 of 4 web placed: …") and the change is rolled back.
+    /// place it yet) or no registry to find one in (the check is advice: the
+    /// scheduler places what it can); a formation the scheduler cannot place is
+    /// refused with its words ("2 of 4 web placed: …") and the change is
+    /// rolled back.
     pub(crate) async fn check_placement(
         &self,
         app: String,
@@ -585,7 +600,11 @@ impl Api {
             .map(|x| json!({"type": x["type"], "quantity": x["quantity"], "memory_mb": x["memory_mb"]}))
             .collect();
         let r = match self
-            .scheduler_call(kinds::FORMATION_CHECK, json!({"app": app, "formation": f}))
+            .scheduler_call(
+                kinds::FORMATION_CHECK,
+                json!({"app": app, "formation": f}),
+                false,
+            )
             .await
         {
             Ok(None) => return Ok(json!({ "checked": false })),
