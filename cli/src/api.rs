@@ -1297,6 +1297,7 @@ pub fn run(opts: &Opts, no_tty: bool, command: Vec<String>) -> Result<i32> {
         Some(a) => body["argv"] = json!(a),
         None => body["command"] = json!(line),
     }
+    tty::catch_stop();
     // The first one-off of a release on a node waits for its slug.
     api.set_timeout(opts.timeout.max(Duration::from_secs(130)));
     let v = api.call("run.start", body)?;

@@ -406,6 +406,7 @@ pub fn run(opts: &Opts, a: RunArgs) -> Result<i32> {
     ] {
         body.insert(k.into(), v);
     }
+    tty::catch_stop();
     // A release's slug may be fetched and unpacked first.
     c.set_timeout(opts.timeout.max(Duration::from_secs(120)));
     let v = c.call(kinds::RUN_START, Value::Object(body))?;

@@ -6,10 +6,12 @@
 //! comes; the remote command's exit status is returned.
 
 use std::io::{Read, Write};
+use std::sync::atomic::{AtomicI32, Ordering};
 use std::time::Duration;
 
 use anyhow::Result;
 use base64::Engine;
+use nix::sys::termios::Termios;
 use serde_json::{json, Value};
 
 /// A connection that can send the `run.*` kinds (to a runner or to the api).
@@ -36,7 +38,7 @@ pub fn command_fields(words: &[String]) -> (String, Option<Vec<String>>) {
 
 /// Puts a terminal in raw mode; restores it when dropped.
 pub struct Raw {
-    saved: Option<nix::sys::termios::Termios>,
+    saved: Option<Termios>,
 }
 
 impl Raw {
@@ -92,14 +94,69 @@ pub fn term_size() -> (u16, u16) {
     }
 }
 
+/// The signal that asked this process to stop (0: none yet).
+static STOP: AtomicI32 = AtomicI32::new(0);
+
+extern "C" fn on_stop(sig: libc::c_int) {
+    STOP.store(sig, Ordering::SeqCst);
+}
+
+/// From now on SIGINT, SIGTERM and SIGHUP (Ctrl-C without a raw terminal, a
+/// closed terminal, a killed script) are noted instead of ending the process,
+/// so that [`attach`] can kill the run first. Call it before `run.start`: a
+/// signal that comes before the run's id is known kills the run once it is.
+pub fn catch_stop() {
+    use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
+    let action = SigAction::new(
+        SigHandler::Handler(on_stop),
+        SaFlags::SA_RESTART,
+        SigSet::empty(),
+    );
+    for sig in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
+        // SAFETY: the handler only stores to an atomic (async-signal-safe).
+        let _ = unsafe { sigaction(sig, &action) };
+    }
+}
+
+/// Once a stop was noted: the run is killed too, the terminal restored, and
+/// the process exits with 128 + the signal. Without this the command would run
+/// on, unattached, until the api gives up on it.
+fn kill_on_stop(connect: std::sync::Arc<Connect>, id: String, saved: Option<Termios>) {
+    catch_stop();
+    std::thread::spawn(move || loop {
+        std::thread::sleep(Duration::from_millis(100));
+        let sig = STOP.load(Ordering::SeqCst);
+        if sig == 0 {
+            continue;
+        }
+        if let Ok(mut c) = connect() {
+            let _ = c.call("run.kill", json!({ "id": id }));
+        }
+        if let Some(t) = &saved {
+            let _ = nix::sys::termios::tcsetattr(
+                std::io::stdin(),
+                nix::sys::termios::SetArg::TCSANOW,
+                t,
+            );
+        }
+        eprintln!("\r\n(interrupted: the command was killed)");
+        std::process::exit(128 + sig);
+    });
+}
+
 /// Attaches to run `id` until its command ends; returns its exit status (128 +
 /// signal when it was killed). With `pty`, the terminal is raw meanwhile, stdin
 /// goes to the run (end of input on a pipe becomes ^D) and window size changes
-/// follow; without, stdin is not read. `main` polls the output: its timeout
-/// must exceed [`OUTPUT_WAIT_MS`].
+/// follow; without, stdin is not read. A signal to stop this process kills the
+/// run. `main` polls the output: its timeout must exceed [`OUTPUT_WAIT_MS`].
 pub fn attach(mut main: Box<dyn RunConn>, id: &str, pty: bool, connect: Connect) -> Result<i32> {
     let connect = std::sync::Arc::new(connect);
     let raw = pty.then(Raw::enter);
+    kill_on_stop(
+        connect.clone(),
+        id.to_string(),
+        raw.as_ref().and_then(|r| r.saved.clone()),
+    );
     let b64 = &base64::engine::general_purpose::STANDARD;
     if pty {
         let (connect, id) = (connect.clone(), id.to_string());
@@ -145,10 +202,17 @@ pub fn attach(mut main: Box<dyn RunConn>, id: &str, pty: bool, connect: Connect)
     let mut offset = 0u64;
     let mut out = std::io::stdout();
     loop {
-        let v = main.call(
+        let v = match main.call(
             "run.output",
             json!({"id": id, "offset": offset, "wait_ms": OUTPUT_WAIT_MS}),
-        )?;
+        ) {
+            Ok(v) => v,
+            // The signal interrupted the call: the watcher kills the run and exits.
+            Err(_) if STOP.load(Ordering::SeqCst) != 0 => loop {
+                std::thread::park();
+            },
+            Err(e) => return Err(e),
+        };
         let data = b64
             .decode(v["data"].as_str().unwrap_or(""))
             .unwrap_or_default();

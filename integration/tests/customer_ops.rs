@@ -832,6 +832,42 @@ fn a_one_off_runs_on_the_current_release_and_only_its_starter_reaches_it() {
         String::from_utf8_lossy(&o.stderr)
     );
     assert!(stdout.contains("True HELLO THERE"), "{stdout}");
+    // Interrupting the CLI kills the command too.
+    let secs = (600 + std::process::id() % 1000).to_string();
+    let cmdline = format!("sleep\0{secs}\0").into_bytes();
+    let sleeping = || {
+        std::fs::read_dir("/proc")
+            .unwrap()
+            .flatten()
+            .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+            .any(|c| c == cmdline)
+    };
+    assert!(!sleeping(), "a `sleep {secs}` runs already");
+    let mut child = w
+        .cli(&w.alice, &["run", "-a", &app, "--no-tty", "sleep", &secs])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    eventually(Duration::from_secs(20), "the one-off running", || {
+        sleeping().then_some(())
+    });
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .unwrap();
+    let o = child.wait_with_output().unwrap();
+    assert_eq!(o.status.code(), Some(130));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("interrupted"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    eventually(Duration::from_secs(10), "the one-off killed", || {
+        (!sleeping()).then_some(())
+    });
+
     let e = w.err(&w.bob, &["run", "-a", &app, "--no-tty", "true"]);
     assert!(e.contains("may not"), "{e}");
 }
