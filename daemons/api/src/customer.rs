@@ -503,7 +503,7 @@ impl Api {
         let status: Vec<_> = endpoints
             .iter()
             .map(|ep| {
-                let p = calls.call(ep, "scheduler.status", json!({}), FOLLOWER_TIMEOUT);
+                let p = calls.call(ep, kinds::SCHEDULER_STATUS, json!({}), FOLLOWER_TIMEOUT);
                 (ep.clone(), p)
             })
             .collect();
