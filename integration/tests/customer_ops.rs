@@ -110,6 +110,31 @@ fn make_account(app: &str) {
     assert!(st.success(), "useradd pdk-{app}");
 }
 
+/// The apps' accounts, removed when the test is over (after the node's daemons
+/// and apps stopped: this is the world's last field). Kept when it failed.
+struct Accounts(Vec<String>);
+
+impl Drop for Accounts {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            return;
+        }
+        for app in &self.0 {
+            // Refused while a process of the account is still exiting.
+            for _ in 0..50 {
+                let st = Command::new("userdel")
+                    .arg(format!("pdk-{app}"))
+                    .stderr(Stdio::null())
+                    .status();
+                if st.map_or(true, |s| s.success() || s.code() == Some(6)) {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
+}
+
 /// A user as a customer's machine has them: credentials in a file of their own.
 struct User {
     creds: UserCredentials,
@@ -128,6 +153,7 @@ struct World {
     home: PathBuf,
     _pg: Postgres,
     t: TestDir,
+    _accounts: Accounts,
 }
 
 fn tune_runner(node: &mut Node) {
@@ -204,6 +230,7 @@ impl World {
         let mut api = node.client("api");
         let app = app_name("ops");
         let other = app_name("oth");
+        let accounts = Accounts(vec![app.clone(), other.clone()]);
         for (a, owner) in [(&app, "alice"), (&other, "bob")] {
             api.call("app.create", json!({"name": a, "owner": owner}))
                 .expect("app.create");
@@ -229,6 +256,7 @@ impl World {
             other,
             home,
             _pg: pg,
+            _accounts: accounts,
             t,
         }
     }
@@ -843,7 +871,7 @@ fn a_one_off_runs_on_the_current_release_and_only_its_starter_reaches_it() {
             .any(|c| c == cmdline)
     };
     assert!(!sleeping(), "a `sleep {secs}` runs already");
-    let mut child = w
+    let child = w
         .cli(&w.alice, &["run", "-a", &app, "--no-tty", "sleep", &secs])
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
