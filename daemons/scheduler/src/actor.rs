@@ -402,6 +402,12 @@ impl Scheduler {
         let now = Instant::now();
         let now_ms = paddock_wire::envelope::now_ms();
 
+        // The replies to starts that came before the runners are asked: such an
+        // instance is in its runner's listing. One whose reply comes while the
+        // runners answer stays in flight (counted as starting) until the next
+        // pass; taken now, a listing sent before its runner made it would say
+        // it is gone, and the deploy would start another.
+        self.started(now).map_err(Stop::Deposed)?;
         // Ask every runner not dead, all at once.
         let mut asks = Vec::new();
         for (node, r) in &runners {
@@ -454,7 +460,6 @@ impl Scheduler {
 
         let registry = self.nodes(&runners, &offers, now);
         self.first_tick = false;
-        self.started(now).map_err(Stop::Deposed)?;
         let mut instances: Vec<Instance> = self.known.values().flatten().cloned().collect();
         // Starts still under way count as starting where not listed yet.
         for (id, rec) in &self.inflight {
@@ -1126,8 +1131,12 @@ impl Scheduler {
         if succeeded && !self.live.insert((app.to_string(), version)) {
             return;
         }
+        // A success is told only while it is the release the api waits for; a
+        // failure always (a cancelled release is no longer the newest pending
+        // one, and its push waits for its status): the api refuses, with
+        // `conflict`, to change a release already marked.
         let pending = desired.and_then(|d| d.pending.as_ref()).map(|p| p.version);
-        if pending != Some(version) {
+        if succeeded && pending != Some(version) {
             return;
         }
         let status = if succeeded { "succeeded" } else { "failed" };
@@ -1142,6 +1151,9 @@ impl Scheduler {
             .await
         {
             Ok(_) => tracing::info!(app, "v{version} marked {status}"),
+            Err(e) if code_of(&e) == Some(&Code::Conflict) => {
+                tracing::debug!(app, "v{version} was marked already")
+            }
             Err(e) => tracing::warn!(
                 app,
                 "marking v{version} {status} failed: {}",

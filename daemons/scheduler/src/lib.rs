@@ -146,9 +146,12 @@ fn formation_check(
     }
     let room = placement::Room::new(registry, instances, std::time::Instant::now(), policy);
     match placement::check_formation(&room, app, &formation, &running) {
-        Ok(()) => Ok(json!({"ok": true})),
-        Err(s) => Ok(json!({"ok": false, "type": s.proc, "placed": s.placed,
-                            "wanted": s.wanted, "message": s.to_string()})),
+        // Not `ok`: the wire sets a reply's `ok` on every answer.
+        Ok(()) => Ok(json!({"placeable": true})),
+        Err(s) => Ok(
+            json!({"placeable": false, "type": s.proc, "placed": s.placed,
+                            "wanted": s.wanted, "message": s.to_string()}),
+        ),
     }
 }
 
