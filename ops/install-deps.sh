@@ -5,7 +5,7 @@
 #   ops/install-deps.sh --bench  that, and the benchmarks' competitors and tools
 #                                (supervisor, haproxy, nginx, wrk, openssl, curl)
 set -euo pipefail
-packages=(postgresql libzmq3-dev pkg-config git openssh-client openssh-server procps python3 python3-zmq python3-venv python3-pip bsdutils)
+packages=(postgresql libzmq3-dev pkg-config git openssh-client openssh-server procps python3 python3-zmq python3-venv python3-pip bsdutils iproute2 zstd tar)
 bench=0
 if [ "${1:-}" = "--bench" ]; then
   bench=1
