@@ -1289,6 +1289,7 @@ pub fn logs(opts: &Opts, num: u32, tail: bool, process_type: Option<String>) -> 
 /// terminal (`--no-tty`: none); returns its exit status.
 pub fn run(opts: &Opts, no_tty: bool, command: Vec<String>) -> Result<i32> {
     let app = identity::app(opts)?;
+    tty::catch_stop();
     let mut api = Api::connect(opts)?;
     let (cols, rows) = tty::term_size();
     let (line, argv) = tty::command_fields(&command);
@@ -1297,7 +1298,6 @@ pub fn run(opts: &Opts, no_tty: bool, command: Vec<String>) -> Result<i32> {
         Some(a) => body["argv"] = json!(a),
         None => body["command"] = json!(line),
     }
-    tty::catch_stop();
     // The first one-off of a release on a node waits for its slug.
     api.set_timeout(opts.timeout.max(Duration::from_secs(130)));
     let v = api.call("run.start", body)?;

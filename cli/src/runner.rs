@@ -393,6 +393,7 @@ fn chrono_like(ms: i64) -> String {
 pub fn run(opts: &Opts, a: RunArgs) -> Result<i32> {
     let app = crate::identity::app(opts)?;
     let cfg = load(opts)?;
+    tty::catch_stop();
     let ep = pick(&cfg, opts, a.node.as_deref())?;
     let (cols, rows) = term_size();
     let mut c = client(&cfg, &ep, opts.timeout)?;
@@ -406,7 +407,6 @@ pub fn run(opts: &Opts, a: RunArgs) -> Result<i32> {
     ] {
         body.insert(k.into(), v);
     }
-    tty::catch_stop();
     // A release's slug may be fetched and unpacked first.
     c.set_timeout(opts.timeout.max(Duration::from_secs(120)));
     let v = c.call(kinds::RUN_START, Value::Object(body))?;

@@ -97,32 +97,36 @@ pub fn term_size() -> (u16, u16) {
 /// The signal that asked this process to stop (0: none yet).
 static STOP: AtomicI32 = AtomicI32::new(0);
 
-extern "C" fn on_stop(sig: libc::c_int) {
-    STOP.store(sig, Ordering::SeqCst);
-}
-
 /// From now on SIGINT, SIGTERM and SIGHUP (Ctrl-C without a raw terminal, a
 /// closed terminal, a killed script) are noted instead of ending the process,
-/// so that [`attach`] can kill the run first. Call it before `run.start`: a
-/// signal that comes before the run's id is known kills the run once it is.
+/// so that [`attach`] can kill the run first; a signal that comes before the
+/// run's id is known kills the run once it is.
+///
+/// Call it first, before any connection is made: the signals are blocked in
+/// this thread, so in every thread started after (libzmq's included), and one
+/// thread of its own waits for them. So no call is ever interrupted (libzmq
+/// gives up a call on EINTR, and `run.start` cannot be sent again: it would
+/// start a second run).
 pub fn catch_stop() {
-    use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
-    let action = SigAction::new(
-        SigHandler::Handler(on_stop),
-        SaFlags::SA_RESTART,
-        SigSet::empty(),
-    );
+    use nix::sys::signal::{SigSet, Signal};
+    let mut set = SigSet::empty();
     for sig in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
-        // SAFETY: the handler only stores to an atomic (async-signal-safe).
-        let _ = unsafe { sigaction(sig, &action) };
+        set.add(sig);
     }
+    if set.thread_block().is_err() {
+        return;
+    }
+    std::thread::spawn(move || {
+        if let Ok(sig) = set.wait() {
+            STOP.store(sig as i32, Ordering::SeqCst);
+        }
+    });
 }
 
 /// Once a stop was noted: the run is killed too, the terminal restored, and
 /// the process exits with 128 + the signal. Without this the command would run
 /// on, unattached, until the api gives up on it.
 fn kill_on_stop(connect: std::sync::Arc<Connect>, id: String, saved: Option<Termios>) {
-    catch_stop();
     std::thread::spawn(move || loop {
         std::thread::sleep(Duration::from_millis(100));
         let sig = STOP.load(Ordering::SeqCst);
@@ -147,8 +151,8 @@ fn kill_on_stop(connect: std::sync::Arc<Connect>, id: String, saved: Option<Term
 /// Attaches to run `id` until its command ends; returns its exit status (128 +
 /// signal when it was killed). With `pty`, the terminal is raw meanwhile, stdin
 /// goes to the run (end of input on a pipe becomes ^D) and window size changes
-/// follow; without, stdin is not read. A signal to stop this process kills the
-/// run. `main` polls the output: its timeout must exceed [`OUTPUT_WAIT_MS`].
+/// follow; without, stdin is not read. A signal to stop this process (see
+/// [`catch_stop`], which the caller calls first) kills the run. `main` polls the output: its timeout must exceed [`OUTPUT_WAIT_MS`].
 pub fn attach(mut main: Box<dyn RunConn>, id: &str, pty: bool, connect: Connect) -> Result<i32> {
     let connect = std::sync::Arc::new(connect);
     let raw = pty.then(Raw::enter);
@@ -202,17 +206,18 @@ pub fn attach(mut main: Box<dyn RunConn>, id: &str, pty: bool, connect: Connect)
     let mut offset = 0u64;
     let mut out = std::io::stdout();
     loop {
-        let v = match main.call(
+        let r = main.call(
             "run.output",
             json!({"id": id, "offset": offset, "wait_ms": OUTPUT_WAIT_MS}),
-        ) {
-            Ok(v) => v,
-            // The signal interrupted the call: the watcher kills the run and exits.
-            Err(_) if STOP.load(Ordering::SeqCst) != 0 => loop {
+        );
+        // Stopping (the kill may have ended the run): the watcher kills the run
+        // and exits with the signal's status.
+        if STOP.load(Ordering::SeqCst) != 0 {
+            loop {
                 std::thread::park();
-            },
-            Err(e) => return Err(e),
-        };
+            }
+        }
+        let v = r?;
         let data = b64
             .decode(v["data"].as_str().unwrap_or(""))
             .unwrap_or_default();

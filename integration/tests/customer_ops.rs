@@ -886,7 +886,12 @@ fn a_one_off_runs_on_the_current_release_and_only_its_starter_reaches_it() {
     )
     .unwrap();
     let o = child.wait_with_output().unwrap();
-    assert_eq!(o.status.code(), Some(130));
+    assert_eq!(
+        o.status.code(),
+        Some(130),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     assert!(
         String::from_utf8_lossy(&o.stderr).contains("interrupted"),
         "{}",
