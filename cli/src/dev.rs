@@ -381,7 +381,10 @@ fn extra_runners(dir: &Path) -> Result<Vec<Supervised>> {
                 ("PADDOCK__NODE".into(), format!("dev-{k}")),
                 ("PADDOCK__STATE_DIR".into(), state.display().to_string()),
                 ("PADDOCK__DAEMONS__RUNNER__RPC".into(), harness::tcp(rpc)),
-                ("PADDOCK__DAEMONS__RUNNER__PUB".into(), harness::tcp(publish)),
+                (
+                    "PADDOCK__DAEMONS__RUNNER__PUB".into(),
+                    harness::tcp(publish),
+                ),
                 (
                     "PADDOCK__DAEMONS__RUNNER__APPS_DIR".into(),
                     dir.join(format!("apps-{k}")).display().to_string(),
