@@ -33,6 +33,8 @@ use crate::settings::Settings;
 
 /// The lease every scheduler competes for.
 pub const LEASE: &str = "scheduler";
+/// Audit entries waiting to be sent, at most.
+const AUDIT_QUEUE: usize = 4096;
 
 /// What the rpc handlers read: whether this one leads, and its last table.
 #[derive(Debug, Default)]
@@ -73,6 +75,11 @@ pub struct Scheduler {
     deploys: BTreeMap<String, Deploy>,
     /// (app, version) whose deploy failed: not begun again.
     failed: BTreeSet<(String, u64)>,
+    /// Apps whose running deploy is a restart (`app.restart`) of their
+    /// current release: its failure marks nothing failed.
+    restarting: BTreeSet<String>,
+    /// The audit log's queue (one sender, drained in order by one task).
+    audit_tx: Option<mpsc::Sender<Value>>,
     /// (app, version) reported succeeded to the api.
     live: BTreeSet<(String, u64)>,
     draining: BTreeMap<InstanceId, Instant>,
@@ -138,6 +145,8 @@ impl Scheduler {
             lease: None,
             deploys: BTreeMap::new(),
             failed: BTreeSet::new(),
+            restarting: BTreeSet::new(),
+            audit_tx: None,
             live: BTreeSet::new(),
             draining: BTreeMap::new(),
             reasons: BTreeMap::new(),
@@ -316,6 +325,7 @@ impl Scheduler {
             );
         }
         self.deploys.clear();
+        self.restarting.clear();
         self.timers.clear();
         self.draining.clear();
         self.rollback_to.clear();
@@ -397,7 +407,6 @@ impl Scheduler {
                 _ => {}
             }
         }
-        let apps = self.desired().await?;
         let runners = runner_nodes(&services);
         let now = Instant::now();
         let now_ms = paddock_wire::envelope::now_ms();
@@ -458,6 +467,10 @@ impl Scheduler {
             }
         }
 
+        // The api is read after the runners are listed: an api (or database)
+        // outage skips the pass but not the runners' contact, which
+        // `stop_after_disconnect` counts.
+        let apps = self.desired().await?;
         let registry = self.nodes(&runners, &offers, now);
         self.first_tick = false;
         let mut instances: Vec<Instance> = self.known.values().flatten().cloned().collect();
@@ -479,7 +492,9 @@ impl Scheduler {
             room: Room::new(&registry, &instances, now, &policy),
             taken: self.seen_ids.clone(),
         };
-        let mut fx: Vec<(String, deploy::Effect)> = Vec::new();
+        // Each effect with the version its deploy targeted when it was made
+        // (a failing step retargets to the rollback's version at once).
+        let mut fx: Vec<(String, u64, deploy::Effect)> = Vec::new();
         let desired: BTreeMap<&str, &DesiredApp> =
             apps.iter().map(|a| (a.name.as_str(), a)).collect();
 
@@ -516,15 +531,17 @@ impl Scheduler {
                         deploy::Effect::Rollback { .. } => {
                             self.failed.insert((app.clone(), before));
                         }
+                        // A restart that failed leaves the release it
+                        // restarted to reconcile, as before it.
                         deploy::Effect::Finished {
                             version,
                             outcome: Outcome::Failed | Outcome::RolledBack,
-                        } => {
+                        } if !self.restarting.contains(app) => {
                             self.failed.insert((app.clone(), *version));
                         }
                         _ => {}
                     }
-                    fx.push((app.clone(), e));
+                    fx.push((app.clone(), before, e));
                 }
             }
             // A newer release takes over.
@@ -541,12 +558,13 @@ impl Scheduler {
                             d.target().version
                         ),
                     ));
+                    let v = want.version;
                     let ev = Event::Newer {
                         target: want,
                         restart: false,
                     };
                     for e in d.step(ev, now, &policy, &mut world) {
-                        fx.push((app.clone(), e));
+                        fx.push((app.clone(), v, e));
                     }
                 }
             }
@@ -615,8 +633,12 @@ impl Scheduler {
                 r.target.version,
                 &format!("{line}: {}", shape.join(" ")),
             );
+            if r.restart {
+                self.restarting.insert(a.name.clone());
+            }
+            let v = r.target.version;
             let (d, effects) = Deploy::begin(r, &existing, now, &policy, &mut world);
-            fx.extend(effects.into_iter().map(|e| (a.name.clone(), e)));
+            fx.extend(effects.into_iter().map(|e| (a.name.clone(), v, e)));
             self.deploys.insert(a.name.clone(), d);
         }
 
@@ -626,15 +648,15 @@ impl Scheduler {
         let mut stale = None;
         let mut starts = Vec::new();
         let mut stops = Vec::new();
-        for (app, e) in fx {
+        for (app, stepped, e) in fx {
             let version = match &e {
                 deploy::Effect::Live { version } | deploy::Effect::Finished { version, .. } => {
-                    Some(*version)
+                    *version
                 }
-                _ => self.deploys.get(&app).map(|d| d.target().version),
+                _ => stepped,
             };
-            if let (Some(v), Some(line)) = (version, effect_line(&app, &e)) {
-                self.progress(&app, v, &line);
+            if let Some(line) = effect_line(&app, &e) {
+                self.progress(&app, version, &line);
             }
             match e {
                 deploy::Effect::StartInstance(s) => starts.push(s),
@@ -687,6 +709,9 @@ impl Scheduler {
                         json!({"app": app, "version": version, "outcome": said,
                                "message": message}),
                     );
+                    if matches!(outcome, Outcome::Succeeded | Outcome::Cancelled) {
+                        self.restarting.remove(&app);
+                    }
                     match outcome {
                         Outcome::Succeeded => self.status(&app, version, true, None, d).await,
                         Outcome::Cancelled => {
@@ -694,7 +719,9 @@ impl Scheduler {
                             self.status(&app, version, false, Some(m), d).await
                         }
                         Outcome::Failed | Outcome::RolledBack => {
-                            self.failed.insert((app.clone(), version));
+                            if !self.restarting.remove(&app) {
+                                self.failed.insert((app.clone(), version));
+                            }
                             let to = self.rollback_to.remove(&app);
                             let current = d.and_then(|a| a.release.as_ref()).map(|r| r.version);
                             let was_current = current == Some(version)
@@ -990,7 +1017,10 @@ impl Scheduler {
                 "health": health,
             });
             if let Some(ms) = self.stop_after.get(&(s.app.clone(), s.proc.clone())) {
-                body["stop_after_disconnect_ms"] = json!(ms);
+                // Never shorter than a leader's contact can be late: two passes
+                // and a leader's failover.
+                let floor = (2 * self.s.resync + self.s.lease_ttl).as_millis() as u64;
+                body["stop_after_disconnect_ms"] = json!((*ms).max(floor));
             }
             tracing::info!(app = s.app, node = s.node, "starting {}", s.id);
             self.seen_ids.insert(s.id.clone());
@@ -1182,7 +1212,7 @@ impl Scheduler {
         }
     }
 
-    fn alert(&self, app: &str, reason: &str) {
+    fn alert(&mut self, app: &str, reason: &str) {
         tracing::warn!(app, "{reason}");
         self.ctx
             .server()
@@ -1192,22 +1222,39 @@ impl Scheduler {
 
     /// An entry in the app's audit log, in the background (best effort: a
     /// failure is logged, the pass goes on).
-    fn audit(&self, app: &str, kind: &str, detail: Value) {
-        let calls = self.ctx.calls().clone();
+    fn audit(&mut self, app: &str, kind: &str, detail: Value) {
         let body =
             json!({"actor": self.ctx.identity(), "kind": kind, "app": app, "detail": detail});
-        let app = app.to_string();
-        tokio::task::spawn_local(async move {
-            if let Err(e) = calls.call_daemon("api", "audit.append", body).await {
-                tracing::warn!(app, "audit.append failed: {}", paddock_daemon::chain(&e));
-            }
+        // One task sends them, in order, one at a time: a big rollout's lines
+        // never take the calls its starts and stops need.
+        let tx = self.audit_tx.get_or_insert_with(|| {
+            let (tx, mut rx) = mpsc::channel::<Value>(AUDIT_QUEUE);
+            let calls = self.ctx.calls().clone();
+            tokio::task::spawn_local(async move {
+                while let Some(body) = rx.recv().await {
+                    if let Err(e) = calls.call_daemon("api", "audit.append", body.clone()).await {
+                        tracing::warn!(
+                            app = body["app"].as_str().unwrap_or(""),
+                            "audit.append failed: {}",
+                            paddock_daemon::chain(&e)
+                        );
+                    }
+                }
+            });
+            tx
         });
+        if tx.try_send(body).is_err() {
+            tracing::warn!(
+                app,
+                "the audit queue is full: a `{kind}` entry was not written"
+            );
+        }
     }
 
     /// One line of a deploy's trail: published as `deploy.progress` (a push
     /// waiting for its rollout prints it) and kept in the app's audit log
     /// (`paddock deploys info`).
-    fn progress(&self, app: &str, version: u64, line: &str) {
+    fn progress(&mut self, app: &str, version: u64, line: &str) {
         tracing::debug!(app, version, "{line}");
         self.ctx.server().publish(
             "deploy.progress",

@@ -193,8 +193,12 @@ fn app_restart(sh: &mut actor::Shared, body: &Value) -> Result<Value, WireError>
             ),
         ));
     }
-    if !sh.restarts.iter().any(|(a, _)| a == &app) {
-        sh.restarts.push((app.clone(), only.clone()));
+    // Two restarts of one app before a pass: of two types, or of one and of
+    // all, is a restart of all.
+    match sh.restarts.iter_mut().find(|(a, _)| a == &app) {
+        Some((_, t)) if *t != only => *t = None,
+        Some(_) => {}
+        None => sh.restarts.push((app.clone(), only.clone())),
     }
     sh.wake.notify_one();
     Ok(json!({"app": app, "version": version, "type": only}))
