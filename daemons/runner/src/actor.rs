@@ -722,6 +722,12 @@ impl Runner {
     /// scheduler has reached this node for `stop_after_disconnect_ms`: a node
     /// cut off has them placed elsewhere, and they must not run twice.
     fn stop_disconnected(&mut self, ctx: &mut Context<Self>) {
+        // Without its fence file the runner cannot tell a scheduler's contact
+        // (every tokened request is refused, and said at ERROR): it decides
+        // nothing rather than stop what may well be reached.
+        if self.max_token.is_err() {
+            return;
+        }
         let quiet = self.scheduler_contact.elapsed();
         let due: Vec<(String, u64)> = self
             .instances
@@ -969,9 +975,11 @@ impl Runner {
             kinds::INSTANCE_LIST => {
                 // The leading scheduler lists with its token every pass: that
                 // is the contact `stop_after_disconnect` counts from.
+                // A larger token than any seen is a newer leader's: recorded,
+                // as its first command would.
                 if let Some(t) = env.body.get("token").and_then(Value::as_u64) {
-                    if self.fence(Some(t)).is_ok() {
-                        self.scheduler_contact = std::time::Instant::now();
+                    if let Err(e) = self.accept(Some(t)) {
+                        tracing::debug!("a list with token {t} is no contact: {}", e.message);
                     }
                 }
                 let mut v: Vec<InstanceInfo> = self
