@@ -166,6 +166,7 @@ fn hook(socket: &Path) -> Result<i32, String> {
         token,
         receive_pack: i32::try_from(std::os::unix::process::parent_id()).ok(),
         hook: i32::try_from(std::process::id()).ok(),
+        quarantine: std::env::var("GIT_QUARANTINE_PATH").ok(),
         refs: vec![PushRef {
             old: deploy.old.clone(),
             new: deploy.new.clone(),
@@ -218,5 +219,9 @@ fn hook(socket: &Path) -> Result<i32, String> {
             Err(_) => break,
         }
     }
-    Err("the git service stopped before the build finished; nothing was deployed".into())
+    Err(
+        "the git service stopped before the push finished: its build or rollout may go on \
+         without you (see `paddock builds` and `paddock deploys`); the branch did not move"
+            .into(),
+    )
 }

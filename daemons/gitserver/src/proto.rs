@@ -30,6 +30,10 @@ pub enum Request {
         /// The hook itself: killed when its pusher stops reading, so git ends.
         #[serde(default)]
         hook: Option<i32>,
+        /// git's quarantine of the pushed objects (`GIT_QUARANTINE_PATH`), so
+        /// the daemon can ask git about the pushed commit's history.
+        #[serde(default)]
+        quarantine: Option<String>,
     },
 }
 

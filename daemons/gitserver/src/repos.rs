@@ -35,6 +35,65 @@ impl Repos {
         Ok((out.status.success() && !id.is_empty()).then_some(id))
     }
 
+    /// Whether `ancestor` is in `commit`'s history; `quarantine` is the push's
+    /// quarantine of new objects (only a directory `objects/incoming-*` of the
+    /// app's repository is used; git reads it as the `git` account).
+    pub fn is_ancestor(
+        &self,
+        app: &str,
+        ancestor: &str,
+        commit: &str,
+        quarantine: Option<&str>,
+    ) -> Result<bool> {
+        let repo = self.path(app);
+        let objects = repo.join("objects");
+        // An ancestor that is not among the repository's objects nor the push's
+        // (a commit still in another push's quarantine, which this push did
+        // not send) is not in its history.
+        let probe = format!("{ancestor}^{{commit}}");
+        let mut has = self.git_command(&["cat-file", "-e", &probe], &repo);
+        let mut cmd = self.git_command(&["merge-base", "--is-ancestor", ancestor, commit], &repo);
+        if let Some(q) = quarantine {
+            // Both resolved (git names its quarantine by its real path): a
+            // directory `incoming-*` (`tmp_objdir-incoming-*` since git 2.34)
+            // right inside the repository's objects.
+            let objects = std::fs::canonicalize(&objects)
+                .with_context(|| format!("resolving {}", objects.display()))?;
+            let q = std::fs::canonicalize(q).context("resolving the push's quarantine")?;
+            let inside = q.parent() == Some(objects.as_path())
+                && q.file_name().and_then(|n| n.to_str()).is_some_and(|n| {
+                    n.starts_with("incoming-") || n.starts_with("tmp_objdir-incoming-")
+                });
+            if !inside {
+                bail!(
+                    "the hook named a quarantine outside the app's repository ({})",
+                    q.display()
+                );
+            }
+            for c in [&mut cmd, &mut has] {
+                c.env("GIT_OBJECT_DIRECTORY", &q)
+                    .env("GIT_ALTERNATE_OBJECT_DIRECTORIES", &objects);
+            }
+        }
+        if !has
+            .output()
+            .context("running git cat-file")?
+            .status
+            .success()
+        {
+            return Ok(false);
+        }
+        let out = cmd.output().context("running git merge-base")?;
+        match out.status.code() {
+            Some(0) => Ok(true),
+            Some(1) => Ok(false),
+            _ => bail!(
+                "git merge-base failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ),
+        }
+    }
+
     fn as_git(&self, args: &[&str], dir: &Path) -> Result<()> {
         let out = self.run_git(args, dir)?;
         if !out.status.success() {
@@ -50,17 +109,22 @@ impl Repos {
     /// git as the `git` account, in `dir`, with nothing of ours in its environment
     /// and no system config.
     fn run_git(&self, args: &[&str], dir: &Path) -> Result<std::process::Output> {
-        Command::new(&self.git)
-            .args(args)
+        self.git_command(args, dir)
+            .output()
+            .with_context(|| format!("running git {}", args.join(" ")))
+    }
+
+    fn git_command(&self, args: &[&str], dir: &Path) -> Command {
+        let mut c = Command::new(&self.git);
+        c.args(args)
             .current_dir(dir)
             .uid(self.uid)
             .gid(self.gid)
             .env_clear()
             .env("PATH", "/usr/local/bin:/usr/bin:/bin")
             .env("HOME", "/")
-            .env("GIT_CONFIG_NOSYSTEM", "1")
-            .output()
-            .with_context(|| format!("running git {}", args.join(" ")))
+            .env("GIT_CONFIG_NOSYSTEM", "1");
+        c
     }
 
     /// Writes the pre-receive hook (root's, 0755) into the hooks directory.

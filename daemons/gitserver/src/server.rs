@@ -40,6 +40,9 @@ pub struct Server {
     pub git_uid: u32,
     pub identity: String,
     grants: Mutex<HashMap<String, Grant>>,
+    /// Pushes rolling out, by app.
+    inflight: Mutex<HashMap<String, Inflight>>,
+    next_id: std::sync::atomic::AtomicU64,
 }
 
 impl Server {
@@ -59,6 +62,119 @@ impl Server {
             git_uid,
             identity,
             grants: Mutex::new(HashMap::new()),
+            inflight: Mutex::new(HashMap::new()),
+            next_id: std::sync::atomic::AtomicU64::new(1),
+        }
+    }
+
+    fn inflight_map(&self) -> std::sync::MutexGuard<'_, HashMap<String, Inflight>> {
+        self.inflight.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Under the build lease, before anything is built: a push to a branch
+    /// whose previous push is still rolling out must contain that push's commit
+    /// (else its release would drop that code while git, at the end, refuses one
+    /// of the two updates); one that does supersedes it: the older push is
+    /// rejected, its branch never moves, and this one's update moves it past.
+    async fn supersede<W>(
+        &self,
+        app: &str,
+        deploy: &RefUpdate,
+        quarantine: Option<&str>,
+        pusher: &mut Pusher<W>,
+    ) -> Result<Option<u64>, String>
+    where
+        W: tokio::io::AsyncWrite + Unpin,
+    {
+        let Some(prior) = self.inflight_map().get(app).cloned() else {
+            return Ok(None);
+        };
+        let branch = deploy.name.trim_start_matches("refs/heads/").to_string();
+        let moving = || {
+            format!(
+                " !     {branch} is moving to {} (the push before yours has just gone live): \
+                 fetch, and push again; nothing was built",
+                short(&prior.commit)
+            )
+        };
+        if prior.finishing {
+            return Err(moving());
+        }
+        if prior.reference != deploy.name {
+            return Ok(None);
+        }
+        let repos = self.repos.clone();
+        let (a, anc, new, q) = (
+            app.to_string(),
+            prior.commit.clone(),
+            deploy.new.clone(),
+            quarantine.map(str::to_string),
+        );
+        let contains =
+            tokio::task::spawn_blocking(move || repos.is_ancestor(&a, &anc, &new, q.as_deref()))
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| format!("could not read the pushed history: {e:#}"))?;
+        if !contains {
+            return Err(format!(
+                " !     A push of {} to {branch} is still rolling out and yours does not contain it: \
+                 wait for it to end, fetch, merge or rebase, and push again; nothing was built",
+                short(&prior.commit)
+            ));
+        }
+        if self
+            .inflight_map()
+            .get(app)
+            .is_some_and(|f| f.id == prior.id && f.finishing)
+        {
+            return Err(moving());
+        }
+        pusher
+            .say(&PushLine::Log {
+                line: format!(
+                    "-----> This push contains {}, still rolling out: its release will replace that deploy",
+                    short(&prior.commit)
+                ),
+            })
+            .await;
+        Ok(Some(prior.id))
+    }
+
+    /// A newer push's release exists: in-flight push `prior` of `app` is
+    /// superseded (rejected at its end). Err when it has gone live meanwhile
+    /// (git is moving the branch to its commit).
+    fn replace_inflight(&self, app: &str, prior: u64) -> Result<(), String> {
+        let mut m = self.inflight_map();
+        match m.get_mut(app) {
+            Some(f) if f.id == prior && f.finishing => Err(format!(
+                " !     Push rejected: the push before yours went live while yours built, and git \
+                 moves the branch to {}: fetch, and push again (your release is marked failed)",
+                short(&f.commit)
+            )),
+            Some(f) if f.id == prior => {
+                f.superseded = true;
+                Ok(())
+            }
+            // It ended without going live: nothing to replace.
+            _ => Ok(()),
+        }
+    }
+
+    /// The in-flight push `id` of `app` went live: Err when a newer push's
+    /// release replaces it (its branch must not move), else it is finishing.
+    fn settle_inflight(&self, app: &str, id: u64) -> Result<(), String> {
+        let mut m = self.inflight_map();
+        match m.get_mut(app) {
+            Some(f) if f.id == id && f.superseded => Err(
+                " !     Push rejected: a newer push that contains this one has made a release \
+                 that replaces it"
+                    .into(),
+            ),
+            Some(f) if f.id == id => {
+                f.finishing = true;
+                Ok(())
+            }
+            _ => Ok(()),
         }
     }
 
@@ -123,13 +239,23 @@ impl Server {
                 refs,
                 receive_pack,
                 hook,
+                quarantine,
             } => {
                 let mut pusher = Pusher {
                     wr,
                     gone: false,
                     hook: hook.and_then(|pid| pidfd_of(pid, self.git_uid)),
                 };
-                let outcome = self.push(&token, refs, receive_pack, rd, &mut pusher).await;
+                let outcome = self
+                    .push(
+                        &token,
+                        refs,
+                        receive_pack,
+                        quarantine.as_deref(),
+                        rd,
+                        &mut pusher,
+                    )
+                    .await;
                 let (ok, message, held) = match outcome {
                     Ok((m, held)) => (true, m, held),
                     Err(m) => (false, m, None),
@@ -255,6 +381,7 @@ impl Server {
         token: &str,
         refs: Vec<crate::proto::PushRef>,
         receive_pack: Option<i32>,
+        quarantine: Option<&str>,
         rd: R,
         pusher: &mut Pusher<W>,
     ) -> Result<(String, Option<Held>), String>
@@ -288,9 +415,15 @@ impl Server {
         // taken before the tree is stored (so a long wait cannot outlast the
         // blobstore's grace for young blobs) and given up if the pusher leaves.
         let lease = Lease::acquire(&self.calls, &app, &self.identity, token, pusher).await?;
-        let prepared = self.prepare(&grant, &deploy, rd).await;
-        let source = match prepared {
-            Ok(s) => s,
+        let prepared = match self.prepare(&grant, &deploy, rd).await {
+            Ok(source) => self
+                .supersede(&app, &deploy, quarantine, pusher)
+                .await
+                .map(|prior| (source, prior)),
+            Err(e) => Err(e),
+        };
+        let (source, prior) = match prepared {
+            Ok(p) => p,
             Err(e) => {
                 lease.release(&self.calls).await;
                 return Err(e);
@@ -299,12 +432,13 @@ impl Server {
         let renew = lease.keep_renewed(self.calls.clone());
         // Subscribed before the build, so the rollout's first lines are not
         // published before anyone listens.
-        let mut watch = DeployWatch::new(&self.calls).await;
+        let mut watch = DeployWatch::new(&self.calls, &app).await;
         let result = self
             .build(&app, &grant.user, &deploy, &source, pusher)
             .await;
         let held = Held {
-            lease,
+            lease: Some(lease),
+            inflight: None,
             renew,
             repo: self.repos.path(&app),
             reference: deploy.name.clone(),
@@ -314,8 +448,7 @@ impl Server {
         match result {
             // The hook was killed: git moves no ref, so there is nothing to wait for.
             Ok(_) if pusher.gone => {
-                held.renew.abort();
-                held.lease.release(&self.calls).await;
+                held.release(self).await;
                 Err("the pusher went away; the build finished without them".into())
             }
             Ok((message, None)) => Ok((
@@ -326,22 +459,66 @@ impl Server {
             // newer push may build, and its release cancel this deploy), and
             // the push waits for the rollout's outcome.
             Ok((_, Some(version))) => {
-                held.renew.abort();
-                held.lease.release(&self.calls).await;
+                // Its release exists and replaces the push it contains: that
+                // one is rejected whatever its deploy does, so its branch
+                // never moves (this one's update moves it past). Unless it has
+                // just gone live: then git moves the branch under this push,
+                // whose release must not go live instead.
+                if let Some(prior) = prior {
+                    if let Err(e) = self.replace_inflight(&app, prior) {
+                        let _ = self
+                            .calls
+                            .call_daemon(
+                                "api",
+                                "release.status",
+                                json!({"app": app, "version": version, "status": "failed",
+                                       "message": "its branch moved while it built"}),
+                            )
+                            .await;
+                        held.release(self).await;
+                        return Err(e);
+                    }
+                }
+                // In flight from now until git has moved the branch (or the
+                // push ended without): a newer push to the branch must contain
+                // this commit (supersede).
+                let id = self
+                    .next_id
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                self.inflight_map().insert(
+                    app.clone(),
+                    Inflight {
+                        id,
+                        reference: deploy.name.clone(),
+                        commit: deploy.new.clone(),
+                        superseded: false,
+                        finishing: false,
+                    },
+                );
+                let mut held = held;
+                held.inflight = Some((app.clone(), id));
+                if let Some(l) = held.lease.take() {
+                    held.renew.abort();
+                    l.release(&self.calls).await;
+                }
                 pusher
                     .say(&PushLine::Log {
                         line: format!("-----> Rolling out v{version}"),
                     })
                     .await;
-                let said = watch.follow(&self.calls, &app, version, pusher).await?;
-                Ok((
-                    format!("{said} ({:.1} s)", started.elapsed().as_secs_f64()),
-                    None,
-                ))
+                match watch.follow(self, &app, id, version, pusher).await {
+                    Ok(said) => Ok((
+                        format!("{said} ({:.1} s)", started.elapsed().as_secs_f64()),
+                        Some(held),
+                    )),
+                    Err(e) => {
+                        held.release(self).await;
+                        Err(e)
+                    }
+                }
             }
             Err(e) => {
-                held.renew.abort();
-                held.lease.release(&self.calls).await;
+                held.release(self).await;
                 Err(e)
             }
         }
@@ -524,31 +701,46 @@ const ROLLOUT_TIMEOUT: Duration = Duration::from_secs(30 * 60);
 /// With no scheduler in the registry for this long, the push stops waiting.
 const NO_SCHEDULER: Duration = Duration::from_secs(30);
 
-/// The schedulers' `deploy.*` events, for a push following its rollout.
+/// The schedulers' `deploy.*` events of one app, for a push following its
+/// rollout.
 struct DeployWatch {
-    tx: tokio::sync::mpsc::Sender<paddock_wire::Envelope>,
+    app: String,
+    /// Every scheduler's events go here; a task keeps the app's.
+    raw: tokio::sync::mpsc::Sender<paddock_wire::Envelope>,
     rx: tokio::sync::mpsc::Receiver<paddock_wire::Envelope>,
     subscribed: std::collections::BTreeSet<String>,
+    said_unsubscribable: std::collections::BTreeSet<String>,
 }
 
 impl DeployWatch {
-    async fn new(calls: &Calls) -> DeployWatch {
+    async fn new(calls: &Calls, app: &str) -> DeployWatch {
+        let (raw, mut raw_rx) = tokio::sync::mpsc::channel::<paddock_wire::Envelope>(1024);
         let (tx, rx) = tokio::sync::mpsc::channel(1024);
+        // Only this app's events are kept (the build may take minutes while
+        // other apps deploy); the task ends when the watch is dropped.
+        let mine = app.to_string();
+        tokio::spawn(async move {
+            while let Some(ev) = raw_rx.recv().await {
+                if ev.body["app"].as_str() == Some(mine.as_str()) && tx.send(ev).await.is_err() {
+                    return;
+                }
+            }
+        });
         let mut w = DeployWatch {
-            tx,
+            app: app.to_string(),
+            raw,
             rx,
             subscribed: Default::default(),
+            said_unsubscribable: Default::default(),
         };
         w.subscribe(calls).await;
         w
     }
 
-    /// Subscribes to every scheduler not yet listened to; false when the
-    /// registry lists none.
-    async fn subscribe(&mut self, calls: &Calls) -> bool {
-        let Ok(list) = calls.services("scheduler").await else {
-            return false;
-        };
+    /// Subscribes to every scheduler not yet listened to. `Some(false)` when
+    /// the registry lists none, `None` when it could not be asked.
+    async fn subscribe(&mut self, calls: &Calls) -> Option<bool> {
+        let list = calls.services("scheduler").await.ok()?;
         for s in &list {
             let Some(publish) = s.endpoints.get("pub") else {
                 continue;
@@ -556,31 +748,58 @@ impl DeployWatch {
             if self.subscribed.insert(publish.clone()) {
                 if let Err(e) = calls
                     .wire()
-                    .subscribe_into(publish, "deploy.", self.tx.clone())
+                    .subscribe_into(publish, "deploy.", self.raw.clone())
                 {
                     self.subscribed.remove(publish);
-                    tracing::warn!("cannot follow the scheduler's deploys at {publish}: {e}");
+                    if self.said_unsubscribable.insert(publish.clone()) {
+                        tracing::warn!("cannot follow the scheduler's deploys at {publish}: {e}");
+                    }
                 }
             }
         }
-        !list.is_empty()
+        Some(!list.is_empty())
     }
 
-    /// Relays the deploy of `app` v`version` to the pusher until the release is
+    /// Whether any scheduler leads (asks each registered one); `None` when
+    /// none could be asked.
+    async fn leader(calls: &Calls) -> Option<bool> {
+        let list = calls.services("scheduler").await.ok()?;
+        let mut asked = false;
+        for s in list {
+            let Some(rpc) = s.endpoints.get("rpc") else {
+                continue;
+            };
+            match calls
+                .call(rpc, "scheduler.status", json!({}), Duration::from_secs(2))
+                .await
+            {
+                Ok(v) if v["leader"] == true => return Some(true),
+                Ok(_) => asked = true,
+                Err(_) => {}
+            }
+        }
+        asked.then_some(false)
+    }
+
+    /// Relays the deploy of v`version` to the pusher until the release is
     /// marked: Ok with the last line when it serves, Err with the reason when it
-    /// failed (the previous release keeps serving).
+    /// failed (the previous release keeps serving) or a newer push superseded
+    /// this one (`id` in the server's in-flight map).
     async fn follow<W>(
         &mut self,
-        calls: &Calls,
+        server: &Server,
         app: &str,
+        id: u64,
         version: u64,
         pusher: &mut Pusher<W>,
     ) -> Result<String, String>
     where
         W: tokio::io::AsyncWrite + Unpin,
     {
+        let calls = &server.calls;
         let deadline = Instant::now() + ROLLOUT_TIMEOUT;
         let mut next_check = Instant::now();
+        let mut next_leader_check = Instant::now() + Duration::from_secs(5);
         let mut last_keepalive = Instant::now();
         let mut lonely_since: Option<Instant> = None;
         let mut failures = 0u32;
@@ -601,18 +820,20 @@ impl DeployWatch {
                         let r = &v["release"];
                         match r["status"].as_str() {
                             Some("succeeded") => {
-                                self.drain(app, version, pusher).await;
+                                self.drain(version, pusher).await;
+                                server.settle_inflight(app, id)?;
                                 return Ok(format!("-----> Done: {app} v{version} is serving"));
                             }
                             Some("failed") => {
-                                self.drain(app, version, pusher).await;
+                                self.drain(version, pusher).await;
                                 let why = r["status_message"]
                                     .as_str()
                                     .filter(|m| !m.is_empty())
                                     .unwrap_or("the deploy failed");
                                 return Err(format!(
-                                    " !     Push rejected: v{version} did not go live: {why}. \
-                                     The previous release keeps serving; see `paddock deploys info {version}`"
+                                    " !     Push rejected: v{version} did not go live: {}. \
+                                     The previous release keeps serving; see `paddock deploys info {version}`",
+                                    clean(why)
                                 ));
                             }
                             _ => {}
@@ -629,12 +850,37 @@ impl DeployWatch {
                         }
                     }
                 }
-                if self.subscribe(calls).await {
+                // Nobody to roll it out (no scheduler registered, or none
+                // leads) for a while: the release is marked failed, so that it
+                // does not go live later behind the pusher's back.
+                let mut lonely = self.subscribe(calls).await == Some(false);
+                if !lonely && now >= next_leader_check {
+                    next_leader_check = now + Duration::from_secs(5);
+                    lonely = Self::leader(calls).await == Some(false);
+                } else if !lonely && lonely_since.is_some() {
+                    lonely = true; // until the next leader check says otherwise
+                }
+                if !lonely {
                     lonely_since = None;
                 } else if lonely_since.get_or_insert(now).elapsed() > NO_SCHEDULER {
-                    return Ok(format!(
-                        "-----> v{version} is released, but no scheduler is running: it rolls out when one runs"
-                    ));
+                    let why = "no scheduler rolled it out (none was running, or none led)";
+                    let marked = calls
+                        .call_daemon(
+                            "api",
+                            "release.status",
+                            json!({"app": app, "version": version, "status": "failed",
+                                   "message": why}),
+                        )
+                        .await;
+                    if marked.is_ok() {
+                        return Err(format!(
+                            " !     Push rejected: v{version} did not go live: {why}; \
+                             it is marked failed. Ask the operator to start a scheduler, then push again"
+                        ));
+                    }
+                    // Marked meanwhile (a scheduler came): its status is read
+                    // at the next check.
+                    lonely_since = None;
                 }
                 if now > deadline {
                     return Err(format!(
@@ -655,7 +901,7 @@ impl DeployWatch {
             tokio::select! {
                 ev = self.rx.recv() => {
                     if let Some(ev) = ev {
-                        if self.relay(&ev, app, version, pusher).await {
+                        if self.relay(&ev, version, pusher).await {
                             // Its outcome is being recorded: look at once.
                             next_check = Instant::now() + Duration::from_millis(50);
                         }
@@ -670,20 +916,21 @@ impl DeployWatch {
     async fn relay<W>(
         &mut self,
         ev: &paddock_wire::Envelope,
-        app: &str,
         version: u64,
         pusher: &mut Pusher<W>,
     ) -> bool
     where
         W: tokio::io::AsyncWrite + Unpin,
     {
-        if ev.body["app"].as_str() != Some(app) || ev.body["version"].as_u64() != Some(version) {
+        if ev.body["app"].as_str() != Some(self.app.as_str())
+            || ev.body["version"].as_u64() != Some(version)
+        {
             return false;
         }
         match ev.kind.as_str() {
             "deploy.progress" => {
                 if let Some(line) = ev.body["line"].as_str() {
-                    let line: String = line.chars().take(500).collect();
+                    let line: String = clean(line).chars().take(500).collect();
                     pusher
                         .say(&PushLine::Log {
                             line: format!("       {line}"),
@@ -698,22 +945,33 @@ impl DeployWatch {
     }
 
     /// The lines already come in, said before the outcome.
-    async fn drain<W>(&mut self, app: &str, version: u64, pusher: &mut Pusher<W>)
+    async fn drain<W>(&mut self, version: u64, pusher: &mut Pusher<W>)
     where
         W: tokio::io::AsyncWrite + Unpin,
     {
         let until = Instant::now() + Duration::from_millis(100);
         while let Ok(Some(ev)) = tokio::time::timeout_at(until.into(), self.rx.recv()).await {
-            self.relay(&ev, app, version, pusher).await;
+            self.relay(&ev, version, pusher).await;
         }
     }
+}
+
+/// A line for the pusher's terminal: control characters (escape sequences,
+/// carriage returns, newlines) shown as `?`.
+fn clean(line: &str) -> String {
+    line.chars()
+        .map(|c| if c.is_control() && c != '\t' { '?' } else { c })
+        .collect()
 }
 
 /// A built push's lease, kept until git has moved the branch: released the moment
 /// the next push could check the branch and find it not yet moved, it would build
 /// a push that git then refuses.
 struct Held {
-    lease: Lease,
+    /// The build lease, while held (given up for the rollout).
+    lease: Option<Lease>,
+    /// The push's entry in the in-flight map, from the rollout on.
+    inflight: Option<(String, u64)>,
     renew: tokio::task::JoinHandle<()>,
     repo: std::path::PathBuf,
     reference: String,
@@ -734,9 +992,36 @@ impl Held {
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        self.renew.abort();
-        self.lease.release(&server.calls).await;
+        self.release(server).await;
     }
+
+    /// Gives up what is held at once (git will move no ref).
+    async fn release(mut self, server: &Server) {
+        self.renew.abort();
+        if let Some(l) = self.lease.take() {
+            l.release(&server.calls).await;
+        }
+        if let Some((app, id)) = self.inflight.take() {
+            let mut m = server.inflight_map();
+            if m.get(&app).is_some_and(|f| f.id == id) {
+                m.remove(&app);
+            }
+        }
+    }
+}
+
+/// A push whose release is rolling out (or has just gone live, its branch about
+/// to move): at most one per app on this gitserver.
+#[derive(Debug, Clone)]
+struct Inflight {
+    id: u64,
+    reference: String,
+    commit: String,
+    /// A newer push that contains this commit has begun: this push is rejected
+    /// (its branch must not move; the newer push's update moves it past).
+    superseded: bool,
+    /// Its rollout succeeded: git is about to move the branch to `commit`.
+    finishing: bool,
 }
 
 /// A small file of the `git` account's, read without following a symlink it
