@@ -468,3 +468,41 @@ pub fn block_on<F: std::future::Future>(f: F) -> F::Output {
 }
 
 pub type TestResult = Result<()>;
+
+/// An app's account (`pdk-APP`), made by the test before its runners start
+/// (runners of tests running at once making accounts at the same moment have
+/// raced in /etc/passwd) and removed when dropped: keep it a struct's last
+/// field, so the daemons and the app's processes are gone by then. System
+/// uids are few (100-999): a test that leaves its accounts behind exhausts
+/// them after some hundred runs.
+pub struct AppAccount(String);
+
+impl AppAccount {
+    pub fn make(app: &str) -> AppAccount {
+        let name = format!("pdk-{app}");
+        let st = std::process::Command::new("useradd")
+            .args(["--system", "--user-group", "--no-create-home", "--home-dir"])
+            .args(["/nonexistent", "--shell", "/usr/sbin/nologin"])
+            .arg(&name)
+            .status()
+            .unwrap();
+        assert!(st.success(), "useradd {name}");
+        AppAccount(name)
+    }
+}
+
+impl Drop for AppAccount {
+    fn drop(&mut self) {
+        // Refused (exit 8) while a process of the account is still exiting.
+        for _ in 0..50 {
+            let st = std::process::Command::new("userdel")
+                .arg(&self.0)
+                .stderr(std::process::Stdio::null())
+                .status();
+            if st.map_or(true, |s| s.success() || s.code() == Some(6)) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}

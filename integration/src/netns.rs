@@ -40,15 +40,25 @@ impl Net {
     pub fn new(tag: &str, nodes: usize) -> Net {
         assert!(nodes <= 50);
         // Short, unique on this host: names of links are at most 15 bytes.
+        let salt = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
         let tag = format!(
-            "{}{}",
+            "{}{:x}",
             &tag[..tag.len().min(4)],
-            std::process::id() % 100_000
+            (std::process::id() ^ salt) % 0xf_ffff
         );
         let net = Net {
             tag: tag.clone(),
             nodes,
         };
+        // A namespace of that name left by a test killed at its time limit.
+        for k in 0..=nodes {
+            let _ = Command::new("ip")
+                .args(["netns", "del", &net.ns(k)])
+                .output();
+        }
         let c = net.ns(0);
         ip(&["netns", "add", &c]);
         ip(&["-n", &c, "link", "set", "lo", "up"]);

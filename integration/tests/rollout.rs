@@ -285,6 +285,8 @@ struct Cluster {
     tree: Tree,
     _pg: Postgres,
     _t: TestDir,
+    /// Last: removed once the daemons and the app's processes are gone.
+    _account: AppAccount,
 }
 
 impl Cluster {
@@ -366,13 +368,7 @@ impl Cluster {
             .expect("app.create");
         // The app's account made once, here (see scheduler.rs: two runners of one
         // host making it at the same moment once left one with another's uid).
-        let st = Command::new("useradd")
-            .args(["--system", "--user-group", "--no-create-home", "--home-dir"])
-            .args(["/nonexistent", "--shell", "/usr/sbin/nologin"])
-            .arg(format!("pdk-{app}"))
-            .status()
-            .unwrap();
-        assert!(st.success(), "useradd pdk-{app}");
+        let account = AppAccount::make(&app);
         let mut api = a.client("api");
         let state = api.call("app.state", json!({ "app": app })).unwrap();
         let domain = state["app"]["domains"][0]
@@ -396,6 +392,7 @@ impl Cluster {
             tree,
             _pg: pg,
             _t: t,
+            _account: account,
         }
     }
 
@@ -1299,4 +1296,45 @@ fn an_unplaceable_formation_is_refused_fast_and_clearly() {
         "formation.check of web=5: {short}; formation.scale web=5 refused in {refused_in:?}: {}",
         refused.message
     );
+}
+
+/// A push to a branch whose previous push is still rolling out must contain
+/// that push's commit: one that does not (its author had not fetched it) is
+/// refused before anything is built, and the first push goes live with the
+/// branch moved to its commit. Without the check the second push's release
+/// would replace the first's code while git, at the end, moved the branch to
+/// the first's commit.
+#[test]
+fn a_push_that_does_not_contain_the_one_rolling_out_is_refused() {
+    let mut c = Cluster::start("rollout-diverge", Timings::default());
+    let old = c.deploy_base("one");
+    let base = c.tree.head();
+    c.tree.commit("slow", "bind_delay=4\n");
+    let a_head = c.tree.head();
+    let mut first = c.push_start();
+    first.wait_for("Rolling out v", Duration::from_secs(30));
+    // B: another commit on the old base, not containing A's.
+    c.tree.git(&["reset", "-q", "--hard", &base]);
+    c.tree.commit("other", "");
+    let (ok_b, log_b) = c.push_start().finish();
+    assert!(
+        !ok_b,
+        "a push not containing the one rolling out went through:\n{log_b}"
+    );
+    assert!(
+        log_b.contains("is still rolling out and yours does not contain it"),
+        "{log_b}"
+    );
+    assert!(
+        !log_b.contains("Python app detected") && !log_b.contains("-----> Released"),
+        "it was built:\n{log_b}"
+    );
+    let (ok_a, log_a) = first.finish();
+    assert!(ok_a, "{log_a}{}", c.logs());
+    assert!(
+        log_a.contains(&format!("Done: {} v{} is serving", c.app, old + 1)),
+        "{log_a}"
+    );
+    assert_eq!(c.repo_main(), Some(a_head), "A's commit is main");
+    assert_eq!(c.get_text().as_deref(), Some("slow"));
 }

@@ -48,6 +48,8 @@ struct Cluster {
     sched_pub: String,
     t: TestDir,
     _pg: Postgres,
+    /// Last: removed once the daemons and the app's processes are gone.
+    _account: AppAccount,
 }
 
 impl Cluster {
@@ -106,13 +108,7 @@ impl Cluster {
         // The app's account made once, here: two runners on one host making it
         // at the same moment (with other tests' runners busy at /etc/passwd too)
         // once left one of them with another app's uid.
-        let st = std::process::Command::new("useradd")
-            .args(["--system", "--user-group", "--no-create-home", "--home-dir"])
-            .args(["/nonexistent", "--shell", "/usr/sbin/nologin"])
-            .arg(format!("pdk-{app}"))
-            .status()
-            .unwrap();
-        assert!(st.success(), "useradd pdk-{app}");
+        let account = AppAccount::make(&app);
         Cluster {
             a,
             b,
@@ -121,6 +117,7 @@ impl Cluster {
             sched_pub,
             t,
             _pg: pg,
+            _account: account,
         }
     }
 
@@ -1018,5 +1015,49 @@ fn a_scheduler_killed_mid_deploy_is_replaced_and_the_deploy_completes() {
     eventually(Duration::from_secs(15), "v2 succeeded", || {
         let s = c.api.call("app.state", json!({"app": c.app})).ok()?;
         (s["app"]["current"]["version"].as_u64() == Some(v2)).then_some(())
+    });
+}
+
+/// A restart that fails (here: no room for its surge instance) leaves the app
+/// to reconcile as before: a scale afterwards is carried out, the app is not
+/// frozen on a release marked failed.
+#[test]
+fn a_failed_restart_leaves_the_app_reconciled() {
+    let mut c = Cluster::start("sched-restart");
+    let v1 = c.release("v1");
+    c.succeed(v1);
+    // Each runner offers 4096 MB: one 3000 MB instance per node, no room for
+    // a third (the restart's surge).
+    c.api
+        .call(
+            "formation.scale",
+            json!({"app": c.app, "changes": [{"type": "web", "quantity": 2, "memory_mb": 3000}]}),
+        )
+        .expect("formation.scale");
+    c.a.start("scheduler");
+    eventually(Duration::from_secs(60), "two instances up", || {
+        let l = c.instances();
+        (live(&l).iter().filter(|i| i["state"] == "up").count() == 2).then_some(())
+    });
+    let r = eventually(Duration::from_secs(10), "the restart accepted", || {
+        c.a.client("scheduler")
+            .call("app.restart", json!({"app": c.app}))
+            .ok()
+    });
+    assert_eq!(r["version"].as_u64(), Some(v1), "{r}");
+    eventually(Duration::from_secs(30), "the restart failed", || {
+        let log = std::fs::read_to_string(c.a.log("scheduler")).unwrap_or_default();
+        log.contains(&format!("the deploy of v{v1} ended: Failed"))
+            .then_some(())
+    });
+    // The app is still the scheduler's to reconcile: a scale down happens.
+    c.api
+        .call(
+            "formation.scale",
+            json!({"app": c.app, "changes": [{"type": "web", "quantity": 1}]}),
+        )
+        .expect("formation.scale");
+    eventually(Duration::from_secs(20), "one instance left", || {
+        (live(&c.instances()).len() == 1).then_some(())
     });
 }
