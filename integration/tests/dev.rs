@@ -817,5 +817,13 @@ fn readme_walkthrough_push_flask_and_get_200_through_the_balancer() {
         .collect();
     assert_eq!(live.len(), 1, "{ps}");
     assert_eq!(live[0]["release"], 3, "{ps}");
+    // `dev down` stops the second runner and every app process too.
+    let runner2 = paddock_harness::pidfile::read_pid(&dir.join("state/runner-2/runner.pid"))
+        .expect("the second runner's pid file");
+    assert!(alive(runner2));
+    let app_pid = live[0]["pid"].as_i64().expect("the instance's pid") as i32;
+    assert!(alive(app_pid));
     ok(paddock(&dir, &["dev", "down", "--dir", d]));
+    assert!(!alive(runner2), "dev down left the second runner running");
+    assert!(!alive(app_pid), "dev down left the app running");
 }
