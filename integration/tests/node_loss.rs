@@ -117,12 +117,11 @@ impl World {
         )
         .expect("formation.scale");
         w.ctl.start("scheduler");
-        let placed = eventually(Duration::from_secs(30), "web=3 up, one per node", || {
+        eventually(Duration::from_secs(30), "web=3 up, one per node", || {
             let up = w.up();
             let nodes: std::collections::BTreeSet<&String> = up.values().collect();
             (up.len() == 3 && nodes.len() == 3).then_some(())
         });
-        let _ = placed;
         eventually(Duration::from_secs(10), "the app served", || {
             http::get(w.balancer, &w.host(), "/")
                 .ok()
