@@ -47,6 +47,7 @@ SERVER = (
     "import http.server, os\n"
     "class H(http.server.BaseHTTPRequestHandler):\n"
     "    protocol_version = 'HTTP/1.1'\n"
+    "    disable_nagle_algorithm = True\n"
     "    def log_message(self, *a): pass\n"
     "    def do_GET(self):\n"
     "        body = open('VERSION', 'rb').read()\n"
@@ -192,3 +193,46 @@ for round_ in range(1, 3):
           f"requests ok {counts['ok']} (old release {counts['old']}, new {counts['new']}), "
           f"failed {counts['failed']} {errors}", flush=True)
 print("goal: 0 failed requests")
+
+# ---- 3. another app's latency while one crash-loops ------------------------
+# bench-first (web=1) measured through the balancer, alone and then while an
+# operator's instance of another app exits as soon as it starts, on the same
+# runners (the runner restarts it with backoff until it gives up: `crashed`).
+def latencies(seconds):
+    conn = http.client.HTTPConnection(bal_host, int(bal_port), timeout=10)
+    out = []
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        t = time.monotonic()
+        status, _ = get(conn, "bench-first.localhost")
+        out.append((time.monotonic() - t) * 1000)
+        if status != 200:
+            sys.exit(f"bench-first answered {status}")
+    out.sort()
+    return out
+
+
+def pct(vals, p):
+    return vals[min(len(vals) - 1, int(len(vals) * p))]
+
+
+def crashy_state():
+    ps = json.loads(run(["paddock", "--json", "instance", "ps"], operator).stdout)
+    c = [i for i in ps if i["app"] == "crashy"]
+    return f"{c[0]['state']}, {c[0]['restarts']} restarts" if c else "not listed"
+
+
+SECONDS = 15
+alone = latencies(SECONDS)
+crashy = os.path.join(work, "crashy")
+os.makedirs(crashy)
+os.chmod(crashy, 0o755)
+os.chmod(work, 0o755)
+run(["paddock", "instance", "start", "--app", "crashy", "--dir", crashy, "--",
+     "python3", "-c", "import sys; sys.exit(1)"], operator)
+during = latencies(SECONDS)
+state = crashy_state()
+print()
+print(f"bench-first latency through the balancer, sequential requests for {SECONDS} s each (ms):")
+print(f"  alone:                     {len(alone)} requests, p50 {pct(alone, 0.5):.2f}  p99 {pct(alone, 0.99):.2f}")
+print(f"  while crashy crash-loops:  {len(during)} requests, p50 {pct(during, 0.5):.2f}  p99 {pct(during, 0.99):.2f}  (crashy at the end: {state})")
