@@ -43,6 +43,13 @@ impl TestDir {
 
 impl Drop for TestDir {
     fn drop(&mut self) {
+        let keep = std::env::var_os("PADDOCK_KEEP_TEST_DIRS").is_some_and(|v| !v.is_empty());
+        if keep && !std::thread::panicking() {
+            if let Some(d) = self.dir.take() {
+                eprintln!("test files and logs kept in {}", d.keep().display());
+            }
+            return;
+        }
         if std::thread::panicking() {
             if let Some(d) = self.dir.take() {
                 let p = d.keep();

@@ -33,6 +33,9 @@ use crate::settings::Settings;
 
 /// The lease every scheduler competes for.
 pub const LEASE: &str = "scheduler";
+/// How long a runner's `instance.list` and `runner.info` may take in a pass
+/// (a live runner answers in milliseconds).
+const LIST_TIMEOUT: Duration = Duration::from_millis(750);
 /// Audit entries waiting to be sent, at most.
 const AUDIT_QUEUE: usize = 4096;
 
@@ -404,6 +407,9 @@ impl Scheduler {
                 "api" => self.subscribe(&publish.clone(), "app.changed"),
                 "runner" => self.subscribe(&publish.clone(), "instance."),
                 "balancer" => self.subscribe(&publish.clone(), "backend.drained"),
+                // A node declared dead (or back) is acted on at once, not at
+                // the next resync.
+                "heartbeat" => self.subscribe(&publish.clone(), "registry."),
                 _ => {}
             }
         }
@@ -430,8 +436,10 @@ impl Scheduler {
             // (`stop_after_disconnect`).
             let list_body = json!({"token": self.token()});
             asks.push(tokio::task::spawn_local(async move {
-                // Short: a runner that just died holds up the whole pass.
-                let t = Duration::from_secs(2);
+                // Short: a runner that just died (or was cut off) holds up the
+                // whole pass, and with it the re-placement of what it ran; a
+                // listing that does not come is replaced by its last one.
+                let t = LIST_TIMEOUT;
                 let (list, info) = tokio::join!(
                     calls.call(&rpc, "instance.list", list_body, t),
                     calls.call(&rpc, "runner.info", json!({}), t)
