@@ -12,8 +12,22 @@ cargo build --workspace --bins
 # not a failure, and stops it, so no postgres outlives the run.
 PADDOCK_TEST_PG_DIR="$(mktemp -d "${TMPDIR:-/tmp}/paddock-test-pg.XXXXXX")"
 export PADDOCK_TEST_PG_DIR
+# The apps' accounts (pdk-APP) the tests' runners and deployers make are system
+# accounts, of which there are ~900: those this run made, and that no process
+# uses any more, are removed at the end (accounts that were there before, a dev
+# cluster's say, are left alone).
+accounts_before="$(getent passwd | awk -F: '$1 ~ /^pdk-/ {print $1}' | sort)"
+remove_test_accounts() {
+  [ "$(id -u)" -eq 0 ] || return 0
+  local now
+  now="$(getent passwd | awk -F: '$1 ~ /^pdk-/ {print $1}' | sort)"
+  for u in $(comm -13 <(printf '%s\n' "$accounts_before") <(printf '%s\n' "$now")); do
+    pgrep -u "$u" >/dev/null 2>&1 || userdel "$u" 2>/dev/null || true
+  done
+}
 leftover_check() {
   local rc=$?
+  remove_test_accounts
   for _ in $(seq 100); do
     [ -z "$(ls -A "$PADDOCK_TEST_PG_DIR")" ] && break
     sleep 0.2
