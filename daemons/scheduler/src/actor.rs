@@ -93,8 +93,13 @@ pub struct Scheduler {
     shortfalls: BTreeSet<String>,
     /// (app, proc) whose last start failed: not tried again before `until`.
     start_backoff: BTreeMap<(String, String), StartBackoff>,
-    /// Starts sent whose reply has not come: counted as starting.
+    /// Starts sent and not yet in a listing of their node read after their
+    /// reply: counted as starting.
     inflight: BTreeMap<InstanceId, Instance>,
+    /// Of those, the ones whose reply has come.
+    replied: BTreeSet<InstanceId>,
+    /// Each runner node's last offer (kept while it cannot be asked).
+    offers: BTreeMap<NodeId, u64>,
     started_tx: mpsc::UnboundedSender<Started>,
     started_rx: mpsc::UnboundedReceiver<Started>,
     timers: Vec<(Instant, String, Timer)>,
@@ -157,6 +162,8 @@ impl Scheduler {
             shortfalls: BTreeSet::new(),
             start_backoff: BTreeMap::new(),
             inflight: BTreeMap::new(),
+            replied: BTreeSet::new(),
+            offers: BTreeMap::new(),
             started_tx,
             started_rx,
             timers: Vec::new(),
@@ -333,6 +340,7 @@ impl Scheduler {
         self.draining.clear();
         self.rollback_to.clear();
         self.inflight.clear();
+        self.replied.clear();
         let mut sh = self.shared.borrow_mut();
         sh.token = None;
         sh.table = None;
@@ -447,7 +455,6 @@ impl Scheduler {
                 (node, list, info)
             }));
         }
-        let mut offers: BTreeMap<NodeId, u64> = BTreeMap::new();
         let mut listed: BTreeSet<NodeId> = BTreeSet::new();
         for a in asks {
             let Ok((node, list, info)) = a.await else {
@@ -470,10 +477,44 @@ impl Scheduler {
                     paddock_daemon::chain(&e)
                 ),
             }
-            if let Ok(v) = info {
-                offers.insert(node, v["offer_memory_mb"].as_u64().unwrap_or(0));
+            match info {
+                Ok(v) => {
+                    let offer = v["offer_memory_mb"].as_u64().unwrap_or(0);
+                    self.offers.insert(node, offer);
+                }
+                Err(e) => tracing::debug!(
+                    node,
+                    "runner.info failed: {}; using its last offer",
+                    paddock_daemon::chain(&e)
+                ),
             }
         }
+        // A start whose reply came before its node was listed is in that
+        // listing (or is gone): no longer counted apart.
+        let (replied, inflight) = (&mut self.replied, &mut self.inflight);
+        inflight.retain(|id, rec| {
+            let settled = replied.contains(id) && listed.contains(&rec.node);
+            if settled {
+                replied.remove(id);
+            }
+            !settled
+        });
+        self.replied.retain(|id| self.inflight.contains_key(id));
+        // A runner alive but never listed (a new leader's first passes, or one
+        // that does not answer): what it runs is unknown, so nothing is placed,
+        // retired or begun this pass, or it would run twice.
+        let blind: Vec<NodeId> = runners
+            .iter()
+            .filter(|(n, r)| r.liveness != Liveness::Dead && !self.known.contains_key(*n))
+            .map(|(n, _)| n.clone())
+            .collect();
+        if !blind.is_empty() {
+            tracing::info!(
+                "not placing this pass: runner node(s) {} not listed yet",
+                blind.join(", ")
+            );
+        }
+        let offers = self.offers.clone();
 
         // The api is read after the runners are listed: an api (or database)
         // outage skips the pass but not the runners' contact, which
@@ -592,13 +633,18 @@ impl Scheduler {
                 })
                 .collect();
         }
-        let restarts = std::mem::take(&mut self.shared.borrow_mut().restarts);
+        // Restarts wait while nothing may begin.
+        let restarts = if blind.is_empty() {
+            std::mem::take(&mut self.shared.borrow_mut().restarts)
+        } else {
+            Vec::new()
+        };
         let mut restart_of: BTreeMap<String, Option<String>> = BTreeMap::new();
         for (app, proc) in restarts {
             restart_of.insert(app, proc);
         }
         for a in &apps {
-            if self.deploys.contains_key(&a.name) {
+            if self.deploys.contains_key(&a.name) || !blind.is_empty() {
                 continue;
             }
             let restart = restart_of.remove(&a.name);
@@ -806,6 +852,10 @@ impl Scheduler {
         let mut table = None;
         for e in plan.effects {
             match e {
+                reconcile::Effect::StartInstance(_)
+                | reconcile::Effect::StopInstance(_)
+                | reconcile::Effect::DrainInstance { .. }
+                    if !blind.is_empty() => {}
                 reconcile::Effect::StartInstance(s) => starts.push(s),
                 reconcile::Effect::StopInstance(s) => stops.push(s),
                 reconcile::Effect::DrainInstance { id } => {
@@ -1126,7 +1176,9 @@ impl Scheduler {
             result,
         }) = self.started_rx.try_recv()
         {
-            self.inflight.remove(&id);
+            // Answered: it leaves the starting count once its node's listing,
+            // asked after this reply, has been read (`listed`).
+            self.replied.insert(id.clone());
             let e = match result {
                 Ok(_) => {
                     self.start_backoff.remove(&key);
