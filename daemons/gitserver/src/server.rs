@@ -40,8 +40,8 @@ pub struct Server {
     pub git_uid: u32,
     pub identity: String,
     grants: Mutex<HashMap<String, Grant>>,
-    /// Pushes rolling out, by app.
-    inflight: Mutex<HashMap<String, Inflight>>,
+    /// Pushes rolling out, by app, oldest first; and how ended ones ended.
+    inflight: Arc<Mutex<Flights>>,
     next_id: std::sync::atomic::AtomicU64,
 }
 
@@ -62,12 +62,12 @@ impl Server {
             git_uid,
             identity,
             grants: Mutex::new(HashMap::new()),
-            inflight: Mutex::new(HashMap::new()),
+            inflight: Arc::new(Mutex::new(Flights::default())),
             next_id: std::sync::atomic::AtomicU64::new(1),
         }
     }
 
-    fn inflight_map(&self) -> std::sync::MutexGuard<'_, HashMap<String, Inflight>> {
+    fn flights(&self) -> std::sync::MutexGuard<'_, Flights> {
         self.inflight.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -86,7 +86,7 @@ impl Server {
     where
         W: tokio::io::AsyncWrite + Unpin,
     {
-        let Some(prior) = self.inflight_map().get(app).cloned() else {
+        let Some(prior) = self.flights().newest(app, &deploy.name) else {
             return Ok(None);
         };
         let branch = deploy.name.trim_start_matches("refs/heads/").to_string();
@@ -99,9 +99,6 @@ impl Server {
         };
         if prior.finishing {
             return Err(moving());
-        }
-        if prior.reference != deploy.name {
-            return Ok(None);
         }
         let repos = self.repos.clone();
         let (a, anc, new, q) = (
@@ -123,9 +120,9 @@ impl Server {
             ));
         }
         if self
-            .inflight_map()
-            .get(app)
-            .is_some_and(|f| f.id == prior.id && f.finishing)
+            .flights()
+            .get(app, prior.id)
+            .is_some_and(|f| f.finishing)
         {
             return Err(moving());
         }
@@ -140,42 +137,78 @@ impl Server {
         Ok(Some(prior.id))
     }
 
-    /// A newer push's release exists: in-flight push `prior` of `app` is
-    /// superseded (rejected at its end). Err when it has gone live meanwhile
-    /// (git is moving the branch to its commit).
-    fn replace_inflight(&self, app: &str, prior: u64) -> Result<(), String> {
-        let mut m = self.inflight_map();
-        match m.get_mut(app) {
-            Some(f) if f.id == prior && f.finishing => Err(format!(
+    /// After a build: Some(why) when the branch no longer points where the push
+    /// found it (another push landed meanwhile), so git would refuse its update.
+    async fn branch_moved(&self, app: &str, deploy: &RefUpdate) -> Option<String> {
+        let repos = self.repos.clone();
+        let (a, r) = (app.to_string(), deploy.name.clone());
+        let now = tokio::task::spawn_blocking(move || repos.resolve(&a, &r))
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .flatten();
+        let expected = (!rules::is_new_branch(&deploy.old)).then(|| deploy.old.clone());
+        (now != expected).then(|| {
+            format!(
+                " !     Push rejected: {} moved while this push built (another push landed): \
+                 fetch, and push again; its release is marked failed",
+                deploy.name.trim_start_matches("refs/heads/")
+            )
+        })
+    }
+
+    /// A newer push's release exists (push `id`): in-flight push `prior` of
+    /// `app` is superseded by it. Err when it has gone live meanwhile (git is
+    /// moving the branch to its commit).
+    fn replace_inflight(&self, app: &str, prior: u64, id: u64) -> Result<(), String> {
+        let mut f = self.flights();
+        match f.get_mut(app, prior) {
+            Some(p) if p.finishing => Err(format!(
                 " !     Push rejected: the push before yours went live while yours built, and git \
                  moves the branch to {}: fetch, and push again (your release is marked failed)",
-                short(&f.commit)
+                short(&p.commit)
             )),
-            Some(f) if f.id == prior => {
-                f.superseded = true;
+            Some(p) => {
+                p.superseded_by = Some(id);
                 Ok(())
             }
-            // It ended without going live: nothing to replace.
-            _ => Ok(()),
+            // It ended: the branch check after the build says whether it moved.
+            None => Ok(()),
         }
     }
 
-    /// The in-flight push `id` of `app` went live: Err when a newer push's
-    /// release replaces it (its branch must not move), else it is finishing.
-    fn settle_inflight(&self, app: &str, id: u64) -> Result<(), String> {
-        let mut m = self.inflight_map();
-        match m.get_mut(app) {
-            Some(f) if f.id == id && f.superseded => Err(
-                " !     Push rejected: a newer push that contains this one has made a release \
-                 that replaces it"
-                    .into(),
-            ),
-            Some(f) if f.id == id => {
-                f.finishing = true;
-                Ok(())
+    /// The in-flight push `id` of `app` went live. It moves its branch
+    /// (`Finishing`) unless a newer push's release replaces it: then it waits
+    /// for that push's end, and is rejected if that push landed (its update
+    /// moves the branch past this one), accepted if it failed (the scheduler
+    /// rolled back to this one's release, which serves).
+    fn settle_inflight(&self, app: &str, id: u64) -> Settle {
+        let mut f = self.flights();
+        let Some(by) = f.get(app, id).map(|p| p.superseded_by) else {
+            return Settle::Finishing;
+        };
+        if let Some(b) = by {
+            let newer_landed = f
+                .ended
+                .get(&b)
+                .copied()
+                .or_else(|| f.get(app, b).and_then(|n| n.finishing.then_some(true)));
+            match newer_landed {
+                Some(true) => {
+                    return Settle::Rejected(
+                        " !     Push rejected: a newer push that contains this one went live \
+                         and moves the branch past it"
+                            .into(),
+                    )
+                }
+                Some(false) => {}
+                None => return Settle::Wait,
             }
-            _ => Ok(()),
         }
+        if let Some(p) = f.get_mut(app, id) {
+            p.finishing = true;
+        }
+        Settle::Finishing
     }
 
     /// Serves one helper connection. Only root and the `git` account may talk.
@@ -439,6 +472,7 @@ impl Server {
         let held = Held {
             lease: Some(lease),
             inflight: None,
+            flights: self.inflight.clone(),
             renew,
             repo: self.repos.path(&app),
             reference: deploy.name.clone(),
@@ -459,39 +493,46 @@ impl Server {
             // newer push may build, and its release cancel this deploy), and
             // the push waits for the rollout's outcome.
             Ok((_, Some(version))) => {
+                let id = self
+                    .next_id
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 // Its release exists and replaces the push it contains: that
-                // one is rejected whatever its deploy does, so its branch
-                // never moves (this one's update moves it past). Unless it has
-                // just gone live: then git moves the branch under this push,
-                // whose release must not go live instead.
-                if let Some(prior) = prior {
-                    if let Err(e) = self.replace_inflight(&app, prior) {
-                        let _ = self
-                            .calls
-                            .call_daemon(
-                                "api",
-                                "release.status",
-                                json!({"app": app, "version": version, "status": "failed",
-                                       "message": "its branch moved while it built"}),
-                            )
-                            .await;
-                        held.release(self).await;
-                        return Err(e);
-                    }
+                // one waits for this one's end and is rejected if this one
+                // lands. Unless it has just gone live, or the branch moved
+                // while this one built (another push landed): git would refuse
+                // this push's update at its end, so its release is marked
+                // failed now, before it can go live.
+                let replaced = match prior {
+                    Some(prior) => self.replace_inflight(&app, prior, id),
+                    None => Ok(()),
+                };
+                let moved = match replaced {
+                    Err(e) => Some(e),
+                    Ok(()) => self.branch_moved(&app, &deploy).await,
+                };
+                if let Some(e) = moved {
+                    let _ = self
+                        .calls
+                        .call_daemon(
+                            "api",
+                            "release.status",
+                            json!({"app": app, "version": version, "status": "failed",
+                                   "message": "its branch moved while it built"}),
+                        )
+                        .await;
+                    held.release(self).await;
+                    return Err(e);
                 }
                 // In flight from now until git has moved the branch (or the
                 // push ended without): a newer push to the branch must contain
                 // this commit (supersede).
-                let id = self
-                    .next_id
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                self.inflight_map().insert(
-                    app.clone(),
+                self.flights().push(
+                    &app,
                     Inflight {
                         id,
                         reference: deploy.name.clone(),
                         commit: deploy.new.clone(),
-                        superseded: false,
+                        superseded_by: None,
                         finishing: false,
                     },
                 );
@@ -720,9 +761,18 @@ impl DeployWatch {
         // other apps deploy); the task ends when the watch is dropped.
         let mine = app.to_string();
         tokio::spawn(async move {
-            while let Some(ev) = raw_rx.recv().await {
-                if ev.body["app"].as_str() == Some(mine.as_str()) && tx.send(ev).await.is_err() {
-                    return;
+            loop {
+                tokio::select! {
+                    ev = raw_rx.recv() => {
+                        let Some(ev) = ev else { return };
+                        if ev.body["app"].as_str() == Some(mine.as_str())
+                            && tx.send(ev).await.is_err()
+                        {
+                            return;
+                        }
+                    }
+                    // The watch is gone: its subscriptions end with this task.
+                    _ = tx.closed() => return,
                 }
             }
         });
@@ -821,7 +871,27 @@ impl DeployWatch {
                         match r["status"].as_str() {
                             Some("succeeded") => {
                                 self.drain(version, pusher).await;
-                                server.settle_inflight(app, id)?;
+                                let mut told = false;
+                                loop {
+                                    match server.settle_inflight(app, id) {
+                                        Settle::Finishing => break,
+                                        Settle::Rejected(why) => return Err(why),
+                                        Settle::Wait => {}
+                                    }
+                                    if !told {
+                                        told = true;
+                                        pusher
+                                            .say(&PushLine::Log {
+                                                line: "-----> Live; a newer push that contains this one is rolling out: waiting for it".into(),
+                                            })
+                                            .await;
+                                    }
+                                    if pusher.gone || Instant::now() > deadline {
+                                        return Err("gave up waiting for the newer push".into());
+                                    }
+                                    pusher.keepalive().await;
+                                    tokio::time::sleep(Duration::from_secs(1)).await;
+                                }
                                 return Ok(format!("-----> Done: {app} v{version} is serving"));
                             }
                             Some("failed") => {
@@ -890,7 +960,18 @@ impl DeployWatch {
                     ));
                 }
                 if pusher.gone {
-                    return Err("the pusher went away; the deploy goes on without them".into());
+                    // Its branch will not move: the release must not go live
+                    // behind it. Marked failed while still pending (a deploy
+                    // under way is then undone by the scheduler's reconcile).
+                    let _ = calls
+                        .call_daemon(
+                            "api",
+                            "release.status",
+                            json!({"app": app, "version": version, "status": "failed",
+                                   "message": "its pusher left before it went live"}),
+                        )
+                        .await;
+                    return Err("the pusher went away; the release was cancelled".into());
                 }
                 if last_keepalive.elapsed() > Duration::from_secs(5) {
                     last_keepalive = Instant::now();
@@ -972,6 +1053,9 @@ struct Held {
     lease: Option<Lease>,
     /// The push's entry in the in-flight map, from the rollout on.
     inflight: Option<(String, u64)>,
+    /// That map, for `Drop`: an entry must not outlive its push (a task
+    /// cancelled or panicking would leave every later push of the app refused).
+    flights: Arc<Mutex<Flights>>,
     renew: tokio::task::JoinHandle<()>,
     repo: std::path::PathBuf,
     reference: String,
@@ -981,16 +1065,20 @@ struct Held {
 }
 
 impl Held {
-    async fn finish(self, server: &Server) {
+    async fn finish(mut self, server: &Server) {
         let deadline = Instant::now() + Duration::from_secs(30);
         let loose = self.repo.join(&self.reference);
-        loop {
+        let moved = loop {
             let moved = read_nofollow(&loose).is_some_and(|s| s.trim() == self.new);
-            let ended = self.receive_pack.as_ref().is_none_or(exited);
+            // Without receive-pack's pidfd, the ref is watched until the deadline.
+            let ended = self.receive_pack.as_ref().is_some_and(exited);
             if moved || ended || Instant::now() > deadline {
-                break;
+                break moved || read_nofollow(&loose).is_some_and(|s| s.trim() == self.new);
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
+        };
+        if let Some((app, id)) = self.inflight.take() {
+            server.flights().end(&app, id, moved);
         }
         self.release(server).await;
     }
@@ -1002,26 +1090,90 @@ impl Held {
             l.release(&server.calls).await;
         }
         if let Some((app, id)) = self.inflight.take() {
-            let mut m = server.inflight_map();
-            if m.get(&app).is_some_and(|f| f.id == id) {
-                m.remove(&app);
-            }
+            server.flights().end(&app, id, false);
         }
     }
 }
 
+impl Drop for Held {
+    fn drop(&mut self) {
+        if let Some((app, id)) = self.inflight.take() {
+            self.flights
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .end(&app, id, false);
+        }
+    }
+}
+
+/// The outcome of an in-flight push that went live (`Server::settle_inflight`).
+enum Settle {
+    Finishing,
+    Rejected(String),
+    /// A newer push's release replaces it: wait for that push's end.
+    Wait,
+}
+
 /// A push whose release is rolling out (or has just gone live, its branch about
-/// to move): at most one per app on this gitserver.
+/// to move).
 #[derive(Debug, Clone)]
 struct Inflight {
     id: u64,
     reference: String,
     commit: String,
-    /// A newer push that contains this commit has begun: this push is rejected
-    /// (its branch must not move; the newer push's update moves it past).
-    superseded: bool,
+    /// A newer push that contains this commit has made a release: this push
+    /// waits for that one's end (`settle_inflight`).
+    superseded_by: Option<u64>,
     /// Its rollout succeeded: git is about to move the branch to `commit`.
     finishing: bool,
+}
+
+/// The in-flight pushes of every app, oldest first, and whether each ended
+/// one moved its branch (kept for pushes it superseded; the last 1,024).
+#[derive(Debug, Default)]
+struct Flights {
+    by_app: HashMap<String, Vec<Inflight>>,
+    ended: HashMap<u64, bool>,
+    ended_order: std::collections::VecDeque<u64>,
+}
+
+impl Flights {
+    fn newest(&self, app: &str, reference: &str) -> Option<Inflight> {
+        self.by_app
+            .get(app)?
+            .iter()
+            .rev()
+            .find(|f| f.reference == reference)
+            .cloned()
+    }
+
+    fn get(&self, app: &str, id: u64) -> Option<&Inflight> {
+        self.by_app.get(app)?.iter().find(|f| f.id == id)
+    }
+
+    fn get_mut(&mut self, app: &str, id: u64) -> Option<&mut Inflight> {
+        self.by_app.get_mut(app)?.iter_mut().find(|f| f.id == id)
+    }
+
+    fn push(&mut self, app: &str, f: Inflight) {
+        self.by_app.entry(app.to_string()).or_default().push(f);
+    }
+
+    fn end(&mut self, app: &str, id: u64, moved: bool) {
+        if let Some(list) = self.by_app.get_mut(app) {
+            list.retain(|f| f.id != id);
+            if list.is_empty() {
+                self.by_app.remove(app);
+            }
+        }
+        self.ended.insert(id, moved);
+        self.ended_order.push_back(id);
+        while self.ended_order.len() > 1024 {
+            if let Some(old) = self.ended_order.pop_front() {
+                self.ended.remove(&old);
+            }
+        }
+    }
 }
 
 /// A small file of the `git` account's, read without following a symlink it
