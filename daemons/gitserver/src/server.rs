@@ -140,6 +140,18 @@ impl Server {
     /// After a build: Some(why) when the branch no longer points where the push
     /// found it (another push landed meanwhile), so git would refuse its update.
     async fn branch_moved(&self, app: &str, deploy: &RefUpdate) -> Option<String> {
+        (!self.branch_unmoved(app, deploy).await).then(|| {
+            format!(
+                " !     Push rejected: {} moved while this push built (another push landed): \
+                 fetch, and push again; its release is marked failed",
+                deploy.name.trim_start_matches("refs/heads/")
+            )
+        })
+    }
+
+    /// Whether the pushed branch still points where the push found it (git
+    /// refuses to move a branch that moved since).
+    async fn branch_unmoved(&self, app: &str, deploy: &RefUpdate) -> bool {
         let repos = self.repos.clone();
         let (a, r) = (app.to_string(), deploy.name.clone());
         let now = tokio::task::spawn_blocking(move || repos.resolve(&a, &r))
@@ -147,14 +159,7 @@ impl Server {
             .ok()
             .and_then(Result::ok)
             .flatten();
-        let expected = (!rules::is_new_branch(&deploy.old)).then(|| deploy.old.clone());
-        (now != expected).then(|| {
-            format!(
-                " !     Push rejected: {} moved while this push built (another push landed): \
-                 fetch, and push again; its release is marked failed",
-                deploy.name.trim_start_matches("refs/heads/")
-            )
-        })
+        now == (!rules::is_new_branch(&deploy.old)).then(|| deploy.old.clone())
     }
 
     /// A newer push's release exists (push `id`): in-flight push `prior` of
@@ -511,15 +516,13 @@ impl Server {
                     Ok(()) => self.branch_moved(&app, &deploy).await,
                 };
                 if let Some(e) = moved {
-                    let _ = self
-                        .calls
-                        .call_daemon(
-                            "api",
-                            "release.status",
-                            json!({"app": app, "version": version, "status": "failed",
-                                   "message": "its branch moved while it built"}),
-                        )
-                        .await;
+                    let _ = mark_failed(
+                        &self.calls,
+                        &app,
+                        version,
+                        "its branch moved while it built",
+                    )
+                    .await;
                     held.release(self).await;
                     return Err(e);
                 }
@@ -583,15 +586,7 @@ impl Server {
         }
         // A push that waited for another may find its branch moved meanwhile; git
         // would refuse to move it after the build, so it is refused before one.
-        let repos = self.repos.clone();
-        let (a, r) = (app.clone(), deploy.name.clone());
-        let now = tokio::task::spawn_blocking(move || repos.resolve(&a, &r))
-            .await
-            .ok()
-            .and_then(Result::ok)
-            .flatten();
-        let expected = (!rules::is_new_branch(&deploy.old)).then(|| deploy.old.clone());
-        if now != expected {
+        if !self.branch_unmoved(app, deploy).await {
             return Err(format!(
                 " !     {} moved while this push waited (another push landed first): \
                  fetch, merge or rebase, and push again; nothing was built",
@@ -934,15 +929,7 @@ impl DeployWatch {
                     lonely_since = None;
                 } else if lonely_since.get_or_insert(now).elapsed() > NO_SCHEDULER {
                     let why = "no scheduler rolled it out (none was running, or none led)";
-                    let marked = calls
-                        .call_daemon(
-                            "api",
-                            "release.status",
-                            json!({"app": app, "version": version, "status": "failed",
-                                   "message": why}),
-                        )
-                        .await;
-                    if marked.is_ok() {
+                    if mark_failed(calls, app, version, why).await.is_ok() {
                         return Err(format!(
                             " !     Push rejected: v{version} did not go live: {why}; \
                              it is marked failed. Ask the operator to start a scheduler, then push again"
@@ -963,14 +950,8 @@ impl DeployWatch {
                     // Its branch will not move: the release must not go live
                     // behind it. Marked failed while still pending (a deploy
                     // under way is then undone by the scheduler's reconcile).
-                    let _ = calls
-                        .call_daemon(
-                            "api",
-                            "release.status",
-                            json!({"app": app, "version": version, "status": "failed",
-                                   "message": "its pusher left before it went live"}),
-                        )
-                        .await;
+                    let why = "its pusher left before it went live";
+                    let _ = mark_failed(calls, app, version, why).await;
                     return Err("the pusher went away; the release was cancelled".into());
                 }
                 if last_keepalive.elapsed() > Duration::from_secs(5) {
@@ -1035,6 +1016,23 @@ impl DeployWatch {
             self.relay(&ev, version, pusher).await;
         }
     }
+}
+
+/// Marks a pending release failed at the api, so it never goes live (`conflict`
+/// when it was marked already).
+async fn mark_failed(
+    calls: &Calls,
+    app: &str,
+    version: u64,
+    why: &str,
+) -> Result<Value, paddock_daemon::calls::CallError> {
+    calls
+        .call_daemon(
+            "api",
+            "release.status",
+            json!({"app": app, "version": version, "status": "failed", "message": why}),
+        )
+        .await
 }
 
 /// A line for the pusher's terminal: control characters (escape sequences,
