@@ -180,6 +180,24 @@ impl Cluster {
         out
     }
 
+    /// Waits (up to a minute) until exactly `n` of the app's live instances are
+    /// up; those `n`.
+    fn wait_up(&self, n: usize) -> Vec<Value> {
+        eventually(
+            Duration::from_secs(60),
+            &format!("{n} instances up"),
+            || {
+                let l = self.instances();
+                let up: Vec<Value> = live(&l)
+                    .into_iter()
+                    .filter(|i| i["state"] == "up")
+                    .cloned()
+                    .collect();
+                (up.len() == n).then_some(up)
+            },
+        )
+    }
+
     fn scheduler_status(&self) -> Option<Value> {
         let mut c = self.a.client("scheduler");
         c.call("scheduler.status", json!({})).ok()
@@ -260,15 +278,7 @@ fn places_one_per_node_survives_its_own_kill_and_rolls_out_a_new_release() {
     c.a.start("scheduler");
 
     // (a) One per node, the scheduler's, fenced, up.
-    let up = eventually(Duration::from_secs(60), "two instances up", || {
-        let l = c.instances();
-        let up: Vec<Value> = live(&l)
-            .into_iter()
-            .filter(|i| i["state"] == "up")
-            .cloned()
-            .collect();
-        (up.len() == 2).then_some(up)
-    });
+    let up = c.wait_up(2);
     let placed_in = began.elapsed();
     let nodes: BTreeSet<&str> = up.iter().map(|i| i["node"].as_str().unwrap()).collect();
     assert_eq!(nodes.len(), 2, "one per node: {up:?}");
@@ -488,20 +498,16 @@ fn one_leads_a_frozen_leader_is_replaced_and_once_thawed_does_nothing() {
     )
     .unwrap();
     c.b.start("scheduler");
-    let up = eventually(Duration::from_secs(60), "two instances up", || {
-        let l = c.instances();
-        let up: BTreeMap<String, i64> = live(&l)
-            .into_iter()
-            .filter(|i| i["state"] == "up")
-            .map(|i| {
-                (
-                    i["id"].as_str().unwrap().to_string(),
-                    i["pid"].as_i64().unwrap(),
-                )
-            })
-            .collect();
-        (up.len() == 2).then_some(up)
-    });
+    let up: BTreeMap<String, i64> = c
+        .wait_up(2)
+        .iter()
+        .map(|i| {
+            (
+                i["id"].as_str().unwrap().to_string(),
+                i["pid"].as_i64().unwrap(),
+            )
+        })
+        .collect();
     // The follower: not leading, no snapshot, no table.
     let sb = status(&c.b).expect("b's status");
     assert_eq!(sb["leader"], false, "{sb}");
@@ -617,20 +623,16 @@ fn a_crashing_release_is_rolled_back_and_marked_failed() {
     )
     .unwrap();
     c.a.start("scheduler");
-    let up = eventually(Duration::from_secs(60), "two instances up", || {
-        let l = c.instances();
-        let up: BTreeMap<String, i64> = live(&l)
-            .into_iter()
-            .filter(|i| i["state"] == "up")
-            .map(|i| {
-                (
-                    i["id"].as_str().unwrap().to_string(),
-                    i["pid"].as_i64().unwrap(),
-                )
-            })
-            .collect();
-        (up.len() == 2).then_some(up)
-    });
+    let up: BTreeMap<String, i64> = c
+        .wait_up(2)
+        .iter()
+        .map(|i| {
+            (
+                i["id"].as_str().unwrap().to_string(),
+                i["pid"].as_i64().unwrap(),
+            )
+        })
+        .collect();
     let domain = {
         let s = c.api.call("app.state", json!({"app": c.app})).unwrap();
         s["app"]["domains"][0].as_str().unwrap().to_string()
@@ -766,15 +768,7 @@ fn a_lost_node_is_replaced_and_its_instance_retired_when_it_returns() {
     )
     .unwrap();
     c.a.start("scheduler");
-    let up = eventually(Duration::from_secs(60), "two instances up", || {
-        let l = c.instances();
-        let up: Vec<Value> = live(&l)
-            .into_iter()
-            .filter(|i| i["state"] == "up")
-            .cloned()
-            .collect();
-        (up.len() == 2).then_some(up)
-    });
+    let up = c.wait_up(2);
     let on_b = up
         .iter()
         .find(|i| i["node"] == "node-b")
@@ -859,10 +853,7 @@ fn a_crashing_current_release_is_rolled_back_at_the_api() {
     )
     .unwrap();
     c.a.start("scheduler");
-    eventually(Duration::from_secs(60), "two instances up", || {
-        let l = c.instances();
-        (live(&l).iter().filter(|i| i["state"] == "up").count() == 2).then_some(())
-    });
+    c.wait_up(2);
     let domain = {
         let s = c.api.call("app.state", json!({"app": c.app})).unwrap();
         s["app"]["domains"][0].as_str().unwrap().to_string()
@@ -956,10 +947,7 @@ fn a_scheduler_killed_mid_deploy_is_replaced_and_the_deploy_completes() {
     c.succeed(v1);
     c.scale_web(2);
     c.a.start("scheduler");
-    eventually(Duration::from_secs(60), "two v1 instances up", || {
-        let l = c.instances();
-        (live(&l).iter().filter(|i| i["state"] == "up").count() == 2).then_some(())
-    });
+    c.wait_up(2);
     let token1 = c.scheduler_status().unwrap()["token"].as_u64().unwrap();
 
     let v2 = c.release("v2");
@@ -1035,10 +1023,7 @@ fn a_failed_restart_leaves_the_app_reconciled() {
         )
         .expect("formation.scale");
     c.a.start("scheduler");
-    eventually(Duration::from_secs(60), "two instances up", || {
-        let l = c.instances();
-        (live(&l).iter().filter(|i| i["state"] == "up").count() == 2).then_some(())
-    });
+    c.wait_up(2);
     let r = eventually(Duration::from_secs(10), "the restart accepted", || {
         c.a.client("scheduler")
             .call("app.restart", json!({"app": c.app}))
