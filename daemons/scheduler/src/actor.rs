@@ -36,6 +36,8 @@ pub const LEASE: &str = "scheduler";
 /// How long a runner's `instance.list` and `runner.info` may take in a pass
 /// (a live runner answers in milliseconds).
 const LIST_TIMEOUT: Duration = Duration::from_millis(750);
+/// The same for a runner not listed yet.
+const FIRST_LIST_TIMEOUT: Duration = Duration::from_secs(3);
 /// Audit entries waiting to be sent, at most.
 const AUDIT_QUEUE: usize = 4096;
 
@@ -443,11 +445,17 @@ impl Scheduler {
             // With the token: the runner counts it as the scheduler's contact
             // (`stop_after_disconnect`).
             let list_body = json!({"token": self.token()});
+            // Short: a runner that just died (or was cut off) holds up the
+            // whole pass, and with it the re-placement of what it ran; a
+            // listing that does not come is replaced by its last one. A runner
+            // never listed has no last one (nothing is placed until it is):
+            // it gets longer, so a busy machine does not stall placement.
+            let t = if self.known.contains_key(&node) {
+                LIST_TIMEOUT
+            } else {
+                FIRST_LIST_TIMEOUT
+            };
             asks.push(tokio::task::spawn_local(async move {
-                // Short: a runner that just died (or was cut off) holds up the
-                // whole pass, and with it the re-placement of what it ran; a
-                // listing that does not come is replaced by its last one.
-                let t = LIST_TIMEOUT;
                 let (list, info) = tokio::join!(
                     calls.call(&rpc, "instance.list", list_body, t),
                     calls.call(&rpc, "runner.info", json!({}), t)
